@@ -1,0 +1,3 @@
+from moe_local.cli import main
+
+main()

@@ -1,0 +1,112 @@
+"""Memory planning: how a `--gpu-memory` budget splits into resident weights, KV cache, workspace and
+expert slots."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import psutil
+import torch
+from accelerate.utils import convert_file_size_to_int
+
+from moe_local.config import ModelConfig
+from moe_local.errors import BudgetError
+
+
+def parse_size(size: str | int) -> int:
+    """`12GiB`, `12GB`, `500MiB` (accelerate's `max_memory` strings) or a plain number of bytes."""
+    if isinstance(size, int) or str(size).strip().isdigit():
+        return int(size)
+    try:
+        return convert_file_size_to_int(str(size).strip())
+    except ValueError:
+        raise BudgetError(f"cannot read memory size {size!r}: write it like 12GiB, 12GB or 500MiB") from None
+
+
+def format_bytes(n_bytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.2f} {unit}"
+    return f"{n_bytes} B"
+
+
+def check_host_ram(needed_bytes: int, what: str) -> None:
+    """Refuse up front rather than let a huge allocation swap the machine to death."""
+    available = psutil.virtual_memory().available
+    if needed_bytes > available:
+        raise BudgetError(
+            f"{what} need {format_bytes(needed_bytes)} of host RAM but only {format_bytes(available)} is available"
+        )
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    device: str
+    budget_bytes: int | None  # None: slots were given directly, or the device default was used
+    resident_bytes: int  # embeddings, attention, norms, routers, lm_head
+    kv_bytes: int
+    workspace_bytes: int  # activations of one prefill chunk (an estimate)
+    expert_bytes: int
+    expert_slots: int
+    total_experts: int
+
+    @property
+    def fixed_bytes(self) -> int:
+        return self.resident_bytes + self.kv_bytes + self.workspace_bytes
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.expert_slots * self.expert_bytes
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def workspace_bytes(cfg: ModelConfig, dtype: torch.dtype, ctx_size: int, chunk: int) -> int:
+    """Largest activations of one prefill chunk: hidden/attention/expert tensors, the attention scores
+    (when the kernel materialises them) and the chunk's fp32 logits."""
+    activations = chunk * (4 * cfg.dim + 3 * cfg.ffn_dim) * dtype.itemsize
+    scores = cfg.n_heads * chunk * ctx_size * dtype.itemsize
+    return activations + scores + chunk * cfg.vocab_size * 4
+
+
+def plan_memory(
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    ctx_size: int,
+    prefill_chunk: int,
+    gpu_memory: str | int | None = None,
+    expert_slots: int | None = None,
+) -> MemoryPlan:
+    total = cfg.n_layers * cfg.n_experts
+    expert = cfg.expert_numel * dtype.itemsize
+    resident = cfg.resident_numel() * dtype.itemsize
+    kv = cfg.kv_cache_numel(ctx_size) * dtype.itemsize
+    work = workspace_bytes(cfg, dtype, ctx_size, min(prefill_chunk, ctx_size))
+    fixed = resident + kv + work
+    budget = parse_size(gpu_memory) if gpu_memory is not None else None
+    if expert_slots is not None:
+        if not 1 <= expert_slots <= total:
+            raise BudgetError(f"--expert-slots must be between 1 and {total} (the model's experts), not {expert_slots}")
+        slots = expert_slots
+        if budget is not None and fixed + slots * expert > budget:
+            raise BudgetError(
+                f"--expert-slots {slots} needs {format_bytes(fixed + slots * expert)} on {device.type}, "
+                f"more than --gpu-memory {format_bytes(budget)}"
+            )
+    else:
+        if budget is None and device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = int(free * 0.9)  # leave room for the CUDA context and allocator slack
+        if budget is None:
+            slots = cfg.n_experts  # CPU default: one layer's worth of slots beside the host store
+        else:
+            if budget < fixed + expert:
+                raise BudgetError(
+                    f"a {format_bytes(budget)} budget is too small: resident weights {format_bytes(resident)} + KV cache for "
+                    f"{ctx_size} tokens {format_bytes(kv)} + workspace {format_bytes(work)} + one expert slot {format_bytes(expert)} "
+                    f"need at least {format_bytes(fixed + expert)} (or lower --ctx-size)"
+                )
+            slots = min(total, (budget - fixed) // expert)
+    return MemoryPlan(device.type, budget, resident, kv, work, expert, slots, total)

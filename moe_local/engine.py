@@ -1,0 +1,192 @@
+"""`Engine`: a loaded model (resident part on the device, experts behind the offloading runtime), its
+KV cache and tokenizer; `load()` is the library's entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from moe_local.budget import MemoryPlan, plan_memory
+from moe_local.checkpoint import Checkpoint, resolve_model_path
+from moe_local.config import DTYPES
+from moe_local.errors import ConfigError, MoeLocalError, TokenizerError
+from moe_local.experts.cache import POLICIES, ExpertCache
+from moe_local.experts.prefetch import Prefetcher
+from moe_local.experts.runtime import OffloadedExperts
+from moe_local.experts.store import ExpertStore
+from moe_local.generate import GenerationStats, SamplingParams, generate
+from moe_local.model import KVCache, Transformer
+from moe_local.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every load-time option and its default, in one place (the CLI reads these defaults too)."""
+
+    device: str | None = None  # "cuda" when available, else "cpu"
+    dtype: str | None = None  # compute dtype; default: the checkpoint's
+    gpu_memory: str | int | None = None  # budget on the device for everything, e.g. "12GiB"
+    expert_slots: int | None = None  # overrides the slot count that gpu_memory implies
+    ctx_size: int | None = None  # default: min(4096, the model's max_position_embeddings)
+    prefetch: bool = True
+    policy: str = "lru"
+    prefill_chunk: int = 512  # tokens per prefill step: bounds the workspace
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"unknown eviction policy {self.policy!r} (choose from {', '.join(POLICIES)})")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r} (choose from bf16, fp16, fp32)")
+        if self.ctx_size is not None and self.ctx_size < 1:
+            raise ConfigError(f"--ctx-size must be positive, not {self.ctx_size}")
+        if self.prefill_chunk < 1:
+            raise ConfigError("prefill_chunk must be positive")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r} (use cpu or cuda)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {name!r} (use cpu or cuda)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but this PyTorch build sees no CUDA GPU")
+    return device
+
+
+class Engine:
+    def __init__(self, folder: Path, options: Options, progress: Callable[[int, int], None] | None = None):
+        """progress(done_bytes, total_bytes) is called while the experts are read into host memory."""
+        self.folder, self.options = folder, options
+        ckpt = Checkpoint(folder)
+        cfg = self.cfg = ckpt.config
+        self.device = resolve_device(options.device)
+        self.dtype = DTYPES[options.dtype] if options.dtype else ckpt.dtype
+        self.ctx_size = options.ctx_size or min(4096, cfg.max_position_embeddings)
+        self.plan: MemoryPlan = plan_memory(
+            cfg, self.dtype, self.device, self.ctx_size, options.prefill_chunk, options.gpu_memory, options.expert_slots
+        )
+        on_cpu = self.device.type == "cpu"
+        # On the CPU the resident part and the slots share host RAM with the store.
+        beside_store = self.plan.fixed_bytes + self.plan.slot_bytes if on_cpu else 0
+        self.store = ExpertStore(cfg, self.dtype, pin=not on_cpu, extra_host_bytes=beside_store)
+        done = 0
+
+        def read(layer: int, expert: int, w: str) -> torch.Tensor:
+            return ckpt.get(ckpt.expert_tensor_name(layer, expert, w))
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress:
+                progress(done, self.store.total_bytes)
+
+        self.store.fill(read, advance)
+        with torch.device("meta"):
+            self.model = Transformer(cfg)
+        self.model.load_state_dict(ckpt.resident_state_dict(self.dtype, self.device), strict=True, assign=True)
+        self.model.inv_freq = self.model.rope_inv_freq(self.device)
+        self.model.eval()
+        self.kv = KVCache(cfg, self.ctx_size, self.dtype, self.device)
+        cache = ExpertCache(self.store, self.plan.expert_slots, self.device, POLICIES[options.policy]())
+        gates = [layer.moe.gate.weight for layer in self.model.layers]
+        prefetcher = Prefetcher(gates, cfg.top_k) if options.prefetch else None
+        self.experts = OffloadedExperts(cache, prefetcher, cfg.n_layers)
+        self.experts.warm()
+        self.tokens: list[int] = []  # the ids whose keys and values the KV cache holds, in order
+        self.generation_config = read_json(folder / "generation_config.json")
+        has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
+        self._tokenizer = load_tokenizer(folder) if has_tokenizer else None
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            raise TokenizerError(f"{self.folder} has no tokenizer (tokenizer.json or tokenizer.model)")
+        return self._tokenizer
+
+    @property
+    def stop_ids(self) -> set[int]:
+        eos = self.generation_config.get("eos_token_id", self.cfg.eos_token_ids)
+        ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        if self._tokenizer is not None and self._tokenizer.eos_id is not None:
+            ids.add(self._tokenizer.eos_id)
+        return ids
+
+    def _check_ids(self, ids: list[int]) -> None:
+        bad = [i for i in ids if not 0 <= i < self.cfg.vocab_size]
+        if bad:
+            raise MoeLocalError(f"token id {bad[0]} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+        if len(ids) > self.ctx_size:
+            raise MoeLocalError(f"{len(ids)} tokens do not fit the context of {self.ctx_size} tokens (raise --ctx-size)")
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[int], pos: int, all_logits: bool) -> torch.Tensor:
+        """Feed ids at positions pos.. in chunks; logits [T or 1, V] fp32 on the CPU."""
+        chunk, out = self.options.prefill_chunk, []
+        for start in range(0, len(ids), chunk):
+            tokens = torch.tensor(ids[start : start + chunk], device=self.device)
+            hidden = self.model(tokens, pos + start, self.kv, self.experts)  # [t, D]
+            if all_logits:
+                out.append(self.model.output(hidden).float().cpu())
+            self.tokens = self.tokens[: pos + start] + ids[start : start + chunk]
+        return torch.cat(out) if all_logits else self.model.output(hidden[-1:]).float().cpu()
+
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """One full forward pass from position 0: float32 [len(token_ids), vocab]."""
+        self._check_ids(token_ids)
+        return self._forward(list(token_ids), 0, all_logits=True)
+
+    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
+        """Bring the KV cache to `ids`, reusing the longest prefix it already holds (a chat's earlier
+        turns); returns the last position's logits [V] and how many tokens were evaluated."""
+        if not ids:
+            raise MoeLocalError("the prompt is empty")
+        self._check_ids(ids)
+        reuse = 0
+        while reuse < min(len(ids) - 1, len(self.tokens)) and ids[reuse] == self.tokens[reuse]:
+            reuse += 1
+        return self._forward(ids[reuse:], reuse, all_logits=False)[-1], len(ids) - reuse
+
+    def decode_one(self, token: int) -> torch.Tensor:
+        """Feed one token after the cached ones; its logits [V]."""
+        return self._forward([token], len(self.tokens), all_logits=False)[-1]
+
+    def sampling_defaults(self) -> SamplingParams:
+        return SamplingParams().from_generation_config(self.generation_config)
+
+    def generate(
+        self, prompt: list[int], max_new_tokens: int, params: SamplingParams, stats: GenerationStats | None = None
+    ) -> Iterator[int]:
+        return generate(self, prompt, max_new_tokens, params, self.stop_ids, stats or GenerationStats())
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path.name} is not valid JSON: {e}") from None
+
+
+def load(
+    model: str | os.PathLike,
+    device: str | None = None,
+    gpu_memory: str | int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    **options,
+) -> Engine:
+    """Load a model folder or a cached Hugging Face id. `options` are the fields of `Options`."""
+    known = {f.name for f in fields(Options)}
+    unknown = set(options) - known
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+    return Engine(resolve_model_path(model), Options(device=device, gpu_memory=gpu_memory, **options), progress)

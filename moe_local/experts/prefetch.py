@@ -1,0 +1,21 @@
+"""`Prefetcher`: guesses layer l+1's experts by applying layer l+1's router to layer l's MoE input,
+so their copies can start while layer l still computes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moe_local.routing import route
+
+
+class Prefetcher:
+    def __init__(self, gates: list[torch.Tensor], top_k: int):
+        self.gates, self.top_k = gates, top_k  # gates[l]: [E, D], the routers' weights
+
+    def predict(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """x [T, D] -> predicted expert indices [T, k] for layer+1 (None after the last layer)."""
+        if layer + 1 >= len(self.gates):
+            return None
+        _, indices = route(F.linear(x, self.gates[layer + 1]), self.top_k)
+        return indices

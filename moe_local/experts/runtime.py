@@ -1,0 +1,172 @@
+"""The expert runtime the MoE block calls: `experts(layer, x, weights, indices) -> y`.
+
+`OffloadedExperts` serves experts from the `ExpertCache` (hits first, while misses are still copying)
+and asks the `Prefetcher` for the next layer; `ResidentExperts` keeps every expert on the device and is
+the reference the offloaded path must match exactly."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Callable
+
+import torch
+
+from moe_local.experts.cache import ExpertCache
+from moe_local.experts.prefetch import Prefetcher
+from moe_local.experts.store import ExpertStore, Key, expert_forward, unpack
+
+
+@dataclass
+class LayerStats:
+    hits: int = 0  # requested experts already resident (or in flight) when asked for
+    misses: int = 0
+    prefetched: int = 0  # copies started by the prefetcher
+    prefetch_hits: int = 0  # hits on experts that the prefetcher had loaded
+    predicted_right: int = 0  # requested experts the prefetcher had predicted ...
+    predicted_of: int = 0  # ... out of the requested experts of layers that had a prediction
+    bytes_copied: int = 0  # host -> device, misses and prefetches
+
+
+class ExpertStats:
+    def __init__(self, n_layers: int):
+        self.layers = [LayerStats() for _ in range(n_layers)]
+
+    def reset(self) -> None:
+        self.layers = [LayerStats() for _ in self.layers]
+
+    def total(self) -> LayerStats:
+        total = LayerStats()
+        for layer in self.layers:
+            for f in fields(LayerStats):
+                setattr(total, f.name, getattr(total, f.name) + getattr(layer, f.name))
+        return total
+
+    def as_dict(self) -> dict:
+        t = self.total()
+        return {
+            **asdict(t),
+            "hit_rate": t.hits / max(1, t.hits + t.misses),
+            "prefetch_recall": t.predicted_right / t.predicted_of if t.predicted_of else None,
+            "per_layer": [asdict(layer) for layer in self.layers],
+        }
+
+
+def mix(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    chosen: list[list[int]],
+    order: list[int],
+    run: Callable[[int, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Weighted sum of each token's chosen experts, running each expert once on all its tokens, in `order`.
+
+    x [T, D], weights [T, k] fp32, chosen[t] = token t's k experts. Every (token, choice) result lands in
+    its own row and the rows are summed in a fixed order, so the output does not depend on `order`.
+    """
+    T, k = weights.shape
+    flat = [e for row in chosen for e in row]  # position p = t * k + j
+    rank = {e: i for i, e in enumerate(order)}
+    by_expert = sorted(range(T * k), key=lambda p: rank[flat[p]])  # positions grouped in run order
+    positions = torch.tensor(by_expert).to(x.device, non_blocking=True)  # [T*k]
+    tokens = positions // k
+    flat_weights = weights.reshape(-1, 1)  # [T*k, 1]
+    out = x.new_empty(T * k, x.shape[1])  # [T*k, D]
+    start = 0
+    for e in order:
+        n = flat.count(e)
+        p = positions[start : start + n]
+        out[p] = (run(e, x[tokens[start : start + n]]) * flat_weights[p]).to(x.dtype)
+        start += n
+    return out.view(T, k, -1).sum(dim=1)  # [T, D]
+
+
+class OffloadedExperts:
+    def __init__(self, cache: ExpertCache, prefetcher: Prefetcher | None, n_layers: int):
+        self.cache, self.prefetcher = cache, prefetcher
+        self.stats = ExpertStats(n_layers)
+        self.predictions: dict[int, set[int]] = {}  # layer -> experts predicted for it
+        self.prefetched: set[Key] = set()  # loaded by the prefetcher, not yet asked for
+
+    def warm(self) -> None:
+        """Fill the empty pool evenly across layers before the first token, so early tokens hit too."""
+        cfg = self.cache.store.cfg
+        keys = [(layer, e) for e in range(cfg.n_experts) for layer in range(cfg.n_layers)]
+        for key in keys[: self.cache.num_slots]:
+            self.cache.load(key, set())
+
+    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        k = indices.shape[1]
+        predicted = self.prefetcher.predict(layer, x) if self.prefetcher else None
+        both = indices if predicted is None else torch.cat([indices, predicted], dim=1)  # [T, k or 2k]
+        rows = both.tolist()  # the one host sync of this layer: which experts were chosen
+        chosen = [row[:k] for row in rows]
+        wanted = list(dict.fromkeys(e for row in chosen for e in row))
+        self._count_requests(layer, wanted)
+        hits = [e for e in wanted if self.cache.resident((layer, e))]
+        misses = [e for e in wanted if e not in hits]
+        remaining = {(layer, e) for e in wanted}
+        for e in misses:  # start every copy that has a slot now; the rest load when their turn comes
+            self._load((layer, e), remaining)
+        if predicted is not None:
+            self._prefetch(layer + 1, [row[k:] for row in rows], remaining)
+        return mix(x, weights, chosen, hits + misses, lambda e, xs: self._run((layer, e), xs, remaining))
+
+    def _run(self, key: Key, xs: torch.Tensor, remaining: set[Key]) -> torch.Tensor:
+        if not self.cache.resident(key) and not self._load(key, remaining):
+            raise RuntimeError(f"no evictable expert slot for {key}: every slot holds an expert still needed")
+        y = expert_forward(xs, *self.cache.acquire(key))
+        self.cache.release(key)
+        remaining.discard(key)
+        return y
+
+    def _load(self, key: Key, protected: set[Key]) -> bool:
+        if not self.cache.load(key, protected):
+            return False
+        self.stats.layers[key[0]].bytes_copied += self.cache.store.expert_bytes
+        return True
+
+    def _count_requests(self, layer: int, wanted: list[int]) -> None:
+        stats = self.stats.layers[layer]
+        for e in wanted:
+            key = (layer, e)
+            if self.cache.resident(key):
+                stats.hits += 1
+                stats.prefetch_hits += key in self.prefetched
+            else:
+                stats.misses += 1
+            self.prefetched.discard(key)
+        predicted = self.predictions.pop(layer, None)
+        if predicted is not None:
+            stats.predicted_right += len(predicted.intersection(wanted))
+            stats.predicted_of += len(wanted)
+
+    def _prefetch(self, layer: int, predicted_rows: list[list[int]], protected: set[Key]) -> None:
+        counts: dict[int, int] = {}
+        for row in predicted_rows:
+            for e in row:
+                counts[e] = counts.get(e, 0) + 1
+        self.predictions[layer] = set(counts)
+        protected = set(protected)
+        for e in sorted(counts, key=counts.get, reverse=True):  # most-wanted first, while slots last
+            key = (layer, e)
+            protected.add(key)
+            if self.cache.resident(key):
+                continue
+            if not self._load(key, protected):
+                break
+            self.stats.layers[layer].prefetched += 1
+            self.prefetched.add(key)
+
+
+class ResidentExperts:
+    """Every expert on the device; no cache, no copies. The reference for the offloaded path."""
+
+    def __init__(self, store: ExpertStore, device: torch.device):
+        self.cfg = store.cfg
+        self.stats = ExpertStats(store.cfg.n_layers)  # stays at zero: nothing is cached or copied
+        self.layers = [chunk.to(device) for chunk in store.layers]  # [E, numel] each
+
+    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        chosen = indices.tolist()
+        order = sorted({e for row in chosen for e in row})
+        return mix(x, weights, chosen, order, lambda e, xs: expert_forward(xs, *unpack(self.layers[layer][e], self.cfg)))

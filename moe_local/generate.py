@@ -1,0 +1,156 @@
+"""Generation: sampling parameters, `logits -> probs -> token`, and the decode loop with its timings."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+if TYPE_CHECKING:
+    from moe_local.engine import Engine
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Defaults as llama.cpp's; a model's generation_config.json overrides them (see `from_generation_config`)."""
+
+    temperature: float = 0.8  # 0 means greedy
+    top_k: int = 40  # 0 disables
+    top_p: float = 0.95  # 1 disables
+    min_p: float = 0.05  # 0 disables
+    repeat_penalty: float = 1.0  # 1 disables
+    repeat_last_n: int = 64  # how many recent tokens the penalty looks at
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top-k must be >= 0"),
+            (0 < self.top_p <= 1, "top-p must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min-p must be in [0, 1]"),
+            (self.repeat_penalty > 0, "repeat-penalty must be > 0"),
+            (self.repeat_last_n >= 0, "repeat-last-n must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def from_generation_config(self, gen: dict) -> SamplingParams:
+        """The model's own defaults, where it states them."""
+        updates = {}
+        if gen.get("do_sample") is False:
+            updates["temperature"] = 0.0
+        elif "temperature" in gen:
+            updates["temperature"] = float(gen["temperature"])
+        if "top_k" in gen:
+            updates["top_k"] = int(gen["top_k"])
+        if "top_p" in gen:
+            updates["top_p"] = float(gen["top_p"])
+        if gen.get("min_p") is not None:
+            updates["min_p"] = float(gen["min_p"])
+        if gen.get("repetition_penalty") is not None:
+            updates["repeat_penalty"] = float(gen["repetition_penalty"])
+        return replace(self, **updates)
+
+
+def apply_repeat_penalty(logits: torch.Tensor, history: list[int], params: SamplingParams) -> torch.Tensor:
+    """llama.cpp's rule: divide positive logits of recently seen tokens by the penalty, multiply negative ones."""
+    if params.repeat_penalty == 1.0 or not history or params.repeat_last_n == 0:
+        return logits
+    recent = torch.tensor(sorted(set(history[-params.repeat_last_n :])), dtype=torch.long)
+    seen = logits[recent]
+    logits = logits.clone()
+    logits[recent] = torch.where(seen > 0, seen / params.repeat_penalty, seen * params.repeat_penalty)
+    return logits
+
+
+def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits [V] fp32 (after the penalty) -> probabilities [V] after temperature, top-k, top-p, min-p."""
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # drop a token when the tokens ranked above it already reach top_p; the first always stays
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    return probs / probs.sum()
+
+
+def sample(logits: torch.Tensor, history: list[int], params: SamplingParams, generator: torch.Generator) -> int:
+    logits = apply_repeat_penalty(logits.float().cpu(), history, params)  # [V]
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(logits_to_probs(logits, params), 1, generator=generator))
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prompt_tokens_evaluated: int = 0  # the rest came from the KV cache of an earlier turn
+    prompt_seconds: float = 0.0
+    generated_tokens: int = 0
+    decode_seconds: float = 0.0
+    finish_reason: str = ""  # "stop" (EOS), "length" (max tokens or context full)
+    experts: dict = field(default_factory=dict)
+
+    @property
+    def prompt_tok_per_s(self) -> float:
+        return self.prompt_tokens_evaluated / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def decode_tok_per_s(self) -> float:
+        # the first generated token comes from the prefill's logits, so decode time covers the others
+        return (self.generated_tokens - 1) / self.decode_seconds if self.decode_seconds and self.generated_tokens > 1 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "prompt_tokens_evaluated": self.prompt_tokens_evaluated,
+            "prompt_seconds": round(self.prompt_seconds, 4),
+            "prompt_tok_per_s": round(self.prompt_tok_per_s, 2),
+            "generated_tokens": self.generated_tokens,
+            "decode_seconds": round(self.decode_seconds, 4),
+            "decode_tok_per_s": round(self.decode_tok_per_s, 2),
+            "finish_reason": self.finish_reason,
+            "experts": self.experts,
+        }
+
+
+def generate(
+    engine: Engine,
+    prompt: list[int],
+    max_new_tokens: int,
+    params: SamplingParams,
+    stop_ids: set[int],
+    stats: GenerationStats,
+) -> Iterator[int]:
+    """Yield generated token ids one by one (EOS is not yielded); `stats` is filled as it goes."""
+    generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
+    engine.experts.stats.reset()
+    stats.prompt_tokens = len(prompt)
+    history = list(prompt)
+    start = time.perf_counter()
+    logits, stats.prompt_tokens_evaluated = engine.prefill(prompt)
+    token = sample(logits, history, params, generator)  # the .cpu() in sample waits for the device
+    stats.prompt_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    stats.finish_reason = "length"
+    while stats.generated_tokens < max_new_tokens:
+        if token in stop_ids:
+            stats.finish_reason = "stop"
+            break
+        stats.generated_tokens += 1
+        history.append(token)
+        yield token
+        if stats.generated_tokens == max_new_tokens or len(history) >= engine.ctx_size:
+            break
+        token = sample(engine.decode_one(token), history, params, generator)
+        stats.decode_seconds = time.perf_counter() - start
+    stats.experts = engine.experts.stats.as_dict()
