@@ -1,0 +1,293 @@
+"""Text to token ids and back for a model folder, chat templates, and streaming decode.
+
+Reads tokenizer.json (via `tokenizers`) or tokenizer.model (via `sentencepiece`), plus tokenizer_config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+
+import jinja2
+import jinja2.sandbox
+import sentencepiece
+import tokenizers
+
+from moe_local.errors import TokenizerError
+
+# Mixtral-8x7B-Instruct's prompt format, used when the model folder has no template:
+#   <s>[INST] {user} [/INST] {assistant}</s>[INST] {user} [/INST]
+# As Mistral does, a system message becomes the head of the first user message.
+# "-}}" drops the newline after each output line: trim_blocks only does that for {% %}.
+MIXTRAL_CHAT_TEMPLATE = """\
+{% if messages and messages[0]['role'] == 'system' %}
+{% set system = messages[0]['content'] %}
+{% set messages = messages[1:] %}
+{% endif %}
+{{ bos_token -}}
+{% for message in messages %}
+{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+{{ raise_exception('after an optional system message, roles must alternate user/assistant/user/...') -}}
+{% endif %}
+{% if message['role'] == 'user' %}
+{% if loop.first and system is defined %}
+{{ '[INST] ' + system + '\\n\\n' + message['content'] + ' [/INST]' -}}
+{% else %}
+{{ '[INST] ' + message['content'] + ' [/INST]' -}}
+{% endif %}
+{% elif message['role'] == 'assistant' %}
+{{ ' ' + message['content'] + eos_token -}}
+{% else %}
+{{ raise_exception('unsupported role ' + message['role'] + ': only system, user and assistant') -}}
+{% endif %}
+{% endfor %}
+"""
+
+
+class _TemplateRaised(Exception):
+    """What a template's raise_exception() throws; its message is already for a person."""
+
+
+def _raise_exception(message: str):
+    raise _TemplateRaised(message)
+
+
+# Immutable sandbox: templates come from downloaded model folders and must not reach
+# Python internals or mutate our messages. loopcontrols as in transformers ({% break %}).
+_JINJA = jinja2.sandbox.ImmutableSandboxedEnvironment(
+    trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+)
+_JINJA.globals["raise_exception"] = _raise_exception
+
+
+class _TokenizersBackend:
+    """tokenizer.json: the file itself says how to split special tokens and add the dummy prefix."""
+
+    def __init__(self, path: pathlib.Path):
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the library raises a bare Exception for bad JSON
+            raise TokenizerError(f"cannot read {path}: {e}") from e
+        self.size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.default_tokens = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+    def piece_id(self, piece: str) -> int | None:
+        return self._tok.token_to_id(piece)
+
+    def use_added_tokens(self, added: dict[str, int]) -> None:
+        pass  # tokenizer.json lists its own added tokens
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+
+class _SentencePieceBackend:
+    """tokenizer.model: sentencepiece never matches special-token strings, so we split on them first."""
+
+    def __init__(self, path: pathlib.Path):
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except Exception as e:
+            raise TokenizerError(f"cannot read {path}: not a valid sentencepiece model ({e})") from e
+        self.size = self._sp.get_piece_size()
+        self.default_tokens = {
+            key: self._sp.id_to_piece(i) if i >= 0 else None
+            for key, i in (
+                ("bos_token", self._sp.bos_id()),
+                ("eos_token", self._sp.eos_id()),
+                ("unk_token", self._sp.unk_id()),
+            )
+        }
+        self._added: dict[str, int] = {}
+        self._split = None
+
+    def piece_id(self, piece: str) -> int | None:
+        i = self._sp.piece_to_id(piece)
+        # piece_to_id answers the unk id for a piece it does not know.
+        return i if self._sp.id_to_piece(i) == piece else None
+
+    def use_added_tokens(self, added: dict[str, int]) -> None:
+        self._added = dict(added)
+        if added:
+            # Longest first, so "<s>" cannot claim the start of a longer token.
+            alternatives = sorted(added, key=len, reverse=True)
+            self._split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
+
+    def encode(self, text: str) -> list[int]:
+        if self._split is None:
+            return self._sp.encode(text)
+        ids = []
+        # Each stretch between special tokens gets its own dummy prefix, as in Mistral's
+        # reference code (which encodes every [INST] block separately) and in Mixtral's
+        # tokenizer.json (whose normalizer prepends one to every such stretch).
+        for i, part in enumerate(self._split.split(text)):
+            if i % 2:
+                ids.append(self._added[part])
+            elif part:
+                ids += self._sp.encode(part)
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        # A model's embedding table may be padded past the tokenizer's vocabulary: such
+        # ids have no text, and dropping them beats crashing in the middle of a reply.
+        return self._sp.decode([i for i in ids if 0 <= i < self.size])
+
+
+def _read_config(path: pathlib.Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"cannot read {path}: {e}") from e
+    if not isinstance(config, dict):
+        raise TokenizerError(f"cannot read {path}: expected a JSON object")
+    return config
+
+
+def _token_text(value) -> str | None:
+    # tokenizer_config.json writes a token either as its text or as a serialized AddedToken.
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _chat_template(config: dict, folder: pathlib.Path) -> str | None:
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: only "default" is for plain chat
+        defaults = [t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"]
+        template = defaults[0] if defaults else None
+    path = folder / "chat_template.jinja"
+    if template is None and path.is_file():
+        # Newer transformers save the template beside the config instead of inside it.
+        try:
+            template = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"cannot read {path}: {e}") from e
+    return template if isinstance(template, str) else None
+
+
+def load_tokenizer(folder: pathlib.Path) -> Tokenizer:
+    """The tokenizer of a model folder; tokenizer.json is preferred over tokenizer.model."""
+    folder = pathlib.Path(folder)
+    config = _read_config(folder / "tokenizer_config.json")
+    if (folder / "tokenizer.json").is_file():
+        backend = _TokenizersBackend(folder / "tokenizer.json")
+    elif (folder / "tokenizer.model").is_file():
+        backend = _SentencePieceBackend(folder / "tokenizer.model")
+    else:
+        raise TokenizerError(f"no tokenizer in {folder}: expected tokenizer.json or tokenizer.model")
+    return Tokenizer(backend, config, _chat_template(config, folder))
+
+
+class Tokenizer:
+    """Encodes and decodes text for one model, and renders its chat template."""
+
+    def __init__(self, backend, config: dict, chat_template: str | None = None):
+        self._backend = backend
+        self.chat_template = chat_template
+        self.add_bos = bool(config.get("add_bos_token", True))
+
+        added, hidden = {}, set()
+        for key, entry in (config.get("added_tokens_decoder") or {}).items():
+            if not str(key).isdigit():
+                raise TokenizerError(f"tokenizer_config.json: added token id {key!r} is not a number")
+            text = _token_text(entry)
+            if text is not None:
+                added[text] = int(key)
+                if not isinstance(entry, dict) or entry.get("special", True):
+                    hidden.add(int(key))
+
+        def special(key: str) -> tuple[str | None, int | None]:
+            # A key set to null means "none", which differs from a missing key.
+            text = _token_text(config[key]) if key in config else backend.default_tokens[key]
+            if text is None:
+                return None, None
+            token_id = added.get(text, backend.piece_id(text))
+            return (text, token_id) if token_id is not None else (None, None)
+
+        self.bos_token, self.bos_id = special("bos_token")
+        self.eos_token, self.eos_id = special("eos_token")
+        unk_token, unk_id = special("unk_token")
+        # Always matched as whole tokens in text and never printed, like added special tokens.
+        specials = [(self.bos_token, self.bos_id), (self.eos_token, self.eos_id), (unk_token, unk_id)]
+        for text, token_id in specials:
+            if text is not None:
+                added[text] = token_id
+                hidden.add(token_id)
+        backend.use_added_tokens(added)
+        self._hidden = hidden
+        self.vocab_size = max([backend.size, *(i + 1 for i in added.values())])
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        """Token ids for `text`; special-token strings in it (such as "</s>") become their ids."""
+        ids = self._backend.encode(text)
+        if bos and self.add_bos and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of `ids`, leaving out special tokens such as BOS and EOS."""
+        return self._backend.decode([i for i in ids if i not in self._hidden])
+
+    def render_chat_text(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The chat template (the model's, else Mixtral's) filled in with `messages`."""
+        source = self.chat_template if self.chat_template is not None else MIXTRAL_CHAT_TEMPLATE
+        try:
+            return _JINJA.from_string(source).render(
+                messages=messages,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                add_generation_prompt=add_generation_prompt,
+            )
+        except _TemplateRaised as e:
+            problem = str(e)
+        except jinja2.TemplateSyntaxError as e:
+            problem = f"syntax error on line {e.lineno}: {e.message}"
+        except Exception as e:  # a template is foreign code: any failure is the template's
+            problem = f"{type(e).__name__}: {e}"
+        raise TokenizerError(f"chat template failed: {problem}")
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the rendered chat, with BOS exactly once when the template writes it."""
+        text = self.render_chat_text(messages, add_generation_prompt)
+        if self.bos_token and text.startswith(self.bos_token):
+            return [self.bos_id, *self.encode(text[len(self.bos_token) :], bos=False)]
+        return self.encode(text, bos=False)
+
+
+class StreamDecoder:
+    """Turns generated ids, one at a time, into text to print as soon as it is complete.
+
+    Decoding a token alone loses the space sentencepiece keeps in its "▁" prefix and can
+    split a UTF-8 character, so each step decodes a short window of recent ids and emits
+    what the newest id added to it. The pieces joined equal decode(all ids).
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._start = 0  # window start: ids before it are printed and never decoded again
+        self._printed = 0  # ids[:_printed] have all their text printed
+
+    def push(self, token_id: int) -> str:
+        """Text completed by `token_id`; empty while it is held back."""
+        self._ids.append(token_id)
+        done = self._tokenizer.decode(self._ids[self._start : self._printed])
+        text = self._tokenizer.decode(self._ids[self._start :])
+        # U+FFFD at the end is a character whose remaining bytes are still to come.
+        if len(text) <= len(done) or text.endswith("\ufffd"):
+            return ""
+        self._start, self._printed = self._printed, len(self._ids)
+        return text[len(done) :]
+
+    def flush(self) -> str:
+        """Whatever is still held back, at the end of generation."""
+        done = self._tokenizer.decode(self._ids[self._start : self._printed])
+        text = self._tokenizer.decode(self._ids[self._start :])
+        self._start = self._printed = len(self._ids)
+        return text[len(done) :]
