@@ -1,0 +1,132 @@
+"""The command line contract: `moe-local run ... --json` and one clear line for every error."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+import moe_local
+from conftest import build_mixtral, moe_local_cli
+from moe_local.generate import SamplingParams
+from moe_local.tokenizer import load_tokenizer
+
+PROMPT = "def parse_args(argv):"
+
+
+def run_json(folder, *extra: str) -> dict:
+    result = moe_local_cli(
+        "run", str(folder), "--prompt", PROMPT, "--max-new-tokens", "12", "--temperature", "0",
+        "--raw", "--json", "--device", "cpu", *extra,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1  # exactly one JSON object on stdout
+    return json.loads(lines[0])
+
+
+def test_run_json_contract(tiny):
+    folder, _ = tiny
+    out = run_json(folder, "--expert-slots", "3")
+    tokenizer = load_tokenizer(folder)
+    assert out["prompt_tokens"] == tokenizer.encode(PROMPT)
+    assert out["prompt_tokens"][0] == tokenizer.bos_id
+    engine = moe_local.load(folder, device="cpu")
+    assert out["tokens"] == list(engine.generate(out["prompt_tokens"], 12, SamplingParams(temperature=0)))
+    assert out["text"] == tokenizer.decode(out["tokens"])
+    stats = out["stats"]
+    assert stats["generated_tokens"] == len(out["tokens"])
+    assert stats["memory_plan"]["expert_slots"] == 3
+    assert {"hit_rate", "prefetch_recall", "bytes_copied", "per_layer"} <= set(stats["experts"])
+
+
+def test_run_output_is_the_same_for_any_budget(tiny):
+    folder, _ = tiny
+    few = run_json(folder, "--expert-slots", "1", "--no-prefetch")
+    budget = run_json(folder, "--gpu-memory", "64MiB")
+    assert budget["stats"]["memory_plan"]["expert_slots"] == 24
+    assert few["tokens"] == budget["tokens"]
+
+
+def test_run_streams_the_decoded_text_to_stdout(tiny):
+    folder, _ = tiny
+    want = run_json(folder)
+    result = moe_local_cli("run", str(folder), "-p", PROMPT, "-n", "12", "--temp", "0", "--raw", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == want["text"] + "\n"
+    assert "prompt eval" in result.stderr and "expert cache" in result.stderr
+
+
+def test_run_reads_the_prompt_from_stdin(tiny):
+    folder, _ = tiny
+    want = run_json(folder)
+    result = moe_local_cli("run", str(folder), "-n", "12", "--temp", "0", "--raw", "--json", "--device", "cpu", "-q",
+                           input=PROMPT)
+    assert json.loads(result.stdout)["tokens"] == want["tokens"]
+    assert result.stderr == ""
+
+
+def test_console_script_is_installed():
+    script = shutil.which("moe-local")
+    assert script, "pip install -e . should put moe-local on PATH"
+    result = subprocess.run([script, "run", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--gpu-memory" in result.stdout
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def cli_error(*args: str) -> subprocess.CompletedProcess:
+    return moe_local_cli("run", *args, "--prompt", "hi", "--device", "cpu", "-q")
+
+
+def test_missing_model_path_is_one_line(tmp_path):
+    assert_one_line_error(cli_error(str(tmp_path / "nope")), "does not exist")
+
+
+def test_truncated_shard_is_one_line(tiny_sharded, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_sharded[0], folder)
+    shard = sorted(folder.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    assert_one_line_error(cli_error(str(folder)), f"shard {shard.name} is truncated")
+
+
+def test_missing_tokenizer_is_one_line(tmp_path):
+    build_mixtral(tmp_path, tokenizer_dir=None)
+    assert_one_line_error(cli_error(str(tmp_path)), "has no tokenizer")
+
+
+def test_budget_too_small_says_the_minimum(tiny):
+    assert_one_line_error(cli_error(str(tiny[0]), "--gpu-memory", "10KiB"), "too small.*need at least")
+
+
+def test_unreadable_budget_string_is_one_line(tiny):
+    assert_one_line_error(cli_error(str(tiny[0]), "--gpu-memory", "lots"), "cannot read memory size 'lots'")
+
+
+def test_negative_temperature_is_one_line(tiny):
+    assert_one_line_error(cli_error(str(tiny[0]), "--temperature", "-1"), "temperature must be >= 0")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = moe_local_cli("run", str(tmp_path / "nope"), "--prompt", "hi", "--device", "cpu", "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+@pytest.mark.gpu
+def test_run_on_cuda_gives_the_cpu_tokens(tiny):
+    folder, _ = tiny
+    cpu = run_json(folder, "--expert-slots", "3")
+    result = moe_local_cli("run", str(folder), "--prompt", PROMPT, "-n", "12", "--temp", "0", "--raw", "--json",
+                           "--device", "cuda", "--expert-slots", "3")
+    assert json.loads(result.stdout)["tokens"] == cpu["tokens"]

@@ -1,0 +1,145 @@
+"""The engine against the `transformers` reference, and the offloading runtime's invariances."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_local
+from conftest import build_mixtral, reference_model
+from moe_local.experts.runtime import ResidentExperts
+from moe_local.generate import GenerationStats, SamplingParams, generate
+
+GREEDY = SamplingParams(temperature=0)
+
+
+def prompt_ids(n: int, seed: int = 0) -> list[int]:
+    return [1] + torch.randint(3, 320, (n - 1,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def reference_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def reference_greedy(model, ids: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation of exactly n tokens (random models emit EOS early, so no stopping)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids) :].tolist()
+
+
+def greedy(engine, ids: list[int], n: int) -> list[int]:
+    """Our greedy continuation of exactly n tokens, without stopping at EOS."""
+    return list(generate(engine, ids, n, GREEDY, set(), GenerationStats()))
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_sharded"])
+def test_fp32_logits_match_transformers(fixture, request, device):
+    folder, reference = request.getfixturevalue(fixture)
+    ids = prompt_ids(48)
+    want = reference_logits(reference, ids)
+    got = moe_local.load(folder, device=device, expert_slots=4).logits(ids)
+    assert got.dtype == torch.float32 and got.shape == (48, 320)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_bf16_logits_match_transformers_and_compute_follows_checkpoint_dtype(tiny_bf16, device):
+    folder, reference = tiny_bf16
+    engine = moe_local.load(folder, device=device, expert_slots=4)
+    assert engine.dtype == torch.bfloat16
+    ids = prompt_ids(32)
+    want = reference_logits(reference, ids)
+    got = engine.logits(ids)
+    # bf16 keeps 8 bits of mantissa; kernels differ in summation order, so allow a few ulps of the scale
+    assert (got - want).abs().max() <= 3e-2 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
+def test_dtype_option_overrides_checkpoint_dtype(tiny_bf16):
+    folder, _ = tiny_bf16
+    engine = moe_local.load(folder, device="cpu", dtype="fp32")
+    assert engine.dtype == torch.float32
+    ids = prompt_ids(16)
+    want = reference_logits(reference_model(folder, torch.float32), ids)
+    assert (engine.logits(ids) - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_sharded"])
+def test_greedy_tokens_match_transformers_for_32_new_tokens(fixture, request, device):
+    folder, reference = request.getfixturevalue(fixture)
+    ids = prompt_ids(12, seed=3)
+    want = reference_greedy(reference, ids, 32)
+    assert len(want) == 32
+    assert greedy(moe_local.load(folder, device=device, expert_slots=3), ids, 32) == want
+
+
+@pytest.mark.parametrize("slots", [1, 3, 12, 24])
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_outputs_do_not_depend_on_cache_size_or_prefetch(tiny_bf16, slots, prefetch, device):
+    """Bit-identical logits and tokens whatever the pool size, prefetch, and with every expert resident."""
+    folder, _ = tiny_bf16
+    ids = prompt_ids(40, seed=5)
+    resident = moe_local.load(folder, device=device, expert_slots=24)
+    resident.experts = ResidentExperts(resident.store, resident.device)
+    engine = moe_local.load(folder, device=device, expert_slots=slots, prefetch=prefetch)
+    assert torch.equal(engine.logits(ids), resident.logits(ids))
+    assert greedy(engine, ids[:6], 24) == greedy(resident, ids[:6], 24)
+
+
+def test_step_by_step_decode_agrees_with_one_full_prefill(tiny, device):
+    """The KV cache, RoPE positions, masking and chunked prefill all at once (mistral-inference's test)."""
+    folder, _ = tiny
+    engine = moe_local.load(folder, device=device, expert_slots=5, prefill_chunk=7)
+    prompt = prompt_ids(17, seed=7)
+    logits, evaluated = engine.prefill(prompt)
+    assert evaluated == 17
+    steps, tokens = [logits], []
+    for _ in range(20):
+        tokens.append(int(steps[-1].argmax()))
+        steps.append(engine.decode_one(tokens[-1]))
+    full = moe_local.load(folder, device=device, expert_slots=24).logits(prompt + tokens)
+    stepped = torch.stack(steps)  # [21, V]: logits after the prompt and after each fed token
+    assert (stepped - full[16:]).abs().max() <= 1e-4 * full.abs().max()
+
+
+def test_prefill_reuses_the_cached_prefix(tiny):
+    folder, _ = tiny
+    engine = moe_local.load(folder, device="cpu")
+    first = prompt_ids(20, seed=8)
+    engine.prefill(first)
+    logits, evaluated = engine.prefill(first + [5, 6, 7])
+    assert evaluated == 3
+    fresh = moe_local.load(folder, device="cpu").logits(first + [5, 6, 7])[-1]
+    assert (logits - fresh).abs().max() <= 1e-4 * fresh.abs().max()
+    _, evaluated = engine.prefill(first[:10] + [9, 9])  # diverges after 10 tokens: recompute from there
+    assert evaluated == 2
+
+
+def test_sliding_window_matches_transformers(tmp_path, tokenizer_dir):
+    reference = build_mixtral(tmp_path, tokenizer_dir, sliding_window=8, seed=4)
+    ids = prompt_ids(30, seed=4)
+    want = reference_logits(reference, ids)
+    got = moe_local.load(tmp_path, device="cpu").logits(ids)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_same_seed_same_output_and_different_seeds_differ(tiny):
+    folder, _ = tiny
+    engine = moe_local.load(folder, device="cpu")
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    runs = {seed: [list(engine.generate(prompt_ids(5), 24, SamplingParams(**{**params.__dict__, "seed": seed}))) for _ in range(2)] for seed in (1, 2)}
+    assert runs[1][0] == runs[1][1] and runs[2][0] == runs[2][1]
+    assert runs[1][0] != runs[2][0]
+
+
+def test_generation_stops_at_eos_and_at_max_new_tokens(tiny):
+    folder, _ = tiny
+    engine = moe_local.load(folder, device="cpu")
+    ids = prompt_ids(12, seed=3)
+    free_run = greedy(engine, ids, 32)
+    assert list(engine.generate(ids, 5, GREEDY)) == free_run[:5] or engine.stop_ids & set(free_run[:5])
+    stop = free_run[3]  # pretend the 4th generated token is the end of text: generation ends before it
+    stopped = list(generate(engine, ids, 32, GREEDY, {stop}, stats := GenerationStats()))
+    assert stopped == free_run[: free_run.index(stop)]
+    assert stats.finish_reason == "stop"

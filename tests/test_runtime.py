@@ -1,0 +1,128 @@
+"""The offloading runtime on its own: routing, the slot cache and its policy, prefetch and the counters."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import moe_local
+from moe_local.config import ModelConfig
+from moe_local.experts.cache import ExpertCache, LRUPolicy
+from moe_local.experts.runtime import mix
+from moe_local.experts.store import ExpertStore, expert_forward, unpack
+from moe_local.generate import SamplingParams
+from moe_local.routing import route
+
+GREEDY = SamplingParams(temperature=0)
+
+
+def small_config(**overrides) -> ModelConfig:
+    raw = dict(model_type="mixtral", vocab_size=32, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+               num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2)
+    return ModelConfig.from_hf({**raw, **overrides})
+
+
+def filled_store(cfg: ModelConfig) -> ExpertStore:
+    store = ExpertStore(cfg, torch.float32, pin=False)
+    gen = torch.Generator().manual_seed(0)
+    for layer in store.layers:
+        layer.copy_(torch.randn(layer.shape, generator=gen))
+    return store
+
+
+def test_route_agrees_with_mistral_inference_formulation():
+    """Softmax-then-top-k-then-renormalise equals top-k-on-logits-then-softmax (mistral-inference's moe.py)."""
+    logits = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+    weights, indices = route(logits, 2)
+    top_logits, top_indices = torch.topk(logits, 2)
+    assert torch.equal(indices, top_indices)
+    assert torch.allclose(weights, torch.softmax(top_logits, dim=-1), atol=1e-6)
+    raw_weights, _ = route(logits, 2, renormalize=False)
+    assert torch.allclose(raw_weights, torch.softmax(logits, -1).topk(2).values)
+
+
+def test_lru_evicts_the_least_recently_used_unprotected_expert():
+    policy = LRUPolicy()
+    for key in [(0, 0), (0, 1), (1, 0)]:
+        policy.insert(key)
+    policy.touch((0, 0))
+    assert policy.evict(protected=set()) == (0, 1)
+    assert policy.evict(protected={(1, 0)}) == (0, 0)
+    assert policy.evict(protected={(1, 0)}) is None
+
+
+def test_cache_copies_each_miss_into_a_slot_and_evicts_when_full():
+    cfg = small_config()
+    store = filled_store(cfg)
+    cache = ExpertCache(store, 2, torch.device("cpu"), LRUPolicy())
+    assert cache.load((0, 0), set()) and cache.load((0, 1), set())
+    cache.acquire((0, 0))  # (0, 1) is now the least recently used
+    assert cache.load((1, 3), set())
+    assert cache.resident((0, 0)) and cache.resident((1, 3)) and not cache.resident((0, 1))
+    gate_up, down = cache.acquire((1, 3))
+    want_gate_up, want_down = unpack(store.buffer((1, 3)), cfg)
+    assert torch.equal(gate_up, want_gate_up) and torch.equal(down, want_down)
+    assert not cache.load((1, 2), protected={(0, 0), (1, 3)})  # nothing evictable
+
+
+def test_mix_result_does_not_depend_on_the_order_experts_run():
+    cfg = small_config()
+    store = filled_store(cfg)
+    x = torch.randn(6, cfg.dim, dtype=torch.float32)
+    weights, indices = route(torch.randn(6, cfg.n_experts), 2)
+    chosen = indices.tolist()
+    experts = sorted({e for row in chosen for e in row})
+
+    def run(e, xs):
+        return expert_forward(xs, *unpack(store.buffer((0, e)), cfg))
+
+    forward = mix(x, weights, chosen, experts, run)
+    backward = mix(x, weights, chosen, experts[::-1], run)
+    assert torch.equal(forward, backward)
+    # and it is the weighted sum the definition says
+    want = torch.stack([sum(weights[t, j] * run(chosen[t][j], x[t : t + 1])[0] for j in range(2)) for t in range(6)])
+    assert torch.allclose(forward, want, atol=1e-5)
+
+
+def test_swiglu_expert_matches_the_three_matrix_definition():
+    cfg = small_config()
+    w1, w2, w3 = torch.randn(cfg.ffn_dim, cfg.dim), torch.randn(cfg.dim, cfg.ffn_dim), torch.randn(cfg.ffn_dim, cfg.dim)
+    store = ExpertStore(cfg, torch.float32, pin=False)
+    store.fill_expert((1, 2), w1, w2, w3)
+    x = torch.randn(3, cfg.dim)
+    want = F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+    assert torch.allclose(expert_forward(x, *unpack(store.buffer((1, 2)), cfg)), want, atol=1e-5)
+
+
+def test_a_small_pool_misses_evicts_and_counts_every_byte(tiny):
+    folder, _ = tiny
+    engine = moe_local.load(folder, device="cpu", expert_slots=3, prefetch=False)
+    list(engine.generate([1, 10, 20, 30], 16, GREEDY))
+    stats = engine.experts.stats.total()
+    n_layers = engine.cfg.n_layers
+    assert stats.misses > 0 and stats.prefetched == 0
+    assert stats.bytes_copied == stats.misses * engine.store.expert_bytes
+    # each decode step asks every layer for 1 or 2 experts; 3 slots cannot keep 3 layers' worth
+    assert stats.hits + stats.misses >= n_layers * 16
+    assert len(engine.experts.cache.slot_of) == 3
+
+
+def test_all_experts_resident_never_copies_after_load(tiny):
+    folder, _ = tiny
+    engine = moe_local.load(folder, device="cpu", expert_slots=24)
+    list(engine.generate([1, 10, 20, 30], 16, GREEDY))
+    stats = engine.experts.stats.total()
+    assert stats.misses == 0 and stats.bytes_copied == 0 and stats.hits > 0
+
+
+def test_prefetch_loads_next_layer_experts_ahead_and_they_are_hit(tiny):
+    folder, _ = tiny
+    engine = moe_local.load(folder, device="cpu", expert_slots=6, prefetch=True)
+    list(engine.generate([1, 10, 20, 30], 24, GREEDY))
+    stats = engine.experts.stats.as_dict()
+    assert stats["prefetched"] > 0
+    assert 0 < stats["prefetch_hits"] <= stats["prefetched"]
+    assert stats["bytes_copied"] == (stats["misses"] + stats["prefetched"]) * engine.store.expert_bytes
+    assert 0 < stats["prefetch_recall"] <= 1
+    assert stats["per_layer"][0]["predicted_of"] == 0  # nothing predicts the first layer
+    assert all(layer["predicted_of"] > 0 for layer in stats["per_layer"][1:])
