@@ -8,6 +8,7 @@ import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Iterator, Optional
 
 import typer
@@ -25,6 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 DEFAULTS = Options()
+DEMO_MODEL = Path(__file__).parent / "demo"
 
 
 @app.callback()
@@ -91,6 +93,16 @@ def print_timings(engine: Engine, stats: GenerationStats, load_seconds: float) -
     stderr("\n" + "\n".join(lines))
 
 
+def model_or_demo(model: Optional[str], quiet: bool) -> str:
+    if model is not None:
+        return model
+    if not (DEMO_MODEL / "config.json").is_file():
+        raise MoeLocalError(f"no MODEL given and the demo model is missing from {DEMO_MODEL}; pass a model folder")
+    if not quiet:
+        stderr("using the built-in demo model (a toy trained on Python's sources); pass a model folder for real use")
+    return str(DEMO_MODEL)
+
+
 def read_prompt(prompt: Optional[str]) -> str:
     if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
         return sys.stdin.read()
@@ -101,7 +113,7 @@ def read_prompt(prompt: Optional[str]) -> str:
 
 @app.command()
 def run(
-    model: str = typer.Argument(..., help="Model folder (config.json + safetensors + tokenizer) or a cached Hugging Face id such as mistralai/Mixtral-8x7B-v0.1."),
+    model: Optional[str] = typer.Argument(None, help="Model folder (config.json + safetensors + tokenizer) or a cached Hugging Face id such as mistralai/Mixtral-8x7B-v0.1. Default: the small demo model that ships with moe-local."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt; '-' or a pipe reads standard input."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", min=0, help="Most tokens to generate."),
     temperature: Optional[float] = typer.Option(None, "--temperature", "--temp", help="0 is greedy. Default: the model's generation_config.json, else 0.8."),
@@ -127,7 +139,7 @@ def run(
         text = read_prompt(prompt)
         start = time.perf_counter()
         engine = load_with_progress(
-            model, quiet, device=device, gpu_memory=gpu_memory, expert_slots=expert_slots,
+            model_or_demo(model, quiet), quiet, device=device, gpu_memory=gpu_memory, expert_slots=expert_slots,
             ctx_size=ctx_size, dtype=dtype, prefetch=prefetch,
         )
         load_seconds = time.perf_counter() - start
