@@ -149,8 +149,8 @@ def generate(
         stats.generated_tokens += 1
         history.append(token)
         yield token
-        if stats.generated_tokens == max_new_tokens or len(history) >= engine.ctx_size:
-            break
+        if stats.generated_tokens == max_new_tokens or len(history) > engine.ctx_size:
+            break  # done, or no position left in the KV cache to feed this token at
         token = sample(engine.decode_one(token), history, params, generator)
         stats.decode_seconds = time.perf_counter() - start
     stats.experts = engine.experts.stats.as_dict()

@@ -157,3 +157,14 @@ def test_generation_stops_at_eos_and_at_max_new_tokens(tiny):
     stopped = list(generate(engine, ids, 32, GREEDY, {stop}, stats := GenerationStats()))
     assert stopped == free_run[: free_run.index(stop)]
     assert stats.finish_reason == "stop"
+
+
+def test_generation_stops_when_the_context_is_full(tiny):
+    folder, _ = tiny
+    engine = moe_local.load(folder, device="cpu", ctx_size=16)
+    stats = GenerationStats()
+    tokens = list(generate(engine, prompt_ids(10), 100, GREEDY, set(), stats))
+    assert len(tokens) == 16 - 10 + 1  # the last one is sampled from the logits at the last position
+    assert stats.finish_reason == "length"
+    with pytest.raises(moe_local.MoeLocalError, match="17 tokens do not fit the context of 16"):
+        engine.prefill(prompt_ids(17))
