@@ -91,6 +91,10 @@ def read_safetensors_header(shard: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+def expert_tensor_name(layer: int, expert: int, w: str) -> str:
+    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight"
+
+
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[str | tuple, tuple[int, ...]]]:
     """Checkpoint name -> (our name, shape). Experts map to ("expert", layer, expert, w)."""
     d, f, hd = cfg.dim, cfg.ffn_dim, cfg.head_dim
@@ -111,7 +115,7 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[str | tuple, tuple[int
         names[hf + "block_sparse_moe.gate.weight"] = (ours + "moe.gate.weight", (cfg.n_experts, d))
         for e in range(cfg.n_experts):
             for w, shape in zip(EXPERT_WEIGHTS, ((f, d), (d, f), (f, d))):
-                names[hf + f"block_sparse_moe.experts.{e}.{w}.weight"] = (("expert", i, e, w), shape)
+                names[expert_tensor_name(i, e, w)] = (("expert", i, e, w), shape)
     return names
 
 
@@ -193,8 +197,6 @@ class Checkpoint:
             state["output.weight"] = state["tok_embeddings.weight"]
         return state
 
-    def expert_tensor_name(self, layer: int, expert: int, w: str) -> str:
-        return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight"
-
-    def file_bytes(self) -> int:
-        return sum(p.stat().st_size for p in {t.shard for t in self.tensors.values()})
+    def expert(self, layer: int, expert: int, w: str) -> torch.Tensor:
+        """One expert matrix, w in ("w1", "w2", "w3")."""
+        return self.get(expert_tensor_name(layer, expert, w))

@@ -77,19 +77,12 @@ class Engine:
         on_cpu = self.device.type == "cpu"
         # On the CPU the resident part and the slots share host RAM with the store.
         beside_store = self.plan.fixed_bytes + self.plan.slot_bytes if on_cpu else 0
+        # Read the small files first, so that a broken one fails before the slow part.
+        self.generation_config = read_json(folder / "generation_config.json")
+        has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
+        self._tokenizer = load_tokenizer(folder) if has_tokenizer else None
         self.store = ExpertStore(cfg, self.dtype, pin=not on_cpu, extra_host_bytes=beside_store)
-        done = 0
-
-        def read(layer: int, expert: int, w: str) -> torch.Tensor:
-            return ckpt.get(ckpt.expert_tensor_name(layer, expert, w))
-
-        def advance(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress:
-                progress(done, self.store.total_bytes)
-
-        self.store.fill(read, advance)
+        self.store.fill(ckpt.expert, progress)
         with torch.device("meta"):
             self.model = Transformer(cfg)
         self.model.load_state_dict(ckpt.resident_state_dict(self.dtype, self.device), strict=True, assign=True)
@@ -102,9 +95,6 @@ class Engine:
         self.experts = OffloadedExperts(cache, prefetcher, cfg.n_layers)
         self.experts.warm()
         self.tokens: list[int] = []  # the ids whose keys and values the KV cache holds, in order
-        self.generation_config = read_json(folder / "generation_config.json")
-        has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
-        self._tokenizer = load_tokenizer(folder) if has_tokenizer else None
 
     @property
     def tokenizer(self) -> Tokenizer:

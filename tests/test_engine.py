@@ -168,3 +168,12 @@ def test_generation_stops_when_the_context_is_full(tiny):
     assert stats.finish_reason == "length"
     with pytest.raises(moe_local.MoeLocalError, match="17 tokens do not fit the context of 16"):
         engine.prefill(prompt_ids(17))
+
+
+def test_loading_reports_progress_up_to_every_expert_byte(tiny):
+    folder, _ = tiny
+    calls = []
+    engine = moe_local.load(folder, device="cpu", progress=lambda done, total: calls.append((done, total)))
+    assert len(calls) == engine.cfg.n_layers * engine.cfg.n_experts
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+    assert calls[-1] == (engine.store.total_bytes, engine.store.total_bytes)

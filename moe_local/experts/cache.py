@@ -57,7 +57,6 @@ class ExpertCache:
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.copied: dict[int, torch.cuda.Event] = {}  # slot -> its last copy is done
         self.released: dict[int, torch.cuda.Event] = {}  # slot -> the last computation reading it is done
-        self.bytes_copied = 0
 
     def resident(self, key: Key) -> bool:
         return key in self.slot_of
@@ -77,7 +76,6 @@ class ExpertCache:
         self._copy_into(slot, self.store.buffer(key))
         self.slot_of[key] = slot
         self.policy.insert(key)
-        self.bytes_copied += self.store.expert_bytes
         return True
 
     def _copy_into(self, slot: int, source: torch.Tensor) -> None:

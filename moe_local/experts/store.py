@@ -64,11 +64,16 @@ class ExpertStore:
         gate_up[f:].copy_(w3)
         down.copy_(w2)
 
-    def fill(self, read: Callable[[int, int, str], torch.Tensor], progress: Callable[[int], None] | None = None) -> None:
+    def fill(
+        self, read: Callable[[int, int, str], torch.Tensor], progress: Callable[[int, int], None] | None = None
+    ) -> None:
         """Fill every expert from `read(layer, expert, "w1"|"w2"|"w3")`, one expert at a time, so that
-        at most one expert's checkpoint tensors are in memory beside the store."""
+        at most one expert's checkpoint tensors are in memory beside the store; `progress(done_bytes,
+        total_bytes)` after each."""
+        done = 0
         for layer in range(self.cfg.n_layers):
             for expert in range(self.cfg.n_experts):
                 self.fill_expert((layer, expert), *(read(layer, expert, w) for w in ("w1", "w2", "w3")))
+                done += self.expert_bytes
                 if progress:
-                    progress(self.expert_bytes)
+                    progress(done, self.total_bytes)
