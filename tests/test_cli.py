@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +131,24 @@ def test_run_on_cuda_gives_the_cpu_tokens(tiny):
     result = moe_local_cli("run", str(folder), "--prompt", PROMPT, "-n", "12", "--temp", "0", "--raw", "--json",
                            "--device", "cuda", "--expert-slots", "3")
     assert json.loads(result.stdout)["tokens"] == cpu["tokens"]
+
+
+def readme_commands() -> list[str]:
+    """The shell commands in the README's "Use" section, in order."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    use = readme.split("## Use", 1)[1]
+    return [block.strip() for block in re.findall(r"```bash\n(.*?)```", use, re.S)]
+
+
+def test_readme_first_command_runs_the_demo_model_verbatim():
+    command = readme_commands()[0]
+    assert command.startswith("moe-local run")
+    result = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip()) > 20  # the demo model wrote something
+    assert "demo model" in result.stderr and "generation" in result.stderr
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = (Path(__file__).parent.parent / ".ci" / "run").read_text()
+    assert readme_commands()[1] in ci.splitlines()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -142,7 +144,7 @@ def test_same_seed_same_output_and_different_seeds_differ(tiny):
     folder, _ = tiny
     engine = moe_local.load(folder, device="cpu")
     params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
-    runs = {seed: [list(engine.generate(prompt_ids(5), 24, SamplingParams(**{**params.__dict__, "seed": seed}))) for _ in range(2)] for seed in (1, 2)}
+    runs = {seed: [list(engine.generate(prompt_ids(5), 24, replace(params, seed=seed))) for _ in range(2)] for seed in (1, 2)}
     assert runs[1][0] == runs[1][1] and runs[2][0] == runs[2][1]
     assert runs[1][0] != runs[2][0]
 
@@ -152,7 +154,9 @@ def test_generation_stops_at_eos_and_at_max_new_tokens(tiny):
     engine = moe_local.load(folder, device="cpu")
     ids = prompt_ids(12, seed=3)
     free_run = greedy(engine, ids, 32)
-    assert list(engine.generate(ids, 5, GREEDY)) == free_run[:5] or engine.stop_ids & set(free_run[:5])
+    first_five = free_run[:5]
+    stops = [i for i, t in enumerate(first_five) if t in engine.stop_ids]  # the model's own EOS may come early
+    assert list(engine.generate(ids, 5, GREEDY)) == first_five[: stops[0] if stops else 5]
     stop = free_run[3]  # pretend the 4th generated token is the end of text: generation ends before it
     stopped = list(generate(engine, ids, 32, GREEDY, {stop}, stats := GenerationStats()))
     assert stopped == free_run[: free_run.index(stop)]
