@@ -63,43 +63,61 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 class Engine:
-    def __init__(self, folder: Path, options: Options, progress: Callable[[int, int], None] | None = None):
-        """progress(done_bytes, total_bytes) is called while the experts are read into host memory."""
-        self.folder, self.options = folder, options
-        ckpt = Checkpoint(folder)
-        cfg = self.cfg = ckpt.config
-        self.device = resolve_device(options.device)
-        self.dtype = DTYPES[options.dtype] if options.dtype else ckpt.dtype
-        self.ctx_size = options.ctx_size or min(4096, cfg.max_position_embeddings)
-        self.plan: MemoryPlan = plan_memory(
-            cfg, self.dtype, self.device, self.ctx_size, options.prefill_chunk, options.gpu_memory, options.expert_slots
-        )
-        on_cpu = self.device.type == "cpu"
-        # On the CPU the resident part and the slots share host RAM with the store.
-        beside_store = self.plan.fixed_bytes + self.plan.slot_bytes if on_cpu else 0
-        # Read the small files first, so that a broken one fails before the slow part.
-        self.generation_config = read_json(folder / "generation_config.json")
-        has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
-        self._tokenizer = load_tokenizer(folder) if has_tokenizer else None
-        self.store = ExpertStore(cfg, self.dtype, pin=not on_cpu, extra_host_bytes=beside_store)
-        self.store.fill(ckpt.expert, progress)
-        with torch.device("meta"):
-            self.model = Transformer(cfg)
-        self.model.load_state_dict(ckpt.resident_state_dict(self.dtype, self.device), strict=True, assign=True)
-        self.model.inv_freq = self.model.rope_inv_freq(self.device)
-        self.model.eval()
-        self.kv = KVCache(cfg, self.ctx_size, self.dtype, self.device)
-        cache = ExpertCache(self.store, self.plan.expert_slots, self.device, POLICIES[options.policy]())
-        gates = [layer.moe.gate.weight for layer in self.model.layers]
-        prefetcher = Prefetcher(gates, cfg.top_k) if options.prefetch else None
-        self.experts = OffloadedExperts(cache, prefetcher, cfg.n_layers)
+    """A model ready to run: the resident part on the device, the experts in `store` behind a slot cache,
+    a KV cache and (when the model has one) a tokenizer. `Engine.from_folder` (or `load`) builds one from
+    a checkpoint; the benchmark builds one from generated weights."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        store: ExpertStore,
+        plan: MemoryPlan,
+        options: Options,
+        ctx_size: int,
+        tokenizer: Tokenizer | None = None,
+        generation_config: dict | None = None,
+        folder: Path | None = None,
+    ):
+        self.model, self.store, self.plan, self.options = model.eval(), store, plan, options
+        self.cfg, self.dtype, self.ctx_size, self.folder = model.cfg, store.dtype, ctx_size, folder
+        self.device = model.output.weight.device
+        self._tokenizer, self.generation_config = tokenizer, generation_config or {}
+        self.kv = KVCache(self.cfg, ctx_size, self.dtype, self.device)
+        cache = ExpertCache(store, plan.expert_slots, self.device, POLICIES[options.policy]())
+        gates = [layer.moe.gate.weight for layer in model.layers]
+        prefetcher = Prefetcher(gates, self.cfg.top_k) if options.prefetch else None
+        self.experts = OffloadedExperts(cache, prefetcher, self.cfg.n_layers)
         self.experts.warm()
         self.tokens: list[int] = []  # the ids whose keys and values the KV cache holds, in order
+
+    @classmethod
+    def from_folder(cls, folder: Path, options: Options, progress: Callable[[int, int], None] | None = None) -> Engine:
+        """progress(done_bytes, total_bytes) is called while the experts are read into host memory."""
+        ckpt = Checkpoint(folder)
+        cfg = ckpt.config
+        device = resolve_device(options.device)
+        dtype = DTYPES[options.dtype] if options.dtype else ckpt.dtype
+        ctx_size = options.ctx_size or min(4096, cfg.max_position_embeddings)
+        plan = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, options.gpu_memory, options.expert_slots)
+        on_cpu = device.type == "cpu"
+        # On the CPU the resident part and the slots share host RAM with the store.
+        beside_store = plan.fixed_bytes + plan.slot_bytes if on_cpu else 0
+        # Read the small files first, so that a broken one fails before the slow part.
+        generation_config = read_json(folder / "generation_config.json")
+        has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
+        tokenizer = load_tokenizer(folder) if has_tokenizer else None
+        store = ExpertStore(cfg, dtype, pin=not on_cpu, extra_host_bytes=beside_store)
+        store.fill(ckpt.expert, progress)
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        model.load_state_dict(ckpt.resident_state_dict(dtype, device), strict=True, assign=True)
+        model.inv_freq = model.rope_inv_freq(device)
+        return cls(model, store, plan, options, ctx_size, tokenizer, generation_config, folder)
 
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            raise TokenizerError(f"{self.folder} has no tokenizer (tokenizer.json or tokenizer.model)")
+            raise TokenizerError(f"{self.folder or 'this model'} has no tokenizer (tokenizer.json or tokenizer.model)")
         return self._tokenizer
 
     @property
@@ -179,4 +197,5 @@ def load(
     unknown = set(options) - known
     if unknown:
         raise TypeError(f"unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
-    return Engine(resolve_model_path(model), Options(device=device, gpu_memory=gpu_memory, **options), progress)
+    options = Options(device=device, gpu_memory=gpu_memory, **options)
+    return Engine.from_folder(resolve_model_path(model), options, progress)

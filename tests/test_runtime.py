@@ -25,8 +25,8 @@ def small_config(**overrides) -> ModelConfig:
 def filled_store(cfg: ModelConfig) -> ExpertStore:
     store = ExpertStore(cfg, torch.float32, pin=False)
     gen = torch.Generator().manual_seed(0)
-    for layer in store.layers:
-        layer.copy_(torch.randn(layer.shape, generator=gen))
+    shapes = {"w1": (cfg.ffn_dim, cfg.dim), "w2": (cfg.dim, cfg.ffn_dim), "w3": (cfg.ffn_dim, cfg.dim)}
+    store.fill(lambda layer, expert, w: torch.randn(shapes[w], generator=gen))
     return store
 
 
@@ -88,7 +88,7 @@ def test_swiglu_expert_matches_the_three_matrix_definition():
     cfg = small_config()
     w1, w2, w3 = torch.randn(cfg.ffn_dim, cfg.dim), torch.randn(cfg.dim, cfg.ffn_dim), torch.randn(cfg.ffn_dim, cfg.dim)
     store = ExpertStore(cfg, torch.float32, pin=False)
-    store.fill_expert((1, 2), w1, w2, w3)
+    store.fill(lambda layer, expert, w: {"w1": w1, "w2": w2, "w3": w3}[w])
     x = torch.randn(3, cfg.dim)
     want = F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
     assert torch.allclose(expert_forward(x, *unpack(store.buffer((1, 2)), cfg)), want, atol=1e-5)

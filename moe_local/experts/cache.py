@@ -73,19 +73,20 @@ class ExpertCache:
             if victim is None:
                 return False
             slot = self.slot_of.pop(victim)
-        self._copy_into(slot, self.store.buffer(key))
+        self._copy_into(slot, key)
         self.slot_of[key] = slot
         self.policy.insert(key)
         return True
 
-    def _copy_into(self, slot: int, source: torch.Tensor) -> None:
+    def _copy_into(self, slot: int, key: Key) -> None:
+        source = self.store.buffer(key)
         if not self.cuda:
             self.slots[slot].copy_(source)
             return
         with torch.cuda.stream(self.copy_stream):
             if slot in self.released:
                 self.copy_stream.wait_event(self.released.pop(slot))
-            self.slots[slot].copy_(source, non_blocking=self.store.pinned)
+            self.slots[slot].copy_(source, non_blocking=self.store.is_pinned(key))
             self.copied[slot] = self.copy_stream.record_event()
 
     def acquire(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,8 +28,9 @@ class LayerStats:
 
 
 class ExpertStats:
-    def __init__(self, n_layers: int):
+    def __init__(self, n_layers: int, host_memory: dict | None = None):
         self.layers = [LayerStats() for _ in range(n_layers)]
+        self.host_memory = host_memory or {}  # the store's pinned and pageable bytes
 
     def reset(self) -> None:
         self.layers = [LayerStats() for _ in self.layers]
@@ -47,6 +48,7 @@ class ExpertStats:
             **asdict(t),
             "hit_rate": t.hits / max(1, t.hits + t.misses),
             "prefetch_recall": t.predicted_right / t.predicted_of if t.predicted_of else None,
+            "host_memory": self.host_memory,
             "per_layer": [asdict(layer) for layer in self.layers],
         }
 
@@ -67,7 +69,8 @@ def mix(
     flat = [e for row in chosen for e in row]  # position p = t * k + j
     rank = {e: i for i, e in enumerate(order)}
     by_expert = sorted(range(T * k), key=lambda p: rank[flat[p]])  # positions grouped in run order
-    positions = torch.tensor(by_expert).to(x.device, non_blocking=True)  # [T*k]
+    # pinned, so that the copy to the GPU is queued, not waited for
+    positions = torch.tensor(by_expert, pin_memory=x.is_cuda).to(x.device, non_blocking=True)  # [T*k]
     tokens = positions // k
     flat_weights = weights.reshape(-1, 1)  # [T*k, 1]
     out = x.new_empty(T * k, x.shape[1])  # [T*k, D]
@@ -83,7 +86,7 @@ def mix(
 class OffloadedExperts:
     def __init__(self, cache: ExpertCache, prefetcher: Prefetcher | None, n_layers: int):
         self.cache, self.prefetcher = cache, prefetcher
-        self.stats = ExpertStats(n_layers)
+        self.stats = ExpertStats(n_layers, cache.store.memory())
         self.predictions: dict[int, set[int]] = {}  # layer -> experts predicted for it
         self.prefetched: set[Key] = set()  # loaded by the prefetcher, not yet asked for
 
@@ -164,7 +167,10 @@ class ResidentExperts:
     def __init__(self, store: ExpertStore, device: torch.device):
         self.cfg = store.cfg
         self.stats = ExpertStats(store.cfg.n_layers)  # stays at zero: nothing is cached or copied
-        self.layers = [chunk.to(device) for chunk in store.layers]  # [E, numel] each
+        experts = range(store.cfg.n_experts)
+        self.layers = [  # [E, numel] each
+            torch.stack([store.buffer((layer, e)) for e in experts]).to(device) for layer in range(store.cfg.n_layers)
+        ]
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         chosen = indices.tolist()
