@@ -34,7 +34,7 @@ class Options:
     expert_slots: int | None = None  # overrides the slot count that gpu_memory implies
     ctx_size: int | None = None  # default: min(4096, the model's max_position_embeddings)
     prefetch: bool = True
-    policy: str = "lru"
+    policy: str = "layer-lru"  # see experts/cache.py and docs/benchmarks.md for the comparison
     prefill_chunk: int = 512  # tokens per prefill step: bounds the workspace
 
     def __post_init__(self) -> None:
@@ -83,7 +83,8 @@ class Engine:
         self.device = model.output.weight.device
         self._tokenizer, self.generation_config = tokenizer, generation_config or {}
         self.kv = KVCache(self.cfg, ctx_size, self.dtype, self.device)
-        cache = ExpertCache(store, plan.expert_slots, self.device, POLICIES[options.policy]())
+        policy = POLICIES[options.policy](plan.expert_slots, self.cfg.n_layers)
+        cache = ExpertCache(store, plan.expert_slots, self.device, policy)
         gates = [layer.moe.gate.weight for layer in model.layers]
         prefetcher = Prefetcher(gates, self.cfg.top_k) if options.prefetch else None
         self.experts = OffloadedExperts(cache, prefetcher, self.cfg.n_layers)

@@ -9,6 +9,7 @@ import torch
 
 import moe_local
 from conftest import build_mixtral, reference_model
+from moe_local.experts.cache import POLICIES
 from moe_local.experts.runtime import ResidentExperts
 from moe_local.generate import GenerationStats, SamplingParams, generate
 
@@ -92,13 +93,14 @@ def test_greedy_tokens_match_transformers_for_32_new_tokens(fixture, request, de
 
 @pytest.mark.parametrize("slots", [1, 3, 12, 24])
 @pytest.mark.parametrize("prefetch", [True, False])
-def test_outputs_do_not_depend_on_cache_size_or_prefetch(tiny_bf16, slots, prefetch, device):
-    """Bit-identical logits and tokens whatever the pool size, prefetch, and with every expert resident."""
+@pytest.mark.parametrize("policy", POLICIES)
+def test_outputs_do_not_depend_on_cache_size_policy_or_prefetch(tiny_bf16, slots, prefetch, policy, device):
+    """Bit-identical logits and tokens whatever the pool size, policy, prefetch, and with every expert resident."""
     folder, _ = tiny_bf16
     ids = prompt_ids(40, seed=5)
     resident = moe_local.load(folder, device=device, expert_slots=24)
     resident.experts = ResidentExperts(resident.store, resident.device)
-    engine = moe_local.load(folder, device=device, expert_slots=slots, prefetch=prefetch)
+    engine = moe_local.load(folder, device=device, expert_slots=slots, prefetch=prefetch, policy=policy)
     assert torch.equal(engine.logits(ids), resident.logits(ids))
     assert greedy(engine, ids[:6], 24) == greedy(resident, ids[:6], 24)
 

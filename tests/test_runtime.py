@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 import moe_local
 from moe_local.config import ModelConfig
-from moe_local.experts.cache import ExpertCache, LRUPolicy
+from moe_local.experts.cache import POLICIES, ExpertCache, LayerLRUPolicy, LRUPolicy
 from moe_local.experts.runtime import mix
 from moe_local.experts.store import ExpertStore, expert_forward, unpack
 from moe_local.generate import SamplingParams
@@ -42,19 +43,56 @@ def test_route_agrees_with_mistral_inference_formulation():
 
 
 def test_lru_evicts_the_least_recently_used_unprotected_expert():
-    policy = LRUPolicy()
+    policy = LRUPolicy(3, 2)
     for key in [(0, 0), (0, 1), (1, 0)]:
         policy.insert(key)
     policy.touch((0, 0))
-    assert policy.evict(protected=set()) == (0, 1)
-    assert policy.evict(protected={(1, 0)}) == (0, 0)
-    assert policy.evict(protected={(1, 0)}) is None
+    assert policy.evict(protected=set(), incoming=(1, 1)) == (0, 1)
+    assert policy.evict(protected={(1, 0)}, incoming=(1, 1)) == (0, 0)
+    assert policy.evict(protected={(1, 0)}, incoming=(1, 1)) is None
+
+
+def test_layer_lru_keeps_each_layer_share_and_evicts_within_the_layer():
+    policy = LayerLRUPolicy(5, 2)  # shares: layer 0 keeps 3, layer 1 keeps 2
+    assert policy.share == [3, 2]
+    for key in [(0, 0), (0, 1), (1, 0), (1, 1), (0, 2)]:
+        policy.insert(key)
+    policy.touch((1, 0))
+    assert policy.evict(set(), incoming=(1, 2)) == (1, 1)  # layer 1 is at its share: its own oldest goes
+    policy.insert((1, 2))
+    assert policy.evict({(0, 0)}, incoming=(0, 3)) == (0, 1)  # oldest unprotected of layer 0
+    policy.insert((0, 3))
+    # layer 0 below its share borrows from the layer furthest over its share
+    policy.insert((1, 3))
+    del policy.orders[0][(0, 2)]
+    assert policy.evict(set(), incoming=(0, 4)) == (1, 0)
+    assert policy.evict({(0, 0), (0, 3), (1, 2), (1, 3)}, incoming=(0, 4)) is None
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_policies_on_a_cyclic_decode_pattern(policy):
+    """Decode asks layer 0, 1, ..., L-1, then again: a cycle longer than a small pool. Global LRU then
+    evicts exactly what comes next (no hits); per-layer shares keep hitting."""
+    cfg = small_config(num_hidden_layers=6)  # 6 layers x 4 experts, 1 chosen per layer, 4 slots
+    cache = ExpertCache(filled_store(cfg), 4, torch.device("cpu"), POLICIES[policy](4, 6))
+    gen = torch.Generator().manual_seed(0)
+    hits = requests = 0
+    for _ in range(200):
+        for layer in range(6):
+            key = (layer, int(torch.randint(4, (1,), generator=gen)))
+            hits += cache.resident(key)
+            requests += 1
+            assert cache.load(key, set())
+            cache.acquire(key)
+    rate = hits / requests
+    # per-layer shares: at best (slots - 1) / experts = 3 / 24, since one slot is always in transit
+    assert rate == 0 if policy == "lru" else 0.1 < rate < 0.15
 
 
 def test_cache_copies_each_miss_into_a_slot_and_evicts_when_full():
     cfg = small_config()
     store = filled_store(cfg)
-    cache = ExpertCache(store, 2, torch.device("cpu"), LRUPolicy())
+    cache = ExpertCache(store, 2, torch.device("cpu"), LRUPolicy(2, 2))
     assert cache.load((0, 0), set()) and cache.load((0, 1), set())
     cache.acquire((0, 0))  # (0, 1) is now the least recently used
     assert cache.load((1, 3), set())

@@ -16,17 +16,17 @@ from moe_local.experts.store import ExpertStore, Key, unpack
 
 
 class EvictionPolicy(Protocol):
-    """Tracks the resident keys and picks which one to give up."""
+    """Tracks the resident keys and picks which one to give up to make room for `incoming`."""
 
     def insert(self, key: Key) -> None: ...
     def touch(self, key: Key) -> None: ...
-    def evict(self, protected: set[Key]) -> Key | None: ...
+    def evict(self, protected: set[Key], incoming: Key) -> Key | None: ...
 
 
 class LRUPolicy:
-    """Evict the expert used longest ago (one order across all layers)."""
+    """Evict the expert used longest ago, in one order across all layers."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_slots: int, n_layers: int) -> None:
         self.order: OrderedDict[Key, None] = OrderedDict()  # oldest first
 
     def insert(self, key: Key) -> None:
@@ -35,15 +35,51 @@ class LRUPolicy:
     def touch(self, key: Key) -> None:
         self.order.move_to_end(key)
 
-    def evict(self, protected: set[Key]) -> Key | None:
-        for key in self.order:
-            if key not in protected:
-                del self.order[key]
+    def evict(self, protected: set[Key], incoming: Key) -> Key | None:
+        return pop_oldest(self.order, protected)
+
+
+class LayerLRUPolicy:
+    """Each layer keeps an even share of the slots, LRU within the layer (as mixtral-offloading does).
+
+    Decoding walks the layers in a cycle; when the pool holds less than one token's worth of experts,
+    a global LRU evicts exactly the experts of the layers coming next, so under uniform routing it hits
+    less than the share a layer could keep (slots / all experts). Here a layer at or over its share gives
+    up its own least recently used expert; otherwise the layer furthest over its share pays."""
+
+    def __init__(self, num_slots: int, n_layers: int) -> None:
+        self.share = [num_slots // n_layers + (layer < num_slots % n_layers) for layer in range(n_layers)]
+        self.orders: list[OrderedDict[Key, None]] = [OrderedDict() for _ in range(n_layers)]  # oldest first
+
+    def insert(self, key: Key) -> None:
+        self.orders[key[0]][key] = None
+
+    def touch(self, key: Key) -> None:
+        self.orders[key[0]].move_to_end(key)
+
+    def evict(self, protected: set[Key], incoming: Key) -> Key | None:
+        def over(layer: int) -> int:
+            return len(self.orders[layer]) - self.share[layer]
+
+        layers = sorted(range(len(self.orders)), key=over, reverse=True)
+        if over(incoming[0]) >= 0:
+            layers.insert(0, incoming[0])
+        for layer in layers:
+            key = pop_oldest(self.orders[layer], protected)
+            if key is not None:
                 return key
         return None
 
 
-POLICIES = {"lru": LRUPolicy}
+def pop_oldest(order: OrderedDict[Key, None], protected: set[Key]) -> Key | None:
+    for key in order:
+        if key not in protected:
+            del order[key]
+            return key
+    return None
+
+
+POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy, "layer-lru": LayerLRUPolicy}
 
 
 class ExpertCache:
@@ -69,7 +105,7 @@ class ExpertCache:
         if self.free:
             slot = self.free.pop()
         else:
-            victim = self.policy.evict(protected)
+            victim = self.policy.evict(protected, key)
             if victim is None:
                 return False
             slot = self.slot_of.pop(victim)
