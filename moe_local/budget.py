@@ -110,3 +110,35 @@ def plan_memory(
                 )
             slots = min(total, (budget - fixed) // expert)
     return MemoryPlan(device.type, budget, resident, kv, work, expert, slots, total)
+
+
+def host_bytes_needed(plan: MemoryPlan) -> int:
+    """Host RAM for the expert store; on the CPU the resident part, KV cache and slots live there too."""
+    store = plan.total_experts * plan.expert_bytes
+    return store + (plan.fixed_bytes + plan.slot_bytes if plan.device == "cpu" else 0)
+
+
+def plan_report(cfg: ModelConfig, plan: MemoryPlan, ctx_size: int) -> dict:
+    """What `moe-local plan` prints: where the memory goes and what to expect from it, without loading.
+
+    Under uniform routing (the worst case for a cache; random routers route so) a requested expert is
+    resident with probability slots / experts when each layer keeps an even share of the slots."""
+    hit_rate = plan.expert_slots / plan.total_experts
+    misses_per_token = (1 - hit_rate) * cfg.n_layers * cfg.top_k
+    return {
+        "device": plan.device,
+        "budget_bytes": plan.budget_bytes,
+        "resident_bytes": plan.resident_bytes,
+        "ctx_size": ctx_size,
+        "kv_bytes": plan.kv_bytes,
+        "workspace_bytes": plan.workspace_bytes,
+        "expert_bytes": plan.expert_bytes,
+        "expert_slots": plan.expert_slots,
+        "slot_bytes": plan.slot_bytes,
+        "total_experts": plan.total_experts,
+        "experts_per_layer": plan.expert_slots / cfg.n_layers,
+        "host_bytes_needed": host_bytes_needed(plan),
+        "host_bytes_available": psutil.virtual_memory().available,
+        "expected_hit_rate_uniform": hit_rate,
+        "expected_h2d_bytes_per_token_uniform": round(misses_per_token * plan.expert_bytes),
+    }

@@ -106,3 +106,29 @@ class ModelConfig:
 
     def kv_cache_numel(self, ctx_size: int) -> int:
         return 2 * self.n_layers * ctx_size * self.n_kv_heads * self.head_dim
+
+
+# Geometries of published models (their config.json fields), for `plan` and `bench` without a checkpoint.
+_MIXTRAL = dict(model_type="mixtral", num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                num_experts_per_tok=2, rms_norm_eps=1e-5, rope_theta=1e6, bos_token_id=1, eos_token_id=2,
+                tie_word_embeddings=False, dtype="bfloat16")
+PRESETS = {
+    "mixtral-8x7b": {**_MIXTRAL, "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+                     "num_hidden_layers": 32, "max_position_embeddings": 32768},
+    "mixtral-8x22b": {**_MIXTRAL, "vocab_size": 32768, "hidden_size": 6144, "intermediate_size": 16384,
+                      "num_hidden_layers": 56, "num_attention_heads": 48, "max_position_embeddings": 65536},
+    # small enough for a CPU smoke test, with the same structure (GQA, 8 experts, top-2)
+    "tiny": {**_MIXTRAL, "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512,
+             "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 4096},
+}
+
+
+def preset_config(name: str, n_layers: int | None = None) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+    raw = dict(PRESETS[name])
+    if n_layers is not None:
+        if n_layers < 1:
+            raise ConfigError(f"--layers must be at least 1, not {n_layers}")
+        raw["num_hidden_layers"] = n_layers
+    return ModelConfig.from_hf(raw)

@@ -1,0 +1,292 @@
+"""`moe-local bench`: the offloading runtime on a model with a published geometry (Mixtral-8x7B by
+default) and random weights generated on the device, measured against the channels it depends on and
+against transformers + accelerate offloading the same geometry, in one run (see docs/benchmarks.md).
+
+Random routers route close to uniformly: the worst case for any expert cache."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
+
+import psutil
+import torch
+
+from moe_local.budget import plan_memory, plan_report
+from moe_local.config import DTYPES, ModelConfig, preset_config
+from moe_local.engine import Engine, Options, resolve_device
+from moe_local.errors import ConfigError
+from moe_local.experts.cache import POLICIES
+from moe_local.experts.store import ExpertStore, expert_forward, unpack
+from moe_local.model import Transformer
+
+INIT_STD = 0.02  # transformers' initializer_range for Mixtral
+CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    preset: str = "mixtral-8x7b"
+    layers: int | None = None  # default: the preset's
+    gpu_memory: str | None = None  # default: 12GiB on CUDA; on the CPU, one layer's worth of slots
+    expert_slots: int | None = None  # overrides what gpu_memory implies
+    prompt_tokens: int = 512
+    new_tokens: int = 128
+    dtype: str = "bf16"
+    device: str | None = None
+    policies: tuple[str, ...] = ("layer-lru", "lru")  # the first is the one reported at the top
+    prefetch: bool = True
+    peer_layers: int = 2  # transformers + accelerate offload on this many layers (0: skip)
+    peer_tokens: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_tokens", "new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.peer_layers < 0 or self.peer_tokens < 1:
+            raise ConfigError("--peer-layers must be >= 0 and --peer-tokens >= 1")
+        unknown = [p for p in self.policies if p not in POLICIES]
+        if unknown or not self.policies:
+            raise ConfigError(f"unknown eviction policy {unknown[0] if unknown else ''!r} (choose from {', '.join(POLICIES)})")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r} (choose from bf16, fp16, fp32)")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn: Callable[[], object], repeats: int) -> float:
+    """Seconds per call of fn, after one warm-up call."""
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Transformer:
+    """The resident part with random weights drawn on the device (initialising on the CPU is far too slow)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = {
+        name: torch.ones(p.shape, dtype=dtype, device=device) if "norm" in name else normal(p.shape, dtype, device, gen)
+        for name, p in model.state_dict().items()
+    }
+    model.load_state_dict(state, strict=True, assign=True)
+    model.inv_freq = model.rope_inv_freq(device)
+    return model
+
+
+def normal(shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=gen, dtype=dtype, device=device).mul_(INIT_STD)
+
+
+def random_store(
+    cfg: ModelConfig, dtype: torch.dtype, device: torch.device, gen: torch.Generator, extra_host_bytes: int,
+    progress: Callable[[int, int], None] | None,
+) -> ExpertStore:
+    """Every expert drawn on the device and copied into (pinned) host memory, one at a time."""
+    store = ExpertStore(cfg, dtype, pin=device.type == "cuda", extra_host_bytes=extra_host_bytes)
+    shapes = {"w1": (cfg.ffn_dim, cfg.dim), "w2": (cfg.dim, cfg.ffn_dim), "w3": (cfg.ffn_dim, cfg.dim)}
+    store.fill(lambda layer, expert, w: normal(shapes[w], dtype, device, gen), progress)
+    return store
+
+
+def measure_channels(store: ExpertStore, device: torch.device, repeats: int = 8) -> dict:
+    """Host->device copy speed of one expert (into a device buffer, as a slot fill does) and one expert's
+    compute for one token on the device and on the host CPU."""
+    keys = [(layer, e) for layer in range(store.cfg.n_layers) for e in range(store.cfg.n_experts)][: repeats + 1]
+    sources = itertools.cycle(keys)  # a different expert each time, so no cache level holds it already
+    slot = torch.empty(store.cfg.expert_numel, dtype=store.dtype, device=device)
+
+    def copy() -> None:
+        key = next(sources)
+        slot.copy_(store.buffer(key), non_blocking=store.is_pinned(key))
+
+    copy_s = timed(device, copy, repeats)
+    x = torch.randn(1, store.cfg.dim, dtype=store.dtype, device=device)
+    device_s = timed(device, lambda: expert_forward(x, *unpack(slot, store.cfg)), repeats)
+    x_cpu = x.cpu()
+    cpu_s = timed(CPU, lambda: expert_forward(x_cpu, *unpack(store.buffer(next(sources)), store.cfg)), repeats)
+    del slot
+    return {
+        "h2d_gb_per_s": store.expert_bytes / copy_s / 1e9,
+        "expert_copy_ms": 1e3 * copy_s,
+        "device_expert_ms": 1e3 * device_s,
+        "cpu_expert_ms": 1e3 * cpu_s,
+        "cpu_threads": torch.get_num_threads(),
+        "pinned": store.pinned,
+    }
+
+
+def run_engine(engine: Engine, prompt: list[int], new_tokens: int, h2d_bytes_per_s: float) -> tuple[dict, list[int]]:
+    """Prefill the prompt, then decode greedily: speeds, cache counters and the copy bound, and the tokens."""
+    device = engine.device
+    engine.tokens = []  # start from an empty KV cache; the pool keeps what warm-up left in it
+    engine.experts.stats.reset()
+    sync(device)
+    start = time.perf_counter()
+    logits, _ = engine.prefill(prompt)  # returns logits on the host: the device is done
+    prefill_s = time.perf_counter() - start
+    prefill = engine.experts.stats.as_dict()
+    engine.experts.stats.reset()
+    tokens = []
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        tokens.append(int(logits.argmax()))
+        logits = engine.decode_one(tokens[-1])
+    decode_s = time.perf_counter() - start
+    decode = engine.experts.stats.as_dict()
+    per_token = decode["bytes_copied"] / new_tokens
+    bound_s = per_token / h2d_bytes_per_s  # the copies alone, at the measured speed, for the observed misses
+    return {
+        "policy": engine.options.policy,
+        "prefetch": engine.options.prefetch,
+        "prefill_tok_per_s": len(prompt) / prefill_s,
+        "prefill_h2d_bytes": prefill["bytes_copied"],
+        "prefill_efficiency": prefill["bytes_copied"] / h2d_bytes_per_s / prefill_s,
+        "decode_tok_per_s": new_tokens / decode_s,
+        "decode_ms_per_layer": 1e3 * decode_s / new_tokens / engine.cfg.n_layers,
+        "hit_rate": decode["hit_rate"],
+        "prefetch_recall": decode["prefetch_recall"],
+        "h2d_bytes_per_token": per_token,
+        "misses_per_token": decode["misses"] / new_tokens,
+        "prefetched_per_token": decode["prefetched"] / new_tokens,
+        "experts_on_cpu": 0,  # every expert runs on the device in this runtime
+        "bound_tok_per_s": 1 / bound_s if bound_s else None,  # None: nothing was copied
+        "efficiency": bound_s / (decode_s / new_tokens) if bound_s else None,
+    }, tokens
+
+
+def measure_peer(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, layers: int, tokens: int, seed: int) -> dict:
+    """transformers' MixtralForCausalLM with the experts offloaded to the CPU by accelerate (the way
+    `device_map` with "cpu" entries runs them: weights copied to the device on every call), same geometry."""
+    try:
+        from accelerate import dispatch_model
+        from transformers import MixtralConfig, MixtralForCausalLM
+    except ImportError as e:
+        return {"skipped": f"the peer needs transformers: {e}"}
+    hf = MixtralConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_hidden_layers=layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, num_local_experts=cfg.n_experts,
+        num_experts_per_tok=cfg.top_k, max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
+    )
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # random init where the weights end up, in their dtype
+    try:
+        with torch.device(device):
+            model = MixtralForCausalLM(hf).eval()
+    finally:
+        torch.set_default_dtype(default)
+    experts = {name for name, _ in model.named_modules() if name.endswith(".experts")}
+    for name in experts:
+        model.get_submodule(name).to("cpu")
+    owners = {name.rsplit(".", 1)[0] for name, _ in [*model.named_parameters(), *model.named_buffers()]}
+    main = torch.device(device.type, torch.cuda.current_device()) if device.type == "cuda" else device
+    device_map = {}
+    for owner in owners:
+        expert = next((e for e in experts if owner == e or owner.startswith(e + ".")), None)
+        device_map[expert or owner] = "cpu" if expert else main.index if main.type == "cuda" else "cpu"
+    model = dispatch_model(model, device_map=device_map, main_device=main)
+    prompt = torch.randint(cfg.vocab_size, (1, 16), device=main)
+    with torch.inference_mode():
+        out = model(prompt, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(tokens):
+            out = model(token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        sync(device)
+    seconds = time.perf_counter() - start
+    del model, out, past
+    return {"layers": layers, "tokens": tokens, "ms_per_layer": 1e3 * seconds / tokens / layers}
+
+
+def machine(device: torch.device) -> dict:
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cpu_cores": os.cpu_count(),
+        "host_ram_bytes": psutil.virtual_memory().total,
+    }
+    return info
+
+
+def free_device_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench(
+    config: BenchConfig,
+    progress: Callable[[int, int], None] | None = None,
+    say: Callable[[str], None] = lambda message: None,
+) -> dict:
+    """Run the whole benchmark; every figure in the result was measured in this call."""
+    started = time.perf_counter()
+    cfg = preset_config(config.preset, config.layers)
+    device, dtype = resolve_device(config.device), DTYPES[config.dtype]
+    ctx_size = config.prompt_tokens + config.new_tokens
+    gpu_memory = config.gpu_memory
+    if gpu_memory is None and config.expert_slots is None and device.type == "cuda":
+        gpu_memory = "12GiB"
+    options = Options(device=device.type, gpu_memory=gpu_memory, expert_slots=config.expert_slots,
+                      ctx_size=ctx_size, prefetch=config.prefetch)
+    plan = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, gpu_memory, config.expert_slots)
+    result: dict = {"machine": machine(device), "config": {**asdict(config), "n_layers": cfg.n_layers}}
+    result["plan"] = plan_report(cfg, plan, ctx_size)
+
+    peer = None
+    if config.peer_layers:
+        say(f"peer: transformers + accelerate offload, {config.peer_layers} layers, {config.peer_tokens} tokens")
+        peer = measure_peer(cfg, dtype, device, config.peer_layers, config.peer_tokens, config.seed)
+        free_device_memory(device)
+
+    say(f"generating {plan.total_experts} random experts on {device.type} into host memory")
+    gen = torch.Generator(device).manual_seed(config.seed)
+    setup = time.perf_counter()
+    beside = plan.fixed_bytes + plan.slot_bytes if device.type == "cpu" else 0
+    store = random_store(cfg, dtype, device, gen, beside, progress)
+    model = random_model(cfg, dtype, device, gen)
+    result["setup_s"] = time.perf_counter() - setup
+    result["host_memory"] = store.memory()
+    channels = result["channels"] = measure_channels(store, device)
+    free_device_memory(device)
+
+    prompt = torch.randint(cfg.vocab_size, (config.prompt_tokens,), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    runs, outputs = [], []
+    for policy in config.policies:
+        say(f"policy {policy}: prefill {config.prompt_tokens} tokens, decode {config.new_tokens}")
+        engine = Engine(model, store, plan, replace(options, policy=policy), ctx_size, generation_config={"eos_token_id": []})
+        run_engine(engine, prompt[:8], 2, channels["h2d_gb_per_s"] * 1e9)  # warm-up: kernels, allocator
+        run, tokens = run_engine(engine, prompt, config.new_tokens, channels["h2d_gb_per_s"] * 1e9)
+        runs.append(run)
+        outputs.append(tokens)
+        del engine
+        free_device_memory(device)
+    result["runs"] = runs
+    result["same_tokens_in_every_run"] = all(tokens == outputs[0] for tokens in outputs)  # the policy changes speed only
+    main = runs[0]
+    result.update({key: main[key] for key in (
+        "policy", "decode_tok_per_s", "prefill_tok_per_s", "hit_rate", "prefetch_recall", "h2d_bytes_per_token",
+        "experts_on_cpu", "bound_tok_per_s", "efficiency",
+    )})
+    result["best_policy"] = max(runs, key=lambda run: run["decode_tok_per_s"])["policy"]
+    result["peer"] = peer
+    if peer and "ms_per_layer" in peer:
+        result["speedup_vs_peer_per_layer"] = peer["ms_per_layer"] / main["decode_ms_per_layer"]
+    result["total_s"] = time.perf_counter() - started
+    return result

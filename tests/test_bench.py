@@ -1,0 +1,58 @@
+"""`moe-local bench` on the tiny preset: every field the protocol asks for, consistent with each other."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import moe_local_cli
+from moe_local.bench import BenchConfig, bench
+from moe_local.errors import ConfigError
+
+TINY = ["--preset", "tiny", "--device", "cpu", "--expert-slots", "8", "--prompt-tokens", "24", "--new-tokens", "6",
+        "--peer-layers", "1", "--peer-tokens", "2"]
+
+
+@pytest.fixture(scope="module")
+def result() -> dict:
+    config = BenchConfig(preset="tiny", device="cpu", expert_slots=8, prompt_tokens=24, new_tokens=6, peer_layers=1, peer_tokens=2)
+    return json.loads(json.dumps(bench(config)))  # what the command prints must be plain JSON
+
+
+def test_bench_reports_every_figure_of_the_protocol(result):
+    for key in ("decode_tok_per_s", "prefill_tok_per_s", "hit_rate", "prefetch_recall", "h2d_bytes_per_token",
+                "experts_on_cpu", "bound_tok_per_s", "efficiency", "speedup_vs_peer_per_layer", "policy", "best_policy"):
+        assert result[key] is not None, key
+    assert {"h2d_gb_per_s", "device_expert_ms", "cpu_expert_ms"} <= set(result["channels"])
+    assert result["peer"]["layers"] == 1 and result["peer"]["ms_per_layer"] > 0
+    assert result["plan"]["expert_slots"] == 8 and result["config"]["n_layers"] == 4
+    assert result["machine"]["torch"] == torch.__version__
+
+
+def test_each_policy_is_run_and_the_tokens_do_not_depend_on_it(result):
+    assert [run["policy"] for run in result["runs"]] == ["layer-lru", "lru"]
+    assert result["same_tokens_in_every_run"] is True
+    assert result["policy"] == "layer-lru" and result["best_policy"] in ("layer-lru", "lru")
+
+
+def test_bench_figures_agree_with_each_other(result):
+    expert_bytes = result["plan"]["expert_bytes"]
+    for run in result["runs"]:
+        copies = run["misses_per_token"] + run["prefetched_per_token"]
+        assert run["h2d_bytes_per_token"] == pytest.approx(copies * expert_bytes)
+        assert 0 <= run["hit_rate"] <= 1 and 0 <= run["prefetch_recall"] <= 1
+        bound_s = run["h2d_bytes_per_token"] / (result["channels"]["h2d_gb_per_s"] * 1e9)
+        assert run["bound_tok_per_s"] == pytest.approx(1 / bound_s)
+        assert run["efficiency"] == pytest.approx(run["decode_tok_per_s"] / run["bound_tok_per_s"])
+    main = result["runs"][0]
+    assert result["speedup_vs_peer_per_layer"] == pytest.approx(result["peer"]["ms_per_layer"] / main["decode_ms_per_layer"])
+    assert result["host_memory"]["pageable_bytes"] == result["plan"]["total_experts"] * expert_bytes
+
+
+def test_bench_options_are_checked():
+    with pytest.raises(ConfigError, match="eviction policy 'mru'"):
+        BenchConfig(policies=("mru",))
+    with pytest.raises(ConfigError, match="--new-tokens"):
+        BenchConfig(new_tokens=0)

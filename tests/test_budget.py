@@ -1,0 +1,59 @@
+"""Budget planning arithmetic on published geometries (no weights needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_local.budget import host_bytes_needed, plan_memory, plan_report
+from moe_local.config import preset_config
+from moe_local.errors import BudgetError, ConfigError
+
+CUDA = torch.device("cuda")  # only a name here: nothing is allocated
+GiB = 2**30
+
+
+def test_mixtral_8x7b_geometry_has_the_published_parameter_count():
+    cfg = preset_config("mixtral-8x7b")
+    experts = cfg.n_layers * cfg.n_experts * cfg.expert_numel
+    assert round((cfg.resident_numel() + experts) / 1e9, 1) == 46.7  # "Mixtral 8x7B: 46.7B total parameters"
+    assert cfg.expert_numel * 2 == 352_321_536  # one bf16 expert, as in ../shared/BENCHMARKS.md
+    assert round(preset_config("mixtral-8x22b").resident_numel() / 1e9 + 56 * 8 * 3 * 6144 * 16384 / 1e9) == 141
+
+
+@pytest.mark.parametrize("budget, slots", [("12GiB", 25), ("24GiB", 61)])
+def test_plan_for_mixtral_8x7b_on_a_gpu_budget(budget, slots):
+    cfg = preset_config("mixtral-8x7b")
+    plan = plan_memory(cfg, torch.bfloat16, CUDA, 4096, 512, budget)
+    report = plan_report(cfg, plan, 4096)
+    assert report["resident_bytes"] == 2 * cfg.resident_numel()
+    assert report["kv_bytes"] == 512 * 2**20  # 32 layers x (K, V) x 4096 positions x 8 heads x 128 x 2 bytes
+    assert report["expert_slots"] == slots
+    assert plan.fixed_bytes + slots * plan.expert_bytes <= int(budget[:2]) * GiB < plan.fixed_bytes + (slots + 1) * plan.expert_bytes
+    assert report["experts_per_layer"] == slots / 32
+    assert report["expected_hit_rate_uniform"] == slots / 256
+    misses = (1 - slots / 256) * 64  # 32 layers x top-2, each resident with probability slots / 256
+    assert report["expected_h2d_bytes_per_token_uniform"] == round(misses * 352_321_536)
+    assert report["host_bytes_needed"] == 256 * 352_321_536  # on a GPU only the experts live in host RAM
+    assert report["host_bytes_available"] > 0
+
+
+def test_on_the_cpu_everything_is_counted_in_host_ram():
+    cfg = preset_config("tiny")
+    plan = plan_memory(cfg, torch.float32, torch.device("cpu"), 256, 512)
+    assert plan.expert_slots == cfg.n_experts  # the CPU default: one layer's worth
+    assert host_bytes_needed(plan) == plan.total_experts * plan.expert_bytes + plan.fixed_bytes + plan.slot_bytes
+
+
+def test_a_budget_below_the_resident_part_says_the_minimum():
+    cfg = preset_config("mixtral-8x7b")
+    with pytest.raises(BudgetError, match=r"too small: .* need at least 4\.06 GiB"):
+        plan_memory(cfg, torch.bfloat16, CUDA, 4096, 512, "2GiB")
+
+
+def test_presets_and_layer_overrides():
+    assert preset_config("mixtral-8x7b", 2).n_layers == 2
+    with pytest.raises(ConfigError, match="unknown preset 'gpt'"):
+        preset_config("gpt")
+    with pytest.raises(ConfigError, match="at least 1"):
+        preset_config("tiny", 0)
