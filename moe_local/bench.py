@@ -19,7 +19,7 @@ import torch
 
 from moe_local.budget import plan_memory, plan_report
 from moe_local.config import DTYPES, ModelConfig, preset_config
-from moe_local.engine import Engine, Options, resolve_device
+from moe_local.engine import Engine, Options, measure_workspace, resolve_device
 from moe_local.errors import ConfigError
 from moe_local.experts.cache import POLICIES
 from moe_local.experts.store import ExpertStore, expert_forward, unpack
@@ -247,7 +247,6 @@ def bench(
                       ctx_size=ctx_size, prefetch=config.prefetch)
     plan = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, gpu_memory, config.expert_slots)
     result: dict = {"machine": machine(device), "config": {**asdict(config), "n_layers": cfg.n_layers}}
-    result["plan"] = plan_report(cfg, plan, ctx_size)
 
     peer = None
     if config.peer_layers:
@@ -262,6 +261,10 @@ def bench(
     store = random_store(cfg, dtype, device, gen, beside, progress)
     model = random_model(cfg, dtype, device, gen)
     result["setup_s"] = time.perf_counter() - setup
+    if device.type == "cuda":  # as Engine.from_folder does
+        workspace = measure_workspace(model, ctx_size, options.prefill_chunk)
+        plan = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, plan.budget_bytes, config.expert_slots, workspace)
+    result["plan"] = plan_report(cfg, plan, ctx_size)
     result["host_memory"] = store.memory()
     channels = result["channels"] = measure_channels(store, device)
     free_device_memory(device)

@@ -45,7 +45,8 @@ class MemoryPlan:
     budget_bytes: int | None  # None: slots were given directly, or the device default was used
     resident_bytes: int  # embeddings, attention, norms, routers, lm_head
     kv_bytes: int
-    workspace_bytes: int  # activations of one prefill chunk (an estimate)
+    workspace_bytes: int  # activations of one prefill chunk
+    workspace_measured: bool  # measured on the device, or estimated from the geometry
     expert_bytes: int
     expert_slots: int
     total_experts: int
@@ -78,12 +79,14 @@ def plan_memory(
     prefill_chunk: int,
     gpu_memory: str | int | None = None,
     expert_slots: int | None = None,
+    workspace: int | None = None,
 ) -> MemoryPlan:
+    """Split the budget; `workspace` is a measured peak (see `Engine.from_folder`), else it is estimated."""
     total = cfg.n_layers * cfg.n_experts
     expert = cfg.expert_numel * dtype.itemsize
     resident = cfg.resident_numel() * dtype.itemsize
     kv = cfg.kv_cache_numel(ctx_size) * dtype.itemsize
-    work = workspace_bytes(cfg, dtype, ctx_size, min(prefill_chunk, ctx_size))
+    work = workspace if workspace is not None else workspace_bytes(cfg, dtype, ctx_size, min(prefill_chunk, ctx_size))
     fixed = resident + kv + work
     budget = parse_size(gpu_memory) if gpu_memory is not None else None
     if expert_slots is not None:
@@ -109,7 +112,7 @@ def plan_memory(
                     f"need at least {format_bytes(fixed + expert)} (or lower --ctx-size)"
                 )
             slots = min(total, (budget - fixed) // expert)
-    return MemoryPlan(device.type, budget, resident, kv, work, expert, slots, total)
+    return MemoryPlan(device.type, budget, resident, kv, work, workspace is not None, expert, slots, total)
 
 
 def host_bytes_needed(plan: MemoryPlan) -> int:
@@ -132,6 +135,7 @@ def plan_report(cfg: ModelConfig, plan: MemoryPlan, ctx_size: int) -> dict:
         "ctx_size": ctx_size,
         "kv_bytes": plan.kv_bytes,
         "workspace_bytes": plan.workspace_bytes,
+        "workspace_measured": plan.workspace_measured,
         "expert_bytes": plan.expert_bytes,
         "expert_slots": plan.expert_slots,
         "slot_bytes": plan.slot_bytes,

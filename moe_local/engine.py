@@ -17,8 +17,8 @@ from moe_local.config import DTYPES
 from moe_local.errors import ConfigError, MoeLocalError, TokenizerError
 from moe_local.experts.cache import POLICIES, ExpertCache
 from moe_local.experts.prefetch import Prefetcher
-from moe_local.experts.runtime import OffloadedExperts
-from moe_local.experts.store import ExpertStore
+from moe_local.experts.runtime import OffloadedExperts, mix
+from moe_local.experts.store import ExpertStore, expert_forward, unpack
 from moe_local.generate import GenerationStats, SamplingParams, generate
 from moe_local.model import KVCache, Transformer
 from moe_local.tokenizer import Tokenizer, load_tokenizer
@@ -113,6 +113,11 @@ class Engine:
             model = Transformer(cfg)
         model.load_state_dict(ckpt.resident_state_dict(dtype, device), strict=True, assign=True)
         model.inv_freq = model.rope_inv_freq(device)
+        if device.type == "cuda":  # replace the estimated workspace by a measured one before sizing the pool
+            workspace = measure_workspace(model, ctx_size, options.prefill_chunk)
+            plan = plan_memory(
+                cfg, dtype, device, ctx_size, options.prefill_chunk, plan.budget_bytes, options.expert_slots, workspace
+            )
         return cls(model, store, plan, options, ctx_size, tokenizer, generation_config, folder)
 
     @property
@@ -175,6 +180,29 @@ class Engine:
         self, prompt: list[int], max_new_tokens: int, params: SamplingParams, stats: GenerationStats | None = None
     ) -> Iterator[int]:
         return generate(self, prompt, max_new_tokens, params, self.stop_ids, stats or GenerationStats())
+
+
+def measure_workspace(model: Transformer, ctx_size: int, chunk: int) -> int:
+    """Peak CUDA memory a prefill chunk at the end of the context takes beyond the weights and the KV
+    cache (one expert's weights stand in for every expert and are not counted), plus the fp32 logits of a
+    whole chunk that `Engine.logits` returns."""
+    cfg, weight = model.cfg, model.output.weight
+    T = min(chunk, ctx_size)
+    kv = KVCache(cfg, ctx_size, weight.dtype, weight.device)
+    gate_up, down = unpack(torch.zeros(cfg.expert_numel, dtype=weight.dtype, device=weight.device), cfg)
+
+    def experts(layer: int, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        chosen = indices.tolist()
+        return mix(x, weights, chosen, sorted({e for row in chosen for e in row}), lambda e, xs: expert_forward(xs, gate_up, down))
+
+    torch.cuda.synchronize(weight.device)
+    base = torch.cuda.memory_allocated(weight.device)
+    torch.cuda.reset_peak_memory_stats(weight.device)
+    with torch.inference_mode():
+        hidden = model(torch.zeros(T, dtype=torch.long, device=weight.device), ctx_size - T, kv, experts)
+        model.output(hidden[-1:]).float()
+    torch.cuda.synchronize(weight.device)
+    return torch.cuda.max_memory_allocated(weight.device) - base + T * cfg.vocab_size * 4
 
 
 def read_json(path: Path) -> dict:
