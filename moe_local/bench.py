@@ -41,6 +41,7 @@ class BenchConfig:
     device: str | None = None
     policies: tuple[str, ...] = ("layer-lru", "lru")  # the first is the one reported at the top
     prefetch: bool = True
+    compare_prefetch: bool = True  # one more run: the first policy with prefetch the other way
     peer_layers: int = 2  # transformers + accelerate offload on this many layers (0: skip)
     peer_tokens: int = 4
     seed: int = 0
@@ -270,10 +271,14 @@ def bench(
     free_device_memory(device)
 
     prompt = torch.randint(cfg.vocab_size, (config.prompt_tokens,), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    variants = [replace(options, policy=policy) for policy in config.policies]
+    if config.compare_prefetch:  # the first policy again, with prefetch the other way
+        variants.append(replace(variants[0], prefetch=not config.prefetch))
     runs, outputs = [], []
-    for policy in config.policies:
-        say(f"policy {policy}: prefill {config.prompt_tokens} tokens, decode {config.new_tokens}")
-        engine = Engine(model, store, plan, replace(options, policy=policy), ctx_size, generation_config={"eos_token_id": []})
+    for variant in variants:
+        say(f"{variant.policy}, prefetch {'on' if variant.prefetch else 'off'}: "
+            f"prefill {config.prompt_tokens} tokens, decode {config.new_tokens}")
+        engine = Engine(model, store, plan, variant, ctx_size, generation_config={"eos_token_id": []})
         run_engine(engine, prompt[:8], 2, channels["h2d_gb_per_s"] * 1e9)  # warm-up: kernels, allocator
         run, tokens = run_engine(engine, prompt, config.new_tokens, channels["h2d_gb_per_s"] * 1e9)
         runs.append(run)
@@ -281,13 +286,15 @@ def bench(
         del engine
         free_device_memory(device)
     result["runs"] = runs
-    result["same_tokens_in_every_run"] = all(tokens == outputs[0] for tokens in outputs)  # the policy changes speed only
+    # neither the policy nor prefetch may change what is computed, only how fast
+    result["same_tokens_in_every_run"] = all(tokens == outputs[0] for tokens in outputs)
     main = runs[0]
     result.update({key: main[key] for key in (
-        "policy", "decode_tok_per_s", "prefill_tok_per_s", "hit_rate", "prefetch_recall", "h2d_bytes_per_token",
-        "experts_on_cpu", "bound_tok_per_s", "efficiency",
+        "policy", "prefetch", "decode_tok_per_s", "prefill_tok_per_s", "hit_rate", "prefetch_recall",
+        "h2d_bytes_per_token", "experts_on_cpu", "bound_tok_per_s", "efficiency",
     )})
-    result["best_policy"] = max(runs, key=lambda run: run["decode_tok_per_s"])["policy"]
+    same_prefetch = [run for run in runs if run["prefetch"] == config.prefetch]
+    result["best_policy"] = max(same_prefetch, key=lambda run: run["decode_tok_per_s"])["policy"]
     result["peer"] = peer
     if peer and "ms_per_layer" in peer:
         result["speedup_vs_peer_per_layer"] = peer["ms_per_layer"] / main["decode_ms_per_layer"]
