@@ -17,7 +17,7 @@ from typing import Callable
 import psutil
 import torch
 
-from moe_local.budget import plan_memory, plan_report
+from moe_local.budget import check_host_ram, host_bytes_needed, plan_memory, plan_report
 from moe_local.config import DTYPES, ModelConfig, preset_config
 from moe_local.engine import Engine, Options, measure_workspace, resolve_device
 from moe_local.errors import ConfigError
@@ -216,13 +216,12 @@ def measure_peer(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, lay
 
 
 def machine(device: torch.device) -> dict:
-    info = {
+    return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "cpu_cores": os.cpu_count(),
         "host_ram_bytes": psutil.virtual_memory().total,
     }
-    return info
 
 
 def free_device_memory(device: torch.device) -> None:
@@ -247,6 +246,7 @@ def bench(
     options = Options(device=device.type, gpu_memory=gpu_memory, expert_slots=config.expert_slots,
                       ctx_size=ctx_size, prefetch=config.prefetch)
     plan = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, gpu_memory, config.expert_slots)
+    check_host_ram(host_bytes_needed(plan), f"{plan.total_experts} experts of this geometry")  # before the peer's wait
     result: dict = {"machine": machine(device), "config": {**asdict(config), "n_layers": cfg.n_layers}}
 
     peer = None
