@@ -1,4 +1,4 @@
-"""The command line contract: `moe-local run ... --json` and one clear line for every error."""
+"""The command line contract: `moe-local run ... --json` and one clear line for every error, usage errors too."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import moe_local
 from conftest import build_mixtral, moe_local_cli
+from moe_local.cli import main
 from moe_local.generate import SamplingParams
 from moe_local.tokenizer import load_tokenizer
 
@@ -152,3 +154,67 @@ def test_readme_first_command_runs_the_demo_model_verbatim():
 def test_readme_test_command_is_what_ci_runs():
     ci = (Path(__file__).parent.parent / ".ci" / "run").read_text()
     assert readme_commands()[1] in ci.splitlines()
+
+
+def cli_in_process(monkeypatch, capsys, *args: str) -> subprocess.CompletedProcess:
+    """`moe-local ARGS` through the same `main()`, without starting Python (a usage error fails before any load)."""
+    monkeypatch.setattr(sys, "argv", ["moe-local", *args])
+    with pytest.raises(SystemExit) as exit:
+        main()
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, exit.value.code, out, err)
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["run", "--temp", "-1"], "temperature must be >= 0"),
+        (["run", "-n", "-5"], r"Invalid value for '--max-new-tokens' / '-n'.*try 'moe-local run --help'"),
+        (["run", "--top-p", "2"], r"top-p must be in \(0, 1\]"),
+        (["run", "--top-k", "-1"], "top-k must be >= 0"),
+        (["run", "--temp", "hot"], "Invalid value for '--temperature'"),
+        (["run", "--bogus"], "No such option: --bogus"),
+        (["chat", "--min-p", "1.5"], r"min-p must be in \[0, 1\]"),
+        (["chat", "--repeat-penalty", "0"], "repeat-penalty must be > 0"),
+        (["chat", "-n", "0"], "Invalid value for '--max-new-tokens'"),
+        (["chat", "--dtype", "int4"], "unknown dtype 'int4'"),
+        (["info", "/no/such/model"], "does not exist"),
+        (["frobnicate"], "No such command 'frobnicate'"),
+    ],
+)
+def test_bad_arguments_are_one_line(monkeypatch, capsys, args, pattern):
+    result = cli_in_process(monkeypatch, capsys, *args)
+    assert_one_line_error(result, pattern)
+    assert result.stdout == ""
+
+
+def test_usage_errors_exit_2_and_other_errors_1(monkeypatch, capsys):
+    assert cli_in_process(monkeypatch, capsys, "run", "--bogus").returncode == 2
+    assert cli_in_process(monkeypatch, capsys, "run", "--temp", "-1").returncode == 1
+
+
+@pytest.mark.parametrize("command, option", [("run", "--gpu-memory"), ("chat", "--system"), ("info", "--json")])
+def test_help_still_works(monkeypatch, capsys, command, option):
+    result = cli_in_process(monkeypatch, capsys, command, "--help")
+    assert result.returncode == 0 and option in result.stdout and result.stderr == ""
+
+
+def with_chat_template(tiny, folder: Path, template: str) -> Path:
+    shutil.copytree(tiny[0], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    return folder
+
+
+def test_a_chat_template_that_raises_is_one_line(tiny, tmp_path):
+    folder = with_chat_template(tiny, tmp_path / "m", "{{ raise_exception('this model takes no chat') }}")
+    message = "chat template failed: this model takes no chat"
+    assert_one_line_error(moe_local_cli("run", str(folder), "-p", "hi", "--device", "cpu", "-q"), message)
+    # chat fails at start, before the first message
+    assert_one_line_error(moe_local_cli("chat", str(folder), "--device", "cpu", "-q", input=""), message)
+
+
+def test_a_chat_template_with_a_syntax_error_is_one_line(tiny, tmp_path):
+    folder = with_chat_template(tiny, tmp_path / "m", "{% for m in messages %}{{ m['content'] }}")
+    result = moe_local_cli("chat", str(folder), "--device", "cpu", "-q", input="")
+    assert_one_line_error(result, "chat template failed: syntax error on line 1")
