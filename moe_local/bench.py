@@ -130,8 +130,12 @@ def measure_channels(store: ExpertStore, device: torch.device, repeats: int = 8)
     }
 
 
-def run_engine(engine: Engine, prompt: list[int], new_tokens: int, h2d_bytes_per_s: float) -> tuple[dict, list[int]]:
-    """Prefill the prompt, then decode greedily: speeds, cache counters and the copy bound, and the tokens."""
+def run_engine(engine: Engine, prompt: list[int], feed: list[int], h2d_bytes_per_s: float) -> tuple[dict, list[int]]:
+    """Prefill the prompt, then decode one step per token of `feed`: speeds, cache counters, the copy bound,
+    and each step's most likely token.
+
+    Decode feeds given random tokens rather than its own output: a random model's greedy output soon
+    repeats one token, which routes the same way every step and would flatter the cache."""
     device = engine.device
     engine.tokens = []  # start from an empty KV cache; the pool keeps what warm-up left in it
     engine.experts.stats.reset()
@@ -141,11 +145,10 @@ def run_engine(engine: Engine, prompt: list[int], new_tokens: int, h2d_bytes_per
     prefill_s = time.perf_counter() - start
     prefill = engine.experts.stats.as_dict()
     engine.experts.stats.reset()
-    tokens = []
+    new_tokens, argmaxes = len(feed), [int(logits.argmax())]
     start = time.perf_counter()
-    for _ in range(new_tokens):
-        tokens.append(int(logits.argmax()))
-        logits = engine.decode_one(tokens[-1])
+    for token in feed:
+        argmaxes.append(int(engine.decode_one(token).argmax()))
     decode_s = time.perf_counter() - start
     decode = engine.experts.stats.as_dict()
     per_token = decode["bytes_copied"] / new_tokens
@@ -166,7 +169,7 @@ def run_engine(engine: Engine, prompt: list[int], new_tokens: int, h2d_bytes_per
         "experts_on_cpu": 0,  # every expert runs on the device in this runtime
         "bound_tok_per_s": 1 / bound_s if bound_s else None,  # None: nothing was copied
         "efficiency": bound_s / (decode_s / new_tokens) if bound_s else None,
-    }, tokens
+    }, argmaxes
 
 
 def measure_peer(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, layers: int, tokens: int, seed: int) -> dict:
@@ -270,7 +273,8 @@ def bench(
     channels = result["channels"] = measure_channels(store, device)
     free_device_memory(device)
 
-    prompt = torch.randint(cfg.vocab_size, (config.prompt_tokens,), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    tokens = torch.randint(cfg.vocab_size, (config.prompt_tokens + config.new_tokens,), generator=torch.Generator().manual_seed(config.seed))
+    prompt, feed = tokens[: config.prompt_tokens].tolist(), tokens[config.prompt_tokens :].tolist()
     variants = [replace(options, policy=policy) for policy in config.policies]
     if config.compare_prefetch:  # the first policy again, with prefetch the other way
         variants.append(replace(variants[0], prefetch=not config.prefetch))
@@ -279,8 +283,8 @@ def bench(
         say(f"{variant.policy}, prefetch {'on' if variant.prefetch else 'off'}: "
             f"prefill {config.prompt_tokens} tokens, decode {config.new_tokens}")
         engine = Engine(model, store, plan, variant, ctx_size, generation_config={"eos_token_id": []})
-        run_engine(engine, prompt[:8], 2, channels["h2d_gb_per_s"] * 1e9)  # warm-up: kernels, allocator
-        run, tokens = run_engine(engine, prompt, config.new_tokens, channels["h2d_gb_per_s"] * 1e9)
+        run_engine(engine, prompt[:8], feed[:2], channels["h2d_gb_per_s"] * 1e9)  # warm-up: kernels, allocator
+        run, tokens = run_engine(engine, prompt, feed, channels["h2d_gb_per_s"] * 1e9)
         runs.append(run)
         outputs.append(tokens)
         del engine

@@ -6,17 +6,23 @@ import json
 import sys
 import time
 import traceback
+import warnings
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Callable, Iterator, Optional
 
+import torch
 import typer
 
-from moe_local.budget import format_bytes
+from moe_local.bench import BenchConfig
+from moe_local.bench import bench as run_benchmark
+from moe_local.budget import format_bytes, plan_memory, plan_report
 from moe_local.chat import ChatSession, chat_loop
 from moe_local.checkpoint import Checkpoint, resolve_model_path
+from moe_local.config import DTYPES, PRESETS, preset_config
 from moe_local.engine import Engine, Options, load
+from moe_local.experts.cache import POLICIES
 from moe_local.errors import MoeLocalError
 from moe_local.generate import GenerationStats, SamplingParams
 from moe_local.tokenizer import StreamDecoder
@@ -66,18 +72,27 @@ def clean_errors(debug: bool) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+@contextmanager
+def progress_bar(label: str, quiet: bool) -> Iterator[Optional[Callable[[int, int], None]]]:
+    """A byte-counting progress bar on an interactive stderr; yields its update(done, total) or None."""
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(label), BarColumn(), DownloadColumn(binary_units=True), TimeRemainingColumn())
+    with Progress(*columns, transient=True, console=rich_stderr()) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+
 def load_with_progress(model: Optional[str], quiet: bool, **options) -> Engine:
     """Load MODEL (None: the demo model), showing a progress bar on an interactive stderr while the experts
-    are read. The demo model's note comes after a successful load, so that a load error stays one line."""
-    if quiet or not sys.stderr.isatty():
-        engine = load(model_or_demo(model), **options)
-    else:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-        columns = (TextColumn("loading experts"), BarColumn(), DownloadColumn(binary_units=True), TimeRemainingColumn())
-        with Progress(*columns, transient=True, console=rich_stderr()) as bar:
-            task = bar.add_task("load", total=None)
-            engine = load(model_or_demo(model), progress=lambda done, total: bar.update(task, completed=done, total=total), **options)
+    are read (and pinned). The demo model's note comes after a successful load, so that a load error stays
+    one line."""
+    with progress_bar("loading experts", quiet) as progress:
+        engine = load(model_or_demo(model), progress=progress, **options)
     if model is None and not quiet:
         stderr("using the built-in demo model (a toy trained on Python's sources); pass a model folder for real use")
     return engine
@@ -86,7 +101,7 @@ def load_with_progress(model: Optional[str], quiet: bool, **options) -> Engine:
 def rich_stderr():
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, width=None if sys.stderr.isatty() else 160)  # a log file is not 80 columns wide
 
 
 def print_timings(engine: Engine, stats: GenerationStats, load_seconds: float) -> None:
@@ -144,6 +159,7 @@ ExpertSlots = Annotated[Optional[int], typer.Option("--expert-slots", help="Numb
 Device = Annotated[Optional[str], typer.Option("--device", help="cuda or cpu. Default: cuda when available.")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="Compute dtype: bf16, fp16 or fp32. Default: the checkpoint's.")]
 Prefetch = Annotated[bool, typer.Option("--prefetch/--no-prefetch", help="Predict and load the next layer's experts ahead of time.")]
+Policy = Annotated[str, typer.Option("--policy", help=f"Expert slot eviction policy: {', '.join(POLICIES)} (see docs/benchmarks.md).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, notes or timings on stderr.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
 
@@ -168,6 +184,7 @@ def run(
     device: Device = DEFAULTS.device,
     dtype: Dtype = DEFAULTS.dtype,
     prefetch: Prefetch = DEFAULTS.prefetch,
+    policy: Policy = DEFAULTS.policy,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -178,7 +195,7 @@ def run(
         start = time.perf_counter()
         engine = load_with_progress(
             model, quiet, device=device, gpu_memory=gpu_memory, expert_slots=expert_slots,
-            ctx_size=ctx_size, dtype=dtype, prefetch=prefetch,
+            ctx_size=ctx_size, dtype=dtype, prefetch=prefetch, policy=policy,
         )
         load_seconds = time.perf_counter() - start
         tokenizer = engine.tokenizer
@@ -224,6 +241,7 @@ def chat(
     device: Device = DEFAULTS.device,
     dtype: Dtype = DEFAULTS.dtype,
     prefetch: Prefetch = DEFAULTS.prefetch,
+    policy: Policy = DEFAULTS.policy,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -232,7 +250,7 @@ def chat(
         sampling = sampling_overrides(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
         engine = load_with_progress(
             model, quiet, device=device, gpu_memory=gpu_memory, expert_slots=expert_slots,
-            ctx_size=ctx_size, dtype=dtype, prefetch=prefetch,
+            ctx_size=ctx_size, dtype=dtype, prefetch=prefetch, policy=policy,
         )
         session = ChatSession(engine, replace(engine.sampling_defaults(), **sampling), max_new_tokens, system)
         session.check_template()
@@ -318,8 +336,134 @@ def info(
             print(f"{key:<{width}}{value}".rstrip())
 
 
+@app.command()
+def plan(
+    model: ModelArg = None,
+    preset: Optional[str] = typer.Option(None, "--preset", help=f"Plan a published geometry instead of a checkpoint: {', '.join(PRESETS)}."),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="The budget to plan, e.g. 12GiB. Default: 90% of this machine's free GPU memory."),
+    expert_slots: ExpertSlots = None,
+    ctx_size: CtxSize = DEFAULTS.ctx_size,
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32. Default: the checkpoint's (bf16 for a preset)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda (the default: plan for a GPU, this one or one you name with --gpu-memory) or cpu."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    debug: Debug = False,
+) -> None:
+    """Show how a GPU memory budget splits into resident weights, KV cache, workspace and expert slots, and
+    what to expect from it, without loading the weights (only config.json and the safetensors headers)."""
+    with clean_errors(debug):
+        if preset and model:
+            raise MoeLocalError("give a MODEL or --preset, not both")
+        if preset:
+            cfg, name, checkpoint_dtype = preset_config(preset), preset, torch.bfloat16
+        else:
+            ckpt = Checkpoint(resolve_model_path(model_or_demo(model)))
+            cfg, name, checkpoint_dtype = ckpt.config, str(ckpt.folder), ckpt.dtype
+        target = torch.device(device or "cuda")
+        if target.type == "cuda" and gpu_memory is None and expert_slots is None and not torch.cuda.is_available():
+            raise MoeLocalError("this machine has no CUDA GPU to measure: give --gpu-memory SIZE to plan for one (or --device cpu)")
+        options = Options(device=target.type, dtype=dtype, ctx_size=ctx_size)  # checks the values
+        compute_dtype = DTYPES[dtype] if dtype else checkpoint_dtype
+        ctx = ctx_size or min(4096, cfg.max_position_embeddings)
+        report = {"model": name, **plan_report(cfg, plan_memory(cfg, compute_dtype, target, ctx, options.prefill_chunk, gpu_memory, expert_slots), ctx)}
+        if json_output:
+            print(json.dumps(report))
+            return
+        print_plan(report, cfg)
+
+
+def print_plan(r: dict, cfg) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{r['model']} on {r['device']}", show_header=False, box=None, padding=(0, 2))
+    budget = r["budget_bytes"]
+    rows = [
+        ("budget", format_bytes(budget) if budget is not None else "(slots given directly)"),
+        ("resident weights", format_bytes(r["resident_bytes"])),
+        (f"KV cache ({r['ctx_size']} tokens)", format_bytes(r["kv_bytes"])),
+        ("workspace (estimated)", format_bytes(r["workspace_bytes"])),
+        ("expert slots", f"{r['expert_slots']} x {format_bytes(r['expert_bytes'])} = {format_bytes(r['slot_bytes'])}"),
+        ("experts per layer that fit", f"{r['experts_per_layer']:.2f} of {cfg.n_experts} ({r['expert_slots']} of {r['total_experts']} in all)"),
+        ("host RAM for the experts", f"{format_bytes(r['host_bytes_needed'])} needed, {format_bytes(r['host_bytes_available'])} available now"),
+        ("expected hit rate", f"{100 * r['expected_hit_rate_uniform']:.1f} % under uniform routing (the worst case)"),
+        ("expected copies per token", f"{r['expected_h2d_bytes_per_token_uniform'] / 1e9:.2f} GB"),
+    ]
+    per_token = r["expected_h2d_bytes_per_token_uniform"]
+    if per_token:
+        speeds = ", ".join(f"{gbps * 1e9 / per_token:.1f} tok/s at {gbps} GB/s ({bus})" for gbps, bus in ((25, "PCIe 4.0 x16"), (55, "PCIe 5.0 x16")))
+        rows.append(("decode bound by copies", speeds))
+    for key, value in rows:
+        table.add_row(key, value)
+    console = Console()
+    console.print(table)
+    if r["host_bytes_needed"] > r["host_bytes_available"]:
+        console.print("[bold red]warning:[/] this machine has less free host RAM than the experts need; loading would be refused")
+
+
+@app.command()
+def bench(
+    preset: str = typer.Option("mixtral-8x7b", "--preset", help=f"Geometry: {', '.join(PRESETS)} (tiny: a CPU smoke test)."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Layers to build. Default: the preset's (32 for Mixtral-8x7B)."),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Device budget. Default: 12GiB on CUDA; one layer's worth of slots on the CPU."),
+    expert_slots: ExpertSlots = None,
+    prompt_tokens: int = typer.Option(512, "--prompt-tokens", min=1, help="Prompt length for prefill."),
+    new_tokens: int = typer.Option(128, "--new-tokens", min=1, help="Decode steps (batch 1), each fed a random token so that routing stays close to uniform."),
+    dtype: str = typer.Option("bf16", "--dtype", help="Expert and compute dtype: bf16, fp16 or fp32."),
+    device: Device = None,
+    policies: list[str] = typer.Option(["layer-lru", "lru"], "--policy", help=f"Eviction policies to run, the first reported at the top; repeat the flag ({', '.join(POLICIES)})."),
+    prefetch: Prefetch = True,
+    compare_prefetch: bool = typer.Option(True, "--compare-prefetch/--no-compare-prefetch", help="One more run: the first policy with prefetch the other way."),
+    peer_layers: int = typer.Option(2, "--peer-layers", min=0, help="Layers of the transformers + accelerate offload peer (0: skip it)."),
+    peer_tokens: int = typer.Option(4, "--peer-tokens", min=1, help="Tokens the peer decodes."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights and prompt."),
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Measure prefill and decode on a published geometry with random weights drawn on the device, against
+    the PCIe copy bound and transformers + accelerate offloading: one JSON object on stdout, a table on stderr."""
+    with clean_errors(debug):
+        config = BenchConfig(preset, layers, gpu_memory, expert_slots, prompt_tokens, new_tokens, dtype, device,
+                             tuple(policies), prefetch, compare_prefetch, peer_layers, peer_tokens, seed)
+        say = (lambda message: None) if quiet else stderr
+        with progress_bar("drawing experts", quiet) as progress:
+            result = run_benchmark(config, progress, say)
+        print(json.dumps(result))
+        if not quiet:
+            print_bench(result)
+
+
+def print_bench(r: dict) -> None:
+    from rich.table import Table
+
+    ch = r["channels"]
+    table = Table(title=f"{r['config']['preset']}, {r['config']['n_layers']} layers, {r['plan']['expert_slots']} of "
+                  f"{r['plan']['total_experts']} experts in slots on {r['machine']['device']}")
+    for column in ("policy", "prefetch", "prefill tok/s", "decode tok/s", "hits", "recall", "GB/token", "bound tok/s", "efficiency"):
+        table.add_column(column, justify="right")
+    for run in r["runs"]:
+        recall = run["prefetch_recall"]
+        table.add_row(
+            run["policy"], "on" if run["prefetch"] else "off", f"{run['prefill_tok_per_s']:.1f}",
+            f"{run['decode_tok_per_s']:.2f}", f"{100 * run['hit_rate']:.1f} %",
+            "n/a" if recall is None else f"{100 * recall:.1f} %", f"{run['h2d_bytes_per_token'] / 1e9:.3f}",
+            *("n/a" if run[key] is None else f"{run[key]:.2f}" for key in ("bound_tok_per_s", "efficiency")),
+        )
+    console = rich_stderr()
+    console.print(table)
+    console.print(f"channels: {ch['h2d_gb_per_s']:.1f} GB/s host->{r['plan']['device']} ({'pinned' if ch['pinned'] else 'pageable'}), "
+                  f"one expert {ch['device_expert_ms']:.2f} ms on the {r['plan']['device']}, {ch['cpu_expert_ms']:.2f} ms on the CPU "
+                  f"({ch['cpu_threads']} threads)")
+    peer = r["peer"]
+    if peer and "ms_per_layer" in peer:
+        console.print(f"peer (transformers + accelerate offload, {peer['layers']} layers): {peer['ms_per_layer']:.1f} ms per layer per token; "
+                      f"moe-local {r['runs'][0]['decode_ms_per_layer']:.2f} ms: {r['speedup_vs_peer_per_layer']:.1f}x")
+    elif peer:
+        console.print(f"peer: {peer['skipped']}")
+
+
 def main() -> None:
     """Run the app; a usage error (unknown flag, bad value) is one line on stderr too, and exit status 2."""
+    warnings.showwarning = lambda message, *args, **kwargs: stderr(f"warning: {message}")  # one line each
     try:
         code = app(standalone_mode=False, prog_name="moe-local")
     except UsageError as e:

@@ -58,3 +58,26 @@ def test_bench_options_are_checked():
         BenchConfig(policies=("mru",))
     with pytest.raises(ConfigError, match="--new-tokens"):
         BenchConfig(new_tokens=0)
+
+
+def test_bench_command_prints_one_json_object_and_a_table_on_stderr():
+    result = moe_local_cli("bench", *TINY, "--no-compare-prefetch", "--policy", "lru")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    assert [run["policy"] for run in out["runs"]] == ["lru"] and out["policy"] == "lru"
+    assert out["config"]["prompt_tokens"] == 24 and out["peer"]["tokens"] == 2
+    assert "decode tok/s" in result.stderr and "peer (transformers + accelerate offload, 1 layers)" in result.stderr
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--layers", "0"], "--layers must be at least 1"),
+    (["--policy", "mru"], "unknown eviction policy 'mru'"),
+    (["--preset", "gpt"], "unknown preset 'gpt'"),
+    (["--new-tokens", "0"], "--new-tokens"),
+])
+def test_bench_refuses_bad_options_in_one_line(bad, message):
+    result = moe_local_cli("bench", "--device", "cpu", "--preset", "tiny", *bad)
+    assert result.returncode != 0 and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from conftest import moe_local_cli
 from moe_local.budget import host_bytes_needed, plan_memory, plan_report
+from moe_local.checkpoint import Checkpoint
 from moe_local.config import preset_config
 from moe_local.errors import BudgetError, ConfigError
 
@@ -57,3 +61,28 @@ def test_presets_and_layer_overrides():
         preset_config("gpt")
     with pytest.raises(ConfigError, match="at least 1"):
         preset_config("tiny", 0)
+
+
+def test_plan_command_shows_the_table_and_json_without_loading(tiny):
+    folder, _ = tiny
+    table = moe_local_cli("plan", "--preset", "mixtral-8x7b", "--gpu-memory", "24GiB", "-c", "4096")
+    assert table.returncode == 0, table.stderr
+    for row in ("resident weights", "KV cache (4096 tokens)", "61 x 336.00 MiB", "experts per layer that fit",
+                "host RAM for the experts", "23.8 % under uniform routing", "decode bound by copies"):
+        assert row in table.stdout, row
+    out = json.loads(moe_local_cli("plan", str(folder), "--device", "cpu", "--expert-slots", "5", "--json").stdout)
+    assert out["model"] == str(folder) and out["expert_slots"] == 5 and out["device"] == "cpu"
+    assert out["total_experts"] == 24 and out["expert_bytes"] == Checkpoint(folder).config.expert_numel * 4
+
+
+def test_plan_command_errors_are_one_line():
+    for args, message in [
+        (["--preset", "mixtral-8x7b", "--gpu-memory", "2GiB"], "need at least 4.06 GiB"),
+        (["--preset", "mixtral-8x7b", "--gpu-memory", "lots"], "cannot read memory size 'lots'"),
+        (["some/model", "--preset", "tiny"], "not both"),
+    ]:
+        result = moe_local_cli("plan", *args)
+        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+    if not torch.cuda.is_available():
+        result = moe_local_cli("plan", "--preset", "tiny")
+        assert result.returncode == 1 and "give --gpu-memory SIZE" in result.stderr

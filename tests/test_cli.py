@@ -46,12 +46,13 @@ def test_run_json_contract(tiny):
     assert {"hit_rate", "prefetch_recall", "bytes_copied", "per_layer"} <= set(stats["experts"])
 
 
-def test_run_output_is_the_same_for_any_budget(tiny):
+def test_run_output_is_the_same_for_any_budget_and_policy(tiny):
     folder, _ = tiny
     few = run_json(folder, "--expert-slots", "1", "--no-prefetch")
     budget = run_json(folder, "--gpu-memory", "64MiB")
+    global_lru = run_json(folder, "--expert-slots", "4", "--policy", "lru")
     assert budget["stats"]["memory_plan"]["expert_slots"] == 24
-    assert few["tokens"] == budget["tokens"]
+    assert few["tokens"] == budget["tokens"] == global_lru["tokens"]
 
 
 def test_run_streams_the_decoded_text_to_stdout(tiny):
