@@ -78,14 +78,12 @@ def timed(device: torch.device, fn: Callable[[], object], repeats: int) -> float
 def random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Transformer:
     """The resident part with random weights drawn on the device (initialising on the CPU is far too slow)."""
     with torch.device("meta"):
-        model = Transformer(cfg)
+        shapes = {name: p.shape for name, p in Transformer(cfg).state_dict().items()}
     state = {
-        name: torch.ones(p.shape, dtype=dtype, device=device) if "norm" in name else normal(p.shape, dtype, device, gen)
-        for name, p in model.state_dict().items()
+        name: torch.ones(shape, dtype=dtype, device=device) if "norm" in name else normal(shape, dtype, device, gen)
+        for name, shape in shapes.items()
     }
-    model.load_state_dict(state, strict=True, assign=True)
-    model.inv_freq = model.rope_inv_freq(device)
-    return model
+    return Transformer.from_state_dict(cfg, state, device)
 
 
 def normal(shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> torch.Tensor:
@@ -98,8 +96,7 @@ def random_store(
 ) -> ExpertStore:
     """Every expert drawn on the device and copied into (pinned) host memory, one at a time."""
     store = ExpertStore(cfg, dtype, pin=device.type == "cuda", extra_host_bytes=extra_host_bytes)
-    shapes = {"w1": (cfg.ffn_dim, cfg.dim), "w2": (cfg.dim, cfg.ffn_dim), "w3": (cfg.ffn_dim, cfg.dim)}
-    store.fill(lambda layer, expert, w: normal(shapes[w], dtype, device, gen), progress)
+    store.fill(lambda layer, expert, w: normal(cfg.expert_shapes[w], dtype, device, gen), progress)
     return store
 
 
@@ -261,8 +258,7 @@ def bench(
     say(f"generating {plan.total_experts} random experts on {device.type} into host memory")
     gen = torch.Generator(device).manual_seed(config.seed)
     setup = time.perf_counter()
-    beside = plan.fixed_bytes + plan.slot_bytes if device.type == "cpu" else 0
-    store = random_store(cfg, dtype, device, gen, beside, progress)
+    store = random_store(cfg, dtype, device, gen, plan.beside_store_bytes, progress)
     model = random_model(cfg, dtype, device, gen)
     result["setup_s"] = time.perf_counter() - setup
     if device.type == "cuda":  # as Engine.from_folder does

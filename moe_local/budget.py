@@ -59,6 +59,11 @@ class MemoryPlan:
     def slot_bytes(self) -> int:
         return self.expert_slots * self.expert_bytes
 
+    @property
+    def beside_store_bytes(self) -> int:
+        """Host RAM needed beside the expert store: on the CPU the resident part, KV cache and slots live there."""
+        return self.fixed_bytes + self.slot_bytes if self.device == "cpu" else 0
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -116,9 +121,8 @@ def plan_memory(
 
 
 def host_bytes_needed(plan: MemoryPlan) -> int:
-    """Host RAM for the expert store; on the CPU the resident part, KV cache and slots live there too."""
-    store = plan.total_experts * plan.expert_bytes
-    return store + (plan.fixed_bytes + plan.slot_bytes if plan.device == "cpu" else 0)
+    """Host RAM for the expert store, and on the CPU for everything else too."""
+    return plan.total_experts * plan.expert_bytes + plan.beside_store_bytes
 
 
 def plan_report(cfg: ModelConfig, plan: MemoryPlan, ctx_size: int) -> dict:

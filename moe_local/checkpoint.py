@@ -97,7 +97,7 @@ def expert_tensor_name(layer: int, expert: int, w: str) -> str:
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[str | tuple, tuple[int, ...]]]:
     """Checkpoint name -> (our name, shape). Experts map to ("expert", layer, expert, w)."""
-    d, f, hd = cfg.dim, cfg.ffn_dim, cfg.head_dim
+    d, hd = cfg.dim, cfg.head_dim
     names: dict[str, tuple[str | tuple, tuple[int, ...]]] = {
         "model.embed_tokens.weight": ("tok_embeddings.weight", (cfg.vocab_size, d)),
         "model.norm.weight": ("norm.weight", (d,)),
@@ -114,8 +114,8 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[str | tuple, tuple[int
         names[hf + "post_attention_layernorm.weight"] = (ours + "ffn_norm.weight", (d,))
         names[hf + "block_sparse_moe.gate.weight"] = (ours + "moe.gate.weight", (cfg.n_experts, d))
         for e in range(cfg.n_experts):
-            for w, shape in zip(EXPERT_WEIGHTS, ((f, d), (d, f), (f, d))):
-                names[expert_tensor_name(i, e, w)] = (("expert", i, e, w), shape)
+            for w in EXPERT_WEIGHTS:
+                names[expert_tensor_name(i, e, w)] = (("expert", i, e, w), cfg.expert_shapes[w])
     return names
 
 

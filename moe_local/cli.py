@@ -20,7 +20,7 @@ from moe_local.bench import bench as run_benchmark
 from moe_local.budget import format_bytes, plan_memory, plan_report
 from moe_local.chat import ChatSession, chat_loop
 from moe_local.checkpoint import Checkpoint, resolve_model_path
-from moe_local.config import DTYPES, PRESETS, preset_config
+from moe_local.config import PRESETS, preset_config
 from moe_local.engine import Engine, Options, load
 from moe_local.experts.cache import POLICIES
 from moe_local.errors import MoeLocalError
@@ -362,9 +362,9 @@ def plan(
         if target.type == "cuda" and gpu_memory is None and expert_slots is None and not torch.cuda.is_available():
             raise MoeLocalError("this machine has no CUDA GPU to measure: give --gpu-memory SIZE to plan for one (or --device cpu)")
         options = Options(device=target.type, dtype=dtype, ctx_size=ctx_size)  # checks the values
-        compute_dtype = DTYPES[dtype] if dtype else checkpoint_dtype
-        ctx = ctx_size or min(4096, cfg.max_position_embeddings)
-        report = {"model": name, **plan_report(cfg, plan_memory(cfg, compute_dtype, target, ctx, options.prefill_chunk, gpu_memory, expert_slots), ctx)}
+        ctx = options.context_size(cfg)
+        plan = plan_memory(cfg, options.compute_dtype(checkpoint_dtype), target, ctx, options.prefill_chunk, gpu_memory, expert_slots)
+        report = {"model": name, **plan_report(cfg, plan, ctx)}
         if json_output:
             print(json.dumps(report))
             return

@@ -95,6 +95,10 @@ class ModelConfig:
         """Parameters of one expert: w1 [F, D], w2 [D, F], w3 [F, D]."""
         return 3 * self.ffn_dim * self.dim
 
+    @property
+    def expert_shapes(self) -> dict[str, tuple[int, int]]:
+        return {"w1": (self.ffn_dim, self.dim), "w2": (self.dim, self.ffn_dim), "w3": (self.ffn_dim, self.dim)}
+
     def resident_numel(self) -> int:
         """Parameters that stay on the device: everything except the experts."""
         d, hd = self.dim, self.head_dim

@@ -13,7 +13,7 @@ import torch
 
 from moe_local.budget import MemoryPlan, plan_memory
 from moe_local.checkpoint import Checkpoint, resolve_model_path
-from moe_local.config import DTYPES
+from moe_local.config import DTYPES, ModelConfig
 from moe_local.errors import ConfigError, MoeLocalError, TokenizerError
 from moe_local.experts.cache import POLICIES, ExpertCache
 from moe_local.experts.prefetch import Prefetcher
@@ -46,6 +46,12 @@ class Options:
             raise ConfigError(f"--ctx-size must be positive, not {self.ctx_size}")
         if self.prefill_chunk < 1:
             raise ConfigError("prefill_chunk must be positive")
+
+    def compute_dtype(self, checkpoint_dtype: torch.dtype) -> torch.dtype:
+        return DTYPES[self.dtype] if self.dtype else checkpoint_dtype
+
+    def context_size(self, cfg: ModelConfig) -> int:
+        return self.ctx_size or min(4096, cfg.max_position_embeddings)
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -97,22 +103,16 @@ class Engine:
         ckpt = Checkpoint(folder)
         cfg = ckpt.config
         device = resolve_device(options.device)
-        dtype = DTYPES[options.dtype] if options.dtype else ckpt.dtype
-        ctx_size = options.ctx_size or min(4096, cfg.max_position_embeddings)
+        dtype = options.compute_dtype(ckpt.dtype)
+        ctx_size = options.context_size(cfg)
         plan = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, options.gpu_memory, options.expert_slots)
-        on_cpu = device.type == "cpu"
-        # On the CPU the resident part and the slots share host RAM with the store.
-        beside_store = plan.fixed_bytes + plan.slot_bytes if on_cpu else 0
         # Read the small files first, so that a broken one fails before the slow part.
         generation_config = read_json(folder / "generation_config.json")
         has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
         tokenizer = load_tokenizer(folder) if has_tokenizer else None
-        store = ExpertStore(cfg, dtype, pin=not on_cpu, extra_host_bytes=beside_store)
+        store = ExpertStore(cfg, dtype, pin=device.type == "cuda", extra_host_bytes=plan.beside_store_bytes)
         store.fill(ckpt.expert, progress)
-        with torch.device("meta"):
-            model = Transformer(cfg)
-        model.load_state_dict(ckpt.resident_state_dict(dtype, device), strict=True, assign=True)
-        model.inv_freq = model.rope_inv_freq(device)
+        model = Transformer.from_state_dict(cfg, ckpt.resident_state_dict(dtype, device), device)
         if device.type == "cuda":  # replace the estimated workspace by a measured one before sizing the pool
             workspace = measure_workspace(model, ctx_size, options.prefill_chunk)
             plan = plan_memory(

@@ -116,6 +116,15 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", self.rope_inv_freq(), persistent=False)
 
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.device) -> Transformer:
+        """Built on the meta device and given `state`'s tensors as they are (no copy, no random init)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.inv_freq = model.rope_inv_freq(device)  # not in the state dict
+        return model
+
     def rope_inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
         # computed on the CPU, then moved, as the reference does, so positions rotate identically
         hd = self.cfg.head_dim

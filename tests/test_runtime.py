@@ -26,8 +26,7 @@ def small_config(**overrides) -> ModelConfig:
 def filled_store(cfg: ModelConfig) -> ExpertStore:
     store = ExpertStore(cfg, torch.float32, pin=False)
     gen = torch.Generator().manual_seed(0)
-    shapes = {"w1": (cfg.ffn_dim, cfg.dim), "w2": (cfg.dim, cfg.ffn_dim), "w3": (cfg.ffn_dim, cfg.dim)}
-    store.fill(lambda layer, expert, w: torch.randn(shapes[w], generator=gen))
+    store.fill(lambda layer, expert, w: torch.randn(cfg.expert_shapes[w], generator=gen))
     return store
 
 
