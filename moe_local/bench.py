@@ -22,7 +22,8 @@ from moe_local.config import DTYPES, ModelConfig, preset_config
 from moe_local.engine import Engine, Options, measure_workspace, resolve_device
 from moe_local.errors import ConfigError
 from moe_local.experts.cache import POLICIES
-from moe_local.experts.store import ExpertStore, expert_forward, unpack
+from moe_local.experts.formats import EXPERTS_DTYPES, ExpertFormat, choose_format, make_format
+from moe_local.experts.store import ExpertStore
 from moe_local.model import Transformer
 
 INIT_STD = 0.02  # transformers' initializer_range for Mixtral
@@ -37,7 +38,9 @@ class BenchConfig:
     expert_slots: int | None = None  # overrides what gpu_memory implies
     prompt_tokens: int = 512
     new_tokens: int = 128
-    dtype: str = "bf16"
+    dtype: str = "bf16"  # compute dtype
+    experts_dtype: str = "bf16"  # the experts' format (see experts/formats.py)
+    group_size: int | None = None  # int4 only
     device: str | None = None
     policies: tuple[str, ...] = ("layer-lru", "lru")  # the first is the one reported at the top
     prefetch: bool = True
@@ -57,6 +60,8 @@ class BenchConfig:
             raise ConfigError(f"unknown eviction policy {unknown[0] if unknown else ''!r} (choose from {', '.join(POLICIES)})")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r} (choose from bf16, fp16, fp32)")
+        if self.experts_dtype not in EXPERTS_DTYPES:
+            raise ConfigError(f"unknown experts dtype {self.experts_dtype!r} (choose from {', '.join(EXPERTS_DTYPES)})")
 
 
 def sync(device: torch.device) -> None:
@@ -91,31 +96,38 @@ def normal(shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator
 
 
 def random_store(
-    cfg: ModelConfig, dtype: torch.dtype, device: torch.device, gen: torch.Generator, extra_host_bytes: int,
-    progress: Callable[[int, int], None] | None,
+    cfg: ModelConfig, fmt: ExpertFormat, dtype: torch.dtype, device: torch.device, gen: torch.Generator,
+    extra_host_bytes: int, progress: Callable[[int, int], None] | None,
 ) -> ExpertStore:
-    """Every expert drawn on the device and copied into (pinned) host memory, one at a time."""
-    store = ExpertStore(cfg, dtype, pin=device.type == "cuda", extra_host_bytes=extra_host_bytes)
-    store.fill(lambda layer, expert, w: normal(cfg.expert_shapes[w], dtype, device, gen), progress)
+    """Every expert drawn (and quantized) on the device and copied into (pinned) host memory, one at a time."""
+    store = ExpertStore(cfg, fmt, pin=device.type == "cuda", extra_host_bytes=extra_host_bytes)
+    store.fill_from(lambda layer, expert, w: normal(cfg.expert_shapes[w], dtype, device, gen), device, progress)
     return store
 
 
-def measure_channels(store: ExpertStore, device: torch.device, repeats: int = 8) -> dict:
+def measure_channels(store: ExpertStore, dtype: torch.dtype, device: torch.device, repeats: int = 16) -> dict:
     """Host->device copy speed of one expert (into a device buffer, as a slot fill does) and one expert's
-    compute for one token on the device and on the host CPU."""
-    keys = [(layer, e) for layer in range(store.cfg.n_layers) for e in range(store.cfg.n_experts)][: repeats + 1]
+    compute for one token on the device and on the host CPU, in the store's format."""
+    keys = store.keys()[: repeats + 1]
     sources = itertools.cycle(keys)  # a different expert each time, so no cache level holds it already
-    slot = torch.empty(store.cfg.expert_numel, dtype=store.dtype, device=device)
+    slot = torch.empty(store.expert_bytes, dtype=torch.uint8, device=device)
 
     def copy() -> None:
         key = next(sources)
         slot.copy_(store.buffer(key), non_blocking=store.is_pinned(key))
 
+    # An idle GPU's PCIe link runs slow until it has been busy for a moment: copy for a while first.
+    warm_until = time.perf_counter() + 0.5
+    while time.perf_counter() < warm_until:
+        copy()
+        sync(device)
     copy_s = timed(device, copy, repeats)
-    x = torch.randn(1, store.cfg.dim, dtype=store.dtype, device=device)
-    device_s = timed(device, lambda: expert_forward(x, *unpack(slot, store.cfg)), repeats)
-    x_cpu = x.cpu()
-    cpu_s = timed(CPU, lambda: expert_forward(x_cpu, *unpack(store.buffer(next(sources)), store.cfg)), repeats)
+    fmt = store.format
+    x = torch.randn(1, store.cfg.dim, dtype=dtype, device=device)
+    device_s = timed(device, lambda: fmt.forward(x, fmt.unpack(slot)), repeats)
+    cpu_fmt, cpu_buffers = cpu_experts(store, keys)
+    x_cpu, cpu_sources = x.cpu(), itertools.cycle(cpu_buffers)
+    cpu_s = timed(CPU, lambda: cpu_fmt.forward(x_cpu, cpu_fmt.unpack(next(cpu_sources))), repeats)
     del slot
     return {
         "h2d_gb_per_s": store.expert_bytes / copy_s / 1e9,
@@ -125,6 +137,19 @@ def measure_channels(store: ExpertStore, device: torch.device, repeats: int = 8)
         "cpu_threads": torch.get_num_threads(),
         "pinned": store.pinned,
     }
+
+
+def cpu_experts(store: ExpertStore, keys: list) -> tuple[ExpertFormat, list[torch.Tensor]]:
+    """The format the CPU's kernels read and some experts in it: the store's own when the layouts agree,
+    else (int4 laid out for CUDA) one expert re-quantized from random weights for the CPU."""
+    fmt = store.format
+    if fmt.key.endswith("-cuda"):
+        cpu_fmt = make_format(fmt.name, store.cfg, torch.bfloat16, "cpu", getattr(fmt, "group_size", None))
+        buffer = torch.empty(cpu_fmt.expert_bytes, dtype=torch.uint8)
+        w = {name: normal(shape, torch.bfloat16, CPU, torch.Generator().manual_seed(0)) for name, shape in store.cfg.expert_shapes.items()}
+        cpu_fmt.pack(w["w1"], w["w2"], w["w3"], buffer)
+        return cpu_fmt, [buffer]
+    return fmt, [store.buffer(key) for key in keys]
 
 
 def run_engine(engine: Engine, prompt: list[int], feed: list[int], h2d_bytes_per_s: float) -> tuple[dict, list[int]]:
@@ -245,7 +270,10 @@ def bench(
         gpu_memory = "12GiB"
     options = Options(device=device.type, gpu_memory=gpu_memory, expert_slots=config.expert_slots,
                       ctx_size=ctx_size, prefetch=config.prefetch)
-    plan = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, gpu_memory, config.expert_slots)
+    beside = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, expert_slots=cfg.n_experts).beside_store_bytes
+    fmt, why = choose_format(config.experts_dtype, cfg, dtype, device.type, config.group_size, beside)
+    say(why)
+    plan = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, gpu_memory, config.expert_slots, expert_bytes=fmt.expert_bytes)
     check_host_ram(host_bytes_needed(plan), f"{plan.total_experts} experts of this geometry")  # before the peer's wait
     result: dict = {"machine": machine(device), "config": {**asdict(config), "n_layers": cfg.n_layers}}
 
@@ -258,15 +286,18 @@ def bench(
     say(f"generating {plan.total_experts} random experts on {device.type} into host memory")
     gen = torch.Generator(device).manual_seed(config.seed)
     setup = time.perf_counter()
-    store = random_store(cfg, dtype, device, gen, plan.beside_store_bytes, progress)
+    store = random_store(cfg, fmt, dtype, device, gen, plan.beside_store_bytes, progress)
     model = random_model(cfg, dtype, device, gen)
     result["setup_s"] = time.perf_counter() - setup
     if device.type == "cuda":  # as Engine.from_folder does
-        workspace = measure_workspace(model, ctx_size, options.prefill_chunk)
-        plan = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, plan.budget_bytes, config.expert_slots, workspace)
+        workspace = measure_workspace(model, fmt, ctx_size, options.prefill_chunk)
+        plan = plan_memory(
+            cfg, dtype, device, ctx_size, options.prefill_chunk, plan.budget_bytes, config.expert_slots, workspace, fmt.expert_bytes
+        )
+    result["experts_format"] = {"key": fmt.key, "expert_bytes": fmt.expert_bytes, "why": why}
     result["plan"] = plan_report(cfg, plan, ctx_size)
     result["host_memory"] = store.memory()
-    channels = result["channels"] = measure_channels(store, device)
+    channels = result["channels"] = measure_channels(store, dtype, device)
     free_device_memory(device)
 
     tokens = torch.randint(cfg.vocab_size, (config.prompt_tokens + config.new_tokens,), generator=torch.Generator().manual_seed(config.seed))

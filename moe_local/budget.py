@@ -85,10 +85,12 @@ def plan_memory(
     gpu_memory: str | int | None = None,
     expert_slots: int | None = None,
     workspace: int | None = None,
+    expert_bytes: int | None = None,
 ) -> MemoryPlan:
-    """Split the budget; `workspace` is a measured peak (see `Engine.from_folder`), else it is estimated."""
+    """Split the budget; `workspace` is a measured peak (see `Engine.from_folder`), else it is estimated;
+    `expert_bytes` is one expert in its format (default: unquantized, in `dtype`)."""
     total = cfg.n_layers * cfg.n_experts
-    expert = cfg.expert_numel * dtype.itemsize
+    expert = expert_bytes or cfg.expert_numel * dtype.itemsize
     resident = cfg.resident_numel() * dtype.itemsize
     kv = cfg.kv_cache_numel(ctx_size) * dtype.itemsize
     work = workspace if workspace is not None else workspace_bytes(cfg, dtype, ctx_size, min(prefill_chunk, ctx_size))

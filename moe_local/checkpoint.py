@@ -57,6 +57,8 @@ class TensorInfo:
     shard: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    start: int  # byte offset of the data in the file
+    nbytes: int
 
 
 def read_safetensors_header(shard: Path) -> dict[str, TensorInfo]:
@@ -83,7 +85,9 @@ def read_safetensors_header(shard: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"shard {shard.name} is corrupt: bad header entry for {name}") from None
         if dtype is None:
             raise CheckpointError(f"tensor {name} in {shard.name} has dtype {entry['dtype']}; only F32, F16, BF16 are supported")
-        tensors[name] = TensorInfo(shard, dtype, shape)
+        if end - begin != dtype.itemsize * int(torch.Size(shape).numel()):
+            raise CheckpointError(f"shard {shard.name} is corrupt: {name}'s data offsets do not match its shape")
+        tensors[name] = TensorInfo(shard, dtype, shape, 8 + header_len + begin, end - begin)
         data_end = max(data_end, end)
     expected = 8 + header_len + data_end
     if size < expected:
@@ -136,6 +140,7 @@ class Checkpoint:
         self._check_against_config()
         self.dtype = self.tensors["model.embed_tokens.weight"].dtype
         self._handles: dict[Path, object] = {}
+        self._files: dict[Path, object] = {}
 
     def _shards(self) -> list[Path]:
         index = self.folder / "model.safetensors.index.json"
@@ -198,5 +203,21 @@ class Checkpoint:
         return state
 
     def expert(self, layer: int, expert: int, w: str) -> torch.Tensor:
-        """One expert matrix, w in ("w1", "w2", "w3")."""
-        return self.get(expert_tensor_name(layer, expert, w))
+        """One expert matrix, w in ("w1", "w2", "w3"), read with a plain file read rather than through a
+        memory map, so that reading all experts does not map the whole checkpoint into the process."""
+        name = expert_tensor_name(layer, expert, w)
+        info = self.tensors[name]
+        if info.shard not in self._files:
+            self._files[info.shard] = open(info.shard, "rb", buffering=0)
+        f = self._files[info.shard]
+        data = torch.empty(info.nbytes, dtype=torch.uint8)
+        f.seek(info.start)
+        if f.readinto(data.numpy()) != info.nbytes:
+            raise CheckpointError(f"could not read {name} from {info.shard.name}: the file ends early")
+        return data.view(info.dtype).view(info.shape)
+
+    def fingerprint(self) -> list[dict]:
+        """Name, size and modification time of every file the weights and config come from: when one
+        changes, what was derived from them (the quantized cache) is stale."""
+        files = [self.folder / "config.json", *dict.fromkeys(info.shard for info in self.tensors.values())]
+        return [{"file": f.name, "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]

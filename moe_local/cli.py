@@ -91,10 +91,14 @@ def load_with_progress(model: Optional[str], quiet: bool, **options) -> Engine:
     """Load MODEL (None: the demo model), showing a progress bar on an interactive stderr while the experts
     are read (and pinned). The demo model's note comes after a successful load, so that a load error stays
     one line."""
-    with progress_bar("loading experts", quiet) as progress:
+    quantizing = options.get("experts_dtype") in ("int8", "int4")
+    with progress_bar("loading experts (quantizing on first use)" if quantizing else "loading experts", quiet) as progress:
         engine = load(model_or_demo(model), progress=progress, **options)
-    if model is None and not quiet:
-        stderr("using the built-in demo model (a toy trained on Python's sources); pass a model folder for real use")
+    if not quiet:
+        for note in engine.notes:
+            stderr(note)
+        if model is None:
+            stderr("using the built-in demo model (a toy trained on Python's sources); pass a model folder for real use")
     return engine
 
 
@@ -159,6 +163,8 @@ ExpertSlots = Annotated[Optional[int], typer.Option("--expert-slots", help="Numb
 Device = Annotated[Optional[str], typer.Option("--device", help="cuda or cpu. Default: cuda when available.")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="Compute dtype: bf16, fp16 or fp32. Default: the checkpoint's.")]
 Prefetch = Annotated[bool, typer.Option("--prefetch/--no-prefetch", help="Predict and load the next layer's experts ahead of time.")]
+ExpertsDtype = Annotated[str, typer.Option("--experts-dtype", help="How the experts are stored and copied: auto, bf16, fp16, fp32, int8 (per-channel, 2x fewer bytes than bf16) or int4 (group-wise, ~3.8x fewer). auto keeps the checkpoint's dtype when the experts fit in RAM with room to spare, else int8, else int4. Quantized experts are cached on disk (MOE_LOCAL_CACHE, default ~/.cache/moe-local).")]
+GroupSize = Annotated[Optional[int], typer.Option("--group-size", help="int4 group size: 32, 64, 128 or 256. Default 128, or the largest the model's sizes allow.")]
 Policy = Annotated[str, typer.Option("--policy", help=f"Expert slot eviction policy: {', '.join(POLICIES)} (see docs/benchmarks.md).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, notes or timings on stderr.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
@@ -185,6 +191,8 @@ def run(
     dtype: Dtype = DEFAULTS.dtype,
     prefetch: Prefetch = DEFAULTS.prefetch,
     policy: Policy = DEFAULTS.policy,
+    experts_dtype: ExpertsDtype = DEFAULTS.experts_dtype,
+    group_size: GroupSize = DEFAULTS.group_size,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -195,7 +203,7 @@ def run(
         start = time.perf_counter()
         engine = load_with_progress(
             model, quiet, device=device, gpu_memory=gpu_memory, expert_slots=expert_slots,
-            ctx_size=ctx_size, dtype=dtype, prefetch=prefetch, policy=policy,
+            ctx_size=ctx_size, dtype=dtype, prefetch=prefetch, policy=policy, experts_dtype=experts_dtype, group_size=group_size,
         )
         load_seconds = time.perf_counter() - start
         tokenizer = engine.tokenizer
@@ -242,6 +250,8 @@ def chat(
     dtype: Dtype = DEFAULTS.dtype,
     prefetch: Prefetch = DEFAULTS.prefetch,
     policy: Policy = DEFAULTS.policy,
+    experts_dtype: ExpertsDtype = DEFAULTS.experts_dtype,
+    group_size: GroupSize = DEFAULTS.group_size,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -250,7 +260,7 @@ def chat(
         sampling = sampling_overrides(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
         engine = load_with_progress(
             model, quiet, device=device, gpu_memory=gpu_memory, expert_slots=expert_slots,
-            ctx_size=ctx_size, dtype=dtype, prefetch=prefetch, policy=policy,
+            ctx_size=ctx_size, dtype=dtype, prefetch=prefetch, policy=policy, experts_dtype=experts_dtype, group_size=group_size,
         )
         session = ChatSession(engine, replace(engine.sampling_defaults(), **sampling), max_new_tokens, system)
         session.check_template()
@@ -408,7 +418,9 @@ def bench(
     expert_slots: ExpertSlots = None,
     prompt_tokens: int = typer.Option(512, "--prompt-tokens", min=1, help="Prompt length for prefill."),
     new_tokens: int = typer.Option(128, "--new-tokens", min=1, help="Decode steps (batch 1), each fed a random token so that routing stays close to uniform."),
-    dtype: str = typer.Option("bf16", "--dtype", help="Expert and compute dtype: bf16, fp16 or fp32."),
+    dtype: str = typer.Option("bf16", "--dtype", help="Compute dtype: bf16, fp16 or fp32."),
+    experts_dtype: str = typer.Option("bf16", "--experts-dtype", help="The experts' format: bf16, fp16, fp32, int8, int4 or auto (as in run)."),
+    group_size: GroupSize = None,
     device: Device = None,
     policies: list[str] = typer.Option(["layer-lru", "lru"], "--policy", help=f"Eviction policies to run, the first reported at the top; repeat the flag ({', '.join(POLICIES)})."),
     prefetch: Prefetch = True,
@@ -422,8 +434,12 @@ def bench(
     """Measure prefill and decode on a published geometry with random weights drawn on the device, against
     the PCIe copy bound and transformers + accelerate offloading: one JSON object on stdout, a table on stderr."""
     with clean_errors(debug):
-        config = BenchConfig(preset, layers, gpu_memory, expert_slots, prompt_tokens, new_tokens, dtype, device,
-                             tuple(policies), prefetch, compare_prefetch, peer_layers, peer_tokens, seed)
+        config = BenchConfig(
+            preset=preset, layers=layers, gpu_memory=gpu_memory, expert_slots=expert_slots, prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens, dtype=dtype, experts_dtype=experts_dtype, group_size=group_size, device=device,
+            policies=tuple(policies), prefetch=prefetch, compare_prefetch=compare_prefetch, peer_layers=peer_layers,
+            peer_tokens=peer_tokens, seed=seed,
+        )
         say = (lambda message: None) if quiet else stderr
         with progress_bar("drawing experts", quiet) as progress:
             result = run_benchmark(config, progress, say)

@@ -18,7 +18,9 @@ from moe_local.errors import ConfigError, MoeLocalError, TokenizerError
 from moe_local.experts.cache import POLICIES, ExpertCache
 from moe_local.experts.prefetch import Prefetcher
 from moe_local.experts.runtime import OffloadedExperts, mix
-from moe_local.experts.store import ExpertStore, expert_forward, unpack
+from moe_local.experts.formats import EXPERTS_DTYPES, ExpertFormat, choose_format
+from moe_local.experts.qcache import fill_quantized
+from moe_local.experts.store import ExpertStore
 from moe_local.generate import GenerationStats, SamplingParams, generate
 from moe_local.model import KVCache, Transformer
 from moe_local.tokenizer import Tokenizer, load_tokenizer
@@ -36,6 +38,8 @@ class Options:
     prefetch: bool = True
     policy: str = "layer-lru"  # see experts/cache.py and docs/benchmarks.md for the comparison
     prefill_chunk: int = 512  # tokens per prefill step: bounds the workspace
+    experts_dtype: str = "auto"  # see experts/formats.py: auto, bf16, fp16, fp32, int8, int4
+    group_size: int | None = None  # int4 group size; default 128 (or the largest of 64, 32 the model allows)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -44,6 +48,8 @@ class Options:
             raise ConfigError(f"unknown dtype {self.dtype!r} (choose from bf16, fp16, fp32)")
         if self.ctx_size is not None and self.ctx_size < 1:
             raise ConfigError(f"--ctx-size must be positive, not {self.ctx_size}")
+        if self.experts_dtype not in EXPERTS_DTYPES:
+            raise ConfigError(f"unknown experts dtype {self.experts_dtype!r} (choose from {', '.join(EXPERTS_DTYPES)})")
         if self.prefill_chunk < 1:
             raise ConfigError("prefill_chunk must be positive")
 
@@ -83,10 +89,12 @@ class Engine:
         tokenizer: Tokenizer | None = None,
         generation_config: dict | None = None,
         folder: Path | None = None,
+        notes: list[str] | None = None,
     ):
         self.model, self.store, self.plan, self.options = model.eval(), store, plan, options
-        self.cfg, self.dtype, self.ctx_size, self.folder = model.cfg, store.dtype, ctx_size, folder
-        self.device = model.output.weight.device
+        self.cfg, self.ctx_size, self.folder = model.cfg, ctx_size, folder
+        self.dtype, self.device = model.output.weight.dtype, model.output.weight.device
+        self.notes = notes or []  # what loading chose and did, for the CLI to show
         self._tokenizer, self.generation_config = tokenizer, generation_config or {}
         self.kv = KVCache(self.cfg, ctx_size, self.dtype, self.device)
         policy = POLICIES[options.policy](plan.expert_slots, self.cfg.n_layers)
@@ -105,20 +113,30 @@ class Engine:
         device = resolve_device(options.device)
         dtype = options.compute_dtype(ckpt.dtype)
         ctx_size = options.context_size(cfg)
-        plan = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, options.gpu_memory, options.expert_slots)
+        # on the CPU the resident part and the slots take host RAM too: `auto` counts them (slots as if bf16)
+        beside = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk).beside_store_bytes if device.type == "cpu" else 0
+        fmt, why = choose_format(options.experts_dtype, cfg, dtype, device.type, options.group_size, beside)
+        plan = plan_memory(
+            cfg, dtype, device, ctx_size, options.prefill_chunk, options.gpu_memory, options.expert_slots, expert_bytes=fmt.expert_bytes
+        )
+        notes = [why]
         # Read the small files first, so that a broken one fails before the slow part.
         generation_config = read_json(folder / "generation_config.json")
         has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
         tokenizer = load_tokenizer(folder) if has_tokenizer else None
-        store = ExpertStore(cfg, dtype, pin=device.type == "cuda", extra_host_bytes=plan.beside_store_bytes)
-        store.fill(ckpt.expert, progress)
+        store = ExpertStore(cfg, fmt, pin=device.type == "cuda", extra_host_bytes=plan.beside_store_bytes)
+        if fmt.quantized:
+            notes.append(fill_quantized(ckpt, store, device, progress))
+        else:
+            store.fill_from(ckpt.expert, device, progress)
         model = Transformer.from_state_dict(cfg, ckpt.resident_state_dict(dtype, device), device)
         if device.type == "cuda":  # replace the estimated workspace by a measured one before sizing the pool
-            workspace = measure_workspace(model, ctx_size, options.prefill_chunk)
+            workspace = measure_workspace(model, fmt, ctx_size, options.prefill_chunk)
             plan = plan_memory(
-                cfg, dtype, device, ctx_size, options.prefill_chunk, plan.budget_bytes, options.expert_slots, workspace
+                cfg, dtype, device, ctx_size, options.prefill_chunk, plan.budget_bytes, options.expert_slots, workspace,
+                fmt.expert_bytes,
             )
-        return cls(model, store, plan, options, ctx_size, tokenizer, generation_config, folder)
+        return cls(model, store, plan, options, ctx_size, tokenizer, generation_config, folder, notes)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -182,18 +200,18 @@ class Engine:
         return generate(self, prompt, max_new_tokens, params, self.stop_ids, stats or GenerationStats())
 
 
-def measure_workspace(model: Transformer, ctx_size: int, chunk: int) -> int:
+def measure_workspace(model: Transformer, fmt: ExpertFormat, ctx_size: int, chunk: int) -> int:
     """Peak CUDA memory a prefill chunk at the end of the context takes beyond the weights and the KV
     cache (one expert's weights stand in for every expert and are not counted), plus the fp32 logits of a
     whole chunk that `Engine.logits` returns."""
     cfg, weight = model.cfg, model.output.weight
     T = min(chunk, ctx_size)
     kv = KVCache(cfg, ctx_size, weight.dtype, weight.device)
-    gate_up, down = unpack(torch.zeros(cfg.expert_numel, dtype=weight.dtype, device=weight.device), cfg)
+    expert = fmt.unpack(torch.zeros(fmt.expert_bytes, dtype=torch.uint8, device=weight.device))
 
     def experts(layer: int, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         chosen = indices.tolist()
-        return mix(x, weights, chosen, sorted({e for row in chosen for e in row}), lambda e, xs: expert_forward(xs, gate_up, down))
+        return mix(x, weights, chosen, sorted({e for row in chosen for e in row}), lambda e, xs: fmt.forward(xs, expert))
 
     torch.cuda.synchronize(weight.device)
     base = torch.cuda.memory_allocated(weight.device)

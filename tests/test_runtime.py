@@ -10,7 +10,8 @@ import moe_local
 from moe_local.config import ModelConfig
 from moe_local.experts.cache import POLICIES, ExpertCache, LayerLRUPolicy, LRUPolicy
 from moe_local.experts.runtime import mix
-from moe_local.experts.store import ExpertStore, expert_forward, unpack
+from moe_local.experts.formats import Dense
+from moe_local.experts.store import ExpertStore
 from moe_local.generate import SamplingParams
 from moe_local.routing import route
 
@@ -24,9 +25,9 @@ def small_config(**overrides) -> ModelConfig:
 
 
 def filled_store(cfg: ModelConfig) -> ExpertStore:
-    store = ExpertStore(cfg, torch.float32, pin=False)
+    store = ExpertStore(cfg, Dense(cfg, torch.float32), pin=False)
     gen = torch.Generator().manual_seed(0)
-    store.fill(lambda layer, expert, w: torch.randn(cfg.expert_shapes[w], generator=gen))
+    store.fill_from(lambda layer, expert, w: torch.randn(cfg.expert_shapes[w], generator=gen), torch.device("cpu"))
     return store
 
 
@@ -96,9 +97,8 @@ def test_cache_copies_each_miss_into_a_slot_and_evicts_when_full():
     cache.acquire((0, 0))  # (0, 1) is now the least recently used
     assert cache.load((1, 3), set())
     assert cache.resident((0, 0)) and cache.resident((1, 3)) and not cache.resident((0, 1))
-    gate_up, down = cache.acquire((1, 3))
-    want_gate_up, want_down = unpack(store.buffer((1, 3)), cfg)
-    assert torch.equal(gate_up, want_gate_up) and torch.equal(down, want_down)
+    got, want = cache.acquire((1, 3)), store.format.unpack(store.buffer((1, 3)))
+    assert torch.equal(got["gate_up"], want["gate_up"]) and torch.equal(got["down"], want["down"])
     assert not cache.load((1, 2), protected={(0, 0), (1, 3)})  # nothing evictable
 
 
@@ -111,7 +111,7 @@ def test_mix_result_does_not_depend_on_the_order_experts_run():
     experts = sorted({e for row in chosen for e in row})
 
     def run(e, xs):
-        return expert_forward(xs, *unpack(store.buffer((0, e)), cfg))
+        return store.format.forward(xs, store.format.unpack(store.buffer((0, e))))
 
     forward = mix(x, weights, chosen, experts, run)
     backward = mix(x, weights, chosen, experts[::-1], run)
@@ -124,11 +124,11 @@ def test_mix_result_does_not_depend_on_the_order_experts_run():
 def test_swiglu_expert_matches_the_three_matrix_definition():
     cfg = small_config()
     w1, w2, w3 = torch.randn(cfg.ffn_dim, cfg.dim), torch.randn(cfg.dim, cfg.ffn_dim), torch.randn(cfg.ffn_dim, cfg.dim)
-    store = ExpertStore(cfg, torch.float32, pin=False)
-    store.fill(lambda layer, expert, w: {"w1": w1, "w2": w2, "w3": w3}[w])
+    store = ExpertStore(cfg, Dense(cfg, torch.float32), pin=False)
+    store.fill_from(lambda layer, expert, w: {"w1": w1, "w2": w2, "w3": w3}[w], torch.device("cpu"))
     x = torch.randn(3, cfg.dim)
     want = F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
-    assert torch.allclose(expert_forward(x, *unpack(store.buffer((1, 2)), cfg)), want, atol=1e-5)
+    assert torch.allclose(store.format.forward(x, store.format.unpack(store.buffer((1, 2)))), want, atol=1e-5)
 
 
 def test_a_small_pool_misses_evicts_and_counts_every_byte(tiny):

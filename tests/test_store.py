@@ -9,9 +9,12 @@ import torch
 
 import moe_local
 from moe_local.experts import store as store_module
-from moe_local.experts.store import ExpertStore, unpack
+from moe_local.experts.formats import Dense
+from moe_local.experts.store import ExpertStore
 from moe_local.generate import SamplingParams
 from test_runtime import small_config
+
+CPU = torch.device("cpu")
 
 
 def numbered(cfg, layer: int, expert: int, w: str) -> torch.Tensor:
@@ -22,14 +25,15 @@ def numbered(cfg, layer: int, expert: int, w: str) -> torch.Tensor:
 
 def test_experts_are_allocated_in_chunks_and_each_lands_in_its_own_buffer():
     cfg = small_config()  # 2 layers x 4 experts
-    store = ExpertStore(cfg, torch.float32, pin=False, chunk_bytes=3 * cfg.expert_numel * 4 + 5)
+    store = ExpertStore(cfg, Dense(cfg, torch.float32), pin=False, chunk_bytes=3 * Dense(cfg, torch.float32).expert_bytes + 5)
     reported = []
-    store.fill(lambda *key: numbered(cfg, *key), lambda done, total: reported.append((done, total)))
+    store.fill_from(lambda *key: numbered(cfg, *key), CPU, lambda done, total: reported.append((done, total)))
     assert [chunk.shape[0] for chunk in store.chunks] == [3, 3, 2]
     assert reported[-1] == (store.total_bytes, store.total_bytes) and len(reported) == 8
     for layer in range(2):
         for expert in range(4):
-            gate_up, down = unpack(store.buffer((layer, expert)), cfg)
+            w = store.format.unpack(store.buffer((layer, expert)))
+            gate_up, down = w["gate_up"], w["down"]
             base = 100.0 * layer + 10 * expert
             assert store.buffer((layer, expert)).is_contiguous()
             assert torch.all(gate_up[: cfg.ffn_dim] == base + 1) and torch.all(gate_up[cfg.ffn_dim :] == base + 3)
@@ -53,25 +57,25 @@ def test_a_failed_pin_falls_back_to_pageable_memory_with_one_warning(monkeypatch
 
     monkeypatch.setattr(store_module.torch, "empty", empty)
     cfg = small_config()
-    store = ExpertStore(cfg, torch.float32, pin=True, chunk_bytes=2 * cfg.expert_numel * 4)
+    store = ExpertStore(cfg, Dense(cfg, torch.float32), pin=True, chunk_bytes=2 * Dense(cfg, torch.float32).expert_bytes)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        store.fill(lambda *key: numbered(cfg, *key))
+        store.fill_from(lambda *key: numbered(cfg, *key), CPU)
     assert len(calls) == 2  # after the failure nothing tries to pin again
     assert len(caught) == 1 and "could not pin" in str(caught[0].message) and "\n" not in str(caught[0].message)
     assert store.memory()["pinned_bytes"] == 2 * store.expert_bytes
     assert store.memory()["pageable_bytes"] == 6 * store.expert_bytes
     assert store.is_pinned((0, 1)) and not store.is_pinned((0, 2)) and not store.pinned
-    assert torch.all(unpack(store.buffer((1, 3)), cfg)[1] == 132)
+    assert torch.all(store.format.unpack(store.buffer((1, 3)))["down"] == 132)
 
 
 def test_a_cpu_only_torch_cannot_pin_and_says_so():
     if torch.cuda.is_available():
         pytest.skip("this torch can pin")
     cfg = small_config()
-    store = ExpertStore(cfg, torch.float32, pin=True)
+    store = ExpertStore(cfg, Dense(cfg, torch.float32), pin=True)
     with pytest.warns(UserWarning, match="could not pin"):
-        store.fill(lambda *key: numbered(cfg, *key))
+        store.fill_from(lambda *key: numbered(cfg, *key), CPU)
     assert store.memory()["pinned_bytes"] == 0
 
 

@@ -12,7 +12,8 @@ from typing import Protocol
 
 import torch
 
-from moe_local.experts.store import ExpertStore, Key, unpack
+from moe_local.experts.formats import Weights
+from moe_local.experts.store import ExpertStore, Key
 
 
 class EvictionPolicy(Protocol):
@@ -86,7 +87,7 @@ class ExpertCache:
     def __init__(self, store: ExpertStore, num_slots: int, device: torch.device, policy: EvictionPolicy):
         self.store, self.device, self.policy = store, device, policy
         self.num_slots = num_slots
-        self.slots = torch.empty((num_slots, store.cfg.expert_numel), dtype=store.dtype, device=device)  # [S, numel]
+        self.slots = torch.empty((num_slots, store.expert_bytes), dtype=torch.uint8, device=device)  # [S, bytes]
         self.slot_of: dict[Key, int] = {}
         self.free = list(range(num_slots - 1, -1, -1))
         self.cuda = device.type == "cuda"
@@ -125,13 +126,13 @@ class ExpertCache:
             self.slots[slot].copy_(source, non_blocking=self.store.is_pinned(key))
             self.copied[slot] = self.copy_stream.record_event()
 
-    def acquire(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
-        """The resident expert's weights, ready to use on the current stream: gate_up [2F, D], down [D, F]."""
+    def acquire(self, key: Key) -> Weights:
+        """The resident expert's weights (views into its slot), ready to use on the current stream."""
         slot = self.slot_of[key]
         self.policy.touch(key)
         if self.cuda and slot in self.copied:
             torch.cuda.current_stream(self.device).wait_event(self.copied.pop(slot))
-        return unpack(self.slots[slot], self.store.cfg)
+        return self.store.format.unpack(self.slots[slot])
 
     def release(self, key: Key) -> None:
         """The current stream has queued its last use of `key` for now; a later copy into its slot must wait."""

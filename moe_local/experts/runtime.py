@@ -13,7 +13,7 @@ import torch
 
 from moe_local.experts.cache import ExpertCache
 from moe_local.experts.prefetch import Prefetcher
-from moe_local.experts.store import ExpertStore, Key, expert_forward, unpack
+from moe_local.experts.store import ExpertStore, Key
 
 
 @dataclass
@@ -117,7 +117,7 @@ class OffloadedExperts:
     def _run(self, key: Key, xs: torch.Tensor, remaining: set[Key]) -> torch.Tensor:
         if not self.cache.resident(key) and not self._load(key, remaining):
             raise RuntimeError(f"no evictable expert slot for {key}: every slot holds an expert still needed")
-        y = expert_forward(xs, *self.cache.acquire(key))
+        y = self.cache.store.format.forward(xs, self.cache.acquire(key))
         self.cache.release(key)
         remaining.discard(key)
         return y
@@ -165,14 +165,14 @@ class ResidentExperts:
     """Every expert on the device; no cache, no copies. The reference for the offloaded path."""
 
     def __init__(self, store: ExpertStore, device: torch.device):
-        self.cfg = store.cfg
+        self.cfg, self.format = store.cfg, store.format
         self.stats = ExpertStats(store.cfg.n_layers)  # stays at zero: nothing is cached or copied
         experts = range(store.cfg.n_experts)
-        self.layers = [  # [E, numel] each
+        self.layers = [
             torch.stack([store.buffer((layer, e)) for e in experts]).to(device) for layer in range(store.cfg.n_layers)
-        ]
+        ]  # uint8 [E, expert_bytes] each
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         chosen = indices.tolist()
         order = sorted({e for row in chosen for e in row})
-        return mix(x, weights, chosen, order, lambda e, xs: expert_forward(xs, *unpack(self.layers[layer][e], self.cfg)))
+        return mix(x, weights, chosen, order, lambda e, xs: self.format.forward(xs, self.format.unpack(self.layers[layer][e])))

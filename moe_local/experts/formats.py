@@ -1,0 +1,259 @@
+"""How one expert is laid out in its contiguous byte buffer, and how it runs: `Dense` (bf16/fp16/fp32),
+`Int8` (per-output-channel scales) and `Int4` (group-wise scales and zero points), weight-only.
+
+Every format keeps an expert as one uint8 buffer of `expert_bytes` (weights and scales together, each
+part aligned), so a cache miss stays one copy whichever the format. The int4 bit layout is the one the
+device's kernel reads (`_weight_int4pack_mm` on CUDA, `_weight_int4pack_mm_for_cpu` on the CPU), so a
+quantized buffer belongs to one device type; `key` says which, and the quantized cache files by it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psutil
+import torch
+import torch.nn.functional as F
+
+from moe_local.budget import format_bytes
+from moe_local.config import ModelConfig
+from moe_local.errors import BudgetError, ConfigError
+
+ALIGN = 256  # bytes: every part of an expert, and every expert, starts on this boundary
+EXPERTS_DTYPES = ("auto", "bf16", "fp16", "fp32", "int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)  # what both int4 kernels accept
+DENSE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+Weights = dict[str, torch.Tensor]  # a part's name -> a view into the expert's buffer
+
+
+def aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.dtype.itemsize * int(torch.Size(self.shape).numel())
+
+
+class ExpertFormat:
+    """Base: a list of `Part`s (gate_up = w1 rows then w3 rows, [2F, D]; down = w2, [D, F]), `pack` to
+    fill a buffer from the checkpoint's matrices, `forward` to run the expert from a buffer's views."""
+
+    name: str
+    quantized = False
+
+    def __init__(self, cfg: ModelConfig, parts: list[tuple[str, torch.dtype, tuple[int, ...]]]):
+        self.cfg = cfg
+        self.parts, offset = [], 0
+        for name, dtype, shape in parts:
+            self.parts.append(Part(name, dtype, shape, offset))
+            offset = aligned(offset + self.parts[-1].nbytes)
+        self.expert_bytes = offset
+
+    @property
+    def key(self) -> str:
+        """Names the byte layout: equal keys, interchangeable buffers."""
+        return self.name
+
+    def weights_bytes_per_param(self) -> float:
+        return self.expert_bytes / self.cfg.expert_numel
+
+    def unpack(self, buffer: torch.Tensor) -> Weights:
+        """uint8 [expert_bytes] -> each part as a view of its dtype and shape."""
+        return {p.name: buffer[p.offset : p.offset + p.nbytes].view(p.dtype).view(p.shape) for p in self.parts}
+
+    def pack(self, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, out: torch.Tensor) -> None:
+        """Write one expert (the checkpoint's w1 [F, D], w2 [D, F], w3 [F, D], on any device; the work runs
+        where they are) into `out`, a uint8 [expert_bytes] buffer."""
+        parts = self.encode(torch.cat([w1, w3]), "gate_up") | self.encode(w2, "down")
+        views = self.unpack(out)
+        for name, value in parts.items():
+            views[name].copy_(value)
+
+    def encode(self, w: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def linear(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, w: Weights) -> torch.Tensor:
+        """SwiGLU expert: x [N, D] -> [N, D]."""
+        gate, up = self.linear(x, w, "gate_up").chunk(2, dim=-1)  # [N, F] each
+        return self.linear(F.silu(gate) * up, w, "down")
+
+
+class Dense(ExpertFormat):
+    """The matrices as they are, in one floating-point dtype."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        self.dtype = dtype
+        self.name = {v: k for k, v in DENSE.items()}[dtype]
+        f, d = cfg.ffn_dim, cfg.dim
+        super().__init__(cfg, [("gate_up", dtype, (2 * f, d)), ("down", dtype, (d, f))])
+
+    def encode(self, w: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
+        return {name: w}
+
+    def linear(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
+        weight = w[name]
+        return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype))
+
+
+class Int8(ExpertFormat):
+    """int8 weights, one scale per output channel (symmetric: w ~ q * scale), run by
+    `torch._weight_int8pack_mm`; scales are kept in the compute dtype, as the kernel wants."""
+
+    name = "int8"
+    quantized = True
+
+    def __init__(self, cfg: ModelConfig, compute_dtype: torch.dtype):
+        self.scale_dtype = compute_dtype
+        f, d = cfg.ffn_dim, cfg.dim
+        super().__init__(cfg, [
+            ("gate_up", torch.int8, (2 * f, d)), ("gate_up.scale", compute_dtype, (2 * f,)),
+            ("down", torch.int8, (d, f)), ("down.scale", compute_dtype, (d,)),
+        ])  # fmt: skip
+
+    @property
+    def key(self) -> str:
+        return f"int8-{Dense(self.cfg, self.scale_dtype).name}"
+
+    def encode(self, w: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
+        w = w.float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(self.scale_dtype)  # [N]
+        q = (w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+        return {name: q, f"{name}.scale": scale}
+
+    def linear(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
+        scale = w[f"{name}.scale"]
+        if x.dtype != scale.dtype:
+            return torch._weight_int8pack_mm(x.to(scale.dtype), w[name], scale).to(x.dtype)
+        return torch._weight_int8pack_mm(x, w[name], scale)
+
+    def dequantize(self, w: Weights, name: str) -> torch.Tensor:
+        return w[name].float() * w[f"{name}.scale"].float()[:, None]
+
+
+class Int4(ExpertFormat):
+    """4-bit weights in groups of `group_size` along the input dimension, each group with a scale and a
+    zero point (w ~ (q - 8) * scale + zero, q in 0..15, torch's convention), bf16 scales. The weight bits
+    are in the layout of the device's kernel: CUDA's tensor-core tiles or the CPU's packed rows."""
+
+    name = "int4"
+    quantized = True
+
+    def __init__(self, cfg: ModelConfig, group_size: int, device_type: str):
+        self.group_size, self.device_type = group_size, device_type
+        f, d = cfg.ffn_dim, cfg.dim
+        super().__init__(cfg, [
+            ("gate_up", *self._weight_part(2 * f, d)), ("gate_up.scale_zero", torch.bfloat16, (d // group_size, 2 * f, 2)),
+            ("down", *self._weight_part(d, f)), ("down.scale_zero", torch.bfloat16, (f // group_size, d, 2)),
+        ])  # fmt: skip
+
+    @property
+    def key(self) -> str:
+        return f"int4-g{self.group_size}-{self.device_type}"
+
+    def inner_k_tiles(self, k: int) -> int:
+        return next(t for t in (8, 4, 2) if k % (t * 16) == 0)
+
+    def _weight_part(self, n: int, k: int) -> tuple[torch.dtype, tuple[int, ...]]:
+        if self.device_type == "cuda":
+            t = self.inner_k_tiles(k)
+            return torch.int32, (n // 8, k // (t * 16), 32, t // 2)
+        return torch.uint8, (n, k // 2)
+
+    def encode(self, w: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
+        n, k = w.shape
+        groups = w.float().view(n, k // self.group_size, self.group_size)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # [N, G]
+        scale = ((high - low) / 15).clamp(min=1e-12).to(torch.bfloat16)
+        zero = (low + 8 * scale.float()).to(torch.bfloat16)
+        # quantize against the rounded scale and zero, so that what the kernel reconstructs is nearest
+        q = ((groups - zero.float()[..., None]) / scale.float()[..., None] + 8).round().clamp(0, 15)
+        q = q.to(torch.int32).view(n, k)
+        scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [K/G, N, 2]
+        if self.device_type == "cuda":
+            nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # [N, K/2], even k in the high half
+            packed = torch._convert_weight_to_int4pack(nibbles.to("cuda"), self.inner_k_tiles(k))
+        else:
+            packed = torch._convert_weight_to_int4pack_for_cpu(q.cpu(), 1)
+        return {name: packed, f"{name}.scale_zero": scale_zero}
+
+    def linear(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
+        mm = torch._weight_int4pack_mm if self.device_type == "cuda" else torch._weight_int4pack_mm_for_cpu
+        xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
+        y = mm(xb, w[name], self.group_size, w[f"{name}.scale_zero"])
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def default_group_size(cfg: ModelConfig) -> int:
+    """128, or the largest smaller size that divides both matrix widths (hidden and expert FFN size)."""
+    for g in (128, 64, 32):
+        if cfg.dim % g == 0 and cfg.ffn_dim % g == 0:
+            return g
+    raise ConfigError(f"int4 needs the hidden size ({cfg.dim}) and the expert FFN size ({cfg.ffn_dim}) to be multiples of 32")
+
+
+def make_format(
+    name: str, cfg: ModelConfig, compute_dtype: torch.dtype, device_type: str, group_size: int | None = None
+) -> ExpertFormat:
+    """A concrete format ("auto" is resolved before, by `choose_format`)."""
+    if name in DENSE:
+        return Dense(cfg, DENSE[name])
+    if name == "int8":
+        return Int8(cfg, compute_dtype)
+    if name == "int4":
+        if group_size is None:
+            group_size = default_group_size(cfg)
+        elif group_size not in GROUP_SIZES:
+            raise ConfigError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, not {group_size}")
+        elif cfg.dim % group_size or cfg.ffn_dim % group_size:
+            raise ConfigError(
+                f"--group-size {group_size} does not divide the hidden size ({cfg.dim}) and the expert FFN size "
+                f"({cfg.ffn_dim}); try {default_group_size(cfg)}"
+            )
+        if device_type == "cuda" and (cfg.dim % 32 or cfg.ffn_dim % 32 or cfg.dim % 8):
+            raise ConfigError("int4 on CUDA needs the hidden and expert FFN sizes to be multiples of 32")
+        return Int4(cfg, group_size, device_type)
+    raise ConfigError(f"unknown experts dtype {name!r} (choose from {', '.join(EXPERTS_DTYPES)})")
+
+
+AUTO_RAM_SHARE = 0.85  # `auto` picks the widest format whose experts fit in this share of the available RAM
+
+
+def choose_format(
+    name: str,
+    cfg: ModelConfig,
+    compute_dtype: torch.dtype,
+    device_type: str,
+    group_size: int | None,
+    beside_bytes: int = 0,
+    available: int | None = None,
+) -> tuple[ExpertFormat, str]:
+    """The format `--experts-dtype name` asks for, with a line saying what was chosen and why. `auto`
+    keeps the compute dtype when the experts (plus `beside_bytes` of other host memory) fit in 85% of
+    the available RAM, else int8, else int4."""
+    if name != "auto":
+        fmt = make_format(name, cfg, compute_dtype, device_type, group_size)
+        return fmt, f"experts in {fmt.key} (--experts-dtype {name})"
+    available = psutil.virtual_memory().available if available is None else available
+    dense = {v: k for k, v in DENSE.items()}[compute_dtype]
+    too_big = []
+    for candidate in (dense, "int8", "int4"):
+        fmt = make_format(candidate, cfg, compute_dtype, device_type, group_size)
+        need = cfg.n_layers * cfg.n_experts * fmt.expert_bytes + beside_bytes
+        if need <= AUTO_RAM_SHARE * available:
+            why = f"{format_bytes(need)} of host RAM, {format_bytes(available)} available"
+            if too_big:
+                why = f"{'; '.join(too_big)}; {candidate} needs {why}"
+            return fmt, f"experts in {fmt.key} (auto: {why})"
+        too_big.append(f"{candidate} would need {format_bytes(need)}, over {AUTO_RAM_SHARE:.0%} of the {format_bytes(available)} available")
+    raise BudgetError(f"the experts do not fit in host RAM in any format: {'; '.join(too_big)}")
