@@ -216,6 +216,13 @@ class Checkpoint:
             raise CheckpointError(f"could not read {name} from {info.shard.name}: the file ends early")
         return data.view(info.dtype).view(info.shape)
 
+    def close(self) -> None:
+        """Close the files the reads opened (a later read opens them again)."""
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        self._handles.clear()
+
     def fingerprint(self) -> list[dict]:
         """Name, size and modification time of every file the weights and config come from: when one
         changes, what was derived from them (the quantized cache) is stale."""

@@ -125,11 +125,14 @@ class Engine:
         has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
         tokenizer = load_tokenizer(folder) if has_tokenizer else None
         store = ExpertStore(cfg, fmt, pin=device.type == "cuda", extra_host_bytes=plan.beside_store_bytes)
-        if fmt.quantized:
-            notes.append(fill_quantized(ckpt, store, device, progress))
-        else:
-            store.fill_from(ckpt.expert, device, progress)
-        model = Transformer.from_state_dict(cfg, ckpt.resident_state_dict(dtype, device), device)
+        try:
+            if fmt.quantized:
+                notes.append(fill_quantized(ckpt, store, device, progress))
+            else:
+                store.fill_from(ckpt.expert, device, progress)
+            model = Transformer.from_state_dict(cfg, ckpt.resident_state_dict(dtype, device), device)
+        finally:
+            ckpt.close()
         if device.type == "cuda":  # replace the estimated workspace by a measured one before sizing the pool
             workspace = measure_workspace(model, fmt, ctx_size, options.prefill_chunk)
             plan = plan_memory(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,9 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from builders import train_tokenizer
+
+# Quantized experts are cached on disk: keep the tests' out of the user's ~/.cache (subprocesses inherit it).
+os.environ["MOE_LOCAL_CACHE"] = tempfile.mkdtemp(prefix="moe-local-test-cache-")
 
 # Small, but with every feature that matters: GQA, several layers, 8 experts with top-2 routing.
 TINY = dict(
