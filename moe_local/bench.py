@@ -44,6 +44,7 @@ class BenchConfig:
     device: str | None = None
     policies: tuple[str, ...] = ("layer-lru", "lru")  # the first is the one reported at the top
     prefetch: bool = True
+    prefetch_top: int | None = None  # experts per token the prefetcher loads (default: top_k)
     compare_prefetch: bool = True  # one more run: the first policy with prefetch the other way
     peer_layers: int = 2  # transformers + accelerate offload on this many layers (0: skip)
     peer_tokens: int = 4
@@ -178,6 +179,7 @@ def run_engine(engine: Engine, prompt: list[int], feed: list[int], h2d_bytes_per
     return {
         "policy": engine.options.policy,
         "prefetch": engine.options.prefetch,
+        "prefetch_top": engine.experts.prefetcher.per_token if engine.experts.prefetcher else 0,
         "prefill_tok_per_s": len(prompt) / prefill_s,
         "prefill_h2d_bytes": prefill["bytes_copied"],
         "prefill_efficiency": prefill["bytes_copied"] / h2d_bytes_per_s / prefill_s,
@@ -269,7 +271,7 @@ def bench(
     if gpu_memory is None and config.expert_slots is None and device.type == "cuda":
         gpu_memory = "12GiB"
     options = Options(device=device.type, gpu_memory=gpu_memory, expert_slots=config.expert_slots,
-                      ctx_size=ctx_size, prefetch=config.prefetch)
+                      ctx_size=ctx_size, prefetch=config.prefetch, prefetch_top=config.prefetch_top)
     beside = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, expert_slots=cfg.n_experts).beside_store_bytes
     fmt, why = choose_format(config.experts_dtype, cfg, dtype, device.type, config.group_size, beside)
     say(why)

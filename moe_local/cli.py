@@ -424,6 +424,7 @@ def bench(
     device: Device = None,
     policies: list[str] = typer.Option(["layer-lru", "lru"], "--policy", help=f"Eviction policies to run, the first reported at the top; repeat the flag ({', '.join(POLICIES)})."),
     prefetch: Prefetch = True,
+    prefetch_top: Optional[int] = typer.Option(None, "--prefetch-top", min=1, help="Experts per token the prefetcher loads, the likeliest first. Default: all the model routes to (2 for Mixtral)."),
     compare_prefetch: bool = typer.Option(True, "--compare-prefetch/--no-compare-prefetch", help="One more run: the first policy with prefetch the other way."),
     peer_layers: int = typer.Option(2, "--peer-layers", min=0, help="Layers of the transformers + accelerate offload peer (0: skip it)."),
     peer_tokens: int = typer.Option(4, "--peer-tokens", min=1, help="Tokens the peer decodes."),
@@ -437,7 +438,7 @@ def bench(
         config = BenchConfig(
             preset=preset, layers=layers, gpu_memory=gpu_memory, expert_slots=expert_slots, prompt_tokens=prompt_tokens,
             new_tokens=new_tokens, dtype=dtype, experts_dtype=experts_dtype, group_size=group_size, device=device,
-            policies=tuple(policies), prefetch=prefetch, compare_prefetch=compare_prefetch, peer_layers=peer_layers,
+            policies=tuple(policies), prefetch=prefetch, prefetch_top=prefetch_top, compare_prefetch=compare_prefetch, peer_layers=peer_layers,
             peer_tokens=peer_tokens, seed=seed,
         )
         say = (lambda message: None) if quiet else stderr

@@ -36,6 +36,7 @@ class Options:
     expert_slots: int | None = None  # overrides the slot count that gpu_memory implies
     ctx_size: int | None = None  # default: min(4096, the model's max_position_embeddings)
     prefetch: bool = True
+    prefetch_top: int | None = None  # experts per token to prefetch (the likeliest); default: all top_k
     policy: str = "layer-lru"  # see experts/cache.py and docs/benchmarks.md for the comparison
     prefill_chunk: int = 512  # tokens per prefill step: bounds the workspace
     experts_dtype: str = "auto"  # see experts/formats.py: auto, bf16, fp16, fp32, int8, int4
@@ -100,7 +101,7 @@ class Engine:
         policy = POLICIES[options.policy](plan.expert_slots, self.cfg.n_layers)
         cache = ExpertCache(store, plan.expert_slots, self.device, policy)
         gates = [layer.moe.gate.weight for layer in model.layers]
-        prefetcher = Prefetcher(gates, self.cfg.top_k) if options.prefetch else None
+        prefetcher = Prefetcher(gates, self.cfg.top_k, options.prefetch_top) if options.prefetch else None
         self.experts = OffloadedExperts(cache, prefetcher, self.cfg.n_layers)
         self.experts.warm()
         self.tokens: list[int] = []  # the ids whose keys and values the KV cache holds, in order

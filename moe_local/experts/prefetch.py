@@ -10,12 +10,13 @@ from moe_local.routing import route
 
 
 class Prefetcher:
-    def __init__(self, gates: list[torch.Tensor], top_k: int):
+    def __init__(self, gates: list[torch.Tensor], top_k: int, per_token: int | None = None):
         self.gates, self.top_k = gates, top_k  # gates[l]: [E, D], the routers' weights
+        self.per_token = min(per_token or top_k, top_k)  # load only each token's likeliest few
 
     def predict(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
-        """x [T, D] -> predicted expert indices [T, k] for layer+1 (None after the last layer)."""
+        """x [T, D] -> predicted expert indices [T, per_token] for layer+1 (None after the last layer)."""
         if layer + 1 >= len(self.gates):
             return None
-        _, indices = route(F.linear(x, self.gates[layer + 1]), self.top_k)
-        return indices
+        _, indices = route(F.linear(x, self.gates[layer + 1]), self.top_k)  # likeliest first
+        return indices[:, : self.per_token]

@@ -66,6 +66,12 @@ def mix(
     its own row and the rows are summed in a fixed order, so the output does not depend on `order`.
     """
     T, k = weights.shape
+    if T == 1:  # decode: no index tensors to build and copy; the same rows, summed the same way
+        out = x.new_empty(k, x.shape[1])
+        for e in order:
+            j = chosen[0].index(e)
+            out[j] = (run(e, x) * weights[0, j]).to(x.dtype)[0]
+        return out.sum(dim=0, keepdim=True)
     flat = [e for row in chosen for e in row]  # position p = t * k + j
     rank = {e: i for i, e in enumerate(order)}
     by_expert = sorted(range(T * k), key=lambda p: rank[flat[p]])  # positions grouped in run order
