@@ -23,7 +23,8 @@ from moe_local.checkpoint import Checkpoint, resolve_model_path
 from moe_local.config import PRESETS, preset_config
 from moe_local.engine import Engine, Options, load
 from moe_local.experts.cache import POLICIES
-from moe_local.errors import MoeLocalError
+from moe_local.experts.formats import ExpertFormat, choose_format, make_format
+from moe_local.errors import BudgetError, MoeLocalError
 from moe_local.generate import GenerationStats, SamplingParams
 from moe_local.tokenizer import StreamDecoder
 
@@ -354,6 +355,8 @@ def plan(
     expert_slots: ExpertSlots = None,
     ctx_size: CtxSize = DEFAULTS.ctx_size,
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32. Default: the checkpoint's (bf16 for a preset)."),
+    experts_dtype: ExpertsDtype = DEFAULTS.experts_dtype,
+    group_size: GroupSize = DEFAULTS.group_size,
     device: Optional[str] = typer.Option(None, "--device", help="cuda (the default: plan for a GPU, this one or one you name with --gpu-memory) or cpu."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
     debug: Debug = False,
@@ -371,10 +374,24 @@ def plan(
         target = torch.device(device or "cuda")
         if target.type == "cuda" and gpu_memory is None and expert_slots is None and not torch.cuda.is_available():
             raise MoeLocalError("this machine has no CUDA GPU to measure: give --gpu-memory SIZE to plan for one (or --device cpu)")
-        options = Options(device=target.type, dtype=dtype, ctx_size=ctx_size)  # checks the values
-        ctx = options.context_size(cfg)
-        plan = plan_memory(cfg, options.compute_dtype(checkpoint_dtype), target, ctx, options.prefill_chunk, gpu_memory, expert_slots)
-        report = {"model": name, **plan_report(cfg, plan, ctx)}
+        options = Options(device=target.type, dtype=dtype, ctx_size=ctx_size, experts_dtype=experts_dtype)  # checks the values
+        ctx, compute = options.context_size(cfg), options.compute_dtype(checkpoint_dtype)
+        try:
+            fmt, why = choose_format(experts_dtype, cfg, compute, target.type, group_size)
+        except BudgetError as e:  # plan may be for another machine: say so, and show the smallest format
+            fmt = make_format("int4", cfg, compute, target.type, group_size)
+            why = f"{fmt.key}, the smallest; but on this machine {e}"
+
+        def report_for(f: ExpertFormat) -> dict:
+            plan = plan_memory(cfg, compute, target, ctx, options.prefill_chunk, gpu_memory, expert_slots, expert_bytes=f.expert_bytes)
+            return plan_report(cfg, plan, ctx)
+
+        report = {"model": name, "experts_format": fmt.key, "why": why, **report_for(fmt), "formats": {}}
+        for other in dict.fromkeys((fmt.name, "bf16", "int8", "int4")):
+            try:
+                report["formats"][other] = report_for(make_format(other, cfg, compute, target.type, group_size))
+            except MoeLocalError as e:
+                report["formats"][other] = {"error": str(e)}
         if json_output:
             print(json.dumps(report))
             return
@@ -389,6 +406,7 @@ def print_plan(r: dict, cfg) -> None:
     budget = r["budget_bytes"]
     rows = [
         ("budget", format_bytes(budget) if budget is not None else "(slots given directly)"),
+        ("experts", r["why"]),
         ("resident weights", format_bytes(r["resident_bytes"])),
         (f"KV cache ({r['ctx_size']} tokens)", format_bytes(r["kv_bytes"])),
         ("workspace (estimated)", format_bytes(r["workspace_bytes"])),
@@ -406,6 +424,18 @@ def print_plan(r: dict, cfg) -> None:
         table.add_row(key, value)
     console = Console()
     console.print(table)
+    formats = Table(title="each format under this budget (uniform routing)", padding=(0, 1))
+    for column in ("experts", "bytes per miss", "slots", "hit rate", "GB/token", "bound at 25 / 55 GB/s", "host RAM"):
+        formats.add_column(column, justify="right")
+    for name, f in r["formats"].items():
+        if "error" in f:
+            formats.add_row(name, f["error"], *[""] * 5)
+            continue
+        per_token = f["expected_h2d_bytes_per_token_uniform"]
+        bound = " / ".join(f"{gbps * 1e9 / per_token:.1f}" for gbps in (25, 55)) + " tok/s" if per_token else "no copies"
+        formats.add_row(name, format_bytes(f["expert_bytes"]), str(f["expert_slots"]), f"{100 * f['expected_hit_rate_uniform']:.1f} %",
+                        f"{per_token / 1e9:.2f}", bound, format_bytes(f["host_bytes_needed"]))
+    console.print(formats)
     if r["host_bytes_needed"] > r["host_bytes_available"]:
         console.print("[bold red]warning:[/] this machine has less free host RAM than the experts need; loading would be refused")
 
@@ -424,7 +454,7 @@ def bench(
     device: Device = None,
     policies: list[str] = typer.Option(["layer-lru", "lru"], "--policy", help=f"Eviction policies to run, the first reported at the top; repeat the flag ({', '.join(POLICIES)})."),
     prefetch: Prefetch = True,
-    prefetch_top: Optional[int] = typer.Option(None, "--prefetch-top", min=1, help="Experts per token the prefetcher loads, the likeliest first. Default: all the model routes to (2 for Mixtral)."),
+    prefetch_top: int = typer.Option(1, "--prefetch-top", min=1, help="Experts per token the prefetcher loads, the likeliest first (2 for Mixtral: all it routes to)."),
     compare_prefetch: bool = typer.Option(True, "--compare-prefetch/--no-compare-prefetch", help="One more run: the first policy with prefetch the other way."),
     peer_layers: int = typer.Option(2, "--peer-layers", min=0, help="Layers of the transformers + accelerate offload peer (0: skip it)."),
     peer_tokens: int = typer.Option(4, "--peer-tokens", min=1, help="Tokens the peer decodes."),

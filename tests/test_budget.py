@@ -65,7 +65,7 @@ def test_presets_and_layer_overrides():
 
 def test_plan_command_shows_the_table_and_json_without_loading(tiny):
     folder, _ = tiny
-    table = moe_local_cli("plan", "--preset", "mixtral-8x7b", "--gpu-memory", "24GiB", "-c", "4096")
+    table = moe_local_cli("plan", "--preset", "mixtral-8x7b", "--gpu-memory", "24GiB", "-c", "4096", "--experts-dtype", "bf16")
     assert table.returncode == 0, table.stderr
     for row in ("resident weights", "KV cache (4096 tokens)", "61 x 336.00 MiB", "experts per layer that fit",
                 "host RAM for the experts", "23.8 % under uniform routing", "decode bound by copies"):
@@ -73,11 +73,15 @@ def test_plan_command_shows_the_table_and_json_without_loading(tiny):
     out = json.loads(moe_local_cli("plan", str(folder), "--device", "cpu", "--expert-slots", "5", "--json").stdout)
     assert out["model"] == str(folder) and out["expert_slots"] == 5 and out["device"] == "cpu"
     assert out["total_experts"] == 24 and out["expert_bytes"] == Checkpoint(folder).config.expert_numel * 4
+    assert out["experts_format"] == "fp32" and out["formats"]["int4"]["expert_bytes"] < out["formats"]["int8"]["expert_bytes"]
+    int4 = json.loads(moe_local_cli("plan", "--preset", "mixtral-8x7b", "--gpu-memory", "12GiB", "--experts-dtype", "int4", "--json").stdout)
+    assert int4["experts_format"] == "int4-g128-cuda" and int4["expert_bytes"] == 93_585_408  # 4.25 bits per weight, aligned
+    assert int4["expert_slots"] > 3 * int4["formats"]["bf16"]["expert_slots"]
 
 
 def test_plan_command_errors_are_one_line():
     for args, message in [
-        (["--preset", "mixtral-8x7b", "--gpu-memory", "2GiB"], "need at least 4.06 GiB"),
+        (["--preset", "mixtral-8x7b", "--gpu-memory", "2GiB", "--experts-dtype", "bf16"], "need at least 4.06 GiB"),
         (["--preset", "mixtral-8x7b", "--gpu-memory", "lots"], "cannot read memory size 'lots'"),
         (["some/model", "--preset", "tiny"], "not both"),
     ]:
