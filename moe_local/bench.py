@@ -44,7 +44,7 @@ class BenchConfig:
     device: str | None = None
     policies: tuple[str, ...] = ("layer-lru", "lru")  # the first is the one reported at the top
     prefetch: bool = True
-    prefetch_top: int | None = None  # experts per token the prefetcher loads (default: top_k)
+    prefetch_top: int | None = 1  # experts per token the prefetcher loads (None: top_k)
     compare_prefetch: bool = True  # one more run: the first policy with prefetch the other way
     peer_layers: int = 2  # transformers + accelerate offload on this many layers (0: skip)
     peer_tokens: int = 4

@@ -36,7 +36,8 @@ class Options:
     expert_slots: int | None = None  # overrides the slot count that gpu_memory implies
     ctx_size: int | None = None  # default: min(4096, the model's max_position_embeddings)
     prefetch: bool = True
-    prefetch_top: int | None = None  # experts per token to prefetch (the likeliest); default: all top_k
+    prefetch_top: int | None = 1  # experts per token to prefetch, the likeliest first (None: all top_k);
+    # 1 was as fast as or faster than 2 and than no prefetch in the H100 runs of docs/benchmarks.md
     policy: str = "layer-lru"  # see experts/cache.py and docs/benchmarks.md for the comparison
     prefill_chunk: int = 512  # tokens per prefill step: bounds the workspace
     experts_dtype: str = "auto"  # see experts/formats.py: auto, bf16, fp16, fp32, int8, int4
