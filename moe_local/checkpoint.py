@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from moe_local.config import ModelConfig
 from moe_local.errors import CheckpointError, ConfigError
@@ -100,7 +99,8 @@ def expert_tensor_name(layer: int, expert: int, w: str) -> str:
 
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[str | tuple, tuple[int, ...]]]:
-    """Checkpoint name -> (our name, shape). Experts map to ("expert", layer, expert, w)."""
+    """Checkpoint name -> (our name, shape). Experts map to ("expert", layer, expert, w). Where several
+    checkpoint tensors map to one name, ours is their concatenation along the first dimension, in order."""
     d, hd = cfg.dim, cfg.head_dim
     names: dict[str, tuple[str | tuple, tuple[int, ...]]] = {
         "model.embed_tokens.weight": ("tok_embeddings.weight", (cfg.vocab_size, d)),
@@ -110,9 +110,10 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[str | tuple, tuple[int
         names["lm_head.weight"] = ("output.weight", (cfg.vocab_size, d))
     for i in range(cfg.n_layers):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
-        names[hf + "self_attn.q_proj.weight"] = (ours + "attention.wq.weight", (cfg.n_heads * hd, d))
-        names[hf + "self_attn.k_proj.weight"] = (ours + "attention.wk.weight", (cfg.n_kv_heads * hd, d))
-        names[hf + "self_attn.v_proj.weight"] = (ours + "attention.wv.weight", (cfg.n_kv_heads * hd, d))
+        # q, k, v map to one matrix of ours, concatenated in this order (see `resident_state_dict`)
+        names[hf + "self_attn.q_proj.weight"] = (ours + "attention.wqkv.weight", (cfg.n_heads * hd, d))
+        names[hf + "self_attn.k_proj.weight"] = (ours + "attention.wqkv.weight", (cfg.n_kv_heads * hd, d))
+        names[hf + "self_attn.v_proj.weight"] = (ours + "attention.wqkv.weight", (cfg.n_kv_heads * hd, d))
         names[hf + "self_attn.o_proj.weight"] = (ours + "attention.wo.weight", (d, cfg.n_heads * hd))
         names[hf + "input_layernorm.weight"] = (ours + "attention_norm.weight", (d,))
         names[hf + "post_attention_layernorm.weight"] = (ours + "ffn_norm.weight", (d,))
@@ -124,7 +125,7 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[str | tuple, tuple[int
 
 
 class Checkpoint:
-    """A validated model folder: config, tensor index, and lazy reads through `safe_open`."""
+    """A validated model folder: config, tensor index, and tensors read one at a time when asked for."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -139,7 +140,6 @@ class Checkpoint:
         self.tensors = self._index()
         self._check_against_config()
         self.dtype = self.tensors["model.embed_tokens.weight"].dtype
-        self._handles: dict[Path, object] = {}
         self._files: dict[Path, object] = {}
 
     def _shards(self) -> list[Path]:
@@ -183,29 +183,9 @@ class Checkpoint:
                 raise CheckpointError(f"unknown tensor {name} in {self.tensors[name].shard.name} for model_type {self.config.model_type}")
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor from its shard (a fresh CPU tensor)."""
-        shard = self.tensors[name].shard
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(str(shard), framework="pt")
-        try:
-            return self._handles[shard].get_tensor(name)
-        except Exception as e:  # safetensors raises its own error types for damaged data
-            raise CheckpointError(f"could not read {name} from {shard.name}: {e}") from None
-
-    def resident_state_dict(self, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-        """Every non-expert tensor under our names, converted and placed on `device`."""
-        state = {}
-        for name, (ours, _) in expected_tensors(self.config).items():
-            if isinstance(ours, str):
-                state[ours] = self.get(name).to(device=device, dtype=dtype)
-        if self.config.tie_word_embeddings:
-            state["output.weight"] = state["tok_embeddings.weight"]
-        return state
-
-    def expert(self, layer: int, expert: int, w: str) -> torch.Tensor:
-        """One expert matrix, w in ("w1", "w2", "w3"), read with a plain file read rather than through a
-        memory map, so that reading all experts does not map the whole checkpoint into the process."""
-        name = expert_tensor_name(layer, expert, w)
+        """Read one tensor (a fresh CPU tensor) with a plain file read at its header offset rather than
+        through a memory map, so that what was read and dropped (an expert once packed into the store, the
+        parts of a fused matrix) does not stay mapped into the process."""
         info = self.tensors[name]
         if info.shard not in self._files:
             self._files[info.shard] = open(info.shard, "rb", buffering=0)
@@ -216,12 +196,29 @@ class Checkpoint:
             raise CheckpointError(f"could not read {name} from {info.shard.name}: the file ends early")
         return data.view(info.dtype).view(info.shape)
 
+    def resident_state_dict(self, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+        """Every non-expert tensor under our names, converted and placed on `device`."""
+        pieces: dict[str, list[str]] = {}
+        for name, (ours, _) in expected_tensors(self.config).items():
+            if isinstance(ours, str):
+                pieces.setdefault(ours, []).append(name)
+        state = {}
+        for ours, names in pieces.items():
+            tensors = [self.get(name) for name in names]
+            state[ours] = (tensors[0] if len(tensors) == 1 else torch.cat(tensors)).to(device=device, dtype=dtype)
+        if self.config.tie_word_embeddings:
+            state["output.weight"] = state["tok_embeddings.weight"]
+        return state
+
+    def expert(self, layer: int, expert: int, w: str) -> torch.Tensor:
+        """One expert matrix, w in ("w1", "w2", "w3")."""
+        return self.get(expert_tensor_name(layer, expert, w))
+
     def close(self) -> None:
         """Close the files the reads opened (a later read opens them again)."""
         for f in self._files.values():
             f.close()
         self._files.clear()
-        self._handles.clear()
 
     def fingerprint(self) -> list[dict]:
         """Name, size and modification time of every file the weights and config come from: when one

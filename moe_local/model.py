@@ -26,23 +26,23 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, then scale in the compute dtype, as the reference does.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # Normalise in fp32, then scale in the compute dtype, as the reference does (one fused op, same bits).
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos [T, hd] and the signed sin [T, hd] (first half negated) that `apply_rope` takes."""
     freqs = positions[:, None].float() * inv_freq[None, :]  # [T, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, hd]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = emb.sin().to(dtype)
+    sin[:, : freqs.shape[1]].neg_()
+    return emb.cos().to(dtype), sin
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [H, T, hd]. Rotates the two halves of each head (the Hugging Face weight layout)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [H, T, hd]. Rotates the two halves of each head (the Hugging Face weight layout): the
+    reference's x * cos + cat(-x2, x1) * sin, bit for bit, as x * cos + cat(x2, x1) * cat(-sin, sin)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class KVCache(nn.Module):
@@ -60,23 +60,18 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        # q, k and v projections as one matrix (rows: q heads, k heads, v heads): one matmul, not three
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, k_cache, v_cache, pos: int, mask) -> torch.Tensor:
-        T = x.shape[0]
-        q = self.wq(x).view(T, self.n_heads, self.head_dim).transpose(0, 1)  # [H, T, hd]
-        k = self.wk(x).view(T, self.n_kv_heads, self.head_dim).transpose(0, 1)  # [Hkv, T, hd]
-        v = self.wv(x).view(T, self.n_kv_heads, self.head_dim).transpose(0, 1)  # [Hkv, T, hd]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        T, H, Hkv = x.shape[0], self.n_heads, self.n_kv_heads
+        qkv = self.wqkv(x).view(T, H + 2 * Hkv, self.head_dim).transpose(0, 1)  # [H + 2Hkv, T, hd]
+        q, k = apply_rope(qkv[: H + Hkv], cos, sin).split([H, Hkv])  # [H, T, hd], [Hkv, T, hd]
         k_cache[:, pos : pos + T] = k
-        v_cache[:, pos : pos + T] = v
-        groups = self.n_heads // self.n_kv_heads
-        keys = k_cache[:, : pos + T].repeat_interleave(groups, dim=0)  # [H, S, hd]
-        values = v_cache[:, : pos + T].repeat_interleave(groups, dim=0)  # [H, S, hd]
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [H, T, hd]
+        v_cache[:, pos : pos + T] = qkv[H + Hkv :]
+        keys, values = k_cache[:, : pos + T], v_cache[:, : pos + T]  # [Hkv, S, hd]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # [H, T, hd]
         return self.wo(y.transpose(0, 1).reshape(T, -1))
 
 
@@ -130,8 +125,11 @@ class Transformer(nn.Module):
         hd = self.cfg.head_dim
         return (1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float, device="cpu") / hd))).to(device)
 
-    def mask(self, pos: int, T: int, device: torch.device) -> torch.Tensor:
-        """[T, pos+T] bool: query i (at position pos+i) sees keys at positions <= pos+i, within the window."""
+    def mask(self, pos: int, T: int, device: torch.device) -> torch.Tensor | None:
+        """[T, pos+T] bool: query i (at position pos+i) sees keys at positions <= pos+i, within the window;
+        None when every query sees every key (one decode step inside the window)."""
+        if T == 1 and (not self.cfg.sliding_window or pos < self.cfg.sliding_window):
+            return None
         q_pos = torch.arange(pos, pos + T, device=device)[:, None]
         k_pos = torch.arange(pos + T, device=device)[None, :]
         allowed = k_pos <= q_pos

@@ -126,9 +126,9 @@ def test_missing_config_and_missing_weights_are_clear(tiny, tmp_path):
 def test_checkpoint_reads_lazily_without_loading_every_tensor(tiny_sharded):
     ckpt = Checkpoint(tiny_sharded[0])
     assert ckpt.dtype == torch.float32
-    assert len(ckpt._handles) == 0  # validation reads headers only
+    assert len(ckpt._files) == 0  # validation reads headers only
     ckpt.get("model.layers.1.block_sparse_moe.experts.3.w2.weight")
-    assert len(ckpt._handles) == 1
+    assert len(ckpt._files) == 1
 
 
 def test_budget_strings_parse_like_accelerate():

@@ -12,6 +12,7 @@ from conftest import build_mixtral, reference_model
 from moe_local.experts.cache import POLICIES
 from moe_local.experts.runtime import ResidentExperts
 from moe_local.generate import GenerationStats, SamplingParams, generate
+from moe_local.model import apply_rope, rope_cos_sin
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -140,6 +141,22 @@ def test_sliding_window_matches_transformers(tmp_path, tokenizer_dir):
     want = reference_logits(reference, ids)
     got = moe_local.load(tmp_path, device="cpu").logits(ids)
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    # one token at a time: decode steps inside the window need no mask, later ones do
+    engine = moe_local.load(tmp_path, device="cpu")
+    stepped = torch.stack([engine.prefill(ids[:1])[0], *(engine.decode_one(i) for i in ids[1:])])
+    assert (stepped - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_rope_rotates_as_the_reference_does_bit_for_bit():
+    """cat(-x2, x1) * sin (transformers' rotate_half) computed as roll(x) * signed sin."""
+    x = torch.randn(4, 5, 16, dtype=torch.bfloat16)
+    positions = torch.arange(100, 105)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    cos, signed_sin = rope_cos_sin(inv_freq, positions, torch.bfloat16)
+    emb = torch.cat([positions[:, None].float() * inv_freq] * 2, dim=-1)
+    sin = emb.sin().to(torch.bfloat16)
+    assert torch.equal(cos, emb.cos().to(torch.bfloat16))
+    assert torch.equal(apply_rope(x, cos, signed_sin), x * cos + torch.cat((-x[..., 8:], x[..., :8]), dim=-1) * sin)
 
 
 def test_same_seed_same_output_and_different_seeds_differ(tiny):

