@@ -121,6 +121,21 @@ def test_mix_result_does_not_depend_on_the_order_experts_run():
     assert torch.allclose(forward, want, atol=1e-5)
 
 
+def test_a_decode_step_mixes_a_token_exactly_as_a_prefill_does():
+    """T=1 has its own path in `mix` (no index tensors): same weighting in fp32, same rounding, same sum."""
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    weights, indices = route(torch.randn(5, 8), 2)
+    chosen = indices.tolist()
+
+    def run(e, xs):  # a different function per expert, row by row, so rows can be compared exactly
+        return xs * (e + 1) - e
+
+    together = mix(x, weights, chosen, sorted({e for row in chosen for e in row}), run)
+    for t in range(5):
+        alone = mix(x[t : t + 1], weights[t : t + 1], chosen[t : t + 1], chosen[t][::-1], run)
+        assert torch.equal(alone, together[t : t + 1])
+
+
 def test_swiglu_expert_matches_the_three_matrix_definition():
     cfg = small_config()
     w1, w2, w3 = torch.randn(cfg.ffn_dim, cfg.dim), torch.randn(cfg.dim, cfg.ffn_dim), torch.randn(cfg.ffn_dim, cfg.dim)

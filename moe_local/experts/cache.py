@@ -62,10 +62,11 @@ class LayerLRUPolicy:
         def over(layer: int) -> int:
             return len(self.orders[layer]) - self.share[layer]
 
-        layers = sorted(range(len(self.orders)), key=over, reverse=True)
         if over(incoming[0]) >= 0:
-            layers.insert(0, incoming[0])
-        for layer in layers:
+            key = pop_oldest(self.orders[incoming[0]], protected)
+            if key is not None:
+                return key
+        for layer in sorted(range(len(self.orders)), key=over, reverse=True):
             key = pop_oldest(self.orders[layer], protected)
             if key is not None:
                 return key
@@ -88,6 +89,7 @@ class ExpertCache:
         self.store, self.device, self.policy = store, device, policy
         self.num_slots = num_slots
         self.slots = torch.empty((num_slots, store.expert_bytes), dtype=torch.uint8, device=device)  # [S, bytes]
+        self.views = [store.format.unpack(slot) for slot in self.slots]  # each slot's parts, made once
         self.slot_of: dict[Key, int] = {}
         self.free = list(range(num_slots - 1, -1, -1))
         self.cuda = device.type == "cuda"
@@ -132,7 +134,7 @@ class ExpertCache:
         self.policy.touch(key)
         if self.cuda and slot in self.copied:
             torch.cuda.current_stream(self.device).wait_event(self.copied.pop(slot))
-        return self.store.format.unpack(self.slots[slot])
+        return self.views[slot]
 
     def release(self, key: Key) -> None:
         """The current stream has queued its last use of `key` for now; a later copy into its slot must wait."""

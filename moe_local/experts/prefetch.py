@@ -6,8 +6,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_local.routing import route
-
 
 class Prefetcher:
     def __init__(self, gates: list[torch.Tensor], top_k: int, per_token: int | None = None):
@@ -18,5 +16,5 @@ class Prefetcher:
         """x [T, D] -> predicted expert indices [T, per_token] for layer+1 (None after the last layer)."""
         if layer + 1 >= len(self.gates):
             return None
-        _, indices = route(F.linear(x, self.gates[layer + 1]), self.top_k)  # likeliest first
-        return indices[:, : self.per_token]
+        # the router's top experts, likeliest first (softmax keeps the order, so it is not needed here)
+        return torch.topk(F.linear(x, self.gates[layer + 1]), self.per_token, dim=-1).indices

@@ -6,6 +6,7 @@ the reference the offloaded path must match exactly."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
@@ -31,9 +32,13 @@ class ExpertStats:
     def __init__(self, n_layers: int, host_memory: dict | None = None):
         self.layers = [LayerStats() for _ in range(n_layers)]
         self.host_memory = host_memory or {}  # the store's pinned and pageable bytes
+        # Host time spent blocked on the device at the layers' routing syncs: near 0 means the host (Python
+        # and kernel launches) is what limits the speed, not the copies or the device.
+        self.sync_wait_s = 0.0
 
     def reset(self) -> None:
         self.layers = [LayerStats() for _ in self.layers]
+        self.sync_wait_s = 0.0
 
     def total(self) -> LayerStats:
         total = LayerStats()
@@ -48,6 +53,7 @@ class ExpertStats:
             **asdict(t),
             "hit_rate": t.hits / max(1, t.hits + t.misses),
             "prefetch_recall": t.predicted_right / t.predicted_of if t.predicted_of else None,
+            "sync_wait_s": self.sync_wait_s,
             "host_memory": self.host_memory,
             "per_layer": [asdict(layer) for layer in self.layers],
         }
@@ -66,12 +72,10 @@ def mix(
     its own row and the rows are summed in a fixed order, so the output does not depend on `order`.
     """
     T, k = weights.shape
-    if T == 1:  # decode: no index tensors to build and copy; the same rows, summed the same way
-        out = x.new_empty(k, x.shape[1])
-        for e in order:
-            j = chosen[0].index(e)
-            out[j] = (run(e, x) * weights[0, j]).to(x.dtype)[0]
-        return out.sum(dim=0, keepdim=True)
+    if T == 1:  # decode: no index tensors to build and copy; the same rows, weighted and summed the same way
+        ys = {e: run(e, x) for e in order}  # [1, D] each
+        rows = torch.cat([ys[e] for e in chosen[0]])  # [k, D], in choice order
+        return (rows * weights.view(k, 1)).to(x.dtype).sum(dim=0, keepdim=True)
     flat = [e for row in chosen for e in row]  # position p = t * k + j
     rank = {e: i for i, e in enumerate(order)}
     by_expert = sorted(range(T * k), key=lambda p: rank[flat[p]])  # positions grouped in run order
@@ -107,10 +111,11 @@ class OffloadedExperts:
         k = indices.shape[1]
         predicted = self.prefetcher.predict(layer, x) if self.prefetcher else None
         both = indices if predicted is None else torch.cat([indices, predicted], dim=1)  # [T, k or 2k]
+        start = time.perf_counter()
         rows = both.tolist()  # the one host sync of this layer: which experts were chosen
+        self.stats.sync_wait_s += time.perf_counter() - start
         chosen = [row[:k] for row in rows]
         wanted = list(dict.fromkeys(e for row in chosen for e in row))
-        self._count_requests(layer, wanted)
         hits = [e for e in wanted if self.cache.resident((layer, e))]
         misses = [e for e in wanted if e not in hits]
         remaining = {(layer, e) for e in wanted}
@@ -118,6 +123,7 @@ class OffloadedExperts:
             self._load((layer, e), remaining)
         if predicted is not None:
             self._prefetch(layer + 1, [row[k:] for row in rows], remaining)
+        self._count_requests(layer, hits, misses)  # after the copies are queued: they are what waits
         return mix(x, weights, chosen, hits + misses, lambda e, xs: self._run((layer, e), xs, remaining))
 
     def _run(self, key: Key, xs: torch.Tensor, remaining: set[Key]) -> torch.Tensor:
@@ -134,20 +140,17 @@ class OffloadedExperts:
         self.stats.layers[key[0]].bytes_copied += self.cache.store.expert_bytes
         return True
 
-    def _count_requests(self, layer: int, wanted: list[int]) -> None:
+    def _count_requests(self, layer: int, hits: list[int], misses: list[int]) -> None:
         stats = self.stats.layers[layer]
-        for e in wanted:
-            key = (layer, e)
-            if self.cache.resident(key):
-                stats.hits += 1
-                stats.prefetch_hits += key in self.prefetched
-            else:
-                stats.misses += 1
-            self.prefetched.discard(key)
+        stats.hits += len(hits)
+        stats.misses += len(misses)
+        for e in hits:
+            stats.prefetch_hits += (layer, e) in self.prefetched
+        self.prefetched.difference_update((layer, e) for e in hits + misses)
         predicted = self.predictions.pop(layer, None)
         if predicted is not None:
-            stats.predicted_right += len(predicted.intersection(wanted))
-            stats.predicted_of += len(wanted)
+            stats.predicted_right += len(predicted.intersection(hits + misses))
+            stats.predicted_of += len(hits) + len(misses)
 
     def _prefetch(self, layer: int, predicted_rows: list[list[int]], protected: set[Key]) -> None:
         counts: dict[int, int] = {}
@@ -177,8 +180,9 @@ class ResidentExperts:
         self.layers = [
             torch.stack([store.buffer((layer, e)) for e in experts]).to(device) for layer in range(store.cfg.n_layers)
         ]  # uint8 [E, expert_bytes] each
+        self.views = [[self.format.unpack(buffers[e]) for e in experts] for buffers in self.layers]
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         chosen = indices.tolist()
         order = sorted({e for row in chosen for e in row})
-        return mix(x, weights, chosen, order, lambda e, xs: self.format.forward(xs, self.format.unpack(self.layers[layer][e])))
+        return mix(x, weights, chosen, order, lambda e, xs: self.format.forward(xs, self.views[layer][e]))
