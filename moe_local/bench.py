@@ -185,6 +185,9 @@ def run_engine(engine: Engine, prompt: list[int], feed: list[int], h2d_bytes_per
         "prefill_efficiency": prefill["bytes_copied"] / h2d_bytes_per_s / prefill_s,
         "decode_tok_per_s": new_tokens / decode_s,
         "decode_ms_per_layer": 1e3 * decode_s / new_tokens / engine.cfg.n_layers,
+        # of which the host waited for the device at the routing syncs; the rest is the host's own work
+        # (Python and kernel launches): when the wait is near 0, the host is what limits decode
+        "sync_wait_ms_per_layer": 1e3 * decode["sync_wait_s"] / new_tokens / engine.cfg.n_layers,
         "hit_rate": decode["hit_rate"],
         "prefetch_recall": decode["prefetch_recall"],
         "h2d_bytes_per_token": per_token,

@@ -485,13 +485,15 @@ def print_bench(r: dict) -> None:
     ch = r["channels"]
     table = Table(title=f"{r['config']['preset']}, {r['config']['n_layers']} layers, {r['plan']['expert_slots']} of "
                   f"{r['plan']['total_experts']} experts in slots on {r['machine']['device']}")
-    for column in ("policy", "prefetch", "prefill tok/s", "decode tok/s", "hits", "recall", "GB/token", "bound tok/s", "efficiency"):
+    columns = ("policy", "prefetch", "prefill tok/s", "decode tok/s", "ms/layer (wait)", "hits", "recall", "GB/token", "bound tok/s", "efficiency")
+    for column in columns:
         table.add_column(column, justify="right")
     for run in r["runs"]:
         recall = run["prefetch_recall"]
         table.add_row(
             run["policy"], "on" if run["prefetch"] else "off", f"{run['prefill_tok_per_s']:.1f}",
-            f"{run['decode_tok_per_s']:.2f}", f"{100 * run['hit_rate']:.1f} %",
+            f"{run['decode_tok_per_s']:.2f}", f"{run['decode_ms_per_layer']:.2f} ({run['sync_wait_ms_per_layer']:.2f})",
+            f"{100 * run['hit_rate']:.1f} %",
             "n/a" if recall is None else f"{100 * recall:.1f} %", f"{run['h2d_bytes_per_token'] / 1e9:.3f}",
             *("n/a" if run[key] is None else f"{run[key]:.2f}" for key in ("bound_tok_per_s", "efficiency")),
         )

@@ -48,6 +48,7 @@ def test_bench_figures_agree_with_each_other(result):
         bound_s = run["h2d_bytes_per_token"] / (result["channels"]["h2d_gb_per_s"] * 1e9)
         assert run["bound_tok_per_s"] == pytest.approx(1 / bound_s)
         assert run["efficiency"] == pytest.approx(run["decode_tok_per_s"] / run["bound_tok_per_s"])
+        assert 0 < run["sync_wait_ms_per_layer"] < run["decode_ms_per_layer"]
     main = result["runs"][0]
     assert result["speedup_vs_peer_per_layer"] == pytest.approx(result["peer"]["ms_per_layer"] / main["decode_ms_per_layer"])
     assert result["host_memory"]["pageable_bytes"] == result["plan"]["total_experts"] * expert_bytes
