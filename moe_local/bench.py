@@ -41,6 +41,7 @@ class BenchConfig:
     dtype: str = "bf16"  # compute dtype
     experts_dtype: str = "bf16"  # the experts' format (see experts/formats.py)
     group_size: int | None = None  # int4 only
+    resident_dtype: str = "auto"  # int8: the attention projections in int8 (see Options)
     device: str | None = None
     policies: tuple[str, ...] = ("layer-lru", "lru")  # the first is the one reported at the top
     prefetch: bool = True
@@ -273,12 +274,14 @@ def bench(
     gpu_memory = config.gpu_memory
     if gpu_memory is None and config.expert_slots is None and device.type == "cuda":
         gpu_memory = "12GiB"
-    options = Options(device=device.type, gpu_memory=gpu_memory, expert_slots=config.expert_slots,
-                      ctx_size=ctx_size, prefetch=config.prefetch, prefetch_top=config.prefetch_top)
-    beside = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, expert_slots=cfg.n_experts).beside_store_bytes
+    options = Options(device=device.type, gpu_memory=gpu_memory, expert_slots=config.expert_slots, ctx_size=ctx_size,
+                      prefetch=config.prefetch, prefetch_top=config.prefetch_top, resident_dtype=config.resident_dtype)
+    int8_attention = options.int8_attention
+    beside = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, expert_slots=cfg.n_experts, int8_attention=int8_attention).beside_store_bytes
     fmt, why = choose_format(config.experts_dtype, cfg, dtype, device.type, config.group_size, beside)
     say(why)
-    plan = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, gpu_memory, config.expert_slots, expert_bytes=fmt.expert_bytes)
+    plan = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, gpu_memory, config.expert_slots,
+                       expert_bytes=fmt.expert_bytes, int8_attention=int8_attention)
     check_host_ram(host_bytes_needed(plan), f"{plan.total_experts} experts of this geometry")  # before the peer's wait
     result: dict = {"machine": machine(device), "config": {**asdict(config), "n_layers": cfg.n_layers}}
 
@@ -293,11 +296,14 @@ def bench(
     setup = time.perf_counter()
     store = random_store(cfg, fmt, dtype, device, gen, plan.beside_store_bytes, progress)
     model = random_model(cfg, dtype, device, gen)
+    if int8_attention:
+        model.quantize_attention()
     result["setup_s"] = time.perf_counter() - setup
     if device.type == "cuda":  # as Engine.from_folder does
         workspace = measure_workspace(model, fmt, ctx_size, options.prefill_chunk)
         plan = plan_memory(
-            cfg, dtype, device, ctx_size, options.prefill_chunk, plan.budget_bytes, config.expert_slots, workspace, fmt.expert_bytes
+            cfg, dtype, device, ctx_size, options.prefill_chunk, plan.budget_bytes, config.expert_slots, workspace, fmt.expert_bytes,
+            int8_attention,
         )
     result["experts_format"] = {"key": fmt.key, "expert_bytes": fmt.expert_bytes, "why": why}
     result["plan"] = plan_report(cfg, plan, ctx_size)

@@ -76,6 +76,16 @@ def workspace_bytes(cfg: ModelConfig, dtype: torch.dtype, ctx_size: int, chunk: 
     return activations + scores + chunk * cfg.vocab_size * 4
 
 
+def resident_bytes(cfg: ModelConfig, dtype: torch.dtype, int8_attention: bool = False) -> int:
+    """Bytes of everything but the experts; with `int8_attention` the attention projections take one byte
+    per weight and a scale (in `dtype`) per output channel."""
+    if not int8_attention:
+        return cfg.resident_numel() * dtype.itemsize
+    attention = cfg.n_layers * cfg.attention_numel
+    scales = cfg.n_layers * cfg.attention_rows * dtype.itemsize
+    return (cfg.resident_numel() - attention) * dtype.itemsize + attention + scales
+
+
 def plan_memory(
     cfg: ModelConfig,
     dtype: torch.dtype,
@@ -86,12 +96,14 @@ def plan_memory(
     expert_slots: int | None = None,
     workspace: int | None = None,
     expert_bytes: int | None = None,
+    int8_attention: bool = False,
 ) -> MemoryPlan:
     """Split the budget; `workspace` is a measured peak (see `Engine.from_folder`), else it is estimated;
-    `expert_bytes` is one expert in its format (default: unquantized, in `dtype`)."""
+    `expert_bytes` is one expert in its format (default: unquantized, in `dtype`); `int8_attention` for
+    `--resident-dtype int8`."""
     total = cfg.n_layers * cfg.n_experts
     expert = expert_bytes or cfg.expert_numel * dtype.itemsize
-    resident = cfg.resident_numel() * dtype.itemsize
+    resident = resident_bytes(cfg, dtype, int8_attention)
     kv = cfg.kv_cache_numel(ctx_size) * dtype.itemsize
     work = workspace if workspace is not None else workspace_bytes(cfg, dtype, ctx_size, min(prefill_chunk, ctx_size))
     fixed = resident + kv + work

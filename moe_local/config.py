@@ -99,11 +99,20 @@ class ModelConfig:
     def expert_shapes(self) -> dict[str, tuple[int, int]]:
         return {"w1": (self.ffn_dim, self.dim), "w2": (self.dim, self.ffn_dim), "w3": (self.ffn_dim, self.dim)}
 
+    @property
+    def attention_numel(self) -> int:
+        """Parameters of one layer's attention projections: q, k, v [(H + 2 Hkv) hd, D] and o [D, H hd]."""
+        return self.dim * self.head_dim * (self.n_heads * 2 + self.n_kv_heads * 2)
+
+    @property
+    def attention_rows(self) -> int:
+        """Output channels of one layer's attention projections (one int8 scale each)."""
+        return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim + self.dim
+
     def resident_numel(self) -> int:
         """Parameters that stay on the device: everything except the experts."""
-        d, hd = self.dim, self.head_dim
-        attn = d * hd * (self.n_heads * 2 + self.n_kv_heads * 2)
-        per_layer = attn + self.n_experts * d + 2 * d  # attention, router, two norms
+        d = self.dim
+        per_layer = self.attention_numel + self.n_experts * d + 2 * d  # attention, router, two norms
         embed = self.vocab_size * d
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.n_layers * per_layer + embed + head + d

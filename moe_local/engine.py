@@ -26,6 +26,9 @@ from moe_local.model import KVCache, Transformer
 from moe_local.tokenizer import Tokenizer, load_tokenizer
 
 
+RESIDENT_DTYPES = ("auto", "int8")
+
+
 @dataclass(frozen=True)
 class Options:
     """Every load-time option and its default, in one place (the CLI reads these defaults too)."""
@@ -42,6 +45,7 @@ class Options:
     prefill_chunk: int = 512  # tokens per prefill step: bounds the workspace
     experts_dtype: str = "auto"  # see experts/formats.py: auto, bf16, fp16, fp32, int8, int4
     group_size: int | None = None  # int4 group size; default 128 (or the largest of 64, 32 the model allows)
+    resident_dtype: str = "auto"  # auto: the compute dtype; int8: the attention projections in int8
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -54,6 +58,12 @@ class Options:
             raise ConfigError(f"unknown experts dtype {self.experts_dtype!r} (choose from {', '.join(EXPERTS_DTYPES)})")
         if self.prefill_chunk < 1:
             raise ConfigError("prefill_chunk must be positive")
+        if self.resident_dtype not in RESIDENT_DTYPES:
+            raise ConfigError(f"unknown resident dtype {self.resident_dtype!r} (choose from {', '.join(RESIDENT_DTYPES)})")
+
+    @property
+    def int8_attention(self) -> bool:
+        return self.resident_dtype == "int8"
 
     def compute_dtype(self, checkpoint_dtype: torch.dtype) -> torch.dtype:
         return DTYPES[self.dtype] if self.dtype else checkpoint_dtype
@@ -116,10 +126,12 @@ class Engine:
         dtype = options.compute_dtype(ckpt.dtype)
         ctx_size = options.context_size(cfg)
         # on the CPU the resident part and the slots take host RAM too: `auto` counts them (slots as if bf16)
-        beside = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk).beside_store_bytes if device.type == "cpu" else 0
+        int8_attention = options.int8_attention
+        beside = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, int8_attention=int8_attention).beside_store_bytes if device.type == "cpu" else 0
         fmt, why = choose_format(options.experts_dtype, cfg, dtype, device.type, options.group_size, beside)
         plan = plan_memory(
-            cfg, dtype, device, ctx_size, options.prefill_chunk, options.gpu_memory, options.expert_slots, expert_bytes=fmt.expert_bytes
+            cfg, dtype, device, ctx_size, options.prefill_chunk, options.gpu_memory, options.expert_slots,
+            expert_bytes=fmt.expert_bytes, int8_attention=int8_attention,
         )
         notes = [why]
         # Read the small files first, so that a broken one fails before the slow part.
@@ -135,11 +147,14 @@ class Engine:
             model = Transformer.from_state_dict(cfg, ckpt.resident_state_dict(dtype, device), device)
         finally:
             ckpt.close()
+        if int8_attention:
+            model.quantize_attention()
+            notes.append("attention weights in int8 (--resident-dtype int8)")
         if device.type == "cuda":  # replace the estimated workspace by a measured one before sizing the pool
             workspace = measure_workspace(model, fmt, ctx_size, options.prefill_chunk)
             plan = plan_memory(
                 cfg, dtype, device, ctx_size, options.prefill_chunk, plan.budget_bytes, options.expert_slots, workspace,
-                fmt.expert_bytes,
+                fmt.expert_bytes, int8_attention,
             )
         return cls(model, store, plan, options, ctx_size, tokenizer, generation_config, folder, notes)
 

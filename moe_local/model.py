@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_local.config import ModelConfig
+from moe_local.int8 import Int8Linear
 from moe_local.routing import route
 
 
@@ -119,6 +120,13 @@ class Transformer(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         model.inv_freq = model.rope_inv_freq(device)  # not in the state dict
         return model
+
+    def quantize_attention(self) -> None:
+        """`--resident-dtype int8`: the attention projections (most of the resident weights) as int8 with
+        one scale per output channel, quantized on their device, one matrix at a time."""
+        for layer in self.layers:
+            layer.attention.wqkv = Int8Linear(layer.attention.wqkv.weight)
+            layer.attention.wo = Int8Linear(layer.attention.wo.weight)
 
     def rope_inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
         # computed on the CPU, then moved, as the reference does, so positions rotate identically

@@ -72,6 +72,14 @@ def test_bench_command_prints_one_json_object_and_a_table_on_stderr():
     assert "decode tok/s" in result.stderr and "peer (transformers + accelerate offload, 1 layers)" in result.stderr
 
 
+def test_bench_with_int8_attention_plans_and_runs_it(result):
+    out = moe_local_cli("bench", *TINY, "--no-compare-prefetch", "--policy", "lru", "--peer-layers", "0", "--resident-dtype", "int8", "-q")
+    assert out.returncode == 0, out.stderr
+    small = json.loads(out.stdout)
+    assert small["config"]["resident_dtype"] == "int8" and small["same_tokens_in_every_run"]
+    assert small["plan"]["resident_bytes"] < result["plan"]["resident_bytes"]
+
+
 @pytest.mark.parametrize("bad, message", [
     (["--layers", "0"], "--layers must be at least 1"),
     (["--policy", "mru"], "unknown eviction policy 'mru'"),

@@ -42,6 +42,17 @@ def test_plan_for_mixtral_8x7b_on_a_gpu_budget(budget, slots):
     assert report["host_bytes_available"] > 0
 
 
+def test_int8_attention_halves_the_attention_bytes_and_buys_slots():
+    cfg = preset_config("mixtral-8x7b")
+    dense = plan_memory(cfg, torch.bfloat16, CUDA, 4096, 512, "12GiB")
+    int8 = plan_memory(cfg, torch.bfloat16, CUDA, 4096, 512, "12GiB", int8_attention=True)
+    attention = 32 * (4096 * 6144 + 4096 * 4096)  # wqkv [(32 + 2 x 8) x 128, 4096] and wo [4096, 4096] per layer
+    scales = 32 * (6144 + 4096) * 2  # one bf16 scale per output channel
+    assert dense.resident_bytes - int8.resident_bytes == attention - scales
+    assert round(int8.resident_bytes / dense.resident_bytes, 2) == 0.58
+    assert (dense.expert_slots, int8.expert_slots) == (25, 29)  # 1.25 GiB more for bf16 experts of 336 MiB
+
+
 def test_on_the_cpu_everything_is_counted_in_host_ram():
     cfg = preset_config("tiny")
     plan = plan_memory(cfg, torch.float32, torch.device("cpu"), 256, 512)
@@ -77,6 +88,11 @@ def test_plan_command_shows_the_table_and_json_without_loading(tiny):
     int4 = json.loads(moe_local_cli("plan", "--preset", "mixtral-8x7b", "--gpu-memory", "12GiB", "--experts-dtype", "int4", "--json").stdout)
     assert int4["experts_format"] == "int4-g128-cuda" and int4["expert_bytes"] == 93_585_408  # 4.25 bits per weight, aligned
     assert int4["expert_slots"] > 3 * int4["formats"]["bf16"]["expert_slots"]
+    args = ("plan", "--preset", "mixtral-8x7b", "--gpu-memory", "12GiB", "--experts-dtype", "int4", "--resident-dtype", "int8")
+    small = json.loads(moe_local_cli(*args, "--json").stdout)
+    assert small["resident_dtype"] == "int8" and small["resident_bytes"] < 0.6 * int4["resident_bytes"]
+    assert small["expert_slots"] > int4["expert_slots"] and small["formats"]["bf16"]["resident_bytes"] == small["resident_bytes"]
+    assert "(attention in int8)" in moe_local_cli(*args).stdout
 
 
 def test_plan_command_errors_are_one_line():
@@ -84,6 +100,7 @@ def test_plan_command_errors_are_one_line():
         (["--preset", "mixtral-8x7b", "--gpu-memory", "2GiB", "--experts-dtype", "bf16"], "need at least 4.06 GiB"),
         (["--preset", "mixtral-8x7b", "--gpu-memory", "lots"], "cannot read memory size 'lots'"),
         (["some/model", "--preset", "tiny"], "not both"),
+        (["--preset", "mixtral-8x7b", "--gpu-memory", "12GiB", "--resident-dtype", "int4"], "unknown resident dtype 'int4' (choose from auto, int8)"),
     ]:
         result = moe_local_cli("plan", *args)
         assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr

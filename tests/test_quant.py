@@ -21,6 +21,7 @@ import moe_local
 from moe_local.errors import BudgetError, ConfigError
 from moe_local.experts.formats import choose_format, make_format
 from moe_local.generate import SamplingParams
+from moe_local.int8 import Int8Linear
 from conftest import build_mixtral, moe_local_cli
 from test_runtime import small_config
 
@@ -67,10 +68,13 @@ def test_quantized_outputs_do_not_depend_on_budget_policy_or_prefetch(tiny, devi
         assert engine.store.format.key.startswith(name)
 
 
+QUANTIZED = {"int8": dict(experts_dtype="int8"), "int4": dict(experts_dtype="int4"), "int8 attention": dict(resident_dtype="int8")}
+
+
 def fidelity(names: tuple[str, ...], n_tokens: int = 1000) -> dict[str, dict]:
-    """Top-1 agreement and KL(reference || quantized) of each format against the unquantized demo model,
-    over a fixed text (this package's tokenizer source), both computed in fp32 so that only the experts'
-    quantization differs. The figures docs/benchmarks.md records."""
+    """Top-1 agreement and KL(reference || quantized) of each quantization (`QUANTIZED`) against the
+    unquantized demo model, over a fixed text (this package's tokenizer source), both computed in fp32 so
+    that only the quantization differs. The figures docs/benchmarks.md records."""
     import moe_local.tokenizer as text_source
 
     reference = moe_local.load(DEMO, device="cpu", dtype="fp32", experts_dtype="bf16")
@@ -78,7 +82,8 @@ def fidelity(names: tuple[str, ...], n_tokens: int = 1000) -> dict[str, dict]:
     want = reference.logits(ids).log_softmax(-1)
     out = {}
     for name in names:
-        got = moe_local.load(DEMO, device="cpu", dtype="fp32", experts_dtype=name).logits(ids).log_softmax(-1)
+        options = {"experts_dtype": "bf16", **QUANTIZED[name]}
+        got = moe_local.load(DEMO, device="cpu", dtype="fp32", **options).logits(ids).log_softmax(-1)
         kl = (want.exp() * (want - got)).sum(-1)
         out[name] = {
             "positions": len(ids),
@@ -93,10 +98,30 @@ INT4_KL_BOUND = 0.02  # measured 0.008 on the demo model (docs/benchmarks.md); 2
 
 
 def test_int8_keeps_the_top_token_and_int4_stays_within_its_kl_bound():
-    figures = fidelity(("int8", "int4"))
+    figures = fidelity(("int8", "int4", "int8 attention"))
     assert figures["int8"]["top1_agreement"] >= 0.99, figures
+    assert figures["int8 attention"]["top1_agreement"] >= 0.99, figures
     assert figures["int4"]["kl_mean"] <= INT4_KL_BOUND, figures
     assert figures["int8"]["kl_mean"] < figures["int4"]["kl_mean"]  # more bits, closer
+
+
+def test_int8_attention_runs_its_projections_in_int8_and_outputs_do_not_depend_on_the_budget(tiny, device):
+    folder, _ = tiny
+    ids = [1, 17, 99, 250, 31, 7, 64, 5, 5, 12]
+    dense = moe_local.load(folder, device=device, expert_slots=24)
+    engine = moe_local.load(folder, device=device, resident_dtype="int8", expert_slots=24)
+    attention = engine.model.layers[0].attention
+    assert isinstance(attention.wqkv, Int8Linear) and attention.wqkv.weight.dtype == torch.int8
+    assert engine.notes[-1] == "attention weights in int8 (--resident-dtype int8)"
+    assert engine.plan.resident_bytes < dense.plan.resident_bytes
+    # within half a quantization step of the float weight, through the device's kernel
+    w = dense.model.layers[0].attention.wqkv.weight
+    seen = attention.wqkv(torch.eye(w.shape[1], dtype=w.dtype, device=device)).T
+    assert torch.all((seen - w).abs() <= attention.wqkv.scale[:, None] / 2 + 1e-6)
+    want, got = dense.logits(ids), engine.logits(ids)
+    assert (got - want).abs().max() <= 0.05 * want.abs().max() and torch.equal(got.argmax(-1), want.argmax(-1))
+    small = moe_local.load(folder, device=device, resident_dtype="int8", expert_slots=3)
+    assert torch.equal(small.logits(ids), got)
 
 
 def copy_checkpoint(folder: Path, to: Path) -> Path:

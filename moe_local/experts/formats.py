@@ -15,6 +15,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
+from moe_local import int8
 from moe_local.budget import format_bytes
 from moe_local.config import ModelConfig
 from moe_local.errors import BudgetError, ConfigError
@@ -108,8 +109,8 @@ class Dense(ExpertFormat):
 
 class Int8(ExpertFormat):
     """int8 weights, one scale per output channel (symmetric: w ~ q * scale), run by
-    `torch._weight_int8pack_mm` on the CPU and as a widened matmul on CUDA (see `linear`); scales are kept
-    in the compute dtype, as the kernel wants."""
+    `torch._weight_int8pack_mm` on the CPU and as a widened matmul on CUDA (see `moe_local/int8.py`);
+    scales are kept in the compute dtype, as the kernel wants."""
 
     name = "int8"
     quantized = True
@@ -127,23 +128,11 @@ class Int8(ExpertFormat):
         return f"int8-{Dense(self.cfg, self.scale_dtype).name}"
 
     def encode(self, w: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
-        w = w.float()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(self.scale_dtype)  # [N]
-        q = (w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+        q, scale = int8.quantize(w, self.scale_dtype)
         return {name: q, f"{name}.scale": scale}
 
     def linear(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
-        scale = w[f"{name}.scale"]
-        if x.is_cuda:
-            # torch's CUDA _weight_int8pack_mm took 1.6 ms per Mixtral expert for one token on an H100 (and
-            # prefill ran at 39 tok/s); widening to the compute dtype and one matmul is several times faster.
-            return F.linear(x, w[name].to(x.dtype)) * scale.to(x.dtype)
-        if x.dtype != scale.dtype:
-            return torch._weight_int8pack_mm(x.to(scale.dtype), w[name], scale).to(x.dtype)
-        return torch._weight_int8pack_mm(x, w[name], scale)
-
-    def dequantize(self, w: Weights, name: str) -> torch.Tensor:
-        return w[name].float() * w[f"{name}.scale"].float()[:, None]
+        return int8.linear(x, w[name], w[f"{name}.scale"])
 
 
 class Int4(ExpertFormat):
