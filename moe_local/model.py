@@ -72,7 +72,12 @@ class Attention(nn.Module):
         k_cache[:, pos : pos + T] = k
         v_cache[:, pos : pos + T] = qkv[H + Hkv :]
         keys, values = k_cache[:, : pos + T], v_cache[:, : pos + T]  # [Hkv, S, hd]
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # [H, T, hd]
+        if mask is None:  # a decode step: SDPA shares each KV head among its query heads itself
+            y = F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)  # [H, T, hd]
+        else:  # with a mask, enable_gqa sends CUDA to the math kernel: share the heads by hand
+            groups = H // Hkv
+            keys, values = keys.repeat_interleave(groups, dim=0), values.repeat_interleave(groups, dim=0)  # [H, S, hd]
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [H, T, hd]
         return self.wo(y.transpose(0, 1).reshape(T, -1))
 
 
