@@ -165,7 +165,7 @@ Device = Annotated[Optional[str], typer.Option("--device", help="cuda or cpu. De
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="Compute dtype: bf16, fp16 or fp32. Default: the checkpoint's.")]
 Prefetch = Annotated[bool, typer.Option("--prefetch/--no-prefetch", help="Predict and load the next layer's experts ahead of time.")]
 ExpertsDtype = Annotated[str, typer.Option("--experts-dtype", help="How the experts are stored and copied: auto, bf16, fp16, fp32, int8 (per-channel, 2x fewer bytes than bf16) or int4 (group-wise, ~3.8x fewer). auto keeps the checkpoint's dtype when the experts fit in RAM with room to spare, else int8, else int4. Quantized experts are cached on disk (MOE_LOCAL_CACHE, default ~/.cache/moe-local).")]
-ResidentDtype = Annotated[str, typer.Option("--resident-dtype", help="The weights kept on the GPU: auto (the compute dtype) or int8 (the attention projections in int8, per-channel: about 45% less resident memory for Mixtral, so more expert slots; for 8 GB GPUs).")]
+ResidentDtype = Annotated[str, typer.Option("--resident-dtype", help="The weights kept on the GPU: auto (the compute dtype) or int8 (the attention projections in int8, per-channel: about 40% less resident memory for Mixtral, so more expert slots; for 8 GB GPUs).")]
 GroupSize = Annotated[Optional[int], typer.Option("--group-size", help="int4 group size: 32, 64, 128 or 256. Default 128, or the largest the model's sizes allow.")]
 Policy = Annotated[str, typer.Option("--policy", help=f"Expert slot eviction policy: {', '.join(POLICIES)} (see docs/benchmarks.md).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, notes or timings on stderr.")]
