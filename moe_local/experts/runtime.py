@@ -141,16 +141,16 @@ class OffloadedExperts:
         return True
 
     def _count_requests(self, layer: int, hits: list[int], misses: list[int]) -> None:
-        stats = self.stats.layers[layer]
+        stats, requested = self.stats.layers[layer], hits + misses
         stats.hits += len(hits)
         stats.misses += len(misses)
         for e in hits:
             stats.prefetch_hits += (layer, e) in self.prefetched
-        self.prefetched.difference_update((layer, e) for e in hits + misses)
+        self.prefetched.difference_update((layer, e) for e in requested)
         predicted = self.predictions.pop(layer, None)
         if predicted is not None:
-            stats.predicted_right += len(predicted.intersection(hits + misses))
-            stats.predicted_of += len(hits) + len(misses)
+            stats.predicted_right += len(predicted.intersection(requested))
+            stats.predicted_of += len(requested)
 
     def _prefetch(self, layer: int, predicted_rows: list[list[int]], protected: set[Key]) -> None:
         counts: dict[int, int] = {}
