@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,6 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from builders import train_tokenizer
-
-# Quantized experts are cached on disk: keep the tests' out of the user's ~/.cache (subprocesses inherit it).
-os.environ["MOE_LOCAL_CACHE"] = tempfile.mkdtemp(prefix="moe-local-test-cache-")
 
 # Small, but with every feature that matters: GQA, several layers, 8 experts with top-2 routing.
 TINY = dict(
@@ -54,6 +50,21 @@ def build_mixtral(
 
 def reference_model(folder: Path, dtype: torch.dtype) -> MixtralForCausalLM:
     return MixtralForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quantized_cache(tmp_path_factory) -> Path:
+    """Quantized experts are cached on disk: keep the tests' out of the user's ~/.cache, in pytest's own
+    temporary folder (subprocesses inherit the variable)."""
+    folder = tmp_path_factory.mktemp("moe-local-cache")
+    previous = os.environ.get("MOE_LOCAL_CACHE")
+    os.environ["MOE_LOCAL_CACHE"] = str(folder)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+    if previous is None:
+        os.environ.pop("MOE_LOCAL_CACHE", None)
+    else:
+        os.environ["MOE_LOCAL_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")
