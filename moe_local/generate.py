@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Iterator
 
 import torch
 
+from moe_local.errors import MoeLocalError
+
 if TYPE_CHECKING:
     from moe_local.engine import Engine
+
+
+MAX_SEED = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -22,7 +28,7 @@ class SamplingParams:
     min_p: float = 0.05  # 0 disables
     repeat_penalty: float = 1.0  # 1 disables
     repeat_last_n: int = 64  # how many recent tokens the penalty looks at
-    seed: int | None = None
+    seed: int | None = None  # None: a fresh random one, which `generate` reports in the stats
 
     def __post_init__(self) -> None:
         checks = [
@@ -32,6 +38,8 @@ class SamplingParams:
             (0 <= self.min_p <= 1, "min-p must be in [0, 1]"),
             (self.repeat_penalty > 0, "repeat-penalty must be > 0"),
             (self.repeat_last_n >= 0, "repeat-last-n must be >= 0"),
+            # what torch.Generator.manual_seed takes; past it torch says only "Overflow when unpacking long long"
+            (self.seed is None or 0 <= self.seed <= MAX_SEED, f"seed must be a whole number from 0 to {MAX_SEED}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -84,7 +92,13 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
 
 
 def sample(logits: torch.Tensor, history: list[int], params: SamplingParams, generator: torch.Generator) -> int:
-    logits = apply_repeat_penalty(logits.float().cpu(), history, params)  # [V]
+    logits = logits.float().cpu()  # [V]
+    if not torch.isfinite(logits).all():  # else argmax picks a NaN and multinomial raises about "probability tensor"
+        raise MoeLocalError(
+            "the model produced NaN or infinite logits: its weights may be damaged, or the compute dtype overflows "
+            "(try --dtype bf16 or fp32)"
+        )
+    logits = apply_repeat_penalty(logits, history, params)
     if params.temperature == 0:
         return int(torch.argmax(logits))
     return int(torch.multinomial(logits_to_probs(logits, params), 1, generator=generator))
@@ -97,7 +111,8 @@ class GenerationStats:
     prompt_seconds: float = 0.0
     generated_tokens: int = 0
     decode_seconds: float = 0.0
-    finish_reason: str = ""  # "stop" (EOS), "length" (max tokens or context full)
+    finish_reason: str = ""  # "stop" (EOS), "length" (max new tokens), "context" (no position left)
+    seed: int | None = None  # the sampler's seed: given, or drawn when none was
     experts: dict = field(default_factory=dict)
 
     @property
@@ -119,6 +134,7 @@ class GenerationStats:
             "decode_seconds": round(self.decode_seconds, 4),
             "decode_tok_per_s": round(self.decode_tok_per_s, 2),
             "finish_reason": self.finish_reason,
+            "seed": self.seed,
             "experts": self.experts,
         }
 
@@ -132,7 +148,10 @@ def generate(
     stats: GenerationStats,
 ) -> Iterator[int]:
     """Yield generated token ids one by one (EOS is not yielded); `stats` is filled as it goes."""
-    generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
+    # an unseeded run draws its seed here (not torch.seed(), which would reseed the global generator) and
+    # reports it, so that `--seed` can repeat it
+    stats.seed = params.seed if params.seed is not None else secrets.randbits(63)
+    generator = torch.Generator().manual_seed(stats.seed)
     engine.experts.stats.reset()
     stats.prompt_tokens = len(prompt)
     history = list(prompt)
@@ -149,8 +168,11 @@ def generate(
         stats.generated_tokens += 1
         history.append(token)
         yield token
-        if stats.generated_tokens == max_new_tokens or len(history) > engine.ctx_size:
-            break  # done, or no position left in the KV cache to feed this token at
+        if stats.generated_tokens == max_new_tokens:
+            break
+        if len(history) > engine.ctx_size:  # no position left in the KV cache to feed this token at
+            stats.finish_reason = "context"
+            break
         token = sample(engine.decode_one(token), history, params, generator)
         stats.decode_seconds = time.perf_counter() - start
     stats.experts = engine.experts.stats.as_dict()
