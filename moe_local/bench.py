@@ -18,7 +18,7 @@ import psutil
 import torch
 
 from moe_local.budget import check_host_ram, host_bytes_needed, plan_memory, plan_report
-from moe_local.config import DTYPES, ModelConfig, preset_config
+from moe_local.config import DTYPES, PRESETS, ModelConfig, preset_config
 from moe_local.engine import Engine, Options, measure_workspace, resolve_device
 from moe_local.errors import ConfigError
 from moe_local.experts.cache import POLICIES
@@ -200,25 +200,24 @@ def run_engine(engine: Engine, prompt: list[int], feed: list[int], h2d_bytes_per
     }, argmaxes
 
 
-def measure_peer(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, layers: int, tokens: int, seed: int) -> dict:
-    """transformers' MixtralForCausalLM with the experts offloaded to the CPU by accelerate (the way
-    `device_map` with "cpu" entries runs them: weights copied to the device on every call), same geometry."""
+def measure_peer(preset: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, layers: int, tokens: int, seed: int) -> dict:
+    """transformers' model of the preset's family with the routed experts offloaded to the CPU by accelerate
+    (the way `device_map` with "cpu" entries runs them: weights copied to the device on every call), same
+    geometry."""
     try:
         from accelerate import dispatch_model
-        from transformers import MixtralConfig, MixtralForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError as e:
         return {"skipped": f"the peer needs transformers: {e}"}
-    hf = MixtralConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_hidden_layers=layers,
-        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, num_local_experts=cfg.n_experts,
-        num_experts_per_tok=cfg.top_k, max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
-    )
+    raw = {**PRESETS[preset], "num_hidden_layers": layers}
+    raw["first_k_dense_replace"] = min(raw.get("first_k_dense_replace", 0), layers - 1)
+    hf = AutoConfig.for_model(**raw)
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # random init where the weights end up, in their dtype
     try:
         with torch.device(device):
-            model = MixtralForCausalLM(hf).eval()
+            model = AutoModelForCausalLM.from_config(hf).eval()
     finally:
         torch.set_default_dtype(default)
     experts = {name for name, _ in model.named_modules() if name.endswith(".experts")}
@@ -288,7 +287,7 @@ def bench(
     peer = None
     if config.peer_layers:
         say(f"peer: transformers + accelerate offload, {config.peer_layers} layers, {config.peer_tokens} tokens")
-        peer = measure_peer(cfg, dtype, device, config.peer_layers, config.peer_tokens, config.seed)
+        peer = measure_peer(config.preset, cfg, dtype, device, config.peer_layers, config.peer_tokens, config.seed)
         free_device_memory(device)
 
     say(f"generating {plan.total_experts} random experts on {device.type} into host memory")

@@ -101,7 +101,7 @@ def plan_memory(
     """Split the budget; `workspace` is a measured peak (see `Engine.from_folder`), else it is estimated;
     `expert_bytes` is one expert in its format (default: unquantized, in `dtype`); `int8_attention` for
     `--resident-dtype int8`."""
-    total = cfg.n_layers * cfg.n_experts
+    total = cfg.n_moe_layers * cfg.n_experts
     expert = expert_bytes or cfg.expert_numel * dtype.itemsize
     resident = resident_bytes(cfg, dtype, int8_attention)
     kv = cfg.kv_cache_numel(ctx_size) * dtype.itemsize
@@ -145,7 +145,7 @@ def plan_report(cfg: ModelConfig, plan: MemoryPlan, ctx_size: int) -> dict:
     Under uniform routing (the worst case for a cache; random routers route so) a requested expert is
     resident with probability slots / experts when each layer keeps an even share of the slots."""
     hit_rate = plan.expert_slots / plan.total_experts
-    misses_per_token = (1 - hit_rate) * cfg.n_layers * cfg.top_k
+    misses_per_token = (1 - hit_rate) * cfg.n_moe_layers * cfg.top_k
     return {
         "device": plan.device,
         "budget_bytes": plan.budget_bytes,
@@ -158,7 +158,7 @@ def plan_report(cfg: ModelConfig, plan: MemoryPlan, ctx_size: int) -> dict:
         "expert_slots": plan.expert_slots,
         "slot_bytes": plan.slot_bytes,
         "total_experts": plan.total_experts,
-        "experts_per_layer": plan.expert_slots / cfg.n_layers,
+        "experts_per_layer": plan.expert_slots / cfg.n_moe_layers,
         "host_bytes_needed": host_bytes_needed(plan),
         "host_bytes_available": psutil.virtual_memory().available,
         "expected_hit_rate_uniform": hit_rate,

@@ -7,15 +7,15 @@ import os
 import re
 import struct
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 from pathlib import Path
 
 import torch
 
-from moe_local.config import ModelConfig
+from moe_local.config import FAMILIES, ModelConfig
 from moe_local.errors import CheckpointError, ConfigError
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-EXPERT_WEIGHTS = ("w1", "w2", "w3")  # gate [F, D], down [D, F], up [F, D]
 # Buffers some older exports saved with the weights; they carry no information we need.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -46,7 +46,7 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
                 return candidates[-1]
         raise CheckpointError(
             f"model {model!r} is neither a folder nor in the Hugging Face cache ({hf_hub_cache()}); "
-            "download it first (e.g. `huggingface-cli download " + str(model) + "`) or give its folder"
+            "download it first (e.g. `hf download " + str(model) + "`) or give its folder"
         )
     raise CheckpointError(f"model path {path} does not exist")
 
@@ -94,34 +94,108 @@ def read_safetensors_header(shard: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
-def expert_tensor_name(layer: int, expert: int, w: str) -> str:
-    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight"
+class Target(NamedTuple):
+    """Where a checkpoint tensor goes: our name (or ("expert", moe layer ordinal, expert, w) for a routed
+    expert's matrix), its shape in the checkpoint, and a reordering applied after reading, if any. Several
+    checkpoint tensors with one name of ours are concatenated along the first dimension, in order."""
+
+    ours: str | tuple
+    shape: tuple[int, ...]
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
-def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[str | tuple, tuple[int, ...]]]:
-    """Checkpoint name -> (our name, shape). Experts map to ("expert", layer, expert, w). Where several
-    checkpoint tensors map to one name, ours is their concatenation along the first dimension, in order."""
-    d, hd = cfg.dim, cfg.head_dim
-    names: dict[str, tuple[str | tuple, tuple[int, ...]]] = {
-        "model.embed_tokens.weight": ("tok_embeddings.weight", (cfg.vocab_size, d)),
-        "model.norm.weight": ("norm.weight", (d,)),
+def _linear(names: dict, hf: str, ours: str, shape: tuple[int, int], bias: bool = False, transform=None) -> None:
+    names[hf + ".weight"] = Target(ours + ".weight", shape, transform)
+    if bias:
+        names[hf + ".bias"] = Target(ours + ".bias", shape[:1], transform)
+
+
+def _mlp(names: dict, hf: str, ours: str, dim: int, hidden: int) -> None:
+    """A resident SwiGLU MLP: gate_proj and up_proj fused into our w13, down_proj is w2."""
+    _linear(names, hf + "gate_proj", ours + "w13", (hidden, dim))
+    _linear(names, hf + "up_proj", ours + "w13", (hidden, dim))
+    _linear(names, hf + "down_proj", ours + "w2", (dim, hidden))
+
+
+def deinterleave_rope(rows: int, rope: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Reorder the last `rope` of every `rows` rows (or entries) from interleaved pairs (x0, x1), (x2, x3)
+    to halves (x0, x2, ...), (x1, x3, ...): DeepSeek's rotary layout becomes the one `apply_rope` rotates.
+    Queries and keys are reordered alike, so their dot products do not change."""
+    order = torch.arange(rows)
+    order[rows - rope :] = rows - rope + torch.cat([torch.arange(0, rope, 2), torch.arange(1, rope, 2)])
+
+    def transform(w: torch.Tensor) -> torch.Tensor:
+        return w.view(-1, rows, *w.shape[1:])[:, order].reshape(w.shape)
+
+    return transform
+
+
+def _attention(names: dict, cfg: ModelConfig, hf: str, ours: str) -> None:
+    d, hd, h, hkv = cfg.dim, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    if cfg.mla is not None:
+        m = cfg.mla
+        q_rows = deinterleave_rope(m.qk_dim, m.rope_dim) if cfg.rope.interleaved else None
+        kv_rows = deinterleave_rope(m.kv_lora_rank + m.rope_dim, m.rope_dim) if cfg.rope.interleaved else None
+        if m.q_lora_rank is None:
+            _linear(names, hf + "q_proj", ours + "wq", (h * m.qk_dim, d), transform=q_rows)
+        else:
+            _linear(names, hf + "q_a_proj", ours + "wq.0", (m.q_lora_rank, d), cfg.qkv_bias)
+            names[hf + "q_a_layernorm.weight"] = Target(ours + "wq.1.weight", (m.q_lora_rank,))
+            _linear(names, hf + "q_b_proj", ours + "wq.2", (h * m.qk_dim, m.q_lora_rank), transform=q_rows)
+        _linear(names, hf + "kv_a_proj_with_mqa", ours + "wkv_a", (m.kv_lora_rank + m.rope_dim, d), cfg.qkv_bias, kv_rows)
+        names[hf + "kv_a_layernorm.weight"] = Target(ours + "kv_norm.weight", (m.kv_lora_rank,))
+        _linear(names, hf + "kv_b_proj", ours + "wkv_b", (h * (m.nope_dim + m.v_dim), m.kv_lora_rank))
+        _linear(names, hf + "o_proj", ours + "wo", (d, h * m.v_dim), cfg.o_bias)
+        return
+    # q, k, v map to one matrix of ours (and one bias), concatenated in this order
+    _linear(names, hf + "q_proj", ours + "wqkv", (h * hd, d), cfg.qkv_bias)
+    _linear(names, hf + "k_proj", ours + "wqkv", (hkv * hd, d), cfg.qkv_bias)
+    _linear(names, hf + "v_proj", ours + "wqkv", (hkv * hd, d), cfg.qkv_bias)
+    _linear(names, hf + "o_proj", ours + "wo", (d, h * hd), cfg.o_bias)
+    if cfg.qk_norm:
+        per_head = cfg.qk_norm == "head"
+        names[hf + "q_norm.weight"] = Target(ours + "qk_norm.q_norm.weight", (hd if per_head else h * hd,))
+        names[hf + "k_norm.weight"] = Target(ours + "qk_norm.k_norm.weight", (hd if per_head else hkv * hd,))
+
+
+def expected_tensors(cfg: ModelConfig) -> dict[str, Target]:
+    """Checkpoint name -> `Target`, for every tensor config.json implies."""
+    family, d = FAMILIES[cfg.model_type], cfg.dim
+    names: dict[str, Target] = {
+        "model.embed_tokens.weight": Target("tok_embeddings.weight", (cfg.vocab_size, d)),
+        "model.norm.weight": Target("norm.weight", (d,)),
     }
     if not cfg.tie_word_embeddings:
-        names["lm_head.weight"] = ("output.weight", (cfg.vocab_size, d))
+        names["lm_head.weight"] = Target("output.weight", (cfg.vocab_size, d))
     for i in range(cfg.n_layers):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
-        # q, k, v map to one matrix of ours, concatenated in this order (see `resident_state_dict`)
-        names[hf + "self_attn.q_proj.weight"] = (ours + "attention.wqkv.weight", (cfg.n_heads * hd, d))
-        names[hf + "self_attn.k_proj.weight"] = (ours + "attention.wqkv.weight", (cfg.n_kv_heads * hd, d))
-        names[hf + "self_attn.v_proj.weight"] = (ours + "attention.wqkv.weight", (cfg.n_kv_heads * hd, d))
-        names[hf + "self_attn.o_proj.weight"] = (ours + "attention.wo.weight", (d, cfg.n_heads * hd))
-        names[hf + "input_layernorm.weight"] = (ours + "attention_norm.weight", (d,))
-        names[hf + "post_attention_layernorm.weight"] = (ours + "ffn_norm.weight", (d,))
-        names[hf + "block_sparse_moe.gate.weight"] = (ours + "moe.gate.weight", (cfg.n_experts, d))
+        _attention(names, cfg, hf + "self_attn.", ours + "attention.")
+        names[hf + "input_layernorm.weight"] = Target(ours + "attention_norm.weight", (d,))
+        names[hf + "post_attention_layernorm.weight"] = Target(ours + "ffn_norm.weight", (d,))
+        if i not in cfg.moe_layers:
+            _mlp(names, hf + "mlp.", ours + "ffn.", d, cfg.dense_ffn_dim)
+            continue
+        moe, ordinal = f"{hf}{family.moe}.", cfg.moe_layers.index(i)
+        names[moe + "gate.weight"] = Target(ours + "ffn.router.weight", (cfg.n_experts, d))
+        if cfg.router.correction_bias:
+            names[moe + "gate.e_score_correction_bias"] = Target(ours + "ffn.router.correction_bias", (cfg.n_experts,))
+        if cfg.shared_ffn_dim:
+            _mlp(names, f"{moe}{family.shared}.", ours + "ffn.shared.", d, cfg.shared_ffn_dim)
+            if cfg.shared_gate:
+                names[moe + "shared_expert_gate.weight"] = Target(ours + "ffn.shared_gate.weight", (1, d))
         for e in range(cfg.n_experts):
-            for w in EXPERT_WEIGHTS:
-                names[expert_tensor_name(i, e, w)] = (("expert", i, e, w), cfg.expert_shapes[w])
+            for w, name in zip(("w1", "w2", "w3"), family.expert_weights):
+                names[f"{moe}experts.{e}.{name}.weight"] = Target(("expert", ordinal, e, w), cfg.expert_shapes[w])
     return names
+
+
+def is_ignored(name: str, cfg: ModelConfig) -> bool:
+    """Tensors we need not read: old exports' RoPE buffers, and layers past num_hidden_layers (DeepSeek-V3's
+    and GLM-4.5's multi-token-prediction layer, which transformers ignores too)."""
+    if name.endswith(IGNORED_SUFFIXES):
+        return True
+    layer = re.match(r"model\.layers\.(\d+)\.", name)
+    return layer is not None and int(layer.group(1)) >= cfg.n_layers
 
 
 class Checkpoint:
@@ -138,7 +212,9 @@ class Checkpoint:
             raise ConfigError(f"{config_path} is not valid JSON: {e}") from None
         self.config = ModelConfig.from_hf(self.raw_config)
         self.tensors = self._index()
+        self.expected = expected_tensors(self.config)
         self._check_against_config()
+        self._expert_names = {t.ours[1:]: name for name, t in self.expected.items() if isinstance(t.ours, tuple)}
         self.dtype = self.tensors["model.embed_tokens.weight"].dtype
         self._files: dict[Path, object] = {}
 
@@ -166,8 +242,8 @@ class Checkpoint:
         return tensors
 
     def _check_against_config(self) -> None:
-        expected = expected_tensors(self.config)
-        for name, (_, shape) in expected.items():
+        expected = self.expected
+        for name, (_, shape, _) in expected.items():
             info = self.tensors.get(name)
             if info is None:
                 raise CheckpointError(f"the checkpoint lacks tensor {name}, which config.json implies")
@@ -177,7 +253,7 @@ class Checkpoint:
                     f"but config.json implies {list(shape)}"
                 )
         for name in self.tensors:
-            if name not in expected and not name.endswith(IGNORED_SUFFIXES):
+            if name not in expected and not is_ignored(name, self.config):
                 if name == "lm_head.weight":  # tied in config but saved anyway: harmless
                     continue
                 raise CheckpointError(f"unknown tensor {name} in {self.tensors[name].shard.name} for model_type {self.config.model_type}")
@@ -199,20 +275,25 @@ class Checkpoint:
     def resident_state_dict(self, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
         """Every non-expert tensor under our names, converted and placed on `device`."""
         pieces: dict[str, list[str]] = {}
-        for name, (ours, _) in expected_tensors(self.config).items():
-            if isinstance(ours, str):
-                pieces.setdefault(ours, []).append(name)
+        for name, target in self.expected.items():
+            if isinstance(target.ours, str):
+                pieces.setdefault(target.ours, []).append(name)
         state = {}
         for ours, names in pieces.items():
-            tensors = [self.get(name) for name in names]
+            tensors = [self._read(name) for name in names]
             state[ours] = (tensors[0] if len(tensors) == 1 else torch.cat(tensors)).to(device=device, dtype=dtype)
         if self.config.tie_word_embeddings:
             state["output.weight"] = state["tok_embeddings.weight"]
         return state
 
+    def _read(self, name: str) -> torch.Tensor:
+        transform = self.expected[name].transform
+        return self.get(name) if transform is None else transform(self.get(name))
+
     def expert(self, layer: int, expert: int, w: str) -> torch.Tensor:
-        """One expert matrix, w in ("w1", "w2", "w3")."""
-        return self.get(expert_tensor_name(layer, expert, w))
+        """One routed expert's matrix: `layer` is the MoE layer's ordinal, w in ("w1", "w2", "w3") = gate,
+        down, up."""
+        return self.get(self._expert_names[layer, expert, w])
 
     def close(self) -> None:
         """Close the files the reads opened (a later read opens them again)."""

@@ -284,15 +284,15 @@ def describe(ckpt: Checkpoint) -> dict:
         "architecture": (ckpt.raw_config.get("architectures") or [cfg.model_type])[0],
         "model_type": cfg.model_type,
         "dtype": str(ckpt.dtype).removeprefix("torch."),
-        "parameters": {
-            "total": resident + cfg.n_layers * cfg.n_experts * cfg.expert_numel,
-            "active_per_token": resident + cfg.n_layers * cfg.top_k * cfg.expert_numel,
-            "resident": resident,
-            "per_expert": cfg.expert_numel,
-        },
+        "parameters": cfg.parameter_counts(),
         "expert_bytes": cfg.expert_numel * itemsize,
         "resident_bytes": resident * itemsize,
         "layers": cfg.n_layers,
+        "moe_layers": cfg.n_moe_layers,
+        "dense_ffn_size": cfg.dense_ffn_dim if cfg.n_moe_layers < cfg.n_layers else None,
+        "shared_expert_ffn_size": cfg.shared_ffn_dim or None,
+        "attention": "latent (MLA)" if cfg.mla else "grouped-query",
+        "kv_cache_bytes_per_token": cfg.kv_cache_numel(1) * itemsize,
         "experts_per_layer": cfg.n_experts,
         "experts_per_token": cfg.top_k,
         "hidden_size": cfg.dim,
@@ -303,7 +303,8 @@ def describe(ckpt: Checkpoint) -> dict:
         "vocab_size": cfg.vocab_size,
         "context_length": cfg.max_position_embeddings,
         "sliding_window": cfg.sliding_window,
-        "rope_theta": cfg.rope_theta,
+        "rope_theta": cfg.rope.theta,
+        "rope_scaling": cfg.rope.kind if cfg.rope.kind != "default" else None,
         "files": {f.name: f.stat().st_size for f in sorted(ckpt.folder.iterdir()) if f.is_file()},
     }
 
@@ -333,17 +334,22 @@ def info(
             ("architecture", f"{d['architecture']} ({d['model_type']})"),
             ("parameters", f"{format_count(p['total'])} total"),
             ("active per token", f"{format_count(p['active_per_token'])}: resident {format_count(p['resident'])} + "
-             f"{d['experts_per_token']} of {d['experts_per_layer']} experts x {d['layers']} layers"),
+             f"{d['experts_per_token']} of {d['experts_per_layer']} experts x {d['moe_layers']} MoE layers"),
+            ("routed experts", f"{format_count(p['routed_experts'])} (offloaded to host RAM)"),
             ("expert size", f"{format_count(p['per_expert'])} parameters, {format_bytes(d['expert_bytes'])} in {d['dtype']} "
              f"(ffn {d['expert_ffn_size']})"),
             ("resident size", format_bytes(d["resident_bytes"])),
             ("dtype", d["dtype"]),
-            ("layers", str(d["layers"])),
+            ("layers", f"{d['layers']}, {d['moe_layers']} with experts"
+             + (f", {d['layers'] - d['moe_layers']} dense (ffn {d['dense_ffn_size']})" if d["dense_ffn_size"] else "")),
+            ("shared expert", f"ffn {d['shared_expert_ffn_size']} in every MoE layer, resident" if d["shared_expert_ffn_size"] else "none"),
             ("hidden size", str(d["hidden_size"])),
-            ("attention", f"{d['attention_heads']} heads, {d['kv_heads']} KV heads, head dim {d['head_dim']}"
+            ("attention", f"{d['attention']}, {d['attention_heads']} heads, {d['kv_heads']} KV heads, head dim {d['head_dim']}"
              + (f", sliding window {d['sliding_window']}" if d["sliding_window"] else "")),
+            ("KV cache", f"{format_bytes(d['kv_cache_bytes_per_token'])} per token"),
             ("vocabulary", str(d["vocab_size"])),
-            ("context length", f"{d['context_length']} (rope theta {d['rope_theta']:g})"),
+            ("context length", f"{d['context_length']} (rope theta {d['rope_theta']:g}"
+             + (f", {d['rope_scaling']} scaling)" if d["rope_scaling"] else ")")),
             ("files", ""),
         ]
         rows += [(f"  {name}", format_bytes(size)) for name, size in d["files"].items()]

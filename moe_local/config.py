@@ -1,14 +1,16 @@
-"""`ModelConfig`: the one place that reads a family's `config.json` field names."""
+"""`ModelConfig`: the one place that reads `config.json` field names, and the family table that says how
+each supported `model_type` maps onto it (`FAMILIES`). The model is assembled from the pieces a config
+names (attention kind, q/k norm, biases, router, shared expert, dense layers); see `moe_local/model.py`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from moe_local.errors import ConfigError
-
-SUPPORTED_MODEL_TYPES = ("mixtral",)
 
 DTYPES = {
     "float32": torch.float32,
@@ -21,11 +23,86 @@ DTYPES = {
 
 
 @dataclass(frozen=True)
+class RouterConfig:
+    """How a MoE layer's router turns logits [T, E] into weights and indices (see `moe_local/routing.py`).
+
+    scoring: "softmax" (Mixtral, Qwen, OLMoE, DeepSeek-V2) or "sigmoid" (GLM-4.5, DeepSeek-V3).
+    groups: experts split into `n_group` groups, only the best `topk_group` groups are eligible; a group's
+    score is its best expert ("max", DeepSeek-V2's group_limited_greedy) or the sum of its best two
+    ("top2", DeepSeek-V3's noaux_tc and GLM-4.5). correction_bias: a learned per-expert bias added to the
+    scores to choose experts but not to weight them. The chosen weights are renormalised to sum to 1 or
+    not, then multiplied by `scaling`. fp32: the router's matmul in fp32, as GLM and DeepSeek do."""
+
+    scoring: str = "softmax"
+    renormalize: bool = True
+    scaling: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "max"  # or "top2"
+    correction_bias: bool = False
+    fp32: bool = False
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding: `dim` of each head's dimensions rotated (all, or a part: GLM), in halves (the HF
+    layout; DeepSeek's interleaved pairs are reordered into halves when the weights are read), frequencies
+    from `theta` and, for YaRN, the rest; cos and sin are multiplied by `attention_factor`."""
+
+    theta: float
+    dim: int
+    kind: str = "default"  # or "yarn"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0
+    interleaved: bool = False  # the checkpoint's rotary dimensions come in pairs (DeepSeek)
+
+    def inv_freq(self) -> torch.Tensor:
+        """[dim / 2] fp32, on the CPU, as transformers computes them (so positions rotate identically)."""
+        base = self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float) / self.dim)
+        if self.kind == "default":
+            return 1.0 / base
+        # YaRN: interpolate the low frequencies by `factor`, keep the high ones, ramp in between.
+        def correction_dim(rotations: float) -> float:
+            return self.dim * math.log(self.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(self.theta))
+
+        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, self.dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(self.dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        extrapolation = 1 - ramp
+        return (1.0 / (self.factor * base)) * (1 - extrapolation) + (1.0 / base) * extrapolation
+
+
+@dataclass(frozen=True)
+class LatentAttentionConfig:
+    """DeepSeek's Multi-head Latent Attention: keys and values come from a `kv_lora_rank` latent per token
+    (which is what the KV cache holds, with the `rope_dim` rotary key), queries optionally from a
+    `q_lora_rank` latent."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    nope_dim: int  # per-head query/key dimensions without rotation
+    rope_dim: int  # per-head query/key dimensions with rotation (the key's are shared by all heads)
+    v_dim: int
+
+    @property
+    def qk_dim(self) -> int:
+        return self.nope_dim + self.rope_dim
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     model_type: str
     vocab_size: int
     dim: int  # hidden size
-    ffn_dim: int  # one expert's intermediate size
+    ffn_dim: int  # one routed expert's intermediate size
     n_layers: int
     n_heads: int
     n_kv_heads: int
@@ -33,66 +110,78 @@ class ModelConfig:
     n_experts: int
     top_k: int
     norm_eps: float
-    rope_theta: float
+    rope: RopeConfig
     max_position_embeddings: int
-    sliding_window: int | None
     tie_word_embeddings: bool
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     dtype: torch.dtype | None  # as declared in config.json, if it says
+    # which layers have routed experts; the others have a dense MLP of `dense_ffn_dim`, kept resident
+    moe_layers: tuple[int, ...] = ()
+    dense_ffn_dim: int = 0
+    router: RouterConfig = field(default_factory=RouterConfig)
+    shared_ffn_dim: int = 0  # a shared expert every token uses (resident); 0: none
+    shared_gate: bool = False  # Qwen2-MoE scales the shared expert by sigmoid(a learned gate)
+    # attention
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: str | None = None  # "head": RMSNorm per head (Qwen3, GLM); "proj": over the whole projection (OLMoE)
+    clip_qkv: float | None = None
+    layer_windows: tuple[int | None, ...] = ()  # sliding window per layer (None: full attention)
+    mla: LatentAttentionConfig | None = None
+    attn_scale: float = 0.0  # softmax scale; 0: 1/sqrt(query-key dimension)
+
+    def __post_init__(self) -> None:
+        if not self.moe_layers:
+            object.__setattr__(self, "moe_layers", tuple(range(self.n_layers)))
+        if not self.layer_windows:
+            object.__setattr__(self, "layer_windows", (None,) * self.n_layers)
 
     @classmethod
     def from_hf(cls, raw: dict) -> ModelConfig:
+        if not isinstance(raw, dict):
+            raise ConfigError("config.json is not a JSON object")
         model_type = raw.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        family = FAMILIES.get(model_type)
+        if family is None:
             raise ConfigError(
                 f"unsupported model_type {model_type!r} in config.json "
-                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+                f"(supported: {', '.join(FAMILIES)})"
             )
         try:
-            dim = int(raw["hidden_size"])
-            n_heads = int(raw["num_attention_heads"])
-            # transformers >= 5 nests rope_theta in rope_parameters; older files have it at the top.
-            rope = raw.get("rope_parameters") or {}
-            rope_type = rope.get("rope_type", "default")
-            if rope_type != "default" or raw.get("rope_scaling"):
-                raise ConfigError(f"unsupported RoPE scaling {rope_type!r} in config.json")
-            eos = raw.get("eos_token_id")
-            cfg = cls(
-                model_type=model_type,
-                vocab_size=int(raw["vocab_size"]),
-                dim=dim,
-                ffn_dim=int(raw["intermediate_size"]),
-                n_layers=int(raw["num_hidden_layers"]),
-                n_heads=n_heads,
-                n_kv_heads=int(raw.get("num_key_value_heads") or n_heads),
-                head_dim=int(raw.get("head_dim") or dim // n_heads),
-                n_experts=int(raw["num_local_experts"]),
-                top_k=int(raw["num_experts_per_tok"]),
-                norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-                rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 1e6))),
-                max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
-                sliding_window=raw.get("sliding_window") or None,
-                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                bos_token_id=raw.get("bos_token_id"),
-                eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
-                dtype=DTYPES.get(raw.get("dtype") or raw.get("torch_dtype") or ""),
-            )
+            cfg = family.config(raw)
         except KeyError as e:
             raise ConfigError(f"config.json lacks the field {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, ZeroDivisionError) as e:
             raise ConfigError(f"config.json has a malformed field: {e}") from None
         if raw.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"unsupported hidden_act {raw['hidden_act']!r} (only silu)")
+        if cfg.n_experts < 1 or not cfg.moe_layers:
+            raise ConfigError(f"config.json describes a dense model with no routed experts; moe-local runs MoE models ({', '.join(FAMILIES)})")
         if not 0 < cfg.top_k <= cfg.n_experts:
-            raise ConfigError(f"num_experts_per_tok={cfg.top_k} must be between 1 and num_local_experts={cfg.n_experts}")
+            raise ConfigError(f"num_experts_per_tok={cfg.top_k} must be between 1 and the number of experts ({cfg.n_experts})")
         if cfg.n_heads % cfg.n_kv_heads:
             raise ConfigError(f"num_attention_heads={cfg.n_heads} is not a multiple of num_key_value_heads={cfg.n_kv_heads}")
+        r = cfg.router
+        if r.n_group < 1 or cfg.n_experts % r.n_group or not 1 <= r.topk_group <= r.n_group:
+            raise ConfigError(f"n_group={r.n_group} / topk_group={r.topk_group} do not divide {cfg.n_experts} experts into groups")
+        if r.topk_group * (cfg.n_experts // r.n_group) < cfg.top_k:
+            raise ConfigError(f"topk_group={r.topk_group} groups hold fewer experts than num_experts_per_tok={cfg.top_k}")
         return cfg
 
     @property
+    def n_moe_layers(self) -> int:
+        return len(self.moe_layers)
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The widest sliding window of any layer (None if every layer attends to the whole context)."""
+        windows = [w for w in self.layer_windows if w]
+        return max(windows) if len(windows) == self.n_layers else None
+
+    @property
     def expert_numel(self) -> int:
-        """Parameters of one expert: w1 [F, D], w2 [D, F], w3 [F, D]."""
+        """Parameters of one routed expert: w1 [F, D], w2 [D, F], w3 [F, D]."""
         return 3 * self.ffn_dim * self.dim
 
     @property
@@ -101,35 +190,344 @@ class ModelConfig:
 
     @property
     def attention_numel(self) -> int:
-        """Parameters of one layer's attention projections: q, k, v [(H + 2 Hkv) hd, D] and o [D, H hd]."""
-        return self.dim * self.head_dim * (self.n_heads * 2 + self.n_kv_heads * 2)
+        """Weights of one layer's attention projections (the matrices `--resident-dtype int8` quantizes)."""
+        d, hd = self.dim, self.head_dim
+        if self.mla is None:
+            return d * hd * (self.n_heads * 2 + self.n_kv_heads * 2)
+        m, h = self.mla, self.n_heads  # kv_b stays unquantized (see LatentAttention.quantize)
+        q = d * h * m.qk_dim if m.q_lora_rank is None else d * m.q_lora_rank + m.q_lora_rank * h * m.qk_dim
+        return q + d * (m.kv_lora_rank + m.rope_dim) + h * m.v_dim * d
 
     @property
     def attention_rows(self) -> int:
         """Output channels of one layer's attention projections (one int8 scale each)."""
-        return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim + self.dim
+        if self.mla is None:
+            return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim + self.dim
+        m, h = self.mla, self.n_heads
+        return h * m.qk_dim + (m.q_lora_rank or 0) + m.kv_lora_rank + m.rope_dim + self.dim
+
+    def attention_extra_numel(self) -> int:
+        """One layer's attention parameters beside the matrices of `attention_numel`: biases, norms (and MLA's kv_b)."""
+        d, hd, h, hkv = self.dim, self.head_dim, self.n_heads, self.n_kv_heads
+        if self.mla is not None:  # norms, kv_b and the biases of q_a, kv_a and o
+            m = self.mla
+            biases = ((m.q_lora_rank or 0) + m.kv_lora_rank + m.rope_dim) * self.qkv_bias + d * self.o_bias
+            return (m.q_lora_rank or 0) + m.kv_lora_rank + m.kv_lora_rank * h * (m.nope_dim + m.v_dim) + biases
+        n = (h + 2 * hkv) * hd * self.qkv_bias + d * self.o_bias
+        if self.qk_norm == "head":
+            n += 2 * hd
+        elif self.qk_norm == "proj":
+            n += (h + hkv) * hd
+        return n
+
+    def dense_numel(self) -> int:
+        """Resident feed-forward parameters: the dense MLP layers and every shared expert (with its gate)."""
+        dense = (self.n_layers - self.n_moe_layers) * 3 * self.dim * self.dense_ffn_dim
+        shared = self.n_moe_layers * (3 * self.dim * self.shared_ffn_dim + self.dim * self.shared_gate)
+        return dense + shared
 
     def resident_numel(self) -> int:
-        """Parameters that stay on the device: everything except the experts."""
+        """Parameters that stay on the device: everything except the routed experts."""
         d = self.dim
-        per_layer = self.attention_numel + self.n_experts * d + 2 * d  # attention, router, two norms
+        per_layer = self.attention_numel + self.attention_extra_numel() + 2 * d  # attention, two norms
+        routers = self.n_moe_layers * self.n_experts * (d + self.router.correction_bias)
         embed = self.vocab_size * d
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        return self.n_layers * per_layer + embed + head + d
+        return self.n_layers * per_layer + routers + self.dense_numel() + embed + head + d
 
     def kv_cache_numel(self, ctx_size: int) -> int:
+        """Values the KV cache holds for `ctx_size` tokens: keys and values per KV head, or with MLA the
+        compressed latent and the shared rotary key."""
+        if self.mla is not None:
+            return self.n_layers * ctx_size * (self.mla.kv_lora_rank + self.mla.rope_dim)
         return 2 * self.n_layers * ctx_size * self.n_kv_heads * self.head_dim
+
+    def parameter_counts(self) -> dict[str, int]:
+        """What `info` and `plan` report: all parameters, those one token uses (the resident part and top_k
+        routed experts per MoE layer), and where they are."""
+        routed = self.n_moe_layers * self.n_experts * self.expert_numel
+        resident = self.resident_numel()
+        return {
+            "total": resident + routed,
+            "active_per_token": resident + self.n_moe_layers * self.top_k * self.expert_numel,
+            "resident": resident,
+            "routed_experts": routed,
+            "per_expert": self.expert_numel,
+            "dense_and_shared_mlp": self.dense_numel(),
+        }
+
+
+# ---- reading config.json: the pieces shared by the families, then one function per family ----------
+
+
+def _eos_ids(raw: dict) -> tuple[int, ...]:
+    eos = raw.get("eos_token_id")
+    return tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+def _rope(raw: dict, head_dim: int, interleaved: bool = False) -> RopeConfig:
+    """RoPE from `rope_parameters` (transformers >= 5) or `rope_theta` + `rope_scaling` (the published files)."""
+    params = dict(raw.get("rope_scaling") or {})
+    params.update(raw.get("rope_parameters") or {})
+    kind = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    factor = float(params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)))
+    dim = int(head_dim * factor)
+    if kind == "default":
+        return RopeConfig(theta, dim, interleaved=interleaved)
+    if kind != "yarn":
+        raise ConfigError(f"unsupported RoPE scaling {kind!r} in config.json (supported: default, yarn)")
+    original = int(params.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings") or raw["max_position_embeddings"])
+    scale = params.get("factor")
+    scale = float(scale) if scale is not None else raw["max_position_embeddings"] / original
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(scale, mscale) / yarn_mscale(scale, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(scale)
+    return RopeConfig(
+        theta, dim, "yarn", scale, original, float(params.get("beta_fast") or 32), float(params.get("beta_slow") or 1),
+        bool(params.get("truncate", True)), float(attention_factor), interleaved,
+    )
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _windows(raw: dict, n_layers: int) -> tuple[int | None, ...]:
+    """Sliding windows per layer: `layer_types` where the file has them, else Mixtral's one window for all."""
+    window = raw.get("sliding_window") or None
+    types = raw.get("layer_types")
+    if types:
+        if len(types) != n_layers:
+            raise ConfigError(f"layer_types lists {len(types)} layers, num_hidden_layers says {n_layers}")
+        return tuple(int(window) if t == "sliding_attention" and window else None for t in types)
+    if raw.get("use_sliding_window"):
+        raise ConfigError("use_sliding_window without layer_types is not supported")
+    return (int(window) if window else None,) * n_layers
+
+
+def _common(raw: dict, **fields) -> dict:
+    """Fields read the same way by every family; a family's own fields come in `fields`."""
+    dim, n_heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+    n_layers = int(raw["num_hidden_layers"])
+    head_dim = int(raw.get("head_dim") or dim // n_heads)
+    out = dict(
+        model_type=raw["model_type"],
+        vocab_size=int(raw["vocab_size"]),
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=int(raw.get("num_key_value_heads") or n_heads),
+        head_dim=head_dim,
+        top_k=int(raw["num_experts_per_tok"]),
+        norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_ids=_eos_ids(raw),
+        dtype=DTYPES.get(raw.get("dtype") or raw.get("torch_dtype") or ""),
+        layer_windows=_windows(raw, n_layers),
+    )
+    out.setdefault("rope", None)
+    out.update(fields)
+    if out["rope"] is None:
+        out["rope"] = _rope(raw, head_dim)
+    return out
+
+
+def _n_experts(raw: dict, *names: str) -> int:
+    for name in names:
+        if raw.get(name) is not None:
+            return int(raw[name])
+    raise KeyError(names[0])
+
+
+def _qwen_moe_layers(raw: dict) -> tuple[int, ...]:
+    """Qwen's rule: layer i is sparse unless listed in mlp_only_layers or off the decoder_sparse_step."""
+    step, dense = int(raw.get("decoder_sparse_step") or 1), set(raw.get("mlp_only_layers") or ())
+    return tuple(i for i in range(int(raw["num_hidden_layers"])) if i not in dense and (i + 1) % step == 0)
+
+
+def _first_k_dense(raw: dict) -> tuple[int, ...]:
+    return tuple(range(int(raw.get("first_k_dense_replace") or 0), int(raw["num_hidden_layers"])))
+
+
+def mixtral(raw: dict) -> ModelConfig:
+    raw = {"rope_theta": 1e6, **raw}  # Mixtral's default
+    return ModelConfig(**_common(
+        raw, n_experts=int(raw["num_local_experts"]), ffn_dim=int(raw["intermediate_size"]),
+        norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+    ))
+
+
+def qwen3_moe(raw: dict) -> ModelConfig:
+    bias = bool(raw.get("attention_bias", False))
+    return ModelConfig(**_common(
+        raw, n_experts=_n_experts(raw, "num_experts", "num_local_experts"), ffn_dim=int(raw["moe_intermediate_size"]),
+        dense_ffn_dim=int(raw.get("intermediate_size") or 0), moe_layers=_qwen_moe_layers(raw),
+        router=RouterConfig(renormalize=bool(raw.get("norm_topk_prob", False))),
+        qkv_bias=bias, o_bias=bias, qk_norm="head",
+    ))
+
+
+def qwen2_moe(raw: dict) -> ModelConfig:
+    return ModelConfig(**_common(
+        raw, n_experts=_n_experts(raw, "num_experts", "num_local_experts"), ffn_dim=int(raw["moe_intermediate_size"]),
+        dense_ffn_dim=int(raw.get("intermediate_size") or 0), moe_layers=_qwen_moe_layers(raw),
+        router=RouterConfig(renormalize=bool(raw.get("norm_topk_prob", False))),
+        shared_ffn_dim=int(raw.get("shared_expert_intermediate_size") or 0), shared_gate=True,
+        qkv_bias=bool(raw.get("qkv_bias", True)),
+    ))
+
+
+def olmoe(raw: dict) -> ModelConfig:
+    bias = bool(raw.get("attention_bias", False))
+    clip = raw.get("clip_qkv")
+    return ModelConfig(**_common(
+        raw, n_experts=_n_experts(raw, "num_experts", "num_local_experts"), ffn_dim=int(raw["intermediate_size"]),
+        norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+        router=RouterConfig(renormalize=bool(raw.get("norm_topk_prob", False))),
+        qkv_bias=bias, o_bias=bias, qk_norm="proj", clip_qkv=float(clip) if clip is not None else None,
+    ))
+
+
+def _sigmoid_router(raw: dict) -> RouterConfig:
+    """GLM-4.5 and DeepSeek-V3 (`noaux_tc`): sigmoid scores, a selection bias, groups scored by their best two."""
+    return RouterConfig(
+        scoring="sigmoid", renormalize=bool(raw.get("norm_topk_prob", True)),
+        scaling=float(raw.get("routed_scaling_factor") or 1.0), n_group=int(raw.get("n_group") or 1),
+        topk_group=int(raw.get("topk_group") or 1), group_score="top2", correction_bias=True, fp32=True,
+    )
+
+
+def glm4_moe(raw: dict) -> ModelConfig:
+    n_shared = int(raw.get("n_shared_experts") or 0)
+    ffn = int(raw["moe_intermediate_size"])
+    return ModelConfig(**_common(
+        raw, n_experts=_n_experts(raw, "n_routed_experts", "num_local_experts"), ffn_dim=ffn,
+        dense_ffn_dim=int(raw["intermediate_size"]), moe_layers=_first_k_dense(raw), router=_sigmoid_router(raw),
+        shared_ffn_dim=ffn * n_shared, qkv_bias=bool(raw.get("attention_bias", False)),
+        qk_norm="head" if raw.get("use_qk_norm") else None,
+    ))
+
+
+def _deepseek(raw: dict, router: RouterConfig, interleaved: bool) -> ModelConfig:
+    mla = LatentAttentionConfig(
+        q_lora_rank=int(raw["q_lora_rank"]) if raw.get("q_lora_rank") else None,
+        kv_lora_rank=int(raw["kv_lora_rank"]), nope_dim=int(raw["qk_nope_head_dim"]),
+        rope_dim=int(raw["qk_rope_head_dim"]), v_dim=int(raw["v_head_dim"]),
+    )
+    rope = _rope(raw, mla.rope_dim, interleaved)
+    scale = mla.qk_dim**-0.5
+    params = {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})}
+    if rope.kind != "default" and params.get("mscale_all_dim"):
+        scale *= yarn_mscale(rope.factor, params["mscale_all_dim"]) ** 2
+    ffn = int(raw["moe_intermediate_size"])
+    bias = bool(raw.get("attention_bias", False))
+    return ModelConfig(**_common(
+        raw, n_experts=_n_experts(raw, "n_routed_experts", "num_local_experts"), ffn_dim=ffn,
+        dense_ffn_dim=int(raw["intermediate_size"]), moe_layers=_first_k_dense(raw), router=router,
+        shared_ffn_dim=ffn * int(raw.get("n_shared_experts") or 0), head_dim=mla.qk_dim, rope=rope, mla=mla,
+        attn_scale=scale, qkv_bias=bias, o_bias=bias,
+    ))
+
+
+def deepseek_v2(raw: dict) -> ModelConfig:
+    method = raw.get("topk_method", "greedy")
+    if method not in ("greedy", "group_limited_greedy"):
+        raise ConfigError(f"unsupported topk_method {method!r} for deepseek_v2 (greedy, group_limited_greedy)")
+    grouped = method == "group_limited_greedy"
+    # transformers' DeepseekV2 router does not renormalise (whatever norm_topk_prob says); we follow it
+    router = RouterConfig(
+        renormalize=False, scaling=float(raw.get("routed_scaling_factor") or 1.0),
+        n_group=int(raw.get("n_group") or 1) if grouped else 1, topk_group=int(raw.get("topk_group") or 1) if grouped else 1,
+        fp32=True,
+    )
+    return _deepseek(raw, router, interleaved=True)
+
+
+def deepseek_v3(raw: dict) -> ModelConfig:
+    if raw.get("topk_method", "noaux_tc") != "noaux_tc":
+        raise ConfigError(f"unsupported topk_method {raw['topk_method']!r} for deepseek_v3 (noaux_tc)")
+    return _deepseek(raw, _sigmoid_router(raw), interleaved=bool(raw.get("rope_interleave", True)))
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between families outside the model's pieces: how config.json reads, and where the
+    MoE block's tensors are in the checkpoint (the attention and norm names are shared)."""
+
+    config: Callable[[dict], ModelConfig]
+    moe: str = "mlp"  # the MoE block's module name
+    expert_weights: tuple[str, str, str] = ("gate_proj", "down_proj", "up_proj")  # our w1, w2, w3
+    shared: str = "shared_experts"
+
+
+FAMILIES: dict[str, Family] = {
+    "mixtral": Family(mixtral, moe="block_sparse_moe", expert_weights=("w1", "w2", "w3")),
+    "qwen3_moe": Family(qwen3_moe),
+    "qwen2_moe": Family(qwen2_moe, shared="shared_expert"),
+    "olmoe": Family(olmoe),
+    "glm4_moe": Family(glm4_moe),
+    "deepseek_v2": Family(deepseek_v2),
+    "deepseek_v3": Family(deepseek_v3),
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 
 # Geometries of published models (their config.json fields), for `plan` and `bench` without a checkpoint.
 _MIXTRAL = dict(model_type="mixtral", num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
                 num_experts_per_tok=2, rms_norm_eps=1e-5, rope_theta=1e6, bos_token_id=1, eos_token_id=2,
                 tie_word_embeddings=False, dtype="bfloat16")
+_QWEN3 = dict(model_type="qwen3_moe", vocab_size=151936, head_dim=128, num_experts=128, num_experts_per_tok=8,
+              norm_topk_prob=True, rms_norm_eps=1e-6, rope_theta=1e6, bos_token_id=151643, eos_token_id=151645,
+              tie_word_embeddings=False, decoder_sparse_step=1, mlp_only_layers=[], dtype="bfloat16",
+              max_position_embeddings=40960)
+_DEEPSEEK = dict(rms_norm_eps=1e-6, tie_word_embeddings=False, dtype="bfloat16", bos_token_id=0, eos_token_id=1,
+                 qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, rope_theta=10000)
 PRESETS = {
     "mixtral-8x7b": {**_MIXTRAL, "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
                      "num_hidden_layers": 32, "max_position_embeddings": 32768},
     "mixtral-8x22b": {**_MIXTRAL, "vocab_size": 32768, "hidden_size": 6144, "intermediate_size": 16384,
                       "num_hidden_layers": 56, "num_attention_heads": 48, "max_position_embeddings": 65536},
+    "qwen3-30b-a3b": {**_QWEN3, "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+                      "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4},
+    "qwen3-235b-a22b": {**_QWEN3, "hidden_size": 4096, "intermediate_size": 12288, "moe_intermediate_size": 1536,
+                        "num_hidden_layers": 94, "num_attention_heads": 64, "num_key_value_heads": 4},
+    "glm-4.5-air": {"model_type": "glm4_moe", "vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 10944,
+                    "moe_intermediate_size": 1408, "num_hidden_layers": 46, "num_attention_heads": 96,
+                    "num_key_value_heads": 8, "head_dim": 128, "n_routed_experts": 128, "n_shared_experts": 1,
+                    "num_experts_per_tok": 8, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
+                    "norm_topk_prob": True, "routed_scaling_factor": 1.0, "partial_rotary_factor": 0.5,
+                    "attention_bias": True, "use_qk_norm": False, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+                    "max_position_embeddings": 131072, "tie_word_embeddings": False, "dtype": "bfloat16",
+                    "eos_token_id": [151329, 151336, 151338]},
+    "deepseek-v2-lite": {**_DEEPSEEK, "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048,
+                         "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
+                         "num_attention_heads": 16, "num_key_value_heads": 16, "n_routed_experts": 64,
+                         "n_shared_experts": 2, "num_experts_per_tok": 6, "first_k_dense_replace": 1,
+                         "topk_method": "greedy", "routed_scaling_factor": 1.0, "q_lora_rank": None,
+                         "kv_lora_rank": 512, "max_position_embeddings": 163840, "bos_token_id": 100000,
+                         "eos_token_id": 100001,
+                         "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                                          "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}},
+    "deepseek-v3": {**_DEEPSEEK, "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168,
+                    "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+                    "num_attention_heads": 128, "num_key_value_heads": 128, "n_routed_experts": 256,
+                    "n_shared_experts": 1, "num_experts_per_tok": 8, "first_k_dense_replace": 3, "n_group": 8,
+                    "topk_group": 4, "topk_method": "noaux_tc", "norm_topk_prob": True, "routed_scaling_factor": 2.5,
+                    "q_lora_rank": 1536, "kv_lora_rank": 512, "max_position_embeddings": 163840,
+                    "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                                     "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}},
+    "olmoe-1b-7b": {"model_type": "olmoe", "vocab_size": 50304, "hidden_size": 2048, "intermediate_size": 1024,
+                    "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 64,
+                    "num_experts_per_tok": 8, "norm_topk_prob": False, "rms_norm_eps": 1e-5, "rope_theta": 10000,
+                    "max_position_embeddings": 4096, "clip_qkv": None, "tie_word_embeddings": False,
+                    "bos_token_id": None, "eos_token_id": 50279, "dtype": "bfloat16"},
     # small enough for a CPU smoke test, with the same structure (GQA, 8 experts, top-2)
     "tiny": {**_MIXTRAL, "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512,
              "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 4096},
@@ -144,4 +542,5 @@ def preset_config(name: str, n_layers: int | None = None) -> ModelConfig:
         if n_layers < 1:
             raise ConfigError(f"--layers must be at least 1, not {n_layers}")
         raw["num_hidden_layers"] = n_layers
+        raw["first_k_dense_replace"] = min(raw.get("first_k_dense_replace", 0), n_layers - 1)
     return ModelConfig.from_hf(raw)

@@ -109,11 +109,10 @@ class Engine:
         self.notes = notes or []  # what loading chose and did, for the CLI to show
         self._tokenizer, self.generation_config = tokenizer, generation_config or {}
         self.kv = KVCache(self.cfg, ctx_size, self.dtype, self.device)
-        policy = POLICIES[options.policy](plan.expert_slots, self.cfg.n_layers)
+        policy = POLICIES[options.policy](plan.expert_slots, self.cfg.n_moe_layers)
         cache = ExpertCache(store, plan.expert_slots, self.device, policy)
-        gates = [layer.moe.gate.weight for layer in model.layers]
-        prefetcher = Prefetcher(gates, self.cfg.top_k, options.prefetch_top) if options.prefetch else None
-        self.experts = OffloadedExperts(cache, prefetcher, self.cfg.n_layers)
+        prefetcher = Prefetcher(model.routers(), self.cfg.top_k, options.prefetch_top) if options.prefetch else None
+        self.experts = OffloadedExperts(cache, prefetcher, self.cfg.n_moe_layers)
         self.experts.warm()
         self.tokens: list[int] = []  # the ids whose keys and values the KV cache holds, in order
 

@@ -29,14 +29,20 @@ def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
 
 
 class Int8Linear(nn.Module):
-    """A bias-free linear layer with int8 weights, quantized from a float weight [N, K] where it lies;
-    scales in the weight's dtype."""
+    """A linear layer with int8 weights, quantized from a float weight [N, K] where it lies; scales in the
+    weight's dtype; the bias (if any) kept as it is."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         q, scale = quantize(weight, weight.dtype)
         self.register_buffer("weight", q)
         self.register_buffer("scale", scale)
+        self.bias = bias
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        return cls(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.scale)
+        y = linear(x, self.weight, self.scale)
+        return y if self.bias is None else y + self.bias

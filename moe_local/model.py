@@ -1,5 +1,8 @@
-"""The transformer in plain PyTorch: RMSNorm, RoPE, GQA attention over a static KV cache, and a MoE
-block that asks an expert runtime (`experts(layer, x, weights, indices) -> y`) for its output."""
+"""The transformer in plain PyTorch, assembled once from the pieces a `ModelConfig` names: GQA `Attention`
+(biases, q/k norm, clipping, partial rotary, sliding windows) or DeepSeek's `LatentAttention`; per layer a
+`DenseMLP` or a `MoE` block (a `Router`, the routed experts behind the expert runtime
+`experts(layer, x, weights, indices) -> y`, and an optional shared expert). The forward pass is the same
+for every family."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from torch import nn
 from moe_local.config import ModelConfig
 from moe_local.int8 import Int8Linear
 from moe_local.routing import route
+
+MLA_NORM_EPS = 1e-6  # DeepSeek's q_a/kv_a norms use the default eps whatever rms_norm_eps says
 
 
 class Experts(Protocol):
@@ -31,82 +36,250 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos [T, hd] and the signed sin [T, hd] (first half negated) that `apply_rope` takes."""
-    freqs = positions[:, None].float() * inv_freq[None, :]  # [T, hd/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [T, hd]
-    sin = emb.sin().to(dtype)
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos [T, rd] and the signed sin [T, rd] (first half negated) that `apply_rope` takes; YaRN scales both."""
+    freqs = positions[:, None].float() * inv_freq[None, :]  # [T, rd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, rd]
+    cos, sin = emb.cos(), emb.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    sin = sin.to(dtype)
     sin[:, : freqs.shape[1]].neg_()
-    return emb.cos().to(dtype), sin
+    return cos.to(dtype), sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x: [H, T, hd]. Rotates the two halves of each head (the Hugging Face weight layout): the
-    reference's x * cos + cat(-x2, x1) * sin, bit for bit, as x * cos + cat(x2, x1) * cat(-sin, sin)."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+    """x: [..., T, hd]. Rotates the two halves of the first rd = cos.shape[-1] dimensions of each head (the
+    Hugging Face layout), the rest pass: the reference's x * cos + cat(-x2, x1) * sin, bit for bit, as
+    x * cos + cat(x2, x1) * cat(-sin, sin)."""
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return x * cos + x.roll(rd // 2, dims=-1) * signed_sin
+    rot = x[..., :rd]
+    return torch.cat([rot * cos + rot.roll(rd // 2, dims=-1) * signed_sin, x[..., rd:]], dim=-1)
 
 
-class KVCache(nn.Module):
-    """Static key/value buffers for every layer: [L, Hkv, ctx, hd] each."""
+def sliding_mask(pos: int, T: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """[T, pos+T] bool: query i (at position pos+i) sees keys at positions <= pos+i, within the window;
+    None when every query sees every key (one decode step inside the window)."""
+    if T == 1 and (not window or pos < window):
+        return None
+    q_pos = torch.arange(pos, pos + T, device=device)[:, None]
+    k_pos = torch.arange(pos + T, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window:
+        allowed &= k_pos > q_pos - window
+    return allowed
 
-    def __init__(self, cfg: ModelConfig, ctx_size: int, dtype: torch.dtype, device: torch.device):
+
+class QKNorm(nn.Module):
+    """RMSNorm of the queries and keys inside the fused q|k|v projection output [T, (H + 2Hkv) hd]: per
+    head (Qwen3, GLM: one weight of hd for all heads) or over the whole projection (OLMoE)."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        shape = (cfg.n_layers, cfg.n_kv_heads, ctx_size, cfg.head_dim)
-        self.ctx_size = ctx_size
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        h, hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.per_head, self.split = cfg.qk_norm == "head", [h * hd, hkv * hd, hkv * hd]
+        self.q_norm = RMSNorm(hd if self.per_head else h * hd, cfg.norm_eps)
+        self.k_norm = RMSNorm(hd if self.per_head else hkv * hd, cfg.norm_eps)
+        self.head_dim = hd
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        q, k, v = qkv.split(self.split, dim=-1)
+        if self.per_head:
+            T = qkv.shape[0]
+            q = self.q_norm(q.view(T, -1, self.head_dim)).view(T, -1)
+            k = self.k_norm(k.view(T, -1, self.head_dim)).view(T, -1)
+        else:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return torch.cat([q, k, v], dim=-1)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Grouped-query attention over a static per-layer cache of keys and values [Hkv, ctx, hd] each."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         # q, k and v projections as one matrix (rows: q heads, k heads, v heads): one matmul, not three
-        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        self.qk_norm = QKNorm(cfg) if cfg.qk_norm else None
+        self.clip = cfg.clip_qkv
+        self.scale = cfg.attn_scale or None
 
-    def forward(self, x, cos, sin, k_cache, v_cache, pos: int, mask) -> torch.Tensor:
+    @staticmethod
+    def cache_shapes(cfg: ModelConfig, ctx_size: int) -> list[tuple[int, ...]]:
+        return [(cfg.n_kv_heads, ctx_size, cfg.head_dim)] * 2  # keys, values
+
+    def quantize(self) -> None:
+        self.wqkv, self.wo = Int8Linear.from_linear(self.wqkv), Int8Linear.from_linear(self.wo)
+
+    def forward(self, x, cos, sin, cache: tuple[torch.Tensor, ...], pos: int, mask) -> torch.Tensor:
         T, H, Hkv = x.shape[0], self.n_heads, self.n_kv_heads
-        qkv = self.wqkv(x).view(T, H + 2 * Hkv, self.head_dim).transpose(0, 1)  # [H + 2Hkv, T, hd]
+        qkv = self.wqkv(x)  # [T, (H + 2Hkv) hd]
+        if self.qk_norm is not None:
+            qkv = self.qk_norm(qkv)
+        if self.clip is not None:
+            qkv = qkv.clamp(-self.clip, self.clip)
+        qkv = qkv.view(T, H + 2 * Hkv, self.head_dim).transpose(0, 1)  # [H + 2Hkv, T, hd]
         q, k = apply_rope(qkv[: H + Hkv], cos, sin).split([H, Hkv])  # [H, T, hd], [Hkv, T, hd]
+        k_cache, v_cache = cache
         k_cache[:, pos : pos + T] = k
         v_cache[:, pos : pos + T] = qkv[H + Hkv :]
         keys, values = k_cache[:, : pos + T], v_cache[:, : pos + T]  # [Hkv, S, hd]
         if mask is None:  # a decode step: SDPA shares each KV head among its query heads itself
-            y = F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)  # [H, T, hd]
+            y = F.scaled_dot_product_attention(q, keys, values, enable_gqa=True, scale=self.scale)  # [H, T, hd]
         else:  # with a mask, enable_gqa sends CUDA to the math kernel: share the heads by hand
             groups = H // Hkv
             keys, values = keys.repeat_interleave(groups, dim=0), values.repeat_interleave(groups, dim=0)  # [H, S, hd]
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [H, T, hd]
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)  # [H, T, hd]
         return self.wo(y.transpose(0, 1).reshape(T, -1))
 
 
-class MoE(nn.Module):
+class LatentAttention(nn.Module):
+    """DeepSeek's Multi-head Latent Attention. The cache holds per token only the normalised latent c
+    [r] and the rotated shared key [rope], [ctx, r + rope]. Attention runs in the latent space ("absorbed"):
+    each head's query-key part is mapped through its slice of kv_b (q_nope W_uk -> [r]), scored against
+    [c | k_rope] and the weighted sum of c is mapped out by W_uv, so no full keys or values are ever
+    built: the same result as expanding c, with per-step work independent of the number of heads' keys."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.layer, self.top_k = layer, cfg.top_k
-        self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        m = cfg.mla
+        self.n_heads, self.nope, self.rope, self.rank, self.v_dim = cfg.n_heads, m.nope_dim, m.rope_dim, m.kv_lora_rank, m.v_dim
+        if m.q_lora_rank is None:
+            self.wq = nn.Linear(cfg.dim, cfg.n_heads * m.qk_dim, bias=False)
+        else:
+            self.wq = nn.Sequential(
+                nn.Linear(cfg.dim, m.q_lora_rank, bias=cfg.qkv_bias), RMSNorm(m.q_lora_rank, MLA_NORM_EPS),
+                nn.Linear(m.q_lora_rank, cfg.n_heads * m.qk_dim, bias=False),
+            )
+        self.wkv_a = nn.Linear(cfg.dim, m.kv_lora_rank + m.rope_dim, bias=cfg.qkv_bias)
+        self.kv_norm = RMSNorm(m.kv_lora_rank, MLA_NORM_EPS)
+        self.wkv_b = nn.Linear(m.kv_lora_rank, cfg.n_heads * (m.nope_dim + m.v_dim), bias=False)
+        self.wo = nn.Linear(cfg.n_heads * m.v_dim, cfg.dim, bias=cfg.o_bias)
+        self.scale = cfg.attn_scale
+
+    @staticmethod
+    def cache_shapes(cfg: ModelConfig, ctx_size: int) -> list[tuple[int, ...]]:
+        return [(ctx_size, cfg.mla.kv_lora_rank + cfg.mla.rope_dim)]
+
+    def quantize(self) -> None:
+        """int8 for every projection but kv_b, which the absorbed attention reads as per-head slices."""
+        if isinstance(self.wq, nn.Sequential):
+            self.wq[0], self.wq[2] = Int8Linear.from_linear(self.wq[0]), Int8Linear.from_linear(self.wq[2])
+        else:
+            self.wq = Int8Linear.from_linear(self.wq)
+        self.wkv_a, self.wo = Int8Linear.from_linear(self.wkv_a), Int8Linear.from_linear(self.wo)
+
+    def forward(self, x, cos, sin, cache: tuple[torch.Tensor, ...], pos: int, mask) -> torch.Tensor:
+        T, H, r = x.shape[0], self.n_heads, self.rank
+        q = self.wq(x).view(T, H, self.nope + self.rope).transpose(0, 1)  # [H, T, nope + rope]
+        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+        latent, k_rope = self.wkv_a(x).split([r, self.rope], dim=-1)  # [T, r], [T, rope]
+        (cache,) = cache
+        cache[pos : pos + T] = torch.cat([self.kv_norm(latent), apply_rope(k_rope, cos, sin)], dim=-1)
+        keys = cache[: pos + T]  # [S, r + rope]
+        w = self.wkv_b.weight.view(H, self.nope + self.v_dim, r)
+        q_latent = torch.matmul(q_nope, w[:, : self.nope])  # [H, T, nope] @ [H, nope, r] -> [H, T, r]
+        query = torch.cat([q_latent, apply_rope(q_rope, cos, sin)], dim=-1)  # [H, T, r + rope]
+        S = keys.shape[0]
+        y = F.scaled_dot_product_attention(
+            query, keys.expand(H, S, r + self.rope), keys[:, :r].expand(H, S, r), attn_mask=mask, scale=self.scale
+        )  # [H, T, r]
+        y = torch.matmul(y, w[:, self.nope :].transpose(1, 2))  # [H, T, r] @ [H, r, v] -> [H, T, v]
+        return self.wo(y.transpose(0, 1).reshape(T, -1))
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU feed-forward, resident: a dense layer's MLP or a shared expert. w13 = gate rows then up rows."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, experts: Experts | None = None) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)  # [T, F] each
+        return self.w2(F.silu(gate) * up)
+
+
+class Router(nn.Module):
+    """Router logits and the family's `route` on them; `likeliest` is what the prefetcher asks."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.spec, self.top_k = cfg.router, cfg.top_k
+        self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim))
+        self.correction_bias = nn.Parameter(torch.zeros(cfg.n_experts)) if cfg.router.correction_bias else None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        # an fp32 router keeps its weight in fp32 (see Transformer.from_state_dict)
+        return F.linear(x.float() if self.spec.fp32 else x, self.weight)  # [T, E]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return route(self.logits(x), self.top_k, self.spec, self.correction_bias)  # [T, k], [T, k]
+
+    def likeliest(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """x [T, D] -> the n experts [T, n] each token would most likely choose, likeliest first."""
+        logits = self.logits(x)
+        if self.correction_bias is not None:  # sigmoid scores plus the selection bias choose
+            logits = logits.float().sigmoid() + self.correction_bias.float()
+        return torch.topk(logits, n, dim=-1).indices  # softmax and sigmoid keep the logits' order
+
+
+class MoE(nn.Module):
+    """Router + routed experts (asked from the runtime under `layer`, this MoE layer's ordinal) + an
+    optional shared expert every token uses, scaled by a sigmoid gate in Qwen2-MoE."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = cfg.moe_layers.index(layer)
+        self.router = Router(cfg)
+        self.shared = DenseMLP(cfg.dim, cfg.shared_ffn_dim) if cfg.shared_ffn_dim else None
+        self.shared_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_gate and cfg.shared_ffn_dim else None
 
     def forward(self, x: torch.Tensor, experts: Experts) -> torch.Tensor:
-        weights, indices = route(self.gate(x), self.top_k)  # [T, k], [T, k]
-        return experts(self.layer, x, weights, indices)
+        weights, indices = self.router(x)  # [T, k], [T, k]
+        y = experts(self.layer, x, weights, indices)
+        if self.shared is not None:
+            shared = self.shared(x)
+            y = y + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(x)) * shared)
+        return y
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = (Attention if cfg.mla is None else LatentAttention)(cfg, layer)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.moe = MoE(cfg, layer)
+        self.ffn = MoE(cfg, layer) if layer in cfg.moe_layers else DenseMLP(cfg.dim, cfg.dense_ffn_dim)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, pos, mask, experts: Experts) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, k_cache, v_cache, pos, mask)
-        return x + self.moe(self.ffn_norm(x), experts)
+    def forward(self, x, cos, sin, cache, pos, mask, experts: Experts) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, pos, mask)
+        return x + self.ffn(self.ffn_norm(x), experts)
+
+
+class KVCache:
+    """Static per-layer attention caches for `ctx_size` tokens: keys and values [Hkv, ctx, hd] each, or
+    with latent attention one [ctx, r + rope] tensor."""
+
+    def __init__(self, cfg: ModelConfig, ctx_size: int, dtype: torch.dtype, device: torch.device):
+        self.ctx_size = ctx_size
+        shapes = (Attention if cfg.mla is None else LatentAttention).cache_shapes(cfg, ctx_size)
+        self.layers = [tuple(torch.zeros(s, dtype=dtype, device=device) for s in shapes) for _ in range(cfg.n_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for layer in self.layers for t in layer)
 
 
 class Transformer(nn.Module):
-    """Everything but the experts, which live behind `experts`."""
+    """Everything but the routed experts, which live behind `experts`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -115,7 +288,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.register_buffer("inv_freq", self.rope_inv_freq(), persistent=False)
+        self.register_buffer("inv_freq", cfg.rope.inv_freq(), persistent=False)
 
     @classmethod
     def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.device) -> Transformer:
@@ -123,40 +296,31 @@ class Transformer(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         model.load_state_dict(state, strict=True, assign=True)
-        model.inv_freq = model.rope_inv_freq(device)  # not in the state dict
+        model.inv_freq = cfg.rope.inv_freq().to(device)  # not in the state dict; computed on the CPU as the reference
+        for router in model.routers():
+            if router.spec.fp32:  # GLM and DeepSeek route in fp32, from fp32 router weights
+                router.weight = nn.Parameter(router.weight.float(), requires_grad=False)
+            if router.correction_bias is not None:
+                router.correction_bias = nn.Parameter(router.correction_bias.float(), requires_grad=False)
         return model
+
+    def routers(self) -> list[Router]:
+        """The MoE layers' routers, in order (index = the runtime's layer ordinal)."""
+        return [layer.ffn.router for layer in self.layers if isinstance(layer.ffn, MoE)]
 
     def quantize_attention(self) -> None:
         """`--resident-dtype int8`: the attention projections (most of the resident weights) as int8 with
         one scale per output channel, quantized on their device, one matrix at a time."""
         for layer in self.layers:
-            layer.attention.wqkv = Int8Linear(layer.attention.wqkv.weight)
-            layer.attention.wo = Int8Linear(layer.attention.wo.weight)
-
-    def rope_inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
-        # computed on the CPU, then moved, as the reference does, so positions rotate identically
-        hd = self.cfg.head_dim
-        return (1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float, device="cpu") / hd))).to(device)
-
-    def mask(self, pos: int, T: int, device: torch.device) -> torch.Tensor | None:
-        """[T, pos+T] bool: query i (at position pos+i) sees keys at positions <= pos+i, within the window;
-        None when every query sees every key (one decode step inside the window)."""
-        if T == 1 and (not self.cfg.sliding_window or pos < self.cfg.sliding_window):
-            return None
-        q_pos = torch.arange(pos, pos + T, device=device)[:, None]
-        k_pos = torch.arange(pos + T, device=device)[None, :]
-        allowed = k_pos <= q_pos
-        if self.cfg.sliding_window:
-            allowed &= k_pos > q_pos - self.cfg.sliding_window
-        return allowed
+            layer.attention.quantize()
 
     def forward(self, tokens: torch.Tensor, pos: int, kv: KVCache, experts: Experts) -> torch.Tensor:
         """tokens [T] at positions pos..pos+T-1 -> final hidden states [T, D] (before lm_head)."""
         T = tokens.shape[0]
         x = self.tok_embeddings(tokens)  # [T, D]
         positions = torch.arange(pos, pos + T, device=tokens.device)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # [T, hd]
-        mask = self.mask(pos, T, tokens.device)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype, self.cfg.rope.attention_factor)  # [T, rd]
+        masks = {w: sliding_mask(pos, T, w, tokens.device) for w in set(self.cfg.layer_windows)}
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv.k[i], kv.v[i], pos, mask, experts)
+            x = layer(x, cos, sin, kv.layers[i], pos, masks[self.cfg.layer_windows[i]], experts)
         return self.norm(x)

@@ -36,7 +36,9 @@ def expected_parameters(folder: Path, n_layers: int, top_k: int) -> dict[str, in
         "total": sum(sizes.values()),
         "active_per_token": resident + n_layers * top_k * one_expert,
         "resident": resident,
+        "routed_experts": sum(sizes.values()) - resident,
         "per_expert": one_expert,
+        "dense_and_shared_mlp": 0,  # Mixtral has neither
     }
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import moe_local
-from moe_local.config import ModelConfig
+from moe_local.config import ModelConfig, RouterConfig
 from moe_local.experts.cache import POLICIES, ExpertCache, LayerLRUPolicy, LRUPolicy
 from moe_local.experts.runtime import mix
 from moe_local.experts.formats import Dense
@@ -38,7 +38,7 @@ def test_route_agrees_with_mistral_inference_formulation():
     top_logits, top_indices = torch.topk(logits, 2)
     assert torch.equal(indices, top_indices)
     assert torch.allclose(weights, torch.softmax(top_logits, dim=-1), atol=1e-6)
-    raw_weights, _ = route(logits, 2, renormalize=False)
+    raw_weights, _ = route(logits, 2, RouterConfig(renormalize=False))
     assert torch.allclose(raw_weights, torch.softmax(logits, -1).topk(2).values)
 
 

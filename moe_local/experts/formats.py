@@ -243,7 +243,7 @@ def choose_format(
     too_big = []
     for candidate in (dense, "int8", "int4"):
         fmt = make_format(candidate, cfg, compute_dtype, device_type, group_size)
-        need = cfg.n_layers * cfg.n_experts * fmt.expert_bytes + beside_bytes
+        need = cfg.n_moe_layers * cfg.n_experts * fmt.expert_bytes + beside_bytes
         if need <= AUTO_RAM_SHARE * available:
             why = f"{format_bytes(need)} of host RAM, {format_bytes(available)} available"
             if too_big:

@@ -50,7 +50,7 @@ def identity(ckpt: Checkpoint, store: ExpertStore) -> dict:
         "moe_local_cache": VERSION,
         "format": store.format.key,
         "expert_bytes": store.expert_bytes,
-        "layers": store.cfg.n_layers,
+        "layers": store.cfg.n_moe_layers,
         "experts": store.cfg.n_experts,
         "source": ckpt.fingerprint(),
     }
@@ -67,7 +67,7 @@ def header(store: ExpertStore, ident: dict, crcs: list[int]) -> bytes:
             "shape": [store.cfg.n_experts, store.expert_bytes],
             "data_offsets": [layer * layer_bytes, (layer + 1) * layer_bytes],
         }
-        for layer in range(store.cfg.n_layers)
+        for layer in range(store.cfg.n_moe_layers)
     }
     meta = {"moe_local": json.dumps(ident, sort_keys=True), "crc32": ",".join(f"{c:08x}" for c in crcs)}
     raw = json.dumps({"__metadata__": meta, **tensors}).encode()

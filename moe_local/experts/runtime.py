@@ -103,7 +103,7 @@ class OffloadedExperts:
     def warm(self) -> None:
         """Fill the empty pool evenly across layers before the first token, so early tokens hit too."""
         cfg = self.cache.store.cfg
-        keys = [(layer, e) for e in range(cfg.n_experts) for layer in range(cfg.n_layers)]
+        keys = [(layer, e) for e in range(cfg.n_experts) for layer in range(cfg.n_moe_layers)]
         for key in keys[: self.cache.num_slots]:
             self.cache.load(key, set())
 
@@ -175,10 +175,10 @@ class ResidentExperts:
 
     def __init__(self, store: ExpertStore, device: torch.device):
         self.cfg, self.format = store.cfg, store.format
-        self.stats = ExpertStats(store.cfg.n_layers)  # stays at zero: nothing is cached or copied
+        self.stats = ExpertStats(store.cfg.n_moe_layers)  # stays at zero: nothing is cached or copied
         experts = range(store.cfg.n_experts)
         self.layers = [
-            torch.stack([store.buffer((layer, e)) for e in experts]).to(device) for layer in range(store.cfg.n_layers)
+            torch.stack([store.buffer((layer, e)) for e in experts]).to(device) for layer in range(store.cfg.n_moe_layers)
         ]  # uint8 [E, expert_bytes] each
         self.views = [[self.format.unpack(buffers[e]) for e in experts] for buffers in self.layers]
 

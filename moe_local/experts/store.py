@@ -26,7 +26,7 @@ class ExpertStore:
     ):
         self.cfg, self.format, self.pin = cfg, fmt, pin
         self.expert_bytes = fmt.expert_bytes
-        self.count = cfg.n_experts * cfg.n_layers
+        self.count = cfg.n_experts * cfg.n_moe_layers
         self.total_bytes = self.expert_bytes * self.count
         check_host_ram(self.total_bytes + extra_host_bytes, "the experts (and, on the CPU, the rest of the model)")
         self.per_chunk = max(1, chunk_bytes // self.expert_bytes)  # experts per chunk
