@@ -1,15 +1,19 @@
 """Text to token ids and back for a model folder, chat templates, and streaming decode.
 
-Reads tokenizer.json (via `tokenizers`) or tokenizer.model (via `sentencepiece`), plus tokenizer_config.json.
+Reads tokenizer.json (via `tokenizers`: sentencepiece-style or byte-level BPE) or tokenizer.model (via
+`sentencepiece`), plus tokenizer_config.json and chat_template.jinja. Templates render as transformers'
+`apply_chat_template` renders them.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import pathlib
 import re
 
 import jinja2
+import jinja2.meta
 import jinja2.sandbox
 import sentencepiece
 import tokenizers
@@ -53,12 +57,34 @@ def _raise_exception(message: str):
     raise _TemplateRaised(message)
 
 
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # As transformers: Jinja's own tojson escapes <, >, & and ' for HTML and knows no ensure_ascii,
+    # and tool schemas rendered into a prompt must read as plain JSON.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.datetime.now().strftime(format)  # templates that write today's date (Llama 3, gpt-oss)
+
+
 # Immutable sandbox: templates come from downloaded model folders and must not reach
-# Python internals or mutate our messages. loopcontrols as in transformers ({% break %}).
+# Python internals or mutate our messages. The rest is what transformers' environment
+# offers (chat_template_utils.py): loop controls ({% break %}), raise_exception,
+# strftime_now and its tojson.
 _JINJA = jinja2.sandbox.ImmutableSandboxedEnvironment(
     trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
 )
 _JINJA.globals["raise_exception"] = _raise_exception
+_JINJA.globals["strftime_now"] = _strftime_now
+_JINJA.filters["tojson"] = _tojson
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_surrogates(text: str) -> str:
+    """`text` with each lone surrogate as U+FFFD. Python keeps bytes that are not UTF-8 (in argv, and in
+    stdin under the C locale) as such code points, which no tokenizer library can take."""
+    return _SURROGATE.sub("\ufffd", text)
 
 
 class _TokenizersBackend:
@@ -71,6 +97,7 @@ class _TokenizersBackend:
             raise TokenizerError(f"cannot read {path}: {e}") from e
         self.size = self._tok.get_vocab_size(with_added_tokens=True)
         self.default_tokens = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+        self.added = {token.content: i for i, token in self._tok.get_added_tokens_decoder().items()}
 
     def piece_id(self, piece: str) -> int | None:
         return self._tok.token_to_id(piece)
@@ -82,7 +109,7 @@ class _TokenizersBackend:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+        return self._tok.decode([i for i in ids if 0 <= i < self.size], skip_special_tokens=True)
 
 
 class _SentencePieceBackend:
@@ -102,7 +129,7 @@ class _SentencePieceBackend:
                 ("unk_token", self._sp.unk_id()),
             )
         }
-        self._added: dict[str, int] = {}
+        self.added: dict[str, int] = {}
         self._split = None
 
     def piece_id(self, piece: str) -> int | None:
@@ -111,7 +138,7 @@ class _SentencePieceBackend:
         return i if self._sp.id_to_piece(i) == piece else None
 
     def use_added_tokens(self, added: dict[str, int]) -> None:
-        self._added = dict(added)
+        self.added = dict(added)
         if added:
             # Longest first, so "<s>" cannot claim the start of a longer token.
             alternatives = sorted(added, key=len, reverse=True)
@@ -126,7 +153,7 @@ class _SentencePieceBackend:
         # tokenizer.json (whose normalizer prepends one to every such stretch).
         for i, part in enumerate(self._split.split(text)):
             if i % 2:
-                ids.append(self._added[part])
+                ids.append(self.added[part])
             elif part:
                 ids += self._sp.encode(part)
         return ids
@@ -213,6 +240,9 @@ class Tokenizer:
         self.bos_token, self.bos_id = special("bos_token")
         self.eos_token, self.eos_id = special("eos_token")
         unk_token, unk_id = special("unk_token")
+        # What a template sees as bos_token, eos_token, ... (transformers passes the ones that are set).
+        named = {"bos_token": self.bos_token, "eos_token": self.eos_token, "unk_token": unk_token, "pad_token": _token_text(config.get("pad_token"))}
+        self.special_tokens = {key: text for key, text in named.items() if text is not None}
         # Always matched as whole tokens in text and never printed, like added special tokens.
         specials = [(self.bos_token, self.bos_id), (self.eos_token, self.eos_id), (unk_token, unk_id)]
         for text, token_id in specials:
@@ -222,10 +252,13 @@ class Tokenizer:
         backend.use_added_tokens(added)
         self._hidden = hidden
         self.vocab_size = max([backend.size, *(i + 1 for i in added.values())])
+        # Text that always becomes one id, whatever surrounds it: tokenization never crosses it.
+        self.added_tokens = frozenset(backend.added)
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
-        """Token ids for `text`; special-token strings in it (such as "</s>") become their ids."""
-        ids = self._backend.encode(text)
+        """Token ids for `text`; special-token strings in it (such as "</s>") become their ids. Lone
+        surrogates (undecodable bytes kept by Python) are encoded as U+FFFD."""
+        ids = self._backend.encode(replace_surrogates(text))
         if bos and self.add_bos and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids
@@ -234,15 +267,27 @@ class Tokenizer:
         """The text of `ids`, leaving out special tokens such as BOS and EOS."""
         return self._backend.decode([i for i in ids if i not in self._hidden])
 
-    def render_chat_text(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The chat template (the model's, else Mixtral's) filled in with `messages`."""
-        source = self.chat_template if self.chat_template is not None else MIXTRAL_CHAT_TEMPLATE
+    @property
+    def template_source(self) -> str:
+        return self.chat_template if self.chat_template is not None else MIXTRAL_CHAT_TEMPLATE
+
+    def template_reads(self, name: str) -> bool:
+        """Whether the chat template reads the variable `name` (such as Qwen3's enable_thinking)."""
         try:
-            return _JINJA.from_string(source).render(
-                messages=messages,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-                add_generation_prompt=add_generation_prompt,
+            return name in jinja2.meta.find_undeclared_variables(_JINJA.parse(self.template_source))
+        except jinja2.TemplateSyntaxError:
+            return False  # rendering says what is wrong
+
+    def render_chat_text(self, messages: list[dict], add_generation_prompt: bool = True, **options) -> str:
+        """The chat template (the model's, else Mixtral's) filled in with `messages`; `options` are passed to it
+        as variables (enable_thinking=False for Qwen3 and GLM-4.5), as transformers' apply_chat_template does."""
+        # As transformers: keys set to None are dropped (templates test `is defined`), tools and documents are
+        # None, and the options override the special tokens.
+        messages = [{key: value for key, value in m.items() if value is not None} for m in messages]
+        variables = {**self.special_tokens, **options}
+        try:
+            return _JINJA.from_string(self.template_source).render(
+                messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables
             )
         except _TemplateRaised as e:
             problem = str(e)
@@ -252,9 +297,9 @@ class Tokenizer:
             problem = f"{type(e).__name__}: {e}"
         raise TokenizerError(f"chat template failed: {problem}")
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **options) -> list[int]:
         """Token ids of the rendered chat, with BOS exactly once when the template writes it."""
-        text = self.render_chat_text(messages, add_generation_prompt)
+        text = self.render_chat_text(messages, add_generation_prompt, **options)
         if self.bos_token and text.startswith(self.bos_token):
             return [self.bos_id, *self.encode(text[len(self.bos_token) :], bos=False)]
         return self.encode(text, bos=False)

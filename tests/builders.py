@@ -11,8 +11,10 @@ import sysconfig
 from collections.abc import Sequence
 
 import sentencepiece as spm
-from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
 from tokenizers.models import BPE
+
+import chat_templates
 
 # Docstring-rich stdlib modules, present in every CPython: about 330 KB of text in all.
 _CORPUS_MODULES = (
@@ -184,3 +186,158 @@ def train_tokenizer(
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if kind == "json":
         (folder / "tokenizer.json").write_text(_tokenizer_json(model, special) + "\n", encoding="utf-8")
+
+
+# --- byte-level BPE, as Qwen2/Qwen3, GLM-4.5, DeepSeek-V3 and OLMoE ship it -------------------------------
+
+# Qwen2/Qwen3's pre-tokenizer split; GLM-4.5 and DeepSeek-V3 keep runs of up to 3 digits together.
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+DIGITS_BY_3_SPLIT = QWEN2_SPLIT.replace(r"\p{N}|", r"\p{N}{1,3}|")
+
+# What each family's checkpoints ship, as keyword arguments of `train_bytelevel_tokenizer` (keyed by
+# config.json's model_type). `generation_eos` are the ids generation_config.json lists as eos_token_id.
+FAMILY_TOKENIZERS = {
+    "qwen3_moe": dict(
+        chat_template=chat_templates.QWEN3,
+        special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        plain_tokens=("<tool_call>", "</tool_call>", "<think>", "</think>"),  # added, but "special": false
+        eos_token="<|im_end|>", pad_token="<|endoftext|>", generation_eos=("<|im_end|>", "<|endoftext|>"),
+    ),
+    "qwen2_moe": dict(
+        chat_template=chat_templates.QWEN2,
+        special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        eos_token="<|im_end|>", pad_token="<|endoftext|>", generation_eos=("<|im_end|>", "<|endoftext|>"),
+    ),
+    "glm4_moe": dict(
+        chat_template=chat_templates.GLM45,
+        template_file=True,  # GLM-4.5 ships chat_template.jinja
+        special_tokens=("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                        "<|assistant|>", "<|observation|>", "<think>", "</think>", "<tool_call>", "</tool_call>",
+                        "<tool_response>", "</tool_response>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"),
+        eos_token="<|endoftext|>", pad_token="<|endoftext|>", tokenizer_class="PreTrainedTokenizerFast",
+        split=DIGITS_BY_3_SPLIT, generation_eos=("<|endoftext|>", "<|user|>", "<|observation|>"),
+    ),
+    "deepseek_v3": dict(
+        chat_template=chat_templates.DEEPSEEK_V3,
+        head_tokens=("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),  # ids 0 and 1
+        special_tokens=("<｜User｜>", "<｜Assistant｜>", "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>",
+                        "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>",
+                        "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>", "<｜tool▁sep｜>"),
+        plain_tokens=("<think>", "</think>"),
+        bos_token="<｜begin▁of▁sentence｜>", eos_token="<｜end▁of▁sentence｜>", pad_token="<｜end▁of▁sentence｜>",
+        add_bos_token=True, tokenizer_class="LlamaTokenizerFast", split=DIGITS_BY_3_SPLIT,
+        generation_eos=("<｜end▁of▁sentence｜>",),
+    ),
+    "olmoe": dict(
+        chat_template=chat_templates.OLMOE,
+        head_tokens=("<|endoftext|>", "<|padding|>"),
+        bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|padding|>",
+        tokenizer_class="GPTNeoXTokenizer", split=None, generation_eos=("<|endoftext|>",),
+    ),
+}
+
+
+@functools.cache  # the suite asks for the same tokenizer many times
+def _train_bytelevel(vocab_size: int, split: str | None, head_tokens: tuple[str, ...]) -> str:
+    """A byte-level BPE with `vocab_size` entries, `head_tokens` first: the tokenizer.json text."""
+    tokenizer = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    # Qwen's layout: NFC, a regex split, then bytes mapped to printable characters (no prefix space).
+    tokenizer.normalizer = normalizers.NFC()
+    if split is None:  # GPT-2's split, built into ByteLevel (GPT-NeoX, OLMoE)
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, so any text encodes
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in head_tokens],
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus_text().splitlines(keepends=True), trainer)
+    return tokenizer.to_str()
+
+
+def train_bytelevel_tokenizer(
+    folder: pathlib.Path,
+    chat_template: str | None = None,
+    *,
+    vocab_size: int = 512,
+    special_tokens: Sequence[str] = (),
+    plain_tokens: Sequence[str] = (),
+    head_tokens: Sequence[str] = (),
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    pad_token: str | None = None,
+    add_bos_token: bool = False,
+    tokenizer_class: str = "Qwen2Tokenizer",
+    split: str | None = QWEN2_SPLIT,
+    template_file: bool = False,
+    generation_eos: Sequence[str] = (),
+) -> dict[str, int]:
+    """Write a byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json) into `folder`, trained on
+    `corpus_text()`, in the layout of Qwen2/Qwen3, GLM-4.5, DeepSeek-V3 and OLMoE checkpoints; returns the id
+    of every added token. `FAMILY_TOKENIZERS[model_type]` holds each family's arguments:
+
+        ids = train_bytelevel_tokenizer(folder, **FAMILY_TOKENIZERS["qwen3_moe"])
+
+    vocab_size counts every id (the BPE's and the added tokens'): a model's vocab_size must be at least that.
+    head_tokens get ids 0, 1, ... (DeepSeek's BOS and EOS); special_tokens (hidden by decode) and then
+    plain_tokens (added tokens with "special": false, such as Qwen3's <think>) come after the BPE's ids, as in
+    Qwen's files. bos/eos/pad_token name tokens from those lists (None: null in the config, as Qwen's bos).
+    add_bos_token=True makes plain encoding start with BOS (DeepSeek). split is the pre-tokenizer's regex (None:
+    GPT-2's, as GPT-NeoX and OLMoE). chat_template goes into
+    tokenizer_config.json, or into chat_template.jinja with template_file=True (GLM-4.5). generation_eos
+    merges {"eos_token_id": [their ids]} (and bos_token_id) into the folder's generation_config.json, so call
+    this after saving a model. The same arguments always give the same bytes.
+    """
+    tail = [*special_tokens, *plain_tokens]
+    if vocab_size < 256 + len(head_tokens) + len(tail) + 16:
+        raise ValueError(f"vocab_size {vocab_size} leaves too few merges beside 256 bytes and {len(head_tokens) + len(tail)} added tokens")
+    tokenizer = Tokenizer.from_str(_train_bytelevel(vocab_size - len(tail), split, tuple(head_tokens)))
+    if add_bos_token and bos_token is not None:
+        # DeepSeek-V3's tokenizer.json: the BOS comes from the post-processor
+        tokenizer.post_processor = processors.Sequence(
+            [processors.ByteLevel(trim_offsets=False), processors.TemplateProcessing(single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B", special_tokens=[(bos_token, tokenizer.token_to_id(bos_token))])]
+        )
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain_tokens])
+    ids = {t: tokenizer.token_to_id(t) for t in [*head_tokens, *tail]}
+    missing = [t for t in (bos_token, eos_token, pad_token, *generation_eos) if t is not None and t not in ids]
+    if missing:
+        raise ValueError(f"{missing} must be among the head, special or plain tokens")
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(tokenizer.to_str(pretty=True) + "\n", encoding="utf-8")
+    config = {
+        "tokenizer_class": tokenizer_class,
+        "add_bos_token": add_bos_token,
+        "add_eos_token": False,
+        "bos_token": bos_token,
+        "eos_token": eos_token,
+        "pad_token": pad_token,
+        "unk_token": None,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 131072,
+        "added_tokens_decoder": {
+            str(ids[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                          "special": t not in plain_tokens}
+            for t in ids
+        },
+    }
+    if chat_template is not None and not template_file:
+        config["chat_template"] = chat_template
+    elif chat_template is not None:
+        (folder / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if generation_eos:
+        path = folder / "generation_config.json"
+        generation = json.loads(path.read_text()) if path.is_file() else {}
+        generation["eos_token_id"] = [ids[t] for t in generation_eos]
+        if bos_token is not None:
+            generation["bos_token_id"] = ids[bos_token]
+        path.write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    return ids

@@ -407,3 +407,16 @@ def test_flush_emits_what_is_held_back(tok):
     decoder = StreamDecoder(tok)
     assert decoder.push(first_byte) == ""
     assert decoder.flush() == "\ufffd"
+
+
+# --- text that is not valid UTF-8 ---------------------------------------------------------------------------
+
+# Python keeps bytes that are not UTF-8 as lone surrogates (argv, stdin under the C locale): "import \xff os"
+# arrives as "import \udcff os", which sentencepiece and tokenizers refuse with an error about C++ types.
+@pytest.mark.parametrize("text", ["import \udcff os", "\ud800", "a\udcc3\udca9b"])
+def test_lone_surrogates_encode_as_the_replacement_character(tok, text):
+    replaced = "".join("\ufffd" if "\ud800" <= char <= "\udfff" else char for char in text)
+    assert tok.encode(text) == tok.encode(replaced)
+    messages = [{"role": "user", "content": text}]
+    assert tok.render_chat(messages) == tok.render_chat([{"role": "user", "content": replaced}])
+    assert "\ufffd" in tok.decode(tok.encode(text))

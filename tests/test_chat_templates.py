@@ -1,0 +1,248 @@
+"""Byte-level BPE tokenizers and the chat templates of Qwen3, Qwen2-MoE, GLM-4.5, DeepSeek-V3 and OLMoE as their
+checkpoints ship them: our prompt ids are transformers' `apply_chat_template` ids."""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import pytest
+
+import chat_templates
+from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer
+from moe_local.errors import TokenizerError
+from moe_local.tokenizer import StreamDecoder, load_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+FAMILIES = list(FAMILY_TOKENIZERS)
+THINKING_FAMILIES = ["qwen3_moe", "glm4_moe"]  # their templates read enable_thinking
+
+CONVERSATIONS = {
+    "one message": [{"role": "user", "content": "Why is the sky blue?"}],
+    "system message": [
+        {"role": "system", "content": "Answer in one paragraph."},
+        {"role": "user", "content": "Why is the sky blue?"},
+    ],
+    "two turns": [
+        {"role": "user", "content": "def f(x):"},
+        {"role": "assistant", "content": "    return 2 * x"},
+        {"role": "user", "content": "And in C?"},
+    ],
+    "an answer that thought": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2 + 2?"},
+        {"role": "assistant", "content": "<think>\nEasy: four.\n</think>\n\n4"},
+        {"role": "user", "content": "And 3 + 3?"},
+    ],
+    "non-ASCII and whitespace": [
+        {"role": "user", "content": "naïve café: 🎉 日本語 — ½\n\n    indented  twice "},
+        {"role": "assistant", "content": "Ça va ✓"},
+        {"role": "user", "content": "\tencore 12345"},
+    ],
+}
+
+PLAIN_TEXTS = [
+    "Hello world",
+    "naïve café: 🎉 日本語 — ½",
+    "   three leading spaces\n\n\ttab 1234567",
+    "x <think>y</think> z",
+    "",
+]
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory):
+    made = {}
+    for family, arguments in FAMILY_TOKENIZERS.items():
+        made[family] = tmp_path_factory.mktemp(family)
+        train_bytelevel_tokenizer(made[family], **arguments)
+    return made
+
+
+@pytest.fixture(scope="session")
+def references(folders):
+    return {family: transformers.AutoTokenizer.from_pretrained(folder) for family, folder in folders.items()}
+
+
+def reference_ids(reference, messages, **options) -> list[int]:
+    return reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False, **options)
+
+
+# --- the prompt, as transformers renders and tokenizes it ----------------------------------------------------
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_ids_equal_transformers_apply_chat_template(folders, references, family, conversation):
+    messages = CONVERSATIONS[conversation]
+    ours = load_tokenizer(folders[family])
+    assert ours.render_chat_text(messages) == references[family].apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert ours.render_chat(messages) == reference_ids(references[family], messages)
+
+
+@pytest.mark.parametrize("enable_thinking", [False, True])
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+@pytest.mark.parametrize("family", THINKING_FAMILIES)
+def test_enable_thinking_reaches_the_template_as_in_transformers(folders, references, family, conversation, enable_thinking):
+    messages = CONVERSATIONS[conversation]
+    ours = load_tokenizer(folders[family])
+    assert ours.template_reads("enable_thinking")
+    expected = reference_ids(references[family], messages, enable_thinking=enable_thinking)
+    assert ours.render_chat(messages, enable_thinking=enable_thinking) == expected
+
+
+def test_qwen3_prompt_is_chatml_and_no_thinking_closes_an_empty_think_block(folders):
+    tok = load_tokenizer(folders["qwen3_moe"])
+    messages = CONVERSATIONS["an answer that thought"]
+    head = (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2 + 2?<|im_end|>\n"
+        "<|im_start|>assistant\n4<|im_end|>\n"  # the thinking of earlier turns is left out
+        "<|im_start|>user\nAnd 3 + 3?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert tok.render_chat_text(messages) == head
+    assert tok.render_chat_text(messages, enable_thinking=True) == head
+    assert tok.render_chat_text(messages, enable_thinking=False) == head + "<think>\n\n</think>\n\n"
+    assert tok.bos_id is None and tok.render_chat(messages)[0] == tok.encode("<|im_start|>", bos=False)[0]
+
+
+def test_glm45_template_comes_from_chat_template_jinja(folders):
+    assert (folders["glm4_moe"] / "chat_template.jinja").is_file()
+    assert "chat_template" not in json.loads((folders["glm4_moe"] / "tokenizer_config.json").read_text())
+    tok = load_tokenizer(folders["glm4_moe"])
+    messages = CONVERSATIONS["one message"]
+    assert tok.render_chat_text(messages) == "[gMASK]<sop><|user|>\nWhy is the sky blue?<|assistant|>"
+    assert tok.render_chat_text(messages, enable_thinking=False) == (
+        "[gMASK]<sop><|user|>\nWhy is the sky blue?/nothink<|assistant|>\n<think></think>"
+    )
+
+
+def test_deepseek_v3_prompt_has_its_bos_once(folders, references):
+    tok = load_tokenizer(folders["deepseek_v3"])
+    messages = CONVERSATIONS["system message"]
+    assert tok.render_chat_text(messages) == "<｜begin▁of▁sentence｜>Answer in one paragraph.<｜User｜>Why is the sky blue?<｜Assistant｜>"
+    ids = tok.render_chat(messages)
+    assert ids[0] == tok.bos_id == 0 and ids.count(tok.bos_id) == 1
+    assert tok.encode("hi")[0] == tok.bos_id  # add_bos_token: a raw prompt starts with BOS too
+
+
+# --- plain text ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", PLAIN_TEXTS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_encode_and_decode_match_transformers(folders, references, family, text):
+    ours, reference = load_tokenizer(folders[family]), references[family]
+    ids = ours.encode(text)
+    assert ids == reference(text)["input_ids"]
+    assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True)
+    if not any(token in text for token in ours.added_tokens):  # decode hides special tokens
+        assert ours.decode(ours.encode(text, bos=False)) == text
+
+
+def test_decode_hides_special_tokens_and_keeps_qwen3s_think_tags(folders):
+    tok = load_tokenizer(folders["qwen3_moe"])
+    ids = tok.encode("<|im_start|>assistant\n<think>\nhm\n</think>\n\nok<|im_end|>", bos=False)
+    assert tok.decode(ids) == "assistant\n<think>\nhm\n</think>\n\nok"  # <think> is added but not special
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("text", ["naïve café: 🎉 日本語 — ½", "ünïcödé\n\n  ½ 🎉🎉", "Ça va ✓ <think>é</think>"])
+def test_streamed_byte_level_pieces_join_to_the_text(folders, family, text):
+    tok = load_tokenizer(folders[family])
+    ids = tok.encode(text, bos=False)
+    assert len(ids) > len(text.split())  # characters split across tokens, byte by byte
+    decoder = StreamDecoder(tok)
+    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_stream_holds_back_the_bytes_of_an_incomplete_character(folders):
+    tok = load_tokenizer(folders["qwen3_moe"])
+    ids = tok.encode("🎉", bos=False)
+    assert len(ids) == 4  # one token per byte: the corpus has no emoji
+    decoder = StreamDecoder(tok)
+    assert [decoder.push(i) for i in ids] == ["", "", "", "🎉"]
+
+
+def test_ids_past_the_vocabulary_decode_to_nothing(folders):
+    tok = load_tokenizer(folders["qwen3_moe"])
+    assert tok.decode([*tok.encode("ab", bos=False), tok.vocab_size + 5]) == "ab"
+
+
+# --- the Jinja environment, as transformers' ------------------------------------------------------------------
+
+JINJA_EXTRAS = {
+    "tojson as transformers": "{{ {'name': 'café <b>', 'n': [1, 2]} | tojson }}|{{ {'a': 'é'} | tojson(indent=2) }}|{{ 'ü' | tojson(ensure_ascii=True) }}",
+    "loop controls": "{% for m in messages %}{% if loop.index0 == 1 %}{% break %}{% endif %}{{ m.content }}{% endfor %}"
+                     "{% for m in messages %}{% if m.role == 'user' %}{% continue %}{% endif %}[{{ m.content }}]{% endfor %}",
+    "namespace": "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}",
+    "extra variables": "{{ greeting | default('none') }} {{ tools is none }} {{ documents is none }} {{ add_generation_prompt }}",
+    "None keys are dropped": "{% for m in messages %}{{ m.name is defined }}{% endfor %}",
+    "special tokens": "{{ bos_token is defined }} {{ eos_token }} {{ pad_token }} {{ unk_token is defined }}",
+}
+MESSAGES = [
+    {"role": "user", "content": "a", "name": None},
+    {"role": "assistant", "content": "b"},
+    {"role": "user", "content": "c"},
+]
+
+
+@pytest.mark.parametrize("extra", JINJA_EXTRAS)
+def test_jinja_extras_render_as_in_transformers(folders, references, extra):
+    template, tok = JINJA_EXTRAS[extra], load_tokenizer(folders["qwen3_moe"])
+    tok.chat_template = template
+    options = {"greeting": "hello"} if extra == "extra variables" else {}
+    expected = references["qwen3_moe"].apply_chat_template(MESSAGES, chat_template=template, add_generation_prompt=True, tokenize=False, **options)
+    assert tok.render_chat_text(MESSAGES, **options) == expected
+
+
+def test_tojson_keeps_non_ascii_and_html_characters(folders):
+    tok = load_tokenizer(folders["qwen3_moe"])
+    tok.chat_template = JINJA_EXTRAS["tojson as transformers"]
+    assert tok.render_chat_text(MESSAGES) == '{"name": "café <b>", "n": [1, 2]}|{\n  "a": "é"\n}|"\\u00fc"'
+
+
+def test_strftime_now_writes_todays_date(folders):
+    tok = load_tokenizer(folders["qwen3_moe"])
+    tok.chat_template = "Today is {{ strftime_now('%Y-%m-%d') }}."
+    before = datetime.date.today().isoformat()
+    assert tok.render_chat_text(MESSAGES) in (f"Today is {before}.", f"Today is {datetime.date.today().isoformat()}.")
+
+
+def test_raise_exception_in_a_real_template_is_one_clear_error(folders):
+    tok = load_tokenizer(folders["qwen3_moe"])
+    tok.chat_template = "{% if messages[0].role != 'user' %}{{ raise_exception('Conversation roles must start with user') }}{% endif %}"
+    with pytest.raises(TokenizerError, match="chat template failed: Conversation roles must start with user"):
+        tok.render_chat([{"role": "assistant", "content": "hi"}])
+
+
+def test_template_reads_knows_which_options_a_template_takes(folders):
+    assert load_tokenizer(folders["glm4_moe"]).template_reads("enable_thinking")
+    for family in ("qwen2_moe", "deepseek_v3", "olmoe"):
+        assert not load_tokenizer(folders[family]).template_reads("enable_thinking")
+
+
+# --- the builder itself -------------------------------------------------------------------------------------
+
+
+def test_bytelevel_builder_is_deterministic_and_sizes_the_vocabulary(tmp_path, folders):
+    ids = train_bytelevel_tokenizer(tmp_path, **FAMILY_TOKENIZERS["glm4_moe"])
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (tmp_path / name).read_bytes() == (folders["glm4_moe"] / name).read_bytes()
+    tok = load_tokenizer(tmp_path)
+    assert tok.vocab_size == 512 and max(ids.values()) == 511
+    assert tok.eos_id == ids["<|endoftext|>"] and tok.bos_id is None
+
+
+def test_bytelevel_builder_writes_the_generation_eos_list(tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6}))
+    ids = train_bytelevel_tokenizer(tmp_path, **FAMILY_TOKENIZERS["qwen3_moe"])
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    assert generation == {"temperature": 0.6, "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]}
+
+
+def test_every_family_template_is_in_the_builder():
+    templates = {arguments["chat_template"] for arguments in FAMILY_TOKENIZERS.values()}
+    assert templates == {chat_templates.QWEN3, chat_templates.QWEN2, chat_templates.GLM45, chat_templates.DEEPSEEK_V3, chat_templates.OLMOE}
