@@ -147,6 +147,7 @@ def plan_report(cfg: ModelConfig, plan: MemoryPlan, ctx_size: int) -> dict:
     hit_rate = plan.expert_slots / plan.total_experts
     misses_per_token = (1 - hit_rate) * cfg.n_moe_layers * cfg.top_k
     return {
+        "parameters": cfg.parameter_counts(),
         "device": plan.device,
         "budget_bytes": plan.budget_bytes,
         "resident_bytes": plan.resident_bytes,

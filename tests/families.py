@@ -1,0 +1,69 @@
+"""Tiny random checkpoints of every supported MoE family, built with transformers' own config and model
+classes and saved with `save_pretrained`, each variant switching on the options that family differs by."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+# Shared by every variant: small, several layers, 8 experts with top-2 routing, weights large enough that
+# logits and routing are far from uniform.
+BASE = dict(
+    vocab_size=320, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    num_experts_per_tok=2, max_position_embeddings=512, initializer_range=0.1, tie_word_embeddings=False,
+    bos_token_id=1, eos_token_id=2,
+)
+_MLA = dict(num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+            moe_intermediate_size=32, intermediate_size=96, n_routed_experts=8)
+
+# name -> (model_type, the options that variant switches on)
+VARIANTS = {
+    # q/k RMSNorm per head, explicit head_dim, renormalised top-k, one dense MLP layer among the MoE layers
+    "qwen3_moe": ("qwen3_moe", dict(num_experts=8, moe_intermediate_size=32, intermediate_size=96, head_dim=24,
+                                    norm_topk_prob=True, mlp_only_layers=[1])),
+    # attention biases everywhere, YaRN RoPE, no renormalisation
+    "qwen3_moe-yarn": ("qwen3_moe", dict(num_experts=8, moe_intermediate_size=32, intermediate_size=96, attention_bias=True,
+                                         norm_topk_prob=False, rope_parameters=dict(
+                                             rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32))),
+    # q/k/v biases, a shared expert under a sigmoid gate, sparse every second layer
+    "qwen2_moe": ("qwen2_moe", dict(num_experts=8, moe_intermediate_size=32, intermediate_size=96,
+                                    shared_expert_intermediate_size=48, decoder_sparse_step=2)),
+    # q/k norms over the whole projection, clipping
+    "olmoe": ("olmoe", dict(num_experts=8, intermediate_size=32, clip_qkv=0.4, eos_token_id=2, pad_token_id=1)),
+    # sigmoid router with selection bias, group-limited top-k, scaling, shared expert, a dense first layer,
+    # partial rotary, attention bias, q/k norm
+    "glm4_moe": ("glm4_moe", dict(n_routed_experts=8, moe_intermediate_size=32, intermediate_size=96, head_dim=16,
+                                  first_k_dense_replace=1, n_group=4, topk_group=2, n_shared_experts=1,
+                                  routed_scaling_factor=2.5, attention_bias=True, use_qk_norm=True,
+                                  rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))),
+    # MLA without a query latent, softmax group-limited greedy routing, YaRN with mscale, two shared experts
+    "deepseek_v2": ("deepseek_v2", dict(**_MLA, q_lora_rank=None, first_k_dense_replace=1, n_shared_experts=2,
+                                        topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                                        routed_scaling_factor=1.5, rope_parameters=dict(
+                                            rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32,
+                                            beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=0.707))),
+    # MLA with a query latent, noaux_tc routing, interleaved rotary pairs
+    "deepseek_v3": ("deepseek_v3", dict(**_MLA, q_lora_rank=24, first_k_dense_replace=1, n_shared_experts=1,
+                                        n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True)),
+}
+
+
+def build_family(variant: str, folder: Path, tokenizer_dir: Path | None = None, seed: int = 0, **overrides):
+    """Save a random model of `variant` into `folder` (and copy in a tokenizer); return the reference model
+    loaded back from the folder, in fp32."""
+    model_type, options = VARIANTS[variant]
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **{**BASE, **options, **overrides})
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # transformers initialises the selection bias to 0: give it something to select by
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn(buffer.shape) * 0.1)
+    model.save_pretrained(folder)
+    if tokenizer_dir is not None:
+        for f in tokenizer_dir.iterdir():
+            shutil.copy(f, folder / f.name)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

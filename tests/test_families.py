@@ -1,0 +1,230 @@
+"""Every supported MoE family against its `transformers` reference: fp32 logits, greedy tokens at any slot
+count and with prefetch on or off, through the API and the CLI; the pieces each family adds (routers,
+latent attention's cache, YaRN, dense and shared MLPs) and the clear errors for what stays unsupported."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import moe_local
+from conftest import moe_local_cli
+from families import VARIANTS, build_family
+from moe_local.config import PRESETS, ModelConfig, RouterConfig, preset_config
+from moe_local.errors import ConfigError
+from moe_local.generate import GenerationStats, SamplingParams, generate
+from moe_local.routing import route
+
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def family(request, tmp_path_factory, tokenizer_dir):
+    """(variant, folder, reference model)."""
+    folder = tmp_path_factory.mktemp(request.param)
+    return request.param, folder, build_family(request.param, folder, tokenizer_dir)
+
+
+def prompt_ids(n: int, seed: int = 0) -> list[int]:
+    return [1] + torch.randint(3, 320, (n - 1,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def reference_greedy(model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids) :].tolist()
+
+
+def greedy(engine, ids: list[int], n: int) -> list[int]:
+    return list(generate(engine, ids, n, GREEDY, set(), GenerationStats()))
+
+
+def test_fp32_logits_match_transformers(family, device):
+    variant, folder, reference = family
+    ids = prompt_ids(40)
+    with torch.no_grad():
+        want = reference(torch.tensor([ids])).logits[0]
+    # prefill in chunks of 16, so later chunks attend to the cache the earlier ones wrote
+    got = moe_local.load(folder, device=device, expert_slots=5, prefill_chunk=16).logits(ids)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+@pytest.mark.parametrize(("slots", "prefetch"), [(1, True), (5, False), ("all", True)])
+def test_greedy_tokens_match_transformers_at_any_slot_count(family, slots, prefetch, device):
+    variant, folder, reference = family
+    cfg = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    slots = cfg.n_moe_layers * cfg.n_experts if slots == "all" else slots
+    ids = prompt_ids(10, seed=3)
+    want = reference_greedy(reference, ids, 20)
+    engine = moe_local.load(folder, device=device, expert_slots=slots, prefetch=prefetch)
+    assert greedy(engine, ids, 20) == want
+
+
+def test_cli_run_greedy_matches_transformers(family):
+    variant, folder, reference = family
+    result = moe_local_cli("run", str(folder), "-p", "def main():", "--raw", "-n", "8", "--temperature", "0",
+                           "--json", "--device", "cpu", "--expert-slots", "3", "--quiet")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    want = reference_greedy(reference, out["prompt_tokens"], 8)
+    # the run stops at EOS; up to there it must be transformers' continuation
+    assert out["tokens"] == want[: len(out["tokens"])] and len(out["tokens"]) >= 1
+
+
+def test_info_counts_match_the_checkpoint_tensors(family):
+    variant, folder, _ = family
+    result = moe_local_cli("info", str(folder), "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        sizes = {name: math.prod(f.get_slice(name).get_shape()) for name in f.keys()}
+    routed = {name: n for name, n in sizes.items() if ".experts." in name}
+    one = sum(n for name, n in routed.items() if f".experts.0." in name) // info["moe_layers"]
+    p = info["parameters"]
+    assert p["total"] == sum(sizes.values())
+    assert p["routed_experts"] == sum(routed.values())
+    assert p["per_expert"] == one
+    assert p["active_per_token"] == p["resident"] + info["moe_layers"] * info["experts_per_token"] * one
+    dense = sum(n for name, n in sizes.items() if ".mlp." in name and ".experts." not in name and "gate." not in name
+                and "shared_expert_gate" not in name)
+    assert p["dense_and_shared_mlp"] == dense + sum(n for name, n in sizes.items() if "shared_expert_gate" in name)
+
+
+@pytest.mark.parametrize("variant", ["deepseek_v2", "deepseek_v3"])
+def test_latent_attention_caches_the_latent_not_keys_and_values(variant, tmp_path):
+    build_family(variant, tmp_path)
+    engine = moe_local.load(tmp_path, device="cpu", ctx_size=100, dtype="fp32")
+    cfg = engine.cfg
+    per_token = cfg.mla.kv_lora_rank + cfg.mla.rope_dim  # 32 + 8, not 2 x 4 heads x (16 + 8)
+    assert engine.kv.nbytes == cfg.n_layers * 100 * per_token * 4
+    assert engine.plan.kv_bytes == engine.kv.nbytes
+
+
+def test_quantized_experts_run_every_family_shape(tmp_path):
+    """int8 and int4 experts through a family with dense layers, shared experts and MLA."""
+    reference = build_family("deepseek_v3", tmp_path, hidden_size=128, moe_intermediate_size=64)
+    ids = prompt_ids(24)
+    with torch.no_grad():
+        want = reference(torch.tensor([ids])).logits[0]
+    for experts_dtype in ("int8", "int4"):
+        got = moe_local.load(tmp_path, device="cpu", dtype="fp32", experts_dtype=experts_dtype, expert_slots=4).logits(ids)
+        kl = torch.nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True, reduction="batchmean")
+        # random weights route by near-ties, which int4's rounding flips more often than a trained model's
+        assert kl <= (0.001 if experts_dtype == "int8" else 0.1)
+        assert torch.equal(got, moe_local.load(tmp_path, device="cpu", dtype="fp32", experts_dtype=experts_dtype, expert_slots=16).logits(ids))
+
+
+# ---- routers, each against the transformers module that defines it ----------------------------------
+
+
+def transformers_router(model_type: str, **options):
+    from transformers import AutoConfig
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
+
+    cls = {"glm4_moe": Glm4MoeTopkRouter, "deepseek_v2": DeepseekV2TopkRouter, "deepseek_v3": DeepseekV3TopkRouter}[model_type]
+    config = AutoConfig.for_model(model_type, hidden_size=16, num_attention_heads=4, num_key_value_heads=4,
+                                  n_routed_experts=16, num_experts_per_tok=4, **options)
+    router = cls(config)
+    torch.nn.init.normal_(router.weight)
+    if hasattr(router, "e_score_correction_bias"):
+        router.e_score_correction_bias.normal_(0, 0.3)
+    return config, router
+
+
+@pytest.mark.parametrize(("model_type", "options"), [
+    ("glm4_moe", dict(n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True)),
+    ("deepseek_v3", dict(n_group=8, topk_group=3, routed_scaling_factor=1.0, norm_topk_prob=False)),
+    ("deepseek_v2", dict(topk_method="greedy", routed_scaling_factor=1.5)),
+    ("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=4, topk_group=2)),
+])
+def test_router_matches_transformers(model_type, options):
+    torch.manual_seed(0)
+    config, router = transformers_router(model_type, **options)
+    cfg = ModelConfig.from_hf({**config.to_dict(), "model_type": model_type, "num_hidden_layers": 2})
+    x = torch.randn(200, 16)
+    _, want_weights, want_indices = router(x)
+    bias = getattr(router, "e_score_correction_bias", None)
+    weights, indices = route(router(x)[0], 4, cfg.router, bias)
+    # the same experts with the same weights, whatever order each returns them in
+    want = torch.zeros(200, 16).scatter(1, want_indices, want_weights)
+    got = torch.zeros(200, 16).scatter(1, indices, weights)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_correction_bias_chooses_experts_but_does_not_weight_them():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 3.0]])
+    bias = torch.tensor([0.0, 5.0, 0.0, 0.0])
+    weights, indices = route(logits, 1, RouterConfig(scoring="sigmoid", renormalize=False, correction_bias=True), bias)
+    assert indices.tolist() == [[1]]
+    assert weights.item() == pytest.approx(0.5)  # sigmoid(0), not sigmoid(0) + 5
+
+
+# ---- configs: published geometries, and what stays unsupported ----------------------------------------
+
+
+def test_presets_match_the_published_parameter_counts():
+    counts = {name: preset_config(name).parameter_counts() for name in PRESETS}
+    # Qwen3-30B-A3B by hand: embeddings and head, 48 layers of attention, norms, router and 128 experts
+    d, layers = 2048, 48
+    attention = d * 128 * (32 + 4 + 4) + 32 * 128 * d + 2 * 128  # q, k, v, o and the per-head q/k norms
+    expert = 3 * d * 768
+    total = 2 * 151936 * d + layers * (attention + 2 * d + 128 * d + 128 * expert) + d
+    assert counts["qwen3-30b-a3b"]["total"] == total
+    assert counts["qwen3-30b-a3b"]["active_per_token"] == total - layers * 120 * expert
+    published = {  # name: (billions total, billions active), as the model cards say
+        "qwen3-30b-a3b": (30.5, 3.3), "qwen3-235b-a22b": (235, 22), "deepseek-v3": (671, 37),
+        "olmoe-1b-7b": (6.9, 1.3), "glm-4.5-air": (106, 12), "deepseek-v2-lite": (15.7, 2.4),
+        "mixtral-8x7b": (46.7, 12.9),
+    }
+    for name, (total_b, active_b) in published.items():
+        assert counts[name]["total"] / 1e9 == pytest.approx(total_b, rel=0.02), name
+        # active counts differ by whether the model card counts the embeddings
+        assert counts[name]["active_per_token"] / 1e9 == pytest.approx(active_b, rel=0.15), name
+
+
+def test_plan_preset_reports_parameters_and_the_latent_cache():
+    result = moe_local_cli("plan", "--preset", "deepseek-v3", "--gpu-memory", "48GiB", "--json", "--ctx-size", "4096")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    chosen = report.get("chosen", report)
+    assert chosen["kv_bytes"] == 61 * 4096 * (512 + 64) * 2  # bf16 latent + rope key per token and layer
+    assert chosen["total_experts"] == 58 * 256
+    assert chosen["parameters"] == preset_config("deepseek-v3").parameter_counts()
+
+
+def test_published_rope_scaling_reads_like_rope_parameters():
+    raw = dict(PRESETS["deepseek-v3"])
+    rope = preset_config("deepseek-v3").rope
+    assert rope.kind == "yarn" and rope.factor == 40 and rope.original_max_position_embeddings == 4096
+    nested = {**raw, "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000, **{k: v for k, v in raw["rope_scaling"].items() if k != "type"}}}
+    del nested["rope_scaling"]
+    assert ModelConfig.from_hf(nested).rope == rope
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"model_type": "llama"}, "unsupported model_type 'llama' in config.json (supported: mixtral, qwen3_moe, qwen2_moe, olmoe, glm4_moe, deepseek_v2, deepseek_v3)"),
+    ({**PRESETS["qwen3-30b-a3b"], "num_experts": 0}, "dense model with no routed experts"),
+    ({**PRESETS["qwen3-30b-a3b"], "rope_scaling": {"rope_type": "longrope", "factor": 4}}, "unsupported RoPE scaling 'longrope'"),
+    ({**PRESETS["deepseek-v3"], "topk_method": "greedy"}, "unsupported topk_method 'greedy' for deepseek_v3"),
+    ({**PRESETS["glm-4.5-air"], "n_group": 3}, "do not divide 128 experts into groups"),
+    ([1, 2], "config.json is not a JSON object"),
+])
+def test_unsupported_configs_get_one_clear_line(raw, message):
+    with pytest.raises(ConfigError, match=None) as error:
+        ModelConfig.from_hf(raw)
+    assert message in str(error.value)
+
+
+def test_an_unsupported_model_type_is_one_line_at_the_cli(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3", "hidden_size": 8}))
+    result = moe_local_cli("info", str(tmp_path))
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0 and "unsupported model_type 'gemma3'" in result.stderr
+    assert "qwen3_moe" in result.stderr and "Traceback" not in result.stderr
