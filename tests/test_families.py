@@ -228,3 +228,16 @@ def test_an_unsupported_model_type_is_one_line_at_the_cli(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0 and "unsupported model_type 'gemma3'" in result.stderr
     assert "qwen3_moe" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("variant", ["qwen2_moe", "deepseek_v3"])
+def test_int8_attention_works_with_biases_and_latent_attention(variant, tmp_path):
+    reference = build_family(variant, tmp_path)
+    ids = prompt_ids(24)
+    with torch.no_grad():
+        want = reference(torch.tensor([ids])).logits[0]
+    engine = moe_local.load(tmp_path, device="cpu", dtype="fp32", resident_dtype="int8")
+    got = engine.logits(ids)
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True, reduction="batchmean")
+    assert kl <= 0.01
+    assert engine.plan.resident_bytes < moe_local.load(tmp_path, device="cpu", dtype="fp32").plan.resident_bytes
