@@ -332,10 +332,9 @@ def _common(raw: dict, **fields) -> dict:
         dtype=DTYPES.get(raw.get("dtype") or raw.get("torch_dtype") or ""),
         layer_windows=_windows(raw, n_layers),
     )
-    out.setdefault("rope", None)
     out.update(fields)
-    if out["rope"] is None:
-        out["rope"] = _rope(raw, head_dim)
+    if "rope" not in out:
+        out["rope"] = _rope(raw, out["head_dim"])
     return out
 
 
