@@ -1,18 +1,23 @@
 """Interactive chat: `ChatSession` owns a conversation (messages, system message, sampling settings, slash
-commands, fitting the context) and runs without a terminal; `chat_loop` is the terminal around it."""
+commands, saving and loading, fitting the context) and runs without a terminal; `chat_loop` is the terminal
+around it."""
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable, Iterator
 
-from moe_local.engine import Engine
+from moe_local.budget import format_bytes
+from moe_local.engine import Engine, read_json
 from moe_local.errors import MoeLocalError
+from moe_local.experts.qcache import cache_root
 from moe_local.generate import GenerationStats, SamplingParams
-from moe_local.tokenizer import StreamDecoder
+from moe_local.tokenizer import StreamDecoder, replace_surrogates
 
 # What `/set NAME VALUE` can change, and how to read VALUE.
 SETTINGS = {
@@ -25,11 +30,23 @@ SETTINGS = {
     "max_new_tokens": int,
 }
 ALIASES = {"temp": "temperature"}  # as the --temp flag
+SWITCHES = {"on": True, "off": False}
+
+
+def chats_dir() -> Path:
+    """Where /save NAME and /load NAME keep conversations: beside the quantized-experts cache."""
+    return cache_root() / "chats"
+
 
 HELP = f"""\
 Available commands:
   /set NAME VALUE      set {', '.join(SETTINGS)} (e.g. /set temperature 0.3)
   /set system TEXT     set the system message (empty: none)
+  /set think on|off    let the model think before it answers, or not (templates with enable_thinking: Qwen3, GLM-4.5)
+  /set verbose on|off  show each answer's speed
+  /save NAME           save the conversation: NAME is a file path, or a name for {{chats}}/NAME.json
+  /load NAME           continue a saved conversation
+  /show info           the model: architecture, parameters, context, experts
   /clear               forget the conversation
   /stats               KV cache, speed and expert cache counters of the last answer
   /bye                 exit (Ctrl-D too)
@@ -42,9 +59,21 @@ class ChatSession:
     """One conversation with a loaded model. Each prompt repeats the earlier turns, and `Engine.prefill`
     evaluates only what the KV cache does not already hold."""
 
-    def __init__(self, engine: Engine, params: SamplingParams, max_new_tokens: int | None = None, system: str | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        params: SamplingParams,
+        max_new_tokens: int | None = None,
+        system: str | None = None,
+        think: bool | None = None,
+        verbose: bool = False,
+    ):
         self.engine, self.params, self.system = engine, params, system
         self.max_new_tokens = max_new_tokens  # per answer; None: until the end of text or a full context
+        self.think = think  # the template's enable_thinking; None: the template's default
+        if think is not None:
+            engine.tokenizer.thinking_option(think)  # refuses a template without the switch
+        self.verbose = verbose  # chat_loop shows each answer's speed
         self.messages: list[dict] = []  # user, assistant, user, assistant, ...
         self.prompt: list[int] = []  # the last prompt's ids
         self._prompt_text = ""
@@ -54,22 +83,25 @@ class ChatSession:
     def render(self, messages: list[dict]) -> tuple[str, list[int]]:
         """The prompt for `messages`, as text and as ids."""
         chat = ([{"role": "system", "content": self.system}] if self.system else []) + messages
-        text = self.engine.tokenizer.render_chat_text(chat)
-        return text, self.continue_said(text) or self.engine.tokenizer.render_chat(chat)
+        options = self.engine.tokenizer.thinking_option(self.think)
+        text = self.engine.tokenizer.render_chat_text(chat, **options)
+        return text, self.continue_said(text) or self.engine.tokenizer.render_chat(chat, **options)
 
     def continue_said(self, text: str) -> list[int] | None:
-        """When `text` is the last prompt, the last answer, then the EOS token and more (as Mixtral's and most
-        templates close an answer): the ids of the last prompt and of the answer as it was generated, then the
-        ids of the rest. Tokenizing the rendered answer anew could give other ids (Mixtral's template puts a
-        space before it that the model may not have written) and the KV cache would be recomputed from there;
-        a special token splits tokenization, so the rest has the same ids alone as within the whole text."""
-        eos = self.engine.tokenizer.eos_token
-        if self._said is None or not eos:
+        """When `text` is the last prompt, the last answer, then an added token (EOS as Mixtral's template closes
+        an answer, <|im_end|> in ChatML, <|user|> in GLM's) and more: the ids of the last prompt and of the answer
+        as it was generated, then the ids of the rest. Tokenizing the rendered answer anew could give other ids
+        (Mixtral's template puts a space before it that the model may not have written) and the KV cache would
+        be recomputed from there; an added token splits tokenization, so the rest has the same ids alone as
+        within the whole text."""
+        if self._said is None:
             return None
         said_text, said_ids, answer = self._said
         start = text.find(answer, len(said_text))
         rest = text[start + len(answer) :]
-        if not text.startswith(said_text) or start < 0 or text[len(said_text) : start].strip() or not rest.startswith(eos):
+        if not text.startswith(said_text) or start < 0 or text[len(said_text) : start].strip():
+            return None
+        if not any(rest.startswith(token) for token in self.engine.tokenizer.added_tokens):
             return None
         return said_ids + self.engine.tokenizer.encode(rest, bos=False)
 
@@ -82,7 +114,7 @@ class ChatSession:
         so that the prompt leaves room for an answer of min(max new tokens, a quarter of the context)."""
         ctx = self.engine.ctx_size
         room = min(ctx if self.max_new_tokens is None else self.max_new_tokens, ctx // 4)
-        messages = [*self.messages, {"role": "user", "content": text}]
+        messages = [*self.messages, {"role": "user", "content": replace_surrogates(text)}]  # /save writes UTF-8
         (prompt_text, prompt), dropped = self.render(messages), 0
         while len(prompt) + room > ctx and len(messages) > 1:
             messages, dropped = messages[2:], dropped + 1
@@ -120,13 +152,13 @@ class ChatSession:
     @property
     def context_full(self) -> bool:
         """The last answer stopped because no position was left in the context."""
-        return self.stats.finish_reason == "length" and self.stats.prompt_tokens + self.stats.generated_tokens > self.engine.ctx_size
+        return self.stats.finish_reason == "context"
 
     def command(self, line: str) -> str | None:
         """Run a slash command: the text to show, or None for /bye. A bad command raises MoeLocalError."""
         name, _, rest = line.strip().partition(" ")
         if name in ("/?", "/help"):
-            return HELP
+            return HELP.replace("{chats}", str(chats_dir()))
         if name == "/bye":
             return None
         if name == "/clear":
@@ -136,6 +168,14 @@ class ChatSession:
             return self.stats_text()
         if name == "/set":
             return self.set(rest.strip())
+        if name == "/save":
+            return self.save(self.chat_path(rest.strip()))
+        if name == "/load":
+            return self.load(self.chat_path(rest.strip()))
+        if name == "/show":
+            if rest.strip() != "info":
+                raise MoeLocalError("/show takes info (/show info)")
+            return self.info_text()
         raise MoeLocalError(f"unknown command {name} (/? for help)")
 
     def set(self, args: str) -> str:
@@ -149,9 +189,18 @@ class ChatSession:
                 self.system = previous
                 raise
             return f"Set the system message to {value!r}." if value else "Removed the system message."
+        if key in ("think", "verbose"):
+            if value not in SWITCHES:
+                raise MoeLocalError(f"/set {key} takes on or off, not {value!r}")
+            if key == "think":
+                self.engine.tokenizer.thinking_option(SWITCHES[value])
+                self.think = SWITCHES[value]
+            else:
+                self.verbose = SWITCHES[value]
+            return f"Set {key} {value}."
         name = ALIASES.get(key, key.replace("-", "_"))
         if name not in SETTINGS:
-            raise MoeLocalError(f"/set needs one of {', '.join(SETTINGS)} or system, then a value (got {key!r})")
+            raise MoeLocalError(f"/set needs one of {', '.join(SETTINGS)}, system, think or verbose, then a value (got {key!r})")
         kind = SETTINGS[name]
         try:
             number = kind(value)
@@ -167,6 +216,82 @@ class ChatSession:
             except ValueError as e:  # SamplingParams says which range
                 raise MoeLocalError(str(e)) from None
         return f"Set {name} to {number}."
+
+    @staticmethod
+    def chat_path(name: str) -> Path:
+        """NAME as /save and /load read it: a plain name is chats_dir()/NAME.json, anything with a / or a .json
+        suffix is a path."""
+        if not name:
+            raise MoeLocalError("give a NAME or a file path (/save NAME, /load NAME)")
+        if "/" in name or name.startswith("~") or name.endswith(".json"):
+            return Path(name).expanduser()
+        return chats_dir() / f"{name}.json"
+
+    def save(self, path: Path) -> str:
+        data = {"format": "moe-local chat", "version": 1, "model": str(self.engine.folder or ""), "system": self.system, "messages": self.messages}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise MoeLocalError(f"cannot save to {path}: {e.strerror or e}") from None
+        turns = len(self.messages) // 2
+        return f"Saved {turns} turn{'s' * (turns != 1)} to {path}."
+
+    def load(self, path: Path) -> str:
+        """Replace the conversation (and the system message) by a saved one; the next turn renders it anew."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise MoeLocalError(f"no saved conversation at {path}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise MoeLocalError(f"cannot read {path}: {e}") from None
+        messages = data.get("messages") if isinstance(data, dict) else None
+        system = data.get("system") if isinstance(data, dict) else None
+        roles = ["user", "assistant"] * (len(messages) // 2) if isinstance(messages, list) else None
+        if (
+            roles is None or len(messages) % 2
+            or not all(isinstance(m, dict) and m.get("role") == role and isinstance(m.get("content"), str) for m, role in zip(messages, roles))
+            or not isinstance(system, (str, type(None)))
+        ):
+            raise MoeLocalError(f"{path} is not a saved conversation: expected messages that alternate user/assistant, each with a text content")
+        previous = self.messages, self.system
+        self.messages, self.system = [{"role": m["role"], "content": m["content"]} for m in messages], system
+        try:
+            self.render([*self.messages, {"role": "user", "content": "Hi"}])  # the template accepts it
+        except MoeLocalError:
+            self.messages, self.system = previous
+            raise
+        self._said = None
+        turns = len(messages) // 2
+        return f"Loaded {turns} turn{'s' * (turns != 1)} from {path}."
+
+    def info_text(self) -> str:
+        """The model, as `moe-local info` describes it, and how this session runs it."""
+        engine, cfg = self.engine, self.engine.cfg
+        architecture = cfg.model_type
+        if engine.folder is not None:
+            architecture = f"{(read_json(engine.folder / 'config.json').get('architectures') or [cfg.model_type])[0]} ({cfg.model_type})"
+        counts = cfg.parameter_counts()
+        fmt = engine.store.format
+        lines = [
+            f"model         {engine.folder or '(built in memory)'}",
+            f"architecture  {architecture}",
+            f"parameters    {_count(counts['total'])} total, {_count(counts['active_per_token'])} active per token "
+            f"({cfg.top_k} of {cfg.n_experts} experts in each of {cfg.n_moe_layers} MoE layers)",
+            f"context       {engine.ctx_size} tokens (--ctx-size; the model's: {cfg.max_position_embeddings}), the KV cache holds {len(engine.tokens)}",
+            f"experts       {fmt.key}, {format_bytes(fmt.expert_bytes)} each; {engine.plan.expert_slots} of "
+            f"{engine.plan.total_experts} in slots on {engine.device.type}; compute in {str(engine.dtype).removeprefix('torch.')}",
+        ]
+        return "\n".join(lines)
+
+    def speed_text(self) -> str:
+        """The last answer's speed, as `ollama run --verbose` shows it."""
+        s = self.stats
+        return "\n".join([
+            f"prompt eval   {s.prompt_tokens_evaluated} tokens in {s.prompt_seconds:.2f} s ({s.prompt_tok_per_s:.1f} tokens/s), "
+            f"{s.prompt_tokens - s.prompt_tokens_evaluated} more from the KV cache",
+            f"generation    {s.generated_tokens} tokens in {s.decode_seconds:.2f} s ({s.decode_tok_per_s:.1f} tokens/s)",
+        ])
 
     def stats_text(self) -> str:
         engine, s = self.engine, self.stats
@@ -187,6 +312,13 @@ class ChatSession:
             f"{engine.plan.expert_slots} of {engine.plan.total_experts} experts fit in slots on {engine.device.type}",
         ]
         return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(n)
 
 
 def read_message() -> str:
@@ -228,6 +360,8 @@ def answer(session: ChatSession, text: str) -> None:
             sys.stdout.flush()
     sys.stdout.write(decoder.flush() + "\n\n")
     sys.stdout.flush()
+    if session.verbose:
+        say(session.speed_text() + "\n")
     if session.context_full:
         say(f"(the context of {session.engine.ctx_size} tokens is full: the oldest turns will make room for the next one)")
 
@@ -236,6 +370,8 @@ def chat_loop(session: ChatSession) -> None:
     """Read messages and commands until /bye or Ctrl-D."""
     import readline  # noqa: F401  (arrow keys and input history for input(); imported here: it changes input())
 
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 become U+FFFD, not an error that ends the chat
+        sys.stdin.reconfigure(errors="replace")
     while True:
         try:
             text = read_message()

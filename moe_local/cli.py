@@ -26,7 +26,7 @@ from moe_local.experts.cache import POLICIES
 from moe_local.experts.formats import ExpertFormat, choose_format, make_format
 from moe_local.errors import BudgetError, MoeLocalError
 from moe_local.generate import GenerationStats, SamplingParams
-from moe_local.tokenizer import StreamDecoder
+from moe_local.tokenizer import StreamDecoder, replace_surrogates
 
 try:  # typer >= 0.26 ships its own copy of click
     from typer._click.exceptions import UsageError
@@ -135,11 +135,12 @@ def model_or_demo(model: Optional[str]) -> str:
 
 
 def read_prompt(prompt: Optional[str]) -> str:
+    """The prompt; bytes that are not UTF-8, piped or in -p, become U+FFFD instead of an error."""
     if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
-        return sys.stdin.read()
+        return sys.stdin.buffer.read().decode("utf-8", errors="replace")
     if prompt is None:
         raise MoeLocalError("no prompt: pass -p/--prompt TEXT, or pipe it on standard input")
-    return prompt
+    return replace_surrogates(prompt)  # argv keeps such bytes as lone surrogates
 
 
 def sampling_overrides(**flags) -> dict:
@@ -159,6 +160,7 @@ RepeatPenalty = Annotated[Optional[float], typer.Option("--repeat-penalty", help
 Seed = Annotated[Optional[int], typer.Option("--seed", "-s", help="Random seed: the same seed gives the same output.")]
 CtxSize = Annotated[Optional[int], typer.Option("--ctx-size", "-c", help="Context length in tokens (KV cache size). Default: min(4096, the model's).")]
 System = Annotated[Optional[str], typer.Option("--system", help="System message for the chat template.")]
+Think = Annotated[Optional[bool], typer.Option("--think/--no-think", help="Let the model think before it answers, or not: the chat template's enable_thinking (Qwen3, GLM-4.5). Default: the template's.")]
 GpuMemory = Annotated[Optional[str], typer.Option("--gpu-memory", help="Device memory budget for weights, KV cache and expert slots, e.g. 12GiB, 12GB, 500MiB. Default: 90% of free GPU memory.")]
 ExpertSlots = Annotated[Optional[int], typer.Option("--expert-slots", help="Number of device expert slots (overrides what --gpu-memory implies).")]
 Device = Annotated[Optional[str], typer.Option("--device", help="cuda or cpu. Default: cuda when available.")]
@@ -185,6 +187,7 @@ def run(
     seed: Seed = None,
     ctx_size: CtxSize = DEFAULTS.ctx_size,
     system: System = None,
+    think: Think = None,
     raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is, without the chat template."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (text, prompt_tokens, tokens, stats) instead of streaming."),
     gpu_memory: GpuMemory = DEFAULTS.gpu_memory,
@@ -202,6 +205,8 @@ def run(
     """Generate a reply to one prompt, streamed to stdout, with timings on stderr."""
     with clean_errors(debug):
         sampling = sampling_overrides(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
+        if raw and think is not None:
+            raise MoeLocalError("--think/--no-think set the chat template's enable_thinking, and --raw leaves the template out")
         text = read_prompt(prompt)
         start = time.perf_counter()
         engine = load_with_progress(
@@ -215,7 +220,7 @@ def run(
             prompt_ids = tokenizer.encode(text)
         else:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-            prompt_ids = tokenizer.render_chat(messages)
+            prompt_ids = tokenizer.render_chat(messages, **tokenizer.thinking_option(think))
         params = replace(engine.sampling_defaults(), **sampling)
         stats = GenerationStats()
         tokens = []
@@ -248,6 +253,8 @@ def chat(
     seed: Seed = None,
     ctx_size: CtxSize = DEFAULTS.ctx_size,
     system: System = None,
+    think: Think = None,
+    verbose: bool = typer.Option(False, "--verbose", help="After each answer, show its speed: prompt tokens evaluated and generated, tokens per second (/set verbose on|off in the chat)."),
     gpu_memory: GpuMemory = DEFAULTS.gpu_memory,
     expert_slots: ExpertSlots = DEFAULTS.expert_slots,
     device: Device = DEFAULTS.device,
@@ -268,7 +275,7 @@ def chat(
             ctx_size=ctx_size, dtype=dtype, prefetch=prefetch, policy=policy, experts_dtype=experts_dtype, group_size=group_size,
             resident_dtype=resident_dtype,
         )
-        session = ChatSession(engine, replace(engine.sampling_defaults(), **sampling), max_new_tokens, system)
+        session = ChatSession(engine, replace(engine.sampling_defaults(), **sampling), max_new_tokens, system, think, verbose)
         session.check_template()
         if not quiet:
             stderr("Send a message (/? for help; Ctrl-C stops an answer; Ctrl-D or /bye exits)")

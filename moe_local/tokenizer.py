@@ -24,6 +24,7 @@ from moe_local.errors import TokenizerError
 #   <s>[INST] {user} [/INST] {assistant}</s>[INST] {user} [/INST]
 # As Mistral does, a system message becomes the head of the first user message.
 # "-}}" drops the newline after each output line: trim_blocks only does that for {% %}.
+# A model with no EOS token (eos_token undefined, as transformers leaves it) renders without one.
 MIXTRAL_CHAT_TEMPLATE = """\
 {% if messages and messages[0]['role'] == 'system' %}
 {% set system = messages[0]['content'] %}
@@ -41,7 +42,7 @@ MIXTRAL_CHAT_TEMPLATE = """\
 {{ '[INST] ' + message['content'] + ' [/INST]' -}}
 {% endif %}
 {% elif message['role'] == 'assistant' %}
-{{ ' ' + message['content'] + eos_token -}}
+{{ ' ' + message['content'] }}{{ eos_token -}}
 {% else %}
 {{ raise_exception('unsupported role ' + message['role'] + ': only system, user and assistant') -}}
 {% endif %}
@@ -277,6 +278,15 @@ class Tokenizer:
             return name in jinja2.meta.find_undeclared_variables(_JINJA.parse(self.template_source))
         except jinja2.TemplateSyntaxError:
             return False  # rendering says what is wrong
+
+    def thinking_option(self, think: bool | None) -> dict:
+        """The template variables for --think/--no-think: enable_thinking (Qwen3, GLM-4.5), or none at all for
+        the template's default (think=None)."""
+        if think is None:
+            return {}
+        if not self.template_reads("enable_thinking"):
+            raise TokenizerError("this model's chat template has no thinking switch (enable_thinking), so --think/--no-think and /set think do not apply")
+        return {"enable_thinking": think}
 
     def render_chat_text(self, messages: list[dict], add_generation_prompt: bool = True, **options) -> str:
         """The chat template (the model's, else Mixtral's) filled in with `messages`; `options` are passed to it

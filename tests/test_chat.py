@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 import moe_local
-from moe_local.chat import ChatSession
+from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer
+from conftest import build_mixtral, moe_local_cli
+from moe_local.chat import ChatSession, answer
 from moe_local.errors import MoeLocalError
 from moe_local.generate import SamplingParams
 
@@ -124,7 +126,7 @@ def test_set_changes_the_sampling_settings_and_refuses_bad_values(tiny):
         "/set top_k 1.5": "top_k takes a whole number",
         "/set max_new_tokens 0": "max_new_tokens must be >= 1",
         "/set temperature": "temperature takes a number, not ''",
-        "/set bogus 1": "/set needs one of temperature, .* or system",
+        "/set bogus 1": "/set needs one of temperature, .* system, think or verbose",
         "/set": "/set needs one of",
         "/nope": r"unknown command /nope \(/\? for help\)",
     }
@@ -163,6 +165,169 @@ def test_a_system_message_the_template_rejects_is_refused(tiny, tmp_path):
     with pytest.raises(MoeLocalError, match="chat template failed: no system messages here"):
         chat.command("/set system Be brief.")
     assert chat.system is None
+
+
+# --- Qwen3's template: the think switch, a list of EOS ids -----------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def qwen3_chat(tmp_path_factory) -> Path:
+    """The tiny model with Qwen3's byte-level tokenizer and chat template, and generation_config.json's list of
+    EOS ids (<|im_end|>, <|endoftext|>)."""
+    folder = tmp_path_factory.mktemp("qwen3-chat")
+    build_mixtral(folder, None, vocab_size=512, seed=7)
+    train_bytelevel_tokenizer(folder, **FAMILY_TOKENIZERS["qwen3_moe"])
+    return folder
+
+
+def test_the_think_switch_reaches_qwen3s_template_as_enable_thinking(qwen3_chat):
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.AutoTokenizer.from_pretrained(qwen3_chat)
+    chat = ChatSession(moe_local.load(qwen3_chat, device="cpu"), GREEDY, 4, system="Be brief.", think=False)
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+    system = [{"role": "system", "content": "Be brief."}]
+
+    def expected(**options) -> list[int]:
+        return reference.apply_chat_template(system + messages, add_generation_prompt=True, return_dict=False, **options)
+
+    assert chat.render(messages)[1] == expected(enable_thinking=False)
+    assert chat.render(messages)[0].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert chat.command("/set think on") == "Set think on." and chat.think is True
+    assert chat.render(messages)[1] == expected(enable_thinking=True)
+    chat.think = None  # the CLI's default: the template decides
+    assert chat.render(messages)[1] == expected()
+
+
+def test_run_passes_no_think_to_the_template(qwen3_chat, tiny):
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.AutoTokenizer.from_pretrained(qwen3_chat)
+    result = moe_local_cli("run", str(qwen3_chat), "-p", "Why?", "--no-think", "-n", "2", "--json", "-q", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    messages = [{"role": "user", "content": "Why?"}]
+    expected = reference.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False, return_dict=False)
+    assert json.loads(result.stdout)["prompt_tokens"] == expected
+    refused = {
+        (str(qwen3_chat), "--raw"): "error: --think/--no-think set the chat template's enable_thinking, and --raw leaves the template out",
+        (str(tiny[0]),): "error: this model's chat template has no thinking switch (enable_thinking), so --think/--no-think and /set think do not apply",
+    }
+    for args, message in refused.items():
+        result = moe_local_cli("run", *args, "-p", "Why?", "--think", "-n", "2", "-q", "--device", "cpu")
+        assert (result.returncode, result.stderr) == (1, message + "\n")
+
+
+def test_the_think_switch_is_refused_where_the_template_has_none(tiny):
+    chat = session(tiny[0])
+    with pytest.raises(MoeLocalError, match="no thinking switch"):
+        ChatSession(chat.engine, GREEDY, think=False)
+    with pytest.raises(MoeLocalError, match="no thinking switch"):
+        chat.command("/set think on")
+    with pytest.raises(MoeLocalError, match="/set think takes on or off, not 'maybe'"):
+        chat.command("/set think maybe")
+    assert chat.think is None
+
+
+def test_any_eos_id_of_generation_config_ends_an_answer_and_the_next_turn_reuses_the_cache(qwen3_chat, tmp_path):
+    shutil.copytree(qwen3_chat, tmp_path, dirs_exist_ok=True)
+    chat = ChatSession(moe_local.load(tmp_path, device="cpu"), GREEDY, 6)
+    free = turn(chat, "def f(x):")
+    assert len(free) == 6 and free[2] not in free[:2]
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    assert len(generation["eos_token_id"]) == 2  # Qwen3's <|im_end|> and <|endoftext|>
+    generation["eos_token_id"].append(free[2])  # one more: the third token the model writes
+    (tmp_path / "generation_config.json").write_text(json.dumps(generation))
+
+    chat = ChatSession(moe_local.load(tmp_path, device="cpu"), GREEDY, 6)
+    assert turn(chat, "def f(x):") == free[:2] and chat.stats.finish_reason == "stop"
+    held = list(chat.engine.tokens)
+    turn(chat, "more")
+    # ChatML closes the answer with <|im_end|>, an added token: the answer's ids stay as generated
+    assert held[-2:] == free[:2] and chat.prompt[: len(held)] == held
+    assert chat.stats.prompt_tokens_evaluated == len(chat.prompt) - len(held)
+
+
+# --- speed, saving and loading, the model's description --------------------------------------------------
+
+
+def test_verbose_shows_each_answers_speed(endless, capsys):
+    chat = session(endless, max_new_tokens=4)
+    assert chat.verbose is False and chat.command("/set verbose on") == "Set verbose on."
+    capsys.readouterr()
+    answer(chat, "def f(x):")
+    shown = capsys.readouterr().err
+    assert re.search(r"^prompt eval   \d+ tokens in [\d.]+ s \([\d.]+ tokens/s\), 0 more from the KV cache$", shown, re.M), shown
+    assert re.search(r"^generation    4 tokens in [\d.]+ s \([\d.]+ tokens/s\)$", shown, re.M), shown
+    chat.command("/set verbose off")
+    answer(chat, "more")
+    assert "generation" not in capsys.readouterr().err
+
+
+def test_save_and_load_a_conversation_by_name_or_path(endless, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_LOCAL_CACHE", str(tmp_path / "cache"))
+    chats = tmp_path / "cache" / "chats"
+    chat = session(endless, max_new_tokens=4)
+    assert str(chats) in chat.command("/?")
+    chat.command("/set system Be brief.")
+    turn(chat, "def f(x):")
+    turn(chat, "café ✓")
+    assert chat.command("/save work") == f"Saved 2 turns to {chats / 'work.json'}."
+    saved = json.loads((chats / "work.json").read_text(encoding="utf-8"))
+    assert saved["messages"] == chat.messages and saved["system"] == "Be brief."
+    assert chat.command(f"/save {tmp_path}/other.json") == f"Saved 2 turns to {tmp_path / 'other.json'}."
+
+    later = ChatSession(chat.engine, GREEDY, 4)
+    assert later.command("/load work") == f"Loaded 2 turns from {chats / 'work.json'}."
+    assert later.messages == chat.messages and later.system == "Be brief."
+    later.ask("go on")
+    system = {"role": "system", "content": "Be brief."}
+    assert later.prompt == later.engine.tokenizer.render_chat([system, *chat.messages, {"role": "user", "content": "go on"}])
+    assert later.command(f"/load {tmp_path}/other.json").startswith("Loaded 2 turns")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no saved conversation at"),
+        ("{not json", "cannot read"),
+        ("[1, 2]", "is not a saved conversation"),
+        ('{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "hi"}]}', "alternate user/assistant"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', "is not a saved conversation"),
+        ('{"messages": [{"role": "user", "content": 1}, {"role": "assistant", "content": "x"}]}', "each with a text content"),
+        ('{"messages": [], "system": 3}', "is not a saved conversation"),
+    ],
+)
+def test_load_refuses_what_is_not_a_saved_conversation(endless, tmp_path, content, message):
+    path = tmp_path / "chat.json"
+    if content is not None:
+        path.write_text(content)
+    chat = session(endless, max_new_tokens=2)
+    turn(chat, "hi")
+    before = list(chat.messages)
+    with pytest.raises(MoeLocalError, match=message):
+        chat.command(f"/load {path}")
+    assert chat.messages == before
+
+
+def test_save_and_load_errors_are_one_line(endless, tmp_path):
+    chat = session(endless, max_new_tokens=2)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(MoeLocalError, match=f"cannot save to {tmp_path}/file/x.json: "):
+        chat.command(f"/save {tmp_path}/file/x.json")
+    for line in ("/save", "/load "):
+        with pytest.raises(MoeLocalError, match="give a NAME or a file path"):
+            chat.command(line)
+
+
+def test_show_info_describes_the_model_as_info_does(tiny):
+    chat = session(tiny[0])
+    shown = chat.command("/show info")
+    cfg = chat.engine.cfg
+    assert f"model         {tiny[0]}" in shown
+    assert "architecture  MixtralForCausalLM (mixtral)" in shown
+    assert "active per token (2 of 8 experts in each of 3 MoE layers)" in shown
+    assert f"context       {chat.engine.ctx_size} tokens (--ctx-size; the model's: {cfg.max_position_embeddings})" in shown
+    assert f"experts       {chat.engine.store.format.key}, " in shown
+    with pytest.raises(MoeLocalError, match="/show takes info"):
+        chat.command("/show")
 
 
 # --- real sessions in a terminal ------------------------------------------------------------------------
@@ -284,4 +449,26 @@ def test_chat_with_the_demo_model_reads_multiline_messages_and_exits_on_ctrl_d(t
     shown = screen.split('... ' + '    """Twice x."""' + '"""\n')[1]
     assert first_line in [line.rstrip() for line in shown.splitlines()]
     t.send("C-d")
+    t.wait_for_text(r"^exit status 0$")
+
+
+def test_chat_in_a_terminal_shows_speed_saves_loads_and_describes_the_model(endless, terminal, tmp_path):
+    saved = tmp_path / "talk.json"
+    t = terminal(moe_local_command("chat", str(endless), "--device", "cpu", "--temp", "0", "-n", "5", "--verbose", "-q"))
+    t.wait_for_prompt(1)
+    t.type("def f(x):")
+    t.wait_for_text(r"^generation    5 tokens in [\d.]+ s \([\d.]+ tokens/s\)$")
+    t.wait_for_prompt(2)
+    t.type(f"/save {saved}")
+    t.wait_for_text(rf"^Saved 1 turn to {re.escape(str(saved))}\.$")
+    t.type("/clear")
+    t.type(f"/load {saved}")
+    t.wait_for_text(rf"^Loaded 1 turn from {re.escape(str(saved))}\.$")
+    t.type("/stats")
+    t.wait_for_text(r"^conversation  1 turn;")
+    t.type("/show info")
+    t.wait_for_text(r"^architecture  MixtralForCausalLM \(mixtral\)$")
+    t.type("/set think on")
+    t.wait_for_text(r"^error: this model's chat template has no thinking switch")
+    t.type("/bye")
     t.wait_for_text(r"^exit status 0$")
