@@ -40,7 +40,8 @@ def _check(blocks: torch.Tensor, scales: torch.Tensor) -> None:
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise TypeError(f"MXFP4 blocks and scales are uint8, not {blocks.dtype} and {scales.dtype}")
     if blocks.dim() != 3 or blocks.shape[-1] != BLOCK // 2 or blocks.shape[:2] != scales.shape:
-        raise ValueError(f"MXFP4 blocks [N, K/32, 16] and scales [N, K/32] do not match: {tuple(blocks.shape)}, {tuple(scales.shape)}")
+        shapes = f"{tuple(blocks.shape)}, {tuple(scales.shape)}"
+        raise ValueError(f"MXFP4 blocks [N, K/32, 16] and scales [N, K/32] do not match: {shapes}")
 
 
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
