@@ -34,9 +34,10 @@ def prompt_ids(n: int, seed: int = 0) -> list[int]:
 
 
 def reference_greedy(model, ids: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(ids) :].tolist()
+    ids = torch.tensor([ids])
+    with torch.no_grad():  # an explicit mask: generate would otherwise mask every id equal to pad_token_id
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, ids.shape[1] :].tolist()
 
 
 def greedy(engine, ids: list[int], n: int) -> list[int]:
@@ -241,3 +242,27 @@ def test_int8_attention_works_with_biases_and_latent_attention(variant, tmp_path
     kl = torch.nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True, reduction="batchmean")
     assert kl <= 0.01
     assert engine.plan.resident_bytes < moe_local.load(tmp_path, device="cpu", dtype="fp32").plan.resident_bytes
+
+
+@pytest.mark.parametrize("variant", ["qwen3_moe", "glm4_moe", "deepseek_v3"])
+def test_chat_through_a_family_checkpoint_with_its_own_tokenizer(variant, tmp_path):
+    """`run` with the chat template a real checkpoint of the family ships (byte-level BPE, no BOS for Qwen,
+    EOS ids from generation_config.json): the prompt is transformers' apply_chat_template, the answer its
+    greedy continuation up to an EOS."""
+    from transformers import AutoTokenizer
+
+    from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer
+
+    model_type = VARIANTS[variant][0]
+    reference = build_family(variant, tmp_path, vocab_size=512, bos_token_id=None, eos_token_id=None)
+    train_bytelevel_tokenizer(tmp_path, **FAMILY_TOKENIZERS[model_type])
+    messages = [{"role": "user", "content": "What does difflib do?"}]
+    want_prompt = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    want_prompt = list(want_prompt) if isinstance(want_prompt, list) else list(want_prompt["input_ids"])
+    result = moe_local_cli("run", str(tmp_path), "-p", messages[0]["content"], "-n", "6", "--temperature", "0",
+                           "--json", "--device", "cpu", "--quiet")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["prompt_tokens"] == want_prompt
+    want = reference_greedy(reference, want_prompt, 6)
+    assert out["tokens"] == want[: len(out["tokens"])] and out["tokens"]
