@@ -3,24 +3,38 @@ expert slots."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 import psutil
 import torch
-from accelerate.utils import convert_file_size_to_int
 
 from moe_local.config import ModelConfig
 from moe_local.errors import BudgetError
 
 
+SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+MAX_SIZE = 2**50  # 1 PiB: more than any machine's memory, so a larger size is a typo
+
+
 def parse_size(size: str | int) -> int:
-    """`12GiB`, `12GB`, `500MiB` (accelerate's `max_memory` strings) or a plain number of bytes."""
-    if isinstance(size, int) or str(size).strip().isdigit():
-        return int(size)
-    try:
-        return convert_file_size_to_int(str(size).strip())
-    except ValueError:
-        raise BudgetError(f"cannot read memory size {size!r}: write it like 12GiB, 12GB or 500MiB") from None
+    """`12GiB`, `12GB`, `500MiB`, `1.5GiB`, `4096B`; an int is a number of bytes. A string needs its unit:
+    `--gpu-memory 12` would mean 12 bytes, which is never what was meant."""
+    if isinstance(size, int):
+        n_bytes = size
+    else:
+        match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)", str(size).strip())
+        if not match:
+            raise BudgetError(f"cannot read memory size {size!r}: write it like 12GiB, 12GB or 500MiB")
+        number, unit = match.groups()
+        if not unit:
+            raise BudgetError(f"memory size {size!r} has no unit: write {number}GiB (or GB, MiB, MB; B for bytes)")
+        if unit.upper() not in SIZE_UNITS:
+            raise BudgetError(f"cannot read memory size {size!r}: unknown unit {unit!r} (B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)")
+        n_bytes = int(float(number) * SIZE_UNITS[unit.upper()])
+    if not 0 <= n_bytes <= MAX_SIZE:
+        raise BudgetError(f"memory size {size!r} is out of range: it must be between 0 and 1024TiB")
+    return n_bytes
 
 
 def format_bytes(n_bytes: int) -> str:

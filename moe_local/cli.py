@@ -1,8 +1,12 @@
-"""The `moe-local` command line: parse, call the library, print. Errors become one line on stderr."""
+"""The `moe-local` command line: parse, call the library, print. Errors become one line on stderr.
+
+torch and the model code are imported inside the commands that use them, so that `--help`, `--version`
+and usage errors answer at once."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -10,23 +14,18 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Iterator, Optional
 
-import torch
 import typer
 
-from moe_local.bench import BenchConfig
-from moe_local.bench import bench as run_benchmark
-from moe_local.budget import format_bytes, plan_memory, plan_report
-from moe_local.chat import ChatSession, chat_loop
-from moe_local.checkpoint import Checkpoint, resolve_model_path
-from moe_local.config import PRESETS, preset_config
-from moe_local.engine import Engine, Options, load
-from moe_local.experts.cache import POLICIES
-from moe_local.experts.formats import ExpertFormat, choose_format, make_format
-from moe_local.errors import BudgetError, MoeLocalError
-from moe_local.generate import GenerationStats, SamplingParams
-from moe_local.tokenizer import StreamDecoder, replace_surrogates
+from moe_local import __version__
+from moe_local.errors import MoeLocalError
+
+if TYPE_CHECKING:
+    from moe_local.checkpoint import Checkpoint
+    from moe_local.engine import Engine, Options
+    from moe_local.generate import GenerationStats
+    from moe_local.tokenizer import Tokenizer
 
 try:  # typer >= 0.26 ships its own copy of click
     from typer._click.exceptions import UsageError
@@ -40,12 +39,20 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-DEFAULTS = Options()
 DEMO_MODEL = Path(__file__).parent / "demo"
+DEFAULT_MAX_NEW_TOKENS = 256  # run's, when neither -n nor the model's generation_config.json says
+
+
+def show_version(value: bool) -> None:
+    if value:
+        print(f"moe-local {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def commands() -> None:
+def commands(
+    version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True, metavar="", help="Show the version and exit."),
+) -> None:
     """Run Mixture-of-Experts language models on a GPU too small for them."""
 
 
@@ -60,6 +67,12 @@ def clean_errors(debug: bool) -> Iterator[None]:
         yield
     except typer.Exit:
         raise
+    except BrokenPipeError:
+        # the reader left (`| head`): stop quietly, as Unix tools do. Python's recipe: point stdout at
+        # devnull so that the flush at exit does not raise again; 141 is what a shell reports for SIGPIPE.
+        # (typer itself ends `--help | head` quietly, with status 1.)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141) from None
     except KeyboardInterrupt:
         stderr("interrupted")
         raise typer.Exit(130) from None
@@ -87,18 +100,58 @@ def progress_bar(label: str, quiet: bool) -> Iterator[Optional[Callable[[int, in
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
+def load_options(**flags) -> Options:
+    """The load-time flags that were given (None: not given), checked now; their defaults live in `Options`."""
+    from moe_local.engine import Options
 
-def load_with_progress(model: Optional[str], quiet: bool, **options) -> Engine:
-    """Load MODEL (None: the demo model), showing a progress bar on an interactive stderr while the experts
-    are read (and pinned). The demo model's note comes after a successful load, so that a load error stays
-    one line."""
-    quantizing = options.get("experts_dtype") in ("int8", "int4")
+    return Options(**{name: value for name, value in flags.items() if value is not None})
+
+
+def set_threads(threads: Optional[int]) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def open_model(model: Optional[str], options: Options) -> tuple[Path, Tokenizer, int]:
+    """What the small files say, before the slow read of the experts: the folder (its config.json and
+    safetensors headers valid), its tokenizer and the context size, with a warning when --ctx-size goes
+    past the positions the model was trained for."""
+    from moe_local.checkpoint import Checkpoint, resolve_model_path
+    from moe_local.tokenizer import load_tokenizer
+
+    folder = resolve_model_path(model_or_demo(model))
+    cfg = Checkpoint(folder).config
+    ctx_size = options.context_size(cfg)
+    warn_past_trained_context(ctx_size, cfg.max_position_embeddings)
+    return folder, load_tokenizer(folder), ctx_size
+
+
+def warn_past_trained_context(ctx_size: int, trained: int) -> None:
+    if ctx_size > trained:
+        warnings.warn(f"--ctx-size {ctx_size} is more than the {trained} positions this model was trained for: "
+                      "expect nonsense past them")
+
+
+def check_fits(prompt_ids: list[int], ctx_size: int) -> None:
+    if len(prompt_ids) > ctx_size:
+        raise MoeLocalError(f"the prompt takes {len(prompt_ids)} tokens and the context holds {ctx_size}: "
+                            "shorten it or raise --ctx-size")
+
+
+def load_with_progress(folder: Path, options: Options, quiet: bool, demo: bool) -> Engine:
+    """Load the model, showing a progress bar on an interactive stderr while the experts are read (and
+    pinned). The demo model's note comes after a successful load, so that a load error stays one line."""
+    from moe_local.engine import Engine
+
+    quantizing = options.experts_dtype in ("int8", "int4")
     with progress_bar("loading experts (quantizing on first use)" if quantizing else "loading experts", quiet) as progress:
-        engine = load(model_or_demo(model), progress=progress, **options)
+        engine = Engine.from_folder(folder, options, progress)
     if not quiet:
         for note in engine.notes:
             stderr(note)
-        if model is None:
+        if demo:
             stderr("using the built-in demo model (a toy trained on Python's sources); pass a model folder for real use")
     return engine
 
@@ -112,6 +165,8 @@ def rich_stderr():
 def print_timings(engine: Engine, stats: GenerationStats, load_seconds: float) -> None:
     experts = stats.experts
     recall = experts.get("prefetch_recall")
+    # on the CPU a miss is a copy from the store into a slot in the same RAM, not a transfer to a device
+    copied = "from host RAM to the GPU" if engine.device.type == "cuda" else "into the CPU's expert slots"
     lines = [
         f"load time     = {load_seconds:8.2f} s   ({engine.plan.expert_slots} of {engine.plan.total_experts} experts fit "
         f"in slots on {engine.device.type})",
@@ -121,7 +176,8 @@ def print_timings(engine: Engine, stats: GenerationStats, load_seconds: float) -
         f"({stats.decode_tok_per_s:8.2f} tokens per second)",
         f"expert cache  = {100 * experts.get('hit_rate', 0):6.1f} % hits, prefetch recall "
         + (f"{100 * recall:.1f} %" if recall is not None else "n/a")
-        + f", {experts.get('bytes_copied', 0) / 1e9:.3f} GB copied to the {engine.device.type}",
+        + f", {experts.get('bytes_copied', 0) / 1e9:.3f} GB copied {copied}",
+        f"seed          = {stats.seed}",
     ]
     stderr("\n" + "\n".join(lines))
 
@@ -134,148 +190,201 @@ def model_or_demo(model: Optional[str]) -> str:
     return str(DEMO_MODEL)
 
 
-def read_prompt(prompt: Optional[str]) -> str:
-    """The prompt; bytes that are not UTF-8, piped or in -p, become U+FFFD instead of an error."""
-    if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
-        return sys.stdin.buffer.read().decode("utf-8", errors="replace")
-    if prompt is None:
-        raise MoeLocalError("no prompt: pass -p/--prompt TEXT, or pipe it on standard input")
-    return replace_surrogates(prompt)  # argv keeps such bytes as lone surrogates
+def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
+    """The prompt; bytes that are not UTF-8, in a file, piped or in -p, become U+FFFD instead of an error."""
+    from moe_local.tokenizer import replace_surrogates
+
+    if prompt is not None and prompt_file is not None:
+        raise MoeLocalError("give -p/--prompt or -f/--file, not both")
+    if prompt_file is not None:
+        try:
+            text = prompt_file.read_bytes().decode("utf-8", errors="replace")
+        except OSError as e:
+            raise MoeLocalError(f"cannot read the prompt file {prompt_file}: {e.strerror}") from None
+    elif prompt == "-" or (prompt is None and not sys.stdin.isatty()):
+        text = sys.stdin.buffer.read().decode("utf-8", errors="replace")
+    elif prompt is None:
+        raise MoeLocalError("no prompt: pass -p/--prompt TEXT or -f/--file FILE, or pipe it on standard input")
+    else:
+        text = replace_surrogates(prompt)  # argv keeps such bytes as lone surrogates
+    if not text.strip():
+        raise MoeLocalError("the prompt is empty: pass -p/--prompt TEXT or -f/--file FILE, or pipe text on standard input")
+    return text
+
+
+def chat_messages(system: Optional[str], *messages: dict) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + list(messages)
 
 
 def sampling_overrides(**flags) -> dict:
     """The sampling flags given, checked before the slow load (SamplingParams says what is out of range)."""
+    from moe_local.generate import SamplingParams
+
     given = {name: value for name, value in flags.items() if value is not None}
     SamplingParams(**given)
     return given
 
 
-# Options that `run` and `chat` share.
+# Options that `run` and `chat` share. Their defaults live in `Options` (engine.py), the help only says them;
+# metavar="" shows a flag as a flag, not as `<bool>` (`--raw true` is not accepted).
 ModelArg = Annotated[Optional[str], typer.Argument(help="Model folder (config.json + safetensors + tokenizer) or a cached Hugging Face id such as mistralai/Mixtral-8x7B-v0.1. Default: the small demo model that ships with moe-local.")]
 Temperature = Annotated[Optional[float], typer.Option("--temperature", "--temp", help="0 is greedy. Default: the model's generation_config.json, else 0.8.")]
 TopK = Annotated[Optional[int], typer.Option("--top-k", help="Keep the k likeliest tokens (0: off). Default 40.")]
 TopP = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling threshold (1: off). Default 0.95.")]
 MinP = Annotated[Optional[float], typer.Option("--min-p", help="Drop tokens below min-p x the top probability (0: off). Default 0.05.")]
 RepeatPenalty = Annotated[Optional[float], typer.Option("--repeat-penalty", help="Penalise the last 64 tokens (1: off). Default 1.0.")]
-Seed = Annotated[Optional[int], typer.Option("--seed", "-s", help="Random seed: the same seed gives the same output.")]
+Seed = Annotated[Optional[int], typer.Option("--seed", "-s", help="Random seed: the same seed gives the same output. Default: a random one, reported with the timings (and in --json).")]
 CtxSize = Annotated[Optional[int], typer.Option("--ctx-size", "-c", help="Context length in tokens (KV cache size). Default: min(4096, the model's).")]
 System = Annotated[Optional[str], typer.Option("--system", help="System message for the chat template.")]
-Think = Annotated[Optional[bool], typer.Option("--think/--no-think", help="Let the model think before it answers, or not: the chat template's enable_thinking (Qwen3, GLM-4.5). Default: the template's.")]
-GpuMemory = Annotated[Optional[str], typer.Option("--gpu-memory", help="Device memory budget for weights, KV cache and expert slots, e.g. 12GiB, 12GB, 500MiB. Default: 90% of free GPU memory.")]
+Think = Annotated[Optional[bool], typer.Option("--think/--no-think", metavar="", help="Let the model think before it answers, or not: the chat template's enable_thinking (Qwen3, GLM-4.5). Default: the template's.")]
+GpuMemory = Annotated[Optional[str], typer.Option("--gpu-memory", help="Device memory budget for weights, KV cache and expert slots, with a unit: 12GiB, 12GB, 500MiB. Default: 90% of free GPU memory.")]
 ExpertSlots = Annotated[Optional[int], typer.Option("--expert-slots", help="Number of device expert slots (overrides what --gpu-memory implies).")]
 Device = Annotated[Optional[str], typer.Option("--device", help="cuda or cpu. Default: cuda when available.")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="Compute dtype: bf16, fp16 or fp32. Default: the checkpoint's.")]
-Prefetch = Annotated[bool, typer.Option("--prefetch/--no-prefetch", help="Predict and load the next layer's experts ahead of time.")]
-ExpertsDtype = Annotated[str, typer.Option("--experts-dtype", help="How the experts are stored and copied: auto, bf16, fp16, fp32, int8 (per-channel, 2x fewer bytes than bf16) or int4 (group-wise, ~3.8x fewer). auto keeps the checkpoint's dtype when the experts fit in RAM with room to spare, else int8, else int4. Quantized experts are cached on disk (MOE_LOCAL_CACHE, default ~/.cache/moe-local).")]
-ResidentDtype = Annotated[str, typer.Option("--resident-dtype", help="The weights kept on the GPU: auto (the compute dtype) or int8 (the attention projections in int8, per-channel: about 40% less resident memory for Mixtral, so more expert slots; for 8 GB GPUs).")]
+Prefetch = Annotated[Optional[bool], typer.Option("--prefetch/--no-prefetch", metavar="", help="Predict and load the next layer's experts ahead of time. Default: on.")]
+ExpertsDtype = Annotated[Optional[str], typer.Option("--experts-dtype", help="How the experts are stored and copied: auto (the default), bf16, fp16, fp32, int8 (per-channel, 2x fewer bytes than bf16) or int4 (group-wise, ~3.8x fewer). auto keeps the checkpoint's dtype when the experts fit in RAM with room to spare, else int8, else int4. Quantized experts are cached on disk (MOE_LOCAL_CACHE, default ~/.cache/moe-local; see `moe-local cache`).")]
+ResidentDtype = Annotated[Optional[str], typer.Option("--resident-dtype", help="The weights kept on the GPU: auto (the default: the compute dtype) or int8 (the attention projections in int8, per-channel: about 40% less resident memory for Mixtral, so more expert slots; for 8 GB GPUs).")]
 GroupSize = Annotated[Optional[int], typer.Option("--group-size", help="int4 group size: 32, 64, 128 or 256. Default 128, or the largest the model's sizes allow.")]
-Policy = Annotated[str, typer.Option("--policy", help=f"Expert slot eviction policy: {', '.join(POLICIES)} (see docs/benchmarks.md).")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, notes or timings on stderr.")]
-Debug = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
+Policy = Annotated[Optional[str], typer.Option("--policy", help="Expert slot eviction policy: layer-lru (the default: each layer keeps an even share of the slots) or lru (see docs/benchmarks.md).")]
+Threads = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads for torch. Default: torch's (the number of cores).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress bar, notes or timings on stderr.")]
+Debug = Annotated[bool, typer.Option("--debug", metavar="", help="Show the traceback of an error.")]
+JsonOutput = Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON object.")]
 
 
 @app.command()
 def run(
     model: ModelArg = None,
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt; '-' or a pipe reads standard input."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", min=0, help="Most tokens to generate."),
+    prompt_file: Optional[Path] = typer.Option(None, "--file", "-f", help="Read the prompt from this file."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", min=0, help=f"Most tokens to generate. Default: the model's generation_config.json, else {DEFAULT_MAX_NEW_TOKENS}."),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="End the answer where this text appears (not printed); repeat the flag for several."),
     temperature: Temperature = None,
     top_k: TopK = None,
     top_p: TopP = None,
     min_p: MinP = None,
     repeat_penalty: RepeatPenalty = None,
     seed: Seed = None,
-    ctx_size: CtxSize = DEFAULTS.ctx_size,
+    ctx_size: CtxSize = None,
     system: System = None,
     think: Think = None,
-    raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is, without the chat template."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object (text, prompt_tokens, tokens, stats) instead of streaming."),
-    gpu_memory: GpuMemory = DEFAULTS.gpu_memory,
-    expert_slots: ExpertSlots = DEFAULTS.expert_slots,
-    device: Device = DEFAULTS.device,
-    dtype: Dtype = DEFAULTS.dtype,
-    prefetch: Prefetch = DEFAULTS.prefetch,
-    policy: Policy = DEFAULTS.policy,
-    experts_dtype: ExpertsDtype = DEFAULTS.experts_dtype,
-    group_size: GroupSize = DEFAULTS.group_size,
-    resident_dtype: ResidentDtype = DEFAULTS.resident_dtype,
+    raw: bool = typer.Option(False, "--raw", metavar="", help="Feed the prompt as is, without the chat template."),
+    json_output: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object (text, prompt_tokens, tokens, stats) instead of streaming."),
+    gpu_memory: GpuMemory = None,
+    expert_slots: ExpertSlots = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    prefetch: Prefetch = None,
+    policy: Policy = None,
+    experts_dtype: ExpertsDtype = None,
+    group_size: GroupSize = None,
+    resident_dtype: ResidentDtype = None,
+    threads: Threads = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
     """Generate a reply to one prompt, streamed to stdout, with timings on stderr."""
+    from moe_local.generate import GenerationStats, StopStrings, max_new_tokens_default
+    from moe_local.tokenizer import StreamDecoder
+
     with clean_errors(debug):
         sampling = sampling_overrides(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
         if raw and think is not None:
             raise MoeLocalError("--think/--no-think set the chat template's enable_thinking, and --raw leaves the template out")
-        text = read_prompt(prompt)
-        start = time.perf_counter()
-        engine = load_with_progress(
-            model, quiet, device=device, gpu_memory=gpu_memory, expert_slots=expert_slots,
-            ctx_size=ctx_size, dtype=dtype, prefetch=prefetch, policy=policy, experts_dtype=experts_dtype, group_size=group_size,
-            resident_dtype=resident_dtype,
+        options = load_options(
+            device=device, gpu_memory=gpu_memory, expert_slots=expert_slots, ctx_size=ctx_size, dtype=dtype, prefetch=prefetch,
+            policy=policy, experts_dtype=experts_dtype, group_size=group_size, resident_dtype=resident_dtype,
         )
-        load_seconds = time.perf_counter() - start
-        tokenizer = engine.tokenizer
+        text = read_prompt(prompt, prompt_file)
+        # everything the tokenizer and the prompt can tell fails here, before the experts are read
+        folder, tokenizer, ctx = open_model(model, options)
         if raw:
             prompt_ids = tokenizer.encode(text)
         else:
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-            prompt_ids = tokenizer.render_chat(messages, **tokenizer.thinking_option(think))
+            prompt_ids = tokenizer.render_chat(chat_messages(system, {"role": "user", "content": text}), **tokenizer.thinking_option(think))
+        check_fits(prompt_ids, ctx)
+        set_threads(threads)
+        start = time.perf_counter()
+        engine = load_with_progress(folder, options, quiet, demo=model is None)
+        load_seconds = time.perf_counter() - start
+        limit = max_new_tokens if max_new_tokens is not None else max_new_tokens_default(engine.generation_config, DEFAULT_MAX_NEW_TOKENS)
         params = replace(engine.sampling_defaults(), **sampling)
-        stats = GenerationStats()
-        tokens = []
-        decoder = StreamDecoder(tokenizer)
-        for token in engine.generate(prompt_ids, max_new_tokens, params, stats):
+        stats, tokens, pieces = GenerationStats(), [], []
+        decoder, stops = StreamDecoder(tokenizer), StopStrings(stop or [])
+        for token in engine.generate(prompt_ids, limit, params, stats):
             tokens.append(token)
+            pieces.append(stops.push(decoder.push(token)))
             if not json_output:
-                sys.stdout.write(decoder.push(token))
+                sys.stdout.write(pieces[-1])
                 sys.stdout.flush()
+            if stops.stopped:
+                stats.finish_reason = "stop"
+                stats.experts = engine.experts.stats.as_dict()  # the generator, left early, did not
+                break
+        pieces.append("" if stops.stopped else stops.push(decoder.flush()) + stops.flush())
         if json_output:
-            result = {"text": tokenizer.decode(tokens), "prompt_tokens": prompt_ids, "tokens": tokens, "stats": stats.as_dict()}
+            result = {"text": "".join(pieces), "prompt_tokens": prompt_ids, "tokens": tokens, "stats": stats.as_dict()}
             result["stats"]["memory_plan"] = engine.plan.as_dict()
             print(json.dumps(result))
         else:
-            sys.stdout.write(decoder.flush() + "\n")
+            sys.stdout.write(pieces[-1] + "\n")
             sys.stdout.flush()
         if not quiet:
+            if stats.finish_reason == "context":
+                stderr(f"(stopped: the context of {engine.ctx_size} tokens is full; raise --ctx-size for a longer answer)")
             print_timings(engine, stats, load_seconds)
+
+
+def check_chat_template(tokenizer: Tokenizer, system: Optional[str], think: Optional[bool]) -> None:
+    """The conversation ChatSession.check_template renders, rendered before the load: a template that
+    rejects it (or has no thinking switch for --think) fails in seconds, not after every expert was read."""
+    hi, hello = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
+    tokenizer.render_chat(chat_messages(system, hi, hello, hi), **tokenizer.thinking_option(think))
 
 
 @app.command()
 def chat(
     model: ModelArg = None,
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", min=1, help="Most tokens per answer. Default: until the end of text or a full context."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", min=1, help="Most tokens per answer. Default: the model's generation_config.json, else until the end of text or a full context."),
     temperature: Temperature = None,
     top_k: TopK = None,
     top_p: TopP = None,
     min_p: MinP = None,
     repeat_penalty: RepeatPenalty = None,
     seed: Seed = None,
-    ctx_size: CtxSize = DEFAULTS.ctx_size,
+    ctx_size: CtxSize = None,
     system: System = None,
     think: Think = None,
-    verbose: bool = typer.Option(False, "--verbose", help="After each answer, show its speed: prompt tokens evaluated and generated, tokens per second (/set verbose on|off in the chat)."),
-    gpu_memory: GpuMemory = DEFAULTS.gpu_memory,
-    expert_slots: ExpertSlots = DEFAULTS.expert_slots,
-    device: Device = DEFAULTS.device,
-    dtype: Dtype = DEFAULTS.dtype,
-    prefetch: Prefetch = DEFAULTS.prefetch,
-    policy: Policy = DEFAULTS.policy,
-    experts_dtype: ExpertsDtype = DEFAULTS.experts_dtype,
-    group_size: GroupSize = DEFAULTS.group_size,
-    resident_dtype: ResidentDtype = DEFAULTS.resident_dtype,
+    verbose: bool = typer.Option(False, "--verbose", metavar="", help="After each answer, show its speed: prompt tokens evaluated and generated, tokens per second (/set verbose on|off in the chat)."),
+    gpu_memory: GpuMemory = None,
+    expert_slots: ExpertSlots = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    prefetch: Prefetch = None,
+    policy: Policy = None,
+    experts_dtype: ExpertsDtype = None,
+    group_size: GroupSize = None,
+    resident_dtype: ResidentDtype = None,
+    threads: Threads = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
     """Chat in the terminal: streamed answers, the conversation kept across turns, /? lists the commands."""
+    from moe_local.chat import ChatSession, chat_loop
+    from moe_local.generate import max_new_tokens_default
+
     with clean_errors(debug):
         sampling = sampling_overrides(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
-        engine = load_with_progress(
-            model, quiet, device=device, gpu_memory=gpu_memory, expert_slots=expert_slots,
-            ctx_size=ctx_size, dtype=dtype, prefetch=prefetch, policy=policy, experts_dtype=experts_dtype, group_size=group_size,
-            resident_dtype=resident_dtype,
+        options = load_options(
+            device=device, gpu_memory=gpu_memory, expert_slots=expert_slots, ctx_size=ctx_size, dtype=dtype, prefetch=prefetch,
+            policy=policy, experts_dtype=experts_dtype, group_size=group_size, resident_dtype=resident_dtype,
         )
-        session = ChatSession(engine, replace(engine.sampling_defaults(), **sampling), max_new_tokens, system, think, verbose)
+        folder, tokenizer, _ = open_model(model, options)
+        check_chat_template(tokenizer, system, think)
+        set_threads(threads)
+        engine = load_with_progress(folder, options, quiet, demo=model is None)
+        limit = max_new_tokens if max_new_tokens is not None else max_new_tokens_default(engine.generation_config, None)
+        session = ChatSession(engine, replace(engine.sampling_defaults(), **sampling), limit, system, think, verbose)
         session.check_template()
         if not quiet:
             stderr("Send a message (/? for help; Ctrl-C stops an answer; Ctrl-D or /bye exits)")
@@ -330,6 +439,9 @@ def info(
     debug: Debug = False,
 ) -> None:
     """Describe a model from its config.json and safetensors headers, without loading the weights."""
+    from moe_local.budget import format_bytes
+    from moe_local.checkpoint import Checkpoint, resolve_model_path
+
     with clean_errors(debug):
         d = describe(Checkpoint(resolve_model_path(model_or_demo(model))))
         if json_output:
@@ -368,20 +480,28 @@ def info(
 @app.command()
 def plan(
     model: ModelArg = None,
-    preset: Optional[str] = typer.Option(None, "--preset", help=f"Plan a published geometry instead of a checkpoint: {', '.join(PRESETS)}."),
-    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="The budget to plan, e.g. 12GiB. Default: 90% of this machine's free GPU memory."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Plan a published geometry instead of a checkpoint, such as mixtral-8x7b (a wrong name lists them all)."),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="The budget to plan, with a unit, e.g. 12GiB. Default: 90% of this machine's free GPU memory."),
     expert_slots: ExpertSlots = None,
-    ctx_size: CtxSize = DEFAULTS.ctx_size,
+    ctx_size: CtxSize = None,
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32. Default: the checkpoint's (bf16 for a preset)."),
-    experts_dtype: ExpertsDtype = DEFAULTS.experts_dtype,
-    group_size: GroupSize = DEFAULTS.group_size,
-    resident_dtype: ResidentDtype = DEFAULTS.resident_dtype,
+    experts_dtype: ExpertsDtype = None,
+    group_size: GroupSize = None,
+    resident_dtype: ResidentDtype = None,
     device: Optional[str] = typer.Option(None, "--device", help="cuda (the default: plan for a GPU, this one or one you name with --gpu-memory) or cpu."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    json_output: JsonOutput = False,
     debug: Debug = False,
 ) -> None:
     """Show how a GPU memory budget splits into resident weights, KV cache, workspace and expert slots, and
     what to expect from it, without loading the weights (only config.json and the safetensors headers)."""
+    import torch
+
+    from moe_local.budget import plan_memory, plan_report
+    from moe_local.checkpoint import Checkpoint, resolve_model_path
+    from moe_local.config import preset_config
+    from moe_local.errors import BudgetError
+    from moe_local.experts.formats import ExpertFormat, choose_format, make_format
+
     with clean_errors(debug):
         if preset and model:
             raise MoeLocalError("give a MODEL or --preset, not both")
@@ -393,51 +513,64 @@ def plan(
         target = torch.device(device or "cuda")
         if target.type == "cuda" and gpu_memory is None and expert_slots is None and not torch.cuda.is_available():
             raise MoeLocalError("this machine has no CUDA GPU to measure: give --gpu-memory SIZE to plan for one (or --device cpu)")
-        options = Options(device=target.type, dtype=dtype, ctx_size=ctx_size, experts_dtype=experts_dtype, resident_dtype=resident_dtype)  # checks the values
+        options = load_options(device=target.type, dtype=dtype, ctx_size=ctx_size, experts_dtype=experts_dtype, resident_dtype=resident_dtype)
         ctx, compute = options.context_size(cfg), options.compute_dtype(checkpoint_dtype)
+        warn_past_trained_context(ctx, cfg.max_position_embeddings)
+
+        def plan_for(f: ExpertFormat | None):
+            return plan_memory(cfg, compute, target, ctx, options.prefill_chunk, gpu_memory, expert_slots,
+                               expert_bytes=f.expert_bytes if f else None, int8_attention=options.int8_attention)
+
+        # on the CPU the rest of the model lives in host RAM beside the experts: count it as the load does
+        beside = plan_for(None).beside_store_bytes if target.type == "cpu" else 0
         try:
-            fmt, why = choose_format(experts_dtype, cfg, compute, target.type, group_size)
+            fmt, why = choose_format(options.experts_dtype, cfg, compute, target.type, group_size, beside)
         except BudgetError as e:  # plan may be for another machine: say so, and show the smallest format
             fmt = make_format("int4", cfg, compute, target.type, group_size)
             why = f"{fmt.key}, the smallest; but on this machine {e}"
 
-        def report_for(f: ExpertFormat) -> dict:
-            plan = plan_memory(cfg, compute, target, ctx, options.prefill_chunk, gpu_memory, expert_slots, expert_bytes=f.expert_bytes,
-                               int8_attention=options.int8_attention)
-            return plan_report(cfg, plan, ctx)
-
-        report = {"model": name, "experts_format": fmt.key, "why": why, "resident_dtype": resident_dtype, **report_for(fmt), "formats": {}}
+        report = {"model": name, "experts_format": fmt.key, "why": why, "resident_dtype": options.resident_dtype,
+                  **plan_report(cfg, plan_for(fmt), ctx), "formats": {}}
         for other in dict.fromkeys((fmt.name, "bf16", "int8", "int4")):
             try:
-                report["formats"][other] = report_for(make_format(other, cfg, compute, target.type, group_size))
+                report["formats"][other] = plan_report(cfg, plan_for(make_format(other, cfg, compute, target.type, group_size)), ctx)
             except MoeLocalError as e:
                 report["formats"][other] = {"error": str(e)}
         if json_output:
             print(json.dumps(report))
             return
-        print_plan(report, cfg)
+        print_plan(report, cfg, slots_given=expert_slots is not None)
 
 
-def print_plan(r: dict, cfg) -> None:
+def print_plan(r: dict, cfg, slots_given: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from moe_local.budget import format_bytes
+
     table = Table(title=f"{r['model']} on {r['device']}", show_header=False, box=None, padding=(0, 2))
-    budget = r["budget_bytes"]
+    budget, on_gpu = r["budget_bytes"], r["device"] == "cuda"
+    if budget is not None:
+        budget_text = format_bytes(budget)
+    elif slots_given:
+        budget_text = "none: --expert-slots sets the slots"
+    else:
+        budget_text = "none: on the CPU, one layer's worth of slots by default"
     rows = [
-        ("budget", format_bytes(budget) if budget is not None else "(slots given directly)"),
+        ("budget", budget_text),
         ("experts", r["why"]),
         ("resident weights", format_bytes(r["resident_bytes"]) + (" (attention in int8)" if r["resident_dtype"] == "int8" else "")),
         (f"KV cache ({r['ctx_size']} tokens)", format_bytes(r["kv_bytes"])),
         ("workspace (estimated)", format_bytes(r["workspace_bytes"])),
         ("expert slots", f"{r['expert_slots']} x {format_bytes(r['expert_bytes'])} = {format_bytes(r['slot_bytes'])}"),
         ("experts per layer that fit", f"{r['experts_per_layer']:.2f} of {cfg.n_experts} ({r['expert_slots']} of {r['total_experts']} in all)"),
-        ("host RAM for the experts", f"{format_bytes(r['host_bytes_needed'])} needed, {format_bytes(r['host_bytes_available'])} available now"),
+        ("host RAM for the experts" if on_gpu else "host RAM (experts + the rest)",
+         f"{format_bytes(r['host_bytes_needed'])} needed, {format_bytes(r['host_bytes_available'])} available now"),
         ("expected hit rate", f"{100 * r['expected_hit_rate_uniform']:.1f} % under uniform routing (the worst case)"),
         ("expected copies per token", f"{r['expected_h2d_bytes_per_token_uniform'] / 1e9:.2f} GB"),
     ]
     per_token = r["expected_h2d_bytes_per_token_uniform"]
-    if per_token:
+    if per_token and on_gpu:  # on the CPU a miss is a copy within host RAM: no bus bounds it
         speeds = ", ".join(f"{gbps * 1e9 / per_token:.1f} tok/s at {gbps} GB/s ({bus})" for gbps, bus in ((25, "PCIe 4.0 x16"), (55, "PCIe 5.0 x16")))
         rows.append(("decode bound by copies", speeds))
     for key, value in rows:
@@ -445,38 +578,44 @@ def print_plan(r: dict, cfg) -> None:
     console = Console()
     console.print(table)
     formats = Table(title="each format under this budget (uniform routing)", padding=(0, 1))
-    for column in ("experts", "bytes per miss", "slots", "hit rate", "GB/token", "bound at 25 / 55 GB/s", "host RAM"):
+    columns = ("experts", "bytes per miss", "slots", "hit rate", "GB/token", "bound at 25 / 55 GB/s", "host RAM")
+    columns = columns if on_gpu else tuple(c for c in columns if not c.startswith("bound"))
+    for column in columns:
         formats.add_column(column, justify="right")
     for name, f in r["formats"].items():
         if "error" in f:
-            formats.add_row(name, f["error"], *[""] * 5)
+            formats.add_row(name, f["error"], *[""] * (len(columns) - 2))
             continue
         per_token = f["expected_h2d_bytes_per_token_uniform"]
-        bound = " / ".join(f"{gbps * 1e9 / per_token:.1f}" for gbps in (25, 55)) + " tok/s" if per_token else "no copies"
+        bound = [" / ".join(f"{gbps * 1e9 / per_token:.1f}" for gbps in (25, 55)) + " tok/s" if per_token else "no copies"] if on_gpu else []
         formats.add_row(name, format_bytes(f["expert_bytes"]), str(f["expert_slots"]), f"{100 * f['expected_hit_rate_uniform']:.1f} %",
-                        f"{per_token / 1e9:.2f}", bound, format_bytes(f["host_bytes_needed"]))
+                        f"{per_token / 1e9:.2f}", *bound, format_bytes(f["host_bytes_needed"]))
     console.print(formats)
     if r["host_bytes_needed"] > r["host_bytes_available"]:
         console.print("[bold red]warning:[/] this machine has less free host RAM than the experts need; loading would be refused")
 
 
+# `bench --preset tiny` is the CPU smoke test: a short prompt and decode keep it to seconds
+TINY_BENCH_TOKENS = (64, 32)
+
+
 @app.command()
 def bench(
-    preset: str = typer.Option("mixtral-8x7b", "--preset", help=f"Geometry: {', '.join(PRESETS)} (tiny: a CPU smoke test)."),
+    preset: str = typer.Option("mixtral-8x7b", "--preset", help="Geometry: a published one such as mixtral-8x7b (a wrong name lists them all), or tiny: a CPU smoke test."),
     layers: Optional[int] = typer.Option(None, "--layers", help="Layers to build. Default: the preset's (32 for Mixtral-8x7B)."),
-    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Device budget. Default: 12GiB on CUDA; one layer's worth of slots on the CPU."),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Device budget, with a unit. Default: 12GiB on CUDA; one layer's worth of slots on the CPU."),
     expert_slots: ExpertSlots = None,
-    prompt_tokens: int = typer.Option(512, "--prompt-tokens", min=1, help="Prompt length for prefill."),
-    new_tokens: int = typer.Option(128, "--new-tokens", min=1, help="Decode steps (batch 1), each fed a random token so that routing stays close to uniform."),
+    prompt_tokens: Optional[int] = typer.Option(None, "--prompt-tokens", min=1, help=f"Prompt length for prefill. Default 512 ({TINY_BENCH_TOKENS[0]} for tiny)."),
+    new_tokens: Optional[int] = typer.Option(None, "--new-tokens", min=1, help=f"Decode steps (batch 1), each fed a random token so that routing stays close to uniform. Default 128 ({TINY_BENCH_TOKENS[1]} for tiny)."),
     dtype: str = typer.Option("bf16", "--dtype", help="Compute dtype: bf16, fp16 or fp32."),
     experts_dtype: str = typer.Option("bf16", "--experts-dtype", help="The experts' format: bf16, fp16, fp32, int8, int4 or auto (as in run)."),
     group_size: GroupSize = None,
-    resident_dtype: ResidentDtype = DEFAULTS.resident_dtype,
+    resident_dtype: ResidentDtype = None,
     device: Device = None,
-    policies: list[str] = typer.Option(["layer-lru", "lru"], "--policy", help=f"Eviction policies to run, the first reported at the top; repeat the flag ({', '.join(POLICIES)})."),
-    prefetch: Prefetch = True,
+    policies: list[str] = typer.Option(["layer-lru", "lru"], "--policy", help="Eviction policies to run, the first reported at the top; repeat the flag (layer-lru, lru)."),
+    prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", metavar="", help="Predict and load the next layer's experts ahead of time."),
     prefetch_top: int = typer.Option(1, "--prefetch-top", min=1, help="Experts per token the prefetcher loads, the likeliest first (2 for Mixtral: all it routes to)."),
-    compare_prefetch: bool = typer.Option(True, "--compare-prefetch/--no-compare-prefetch", help="One more run: the first policy with prefetch the other way."),
+    compare_prefetch: bool = typer.Option(True, "--compare-prefetch/--no-compare-prefetch", metavar="", help="One more run: the first policy with prefetch the other way."),
     peer_layers: int = typer.Option(2, "--peer-layers", min=0, help="Layers of the transformers + accelerate offload peer (0: skip it)."),
     peer_tokens: int = typer.Option(4, "--peer-tokens", min=1, help="Tokens the peer decodes."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights and prompt."),
@@ -485,15 +624,31 @@ def bench(
 ) -> None:
     """Measure prefill and decode on a published geometry with random weights drawn on the device, against
     the PCIe copy bound and transformers + accelerate offloading: one JSON object on stdout, a table on stderr."""
+    import torch
+
+    from moe_local.bench import BenchConfig
+    from moe_local.bench import bench as run_benchmark
+
     with clean_errors(debug):
+        if device is None and preset != "tiny" and not torch.cuda.is_available():
+            raise MoeLocalError(f"this machine has no CUDA GPU for the {preset} geometry; "
+                                "`moe-local bench --preset tiny --device cpu` is a quick smoke test on the CPU")
+        tiny = preset == "tiny"
+        given = dict(gpu_memory=gpu_memory, expert_slots=expert_slots, group_size=group_size, resident_dtype=resident_dtype, device=device)
         config = BenchConfig(
-            preset=preset, layers=layers, gpu_memory=gpu_memory, expert_slots=expert_slots, prompt_tokens=prompt_tokens,
-            new_tokens=new_tokens, dtype=dtype, experts_dtype=experts_dtype, group_size=group_size, resident_dtype=resident_dtype, device=device,
-            policies=tuple(policies), prefetch=prefetch, prefetch_top=prefetch_top, compare_prefetch=compare_prefetch, peer_layers=peer_layers,
-            peer_tokens=peer_tokens, seed=seed,
+            preset=preset, layers=layers, dtype=dtype, experts_dtype=experts_dtype, policies=tuple(policies), prefetch=prefetch,
+            prompt_tokens=prompt_tokens or (TINY_BENCH_TOKENS[0] if tiny else BenchConfig.prompt_tokens),
+            new_tokens=new_tokens or (TINY_BENCH_TOKENS[1] if tiny else BenchConfig.new_tokens),
+            prefetch_top=prefetch_top, compare_prefetch=compare_prefetch, peer_layers=peer_layers, peer_tokens=peer_tokens, seed=seed,
+            **{name: value for name, value in given.items() if value is not None},
         )
         say = (lambda message: None) if quiet else stderr
-        with progress_bar("drawing experts", quiet) as progress:
+        # the peer runs transformers as its users do; its deprecation notices are about that code, not this run
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        with warnings.catch_warnings(), progress_bar("drawing experts", quiet) as progress:
+            warnings.filterwarnings("ignore", message=".*deprecated", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*deprecated", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*deprecated", category=UserWarning, module="transformers")
             result = run_benchmark(config, progress, say)
         print(json.dumps(result))
         if not quiet:

@@ -63,6 +63,38 @@ class SamplingParams:
         return replace(self, **updates)
 
 
+def max_new_tokens_default(gen: dict, fallback: int | None) -> int | None:
+    """generation_config.json's max_new_tokens where it states one (the demo model, which never writes an
+    end of text, does), else `fallback`."""
+    value = gen.get("max_new_tokens")
+    return int(value) if isinstance(value, int) and value > 0 else fallback
+
+
+class StopStrings:
+    """Ends a streamed text at the first of some strings (`--stop`): `push` returns what can be shown now,
+    holding back an end that could be the start of one, and sets `stopped` when one appears."""
+
+    def __init__(self, strings: list[str]):
+        self.strings = [s for s in strings if s]
+        self.stopped = False
+        self._held = ""
+
+    def push(self, text: str) -> str:
+        held = self._held + text
+        found = [i for i in (held.find(s) for s in self.strings) if i >= 0]
+        if found:
+            self.stopped, self._held = True, ""
+            return held[: min(found)]
+        # the longest end of `held` that begins some stop string stays held back
+        keep = max((n for s in self.strings for n in range(1, len(s)) if held.endswith(s[:n])), default=0)
+        self._held = held[len(held) - keep :]
+        return held[: len(held) - keep]
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
 def apply_repeat_penalty(logits: torch.Tensor, history: list[int], params: SamplingParams) -> torch.Tensor:
     """llama.cpp's rule: divide positive logits of recently seen tokens by the penalty, multiply negative ones."""
     if params.repeat_penalty == 1.0 or not history or params.repeat_last_n == 0:

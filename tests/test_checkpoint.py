@@ -135,7 +135,9 @@ def test_budget_strings_parse_like_accelerate():
     assert parse_size("12GiB") == 12 * 2**30
     assert parse_size("12GB") == 12 * 10**9
     assert parse_size("500MiB") == 500 * 2**20
-    assert parse_size("4096") == 4096
+    assert parse_size("4096B") == parse_size(4096) == 4096
+    with pytest.raises(BudgetError, match="has no unit"):  # `--gpu-memory 12` is never 12 bytes
+        parse_size("4096")
     with pytest.raises(BudgetError, match="cannot read memory size '12 apples'"):
         parse_size("12 apples")
 

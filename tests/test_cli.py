@@ -116,7 +116,7 @@ def test_truncated_shard_is_one_line(tiny_sharded, tmp_path):
 
 def test_missing_tokenizer_is_one_line(tmp_path):
     build_mixtral(tmp_path, tokenizer_dir=None)
-    assert_one_line_error(cli_error(str(tmp_path)), "has no tokenizer")
+    assert_one_line_error(cli_error(str(tmp_path)), "no tokenizer")
 
 
 def test_budget_too_small_says_the_minimum(tiny):
