@@ -686,6 +686,42 @@ def print_bench(r: dict) -> None:
         console.print(f"peer: {peer['skipped']}")
 
 
+cache_app = typer.Typer(
+    help="The quantized-experts cache (MOE_LOCAL_CACHE, default ~/.cache/moe-local): see what it holds, free it.",
+    no_args_is_help=True,
+)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("list")
+def cache_list(json_output: JsonOutput = False, debug: Debug = False) -> None:
+    """List the cached quantized experts: file, format, size and the model folder they were built from."""
+    from moe_local.budget import format_bytes
+    from moe_local.experts import qcache
+
+    with clean_errors(debug):
+        found, root = qcache.entries(), qcache.cache_root()
+        if json_output:
+            print(json.dumps({"folder": str(root), "entries": found}))
+            return
+        for e in found:
+            print(f"{format_bytes(e['bytes']):>11}  {e['format'] or '?':<14} {e['model'] or '(unreadable header)'}\n{'':13}{e['file']}")
+        print(f"{len(found)} {'entry' if len(found) == 1 else 'entries'}, {format_bytes(sum(e['bytes'] for e in found))} in {root}")
+
+
+@cache_app.command("clear")
+def cache_clear(debug: Debug = False) -> None:
+    """Delete every cached quantization (the next load that needs one quantizes again)."""
+    from moe_local.budget import format_bytes
+    from moe_local.experts import qcache
+
+    with clean_errors(debug):
+        removed, freed, busy = qcache.clear()
+        print(f"removed {removed} files, {format_bytes(freed)} freed in {qcache.cache_root()}")
+        for name in busy:
+            stderr(f"kept {name}: a process is building it")
+
+
 def main() -> None:
     """Run the app; a usage error (unknown flag, bad value) is one line on stderr too, and exit status 2."""
     warnings.showwarning = lambda message, *args, **kwargs: stderr(f"warning: {message}")  # one line each

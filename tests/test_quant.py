@@ -8,6 +8,7 @@ import inspect
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,7 @@ import torch
 
 import moe_local
 from moe_local.errors import BudgetError, ConfigError
+from moe_local.experts import qcache
 from moe_local.experts.formats import choose_format, make_format
 from moe_local.generate import SamplingParams
 from moe_local.int8 import Int8Linear
@@ -141,14 +143,18 @@ def test_quantized_experts_are_cached_once_and_read_back(tiny, tmp_path, monkeyp
     folder, _ = tiny
     first, warned = load_int4(folder)
     assert not warned and first.notes[-1].startswith("quantized the experts to int4-g32-cpu and cached them")
-    files = list((tmp_path / "cache").iterdir())
-    assert len(files) == 1 and files[0].suffix == ".safetensors"
+    files = cache_entries(tmp_path / "cache")
+    assert len(files) == 1
     second, warned = load_int4(folder)
     assert not warned and second.notes[-1].startswith("read the int4-g32-cpu experts from the cache")
     ids = [3, 14, 15, 92, 65]
     assert torch.equal(first.logits(ids), second.logits(ids))
     moe_local.load(folder, device="cpu", experts_dtype="int8", expert_slots=4)
-    assert len(list((tmp_path / "cache").iterdir())) == 2  # one file per format
+    assert len(cache_entries(tmp_path / "cache")) == 2  # one file per format
+
+
+def cache_entries(root: Path) -> list[Path]:
+    return sorted(root.glob("*.safetensors"))
 
 
 def corrupt_data(path: Path) -> None:
@@ -163,20 +169,24 @@ def truncate(path: Path) -> None:
     os.truncate(path, path.stat().st_size - 1000)
 
 
-def restamp_checkpoint(path: Path) -> None:
-    weights = path.parent.parent / "ckpt" / "model.safetensors"
-    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+def other_identity(path: Path) -> None:
+    """The same name, built for something else (as a CUDA int4 file from another torch release would be)."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        head = f.read(n)
+        f.seek(8)
+        f.write(head.replace(b'moe_local_cache\\": 2', b'moe_local_cache\\": 0'))
 
 
 @pytest.mark.parametrize(
     "damage, reason",
-    [(corrupt_data, "checksum of layer 2 expert 7"), (truncate, "truncated"), (restamp_checkpoint, "built from other files")],
+    [(corrupt_data, "checksum of layer 2 expert 7"), (truncate, "truncated"), (other_identity, "built from other files")],
 )
 def test_a_corrupt_or_stale_cache_entry_is_rebuilt_not_used(tiny, tmp_path, monkeypatch, damage, reason):
     monkeypatch.setenv("MOE_LOCAL_CACHE", str(tmp_path / "cache"))
     folder = copy_checkpoint(tiny[0], tmp_path / "ckpt")
     fresh, _ = load_int4(folder)
-    (entry,) = (tmp_path / "cache").iterdir()
+    (entry,) = cache_entries(tmp_path / "cache")
     damage(entry)
     rebuilt, warned = load_int4(folder)
     assert len(warned) == 1 and "cannot be used" in warned[0] and reason in warned[0]
@@ -185,6 +195,90 @@ def test_a_corrupt_or_stale_cache_entry_is_rebuilt_not_used(tiny, tmp_path, monk
     assert torch.equal(rebuilt.logits(ids), fresh.logits(ids))
     again, warned = load_int4(folder)
     assert not warned and again.notes[-1].startswith("read the")  # the rebuilt file is whole
+
+
+def test_a_moved_and_touched_checkpoint_reads_its_cache_again(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_LOCAL_CACHE", str(tmp_path / "cache"))
+    folder = copy_checkpoint(tiny[0], tmp_path / "here" / "ckpt")
+    first, _ = load_int4(folder)
+    moved = tmp_path / "there" / "ckpt"
+    moved.parent.mkdir()
+    folder.rename(moved)
+    for f in moved.iterdir():
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    again, warned = load_int4(moved)
+    assert not warned and again.notes[-1].startswith("read the int4-g32-cpu experts from the cache")
+    assert len(cache_entries(tmp_path / "cache")) == 1
+
+
+def test_weights_replaced_with_same_sized_ones_and_the_old_mtime_are_quantized_again(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_LOCAL_CACHE", str(tmp_path / "cache"))
+    folder = copy_checkpoint(tiny[0], tmp_path / "ckpt")
+    ids = [3, 14, 15, 92, 65]
+    before = load_int4(folder)[0].logits(ids)
+    weights, stamp = folder / "model.safetensors", (folder / "model.safetensors").stat()
+    other = tmp_path / "other"
+    build_mixtral(other, None, seed=7)
+    assert (other / "model.safetensors").stat().st_size == stamp.st_size
+    shutil.copy(other / "model.safetensors", weights)
+    os.utime(weights, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    after, warned = load_int4(folder)
+    assert not warned and after.notes[-1].startswith("quantized the experts")
+    assert not torch.equal(after.logits(ids), before)
+    assert len(cache_entries(tmp_path / "cache")) == 2  # `moe-local cache clear` frees the old one
+
+
+def test_temporary_files_of_an_interrupted_quantization_are_removed_by_the_next_load(tiny, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MOE_LOCAL_CACHE", str(cache))
+    cache.mkdir()
+    abandoned = cache / "m-0123456789abcdef-int4-g32-cpu.safetensors.4242.tmp"  # its writer was killed
+    abandoned.write_bytes(b"x" * 3 * 2**20)
+    being_written = cache / "n-0123456789abcdef-int8-fp32.safetensors.4343.tmp"
+    being_written.write_bytes(b"y")
+    with qcache.entry_lock(cache / "n-0123456789abcdef-int8-fp32.safetensors"):  # its writer is alive
+        engine, warned = load_int4(tiny[0])
+    assert not abandoned.exists() and being_written.exists()
+    assert warned == [f"removed 3.00 MiB of temporary files that an interrupted quantization left in {cache}"]
+    assert engine.notes[-1].startswith("quantized the experts")
+
+
+def test_a_second_process_waits_for_the_first_and_reads_what_it_wrote(tiny, tmp_path, monkeypatch):
+    """This test plays the first process: it holds the entry's lock while the entry is not there yet."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MOE_LOCAL_CACHE", str(cache))
+    load_int4(tiny[0])
+    (entry,) = cache_entries(cache)
+    written = entry.rename(tmp_path / "written")
+    with qcache.entry_lock(entry):
+        second = subprocess.Popen(
+            [sys.executable, "-m", "moe_local", "run", str(tiny[0]), "-p", "hi", "-n", "1", "--experts-dtype", "int4",
+             "--expert-slots", "4", "--device", "cpu", "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        waiting = second.stderr.readline()
+        assert waiting.startswith("warning: another moe-local process is quantizing these experts into") and "waiting" in waiting
+        written.rename(entry)  # what the first process wrote
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err
+    assert f"read the int4-g32-cpu experts from the cache {entry}" in err
+
+
+def test_cache_list_and_clear(tiny, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MOE_LOCAL_CACHE", str(cache))
+    load_int4(tiny[0])
+    (entry,) = cache_entries(cache)
+    (cache / "chats").mkdir()  # chats saved beside the cache are not the cache's to clear
+    (cache / "chats" / "a.json").write_text("{}")
+    listed = json.loads(moe_local_cli("cache", "list", "--json").stdout)
+    assert listed["folder"] == str(cache)
+    assert listed["entries"] == [{"file": entry.name, "bytes": entry.stat().st_size, "format": "int4-g32-cpu", "model": str(tiny[0])}]
+    assert entry.name in moe_local_cli("cache", "list").stdout
+    cleared = moe_local_cli("cache", "clear")
+    assert cleared.returncode == 0 and cleared.stdout.startswith("removed 1 files")
+    assert cache_entries(cache) == [] and (cache / "chats" / "a.json").is_file()
+    assert json.loads(moe_local_cli("cache", "list", "--json").stdout)["entries"] == []
 
 
 def test_an_unwritable_cache_costs_only_the_cache(tiny, tmp_path, monkeypatch):

@@ -1,16 +1,21 @@
 """The quantized-experts cache: quantize a checkpoint's experts once, keep the result on disk as a
 safetensors file, and read it straight into the host store on the next load.
 
-One file per (checkpoint folder, format), under `MOE_LOCAL_CACHE` or `~/.cache/moe-local/`: a tensor
+One file per (checkpoint contents, format), under `MOE_LOCAL_CACHE` or `~/.cache/moe-local/`: a tensor
 `experts.{layer}` of uint8 [n_experts, expert_bytes] per layer, exactly the store's buffers, and in the
-header's metadata the checkpoint's fingerprint (its files' names, sizes and modification times), the
-format and a CRC-32 per expert. A file whose fingerprint or layout differs is stale, one whose size or
-checksums are wrong is corrupt: either is rebuilt, never used. The file is written beside its final
-name and renamed into place only when complete, so an interrupted write leaves nothing that looks valid.
+header's metadata the checkpoint's content fingerprint (`content_fingerprint`: config.json, each shard's
+header and sampled blocks of its data; so a moved folder keeps its cache and weights replaced in place
+do not), the format and a CRC-32 per expert. A file whose fingerprint or layout differs is stale, one
+whose size or checksums are wrong is corrupt: either is rebuilt, never used. The file is written beside
+its final name (`NAME.PID.tmp`) and renamed into place only when complete, so an interrupted write
+leaves nothing that looks valid; while one process builds an entry it holds `NAME.lock` (flock), so a
+second one waits and reads the result, and a temporary file whose entry nobody holds is an abandoned
+one, removed by the next load.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -18,15 +23,19 @@ import struct
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
+from moe_local.budget import format_bytes
 from moe_local.checkpoint import Checkpoint
 from moe_local.experts.store import ExpertStore
 
-VERSION = 1
+VERSION = 2  # 2: keyed by content_fingerprint instead of the folder's path and its files' mtimes
+SAMPLES_PER_SHARD = 16  # blocks of each shard's data that the fingerprint reads, evenly spread, plus its end
+SAMPLE_BYTES = 1 << 16
 Progress = Callable[[int, int], None]
 
 
@@ -38,13 +47,33 @@ def cache_root() -> Path:
     return Path(os.environ.get("MOE_LOCAL_CACHE") or Path.home() / ".cache" / "moe-local")
 
 
-def cache_path(ckpt: Checkpoint, store: ExpertStore, root: Path | None = None) -> Path:
-    folder = ckpt.folder.resolve()
-    tag = hashlib.sha256(str(folder).encode()).hexdigest()[:12]
-    return (root or cache_root()) / f"{folder.name}-{tag}-{store.format.key}.safetensors"
+def content_fingerprint(ckpt: Checkpoint) -> str:
+    """A hash of what the experts are built from: config.json, and per shard its name, size, safetensors
+    header and SAMPLES_PER_SHARD blocks of SAMPLE_BYTES spread over its data and its last block. About a
+    MiB read per shard whatever its size; moving or touching the files does not change it, replacing the
+    weights does (a change that misses every sampled block goes unseen: the price of not hashing 90 GB)."""
+    digest = hashlib.sha256((ckpt.folder / "config.json").read_bytes())
+    for shard in sorted(dict.fromkeys(info.shard for info in ckpt.tensors.values())):
+        with open(shard, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            (header_bytes,) = struct.unpack("<Q", f.read(8))
+            digest.update(f"{shard.name}\0{size}\0".encode())
+            digest.update(f.read(header_bytes))
+            start = 8 + header_bytes
+            for i in range(SAMPLES_PER_SHARD):
+                f.seek(start + (size - start) * i // SAMPLES_PER_SHARD)
+                digest.update(f.read(SAMPLE_BYTES))
+            f.seek(max(start, size - SAMPLE_BYTES))
+            digest.update(f.read())
+    return digest.hexdigest()
 
 
-def identity(ckpt: Checkpoint, store: ExpertStore) -> dict:
+def cache_path(ckpt: Checkpoint, source: str, store: ExpertStore, root: Path | None = None) -> Path:
+    """Named by the folder's name (for a person reading the cache folder) and the content fingerprint."""
+    return (root or cache_root()) / f"{ckpt.folder.resolve().name}-{source[:16]}-{store.format.key}.safetensors"
+
+
+def identity(source: str, store: ExpertStore) -> dict:
     """What the file must have been built from: equal dicts, usable file."""
     ident = {
         "moe_local_cache": VERSION,
@@ -52,14 +81,14 @@ def identity(ckpt: Checkpoint, store: ExpertStore) -> dict:
         "expert_bytes": store.expert_bytes,
         "layers": store.cfg.n_moe_layers,
         "experts": store.cfg.n_experts,
-        "source": ckpt.fingerprint(),
+        "source": source,
     }
     if store.format.key.endswith("-cuda"):  # the tiled int4 layout is private to torch's kernel
         ident["torch"] = ".".join(torch.__version__.split(".")[:2])
     return ident
 
 
-def header(store: ExpertStore, ident: dict, crcs: list[int]) -> bytes:
+def header(store: ExpertStore, ident: dict, crcs: list[int], model: str = "") -> bytes:
     layer_bytes = store.cfg.n_experts * store.expert_bytes
     tensors = {
         f"experts.{layer}": {
@@ -69,15 +98,15 @@ def header(store: ExpertStore, ident: dict, crcs: list[int]) -> bytes:
         }
         for layer in range(store.cfg.n_moe_layers)
     }
-    meta = {"moe_local": json.dumps(ident, sort_keys=True), "crc32": ",".join(f"{c:08x}" for c in crcs)}
+    # "model": the folder it was built from, for `moe-local cache list` only (not part of the identity)
+    meta = {"moe_local": json.dumps(ident, sort_keys=True), "crc32": ",".join(f"{c:08x}" for c in crcs), "model": model}
     raw = json.dumps({"__metadata__": meta, **tensors}).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-aligned, as safetensors files do
     return struct.pack("<Q", len(raw)) + raw
 
 
-def read_into(path: Path, ckpt: Checkpoint, store: ExpertStore, progress: Progress | None) -> None:
+def read_into(path: Path, ident: dict, store: ExpertStore, progress: Progress | None) -> None:
     """Fill the store from the file, or raise StaleOrCorrupt."""
-    ident = identity(ckpt, store)
     layout = json.loads(header(store, ident, [0] * store.count)[8:])
     layout.pop("__metadata__")
     with open(path, "rb", buffering=0) as f:
@@ -112,7 +141,7 @@ def read_into(path: Path, ckpt: Checkpoint, store: ExpertStore, progress: Progre
                     raise StaleOrCorrupt(f"the checksum of layer {key[0]} expert {key[1]} does not match")
 
 
-def write_while_filling(path: Path, ckpt: Checkpoint, store: ExpertStore, device: torch.device, progress: Progress | None) -> None:
+def write_while_filling(path: Path, ident: dict, ckpt: Checkpoint, store: ExpertStore, device: torch.device, progress: Progress | None) -> None:
     """Quantize every expert into the store and stream each to the cache file as it is done. A failure
     to write (disk full, no permission) costs only the cache: the load goes on, with one warning."""
     pack, crcs = store.packer(ckpt.expert, device), []
@@ -130,7 +159,7 @@ def write_while_filling(path: Path, ckpt: Checkpoint, store: ExpertStore, device
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         f = open(tmp, "wb")
-        f.write(header(store, identity(ckpt, store), [0] * store.count))  # checksums filled in at the end
+        f.write(header(store, ident, [0] * store.count, str(ckpt.folder)))  # checksums filled in at the end
     except OSError as e:
         give_up(e)
 
@@ -155,22 +184,131 @@ def write_while_filling(path: Path, ckpt: Checkpoint, store: ExpertStore, device
         return
     try:
         f.seek(0)
-        f.write(header(store, identity(ckpt, store), crcs))
+        f.write(header(store, ident, crcs, str(ckpt.folder)))
         f.close()
         os.replace(tmp, path)
     except OSError as e:
         give_up(e)
 
 
+def lock_path(entry: Path) -> Path:
+    return entry.with_name(entry.name + ".lock")
+
+
+@contextmanager
+def entry_lock(path: Path, wait: bool = True) -> Iterator[bool]:
+    """Hold the lock of the cache entry `path` (an flock, released when the process ends, however it
+    ends); yields whether it is held. `wait=False` gives up at once when another process holds it. With
+    an unwritable cache folder there is nothing to share and no lock: it yields True."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                yield False
+                return
+            warnings.warn(f"another moe-local process is quantizing these experts into {path}; waiting for it to finish, then reading what it wrote")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield True
+    finally:
+        os.close(fd)
+
+
+def remove_abandoned_files(root: Path) -> None:
+    """Remove the temporary files of writers that were killed (tens of GB for a large model): those of an
+    entry whose lock nobody holds, since a live writer holds it for as long as it writes."""
+    freed = 0
+    for tmp in root.glob("*.tmp"):
+        entry = tmp.with_name(tmp.name.rsplit(".", 2)[0])  # NAME.PID.tmp -> NAME
+        with entry_lock(entry, wait=False) as free:
+            if free:
+                try:
+                    freed += tmp.stat().st_size
+                    tmp.unlink()
+                except OSError:
+                    pass  # another process removed it first, or the folder is read-only: not ours to fix
+    if freed:
+        warnings.warn(f"removed {format_bytes(freed)} of temporary files that an interrupted quantization left in {root}")
+
+
 def fill_quantized(ckpt: Checkpoint, store: ExpertStore, device: torch.device, progress: Progress | None = None, root: Path | None = None) -> str:
     """Fill the store with the quantized experts, from the cache when it holds a valid file, else by
     quantizing (and caching the result). Returns a line saying which."""
-    path = cache_path(ckpt, store, root)
+    root = root or cache_root()
+    if root.is_dir():
+        remove_abandoned_files(root)
+    source = content_fingerprint(ckpt)
+    path, ident = cache_path(ckpt, source, store, root), identity(source, store)
+    unusable = None  # (inode, mtime) of a file found broken, so that one rebuilt meanwhile is tried again
     if path.is_file():
         try:
-            read_into(path, ckpt, store, progress)
+            read_into(path, ident, store, progress)
             return f"read the {store.format.key} experts from the cache {path}"
         except (StaleOrCorrupt, OSError) as e:
             warnings.warn(f"the quantized cache {path} cannot be used ({e}); quantizing again")
-    write_while_filling(path, ckpt, store, device, progress)
+            unusable = stat_key(path)
+    with entry_lock(path):
+        if path.is_file() and stat_key(path) != unusable:  # another process wrote it while we waited
+            try:
+                read_into(path, ident, store, progress)
+                return f"read the {store.format.key} experts from the cache {path}"
+            except (StaleOrCorrupt, OSError) as e:
+                warnings.warn(f"the quantized cache {path} cannot be used ({e}); quantizing again")
+        write_while_filling(path, ident, ckpt, store, device, progress)
     return f"quantized the experts to {store.format.key} and cached them in {path}" if path.is_file() else f"quantized the experts to {store.format.key}"
+
+
+def stat_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def entries(root: Path | None = None) -> list[dict]:
+    """What `moe-local cache list` shows: each cached file, its size, format and the model it came from."""
+    root = root or cache_root()
+    found = []
+    for path in sorted(root.glob("*.safetensors")) if root.is_dir() else []:
+        entry = {"file": path.name, "bytes": path.stat().st_size, "format": None, "model": None}
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                meta = json.loads(f.read(min(n, 1 << 24)))["__metadata__"]
+            entry.update(format=json.loads(meta["moe_local"])["format"], model=meta.get("model") or None)
+        except (OSError, struct.error, ValueError, KeyError, TypeError):
+            pass  # damaged or foreign: listed (and cleared) all the same
+        found.append(entry)
+    return found
+
+
+def clear(root: Path | None = None) -> tuple[int, int, list[str]]:
+    """Remove every cached file and abandoned temporary file (not the chats saved beside them). Returns
+    (files removed, bytes freed, the entries skipped because a process is building them)."""
+    root = root or cache_root()
+    removed = freed = 0
+    busy = []
+    for path in sorted(root.glob("*.safetensors")) if root.is_dir() else []:
+        with entry_lock(path, wait=False) as free:
+            if not free:
+                busy.append(path.name)
+                continue
+            freed += path.stat().st_size
+            path.unlink()
+            lock_path(path).unlink(missing_ok=True)  # a process that opens it meanwhile can only repeat the work
+            removed += 1
+    for tmp in root.glob("*.tmp") if root.is_dir() else []:
+        entry = tmp.with_name(tmp.name.rsplit(".", 2)[0])
+        with entry_lock(entry, wait=False) as free:
+            if free:
+                freed += tmp.stat().st_size
+                tmp.unlink()
+                removed += 1
+    return removed, freed, busy
