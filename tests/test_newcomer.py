@@ -263,3 +263,24 @@ def test_a_prompt_file_a_stop_string_threads_and_the_seed_used(tiny, tmp_path):
     assert cut["text"] == out["text"][: out["text"].index(stop)] and cut["stats"]["finish_reason"] == "stop"
     streamed = moe_local_cli(*base, "-p", "def f(x):", "--seed", str(seed), "--stop", stop, "-q")
     assert streamed.stdout == cut["text"] + "\n"
+
+
+# Point 9: the README's Python example runs.
+
+
+def test_readme_python_example_runs_on_the_demo_model(tmp_path):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    (example,) = re.findall(r"```python\n(.*?)```", readme, re.S)
+    result = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text, last = result.stdout.rstrip("\n").rsplit("\n", 1)
+    assert len(text.strip()) > 20 and last.split()[0] in ("length", "stop")
+
+
+def test_the_docs_link_only_to_files_in_the_repository():
+    root = Path(__file__).parent.parent
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        assert "../shared" not in text, doc
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):  # relative links, anchors dropped
+            assert (doc.parent / target).exists(), (doc.name, target)
