@@ -68,7 +68,7 @@ class ChatSession:
         think: bool | None = None,
         verbose: bool = False,
     ):
-        self.engine, self.params, self.system = engine, params, system
+        self.engine, self.params, self.system = engine, params, system and replace_surrogates(system)  # /save writes UTF-8
         self.max_new_tokens = max_new_tokens  # per answer; None: until the end of text or a full context
         self.think = think  # the template's enable_thinking; None: the template's default
         if think is not None:
@@ -180,7 +180,7 @@ class ChatSession:
 
     def set(self, args: str) -> str:
         key, _, value = args.partition(" ")
-        value = value.strip()
+        value = replace_surrogates(value.strip())
         if key == "system":
             previous, self.system = self.system, value or None
             try:

@@ -49,3 +49,6 @@ def test_the_api_encodes_lone_surrogates_as_the_replacement_character():
     chat.ask("hi \udcff")
     assert len(list(chat.reply())) == 2
     assert chat.messages[0] == {"role": "user", "content": "hi \ufffd"}  # kept as it can be saved
+    assert ChatSession(engine, SamplingParams(), system="caf\udce9").system == "caf\ufffd"
+    chat.command("/set system \udcff")
+    assert chat.system == "\ufffd"
