@@ -149,7 +149,8 @@ def cpu_experts(store: ExpertStore, keys: list) -> tuple[ExpertFormat, list[torc
         cpu_fmt = make_format(fmt.name, store.cfg, torch.bfloat16, "cpu", getattr(fmt, "group_size", None))
         buffer = torch.empty(cpu_fmt.expert_bytes, dtype=torch.uint8)
         w = {name: normal(shape, torch.bfloat16, CPU, torch.Generator().manual_seed(0)) for name, shape in store.cfg.expert_shapes.items()}
-        cpu_fmt.pack(w["w1"], w["w2"], w["w3"], buffer)
+        biases = (w["b1"], w["b2"], w["b3"]) if store.cfg.expert_bias else None
+        cpu_fmt.pack(w["w1"], w["w2"], w["w3"], buffer, biases)
         return cpu_fmt, [buffer]
     return fmt, [store.buffer(key) for key in keys]
 

@@ -13,9 +13,11 @@ from pathlib import Path
 import torch
 
 from moe_local.config import FAMILIES, ModelConfig
+from moe_local.experts import mxfp4
 from moe_local.errors import CheckpointError, ConfigError
 
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# U8: MXFP4 blocks and scales (gpt-oss); every other tensor we read must be one of the float types
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8}
 # Buffers some older exports saved with the weights; they carry no information we need.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -83,7 +85,7 @@ def read_safetensors_header(shard: Path) -> dict[str, TensorInfo]:
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"shard {shard.name} is corrupt: bad header entry for {name}") from None
         if dtype is None:
-            raise CheckpointError(f"tensor {name} in {shard.name} has dtype {entry['dtype']}; only F32, F16, BF16 are supported")
+            raise CheckpointError(f"tensor {name} in {shard.name} has dtype {entry['dtype']}; only F32, F16, BF16 (and U8 for MXFP4 experts) are supported")
         if end - begin != dtype.itemsize * int(torch.Size(shape).numel()):
             raise CheckpointError(f"shard {shard.name} is corrupt: {name}'s data offsets do not match its shape")
         tensors[name] = TensorInfo(shard, dtype, shape, 8 + header_len + begin, end - begin)
@@ -152,6 +154,8 @@ def _attention(names: dict, cfg: ModelConfig, hf: str, ours: str) -> None:
     _linear(names, hf + "k_proj", ours + "wqkv", (hkv * hd, d), cfg.qkv_bias)
     _linear(names, hf + "v_proj", ours + "wqkv", (hkv * hd, d), cfg.qkv_bias)
     _linear(names, hf + "o_proj", ours + "wo", (d, h * hd), cfg.o_bias)
+    if cfg.attn_sinks:
+        names[hf + "sinks"] = Target(ours + "sinks", (h,))
     if cfg.qk_norm:
         per_head = cfg.qk_norm == "head"
         names[hf + "q_norm.weight"] = Target(ours + "qk_norm.q_norm.weight", (hd if per_head else h * hd,))
@@ -176,17 +180,38 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, Target]:
             _mlp(names, hf + "mlp.", ours + "ffn.", d, cfg.dense_ffn_dim)
             continue
         moe, ordinal = f"{hf}{family.moe}.", cfg.moe_layers.index(i)
-        names[moe + "gate.weight"] = Target(ours + "ffn.router.weight", (cfg.n_experts, d))
+        names[f"{moe}{family.router}.weight"] = Target(ours + "ffn.router.weight", (cfg.n_experts, d))
+        if cfg.router_bias:
+            names[f"{moe}{family.router}.bias"] = Target(ours + "ffn.router.bias", (cfg.n_experts,))
         if cfg.router.correction_bias:
             names[moe + "gate.e_score_correction_bias"] = Target(ours + "ffn.router.correction_bias", (cfg.n_experts,))
         if cfg.shared_ffn_dim:
             _mlp(names, f"{moe}{family.shared}.", ours + "ffn.shared.", d, cfg.shared_ffn_dim)
             if cfg.shared_gate:
                 names[moe + "shared_expert_gate.weight"] = Target(ours + "ffn.shared_gate.weight", (1, d))
+        if family.fused_experts:
+            _fused_experts(names, cfg, f"{moe}experts.", ordinal)
+            continue
         for e in range(cfg.n_experts):
             for w, name in zip(("w1", "w2", "w3"), family.expert_weights):
                 names[f"{moe}experts.{e}.{name}.weight"] = Target(("expert", ordinal, e, w), cfg.expert_shapes[w])
     return names
+
+
+def _fused_experts(names: dict, cfg: ModelConfig, hf: str, ordinal: int) -> None:
+    """gpt-oss: a layer's experts as one tensor per matrix, [E, D, 2F] gate_up (gate and up interleaved
+    along the last dimension) and [E, F, D] down, with biases; or those matrices as MXFP4 blocks and
+    scales in our [out, in] orientation ([E, 2F, D/32, 16], rows interleaved). Read one expert at a time
+    by `Checkpoint.expert`."""
+    e, d, f, g = cfg.n_experts, cfg.dim, cfg.ffn_dim, mxfp4.BLOCK
+    if cfg.mxfp4_experts:
+        shapes = {"gate_up_proj_blocks": (e, 2 * f, d // g, g // 2), "gate_up_proj_scales": (e, 2 * f, d // g),
+                  "down_proj_blocks": (e, d, f // g, g // 2), "down_proj_scales": (e, d, f // g)}
+    else:
+        shapes = {"gate_up_proj": (e, d, 2 * f), "down_proj": (e, f, d)}
+    shapes |= {"gate_up_proj_bias": (e, 2 * f), "down_proj_bias": (e, d)}
+    for name, shape in shapes.items():
+        names[hf + name] = Target(("fused", ordinal, name), shape)
 
 
 def is_ignored(name: str, cfg: ModelConfig) -> bool:
@@ -215,6 +240,7 @@ class Checkpoint:
         self.expected = expected_tensors(self.config)
         self._check_against_config()
         self._expert_names = {t.ours[1:]: name for name, t in self.expected.items() if isinstance(t.ours, tuple)}
+        self._last_fused: tuple[tuple[int, int], dict[str, torch.Tensor]] | None = None
         self.dtype = self.tensors["model.embed_tokens.weight"].dtype
         self._files: dict[Path, object] = {}
 
@@ -252,6 +278,8 @@ class Checkpoint:
                     f"tensor {name} in {info.shard.name} has shape {list(info.shape)} "
                     f"but config.json implies {list(shape)}"
                 )
+            if (info.dtype == torch.uint8) != name.endswith(("_blocks", "_scales")):
+                raise CheckpointError(f"tensor {name} in {info.shard.name} has dtype {info.dtype}, which it cannot have")
         for name in self.tensors:
             if name not in expected and not is_ignored(name, self.config):
                 if name == "lm_head.weight":  # tied in config but saved anyway: harmless
@@ -262,7 +290,9 @@ class Checkpoint:
         """Read one tensor (a fresh CPU tensor) with a plain file read at its header offset rather than
         through a memory map, so that what was read and dropped (an expert once packed into the store, the
         parts of a fused matrix) does not stay mapped into the process."""
-        info = self.tensors[name]
+        return self._read_bytes(self.tensors[name], name)
+
+    def _read_bytes(self, info: TensorInfo, name: str) -> torch.Tensor:
         if info.shard not in self._files:
             self._files[info.shard] = open(info.shard, "rb", buffering=0)
         f = self._files[info.shard]
@@ -290,10 +320,34 @@ class Checkpoint:
         transform = self.expected[name].transform
         return self.get(name) if transform is None else transform(self.get(name))
 
+    def get_row(self, name: str, index: int) -> torch.Tensor:
+        """Row `index` of a tensor along its first dimension (one expert of a fused [E, ...] tensor), read alone."""
+        info = self.tensors[name]
+        row = info.nbytes // info.shape[0]
+        return self._read_bytes(TensorInfo(info.shard, info.dtype, info.shape[1:], info.start + index * row, row), f"{name}[{index}]")
+
     def expert(self, layer: int, expert: int, w: str) -> torch.Tensor:
-        """One routed expert's matrix: `layer` is the MoE layer's ordinal, w in ("w1", "w2", "w3") = gate,
-        down, up."""
-        return self.get(self._expert_names[layer, expert, w])
+        """One routed expert's tensor: `layer` is the MoE layer's ordinal, w in ("w1", "w2", "w3") = gate
+        [F, D], down [D, F], up [F, D], or their biases ("b1", "b2", "b3") where the family has them."""
+        if (layer, expert, w) in self._expert_names:
+            return self.get(self._expert_names[layer, expert, w])
+        if self._last_fused is None or self._last_fused[0] != (layer, expert):  # gate and up come from one read
+            self._last_fused = (layer, expert), self._fused_expert(layer, expert)
+        return self._last_fused[1][w]
+
+    def _fused_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        def row(name: str) -> torch.Tensor:
+            return self.get_row(self._expert_names[layer, name], expert)
+
+        if self.config.mxfp4_experts:  # widened exactly: every MXFP4 value is a bf16 value
+            gate_up = mxfp4.dequantize(row("gate_up_proj_blocks"), row("gate_up_proj_scales"), self.dtype)  # [2F, D]
+            down = mxfp4.dequantize(row("down_proj_blocks"), row("down_proj_scales"), self.dtype)  # [D, F]
+        else:
+            gate_up, down = row("gate_up_proj").T, row("down_proj").T  # [2F, D], [D, F]
+        bias = row("gate_up_proj_bias")  # [2F]
+        # gate and up are interleaved: even rows gate, odd rows up
+        return {"w1": gate_up[0::2].contiguous(), "w3": gate_up[1::2].contiguous(), "w2": down.contiguous(),
+                "b1": bias[0::2].contiguous(), "b3": bias[1::2].contiguous(), "b2": row("down_proj_bias")}
 
     def close(self) -> None:
         """Close the files the reads opened (a later read opens them again)."""

@@ -130,6 +130,15 @@ class ModelConfig:
     layer_windows: tuple[int | None, ...] = ()  # sliding window per layer (None: full attention)
     mla: LatentAttentionConfig | None = None
     attn_scale: float = 0.0  # softmax scale; 0: 1/sqrt(query-key dimension)
+    attn_sinks: bool = False  # gpt-oss: a learned per-head logit in each softmax's denominator
+    router_bias: bool = False  # gpt-oss's router has a bias
+    # routed experts: SwiGLU ("silu") or gpt-oss's clamped variant ("swiglu_oai": up and gate clamped to
+    # `swiglu_limit`, (up + 1) * gate * sigmoid(alpha * gate)), with biases or not
+    expert_act: str = "silu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    expert_bias: bool = False
+    mxfp4_experts: bool = False  # the checkpoint holds the routed experts as MXFP4 blocks and scales
 
     def __post_init__(self) -> None:
         if not self.moe_layers:
@@ -181,12 +190,16 @@ class ModelConfig:
 
     @property
     def expert_numel(self) -> int:
-        """Parameters of one routed expert: w1 [F, D], w2 [D, F], w3 [F, D]."""
-        return 3 * self.ffn_dim * self.dim
+        """Parameters of one routed expert: w1 [F, D], w2 [D, F], w3 [F, D] (and their biases)."""
+        return 3 * self.ffn_dim * self.dim + (2 * self.ffn_dim + self.dim) * self.expert_bias
 
     @property
-    def expert_shapes(self) -> dict[str, tuple[int, int]]:
-        return {"w1": (self.ffn_dim, self.dim), "w2": (self.dim, self.ffn_dim), "w3": (self.ffn_dim, self.dim)}
+    def expert_shapes(self) -> dict[str, tuple[int, ...]]:
+        """One routed expert's tensors as the formats pack them: gate w1, down w2, up w3 and, for families
+        with expert biases, their biases b1, b2, b3."""
+        f, d = self.ffn_dim, self.dim
+        shapes = {"w1": (f, d), "w2": (d, f), "w3": (f, d)}
+        return shapes | ({"b1": (f,), "b2": (d,), "b3": (f,)} if self.expert_bias else {})
 
     @property
     def attention_numel(self) -> int:
@@ -213,7 +226,7 @@ class ModelConfig:
             m = self.mla
             biases = ((m.q_lora_rank or 0) + m.kv_lora_rank + m.rope_dim) * self.qkv_bias + d * self.o_bias
             return (m.q_lora_rank or 0) + m.kv_lora_rank + m.kv_lora_rank * h * (m.nope_dim + m.v_dim) + biases
-        n = (h + 2 * hkv) * hd * self.qkv_bias + d * self.o_bias
+        n = (h + 2 * hkv) * hd * self.qkv_bias + d * self.o_bias + h * self.attn_sinks
         if self.qk_norm == "head":
             n += 2 * hd
         elif self.qk_norm == "proj":
@@ -230,17 +243,23 @@ class ModelConfig:
         """Parameters that stay on the device: everything except the routed experts."""
         d = self.dim
         per_layer = self.attention_numel + self.attention_extra_numel() + 2 * d  # attention, two norms
-        routers = self.n_moe_layers * self.n_experts * (d + self.router.correction_bias)
+        routers = self.n_moe_layers * self.n_experts * (d + self.router.correction_bias + self.router_bias)
         embed = self.vocab_size * d
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.n_layers * per_layer + routers + self.dense_numel() + embed + head + d
 
+    def cache_positions(self, layer: int, ctx_size: int) -> int:
+        """Positions layer `layer`'s KV cache holds: the context, or only the window of a sliding layer."""
+        window = self.layer_windows[layer]
+        return min(window, ctx_size) if window else ctx_size
+
     def kv_cache_numel(self, ctx_size: int) -> int:
-        """Values the KV cache holds for `ctx_size` tokens: keys and values per KV head, or with MLA the
-        compressed latent and the shared rotary key."""
+        """Values the KV cache holds for `ctx_size` tokens: keys and values per KV head (a sliding layer
+        only its window's), or with MLA the compressed latent and the shared rotary key."""
         if self.mla is not None:
             return self.n_layers * ctx_size * (self.mla.kv_lora_rank + self.mla.rope_dim)
-        return 2 * self.n_layers * ctx_size * self.n_kv_heads * self.head_dim
+        positions = sum(self.cache_positions(i, ctx_size) for i in range(self.n_layers))
+        return 2 * positions * self.n_kv_heads * self.head_dim
 
     def parameter_counts(self) -> dict[str, int]:
         """What `info` and `plan` report: all parameters, those one token uses (the resident part and top_k
@@ -455,6 +474,20 @@ def deepseek_v3(raw: dict) -> ModelConfig:
     return _deepseek(raw, _sigmoid_router(raw), interleaved=bool(raw.get("rope_interleave", True)))
 
 
+def gpt_oss(raw: dict) -> ModelConfig:
+    quant = (raw.get("quantization_config") or {}).get("quant_method")
+    if quant not in (None, "mxfp4"):
+        raise ConfigError(f"unsupported quantization_config.quant_method {quant!r} for gpt_oss (mxfp4, or none)")
+    bias = bool(raw.get("attention_bias", True))
+    return ModelConfig(**_common(
+        raw, n_experts=_n_experts(raw, "num_local_experts", "num_experts"), ffn_dim=int(raw["intermediate_size"]),
+        norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+        qkv_bias=bias, o_bias=bias, attn_sinks=True, router_bias=True, expert_act="swiglu_oai",
+        swiglu_alpha=float(raw.get("swiglu_alpha", 1.702)), swiglu_limit=float(raw.get("swiglu_limit", 7.0)),
+        expert_bias=True, mxfp4_experts=quant == "mxfp4",
+    ))
+
+
 @dataclass(frozen=True)
 class Family:
     """What differs between families outside the model's pieces: how config.json reads, and where the
@@ -464,6 +497,8 @@ class Family:
     moe: str = "mlp"  # the MoE block's module name
     expert_weights: tuple[str, str, str] = ("gate_proj", "down_proj", "up_proj")  # our w1, w2, w3
     shared: str = "shared_experts"
+    router: str = "gate"
+    fused_experts: bool = False  # all of a layer's experts in one [E, ...] tensor per matrix (gpt-oss)
 
 
 FAMILIES: dict[str, Family] = {
@@ -474,6 +509,7 @@ FAMILIES: dict[str, Family] = {
     "glm4_moe": Family(glm4_moe),
     "deepseek_v2": Family(deepseek_v2),
     "deepseek_v3": Family(deepseek_v3),
+    "gpt_oss": Family(gpt_oss, router="router", fused_experts=True),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -488,6 +524,14 @@ _QWEN3 = dict(model_type="qwen3_moe", vocab_size=151936, head_dim=128, num_exper
               max_position_embeddings=40960)
 _DEEPSEEK = dict(rms_norm_eps=1e-6, tie_word_embeddings=False, dtype="bfloat16", bos_token_id=0, eos_token_id=1,
                  qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, rope_theta=10000)
+_GPT_OSS = dict(model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, head_dim=64,
+                num_attention_heads=64, num_key_value_heads=8, num_experts_per_tok=4, sliding_window=128,
+                attention_bias=True, rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=False,
+                swiglu_limit=7.0, rope_theta=150000,
+                rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                              "original_max_position_embeddings": 4096, "truncate": False},
+                quantization_config={"quant_method": "mxfp4"}, bos_token_id=199998, eos_token_id=200002,
+                dtype="bfloat16")
 PRESETS = {
     "mixtral-8x7b": {**_MIXTRAL, "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
                      "num_hidden_layers": 32, "max_position_embeddings": 32768},
@@ -527,6 +571,10 @@ PRESETS = {
                     "num_experts_per_tok": 8, "norm_topk_prob": False, "rms_norm_eps": 1e-5, "rope_theta": 10000,
                     "max_position_embeddings": 4096, "clip_qkv": None, "tie_word_embeddings": False,
                     "bos_token_id": None, "eos_token_id": 50279, "dtype": "bfloat16"},
+    "gpt-oss-20b": {**_GPT_OSS, "num_hidden_layers": 24, "num_local_experts": 32,
+                    "layer_types": ["sliding_attention", "full_attention"] * 12},
+    "gpt-oss-120b": {**_GPT_OSS, "num_hidden_layers": 36, "num_local_experts": 128,
+                     "layer_types": ["sliding_attention", "full_attention"] * 18},
     # small enough for a CPU smoke test, with the same structure (GQA, 8 experts, top-2)
     "tiny": {**_MIXTRAL, "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512,
              "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 4096},
@@ -542,4 +590,6 @@ def preset_config(name: str, n_layers: int | None = None) -> ModelConfig:
             raise ConfigError(f"--layers must be at least 1, not {n_layers}")
         raw["num_hidden_layers"] = n_layers
         raw["first_k_dense_replace"] = min(raw.get("first_k_dense_replace", 0), n_layers - 1)
+        if "layer_types" in raw:
+            raw["layer_types"] = (raw["layer_types"] * n_layers)[:n_layers]
     return ModelConfig.from_hf(raw)

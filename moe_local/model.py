@@ -97,8 +97,24 @@ class QKNorm(nn.Module):
         return torch.cat([q, k, v], dim=-1)
 
 
+def attend(q, keys, values, mask, scale: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+    """q [H, T, hd] over keys and values [H, S, hd] (mask [T, S] bool or None) -> [H, T, hd]. With sinks
+    [H], each head's softmax has one more logit in its denominator and nothing to weight, as gpt-oss
+    does; SDPA has no such term, so that case is computed by hand."""
+    if sinks is None:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    scores = torch.matmul(q, keys.transpose(1, 2)) * (scale or q.shape[-1] ** -0.5)  # [H, T, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    logits = torch.cat([scores, sinks.view(-1, 1, 1).expand(-1, q.shape[1], 1).to(scores.dtype)], dim=-1)
+    probs = torch.softmax(logits - logits.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]  # [H, T, S]
+    return torch.matmul(probs.to(values.dtype), values)
+
+
 class Attention(nn.Module):
-    """Grouped-query attention over a static per-layer cache of keys and values [Hkv, ctx, hd] each."""
+    """Grouped-query attention over a static per-layer cache of keys and values [Hkv, positions, hd] each.
+    A sliding layer whose window is shorter than the context keeps only the window, as a ring: position p
+    lives in slot p % window."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -109,15 +125,17 @@ class Attention(nn.Module):
         self.qk_norm = QKNorm(cfg) if cfg.qk_norm else None
         self.clip = cfg.clip_qkv
         self.scale = cfg.attn_scale or None
+        self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attn_sinks else None
+        self.window = cfg.layer_windows[layer]
 
     @staticmethod
-    def cache_shapes(cfg: ModelConfig, ctx_size: int) -> list[tuple[int, ...]]:
-        return [(cfg.n_kv_heads, ctx_size, cfg.head_dim)] * 2  # keys, values
+    def cache_shapes(cfg: ModelConfig, ctx_size: int, layer: int) -> list[tuple[int, ...]]:
+        return [(cfg.n_kv_heads, cfg.cache_positions(layer, ctx_size), cfg.head_dim)] * 2  # keys, values
 
     def quantize(self) -> None:
         self.wqkv, self.wo = Int8Linear.from_linear(self.wqkv), Int8Linear.from_linear(self.wo)
 
-    def forward(self, x, cos, sin, cache: tuple[torch.Tensor, ...], pos: int, mask) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: tuple[torch.Tensor, ...], pos: int) -> torch.Tensor:
         T, H, Hkv = x.shape[0], self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x)  # [T, (H + 2Hkv) hd]
         if self.qk_norm is not None:
@@ -126,17 +144,40 @@ class Attention(nn.Module):
             qkv = qkv.clamp(-self.clip, self.clip)
         qkv = qkv.view(T, H + 2 * Hkv, self.head_dim).transpose(0, 1)  # [H + 2Hkv, T, hd]
         q, k = apply_rope(qkv[: H + Hkv], cos, sin).split([H, Hkv])  # [H, T, hd], [Hkv, T, hd]
+        v = qkv[H + Hkv :]
         k_cache, v_cache = cache
-        k_cache[:, pos : pos + T] = k
-        v_cache[:, pos : pos + T] = qkv[H + Hkv :]
-        keys, values = k_cache[:, : pos + T], v_cache[:, : pos + T]  # [Hkv, S, hd]
-        if mask is None:  # a decode step: SDPA shares each KV head among its query heads itself
+        if k_cache.shape[1] == self.window:
+            keys, values, mask = self._ring(k_cache, v_cache, k, v, pos)
+        else:
+            k_cache[:, pos : pos + T] = k
+            v_cache[:, pos : pos + T] = v
+            keys, values = k_cache[:, : pos + T], v_cache[:, : pos + T]  # [Hkv, S, hd]
+            mask = sliding_mask(pos, T, self.window, x.device)
+        if mask is None and self.sinks is None:  # a decode step: SDPA shares each KV head among its query heads itself
             y = F.scaled_dot_product_attention(q, keys, values, enable_gqa=True, scale=self.scale)  # [H, T, hd]
         else:  # with a mask, enable_gqa sends CUDA to the math kernel: share the heads by hand
             groups = H // Hkv
             keys, values = keys.repeat_interleave(groups, dim=0), values.repeat_interleave(groups, dim=0)  # [H, S, hd]
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)  # [H, T, hd]
+            y = attend(q, keys, values, mask, self.scale, self.sinks)  # [H, T, hd]
         return self.wo(y.transpose(0, 1).reshape(T, -1))
+
+    def _ring(self, k_cache, v_cache, k, v, pos: int):
+        """Keys and values for queries at pos..pos+T-1 from a window-sized ring (the window's older
+        positions, then the new ones) and the mask over them; then the newest positions go into the ring."""
+        W, T, device = self.window, k.shape[1], k.device
+        start = max(0, pos - (W - 1))  # the oldest position any of these queries sees
+        slots = torch.arange(start, pos, device=device) % W
+        keys = torch.cat([k_cache[:, slots], k], dim=1)  # [Hkv, pos - start + T, hd]
+        values = torch.cat([v_cache[:, slots], v], dim=1)
+        mask = None
+        if T > 1:
+            k_pos = torch.arange(start, pos + T, device=device)[None, :]
+            q_pos = torch.arange(pos, pos + T, device=device)[:, None]
+            mask = (k_pos <= q_pos) & (k_pos > q_pos - W)  # [T, S]
+        kept = min(T, W)  # only the last W positions stay
+        new = torch.arange(pos + T - kept, pos + T, device=device) % W
+        k_cache[:, new], v_cache[:, new] = k[:, T - kept :], v[:, T - kept :]
+        return keys, values, mask
 
 
 class LatentAttention(nn.Module):
@@ -164,7 +205,7 @@ class LatentAttention(nn.Module):
         self.scale = cfg.attn_scale
 
     @staticmethod
-    def cache_shapes(cfg: ModelConfig, ctx_size: int) -> list[tuple[int, ...]]:
+    def cache_shapes(cfg: ModelConfig, ctx_size: int, layer: int) -> list[tuple[int, ...]]:
         return [(ctx_size, cfg.mla.kv_lora_rank + cfg.mla.rope_dim)]
 
     def quantize(self) -> None:
@@ -175,8 +216,9 @@ class LatentAttention(nn.Module):
             self.wq = Int8Linear.from_linear(self.wq)
         self.wkv_a, self.wo = Int8Linear.from_linear(self.wkv_a), Int8Linear.from_linear(self.wo)
 
-    def forward(self, x, cos, sin, cache: tuple[torch.Tensor, ...], pos: int, mask) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: tuple[torch.Tensor, ...], pos: int) -> torch.Tensor:
         T, H, r = x.shape[0], self.n_heads, self.rank
+        mask = sliding_mask(pos, T, None, x.device)
         q = self.wq(x).view(T, H, self.nope + self.rope).transpose(0, 1)  # [H, T, nope + rope]
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
         latent, k_rope = self.wkv_a(x).split([r, self.rope], dim=-1)  # [T, r], [T, rope]
@@ -215,10 +257,11 @@ class Router(nn.Module):
         self.spec, self.top_k = cfg.router, cfg.top_k
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim))
         self.correction_bias = nn.Parameter(torch.zeros(cfg.n_experts)) if cfg.router.correction_bias else None
+        self.bias = nn.Parameter(torch.zeros(cfg.n_experts)) if cfg.router_bias else None
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         # an fp32 router keeps its weight in fp32 (see Transformer.from_state_dict)
-        return F.linear(x.float() if self.spec.fp32 else x, self.weight)  # [T, E]
+        return F.linear(x.float() if self.spec.fp32 else x, self.weight, self.bias)  # [T, E]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return route(self.logits(x), self.top_k, self.spec, self.correction_bias)  # [T, k], [T, k]
@@ -259,19 +302,21 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MoE(cfg, layer) if layer in cfg.moe_layers else DenseMLP(cfg.dim, cfg.dense_ffn_dim)
 
-    def forward(self, x, cos, sin, cache, pos, mask, experts: Experts) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache, pos, mask)
+    def forward(self, x, cos, sin, cache, pos, experts: Experts) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, pos)
         return x + self.ffn(self.ffn_norm(x), experts)
 
 
 class KVCache:
-    """Static per-layer attention caches for `ctx_size` tokens: keys and values [Hkv, ctx, hd] each, or
-    with latent attention one [ctx, r + rope] tensor."""
+    """Static per-layer attention caches for `ctx_size` tokens: keys and values [Hkv, ctx or window, hd]
+    each, or with latent attention one [ctx, r + rope] tensor."""
 
     def __init__(self, cfg: ModelConfig, ctx_size: int, dtype: torch.dtype, device: torch.device):
         self.ctx_size = ctx_size
-        shapes = (Attention if cfg.mla is None else LatentAttention).cache_shapes(cfg, ctx_size)
-        self.layers = [tuple(torch.zeros(s, dtype=dtype, device=device) for s in shapes) for _ in range(cfg.n_layers)]
+        kind = Attention if cfg.mla is None else LatentAttention
+        self.layers = [
+            tuple(torch.zeros(s, dtype=dtype, device=device) for s in kind.cache_shapes(cfg, ctx_size, i)) for i in range(cfg.n_layers)
+        ]
 
     @property
     def nbytes(self) -> int:
@@ -320,7 +365,6 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)  # [T, D]
         positions = torch.arange(pos, pos + T, device=tokens.device)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype, self.cfg.rope.attention_factor)  # [T, rd]
-        masks = {w: sliding_mask(pos, T, w, tokens.device) for w in set(self.cfg.layer_windows)}
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv.layers[i], pos, masks[self.cfg.layer_windows[i]], experts)
+            x = layer(x, cos, sin, kv.layers[i], pos, experts)
         return self.norm(x)

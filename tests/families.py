@@ -3,6 +3,7 @@ classes and saved with `save_pretrained`, each variant switching on the options 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -48,7 +49,34 @@ VARIANTS = {
     # MLA with a query latent, noaux_tc routing, interleaved rotary pairs
     "deepseek_v3": ("deepseek_v3", dict(**_MLA, q_lora_rank=24, first_k_dense_replace=1, n_shared_experts=1,
                                         n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True)),
+    # attention sinks, sliding windows (6 positions: every sequence in the tests is longer) alternating with
+    # full attention, biases everywhere, YaRN (gpt-oss's defaults), router bias, clamped SwiGLU with biases,
+    # gate and up interleaved in one fused tensor per layer
+    "gpt_oss": ("gpt_oss", dict(num_local_experts=8, intermediate_size=32, head_dim=16, sliding_window=6,
+                                layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
 }
+
+
+def to_mxfp4(folder: Path) -> None:
+    """Rewrite a saved gpt-oss checkpoint's experts in the published MXFP4 layout (`*_blocks`, `*_scales`,
+    quantization_config.quant_method "mxfp4"), as OpenAI ships gpt-oss-20b and -120b."""
+    from safetensors.torch import load_file, save_file
+
+    from moe_local.experts import mxfp4
+
+    state = load_file(folder / "model.safetensors")
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, in, out] -> per expert [out, in]
+            blocks, scales = zip(*(mxfp4.quantize(tensor[e].T) for e in range(tensor.shape[0])))
+            out[name + "_blocks"], out[name + "_scales"] = torch.stack(blocks), torch.stack(scales)
+        else:
+            out[name] = tensor
+    save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def build_family(variant: str, folder: Path, tokenizer_dir: Path | None = None, seed: int = 0, **overrides):
@@ -62,6 +90,9 @@ def build_family(variant: str, folder: Path, tokenizer_dir: Path | None = None, 
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buffer.copy_(torch.randn(buffer.shape) * 0.1)
+        for name, sinks in model.named_parameters():  # and sinks large enough to matter
+            if name.endswith("sinks"):
+                sinks.copy_(torch.randn(sinks.shape))
     model.save_pretrained(folder)
     if tokenizer_dir is not None:
         for f in tokenizer_dir.iterdir():

@@ -85,14 +85,14 @@ def test_info_counts_match_the_checkpoint_tensors(family):
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
         sizes = {name: math.prod(f.get_slice(name).get_shape()) for name in f.keys()}
     routed = {name: n for name, n in sizes.items() if ".experts." in name}
-    one = sum(n for name, n in routed.items() if f".experts.0." in name) // info["moe_layers"]
+    one = sum(routed.values()) // (info["moe_layers"] * info["experts_per_layer"])
     p = info["parameters"]
     assert p["total"] == sum(sizes.values())
     assert p["routed_experts"] == sum(routed.values())
     assert p["per_expert"] == one
     assert p["active_per_token"] == p["resident"] + info["moe_layers"] * info["experts_per_token"] * one
     dense = sum(n for name, n in sizes.items() if ".mlp." in name and ".experts." not in name and "gate." not in name
-                and "shared_expert_gate" not in name)
+                and "router." not in name and "shared_expert_gate" not in name)
     assert p["dense_and_shared_mlp"] == dense + sum(n for name, n in sizes.items() if "shared_expert_gate" in name)
 
 
@@ -266,3 +266,76 @@ def test_chat_through_a_family_checkpoint_with_its_own_tokenizer(variant, tmp_pa
     assert out["prompt_tokens"] == want_prompt
     want = reference_greedy(reference, want_prompt, 6)
     assert out["tokens"] == want[: len(out["tokens"])] and out["tokens"]
+
+
+# ---- gpt-oss: the published MXFP4 experts, the sliding layers' ring cache -----------------------------
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_mxfp4(tmp_path_factory, tokenizer_dir):
+    """(folder, reference): a tiny gpt-oss with its experts in the published MXFP4 layout; the reference is
+    transformers' own reading of it (it widens MXFP4 where it has no kernel for it)."""
+    from transformers import AutoModelForCausalLM
+
+    from families import to_mxfp4
+
+    folder = tmp_path_factory.mktemp("gpt_oss_mxfp4")
+    build_family("gpt_oss", folder, tokenizer_dir)
+    to_mxfp4(folder)
+    return folder, AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("slots", [1, 4, 24])
+def test_mxfp4_experts_stay_mxfp4_and_match_transformers(gpt_oss_mxfp4, slots, device):
+    folder, reference = gpt_oss_mxfp4
+    engine = moe_local.load(folder, device=device, dtype="fp32", expert_slots=slots, prefill_chunk=16)
+    assert engine.store.format.name == "mxfp4"  # auto keeps the checkpoint's format
+    ids = prompt_ids(40)
+    with torch.no_grad():
+        want = reference(torch.tensor([ids])).logits[0]
+    got = engine.logits(ids)
+    # the same MXFP4 values; on CUDA the kernel sums in another order
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_mxfp4_greedy_tokens_match_transformers(gpt_oss_mxfp4, prefetch, device):
+    folder, reference = gpt_oss_mxfp4
+    ids = prompt_ids(10, seed=3)
+    engine = moe_local.load(folder, device=device, dtype="fp32", expert_slots=2, prefetch=prefetch)
+    assert greedy(engine, ids, 20) == reference_greedy(reference, ids, 20)
+
+
+def test_mxfp4_experts_take_four_and_a_quarter_bits_a_weight_plus_biases(gpt_oss_mxfp4):
+    from moe_local.experts import mxfp4
+
+    folder, _ = gpt_oss_mxfp4
+    engine = moe_local.load(folder, device="cpu", dtype="fp32")
+    cfg, fmt = engine.cfg, engine.store.format
+    d, f = cfg.dim, cfg.ffn_dim
+    weights = mxfp4.mxfp4_bytes(2 * f, d) + mxfp4.mxfp4_bytes(d, f)
+    assert weights * 8 == 4.25 * 3 * d * f
+    exact = weights + (2 * f + d) * 2  # bf16 biases
+    assert sum(p.nbytes for p in fmt.parts) == exact
+    assert exact <= fmt.expert_bytes < exact + len(fmt.parts) * 256  # each part aligned to 256 bytes
+    assert engine.store.memory()["pinned_bytes"] + engine.store.memory()["pageable_bytes"] >= cfg.n_moe_layers * cfg.n_experts * exact
+
+
+def test_sliding_layers_cache_only_their_window(tmp_path):
+    build_family("gpt_oss", tmp_path)
+    engine = moe_local.load(tmp_path, device="cpu", ctx_size=64)
+    positions = [layer[0].shape[1] for layer in engine.kv.layers]
+    assert positions == [6, 64, 6]  # sliding, full, sliding
+    assert engine.plan.kv_bytes == engine.kv.nbytes == 2 * (6 + 64 + 6) * 2 * 16 * engine.dtype.itemsize
+
+
+def test_bf16_gpt_oss_experts_convert_to_mxfp4_int8_and_int4(tmp_path):
+    """Unquantized gpt-oss checkpoints load too, and every expert format applies to them."""
+    reference = build_family("gpt_oss", tmp_path, hidden_size=128, intermediate_size=64)
+    ids = prompt_ids(24)
+    with torch.no_grad():
+        want = reference(torch.tensor([ids])).logits[0]
+    for experts_dtype, bound in (("mxfp4", 0.1), ("int8", 0.001), ("int4", 0.1)):
+        got = moe_local.load(tmp_path, device="cpu", dtype="fp32", experts_dtype=experts_dtype, expert_slots=4).logits(ids)
+        kl = torch.nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True, reduction="batchmean")
+        assert kl <= bound, experts_dtype

@@ -17,11 +17,12 @@ import torch.nn.functional as F
 
 from moe_local import int8
 from moe_local.budget import format_bytes
+from moe_local.experts import mxfp4
 from moe_local.config import ModelConfig
 from moe_local.errors import BudgetError, ConfigError
 
 ALIGN = 256  # bytes: every part of an expert, and every expert, starts on this boundary
-EXPERTS_DTYPES = ("auto", "bf16", "fp16", "fp32", "int8", "int4")
+EXPERTS_DTYPES = ("auto", "bf16", "fp16", "fp32", "int8", "int4", "mxfp4")
 GROUP_SIZES = (32, 64, 128, 256)  # what both int4 kernels accept
 DENSE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 Weights = dict[str, torch.Tensor]  # a part's name -> a view into the expert's buffer
@@ -50,8 +51,13 @@ class ExpertFormat:
     name: str
     quantized = False
 
+    bias_dtype = torch.bfloat16  # where the family's experts have biases (gpt-oss), they are kept in this
+
     def __init__(self, cfg: ModelConfig, parts: list[tuple[str, torch.dtype, tuple[int, ...]]]):
         self.cfg = cfg
+        if cfg.expert_bias:
+            parts = [*parts, ("gate_up.bias", self.bias_dtype, (2 * cfg.ffn_dim,)), ("down.bias", self.bias_dtype, (cfg.dim,))]
+        self.activation = ACTIVATIONS[cfg.expert_act]
         self.parts, offset = [], 0
         for name, dtype, shape in parts:
             self.parts.append(Part(name, dtype, shape, offset))
@@ -70,10 +76,14 @@ class ExpertFormat:
         """uint8 [expert_bytes] -> each part as a view of its dtype and shape."""
         return {p.name: buffer[p.offset : p.offset + p.nbytes].view(p.dtype).view(p.shape) for p in self.parts}
 
-    def pack(self, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, out: torch.Tensor) -> None:
-        """Write one expert (the checkpoint's w1 [F, D], w2 [D, F], w3 [F, D], on any device; the work runs
-        where they are) into `out`, a uint8 [expert_bytes] buffer."""
+    def pack(self, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, out: torch.Tensor, biases: tuple | None = None) -> None:
+        """Write one expert (the checkpoint's w1 [F, D], w2 [D, F], w3 [F, D] and, for a family with expert
+        biases, (b1 [F], b2 [D], b3 [F]); on any device, the work runs where they are) into `out`, a uint8
+        [expert_bytes] buffer."""
         parts = self.encode(torch.cat([w1, w3]), "gate_up") | self.encode(w2, "down")
+        if self.cfg.expert_bias:
+            b1, b2, b3 = biases
+            parts |= {"gate_up.bias": torch.cat([b1, b3]), "down.bias": b2}
         views = self.unpack(out)
         for name, value in parts.items():
             views[name].copy_(value)
@@ -85,16 +95,35 @@ class ExpertFormat:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, w: Weights) -> torch.Tensor:
-        """SwiGLU expert: x [N, D] -> [N, D]."""
-        gate, up = self.linear(x, w, "gate_up").chunk(2, dim=-1)  # [N, F] each
-        return self.linear(F.silu(gate) * up, w, "down")
+        """The expert: x [N, D] -> [N, D], the family's activation between gate_up and down."""
+        if not self.cfg.expert_bias:
+            return self.linear(self.activation(self.linear(x, w, "gate_up"), self.cfg), w, "down")
+        gate_up = self.linear(x, w, "gate_up") + w["gate_up.bias"].to(x.dtype)  # [N, 2F]
+        return self.linear(self.activation(gate_up, self.cfg), w, "down") + w["down.bias"].to(x.dtype)
+
+
+def swiglu(gate_up: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)  # [N, F] each
+    return F.silu(gate) * up
+
+
+def swiglu_oai(gate_up: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """gpt-oss's: gate clamped above, up clamped both ways, (up + 1) * gate * sigmoid(alpha * gate). Its
+    checkpoint interleaves gate and up columns; they are split into halves when packed."""
+    gate, up = gate_up.chunk(2, dim=-1)  # [N, F] each
+    gate = gate.clamp(max=cfg.swiglu_limit)
+    up = up.clamp(-cfg.swiglu_limit, cfg.swiglu_limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * cfg.swiglu_alpha))
+
+
+ACTIVATIONS = {"silu": swiglu, "swiglu_oai": swiglu_oai}
 
 
 class Dense(ExpertFormat):
     """The matrices as they are, in one floating-point dtype."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
-        self.dtype = dtype
+        self.dtype = self.bias_dtype = dtype
         self.name = {v: k for k, v in DENSE.items()}[dtype]
         f, d = cfg.ffn_dim, cfg.dim
         super().__init__(cfg, [("gate_up", dtype, (2 * f, d)), ("down", dtype, (d, f))])
@@ -116,7 +145,7 @@ class Int8(ExpertFormat):
     quantized = True
 
     def __init__(self, cfg: ModelConfig, compute_dtype: torch.dtype):
-        self.scale_dtype = compute_dtype
+        self.scale_dtype = self.bias_dtype = compute_dtype
         f, d = cfg.ffn_dim, cfg.dim
         super().__init__(cfg, [
             ("gate_up", torch.int8, (2 * f, d)), ("gate_up.scale", compute_dtype, (2 * f,)),
@@ -188,6 +217,32 @@ class Int4(ExpertFormat):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
+class Mxfp4(ExpertFormat):
+    """MXFP4 (gpt-oss's published format): E2M1 values, two per byte, one E8M0 scale per 32 along the input
+    dimension, 4.25 bits a weight (`moe_local/experts/mxfp4.py` owns the numerics; on CUDA a Triton kernel
+    for a few tokens, a widened matmul for prefill). The same bytes on every device. A checkpoint already in
+    MXFP4 is read widened and packed again: each of its values is exactly representable, so the packed
+    values are the published ones (the bytes of a block may differ where its largest value is small)."""
+
+    name = "mxfp4"
+    quantized = True
+
+    def __init__(self, cfg: ModelConfig):
+        f, d = cfg.ffn_dim, cfg.dim
+        g = mxfp4.BLOCK
+        super().__init__(cfg, [
+            ("gate_up.blocks", torch.uint8, (2 * f, d // g, g // 2)), ("gate_up.scales", torch.uint8, (2 * f, d // g)),
+            ("down.blocks", torch.uint8, (d, f // g, g // 2)), ("down.scales", torch.uint8, (d, f // g)),
+        ])  # fmt: skip
+
+    def encode(self, w: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
+        blocks, scales = mxfp4.quantize(w)
+        return {f"{name}.blocks": blocks, f"{name}.scales": scales}
+
+    def linear(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
+        return mxfp4.linear(x, w[f"{name}.blocks"], w[f"{name}.scales"])
+
+
 def default_group_size(cfg: ModelConfig) -> int:
     """128, or the largest smaller size that divides both matrix widths (hidden and expert FFN size)."""
     for g in (128, 64, 32):
@@ -204,6 +259,10 @@ def make_format(
         return Dense(cfg, DENSE[name])
     if name == "int8":
         return Int8(cfg, compute_dtype)
+    if name == "mxfp4":
+        if cfg.dim % mxfp4.BLOCK or cfg.ffn_dim % mxfp4.BLOCK:
+            raise ConfigError(f"mxfp4 needs the hidden size ({cfg.dim}) and the expert FFN size ({cfg.ffn_dim}) to be multiples of 32")
+        return Mxfp4(cfg)
     if name == "int4":
         if group_size is None:
             group_size = default_group_size(cfg)
@@ -238,6 +297,9 @@ def choose_format(
     if name != "auto":
         fmt = make_format(name, cfg, compute_dtype, device_type, group_size)
         return fmt, f"experts in {fmt.key} (--experts-dtype {name})"
+    if cfg.mxfp4_experts:  # keep the published format: the smallest, and what the model was trained in
+        fmt = make_format("mxfp4", cfg, compute_dtype, device_type)
+        return fmt, "experts in mxfp4 (auto: the checkpoint's own format)"
     available = psutil.virtual_memory().available if available is None else available
     dense = {v: k for k, v in DENSE.items()}[compute_dtype]
     too_big = []

@@ -86,13 +86,15 @@ class ExpertStore:
 
     def packer(self, read: Callable[[int, int, str], torch.Tensor], device: torch.device) -> Callable[[Key, torch.Tensor], None]:
         """A `fill` writer that packs each expert from `read(layer, expert, "w1"|"w2"|"w3")` (a tensor on any
-        device), quantizing on `device` when the format is quantized."""
+        device; and "b1"|"b2"|"b3", the biases, for a family that has them), quantizing on `device` when the
+        format is quantized."""
 
         def write(key: Key, buffer: torch.Tensor) -> None:
             w1, w2, w3 = (read(*key, w) for w in ("w1", "w2", "w3"))
             if self.format.quantized:
                 w1, w2, w3 = w1.to(device), w2.to(device), w3.to(device)
-            self.format.pack(w1, w2, w3, buffer)
+            biases = tuple(read(*key, b) for b in ("b1", "b2", "b3")) if self.cfg.expert_bias else None
+            self.format.pack(w1, w2, w3, buffer, biases)
 
         return write
 
