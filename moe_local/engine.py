@@ -17,7 +17,8 @@ from moe_local.config import DTYPES, ModelConfig
 from moe_local.errors import ConfigError, MoeLocalError, TokenizerError
 from moe_local.experts.cache import POLICIES, ExpertCache
 from moe_local.experts.prefetch import Prefetcher
-from moe_local.experts.runtime import OffloadedExperts, mix
+from moe_local.experts.cpu import CPU_EXPERTS, measure_speeds
+from moe_local.experts.runtime import InPlaceExperts, OffloadedExperts, mix
 from moe_local.experts.formats import EXPERTS_DTYPES, ExpertFormat, choose_format
 from moe_local.experts.qcache import fill_quantized
 from moe_local.experts.store import ExpertStore
@@ -46,6 +47,7 @@ class Options:
     experts_dtype: str = "auto"  # see experts/formats.py: auto, bf16, fp16, fp32, int8, int4
     group_size: int | None = None  # int4 group size; default 128 (or the largest of 64, 32 the model allows)
     resident_dtype: str = "auto"  # auto: the compute dtype; int8: the attention projections in int8
+    cpu_experts: str = "auto"  # where misses run: auto (experts/cpu.py's cost model), never (copied), always (CPU)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -60,6 +62,8 @@ class Options:
             raise ConfigError("prefill_chunk must be positive")
         if self.resident_dtype not in RESIDENT_DTYPES:
             raise ConfigError(f"unknown resident dtype {self.resident_dtype!r} (choose from {', '.join(RESIDENT_DTYPES)})")
+        if self.cpu_experts not in CPU_EXPERTS:
+            raise ConfigError(f"unknown --cpu-experts {self.cpu_experts!r} (choose from {', '.join(CPU_EXPERTS)})")
 
     @property
     def int8_attention(self) -> bool:
@@ -109,12 +113,32 @@ class Engine:
         self.notes = notes or []  # what loading chose and did, for the CLI to show
         self._tokenizer, self.generation_config = tokenizer, generation_config or {}
         self.kv = KVCache(self.cfg, ctx_size, self.dtype, self.device)
+        self.experts = self._expert_runtime(model, store, plan, options)
+        self.tokens: list[int] = []  # the ids whose keys and values the KV cache holds, in order
+
+    def _expert_runtime(self, model: Transformer, store: ExpertStore, plan: MemoryPlan, options: Options):
+        """On the CPU with no slot count or budget given: every expert in place (no slots, no copies). Otherwise
+        the slot pool (on the CPU it stands in for a device: that is how the tests exercise it), with the CPU
+        channel for misses as `cpu_experts` says; `auto` measures the channels first. On the CPU device `auto`
+        is `never`: there the CPU channel is the same processor, and copying is pure loss."""
+        if self.device.type == "cpu" and options.expert_slots is None and options.gpu_memory is None:
+            return InPlaceExperts(store)
         policy = POLICIES[options.policy](plan.expert_slots, self.cfg.n_moe_layers)
         cache = ExpertCache(store, plan.expert_slots, self.device, policy)
         prefetcher = Prefetcher(model.routers(), self.cfg.top_k, options.prefetch_top) if options.prefetch else None
-        self.experts = OffloadedExperts(cache, prefetcher, self.cfg.n_moe_layers)
-        self.experts.warm()
-        self.tokens: list[int] = []  # the ids whose keys and values the KV cache holds, in order
+        cpu_experts, speeds = options.cpu_experts, None
+        if cpu_experts != "never" and store.format.key.endswith("-cuda"):  # int4 in CUDA's tile layout
+            if cpu_experts == "always":
+                raise ConfigError(f"--cpu-experts always: experts in {store.format.key} cannot run on the CPU (its kernel reads another layout)")
+            cpu_experts = "never"
+            self.notes.append(f"misses are all copied: experts in {store.format.key} cannot run on the CPU")
+        if cpu_experts == "auto" and self.device.type == "cpu":
+            cpu_experts = "never"
+        if cpu_experts == "auto":
+            speeds = measure_speeds(store, cache.slots[0], self.dtype)  # before warm-up fills that slot
+        experts = OffloadedExperts(cache, prefetcher, self.cfg.n_moe_layers, cpu_experts, speeds)
+        experts.warm()
+        return experts
 
     @classmethod
     def from_folder(cls, folder: Path, options: Options, progress: Callable[[int, int], None] | None = None) -> Engine:

@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: the GPU tests, then the benchmarks recorded in docs/benchmarks.md.
-# Usage (device tool): bash scripts/gpu_session.sh   (writes everything under $OUT, or ./gpu-out)
-# The GPU machine has no pytest: a folder .gpu_deps/ with pytest unpacked (see docs/benchmarks.md) is
-# put on PYTHONPATH when present.
+# Usage (device tool): bash scripts/gpu_session.sh [STEP ...]   (default: every step; output under $OUT,
+# or ./gpu-out). Steps: machine tests mxfp4 qwen3 mixtral gpt_oss_20b gpt_oss_120b
+# If the GPU machine has no pytest, unpack pytest's wheels (pytest, pluggy, iniconfig, packaging: `pip
+# download --no-deps --python-version 3.12 ...` then `python -m zipfile -e WHEEL .gpu_deps/`) into
+# .gpu_deps/ (git-ignored) and pass it to the device tool with carry: [".gpu_deps"].
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH=".:.gpu_deps${PYTHONPATH:+:$PYTHONPATH}"
+STEPS=${*:-machine tests mxfp4 qwen3 mixtral gpt_oss_20b gpt_oss_120b}
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, output to $OUT/NAME.txt
     local name=$1 limit=$2; shift 2
+    case " $STEPS " in *" $name "*) ;; *) return ;; esac
     local start=$SECONDS
     timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
     echo "$name: exit $? in $((SECONDS - start)) s" | tee -a "$OUT/steps.txt"
 }
+BENCH="python -m moe_local bench --peer-layers 0 --no-compare-prefetch --policy layer-lru"
 step machine 30 bash -c 'nvidia-smi; python -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"'
-step pytest_gpu 200 python -m pytest -q -m gpu -p no:cacheprovider --maxfail=10 tests/
-step mxfp4_decode 60 python -c "
+step tests 200 python -m pytest -q -m gpu -p no:cacheprovider --maxfail=10 tests/
+step mxfp4 60 python -c "
 from moe_local.experts.mxfp4_triton import benchmark_decode
 for n, k in ((2880, 2880), (5760, 2880)):
     print(n, k, {key: round(v, 2) for key, v in benchmark_decode(n, k).items()})"
-step bench_qwen3_int4_8GiB 180 python -m moe_local bench --preset qwen3-30b-a3b --experts-dtype int4 --gpu-memory 8GiB --new-tokens 64 --peer-layers 0 --no-compare-prefetch --policy layer-lru
-step bench_mixtral_int4_12GiB 110 python -m moe_local bench --experts-dtype int4 --gpu-memory 12GiB --new-tokens 64 --peer-layers 0 --no-compare-prefetch --policy layer-lru
+step qwen3 180 $BENCH --preset qwen3-30b-a3b --experts-dtype int4 --gpu-memory 8GiB --new-tokens 64
+step mixtral 110 $BENCH --experts-dtype int4 --gpu-memory 12GiB --new-tokens 64
+step gpt_oss_20b 120 $BENCH --preset gpt-oss-20b --gpu-memory 8GiB --new-tokens 32
+step gpt_oss_120b 200 $BENCH --preset gpt-oss-120b --gpu-memory 24GiB --new-tokens 32

@@ -1,8 +1,9 @@
 """The expert runtime the MoE block calls: `experts(layer, x, weights, indices) -> y`.
 
-`OffloadedExperts` serves experts from the `ExpertCache` (hits first, while misses are still copying)
-and asks the `Prefetcher` for the next layer; `ResidentExperts` keeps every expert on the device and is
-the reference the offloaded path must match exactly."""
+`OffloadedExperts` serves experts from the `ExpertCache` (hits first, while misses are still copying),
+sends the misses that finish sooner there to the CPU channel (`experts/cpu.py`), and asks the `Prefetcher`
+for the next layer; `InPlaceExperts` runs every expert from the store where the device is the CPU;
+`ResidentExperts` keeps every expert on the device and is the reference the others must match exactly."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Callable
 import torch
 
 from moe_local.experts.cache import ExpertCache
+from moe_local.experts.cpu import CPU, ChannelSpeeds, CpuChannel, place
 from moe_local.experts.prefetch import Prefetcher
 from moe_local.experts.store import ExpertStore, Key
 
@@ -26,6 +28,7 @@ class LayerStats:
     predicted_right: int = 0  # requested experts the prefetcher had predicted ...
     predicted_of: int = 0  # ... out of the requested experts of layers that had a prediction
     bytes_copied: int = 0  # host -> device, misses and prefetches
+    on_cpu: int = 0  # misses run on the CPU channel instead of copied
 
 
 class ExpertStats:
@@ -35,10 +38,12 @@ class ExpertStats:
         # Host time spent blocked on the device at the layers' routing syncs: near 0 means the host (Python
         # and kernel launches) is what limits the speed, not the copies or the device.
         self.sync_wait_s = 0.0
+        self.cpu_busy_s = 0.0  # the CPU channel's compute time
+        self.cpu_wait_s = 0.0  # of which the main thread sat waiting for its results
 
     def reset(self) -> None:
         self.layers = [LayerStats() for _ in self.layers]
-        self.sync_wait_s = 0.0
+        self.sync_wait_s = self.cpu_busy_s = self.cpu_wait_s = 0.0
 
     def total(self) -> LayerStats:
         total = LayerStats()
@@ -53,7 +58,10 @@ class ExpertStats:
             **asdict(t),
             "hit_rate": t.hits / max(1, t.hits + t.misses),
             "prefetch_recall": t.predicted_right / t.predicted_of if t.predicted_of else None,
+            "experts_on_cpu": t.on_cpu,
             "sync_wait_s": self.sync_wait_s,
+            "cpu_busy_s": self.cpu_busy_s,
+            "cpu_wait_s": self.cpu_wait_s,
             "host_memory": self.host_memory,
             "per_layer": [asdict(layer) for layer in self.layers],
         }
@@ -94,11 +102,23 @@ def mix(
 
 
 class OffloadedExperts:
-    def __init__(self, cache: ExpertCache, prefetcher: Prefetcher | None, n_layers: int):
+    """cpu_experts: "never" (every miss is copied into a slot), "always" (every miss runs on the CPU channel;
+    the slots keep what warm-up and prefetch put there, the hot experts) or "auto" (each miss where `place`
+    says it finishes first, given `speeds`)."""
+
+    def __init__(
+        self, cache: ExpertCache, prefetcher: Prefetcher | None, n_layers: int, cpu_experts: str = "never",
+        speeds: ChannelSpeeds | None = None,
+    ):
+        if cpu_experts == "auto" and speeds is None:
+            raise ValueError("cpu_experts='auto' needs the measured channel speeds")
         self.cache, self.prefetcher = cache, prefetcher
+        self.cpu_experts, self.speeds = cpu_experts, speeds
+        self.cpu = CpuChannel(cache.store) if cpu_experts != "never" else None
         self.stats = ExpertStats(n_layers, cache.store.memory())
         self.predictions: dict[int, set[int]] = {}  # layer -> experts predicted for it
         self.prefetched: set[Key] = set()  # loaded by the prefetcher, not yet asked for
+        self.copies_until = 0.0  # perf_counter() by which the copies issued so far should be done, at `speeds`
 
     def warm(self) -> None:
         """Fill the empty pool evenly across layers before the first token, so early tokens hit too."""
@@ -118,13 +138,52 @@ class OffloadedExperts:
         wanted = list(dict.fromkeys(e for row in chosen for e in row))
         hits = [e for e in wanted if self.cache.resident((layer, e))]
         misses = [e for e in wanted if e not in hits]
-        remaining = {(layer, e) for e in wanted}
-        for e in misses:  # start every copy that has a slot now; the rest load when their turn comes
+        copied, on_cpu = self._place(chosen, misses)
+        # The CPU channel starts first, so that it computes while the copies below are issued and run.
+        futures = self._submit(layer, x, chosen, on_cpu)
+        remaining = {(layer, e) for e in hits + copied}
+        for e in copied:  # start every copy that has a slot now; the rest load when their turn comes
             self._load((layer, e), remaining)
         if predicted is not None:
             self._prefetch(layer + 1, [row[k:] for row in rows], remaining)
         self._count_requests(layer, hits, misses)  # after the copies are queued: they are what waits
-        return mix(x, weights, chosen, hits + misses, lambda e, xs: self._run((layer, e), xs, remaining))
+        self.stats.layers[layer].on_cpu += len(on_cpu)
+
+        def run(e: int, xs: torch.Tensor) -> torch.Tensor:
+            return self._collect(futures[e], x.device) if e in futures else self._run((layer, e), xs, remaining)
+
+        # the CPU's results are waited for last, after every device expert is queued
+        return mix(x, weights, chosen, hits + copied + on_cpu, run)
+
+    def _place(self, chosen: list[list[int]], misses: list[int]) -> tuple[list[int], list[int]]:
+        if not misses or self.cpu_experts == "never":
+            return misses, []
+        if self.cpu_experts == "always":
+            return [], misses
+        tokens: dict[int, int] = {}
+        for row in chosen:
+            for e in row:
+                tokens[e] = tokens.get(e, 0) + 1
+        copies_ms = max(0.0, self.copies_until - time.perf_counter()) * 1e3  # copies still in flight, by the model
+        return place(misses, tokens, self.speeds, (copies_ms, 0.0))  # the CPU worker is idle between layers
+
+    def _submit(self, layer: int, x: torch.Tensor, chosen: list[list[int]], on_cpu: list[int]) -> dict:
+        if not on_cpu:
+            return {}
+        x_cpu = x.to(CPU)  # [T, D]; the routing sync has already waited for x
+        futures = {}
+        for e in on_cpu:
+            # the same rows, in the same order, as `mix` passes to an expert that runs on the device
+            xs = x_cpu if len(chosen) == 1 else x_cpu[[t for t, row in enumerate(chosen) if e in row]]
+            futures[e] = self.cpu.submit((layer, e), xs)
+        return futures
+
+    def _collect(self, future, device: torch.device) -> torch.Tensor:
+        start = time.perf_counter()
+        y, busy_s = future.result()
+        self.stats.cpu_wait_s += time.perf_counter() - start
+        self.stats.cpu_busy_s += busy_s
+        return y.to(device)  # [n, D]: a small copy back to the device
 
     def _run(self, key: Key, xs: torch.Tensor, remaining: set[Key]) -> torch.Tensor:
         if not self.cache.resident(key) and not self._load(key, remaining):
@@ -138,6 +197,8 @@ class OffloadedExperts:
         if not self.cache.load(key, protected):
             return False
         self.stats.layers[key[0]].bytes_copied += self.cache.store.expert_bytes
+        if self.speeds is not None:  # the copy engine's queue, as `place` models it
+            self.copies_until = max(time.perf_counter(), self.copies_until) + self.speeds.copy_ms / 1e3
         return True
 
     def _count_requests(self, layer: int, hits: list[int], misses: list[int]) -> None:
@@ -185,4 +246,21 @@ class ResidentExperts:
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         chosen = indices.tolist()
         order = sorted({e for row in chosen for e in row})
+        return mix(x, weights, chosen, order, lambda e, xs: self.format.forward(xs, self.views[layer][e]))
+
+
+class InPlaceExperts:
+    """`--device cpu`: every expert runs from its store buffer where it lies in host RAM: no slots, no copies.
+    Every requested expert counts as a hit; nothing is ever copied."""
+
+    def __init__(self, store: ExpertStore):
+        self.store, self.format = store, store.format
+        self.stats = ExpertStats(store.cfg.n_moe_layers, store.memory())
+        experts = range(store.cfg.n_experts)
+        self.views = [[self.format.unpack(store.buffer((layer, e))) for e in experts] for layer in range(store.cfg.n_moe_layers)]
+
+    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        chosen = indices.tolist()
+        order = list(dict.fromkeys(e for row in chosen for e in row))
+        self.stats.layers[layer].hits += len(order)
         return mix(x, weights, chosen, order, lambda e, xs: self.format.forward(xs, self.views[layer][e]))
