@@ -39,7 +39,8 @@ class BenchConfig:
     prompt_tokens: int = 512
     new_tokens: int = 128
     dtype: str = "bf16"  # compute dtype
-    experts_dtype: str = "bf16"  # the experts' format (see experts/formats.py)
+    experts_dtype: str | None = None  # the experts' format (see experts/formats.py); None: mxfp4 for a
+    # preset published in MXFP4 (gpt-oss), else bf16
     group_size: int | None = None  # int4 only
     resident_dtype: str = "auto"  # int8: the attention projections in int8 (see Options)
     device: str | None = None
@@ -62,7 +63,7 @@ class BenchConfig:
             raise ConfigError(f"unknown eviction policy {unknown[0] if unknown else ''!r} (choose from {', '.join(POLICIES)})")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r} (choose from bf16, fp16, fp32)")
-        if self.experts_dtype not in EXPERTS_DTYPES:
+        if self.experts_dtype is not None and self.experts_dtype not in EXPERTS_DTYPES:
             raise ConfigError(f"unknown experts dtype {self.experts_dtype!r} (choose from {', '.join(EXPERTS_DTYPES)})")
 
 
@@ -278,7 +279,8 @@ def bench(
                       prefetch=config.prefetch, prefetch_top=config.prefetch_top, resident_dtype=config.resident_dtype)
     int8_attention = options.int8_attention
     beside = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, expert_slots=cfg.n_experts, int8_attention=int8_attention).beside_store_bytes
-    fmt, why = choose_format(config.experts_dtype, cfg, dtype, device.type, config.group_size, beside)
+    experts_dtype = config.experts_dtype or ("mxfp4" if cfg.mxfp4_experts else "bf16")
+    fmt, why = choose_format(experts_dtype, cfg, dtype, device.type, config.group_size, beside)
     say(why)
     plan = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, gpu_memory, config.expert_slots,
                        expert_bytes=fmt.expert_bytes, int8_attention=int8_attention)

@@ -339,3 +339,17 @@ def test_bf16_gpt_oss_experts_convert_to_mxfp4_int8_and_int4(tmp_path):
         got = moe_local.load(tmp_path, device="cpu", dtype="fp32", experts_dtype=experts_dtype, expert_slots=4).logits(ids)
         kl = torch.nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True, reduction="batchmean")
         assert kl <= bound, experts_dtype
+
+
+def test_plan_and_info_know_mxfp4(gpt_oss_mxfp4):
+    result = moe_local_cli("plan", "--preset", "gpt-oss-120b", "--gpu-memory", "24GiB", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["experts_format"] == "mxfp4"  # as published
+    assert 12.5 * 2**20 < report["expert_bytes"] < 12.7 * 2**20  # 3 x 2880 x 2880 x 4.25 bits + biases
+    assert report["host_bytes_needed"] / 1e9 == pytest.approx(61, rel=0.02)  # 57 GiB of experts
+    assert report["formats"]["mxfp4"]["expert_slots"] > report["formats"]["int8"]["expert_slots"]
+    folder, _ = gpt_oss_mxfp4
+    info = json.loads(moe_local_cli("info", str(folder), "--json").stdout)
+    assert info["experts_format"] == "mxfp4"
+    assert info["expert_bytes"] == sum(p.nbytes for p in moe_local.load(folder, device="cpu").store.format.parts)
