@@ -76,6 +76,15 @@ class Options:
         return self.ctx_size or min(4096, cfg.max_position_embeddings)
 
 
+@dataclass
+class Sequence:
+    """One sequence's KV cache and the ids whose keys and values it holds, in order. The engine has one of
+    its own (`run`, `chat`); the server keeps one per parallel request and decodes them as a batch."""
+
+    kv: KVCache
+    tokens: list[int]
+
+
 def resolve_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -112,9 +121,8 @@ class Engine:
         self.dtype, self.device = model.output.weight.dtype, model.output.weight.device
         self.notes = notes or []  # what loading chose and did, for the CLI to show
         self._tokenizer, self.generation_config = tokenizer, generation_config or {}
-        self.kv = KVCache(self.cfg, ctx_size, self.dtype, self.device)
+        self.sequence = self.new_sequence()
         self.experts = self._expert_runtime(model, store, plan, options)
-        self.tokens: list[int] = []  # the ids whose keys and values the KV cache holds, in order
 
     def _expert_runtime(self, model: Transformer, store: ExpertStore, plan: MemoryPlan, options: Options):
         """On the CPU with no slot count or budget given: every expert in place (no slots, no copies). Otherwise
@@ -182,6 +190,23 @@ class Engine:
         return cls(model, store, plan, options, ctx_size, tokenizer, generation_config, folder, notes)
 
     @property
+    def kv(self) -> KVCache:
+        return self.sequence.kv
+
+    @property
+    def tokens(self) -> list[int]:
+        """The ids whose keys and values the engine's own KV cache holds, in order."""
+        return self.sequence.tokens
+
+    @tokens.setter
+    def tokens(self, ids: list[int]) -> None:
+        self.sequence.tokens = ids
+
+    def new_sequence(self) -> Sequence:
+        """An empty sequence with a KV cache of its own, for `ctx_size` tokens."""
+        return Sequence(KVCache(self.cfg, self.ctx_size, self.dtype, self.device), [])
+
+    @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
             raise TokenizerError(f"{self.folder or 'this model'} has no tokenizer (tokenizer.json or tokenizer.model)")
@@ -203,15 +228,16 @@ class Engine:
             raise MoeLocalError(f"{len(ids)} tokens do not fit the context of {self.ctx_size} tokens (raise --ctx-size)")
 
     @torch.inference_mode()
-    def _forward(self, ids: list[int], pos: int, all_logits: bool) -> torch.Tensor:
-        """Feed ids at positions pos.. in chunks; logits [T or 1, V] fp32 on the CPU."""
-        chunk, out = self.options.prefill_chunk, []
+    def _forward(self, ids: list[int], pos: int, all_logits: bool, seq: Sequence | None = None) -> torch.Tensor:
+        """Feed ids at positions pos.. of `seq` (default: the engine's own) in chunks; logits [T or 1, V]
+        fp32 on the CPU."""
+        seq, chunk, out = seq or self.sequence, self.options.prefill_chunk, []
         for start in range(0, len(ids), chunk):
             tokens = torch.tensor(ids[start : start + chunk], device=self.device)
-            hidden = self.model(tokens, pos + start, self.kv, self.experts)  # [t, D]
+            hidden = self.model(tokens, pos + start, seq.kv, self.experts)  # [t, D]
             if all_logits:
                 out.append(self.model.output(hidden).float().cpu())
-            self.tokens = self.tokens[: pos + start] + ids[start : start + chunk]
+            seq.tokens = seq.tokens[: pos + start] + ids[start : start + chunk]
         return torch.cat(out) if all_logits else self.model.output(hidden[-1:]).float().cpu()
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
@@ -219,20 +245,37 @@ class Engine:
         self._check_ids(token_ids)
         return self._forward(list(token_ids), 0, all_logits=True)
 
-    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
-        """Bring the KV cache to `ids`, reusing the longest prefix it already holds (a chat's earlier
-        turns); returns the last position's logits [V] and how many tokens were evaluated."""
+    def prefill(self, ids: list[int], seq: Sequence | None = None) -> tuple[torch.Tensor, int]:
+        """Bring the KV cache of `seq` (default: the engine's own) to `ids`, reusing the longest prefix it
+        already holds (a chat's earlier turns); returns the last position's logits [V] and how many tokens
+        were evaluated."""
         if not ids:
             raise MoeLocalError("the prompt is empty")
         self._check_ids(ids)
-        reuse = 0
-        while reuse < min(len(ids) - 1, len(self.tokens)) and ids[reuse] == self.tokens[reuse]:
-            reuse += 1
-        return self._forward(ids[reuse:], reuse, all_logits=False)[-1], len(ids) - reuse
+        held = (seq or self.sequence).tokens
+        reuse = shared_prefix(ids, held)
+        rings = [self.cfg.cache_positions(i, self.ctx_size) for i in range(self.cfg.n_layers)]
+        ring = min((n for n in rings if n < self.ctx_size), default=0)  # the shortest window a sliding layer keeps
+        if ring and max(0, reuse - ring + 1) + ring < len(held):
+            reuse = 0  # a sliding layer's ring already holds later positions where the queries after `reuse` look
+        return self._forward(ids[reuse:], reuse, False, seq)[-1], len(ids) - reuse
 
     def decode_one(self, token: int) -> torch.Tensor:
         """Feed one token after the cached ones; its logits [V]."""
         return self._forward([token], len(self.tokens), all_logits=False)[-1]
+
+    @torch.inference_mode()
+    def decode_batch(self, seqs: list[Sequence], tokens: list[int]) -> torch.Tensor:
+        """Feed each sequence its next token, all in one forward pass (each MoE layer's experts are fetched
+        once for the batch); logits [B, V] fp32 on the CPU."""
+        positions = [len(s.tokens) for s in seqs]
+        if max(positions) >= self.ctx_size:
+            raise MoeLocalError(f"a sequence is full: the context holds {self.ctx_size} tokens")
+        caches = [s.kv for s in seqs]
+        hidden = self.model.forward_batch(torch.tensor(tokens, device=self.device), positions, caches, self.experts)  # [B, D]
+        for s, token in zip(seqs, tokens):
+            s.tokens.append(token)
+        return self.model.output(hidden).float().cpu()
 
     def sampling_defaults(self) -> SamplingParams:
         return SamplingParams().from_generation_config(self.generation_config)
@@ -241,6 +284,15 @@ class Engine:
         self, prompt: list[int], max_new_tokens: int, params: SamplingParams, stats: GenerationStats | None = None
     ) -> Iterator[int]:
         return generate(self, prompt, max_new_tokens, params, self.stop_ids, stats or GenerationStats())
+
+
+def shared_prefix(ids: list[int], cached: list[int]) -> int:
+    """How many of `ids` a cache holding `cached` can keep: their common prefix, but at least the last id
+    is evaluated, since its logits are needed."""
+    n = 0
+    while n < min(len(ids) - 1, len(cached)) and ids[n] == cached[n]:
+        n += 1
+    return n
 
 
 def measure_workspace(model: Transformer, fmt: ExpertFormat, ctx_size: int, chunk: int) -> int:

@@ -136,6 +136,22 @@ class Attention(nn.Module):
         self.wqkv, self.wo = Int8Linear.from_linear(self.wqkv), Int8Linear.from_linear(self.wo)
 
     def forward(self, x, cos, sin, cache: tuple[torch.Tensor, ...], pos: int) -> torch.Tensor:
+        q, k, v = self._project(x, cos, sin)
+        y = self._attend(q, k, v, cache, pos)  # [H, T, hd]
+        return self.wo(y.transpose(0, 1).reshape(x.shape[0], -1))
+
+    def forward_batch(self, x, cos, sin, caches: list[tuple[torch.Tensor, ...]], positions: list[int]) -> torch.Tensor:
+        """x [B, D]: the next token of each of B sequences, sequence b at positions[b] over its own caches[b].
+        The projections run on all B rows at once; only the attention core is per sequence."""
+        q, k, v = self._project(x, cos, sin)  # [H, B, hd], [Hkv, B, hd], [Hkv, B, hd]
+        ys = [
+            self._attend(q[:, b : b + 1], k[:, b : b + 1], v[:, b : b + 1], cache, pos)  # [H, 1, hd]
+            for b, (cache, pos) in enumerate(zip(caches, positions))
+        ]
+        return self.wo(torch.cat(ys, dim=1).transpose(0, 1).reshape(x.shape[0], -1))  # [H, B, hd] -> [B, D]
+
+    def _project(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, D] -> rotated queries [H, T, hd], rotated keys and values [Hkv, T, hd]."""
         T, H, Hkv = x.shape[0], self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x)  # [T, (H + 2Hkv) hd]
         if self.qk_norm is not None:
@@ -144,7 +160,11 @@ class Attention(nn.Module):
             qkv = qkv.clamp(-self.clip, self.clip)
         qkv = qkv.view(T, H + 2 * Hkv, self.head_dim).transpose(0, 1)  # [H + 2Hkv, T, hd]
         q, k = apply_rope(qkv[: H + Hkv], cos, sin).split([H, Hkv])  # [H, T, hd], [Hkv, T, hd]
-        v = qkv[H + Hkv :]
+        return q, k, qkv[H + Hkv :]
+
+    def _attend(self, q, k, v, cache: tuple[torch.Tensor, ...], pos: int) -> torch.Tensor:
+        """Write k, v [Hkv, T, hd] at positions pos.. into the cache; q [H, T, hd] over it -> [H, T, hd]."""
+        T, H, Hkv = q.shape[1], self.n_heads, self.n_kv_heads
         k_cache, v_cache = cache
         if k_cache.shape[1] == self.window:
             keys, values, mask = self._ring(k_cache, v_cache, k, v, pos)
@@ -152,14 +172,13 @@ class Attention(nn.Module):
             k_cache[:, pos : pos + T] = k
             v_cache[:, pos : pos + T] = v
             keys, values = k_cache[:, : pos + T], v_cache[:, : pos + T]  # [Hkv, S, hd]
-            mask = sliding_mask(pos, T, self.window, x.device)
+            mask = sliding_mask(pos, T, self.window, q.device)
         if mask is None and self.sinks is None:  # a decode step: SDPA shares each KV head among its query heads itself
-            y = F.scaled_dot_product_attention(q, keys, values, enable_gqa=True, scale=self.scale)  # [H, T, hd]
-        else:  # with a mask, enable_gqa sends CUDA to the math kernel: share the heads by hand
-            groups = H // Hkv
-            keys, values = keys.repeat_interleave(groups, dim=0), values.repeat_interleave(groups, dim=0)  # [H, S, hd]
-            y = attend(q, keys, values, mask, self.scale, self.sinks)  # [H, T, hd]
-        return self.wo(y.transpose(0, 1).reshape(T, -1))
+            return F.scaled_dot_product_attention(q, keys, values, enable_gqa=True, scale=self.scale)  # [H, T, hd]
+        # with a mask, enable_gqa sends CUDA to the math kernel: share the heads by hand
+        groups = H // Hkv
+        keys, values = keys.repeat_interleave(groups, dim=0), values.repeat_interleave(groups, dim=0)  # [H, S, hd]
+        return attend(q, keys, values, mask, self.scale, self.sinks)  # [H, T, hd]
 
     def _ring(self, k_cache, v_cache, k, v, pos: int):
         """Keys and values for queries at pos..pos+T-1 from a window-sized ring (the window's older
@@ -217,23 +236,43 @@ class LatentAttention(nn.Module):
         self.wkv_a, self.wo = Int8Linear.from_linear(self.wkv_a), Int8Linear.from_linear(self.wo)
 
     def forward(self, x, cos, sin, cache: tuple[torch.Tensor, ...], pos: int) -> torch.Tensor:
+        query, entry = self._project(x, cos, sin)
+        (cache,) = cache
+        return self._out(self._attend(query, entry, cache, pos))
+
+    def forward_batch(self, x, cos, sin, caches: list[tuple[torch.Tensor, ...]], positions: list[int]) -> torch.Tensor:
+        """x [B, D]: the next token of each of B sequences, sequence b at positions[b] over its own caches[b]."""
+        query, entry = self._project(x, cos, sin)  # [H, B, r + rope], [B, r + rope]
+        ys = [self._attend(query[:, b : b + 1], entry[b : b + 1], cache, pos) for b, ((cache,), pos) in enumerate(zip(caches, positions))]
+        return self._out(torch.cat(ys, dim=1))  # [H, B, r]
+
+    def _project(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> the absorbed queries [H, T, r + rope] and the cache entries [T, r + rope]."""
         T, H, r = x.shape[0], self.n_heads, self.rank
-        mask = sliding_mask(pos, T, None, x.device)
         q = self.wq(x).view(T, H, self.nope + self.rope).transpose(0, 1)  # [H, T, nope + rope]
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
         latent, k_rope = self.wkv_a(x).split([r, self.rope], dim=-1)  # [T, r], [T, rope]
-        (cache,) = cache
-        cache[pos : pos + T] = torch.cat([self.kv_norm(latent), apply_rope(k_rope, cos, sin)], dim=-1)
-        keys = cache[: pos + T]  # [S, r + rope]
+        entry = torch.cat([self.kv_norm(latent), apply_rope(k_rope, cos, sin)], dim=-1)
         w = self.wkv_b.weight.view(H, self.nope + self.v_dim, r)
         q_latent = torch.matmul(q_nope, w[:, : self.nope])  # [H, T, nope] @ [H, nope, r] -> [H, T, r]
-        query = torch.cat([q_latent, apply_rope(q_rope, cos, sin)], dim=-1)  # [H, T, r + rope]
+        return torch.cat([q_latent, apply_rope(q_rope, cos, sin)], dim=-1), entry
+
+    def _attend(self, query, entry, cache: torch.Tensor, pos: int) -> torch.Tensor:
+        """Write entry [T, r + rope] at positions pos.. into the cache; query [H, T, r + rope] over it -> [H, T, r]."""
+        T, H, r = entry.shape[0], self.n_heads, self.rank
+        mask = sliding_mask(pos, T, None, query.device)
+        cache[pos : pos + T] = entry
+        keys = cache[: pos + T]  # [S, r + rope]
         S = keys.shape[0]
-        y = F.scaled_dot_product_attention(
+        return F.scaled_dot_product_attention(
             query, keys.expand(H, S, r + self.rope), keys[:, :r].expand(H, S, r), attn_mask=mask, scale=self.scale
         )  # [H, T, r]
+
+    def _out(self, y: torch.Tensor) -> torch.Tensor:
+        """[H, T, r] in the latent space -> [T, D]."""
+        w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
         y = torch.matmul(y, w[:, self.nope :].transpose(1, 2))  # [H, T, r] @ [H, r, v] -> [H, T, v]
-        return self.wo(y.transpose(0, 1).reshape(T, -1))
+        return self.wo(y.transpose(0, 1).reshape(y.shape[1], -1))
 
 
 class DenseMLP(nn.Module):
@@ -306,6 +345,10 @@ class Block(nn.Module):
         x = x + self.attention(self.attention_norm(x), cos, sin, cache, pos)
         return x + self.ffn(self.ffn_norm(x), experts)
 
+    def forward_batch(self, x, cos, sin, caches, positions, experts: Experts) -> torch.Tensor:
+        x = x + self.attention.forward_batch(self.attention_norm(x), cos, sin, caches, positions)
+        return x + self.ffn(self.ffn_norm(x), experts)
+
 
 class KVCache:
     """Static per-layer attention caches for `ctx_size` tokens: keys and values [Hkv, ctx or window, hd]
@@ -367,4 +410,15 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype, self.cfg.rope.attention_factor)  # [T, rd]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv.layers[i], pos, experts)
+        return self.norm(x)
+
+    def forward_batch(self, tokens: torch.Tensor, positions: list[int], caches: list[KVCache], experts: Experts) -> torch.Tensor:
+        """One decode step of B sequences: tokens [B], token b at positions[b] of the sequence whose cache is
+        caches[b] -> final hidden states [B, D]. Everything but the attention core runs on the B rows at once,
+        so each MoE layer asks `experts` once for all of them."""
+        x = self.tok_embeddings(tokens)  # [B, D]
+        at = torch.tensor(positions, device=tokens.device)
+        cos, sin = rope_cos_sin(self.inv_freq, at, x.dtype, self.cfg.rope.attention_factor)  # [B, rd]
+        for i, layer in enumerate(self.layers):
+            x = layer.forward_batch(x, cos, sin, [kv.layers[i] for kv in caches], positions, experts)
         return self.norm(x)

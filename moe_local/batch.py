@@ -1,0 +1,208 @@
+"""Continuous batching: `Batcher` owns the engine on one thread and runs its step loop. A request's prompt
+is prefilled alone, one chunk per step, into a `Sequence` of its own (the free one whose KV cache holds
+the longest prefix of it); then it joins the decode batch, where all sequences feed their next token in
+one forward pass; it leaves when it ends or is cancelled. Requests join and leave between steps."""
+
+from __future__ import annotations
+
+import queue
+import secrets
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from moe_local.engine import Engine, Sequence, shared_prefix
+from moe_local.errors import MoeLocalError
+from moe_local.generate import SamplingParams, StopStrings, sample
+from moe_local.tokenizer import StreamDecoder
+
+
+@dataclass
+class Output:
+    """What a request receives, in order: text as it is generated, then one last Output with finish_reason
+    ("stop": end of text or a stop string; "length": max_tokens or a full context) or error set."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt, whose keys and values a sequence's KV cache already held
+    completion_tokens: int = 0
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_tokens: int | None  # None: until the end of text or a full context
+    params: SamplingParams
+    emit: Callable[[Output], None]  # called on the engine's thread
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token already generated ...
+    frequency_penalty: float = 0.0  # ... and this once per time it was generated
+    cancelled: bool = False  # set by the requester (a client went away); the loop drops it at the next step
+
+
+class Running:
+    """A request and its sequence: its prefill progress, sampler and detokenizer."""
+
+    def __init__(self, request: Request, seq: Sequence, engine: Engine):
+        self.request, self.seq = request, seq
+        self.evaluated = 0  # prompt tokens prefill evaluated; the others came from the sequence's KV cache
+        self.history = list(request.prompt)  # what the repeat penalty looks at, as in generate()
+        self.counts: dict[int, int] = {}  # generated token -> times, for the OpenAI penalties
+        seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.decoder, self.stops = StreamDecoder(engine.tokenizer), StopStrings(request.stop)
+        self.token: int | None = None  # sampled, not yet fed to the model: the next decode step's input
+
+    @property
+    def prefilled(self) -> bool:
+        return self.token is not None
+
+    def sample(self, logits: torch.Tensor) -> int:
+        r = self.request
+        if self.counts and (r.presence_penalty or r.frequency_penalty):
+            ids = torch.tensor(list(self.counts))
+            counts = torch.tensor(list(self.counts.values()), dtype=torch.float32)
+            logits = logits.clone()
+            logits[ids] -= r.presence_penalty + r.frequency_penalty * counts
+        return sample(logits, self.history, r.params, self.generator)
+
+    def output(self, **fields) -> Output:
+        return Output(**fields, prompt_tokens=len(self.request.prompt), cached_tokens=len(self.request.prompt) - self.evaluated,
+                      completion_tokens=len(self.history) - len(self.request.prompt))
+
+
+class Batcher:
+    """The engine's only user while it runs: `submit` hands it a request from any thread."""
+
+    def __init__(self, engine: Engine, parallel: int):
+        if parallel < 1:
+            raise MoeLocalError(f"--parallel must be at least 1, not {parallel}")
+        self.engine, self.parallel = engine, parallel
+        # idle sequences, least recently used first; their caches are kept for the next request's prefix
+        self.free: list[Sequence] = [engine.sequence] + [engine.new_sequence() for _ in range(parallel - 1)]
+        self.inbox: queue.Queue[Request | None] = queue.Queue()
+        self.waiting: deque[Request] = deque()
+        self.running: list[Running] = []
+        self.thread = threading.Thread(target=self._loop, name="moe-local engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, request: Request) -> None:
+        self.inbox.put(request)
+
+    @property
+    def load(self) -> int:
+        """Requests submitted and not yet answered (read from another thread: a moment's count)."""
+        return self.inbox.qsize() + len(self.waiting) + len(self.running)
+
+    def stop(self) -> None:
+        """Answer what is still queued or running with an error and end the loop."""
+        self.inbox.put(None)
+        self.thread.join()
+
+    def _loop(self) -> None:
+        while self.poll(block=True):
+            pass
+
+    def poll(self, block: bool = False) -> bool:
+        """Take what was submitted (waiting for it when there is nothing to do and `block`), then one step.
+        False once `stop` was called."""
+        idle = not self.waiting and not self.running
+        try:
+            item = self.inbox.get(block=block and idle)
+            while True:
+                if item is None:
+                    self._end_all("the server is shutting down")
+                    return False
+                self.waiting.append(item)
+                item = self.inbox.get_nowait()
+        except queue.Empty:
+            pass
+        self.step()
+        return True
+
+    def step(self) -> None:
+        """Admit waiting requests to free sequences, feed one prefill chunk, then one decode step for
+        every request already prefilled."""
+        for request in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(request)
+        for r in [r for r in self.running if r.request.cancelled]:
+            self._leave(r)
+        while self.waiting and self.free:
+            self._admit(self.waiting.popleft())
+        filling = next((r for r in self.running if not r.prefilled), None)
+        if filling is not None:
+            self._guard([filling], lambda: self._prefill_chunk(filling))
+        ready = [r for r in self.running if r.prefilled and r is not filling]
+        if ready:
+            self._guard(ready, lambda: self._decode(ready))
+
+    def _admit(self, request: Request) -> None:
+        # the sequence that already holds most of this prompt, else the least recently used
+        best = max(range(len(self.free)), key=lambda i: (shared_prefix(request.prompt, self.free[i].tokens), -i))
+        self.running.append(Running(request, self.free.pop(best), self.engine))
+
+    def _prefill_chunk(self, r: Running) -> None:
+        prompt = r.request.prompt
+        end = min(len(prompt), shared_prefix(prompt, r.seq.tokens) + self.engine.options.prefill_chunk)
+        logits, evaluated = self.engine.prefill(prompt[:end], r.seq)  # evaluates only what the cache lacks
+        r.evaluated += evaluated
+        if end == len(prompt):
+            self._accept(r, r.sample(logits))
+
+    def _decode(self, ready: list[Running]) -> None:
+        logits = self.engine.decode_batch([r.seq for r in ready], [r.token for r in ready])  # [B, V]
+        for r, row in zip(ready, logits):
+            self._guard([r], lambda: self._accept(r, r.sample(row)))  # noqa: B023: called at once
+
+    def _accept(self, r: Running, token: int) -> None:
+        """Hand on a sampled token, as `generate` would: the end of text is not shown; a stop string, max_tokens
+        or a full context ends the request."""
+        request, generated = r.request, len(r.history) - len(r.request.prompt)
+        if token in self.engine.stop_ids:
+            return self._finish(r, "stop", "")
+        r.history.append(token)
+        r.counts[token] = r.counts.get(token, 0) + 1
+        text = r.stops.push(r.decoder.push(token))
+        if r.stops.stopped:
+            return self._finish(r, "stop", text)
+        if generated + 1 == request.max_tokens or len(r.history) > self.engine.ctx_size:  # no position left to feed it at
+            return self._finish(r, "length", text)
+        r.token = token
+        if text:
+            request.emit(Output(text))
+
+    def _finish(self, r: Running, reason: str, text: str) -> None:
+        if not r.stops.stopped:  # what the detokenizer and the stop strings still hold back
+            text += r.stops.push(r.decoder.flush()) + r.stops.flush()
+        r.request.emit(r.output(text=text, finish_reason=reason))
+        self._leave(r)
+
+    def _leave(self, r: Running) -> None:
+        self.running.remove(r)
+        self.free.append(r.seq)
+
+    def _guard(self, group: list[Running], work: Callable[[], None]) -> None:
+        """A failure in a step ends the requests in it, with the error, and the server goes on."""
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001: whatever it was, these requests cannot go on
+            message = str(e) if isinstance(e, MoeLocalError) else f"unexpected {type(e).__name__}: {e}"
+            for r in group:
+                if r in self.running:
+                    r.seq.tokens = []  # what its KV cache holds is not known any more
+                    r.request.emit(r.output(error=message))
+                    self._leave(r)
+
+    def _end_all(self, message: str) -> None:
+        for request in self.waiting:
+            request.emit(Output(error=message))
+        for r in list(self.running):
+            r.request.emit(r.output(error=message))
+            self._leave(r)
