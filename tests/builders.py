@@ -193,6 +193,12 @@ def train_tokenizer(
 # Qwen2/Qwen3's pre-tokenizer split; GLM-4.5 and DeepSeek-V3 keep runs of up to 3 digits together.
 QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 DIGITS_BY_3_SPLIT = QWEN2_SPLIT.replace(r"\p{N}|", r"\p{N}{1,3}|")
+# gpt-oss's o200k_harmony split: case-aware words with their contractions, up to 3 digits
+O200K_SPLIT = "|".join([
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"\p{N}{1,3}", r" ?[^\s\p{L}\p{N}]+[\r\n/]*", r"\s*[\r\n]+", r"\s+(?!\S)", r"\s+",
+])
 
 # What each family's checkpoints ship, as keyword arguments of `train_bytelevel_tokenizer` (keyed by
 # config.json's model_type). `generation_eos` are the ids generation_config.json lists as eos_token_id.
@@ -227,6 +233,16 @@ FAMILY_TOKENIZERS = {
         bos_token="<｜begin▁of▁sentence｜>", eos_token="<｜end▁of▁sentence｜>", pad_token="<｜end▁of▁sentence｜>",
         add_bos_token=True, tokenizer_class="LlamaTokenizerFast", split=DIGITS_BY_3_SPLIT,
         generation_eos=("<｜end▁of▁sentence｜>",),
+    ),
+    "gpt_oss": dict(
+        chat_template=chat_templates.GPT_OSS,
+        template_file=True,  # gpt-oss ships chat_template.jinja
+        # the harmony tokens, in the order of their ids in o200k_harmony (199998, 199999, 200002, 200003, ...)
+        special_tokens=("<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>", "<|channel|>", "<|start|>",
+                        "<|end|>", "<|message|>", "<|call|>"),
+        bos_token="<|startoftext|>", eos_token="<|return|>", pad_token="<|endoftext|>",
+        tokenizer_class="PreTrainedTokenizerFast", split=O200K_SPLIT,
+        generation_eos=("<|return|>", "<|endoftext|>", "<|call|>"),  # not <|end|>: more messages follow it
     ),
     "olmoe": dict(
         chat_template=chat_templates.OLMOE,

@@ -245,4 +245,5 @@ def test_bytelevel_builder_writes_the_generation_eos_list(tmp_path):
 
 def test_every_family_template_is_in_the_builder():
     templates = {arguments["chat_template"] for arguments in FAMILY_TOKENIZERS.values()}
-    assert templates == {chat_templates.QWEN3, chat_templates.QWEN2, chat_templates.GLM45, chat_templates.DEEPSEEK_V3, chat_templates.OLMOE}
+    assert templates == {chat_templates.QWEN3, chat_templates.QWEN2, chat_templates.GLM45, chat_templates.DEEPSEEK_V3, chat_templates.OLMOE,
+                         chat_templates.GPT_OSS}
