@@ -22,6 +22,7 @@ from moe_local.config import DTYPES, PRESETS, ModelConfig, preset_config
 from moe_local.engine import Engine, Options, measure_workspace, resolve_device
 from moe_local.errors import ConfigError
 from moe_local.experts.cache import POLICIES
+from moe_local.experts.cpu import CPU_EXPERTS
 from moe_local.experts.formats import EXPERTS_DTYPES, ExpertFormat, choose_format, make_format
 from moe_local.experts.store import ExpertStore
 from moe_local.model import Transformer
@@ -51,6 +52,8 @@ class BenchConfig:
     peer_layers: int = 2  # transformers + accelerate offload on this many layers (0: skip)
     peer_tokens: int = 4
     seed: int = 0
+    cpu_experts: str = "auto"  # where misses run (see Options): auto, never, always
+    pageable: bool = False  # experts in pageable host memory, as on a machine that cannot pin them
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "new_tokens"):
@@ -58,6 +61,8 @@ class BenchConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.peer_layers < 0 or self.peer_tokens < 1:
             raise ConfigError("--peer-layers must be >= 0 and --peer-tokens >= 1")
+        if self.cpu_experts not in CPU_EXPERTS:
+            raise ConfigError(f"unknown --cpu-experts {self.cpu_experts!r} (choose from {', '.join(CPU_EXPERTS)})")
         unknown = [p for p in self.policies if p not in POLICIES]
         if unknown or not self.policies:
             raise ConfigError(f"unknown eviction policy {unknown[0] if unknown else ''!r} (choose from {', '.join(POLICIES)})")
@@ -100,10 +105,10 @@ def normal(shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator
 
 def random_store(
     cfg: ModelConfig, fmt: ExpertFormat, dtype: torch.dtype, device: torch.device, gen: torch.Generator,
-    extra_host_bytes: int, progress: Callable[[int, int], None] | None,
+    extra_host_bytes: int, progress: Callable[[int, int], None] | None, pageable: bool = False,
 ) -> ExpertStore:
     """Every expert drawn (and quantized) on the device and copied into (pinned) host memory, one at a time."""
-    store = ExpertStore(cfg, fmt, pin=device.type == "cuda", extra_host_bytes=extra_host_bytes)
+    store = ExpertStore(cfg, fmt, pin=device.type == "cuda" and not pageable, extra_host_bytes=extra_host_bytes)
     store.fill_from(lambda layer, expert, w: normal(cfg.expert_shapes[w], dtype, device, gen), device, progress)
     return store
 
@@ -178,11 +183,14 @@ def run_engine(engine: Engine, prompt: list[int], feed: list[int], h2d_bytes_per
     decode_s = time.perf_counter() - start
     decode = engine.experts.stats.as_dict()
     per_token = decode["bytes_copied"] / new_tokens
-    bound_s = per_token / h2d_bytes_per_s  # the copies alone, at the measured speed, for the observed misses
+    # the copies at the measured speed and the CPU channel's measured work, each alone, overlapped perfectly
+    bound_s = max(per_token / h2d_bytes_per_s, decode["cpu_busy_s"] / new_tokens)
+    per_layer_ms = 1e3 / new_tokens / engine.cfg.n_layers
     return {
         "policy": engine.options.policy,
         "prefetch": engine.options.prefetch,
-        "prefetch_top": engine.experts.prefetcher.per_token if engine.experts.prefetcher else 0,
+        "cpu_experts": engine.experts.cpu_experts if hasattr(engine.experts, "cpu_experts") else "in place",
+        "prefetch_top": engine.experts.prefetcher.per_token if getattr(engine.experts, "prefetcher", None) else 0,
         "prefill_tok_per_s": len(prompt) / prefill_s,
         "prefill_h2d_bytes": prefill["bytes_copied"],
         "prefill_efficiency": prefill["bytes_copied"] / h2d_bytes_per_s / prefill_s,
@@ -196,8 +204,11 @@ def run_engine(engine: Engine, prompt: list[int], feed: list[int], h2d_bytes_per
         "h2d_bytes_per_token": per_token,
         "misses_per_token": decode["misses"] / new_tokens,
         "prefetched_per_token": decode["prefetched"] / new_tokens,
-        "experts_on_cpu": 0,  # every expert runs on the device in this runtime
-        "bound_tok_per_s": 1 / bound_s if bound_s else None,  # None: nothing was copied
+        "experts_on_cpu": decode["experts_on_cpu"],
+        "experts_on_cpu_per_token": decode["experts_on_cpu"] / new_tokens,
+        "cpu_busy_ms_per_layer": decode["cpu_busy_s"] * per_layer_ms,  # the CPU channel computing
+        "cpu_wait_ms_per_layer": decode["cpu_wait_s"] * per_layer_ms,  # the main thread waiting for it
+        "bound_tok_per_s": 1 / bound_s if bound_s else None,  # None: nothing was copied or run on the CPU
         "efficiency": bound_s / (decode_s / new_tokens) if bound_s else None,
     }, argmaxes
 
@@ -276,7 +287,8 @@ def bench(
     if gpu_memory is None and config.expert_slots is None and device.type == "cuda":
         gpu_memory = "12GiB"
     options = Options(device=device.type, gpu_memory=gpu_memory, expert_slots=config.expert_slots, ctx_size=ctx_size,
-                      prefetch=config.prefetch, prefetch_top=config.prefetch_top, resident_dtype=config.resident_dtype)
+                      prefetch=config.prefetch, prefetch_top=config.prefetch_top, resident_dtype=config.resident_dtype,
+                      cpu_experts=config.cpu_experts)
     int8_attention = options.int8_attention
     beside = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, expert_slots=cfg.n_experts, int8_attention=int8_attention).beside_store_bytes
     experts_dtype = config.experts_dtype or ("mxfp4" if cfg.mxfp4_experts else "bf16")
@@ -296,7 +308,7 @@ def bench(
     say(f"generating {plan.total_experts} random experts on {device.type} into host memory")
     gen = torch.Generator(device).manual_seed(config.seed)
     setup = time.perf_counter()
-    store = random_store(cfg, fmt, dtype, device, gen, plan.beside_store_bytes, progress)
+    store = random_store(cfg, fmt, dtype, device, gen, plan.beside_store_bytes, progress, config.pageable)
     model = random_model(cfg, dtype, device, gen)
     if int8_attention:
         model.quantize_attention()

@@ -168,8 +168,9 @@ def print_timings(engine: Engine, stats: GenerationStats, load_seconds: float) -
     # on the CPU a miss is a copy from the store into a slot in the same RAM, not a transfer to a device
     copied = "from host RAM to the GPU" if engine.device.type == "cuda" else "into the CPU's expert slots"
     lines = [
-        f"load time     = {load_seconds:8.2f} s   ({engine.plan.expert_slots} of {engine.plan.total_experts} experts fit "
-        f"in slots on {engine.device.type})",
+        f"load time     = {load_seconds:8.2f} s   ("
+        + (f"{engine.plan.expert_slots} of {engine.plan.total_experts} experts fit in slots on {engine.device.type})"
+           if hasattr(engine.experts, "cache") else f"all {engine.plan.total_experts} experts run in place from host RAM: no slots, no copies)"),
         f"prompt eval   = {stats.prompt_seconds:8.2f} s / {stats.prompt_tokens_evaluated:5d} tokens "
         f"({stats.prompt_tok_per_s:8.2f} tokens per second)",
         f"generation    = {stats.decode_seconds:8.2f} s / {stats.generated_tokens:5d} tokens "
@@ -177,6 +178,8 @@ def print_timings(engine: Engine, stats: GenerationStats, load_seconds: float) -
         f"expert cache  = {100 * experts.get('hit_rate', 0):6.1f} % hits, prefetch recall "
         + (f"{100 * recall:.1f} %" if recall is not None else "n/a")
         + f", {experts.get('bytes_copied', 0) / 1e9:.3f} GB copied {copied}",
+        f"cpu experts   = {experts.get('experts_on_cpu', 0):8d} misses run on the CPU ({experts.get('cpu_busy_s', 0):.2f} s computing, "
+        f"{experts.get('cpu_wait_s', 0):.2f} s waited for; --cpu-experts {getattr(engine.experts, 'cpu_experts', 'never')})",
         f"seed          = {stats.seed}",
     ]
     stderr("\n" + "\n".join(lines))
@@ -244,6 +247,7 @@ Dtype = Annotated[Optional[str], typer.Option("--dtype", help="Compute dtype: bf
 Prefetch = Annotated[Optional[bool], typer.Option("--prefetch/--no-prefetch", metavar="", help="Predict and load the next layer's experts ahead of time. Default: on.")]
 ExpertsDtype = Annotated[Optional[str], typer.Option("--experts-dtype", help="How the experts are stored and copied: auto (the default), bf16, fp16, fp32, int8 (per-channel, 2x fewer bytes than bf16) or int4 (group-wise, ~3.8x fewer). auto keeps the checkpoint's dtype when the experts fit in RAM with room to spare, else int8, else int4. Quantized experts are cached on disk (MOE_LOCAL_CACHE, default ~/.cache/moe-local; see `moe-local cache`).")]
 ResidentDtype = Annotated[Optional[str], typer.Option("--resident-dtype", help="The weights kept on the GPU: auto (the default: the compute dtype) or int8 (the attention projections in int8, per-channel: about 40% less resident memory for Mixtral, so more expert slots; for 8 GB GPUs).")]
+CpuExperts = Annotated[Optional[str], typer.Option("--cpu-experts", help="Where a missed expert runs: auto (the default: copied to the GPU or run on the CPU from host RAM, whichever a cost model measured at load says finishes first), never (always copied) or always (always on the CPU; the slots keep the hot experts). On --device cpu, auto is never.")]
 GroupSize = Annotated[Optional[int], typer.Option("--group-size", help="int4 group size: 32, 64, 128 or 256. Default 128, or the largest the model's sizes allow.")]
 Policy = Annotated[Optional[str], typer.Option("--policy", help="Expert slot eviction policy: layer-lru (the default: each layer keeps an even share of the slots) or lru (see docs/benchmarks.md).")]
 Threads = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads for torch. Default: torch's (the number of cores).")]
@@ -279,6 +283,7 @@ def run(
     experts_dtype: ExpertsDtype = None,
     group_size: GroupSize = None,
     resident_dtype: ResidentDtype = None,
+    cpu_experts: CpuExperts = None,
     threads: Threads = None,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -294,6 +299,7 @@ def run(
         options = load_options(
             device=device, gpu_memory=gpu_memory, expert_slots=expert_slots, ctx_size=ctx_size, dtype=dtype, prefetch=prefetch,
             policy=policy, experts_dtype=experts_dtype, group_size=group_size, resident_dtype=resident_dtype,
+            cpu_experts=cpu_experts,
         )
         text = read_prompt(prompt, prompt_file)
         # everything the tokenizer and the prompt can tell fails here, before the experts are read
@@ -365,6 +371,7 @@ def chat(
     experts_dtype: ExpertsDtype = None,
     group_size: GroupSize = None,
     resident_dtype: ResidentDtype = None,
+    cpu_experts: CpuExperts = None,
     threads: Threads = None,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -378,6 +385,7 @@ def chat(
         options = load_options(
             device=device, gpu_memory=gpu_memory, expert_slots=expert_slots, ctx_size=ctx_size, dtype=dtype, prefetch=prefetch,
             policy=policy, experts_dtype=experts_dtype, group_size=group_size, resident_dtype=resident_dtype,
+            cpu_experts=cpu_experts,
         )
         folder, tokenizer, _ = open_model(model, options)
         check_chat_template(tokenizer, system, think)
@@ -611,6 +619,8 @@ def bench(
     experts_dtype: str = typer.Option("bf16", "--experts-dtype", help="The experts' format: bf16, fp16, fp32, int8, int4 or auto (as in run)."),
     group_size: GroupSize = None,
     resident_dtype: ResidentDtype = None,
+    cpu_experts: CpuExperts = None,
+    pageable: bool = typer.Option(False, "--pageable", metavar="", help="Keep the experts in pageable host memory (as a machine that cannot pin them does): copies are slower, which the CPU channel can make up for."),
     device: Device = None,
     policies: list[str] = typer.Option(["layer-lru", "lru"], "--policy", help="Eviction policies to run, the first reported at the top; repeat the flag (layer-lru, lru)."),
     prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", metavar="", help="Predict and load the next layer's experts ahead of time."),
@@ -634,12 +644,13 @@ def bench(
             raise MoeLocalError(f"this machine has no CUDA GPU for the {preset} geometry; "
                                 "`moe-local bench --preset tiny --device cpu` is a quick smoke test on the CPU")
         tiny = preset == "tiny"
-        given = dict(gpu_memory=gpu_memory, expert_slots=expert_slots, group_size=group_size, resident_dtype=resident_dtype, device=device)
+        given = dict(gpu_memory=gpu_memory, expert_slots=expert_slots, group_size=group_size, resident_dtype=resident_dtype, device=device,
+                     cpu_experts=cpu_experts)
         config = BenchConfig(
             preset=preset, layers=layers, dtype=dtype, experts_dtype=experts_dtype, policies=tuple(policies), prefetch=prefetch,
             prompt_tokens=prompt_tokens or (TINY_BENCH_TOKENS[0] if tiny else BenchConfig.prompt_tokens),
             new_tokens=new_tokens or (TINY_BENCH_TOKENS[1] if tiny else BenchConfig.new_tokens),
-            prefetch_top=prefetch_top, compare_prefetch=compare_prefetch, peer_layers=peer_layers, peer_tokens=peer_tokens, seed=seed,
+            prefetch_top=prefetch_top, compare_prefetch=compare_prefetch, peer_layers=peer_layers, peer_tokens=peer_tokens, seed=seed, pageable=pageable,
             **{name: value for name, value in given.items() if value is not None},
         )
         say = (lambda message: None) if quiet else stderr
@@ -661,7 +672,8 @@ def print_bench(r: dict) -> None:
     ch = r["channels"]
     table = Table(title=f"{r['config']['preset']}, {r['config']['n_layers']} layers, {r['plan']['expert_slots']} of "
                   f"{r['plan']['total_experts']} experts in slots on {r['machine']['device']}")
-    columns = ("policy", "prefetch", "prefill tok/s", "decode tok/s", "ms/layer (wait)", "hits", "recall", "GB/token", "bound tok/s", "efficiency")
+    columns = ("policy", "prefetch", "prefill tok/s", "decode tok/s", "ms/layer (wait)", "hits", "recall", "GB/token", "CPU experts/token",
+               "bound tok/s", "efficiency")
     for column in columns:
         table.add_column(column, justify="right")
     for run in r["runs"]:
@@ -671,6 +683,7 @@ def print_bench(r: dict) -> None:
             f"{run['decode_tok_per_s']:.2f}", f"{run['decode_ms_per_layer']:.2f} ({run['sync_wait_ms_per_layer']:.2f})",
             f"{100 * run['hit_rate']:.1f} %",
             "n/a" if recall is None else f"{100 * recall:.1f} %", f"{run['h2d_bytes_per_token'] / 1e9:.3f}",
+            f"{run['experts_on_cpu_per_token']:.2f}",
             *("n/a" if run[key] is None else f"{run[key]:.2f}" for key in ("bound_tok_per_s", "efficiency")),
         )
     console = rich_stderr()

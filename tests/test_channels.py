@@ -172,3 +172,27 @@ def test_cpu_device_runs_every_expert_in_place_without_copies(tiny):
 def test_cpu_experts_option_is_checked():
     with pytest.raises(ConfigError, match="--cpu-experts 'sometimes'"):
         Options(cpu_experts="sometimes")
+
+
+def test_bench_reports_the_cpu_channel(tmp_path):
+    from moe_local.bench import BenchConfig, bench
+
+    config = BenchConfig(preset="tiny", device="cpu", expert_slots=8, prompt_tokens=16, new_tokens=4, peer_layers=0,
+                         cpu_experts="always", policies=("layer-lru",), pageable=True)
+    result = bench(config)
+    assert result["same_tokens_in_every_run"] and result["host_memory"]["pinned_bytes"] == 0
+    for run in result["runs"]:
+        assert run["cpu_experts"] == "always" and run["experts_on_cpu"] > 0 and run["cpu_busy_ms_per_layer"] > 0
+        copies = run["misses_per_token"] - run["experts_on_cpu_per_token"] + run["prefetched_per_token"]
+        assert run["h2d_bytes_per_token"] == pytest.approx(copies * result["plan"]["expert_bytes"])
+
+
+def test_run_says_where_misses_ran(tiny):
+    from conftest import moe_local_cli
+
+    folder, _ = tiny
+    out = moe_local_cli("run", str(folder), "-p", "hello", "-n", "4", "--raw", "--device", "cpu", "--expert-slots", "3",
+                        "--cpu-experts", "always")
+    assert out.returncode == 0, out.stderr
+    assert "misses run on the CPU" in out.stderr and "--cpu-experts always" in out.stderr
+    assert "--cpu-experts" in moe_local_cli("run", "--help").stdout

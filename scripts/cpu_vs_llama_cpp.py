@@ -1,0 +1,126 @@
+"""`moe-local --device cpu` against llama.cpp's CPU backend on the same Mixtral-architecture weights.
+
+    python scripts/cpu_vs_llama_cpp.py make /tmp/cpu-peer          # checkpoint + bf16/q8_0/q4_0 GGUFs
+    python scripts/cpu_vs_llama_cpp.py run /tmp/cpu-peer --rounds 2 --tokens 64
+
+`make` writes a random Mixtral checkpoint (dim 1024, 8 experts of 2816, 8 layers: 576 M parameters, bf16,
+the demo model's tokenizer) and converts it with llama.cpp's converter (LLAMA_CPP_TOOLS, default
+/work/shared/tools/llama-cpp). `run` decodes `--tokens` greedy tokens after a short prompt with each
+engine and format pair (bf16 vs bf16, q8_0 vs int8, q4_0 vs int4), one after the other, `--rounds`
+times (interleaved, so that a noisy shared machine slows both alike), each in its own process with the
+same thread count; it prints one markdown row per pair with both speeds and their ratio. llama.cpp runs
+in the Python of LLAMA_PYTHON (default /tmp/llama/bin/python, the venv its README describes)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TOOLS = Path(os.environ.get("LLAMA_CPP_TOOLS", "/work/shared/tools/llama-cpp"))
+LLAMA_PYTHON = os.environ.get("LLAMA_PYTHON", "/tmp/llama/bin/python")
+DEMO = Path(__file__).resolve().parent.parent / "moe_local" / "demo"
+PAIRS = [("bf16", "bf16"), ("q8_0", "int8"), ("q4_0", "int4")]  # llama.cpp's file, moe-local's --experts-dtype
+PROMPT = [1, 100, 200, 300, 400, 500, 600, 700]
+
+MOE_LOCAL = """
+import json, sys, time, torch, moe_local
+folder, fmt, n, threads, prompt = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
+torch.set_num_threads(threads)
+engine = moe_local.load(folder, device="cpu", dtype="bf16", experts_dtype=fmt, ctx_size=len(prompt) + n + 1)
+token = int(engine.prefill(prompt)[0].argmax())
+for _ in range(4): engine.decode_one(token)  # warm-up, then start again from the prompt
+token = int(engine.prefill(prompt)[0].argmax())
+start = time.perf_counter()
+for _ in range(n):
+    token = int(engine.decode_one(token).argmax())
+print(json.dumps({"tok_per_s": n / (time.perf_counter() - start), "bytes_copied": engine.experts.stats.total().bytes_copied}))
+"""
+
+LLAMA = """
+import json, sys, time, numpy as np
+from llama_cpp import Llama
+path, n, threads, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, n_ctx=len(prompt) + n + 8, verbose=False, logits_all=False)
+def greedy(): return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+llm.eval(prompt); token = greedy()
+for _ in range(4): llm.eval([token])  # warm-up, then start again from the prompt
+llm.reset(); llm.eval(prompt); token = greedy()
+start = time.perf_counter()
+for _ in range(n):
+    llm.eval([token]); token = greedy()
+print(json.dumps({"tok_per_s": n / (time.perf_counter() - start)}))
+"""
+
+
+def make(out: Path) -> None:
+    import shutil
+
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    folder = out / "hf"
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = MixtralConfig(vocab_size=2048, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=1024,
+                        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(DEMO / name, folder / name)
+    env = {**os.environ, "PYTHONPATH": str(TOOLS / "gguf-py")}
+    for outtype in ("bf16", "q8_0"):
+        subprocess.run([sys.executable, str(TOOLS / "convert_hf_to_gguf.py"), str(folder), "--outtype", outtype,
+                        "--outfile", str(out / f"{outtype}.gguf")], check=True, env=env)
+    quantize = ("import llama_cpp, sys; p = llama_cpp.llama_model_quantize_default_params(); "
+                "p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0; "
+                "assert llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p) == 0")
+    subprocess.run([LLAMA_PYTHON, "-c", quantize, str(out / "bf16.gguf"), str(out / "q4_0.gguf")], check=True)
+
+
+def one(command: list[str]) -> dict:
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(out: Path, rounds: int, tokens: int, threads: int) -> None:
+    prompt = json.dumps(PROMPT)
+    speeds: dict[tuple[str, str], list[float]] = {}
+    for r in range(rounds):
+        for gguf, fmt in PAIRS:
+            ours = one([sys.executable, "-c", MOE_LOCAL, str(out / "hf"), fmt, str(tokens), str(threads), prompt])
+            theirs = one([LLAMA_PYTHON, "-c", LLAMA, str(out / f"{gguf}.gguf"), str(tokens), str(threads), prompt])
+            speeds.setdefault(("moe-local", fmt), []).append(ours["tok_per_s"])
+            speeds.setdefault(("llama.cpp", gguf), []).append(theirs["tok_per_s"])
+            print(f"round {r + 1}: {fmt} {ours['tok_per_s']:.1f} tok/s ({ours['bytes_copied'] / 1e9:.2f} GB copied), "
+                  f"llama.cpp {gguf} {theirs['tok_per_s']:.1f} tok/s",
+                  file=sys.stderr, flush=True)
+    print(f"| llama.cpp | tok/s | moe-local | tok/s | ratio per round ({time.strftime('%Y-%m-%d')}, {threads} threads, {tokens} tokens) |")
+    print("| --- | --- | --- | --- | --- |")
+    for gguf, fmt in PAIRS:
+        ours, theirs = speeds[("moe-local", fmt)], speeds[("llama.cpp", gguf)]
+        ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(ours, theirs))
+        print(f"| {gguf} | {' / '.join(f'{s:.1f}' for s in theirs)} | {fmt} | {' / '.join(f'{s:.1f}' for s in ours)} | {ratios} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("make", "run"))
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    if args.command == "make":
+        make(args.folder)
+    else:
+        run(args.folder, args.rounds, args.tokens, args.threads)
+
+
+if __name__ == "__main__":
+    main()
