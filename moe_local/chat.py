@@ -17,6 +17,7 @@ from moe_local.engine import Engine, read_json
 from moe_local.errors import MoeLocalError
 from moe_local.experts.qcache import cache_root
 from moe_local.generate import GenerationStats, SamplingParams
+from moe_local.harmony import ChannelStream, is_harmony, split_channels
 from moe_local.tokenizer import StreamDecoder, replace_surrogates
 
 # What `/set NAME VALUE` can change, and how to read VALUE.
@@ -31,6 +32,7 @@ SETTINGS = {
 }
 ALIASES = {"temp": "temperature"}  # as the --temp flag
 SWITCHES = {"on": True, "off": False}
+NO_CHANNELS = "--show-reasoning applies to models that answer in channels (gpt-oss's harmony format); this model's answers are plain text"
 
 
 def chats_dir() -> Path:
@@ -43,6 +45,7 @@ Available commands:
   /set NAME VALUE      set {', '.join(SETTINGS)} (e.g. /set temperature 0.3)
   /set system TEXT     set the system message (empty: none)
   /set think on|off    let the model think before it answers, or not (templates with enable_thinking: Qwen3, GLM-4.5)
+  /set reasoning LEVEL how long the model reasons before it answers: low, medium or high (templates with reasoning_effort: gpt-oss)
   /set verbose on|off  show each answer's speed
   /save NAME           save the conversation: NAME is a file path, or a name for {{chats}}/NAME.json
   /load NAME           continue a saved conversation
@@ -67,12 +70,19 @@ class ChatSession:
         system: str | None = None,
         think: bool | None = None,
         verbose: bool = False,
+        reasoning_effort: str | None = None,
+        show_reasoning: bool = False,
     ):
         self.engine, self.params, self.system = engine, params, system and replace_surrogates(system)  # /save writes UTF-8
         self.max_new_tokens = max_new_tokens  # per answer; None: until the end of text or a full context
         self.think = think  # the template's enable_thinking; None: the template's default
-        if think is not None:
-            engine.tokenizer.thinking_option(think)  # refuses a template without the switch
+        self.reasoning_effort = reasoning_effort  # the template's reasoning_effort (gpt-oss); None: its default
+        engine.tokenizer.template_options(think, reasoning_effort)  # refuses a template without the switch
+        # harmony models (gpt-oss) answer in channels: the final one is the answer, the analysis its reasoning
+        self.channels = is_harmony(engine.tokenizer)
+        if show_reasoning and not self.channels:
+            raise MoeLocalError(NO_CHANNELS)
+        self.show_reasoning = show_reasoning  # chat_loop shows the reasoning dimmed, else says once that it hides it
         self.verbose = verbose  # chat_loop shows each answer's speed
         self.messages: list[dict] = []  # user, assistant, user, assistant, ...
         self.prompt: list[int] = []  # the last prompt's ids
@@ -83,7 +93,7 @@ class ChatSession:
     def render(self, messages: list[dict]) -> tuple[str, list[int]]:
         """The prompt for `messages`, as text and as ids."""
         chat = ([{"role": "system", "content": self.system}] if self.system else []) + messages
-        options = self.engine.tokenizer.thinking_option(self.think)
+        options = self.engine.tokenizer.template_options(self.think, self.reasoning_effort)
         text = self.engine.tokenizer.render_chat_text(chat, **options)
         return text, self.continue_said(text) or self.engine.tokenizer.render_chat(chat, **options)
 
@@ -142,7 +152,13 @@ class ChatSession:
                     break
         finally:
             self.stats.experts = self.engine.experts.stats.as_dict()
-            if tokens:
+            if tokens and self.channels:
+                # the template renders an earlier answer as its final text alone (the reasoning it drops, as it
+                # says), never as the ids generated: the KV cache is reused up to where they differ
+                answer, reasoning = split_channels(self.engine.tokenizer, tokens)
+                self.messages.append({"role": "assistant", "content": answer, **({"thinking": reasoning} if reasoning else {})})
+                self._said = None
+            elif tokens:
                 answer = self.engine.tokenizer.decode(tokens)
                 self.messages.append({"role": "assistant", "content": answer})
                 self._said = (self._prompt_text, self.prompt + tokens, answer)
@@ -181,6 +197,10 @@ class ChatSession:
     def set(self, args: str) -> str:
         key, _, value = args.partition(" ")
         value = replace_surrogates(value.strip())
+        if key == "reasoning":
+            self.engine.tokenizer.reasoning_option(value)  # refuses a template without it, or another value
+            self.reasoning_effort = value
+            return f"Set the reasoning effort to {value}."
         if key == "system":
             previous, self.system = self.system, value or None
             try:
@@ -200,7 +220,7 @@ class ChatSession:
             return f"Set {key} {value}."
         name = ALIASES.get(key, key.replace("-", "_"))
         if name not in SETTINGS:
-            raise MoeLocalError(f"/set needs one of {', '.join(SETTINGS)}, system, think or verbose, then a value (got {key!r})")
+            raise MoeLocalError(f"/set needs one of {', '.join(SETTINGS)}, system, think, reasoning or verbose, then a value (got {key!r})")
         kind = SETTINGS[name]
         try:
             number = kind(value)
@@ -250,12 +270,14 @@ class ChatSession:
         roles = ["user", "assistant"] * (len(messages) // 2) if isinstance(messages, list) else None
         if (
             roles is None or len(messages) % 2
-            or not all(isinstance(m, dict) and m.get("role") == role and isinstance(m.get("content"), str) for m, role in zip(messages, roles))
+            or not all(isinstance(m, dict) and m.get("role") == role and isinstance(m.get("content"), str)
+                       and isinstance(m.get("thinking", ""), str) for m, role in zip(messages, roles))
             or not isinstance(system, (str, type(None)))
         ):
             raise MoeLocalError(f"{path} is not a saved conversation: expected messages that alternate user/assistant, each with a text content")
         previous = self.messages, self.system
-        self.messages, self.system = [{"role": m["role"], "content": m["content"]} for m in messages], system
+        kept = ("role", "content", "thinking")  # thinking: a harmony answer's reasoning, which its template may read
+        self.messages, self.system = [{key: m[key] for key in kept if key in m} for m in messages], system
         try:
             self.render([*self.messages, {"role": "user", "content": "Hi"}])  # the template accepts it
         except MoeLocalError:
@@ -348,12 +370,35 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def answer(session: ChatSession, text: str) -> None:
+class ReasoningPrinter:
+    """Where a harmony answer's reasoning goes as it streams (`ChannelStream`'s on_reasoning): dimmed on stderr with
+    --show-reasoning, else nowhere, with one line on stderr the first time that says so (none when quiet)."""
+
+    def __init__(self, show: bool, quiet: bool = False):
+        self.show, self.quiet, self.told = show, quiet, False
+        self._console = None
+
+    def __call__(self, text: str) -> None:
+        if self.show:
+            if self._console is None:
+                from rich.console import Console
+
+                self._console = Console(stderr=True)
+            self._console.print(text, style="dim", end="", markup=False, highlight=False, soft_wrap=True)
+        elif not self.told and not self.quiet:
+            self.told = True
+            say("reasoning hidden; --show-reasoning shows it")
+
+
+def answer(session: ChatSession, text: str, on_reasoning: Callable[[str], None] | None = None) -> None:
     dropped = session.ask(text)
     if dropped:
         turns = f"{dropped} oldest turns" if dropped > 1 else "oldest turn"
         say(f"(dropped the {turns} to fit the context of {session.engine.ctx_size} tokens)")
-    decoder = StreamDecoder(session.engine.tokenizer)
+    if session.channels:  # the answer on stdout, the reasoning to on_reasoning
+        decoder = ChannelStream(session.engine.tokenizer, on_reasoning or ReasoningPrinter(session.show_reasoning))
+    else:
+        decoder = StreamDecoder(session.engine.tokenizer)
     with ctrl_c_stops() as stopped:
         for token in session.reply(stopped):
             sys.stdout.write(decoder.push(token))
@@ -366,12 +411,13 @@ def answer(session: ChatSession, text: str) -> None:
         say(f"(the context of {session.engine.ctx_size} tokens is full: the oldest turns will make room for the next one)")
 
 
-def chat_loop(session: ChatSession) -> None:
-    """Read messages and commands until /bye or Ctrl-D."""
+def chat_loop(session: ChatSession, quiet: bool = False) -> None:
+    """Read messages and commands until /bye or Ctrl-D; quiet: no note that the reasoning is hidden."""
     import readline  # noqa: F401  (arrow keys and input history for input(); imported here: it changes input())
 
     if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 become U+FFFD, not an error that ends the chat
         sys.stdin.reconfigure(errors="replace")
+    on_reasoning = ReasoningPrinter(session.show_reasoning, quiet)  # says once per chat that it hides the reasoning
     while True:
         try:
             text = read_message()
@@ -388,7 +434,7 @@ def chat_loop(session: ChatSession) -> None:
                     return
                 print(shown)
             elif text.strip():
-                answer(session, text)
+                answer(session, text, on_reasoning)
         except MoeLocalError as e:
             say(f"error: {e}")
         except KeyboardInterrupt:  # in the moments around an answer when Ctrl-C is not caught as a flag

@@ -240,6 +240,8 @@ Seed = Annotated[Optional[int], typer.Option("--seed", "-s", help="Random seed: 
 CtxSize = Annotated[Optional[int], typer.Option("--ctx-size", "-c", help="Context length in tokens (KV cache size). Default: min(4096, the model's).")]
 System = Annotated[Optional[str], typer.Option("--system", help="System message for the chat template.")]
 Think = Annotated[Optional[bool], typer.Option("--think/--no-think", metavar="", help="Let the model think before it answers, or not: the chat template's enable_thinking (Qwen3, GLM-4.5). Default: the template's.")]
+ReasoningEffort = Annotated[Optional[str], typer.Option("--reasoning-effort", help="How long the model reasons before it answers: low, medium or high (the chat template's reasoning_effort: gpt-oss). Default: the template's (medium).")]
+ShowReasoning = Annotated[bool, typer.Option("--show-reasoning", metavar="", help="Show the model's reasoning (gpt-oss's analysis channel), dimmed on stderr. Default: hidden.")]
 GpuMemory = Annotated[Optional[str], typer.Option("--gpu-memory", help="Device memory budget for weights, KV cache and expert slots, with a unit: 12GiB, 12GB, 500MiB. Default: 90% of free GPU memory.")]
 ExpertSlots = Annotated[Optional[int], typer.Option("--expert-slots", help="Number of device expert slots (overrides what --gpu-memory implies).")]
 Device = Annotated[Optional[str], typer.Option("--device", help="cuda or cpu. Default: cuda when available.")]
@@ -272,8 +274,10 @@ def run(
     ctx_size: CtxSize = None,
     system: System = None,
     think: Think = None,
+    reasoning_effort: ReasoningEffort = None,
+    show_reasoning: ShowReasoning = False,
     raw: bool = typer.Option(False, "--raw", metavar="", help="Feed the prompt as is, without the chat template."),
-    json_output: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object (text, prompt_tokens, tokens, stats) instead of streaming."),
+    json_output: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object (text, prompt_tokens, tokens, stats; reasoning for models that answer in channels, as gpt-oss) instead of streaming."),
     gpu_memory: GpuMemory = None,
     expert_slots: ExpertSlots = None,
     device: Device = None,
@@ -289,13 +293,17 @@ def run(
     debug: Debug = False,
 ) -> None:
     """Generate a reply to one prompt, streamed to stdout, with timings on stderr."""
+    from moe_local.chat import NO_CHANNELS, ReasoningPrinter
     from moe_local.generate import GenerationStats, StopStrings, max_new_tokens_default
+    from moe_local.harmony import ChannelStream, is_harmony
     from moe_local.tokenizer import StreamDecoder
 
     with clean_errors(debug):
         sampling = sampling_overrides(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
         if raw and think is not None:
             raise MoeLocalError("--think/--no-think set the chat template's enable_thinking, and --raw leaves the template out")
+        if raw and (reasoning_effort is not None or show_reasoning):
+            raise MoeLocalError("--reasoning-effort and --show-reasoning work through the chat template, and --raw leaves it out")
         options = load_options(
             device=device, gpu_memory=gpu_memory, expert_slots=expert_slots, ctx_size=ctx_size, dtype=dtype, prefetch=prefetch,
             policy=policy, experts_dtype=experts_dtype, group_size=group_size, resident_dtype=resident_dtype,
@@ -307,7 +315,10 @@ def run(
         if raw:
             prompt_ids = tokenizer.encode(text)
         else:
-            prompt_ids = tokenizer.render_chat(chat_messages(system, {"role": "user", "content": text}), **tokenizer.thinking_option(think))
+            prompt_ids = tokenizer.render_chat(chat_messages(system, {"role": "user", "content": text}), **tokenizer.template_options(think, reasoning_effort))
+        channels = not raw and is_harmony(tokenizer)  # gpt-oss: the final channel is the answer, the analysis its reasoning
+        if show_reasoning and not channels:
+            raise MoeLocalError(NO_CHANNELS)
         check_fits(prompt_ids, ctx)
         set_threads(threads)
         start = time.perf_counter()
@@ -317,6 +328,8 @@ def run(
         params = replace(engine.sampling_defaults(), **sampling)
         stats, tokens, pieces = GenerationStats(), [], []
         decoder, stops = StreamDecoder(tokenizer), StopStrings(stop or [])
+        if channels:  # the decoder then gives the answer's text; the reasoning is printed (or not) as it comes
+            decoder = ChannelStream(tokenizer, ReasoningPrinter(show_reasoning, quiet) if not json_output else lambda text: None)
         for token in engine.generate(prompt_ids, limit, params, stats):
             tokens.append(token)
             pieces.append(stops.push(decoder.push(token)))
@@ -330,6 +343,8 @@ def run(
         pieces.append("" if stops.stopped else stops.push(decoder.flush()) + stops.flush())
         if json_output:
             result = {"text": "".join(pieces), "prompt_tokens": prompt_ids, "tokens": tokens, "stats": stats.as_dict()}
+            if channels:
+                result["reasoning"] = decoder.reasoning
             result["stats"]["memory_plan"] = engine.plan.as_dict()
             print(json.dumps(result))
         else:
@@ -338,14 +353,16 @@ def run(
         if not quiet:
             if stats.finish_reason == "context":
                 stderr(f"(stopped: the context of {engine.ctx_size} tokens is full; raise --ctx-size for a longer answer)")
+            if channels and stats.finish_reason == "length" and not decoder.answer and decoder.reasoning:
+                stderr("(stopped while the model was still reasoning, before its answer: raise -n/--max-new-tokens)")
             print_timings(engine, stats, load_seconds)
 
 
-def check_chat_template(tokenizer: Tokenizer, system: Optional[str], think: Optional[bool]) -> None:
+def check_chat_template(tokenizer: Tokenizer, system: Optional[str], think: Optional[bool], reasoning_effort: Optional[str] = None) -> None:
     """The conversation ChatSession.check_template renders, rendered before the load: a template that
     rejects it (or has no thinking switch for --think) fails in seconds, not after every expert was read."""
     hi, hello = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
-    tokenizer.render_chat(chat_messages(system, hi, hello, hi), **tokenizer.thinking_option(think))
+    tokenizer.render_chat(chat_messages(system, hi, hello, hi), **tokenizer.template_options(think, reasoning_effort))
 
 
 @app.command()
@@ -361,6 +378,8 @@ def chat(
     ctx_size: CtxSize = None,
     system: System = None,
     think: Think = None,
+    reasoning_effort: ReasoningEffort = None,
+    show_reasoning: ShowReasoning = False,
     verbose: bool = typer.Option(False, "--verbose", metavar="", help="After each answer, show its speed: prompt tokens evaluated and generated, tokens per second (/set verbose on|off in the chat)."),
     gpu_memory: GpuMemory = None,
     expert_slots: ExpertSlots = None,
@@ -377,8 +396,9 @@ def chat(
     debug: Debug = False,
 ) -> None:
     """Chat in the terminal: streamed answers, the conversation kept across turns, /? lists the commands."""
-    from moe_local.chat import ChatSession, chat_loop
+    from moe_local.chat import NO_CHANNELS, ChatSession, chat_loop
     from moe_local.generate import max_new_tokens_default
+    from moe_local.harmony import is_harmony
 
     with clean_errors(debug):
         sampling = sampling_overrides(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
@@ -388,15 +408,18 @@ def chat(
             cpu_experts=cpu_experts,
         )
         folder, tokenizer, _ = open_model(model, options)
-        check_chat_template(tokenizer, system, think)
+        check_chat_template(tokenizer, system, think, reasoning_effort)
+        if show_reasoning and not is_harmony(tokenizer):
+            raise MoeLocalError(NO_CHANNELS)
         set_threads(threads)
         engine = load_with_progress(folder, options, quiet, demo=model is None)
         limit = max_new_tokens if max_new_tokens is not None else max_new_tokens_default(engine.generation_config, None)
-        session = ChatSession(engine, replace(engine.sampling_defaults(), **sampling), limit, system, think, verbose)
+        session = ChatSession(engine, replace(engine.sampling_defaults(), **sampling), limit, system, think, verbose,
+                              reasoning_effort, show_reasoning)
         session.check_template()
         if not quiet:
             stderr("Send a message (/? for help; Ctrl-C stops an answer; Ctrl-D or /bye exits)")
-        chat_loop(session)
+        chat_loop(session, quiet)
 
 
 def describe(ckpt: Checkpoint) -> dict:

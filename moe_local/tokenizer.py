@@ -79,6 +79,8 @@ _JINJA.globals["raise_exception"] = _raise_exception
 _JINJA.globals["strftime_now"] = _strftime_now
 _JINJA.filters["tojson"] = _tojson
 
+REASONING_EFFORTS = ("low", "medium", "high")  # gpt-oss's reasoning_effort
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -287,6 +289,25 @@ class Tokenizer:
         if not self.template_reads("enable_thinking"):
             raise TokenizerError("this model's chat template has no thinking switch (enable_thinking), so --think/--no-think and /set think do not apply")
         return {"enable_thinking": think}
+
+    def reasoning_option(self, effort: str | None) -> dict:
+        """The template variable for --reasoning-effort: reasoning_effort (gpt-oss), or none at all for the template's
+        default (effort=None)."""
+        if effort is None:
+            return {}
+        if effort not in REASONING_EFFORTS:
+            raise TokenizerError(f"the reasoning effort is {', '.join(REASONING_EFFORTS[:-1])} or {REASONING_EFFORTS[-1]}, not {effort!r}")
+        if not self.template_reads("reasoning_effort"):
+            raise TokenizerError("this model's chat template has no reasoning effort (reasoning_effort), so --reasoning-effort and /set reasoning do not apply")
+        return {"reasoning_effort": effort}
+
+    def template_options(self, think: bool | None = None, reasoning_effort: str | None = None) -> dict:
+        """The template variables of --think/--no-think and --reasoning-effort; refuses a template without them."""
+        return {**self.thinking_option(think), **self.reasoning_option(reasoning_effort)}
+
+    def token_id(self, text: str) -> int | None:
+        """The id of an added token such as gpt-oss's <|channel|>, or None when the tokenizer has no such token."""
+        return self._backend.added.get(text)
 
     def render_chat_text(self, messages: list[dict], add_generation_prompt: bool = True, **options) -> str:
         """The chat template (the model's, else Mixtral's) filled in with `messages`; `options` are passed to it

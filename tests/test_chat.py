@@ -126,7 +126,8 @@ def test_set_changes_the_sampling_settings_and_refuses_bad_values(tiny):
         "/set top_k 1.5": "top_k takes a whole number",
         "/set max_new_tokens 0": "max_new_tokens must be >= 1",
         "/set temperature": "temperature takes a number, not ''",
-        "/set bogus 1": "/set needs one of temperature, .* system, think or verbose",
+        "/set bogus 1": "/set needs one of temperature, .* system, think, reasoning or verbose",
+        "/set reasoning low": r"this model's chat template has no reasoning effort \(reasoning_effort\)",
         "/set": "/set needs one of",
         "/nope": r"unknown command /nope \(/\? for help\)",
     }
