@@ -196,3 +196,19 @@ def test_run_says_where_misses_ran(tiny):
     assert out.returncode == 0, out.stderr
     assert "misses run on the CPU" in out.stderr and "--cpu-experts always" in out.stderr
     assert "--cpu-experts" in moe_local_cli("run", "--help").stdout
+
+
+@pytest.mark.gpu
+def test_on_cuda_fp32_tokens_do_not_depend_on_where_misses_run(tiny):
+    """Not yet run on a GPU: the CPU channel beside real copies, fp32 tokens identical, logits close."""
+    folder, _ = tiny
+    ids = [1, 17, 99, 250, 31, 7, 64]
+    never = moe_local.load(folder, device="cuda", dtype="fp32", expert_slots=3, cpu_experts="never")
+    always = moe_local.load(folder, device="cuda", dtype="fp32", expert_slots=3, cpu_experts="always")
+    auto = moe_local.load(folder, device="cuda", dtype="fp32", expert_slots=3, cpu_experts="auto")
+    assert auto.experts.speeds is not None and auto.experts.speeds.copy_ms > 0
+    want = never.logits(ids)
+    for engine in (always, auto):
+        assert torch.allclose(engine.logits(ids), want, atol=1e-4 * want.abs().max().item())
+        assert greedy_with(engine, ids, 16) == greedy_with(never, ids, 16)
+    assert always.experts.stats.as_dict()["experts_on_cpu"] > 0
