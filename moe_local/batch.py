@@ -88,6 +88,8 @@ class Batcher:
         self.inbox: queue.Queue[Request | None] = queue.Queue()
         self.waiting: deque[Request] = deque()
         self.running: list[Running] = []
+        self.cancelled = 0  # requests dropped unfinished because their requester went away
+        self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="moe-local engine", daemon=True)
 
     def start(self) -> None:
@@ -101,10 +103,15 @@ class Batcher:
         """Requests submitted and not yet answered (read from another thread: a moment's count)."""
         return self.inbox.qsize() + len(self.waiting) + len(self.running)
 
-    def stop(self) -> None:
-        """Answer what is still queued or running with an error and end the loop."""
+    def stop_soon(self) -> None:
+        """Answer what is still queued or running with an error and end the loop, at its next step."""
+        self.stopping = True
         self.inbox.put(None)
-        self.thread.join()
+
+    def stop(self) -> None:
+        self.stop_soon()
+        if self.thread.is_alive():
+            self.thread.join()
 
     def _loop(self) -> None:
         while self.poll(block=True):
@@ -132,8 +139,10 @@ class Batcher:
         every request already prefilled."""
         for request in [r for r in self.waiting if r.cancelled]:
             self.waiting.remove(request)
+            self.cancelled += 1
         for r in [r for r in self.running if r.request.cancelled]:
             self._leave(r)
+            self.cancelled += 1
         while self.waiting and self.free:
             self._admit(self.waiting.popleft())
         filling = next((r for r in self.running if not r.prefilled), None)

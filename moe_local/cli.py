@@ -422,6 +422,57 @@ def chat(
         chat_loop(session, quiet)
 
 
+@app.command()
+def serve(
+    model: ModelArg = None,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. The default answers only this machine; 0.0.0.0 answers every network (then set --api-key)."),
+    port: int = typer.Option(8080, "--port", min=0, max=65535, help="TCP port (0: any free one, printed at start)."),
+    parallel: int = typer.Option(4, "--parallel", min=1, help="Requests decoded together as one batch, each with a KV cache of --ctx-size tokens of its own."),
+    queue: int = typer.Option(16, "--queue", min=0, help="Requests that may wait for a place in the batch; past them the server answers 503 with Retry-After."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MOE_LOCAL_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 (also from MOE_LOCAL_API_KEY)."),
+    ctx_size: CtxSize = None,
+    gpu_memory: GpuMemory = None,
+    expert_slots: ExpertSlots = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    prefetch: Prefetch = None,
+    policy: Policy = None,
+    experts_dtype: ExpertsDtype = None,
+    group_size: GroupSize = None,
+    resident_dtype: ResidentDtype = None,
+    threads: Threads = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
+    /health), decoding concurrent requests together. Needs the server extra: pip install 'moe-local\\[server]'."""
+    import ipaddress
+
+    with clean_errors(debug):
+        try:
+            from moe_local.server import Server, serve as run_server
+        except ImportError as e:
+            raise MoeLocalError(f"moe-local serve needs the server extra ({e.name} is missing): pip install 'moe-local[server]'") from None
+        if api_key is not None and not api_key.strip():
+            raise MoeLocalError("--api-key (or MOE_LOCAL_API_KEY) is empty")
+        options = load_options(
+            device=device, gpu_memory=gpu_memory, expert_slots=expert_slots, ctx_size=ctx_size, dtype=dtype, prefetch=prefetch,
+            policy=policy, experts_dtype=experts_dtype, group_size=group_size, resident_dtype=resident_dtype,
+        )
+        folder, _, _ = open_model(model, options)
+        set_threads(threads)
+        engine = load_with_progress(folder, options, quiet, demo=model is None)
+        model_id = model if model and not Path(model).exists() else folder.name  # a Hugging Face id as given
+        server = Server(engine, model_id, parallel, queue, api_key)
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback and api_key is None:
+            stderr(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model")
+        run_server(server, host, port, (lambda message: None) if quiet else stderr)
+
+
 def describe(ckpt: Checkpoint) -> dict:
     """What `info` shows: the config's geometry and the parameter counts its tensors imply."""
     cfg, itemsize = ckpt.config, ckpt.dtype.itemsize

@@ -140,13 +140,15 @@ def test_a_stop_string_ends_its_request_and_not_the_others(engine):
 
 def test_a_cancelled_request_leaves_the_batch_and_frees_its_sequence(engine):
     batcher = Batcher(engine, parallel=2)
-    outs, request = [], Request(prompt(5, 15), 50, GREEDY, collect([]))
+    outs = []
+    request = Request(prompt(5, 15), 50, GREEDY, collect(outs))
     batcher.submit(request)
     batcher.poll()
     assert batcher.running
     request.cancelled = True
     batcher.poll()
     assert not batcher.running and len(batcher.free) == 2 and not any(o.finish_reason for o in outs)
+    assert batcher.cancelled == 1
 
 
 def test_a_failing_step_ends_its_requests_with_the_error_and_the_next_ones_run(engine, monkeypatch):
