@@ -242,6 +242,8 @@ class Engine:
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """One full forward pass from position 0: float32 [len(token_ids), vocab]."""
+        if len(token_ids) == 0:
+            raise MoeLocalError("no token ids to evaluate: give at least one")
         self._check_ids(token_ids)
         return self._forward(list(token_ids), 0, all_logits=True)
 

@@ -210,7 +210,7 @@ def test_published_rope_scaling_reads_like_rope_parameters():
 
 
 @pytest.mark.parametrize(("raw", "message"), [
-    ({"model_type": "llama"}, "unsupported model_type 'llama' in config.json (supported: mixtral, qwen3_moe, qwen2_moe, olmoe, glm4_moe, deepseek_v2, deepseek_v3)"),
+    ({"model_type": "llama"}, "unsupported model_type 'llama' in config.json (supported: mixtral, qwen3_moe, qwen2_moe, olmoe, glm4_moe, deepseek_v2, deepseek_v3, gpt_oss)"),
     ({**PRESETS["qwen3-30b-a3b"], "num_experts": 0}, "dense model with no routed experts"),
     ({**PRESETS["qwen3-30b-a3b"], "rope_scaling": {"rope_type": "longrope", "factor": 4}}, "unsupported RoPE scaling 'longrope'"),
     ({**PRESETS["deepseek-v3"], "topk_method": "greedy"}, "unsupported topk_method 'greedy' for deepseek_v3"),
@@ -353,3 +353,9 @@ def test_plan_and_info_know_mxfp4(gpt_oss_mxfp4):
     info = json.loads(moe_local_cli("info", str(folder), "--json").stdout)
     assert info["experts_format"] == "mxfp4"
     assert info["expert_bytes"] == sum(p.nbytes for p in moe_local.load(folder, device="cpu").store.format.parts)
+
+
+def test_logits_of_no_tokens_is_a_message(tmp_path):
+    build_family("qwen3_moe", tmp_path)
+    with pytest.raises(moe_local.errors.MoeLocalError, match="no token ids to evaluate"):
+        moe_local.load(tmp_path, device="cpu").logits([])

@@ -305,9 +305,11 @@ def choose_format(
     too_big = []
     for candidate in (dense, "int8", "int4"):
         fmt = make_format(candidate, cfg, compute_dtype, device_type, group_size)
-        need = cfg.n_moe_layers * cfg.n_experts * fmt.expert_bytes + beside_bytes
+        experts = cfg.n_moe_layers * cfg.n_experts * fmt.expert_bytes
+        need = experts + beside_bytes
         if need <= AUTO_RAM_SHARE * available:
-            why = f"{format_bytes(need)} of host RAM, {format_bytes(available)} available"
+            beside = f" + {format_bytes(beside_bytes)} beside them" if beside_bytes else ""
+            why = f"{format_bytes(experts)} of experts{beside} in host RAM, {format_bytes(available)} available"
             if too_big:
                 why = f"{'; '.join(too_big)}; {candidate} needs {why}"
             return fmt, f"experts in {fmt.key} (auto: {why})"
