@@ -440,6 +440,7 @@ def serve(
     experts_dtype: ExpertsDtype = None,
     group_size: GroupSize = None,
     resident_dtype: ResidentDtype = None,
+    cpu_experts: CpuExperts = None,
     threads: Threads = None,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -457,7 +458,7 @@ def serve(
             raise MoeLocalError("--api-key (or MOE_LOCAL_API_KEY) is empty")
         options = load_options(
             device=device, gpu_memory=gpu_memory, expert_slots=expert_slots, ctx_size=ctx_size, dtype=dtype, prefetch=prefetch,
-            policy=policy, experts_dtype=experts_dtype, group_size=group_size, resident_dtype=resident_dtype,
+            policy=policy, experts_dtype=experts_dtype, group_size=group_size, resident_dtype=resident_dtype, cpu_experts=cpu_experts,
         )
         folder, _, _ = open_model(model, options)
         set_threads(threads)

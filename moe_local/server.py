@@ -122,8 +122,13 @@ class Job:
             pass
 
     async def __aiter__(self) -> AsyncIterator[Output]:
+        """The outputs; those that arrived while the last one was being sent come as one (fewer events
+        to send when many requests share the event loop)."""
         while True:
             output = await self.outputs.get()
+            while not (output.finish_reason or output.error) and not self.outputs.empty():
+                later = self.outputs.get_nowait()
+                output = replace(later, text=output.text + later.text)
             yield output
             if output.finish_reason or output.error:
                 return
@@ -283,6 +288,8 @@ class Server:
                 yield sse({**head, "choices": [chunk(None, None)]})  # the role comes first
             async for output in job:
                 if output.error:
+                    if output.text:
+                        yield sse({**head, "choices": [chunk(output.text, None)]})
                     yield sse({"error": {"message": output.error, "type": "server_error", "param": None, "code": None}})
                     return
                 if output.finish_reason is None:
