@@ -247,7 +247,7 @@ ExpertSlots = Annotated[Optional[int], typer.Option("--expert-slots", help="Numb
 Device = Annotated[Optional[str], typer.Option("--device", help="cuda or cpu. Default: cuda when available.")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="Compute dtype: bf16, fp16 or fp32. Default: the checkpoint's.")]
 Prefetch = Annotated[Optional[bool], typer.Option("--prefetch/--no-prefetch", metavar="", help="Predict and load the next layer's experts ahead of time. Default: on.")]
-ExpertsDtype = Annotated[Optional[str], typer.Option("--experts-dtype", help="How the experts are stored and copied: auto (the default), bf16, fp16, fp32, int8 (per-channel, 2x fewer bytes than bf16) or int4 (group-wise, ~3.8x fewer). auto keeps the checkpoint's dtype when the experts fit in RAM with room to spare, else int8, else int4. Quantized experts are cached on disk (MOE_LOCAL_CACHE, default ~/.cache/moe-local; see `moe-local cache`).")]
+ExpertsDtype = Annotated[Optional[str], typer.Option("--experts-dtype", help="How the experts are stored and copied: auto (the default), bf16, fp16, fp32, int8 (per-channel, 2x fewer bytes than bf16), int4 (group-wise, ~3.8x fewer) or mxfp4 (gpt-oss's 4.25-bit format, ~3.8x fewer). auto keeps a checkpoint's own MXFP4, else the checkpoint's dtype when the experts fit in RAM with room to spare, else int8, else int4. Quantized experts are cached on disk (MOE_LOCAL_CACHE, default ~/.cache/moe-local; see `moe-local cache`).")]
 ResidentDtype = Annotated[Optional[str], typer.Option("--resident-dtype", help="The weights kept on the GPU: auto (the default: the compute dtype) or int8 (the attention projections in int8, per-channel: about 40% less resident memory for Mixtral, so more expert slots; for 8 GB GPUs).")]
 CpuExperts = Annotated[Optional[str], typer.Option("--cpu-experts", help="Where a missed expert runs: auto (the default: copied to the GPU or run on the CPU from host RAM, whichever a cost model measured at load says finishes first), never (always copied) or always (always on the CPU; the slots keep the hot experts). On --device cpu, auto is never.")]
 GroupSize = Annotated[Optional[int], typer.Option("--group-size", help="int4 group size: 32, 64, 128 or 256. Default 128, or the largest the model's sizes allow.")]
@@ -422,6 +422,12 @@ def chat(
         chat_loop(session, quiet)
 
 
+def mxfp4_expert_bytes(cfg) -> int:
+    from moe_local.experts.formats import Mxfp4
+
+    return sum(part.nbytes for part in Mxfp4(cfg).parts)
+
+
 @app.command()
 def serve(
     model: ModelArg = None,
@@ -484,7 +490,9 @@ def describe(ckpt: Checkpoint) -> dict:
         "model_type": cfg.model_type,
         "dtype": str(ckpt.dtype).removeprefix("torch."),
         "parameters": cfg.parameter_counts(),
-        "expert_bytes": cfg.expert_numel * itemsize,
+        # as stored in the checkpoint: MXFP4 experts (gpt-oss as published) take 4.25 bits a weight
+        "experts_format": "mxfp4" if cfg.mxfp4_experts else str(ckpt.dtype).removeprefix("torch."),
+        "expert_bytes": mxfp4_expert_bytes(cfg) if cfg.mxfp4_experts else cfg.expert_numel * itemsize,
         "resident_bytes": resident * itemsize,
         "layers": cfg.n_layers,
         "moe_layers": cfg.n_moe_layers,
@@ -538,7 +546,7 @@ def info(
             ("active per token", f"{format_count(p['active_per_token'])}: resident {format_count(p['resident'])} + "
              f"{d['experts_per_token']} of {d['experts_per_layer']} experts x {d['moe_layers']} MoE layers"),
             ("routed experts", f"{format_count(p['routed_experts'])} (offloaded to host RAM)"),
-            ("expert size", f"{format_count(p['per_expert'])} parameters, {format_bytes(d['expert_bytes'])} in {d['dtype']} "
+            ("expert size", f"{format_count(p['per_expert'])} parameters, {format_bytes(d['expert_bytes'])} in {d['experts_format']} "
              f"(ffn {d['expert_ffn_size']})"),
             ("resident size", format_bytes(d["resident_bytes"])),
             ("dtype", d["dtype"]),
@@ -614,7 +622,7 @@ def plan(
 
         report = {"model": name, "experts_format": fmt.key, "why": why, "resident_dtype": options.resident_dtype,
                   **plan_report(cfg, plan_for(fmt), ctx), "formats": {}}
-        for other in dict.fromkeys((fmt.name, "bf16", "int8", "int4")):
+        for other in dict.fromkeys((fmt.name, "bf16", "int8", "int4", "mxfp4")):
             try:
                 report["formats"][other] = plan_report(cfg, plan_for(make_format(other, cfg, compute, target.type, group_size)), ctx)
             except MoeLocalError as e:
@@ -691,7 +699,7 @@ def bench(
     prompt_tokens: Optional[int] = typer.Option(None, "--prompt-tokens", min=1, help=f"Prompt length for prefill. Default 512 ({TINY_BENCH_TOKENS[0]} for tiny)."),
     new_tokens: Optional[int] = typer.Option(None, "--new-tokens", min=1, help=f"Decode steps (batch 1), each fed a random token so that routing stays close to uniform. Default 128 ({TINY_BENCH_TOKENS[1]} for tiny)."),
     dtype: str = typer.Option("bf16", "--dtype", help="Compute dtype: bf16, fp16 or fp32."),
-    experts_dtype: str = typer.Option("bf16", "--experts-dtype", help="The experts' format: bf16, fp16, fp32, int8, int4 or auto (as in run)."),
+    experts_dtype: Optional[str] = typer.Option(None, "--experts-dtype", help="The experts' format: bf16, fp16, fp32, int8, int4, mxfp4 or auto (as in run). Default: mxfp4 for gpt-oss (as published), else bf16."),
     group_size: GroupSize = None,
     resident_dtype: ResidentDtype = None,
     cpu_experts: CpuExperts = None,
