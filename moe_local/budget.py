@@ -111,14 +111,15 @@ def plan_memory(
     workspace: int | None = None,
     expert_bytes: int | None = None,
     int8_attention: bool = False,
+    sequences: int = 1,
 ) -> MemoryPlan:
     """Split the budget; `workspace` is a measured peak (see `Engine.from_folder`), else it is estimated;
     `expert_bytes` is one expert in its format (default: unquantized, in `dtype`); `int8_attention` for
-    `--resident-dtype int8`."""
+    `--resident-dtype int8`; `sequences` KV caches of `ctx_size` tokens (the server's `--parallel`)."""
     total = cfg.n_moe_layers * cfg.n_experts
     expert = expert_bytes or cfg.expert_numel * dtype.itemsize
     resident = resident_bytes(cfg, dtype, int8_attention)
-    kv = cfg.kv_cache_numel(ctx_size) * dtype.itemsize
+    kv = cfg.kv_cache_numel(ctx_size) * dtype.itemsize * sequences
     work = workspace if workspace is not None else workspace_bytes(cfg, dtype, ctx_size, min(prefill_chunk, ctx_size))
     fixed = resident + kv + work
     budget = parse_size(gpu_memory) if gpu_memory is not None else None
@@ -141,7 +142,7 @@ def plan_memory(
             if budget < fixed + expert:
                 raise BudgetError(
                     f"a {format_bytes(budget)} budget is too small: resident weights {format_bytes(resident)} + KV cache for "
-                    f"{ctx_size} tokens {format_bytes(kv)} + workspace {format_bytes(work)} + one expert slot {format_bytes(expert)} "
+                    f"{ctx_size} tokens{f' x {sequences} sequences' if sequences > 1 else ''} {format_bytes(kv)} + workspace {format_bytes(work)} + one expert slot {format_bytes(expert)} "
                     f"need at least {format_bytes(fixed + expert)} (or lower --ctx-size)"
                 )
             slots = min(total, (budget - fixed) // expert)

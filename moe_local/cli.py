@@ -465,6 +465,7 @@ def serve(
         options = load_options(
             device=device, gpu_memory=gpu_memory, expert_slots=expert_slots, ctx_size=ctx_size, dtype=dtype, prefetch=prefetch,
             policy=policy, experts_dtype=experts_dtype, group_size=group_size, resident_dtype=resident_dtype, cpu_experts=cpu_experts,
+            sequences=parallel,  # each request decoded together has a KV cache: the budget counts them all
         )
         folder, _, _ = open_model(model, options)
         set_threads(threads)

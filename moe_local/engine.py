@@ -47,6 +47,7 @@ class Options:
     experts_dtype: str = "auto"  # see experts/formats.py: auto, bf16, fp16, fp32, int8, int4
     group_size: int | None = None  # int4 group size; default 128 (or the largest of 64, 32 the model allows)
     resident_dtype: str = "auto"  # auto: the compute dtype; int8: the attention projections in int8
+    sequences: int = 1  # KV caches to plan for: one per request decoded together (`serve --parallel`)
     cpu_experts: str = "auto"  # where misses run: auto (experts/cpu.py's cost model), never (copied), always (CPU)
 
     def __post_init__(self) -> None:
@@ -60,6 +61,8 @@ class Options:
             raise ConfigError(f"unknown experts dtype {self.experts_dtype!r} (choose from {', '.join(EXPERTS_DTYPES)})")
         if self.prefill_chunk < 1:
             raise ConfigError("prefill_chunk must be positive")
+        if self.sequences < 1:
+            raise ConfigError(f"sequences must be at least 1, not {self.sequences}")
         if self.resident_dtype not in RESIDENT_DTYPES:
             raise ConfigError(f"unknown resident dtype {self.resident_dtype!r} (choose from {', '.join(RESIDENT_DTYPES)})")
         if self.cpu_experts not in CPU_EXPERTS:
@@ -158,11 +161,11 @@ class Engine:
         ctx_size = options.context_size(cfg)
         # on the CPU the resident part and the slots take host RAM too: `auto` counts them (slots as if bf16)
         int8_attention = options.int8_attention
-        beside = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, int8_attention=int8_attention).beside_store_bytes if device.type == "cpu" else 0
+        beside = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, int8_attention=int8_attention, sequences=options.sequences).beside_store_bytes if device.type == "cpu" else 0
         fmt, why = choose_format(options.experts_dtype, cfg, dtype, device.type, options.group_size, beside)
         plan = plan_memory(
             cfg, dtype, device, ctx_size, options.prefill_chunk, options.gpu_memory, options.expert_slots,
-            expert_bytes=fmt.expert_bytes, int8_attention=int8_attention,
+            expert_bytes=fmt.expert_bytes, int8_attention=int8_attention, sequences=options.sequences,
         )
         notes = [why]
         # Read the small files first, so that a broken one fails before the slow part.
@@ -185,7 +188,7 @@ class Engine:
             workspace = measure_workspace(model, fmt, ctx_size, options.prefill_chunk)
             plan = plan_memory(
                 cfg, dtype, device, ctx_size, options.prefill_chunk, plan.budget_bytes, options.expert_slots, workspace,
-                fmt.expert_bytes, int8_attention,
+                fmt.expert_bytes, int8_attention, options.sequences,
             )
         return cls(model, store, plan, options, ctx_size, tokenizer, generation_config, folder, notes)
 

@@ -164,3 +164,10 @@ def test_a_failing_step_ends_its_requests_with_the_error_and_the_next_ones_run(e
     monkeypatch.undo()
     run_requests(batcher, [Request(prompt(5, 16), 5, GREEDY, collect(later))])
     assert later[-1].finish_reason == "length" and len(batcher.free) == 2
+
+
+def test_the_memory_plan_counts_a_kv_cache_per_parallel_sequence(tiny):
+    folder, _ = tiny
+    one = moe_local.load(folder, device="cpu", ctx_size=64)
+    four = moe_local.load(folder, device="cpu", ctx_size=64, sequences=4)
+    assert four.plan.kv_bytes == 4 * one.plan.kv_bytes == 4 * one.kv.nbytes
