@@ -29,9 +29,9 @@ PROMPT = [1, 100, 200, 300, 400, 500, 600, 700]
 
 MOE_LOCAL = """
 import json, sys, time, torch, moe_local
-folder, fmt, n, threads, prompt = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
+folder, fmt, n, threads, prompt, slots = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5]), json.loads(sys.argv[6])
 torch.set_num_threads(threads)
-engine = moe_local.load(folder, device="cpu", dtype="bf16", experts_dtype=fmt, ctx_size=len(prompt) + n + 1)
+engine = moe_local.load(folder, device="cpu", dtype="bf16", experts_dtype=fmt, ctx_size=len(prompt) + n + 1, expert_slots=slots)
 token = int(engine.prefill(prompt)[0].argmax())
 for _ in range(4): engine.decode_one(token)  # warm-up, then start again from the prompt
 token = int(engine.prefill(prompt)[0].argmax())
@@ -88,12 +88,12 @@ def one(command: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(out: Path, rounds: int, tokens: int, threads: int) -> None:
+def run(out: Path, rounds: int, tokens: int, threads: int, slots: int | None) -> None:
     prompt = json.dumps(PROMPT)
     speeds: dict[tuple[str, str], list[float]] = {}
     for r in range(rounds):
         for gguf, fmt in PAIRS:
-            ours = one([sys.executable, "-c", MOE_LOCAL, str(out / "hf"), fmt, str(tokens), str(threads), prompt])
+            ours = one([sys.executable, "-c", MOE_LOCAL, str(out / "hf"), fmt, str(tokens), str(threads), prompt, json.dumps(slots)])
             theirs = one([LLAMA_PYTHON, "-c", LLAMA, str(out / f"{gguf}.gguf"), str(tokens), str(threads), prompt])
             speeds.setdefault(("moe-local", fmt), []).append(ours["tok_per_s"])
             speeds.setdefault(("llama.cpp", gguf), []).append(theirs["tok_per_s"])
@@ -115,11 +115,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--expert-slots", type=int, help="moe-local through a pool of this many slots (a memcpy per miss), not in place")
     args = parser.parse_args()
     if args.command == "make":
         make(args.folder)
     else:
-        run(args.folder, args.rounds, args.tokens, args.threads)
+        run(args.folder, args.rounds, args.tokens, args.threads, args.expert_slots)
 
 
 if __name__ == "__main__":
