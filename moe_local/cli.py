@@ -167,21 +167,27 @@ def print_timings(engine: Engine, stats: GenerationStats, load_seconds: float) -
     recall = experts.get("prefetch_recall")
     # on the CPU a miss is a copy from the store into a slot in the same RAM, not a transfer to a device
     copied = "from host RAM to the GPU" if engine.device.type == "cuda" else "into the CPU's expert slots"
+    slots = hasattr(engine.experts, "cache")  # else every expert runs in place from host RAM (--device cpu)
     lines = [
         f"load time     = {load_seconds:8.2f} s   ("
         + (f"{engine.plan.expert_slots} of {engine.plan.total_experts} experts fit in slots on {engine.device.type})"
-           if hasattr(engine.experts, "cache") else f"all {engine.plan.total_experts} experts run in place from host RAM: no slots, no copies)"),
+           if slots else f"all {engine.plan.total_experts} experts run in place from host RAM: no slots, no copies)"),
         f"prompt eval   = {stats.prompt_seconds:8.2f} s / {stats.prompt_tokens_evaluated:5d} tokens "
         f"({stats.prompt_tok_per_s:8.2f} tokens per second)",
         f"generation    = {stats.decode_seconds:8.2f} s / {stats.generated_tokens:5d} tokens "
         f"({stats.decode_tok_per_s:8.2f} tokens per second)",
-        f"expert cache  = {100 * experts.get('hit_rate', 0):6.1f} % hits, prefetch recall "
-        + (f"{100 * recall:.1f} %" if recall is not None else "n/a")
-        + f", {experts.get('bytes_copied', 0) / 1e9:.3f} GB copied {copied}",
-        f"cpu experts   = {experts.get('experts_on_cpu', 0):8d} misses run on the CPU ({experts.get('cpu_busy_s', 0):.2f} s computing, "
-        f"{experts.get('cpu_wait_s', 0):.2f} s waited for; --cpu-experts {getattr(engine.experts, 'cpu_experts', 'never')})",
-        f"seed          = {stats.seed}",
     ]
+    if slots:
+        lines += [
+            f"expert cache  = {100 * experts.get('hit_rate', 0):6.1f} % hits, prefetch recall "
+            + (f"{100 * recall:.1f} %" if recall is not None else "n/a")
+            + f", {experts.get('bytes_copied', 0) / 1e9:.3f} GB copied {copied}",
+            f"cpu experts   = {experts.get('experts_on_cpu', 0):8d} misses run on the CPU ({experts.get('cpu_busy_s', 0):.2f} s "
+            f"computing, {experts.get('cpu_wait_s', 0):.2f} s waited for; --cpu-experts {engine.experts.cpu_experts})",
+        ]
+    else:
+        lines.append("expert cache  = none: every expert runs in place from host RAM, 0 bytes copied")
+    lines.append(f"seed          = {stats.seed}")
     stderr("\n" + "\n".join(lines))
 
 
