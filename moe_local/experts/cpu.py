@@ -6,6 +6,7 @@ channel: `runtime.InPlaceExperts` runs every expert in place there.)"""
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import threading
 import time
@@ -92,10 +93,10 @@ def measure_speeds(store: ExpertStore, scratch: torch.Tensor, dtype: torch.dtype
     device, fmt = scratch.device, store.format
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     keys = store.keys()[: repeats + 2]
-    turn = iter(range(10**9))
+    turn = itertools.count()  # picks a different expert (or view) each call
 
     def copy() -> None:
-        key = keys[next(turn) % len(keys)]  # a different expert each time, as misses are
+        key = keys[next(turn) % len(keys)]  # not one a cache level already holds, as a miss is not
         scratch.copy_(store.buffer(key), non_blocking=store.is_pinned(key))
 
     if device.type == "cuda":  # an idle GPU's link runs slow until it has been busy a moment (docs/benchmarks.md)
