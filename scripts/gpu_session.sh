@@ -19,7 +19,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, output to $OUT/
 }
 BENCH="python -m moe_local bench --peer-layers 0 --no-compare-prefetch --policy layer-lru"
 step machine 30 bash -c 'nvidia-smi; python -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"'
-step tests 200 python -m pytest -q -m gpu -p no:cacheprovider --maxfail=10 tests/
+step tests 200 python -m pytest -q -m gpu -p no:cacheprovider --maxfail=10 --continue-on-collection-errors tests/
 step mxfp4 60 python -c "
 from moe_local.experts.mxfp4_triton import benchmark_decode
 for n, k in ((2880, 2880), (5760, 2880)):
