@@ -331,9 +331,28 @@ class Checkpoint:
         [F, D], down [D, F], up [F, D], or their biases ("b1", "b2", "b3") where the family has them."""
         if (layer, expert, w) in self._expert_names:
             return self.get(self._expert_names[layer, expert, w])
+        if w == "mxfp4":  # the published bytes, for the MXFP4 format to copy (KeyError: none here)
+            if not self.config.mxfp4_experts:
+                raise KeyError(w)
+            return self._mxfp4_expert(layer, expert)
         if self._last_fused is None or self._last_fused[0] != (layer, expert):  # gate and up come from one read
             self._last_fused = (layer, expert), self._fused_expert(layer, expert)
         return self._last_fused[1][w]
+
+    def _mxfp4_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """One expert's MXFP4 parts in the `Mxfp4` format's layout: gate_up's rows (and bias) reordered from
+        interleaved gate/up to gate rows then up rows; blocks and scales are per row, so this is exact."""
+        def row(name: str) -> torch.Tensor:
+            return self.get_row(self._expert_names[layer, name], expert)
+
+        def halves(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t[0::2], t[1::2]])
+
+        return {
+            "gate_up.blocks": halves(row("gate_up_proj_blocks")), "gate_up.scales": halves(row("gate_up_proj_scales")),
+            "down.blocks": row("down_proj_blocks"), "down.scales": row("down_proj_scales"),
+            "gate_up.bias": halves(row("gate_up_proj_bias")), "down.bias": row("down_proj_bias"),
+        }
 
     def _fused_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         def row(name: str) -> torch.Tensor:

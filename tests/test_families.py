@@ -359,3 +359,24 @@ def test_logits_of_no_tokens_is_a_message(tmp_path):
     build_family("qwen3_moe", tmp_path)
     with pytest.raises(moe_local.errors.MoeLocalError, match="no token ids to evaluate"):
         moe_local.load(tmp_path, device="cpu").logits([])
+
+
+def test_mxfp4_experts_are_the_published_bytes(gpt_oss_mxfp4):
+    """A checkpoint in MXFP4 is copied, not widened and quantized again: the store holds its very bytes."""
+    from safetensors import safe_open
+
+    folder, _ = gpt_oss_mxfp4
+    engine = moe_local.load(folder, device="cpu")
+    parts = engine.store.format.unpack(engine.store.buffer((1, 5)))  # MoE layer 1, expert 5
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        blocks = f.get_tensor("model.layers.1.mlp.experts.gate_up_proj_blocks")[5]  # rows: gate, up, gate, up, ...
+        scales = f.get_tensor("model.layers.1.mlp.experts.down_proj_scales")[5]
+    assert torch.equal(parts["gate_up.blocks"], torch.cat([blocks[0::2], blocks[1::2]]))
+    assert torch.equal(parts["down.scales"], scales)
+
+
+def test_mxfp4_checkpoints_need_no_quantized_cache(gpt_oss_mxfp4, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_LOCAL_CACHE", str(tmp_path / "cache"))
+    folder, _ = gpt_oss_mxfp4
+    engine = moe_local.load(folder, device="cpu")
+    assert engine.store.format.name == "mxfp4" and not (tmp_path / "cache").exists()

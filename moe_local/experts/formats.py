@@ -88,6 +88,10 @@ class ExpertFormat:
         for name, value in parts.items():
             views[name].copy_(value)
 
+    def pack_native(self, read, out: torch.Tensor) -> bool:
+        """Fill `out` from a source already in this format (`read(name)`), if the source has one."""
+        return False
+
     def encode(self, w: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -221,8 +225,7 @@ class Mxfp4(ExpertFormat):
     """MXFP4 (gpt-oss's published format): E2M1 values, two per byte, one E8M0 scale per 32 along the input
     dimension, 4.25 bits a weight (`moe_local/experts/mxfp4.py` owns the numerics; on CUDA a Triton kernel
     for a few tokens, a widened matmul for prefill). The same bytes on every device. A checkpoint already in
-    MXFP4 is read widened and packed again: each of its values is exactly representable, so the packed
-    values are the published ones (the bytes of a block may differ where its largest value is small)."""
+    MXFP4 gives its published bytes, copied as they are (`pack_native`); other experts are quantized."""
 
     name = "mxfp4"
     quantized = True
@@ -234,6 +237,17 @@ class Mxfp4(ExpertFormat):
             ("gate_up.blocks", torch.uint8, (2 * f, d // g, g // 2)), ("gate_up.scales", torch.uint8, (2 * f, d // g)),
             ("down.blocks", torch.uint8, (d, f // g, g // 2)), ("down.scales", torch.uint8, (d, f // g)),
         ])  # fmt: skip
+
+    def pack_native(self, read, out: torch.Tensor) -> bool:
+        """A checkpoint in MXFP4 (`Checkpoint.expert(..., "mxfp4")`) gives its own bytes: copied as they are."""
+        try:
+            parts = read("mxfp4")
+        except KeyError:
+            return False
+        views = self.unpack(out)
+        for name, value in parts.items():
+            views[name].copy_(value)
+        return True
 
     def encode(self, w: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
         blocks, scales = mxfp4.quantize(w)

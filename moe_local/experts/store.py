@@ -90,6 +90,8 @@ class ExpertStore:
         format is quantized."""
 
         def write(key: Key, buffer: torch.Tensor) -> None:
+            if self.format.pack_native(lambda name: read(*key, name), buffer):
+                return
             w1, w2, w3 = (read(*key, w) for w in ("w1", "w2", "w3"))
             if self.format.quantized:
                 w1, w2, w3 = w1.to(device), w2.to(device), w3.to(device)
