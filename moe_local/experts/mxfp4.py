@@ -57,7 +57,7 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = w.shape
     if k % BLOCK:
         raise ValueError(f"MXFP4 needs the input dimension to be a multiple of {BLOCK}, not {k}")
-    groups = w.float().view(n, k // BLOCK, BLOCK)  # [N, G, 32]
+    groups = w.float().contiguous().view(n, k // BLOCK, BLOCK)  # [N, G, 32]
     amax = groups.abs().amax(dim=-1)  # [N, G]
     # round amax / 6 up to a power of two on its bits: the exponent field, plus one unless the mantissa is 0
     bits = (amax / FP4_MAX).view(torch.int32)
