@@ -17,6 +17,7 @@ import torch
 from moe_local.engine import Engine, Sequence, shared_prefix
 from moe_local.errors import MoeLocalError
 from moe_local.generate import SamplingParams, StopStrings, sample
+from moe_local.harmony import ChannelStream
 from moe_local.tokenizer import StreamDecoder
 
 
@@ -26,6 +27,7 @@ class Output:
     ("stop": end of text or a stop string; "length": max_tokens or a full context) or error set."""
 
     text: str = ""
+    reasoning: str = ""  # a harmony model's (gpt-oss) other channels: its reasoning, not its answer
     finish_reason: str | None = None
     error: str | None = None
     prompt_tokens: int = 0
@@ -43,6 +45,7 @@ class Request:
     presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token already generated ...
     frequency_penalty: float = 0.0  # ... and this once per time it was generated
     cancelled: bool = False  # set by the requester (a client went away); the loop drops it at the next step
+    channels: bool = False  # the answer is harmony's final channel (gpt-oss chat); the rest is reasoning
 
 
 class Running:
@@ -55,7 +58,9 @@ class Running:
         self.counts: dict[int, int] = {}  # generated token -> times, for the OpenAI penalties
         seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
         self.generator = torch.Generator().manual_seed(seed)
-        self.decoder, self.stops = StreamDecoder(engine.tokenizer), StopStrings(request.stop)
+        self.reasoning: list[str] = []  # reasoning text not handed on yet
+        decoder = ChannelStream(engine.tokenizer, self.reasoning.append) if request.channels else StreamDecoder(engine.tokenizer)
+        self.decoder, self.stops = decoder, StopStrings(request.stop)
         self.token: int | None = None  # sampled, not yet fed to the model: the next decode step's input
 
     @property
@@ -70,6 +75,10 @@ class Running:
             logits = logits.clone()
             logits[ids] -= r.presence_penalty + r.frequency_penalty * counts
         return sample(logits, self.history, r.params, self.generator)
+
+    def take_reasoning(self) -> str:
+        text, self.reasoning[:] = "".join(self.reasoning), []
+        return text
 
     def output(self, **fields) -> Output:
         return Output(**fields, prompt_tokens=len(self.request.prompt), cached_tokens=len(self.request.prompt) - self.evaluated,
@@ -184,13 +193,14 @@ class Batcher:
         if generated + 1 == request.max_tokens or len(r.history) > self.engine.ctx_size:  # no position left to feed it at
             return self._finish(r, "length", text)
         r.token = token
-        if text:
-            request.emit(Output(text))
+        reasoning = r.take_reasoning()
+        if text or reasoning:
+            request.emit(Output(text, reasoning))
 
     def _finish(self, r: Running, reason: str, text: str) -> None:
         if not r.stops.stopped:  # what the detokenizer and the stop strings still hold back
             text += r.stops.push(r.decoder.flush()) + r.stops.flush()
-        r.request.emit(r.output(text=text, finish_reason=reason))
+        r.request.emit(r.output(text=text, reasoning=r.take_reasoning(), finish_reason=reason))
         self._leave(r)
 
     def _leave(self, r: Running) -> None:

@@ -25,6 +25,7 @@ from starlette.routing import Route
 from moe_local.batch import Batcher, Output, Request
 from moe_local.engine import Engine
 from moe_local.errors import MoeLocalError
+from moe_local.harmony import is_harmony
 from moe_local.generate import max_new_tokens_default
 
 MAX_BODY_BYTES = 4 * 2**20  # a request larger than this is refused (413): a full 128k-token prompt is ~0.5 MB
@@ -84,16 +85,19 @@ def chat_messages(body: dict) -> list[dict]:
     return out
 
 
-def chat_chunk(text: str | None, finish_reason: str | None) -> dict:
+def chat_chunk(text: str | None, finish_reason: str | None, reasoning: str = "") -> dict:
     delta = {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}
+    if reasoning:  # a harmony model's reasoning, under the name vLLM and DeepSeek's API give it
+        delta["reasoning_content"] = reasoning
     return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
 
-def chat_message(text: str, finish_reason: str) -> dict:
-    return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}
+def chat_message(text: str, finish_reason: str, reasoning: str = "") -> dict:
+    message = {"role": "assistant", "content": text} | ({"reasoning_content": reasoning} if reasoning else {})
+    return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
 
 
-def completion_choice(text: str | None, finish_reason: str | None) -> dict:
+def completion_choice(text: str | None, finish_reason: str | None, reasoning: str = "") -> dict:
     return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
 
 
@@ -128,7 +132,7 @@ class Job:
             output = await self.outputs.get()
             while not (output.finish_reason or output.error) and not self.outputs.empty():
                 later = self.outputs.get_nowait()
-                output = replace(later, text=output.text + later.text)
+                output = replace(later, text=output.text + later.text, reasoning=output.reasoning + later.reasoning)
             yield output
             if output.finish_reason or output.error:
                 return
@@ -179,11 +183,18 @@ class Server:
         self.check_key(request)
         body = await read_body(request)
         messages = chat_messages(body)
+        tokenizer = self.engine.tokenizer
+        effort = field(body, "reasoning_effort", (str,), "low, medium or high")
         try:
-            prompt = self.engine.tokenizer.render_chat(messages)
+            options = tokenizer.template_options(None, effort) if effort is not None else {}
+        except MoeLocalError as e:  # not a level, or a template without the switch
+            raise ApiError(400, str(e), param="reasoning_effort") from None
+        try:
+            prompt = tokenizer.render_chat(messages, **options)
         except MoeLocalError as e:  # the template refuses this conversation (roles out of order, ...)
             raise ApiError(400, str(e), param="messages") from None
-        return await self.answer(request, body, prompt, "chat.completion", chat_chunk, chat_message)
+        channels = is_harmony(tokenizer)  # gpt-oss: the final channel is the answer, the others reasoning_content
+        return await self.answer(request, body, prompt, "chat.completion", chat_chunk, chat_message, channels)
 
     async def completions(self, request: HttpRequest) -> Response:
         self.check_key(request)
@@ -250,7 +261,7 @@ class Server:
         return dict(prompt=prompt, max_tokens=max_tokens or self.max_tokens_default, params=params, stop=stop, **penalties)
 
     async def answer(self, request: HttpRequest, body: dict, prompt: list[int], kind: str,
-                     chunk: Callable[[str | None, str | None], dict], whole: Callable[[str, str], dict]) -> Response:
+                     chunk: Callable[..., dict], whole: Callable[..., dict], channels: bool = False) -> Response:
         stream = field(body, "stream", (bool,), "true or false")
         options = field(body, "stream_options", (dict,), "an object") or {}
         include_usage = field(options, "include_usage", (bool,), "true or false")
@@ -260,7 +271,7 @@ class Server:
         if self.batcher.load >= self.capacity:
             raise ApiError(503, f"the server is busy: {self.batcher.load} requests are running or waiting; retry later",
                            "server_error", code="overloaded", headers={"Retry-After": str(RETRY_AFTER_S)})
-        job = Job(fields)
+        job = Job({**fields, "channels": channels})
         self.batcher.submit(job.request)
         head = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{secrets.token_hex(12)}",
                 "created": int(time.time()), "model": self.model_id}
@@ -276,8 +287,8 @@ class Server:
         last = outputs[-1]
         if last.error:
             raise ApiError(503 if self.batcher.stopping else 500, last.error, "server_error")
-        text = "".join(o.text for o in outputs)
-        return JSONResponse({**head, "object": kind, "choices": [whole(text, last.finish_reason)], "usage": usage(last)})
+        text, reasoning = "".join(o.text for o in outputs), "".join(o.reasoning for o in outputs)
+        return JSONResponse({**head, "object": kind, "choices": [whole(text, last.finish_reason, reasoning)], "usage": usage(last)})
 
     async def stream(self, job: Job, head: dict, kind: str, chunk: Callable, include_usage: bool | None) -> AsyncIterator[str]:
         """Server-sent events; the last chunk (with finish_reason) has the usage too, and with
@@ -293,9 +304,9 @@ class Server:
                     yield sse({"error": {"message": output.error, "type": "server_error", "param": None, "code": None}})
                     return
                 if output.finish_reason is None:
-                    yield sse({**head, "choices": [chunk(output.text, None)]})
+                    yield sse({**head, "choices": [chunk(output.text, None, output.reasoning)]})
                     continue
-                yield sse({**head, "choices": [chunk(output.text, output.finish_reason)], "usage": usage(output)})
+                yield sse({**head, "choices": [chunk(output.text, output.finish_reason, output.reasoning)], "usage": usage(output)})
                 if include_usage:
                     yield sse({**head, "choices": [], "usage": usage(output)})
             yield sse("[DONE]")

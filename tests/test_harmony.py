@@ -281,3 +281,38 @@ def test_reasoning_options_are_refused_with_one_line_where_they_do_not_apply(ans
         assert (result.returncode, result.stderr.strip()) == (1, message)
     chat = moe_local_cli("chat", str(tiny[0]), "--show-reasoning", "--device", "cpu", input="/bye\n")
     assert (chat.returncode, chat.stderr.strip()) == (1, refused[(str(tiny[0]), "--show-reasoning")])
+
+
+# --- the server ----------------------------------------------------------------------------------------
+
+
+def test_the_server_answers_with_the_final_channel_and_gives_the_reasoning_apart(answers, reasons):
+    """Chat completions of a harmony model: `content` is the final channel, the rest is `reasoning_content`
+    (as vLLM and DeepSeek's API name it), whole and streamed; `reasoning_effort` reaches the template."""
+    import httpx
+
+    from test_server import RunningServer
+
+    ask = {"messages": [{"role": "user", "content": "2 + 2?"}], "max_tokens": 20, "temperature": 0}
+    server = RunningServer(str(answers))
+    try:
+        reply = httpx.post(f"{server.url}/v1/chat/completions", json={**ask, "reasoning_effort": "high"}, timeout=60).json()
+        assert reply["choices"][0]["message"] == {"role": "assistant", "content": "Four."}
+        assert reply["choices"][0]["finish_reason"] == "stop"
+        refused = httpx.post(f"{server.url}/v1/chat/completions", json={**ask, "reasoning_effort": "extreme"}, timeout=60)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "reasoning_effort"
+    finally:
+        server.stop()
+    server = RunningServer(str(reasons))
+    try:
+        reply = httpx.post(f"{server.url}/v1/chat/completions", json=ask, timeout=60).json()
+        message = reply["choices"][0]["message"]
+        assert message["content"] == "" and message["reasoning_content"].startswith("Think.")
+        events = []
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**ask, "stream": True}, timeout=60) as response:
+            events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+        deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
+        assert "".join(d.get("reasoning_content", "") for d in deltas) == message["reasoning_content"]
+        assert "".join(d.get("content", "") for d in deltas) == ""
+    finally:
+        server.stop()
