@@ -511,7 +511,6 @@ FAMILIES: dict[str, Family] = {
     "deepseek_v3": Family(deepseek_v3),
     "gpt_oss": Family(gpt_oss, router="router", fused_experts=True),
 }
-SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 
 # Geometries of published models (their config.json fields), for `plan` and `bench` without a checkpoint.
