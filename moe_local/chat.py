@@ -32,6 +32,9 @@ SETTINGS = {
 }
 ALIASES = {"temp": "temperature"}  # as the --temp flag
 SWITCHES = {"on": True, "off": False}
+# The shortest conversation a template must accept for a chat: checked before the first message (and by
+# the CLI before the slow load), so that a template that rejects it fails at once.
+TEMPLATE_PROBE = ({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Hi"})
 NO_CHANNELS = "--show-reasoning applies to models that answer in channels (gpt-oss's harmony format); this model's answers are plain text"
 
 
@@ -117,7 +120,7 @@ class ChatSession:
 
     def check_template(self) -> None:
         """Fail now, not at the first message, when the chat template rejects this conversation's shape."""
-        self.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Hi"}])
+        self.render(list(TEMPLATE_PROBE))
 
     def ask(self, text: str) -> int:
         """Add the user's message and build `self.prompt`; returns how many of the oldest turns were dropped

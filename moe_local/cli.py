@@ -367,8 +367,9 @@ def run(
 def check_chat_template(tokenizer: Tokenizer, system: Optional[str], think: Optional[bool], reasoning_effort: Optional[str] = None) -> None:
     """The conversation ChatSession.check_template renders, rendered before the load: a template that
     rejects it (or has no thinking switch for --think) fails in seconds, not after every expert was read."""
-    hi, hello = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
-    tokenizer.render_chat(chat_messages(system, hi, hello, hi), **tokenizer.template_options(think, reasoning_effort))
+    from moe_local.chat import TEMPLATE_PROBE
+
+    tokenizer.render_chat(chat_messages(system, *TEMPLATE_PROBE), **tokenizer.template_options(think, reasoning_effort))
 
 
 @app.command()
