@@ -117,7 +117,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     dtype: torch.dtype | None  # as declared in config.json, if it says
     # which layers have routed experts; the others have a dense MLP of `dense_ffn_dim`, kept resident
-    moe_layers: tuple[int, ...] = ()
+    moe_layers: tuple[int, ...] | None = None  # None: every layer
     dense_ffn_dim: int = 0
     router: RouterConfig = field(default_factory=RouterConfig)
     shared_ffn_dim: int = 0  # a shared expert every token uses (resident); 0: none
@@ -127,7 +127,7 @@ class ModelConfig:
     o_bias: bool = False
     qk_norm: str | None = None  # "head": RMSNorm per head (Qwen3, GLM); "proj": over the whole projection (OLMoE)
     clip_qkv: float | None = None
-    layer_windows: tuple[int | None, ...] = ()  # sliding window per layer (None: full attention)
+    layer_windows: tuple[int | None, ...] | None = None  # sliding window per layer (None: full attention); None: no window
     mla: LatentAttentionConfig | None = None
     attn_scale: float = 0.0  # softmax scale; 0: 1/sqrt(query-key dimension)
     attn_sinks: bool = False  # gpt-oss: a learned per-head logit in each softmax's denominator
@@ -141,9 +141,11 @@ class ModelConfig:
     mxfp4_experts: bool = False  # the checkpoint holds the routed experts as MXFP4 blocks and scales
 
     def __post_init__(self) -> None:
-        if not self.moe_layers:
+        # None, not an empty tuple, means "every layer": a family whose rule leaves no MoE layer (every Qwen
+        # layer in mlp_only_layers) must reach from_hf's dense-model check
+        if self.moe_layers is None:
             object.__setattr__(self, "moe_layers", tuple(range(self.n_layers)))
-        if not self.layer_windows:
+        if self.layer_windows is None:
             object.__setattr__(self, "layer_windows", (None,) * self.n_layers)
 
     @classmethod
@@ -284,10 +286,14 @@ def _eos_ids(raw: dict) -> tuple[int, ...]:
     return tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
+def _rope_params(raw: dict) -> dict:
+    """`rope_parameters` (transformers >= 5) over `rope_scaling` (the published files)."""
+    return {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})}
+
+
 def _rope(raw: dict, head_dim: int, interleaved: bool = False) -> RopeConfig:
-    """RoPE from `rope_parameters` (transformers >= 5) or `rope_theta` + `rope_scaling` (the published files)."""
-    params = dict(raw.get("rope_scaling") or {})
-    params.update(raw.get("rope_parameters") or {})
+    """RoPE from `rope_parameters` or `rope_theta` + `rope_scaling`."""
+    params = _rope_params(raw)
     kind = params.get("rope_type", params.get("type", "default"))
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
     factor = float(params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)))
@@ -441,7 +447,7 @@ def _deepseek(raw: dict, router: RouterConfig, interleaved: bool) -> ModelConfig
     )
     rope = _rope(raw, mla.rope_dim, interleaved)
     scale = mla.qk_dim**-0.5
-    params = {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})}
+    params = _rope_params(raw)
     if rope.kind != "default" and params.get("mscale_all_dim"):
         scale *= yarn_mscale(rope.factor, params["mscale_all_dim"]) ** 2
     ffn = int(raw["moe_intermediate_size"])

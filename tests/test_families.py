@@ -212,6 +212,7 @@ def test_published_rope_scaling_reads_like_rope_parameters():
 @pytest.mark.parametrize(("raw", "message"), [
     ({"model_type": "llama"}, "unsupported model_type 'llama' in config.json (supported: mixtral, qwen3_moe, qwen2_moe, olmoe, glm4_moe, deepseek_v2, deepseek_v3, gpt_oss)"),
     ({**PRESETS["qwen3-30b-a3b"], "num_experts": 0}, "dense model with no routed experts"),
+    ({**PRESETS["qwen3-30b-a3b"], "num_hidden_layers": 2, "mlp_only_layers": [0, 1]}, "dense model with no routed experts"),
     ({**PRESETS["qwen3-30b-a3b"], "rope_scaling": {"rope_type": "longrope", "factor": 4}}, "unsupported RoPE scaling 'longrope'"),
     ({**PRESETS["deepseek-v3"], "topk_method": "greedy"}, "unsupported topk_method 'greedy' for deepseek_v3"),
     ({**PRESETS["glm-4.5-air"], "n_group": 3}, "do not divide 128 experts into groups"),
