@@ -343,7 +343,7 @@ class Checkpoint:
         """One expert's MXFP4 parts in the `Mxfp4` format's layout: gate_up's rows (and bias) reordered from
         interleaved gate/up to gate rows then up rows; blocks and scales are per row, so this is exact."""
         def row(name: str) -> torch.Tensor:
-            return self.get_row(self._expert_names[layer, name], expert)
+            return self._fused_row(layer, name, expert)
 
         def halves(t: torch.Tensor) -> torch.Tensor:
             return torch.cat([t[0::2], t[1::2]])
@@ -354,9 +354,13 @@ class Checkpoint:
             "gate_up.bias": halves(row("gate_up_proj_bias")), "down.bias": row("down_proj_bias"),
         }
 
+    def _fused_row(self, layer: int, name: str, expert: int) -> torch.Tensor:
+        """Expert `expert`'s row of MoE layer `layer`'s fused tensor `name` (gpt-oss: gate_up_proj_blocks, ...)."""
+        return self.get_row(self._expert_names[layer, name], expert)
+
     def _fused_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         def row(name: str) -> torch.Tensor:
-            return self.get_row(self._expert_names[layer, name], expert)
+            return self._fused_row(layer, name, expert)
 
         if self.config.mxfp4_experts:  # widened exactly: every MXFP4 value is a bf16 value
             gate_up = mxfp4.dequantize(row("gate_up_proj_blocks"), row("gate_up_proj_scales"), self.dtype)  # [2F, D]

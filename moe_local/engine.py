@@ -174,8 +174,8 @@ class Engine:
         tokenizer = load_tokenizer(folder) if has_tokenizer else None
         store = ExpertStore(cfg, fmt, pin=device.type == "cuda", extra_host_bytes=plan.beside_store_bytes)
         try:
-            # quantized experts are cached on disk; a checkpoint's own MXFP4 bytes are copied as they are
-            if fmt.quantized and not (fmt.name == "mxfp4" and cfg.mxfp4_experts):
+            # quantized experts are cached on disk; experts already in the format are copied as they are
+            if fmt.quantized and not fmt.native:
                 notes.append(fill_quantized(ckpt, store, device, progress))
             else:
                 store.fill_from(ckpt.expert, device, progress)

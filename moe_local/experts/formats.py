@@ -50,6 +50,7 @@ class ExpertFormat:
 
     name: str
     quantized = False
+    native = False  # the checkpoint's experts are already in this format: packing copies them, nothing to cache
 
     bias_dtype = torch.bfloat16  # where the family's experts have biases (gpt-oss), they are kept in this
 
@@ -231,6 +232,7 @@ class Mxfp4(ExpertFormat):
     quantized = True
 
     def __init__(self, cfg: ModelConfig):
+        self.native = cfg.mxfp4_experts
         f, d = cfg.ffn_dim, cfg.dim
         g = mxfp4.BLOCK
         super().__init__(cfg, [
