@@ -6,7 +6,8 @@
 `make` writes a random Mixtral checkpoint (dim 1024, 8 experts of 2816, 8 layers: 576 M parameters, bf16,
 the demo model's tokenizer) and converts it with llama.cpp's converter (LLAMA_CPP_TOOLS, default
 /work/shared/tools/llama-cpp). `run` decodes `--tokens` greedy tokens after a short prompt with each
-engine and format pair (bf16 vs bf16, q8_0 vs int8, q4_0 vs int4), one after the other, `--rounds`
+engine and format pair (bf16 vs bf16, q8_0 vs int8, q4_0 vs int4; llama.cpp's quantized files hold the
+attention projections quantized too, so those moe-local runs use `--resident-dtype int8`), one after the other, `--rounds`
 times (interleaved, so that a noisy shared machine slows both alike), each in its own process with the
 same thread count; it prints one markdown row per pair with both speeds and their ratio. llama.cpp runs
 in the Python of LLAMA_PYTHON (default /tmp/llama/bin/python, the venv its README describes)."""
@@ -24,14 +25,17 @@ from pathlib import Path
 TOOLS = Path(os.environ.get("LLAMA_CPP_TOOLS", "/work/shared/tools/llama-cpp"))
 LLAMA_PYTHON = os.environ.get("LLAMA_PYTHON", "/tmp/llama/bin/python")
 DEMO = Path(__file__).resolve().parent.parent / "moe_local" / "demo"
-PAIRS = [("bf16", "bf16"), ("q8_0", "int8"), ("q4_0", "int4")]  # llama.cpp's file, moe-local's --experts-dtype
+# llama.cpp's file; moe-local's --experts-dtype and --resident-dtype. llama.cpp's q8_0 and q4_0 files quantize
+# the attention projections too, so the nearest moe-local runs keep them in int8.
+PAIRS = [("bf16", "bf16", "auto"), ("q8_0", "int8", "int8"), ("q4_0", "int4", "int8")]
 PROMPT = [1, 100, 200, 300, 400, 500, 600, 700]
 
 MOE_LOCAL = """
 import json, sys, time, torch, moe_local
-folder, fmt, n, threads, prompt, slots = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5]), json.loads(sys.argv[6])
+folder, fmt, resident, n, threads, prompt, slots = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), json.loads(sys.argv[6]), json.loads(sys.argv[7])
 torch.set_num_threads(threads)
-engine = moe_local.load(folder, device="cpu", dtype="bf16", experts_dtype=fmt, ctx_size=len(prompt) + n + 1, expert_slots=slots)
+engine = moe_local.load(folder, device="cpu", dtype="bf16", experts_dtype=fmt, resident_dtype=resident,
+                      ctx_size=len(prompt) + n + 1, expert_slots=slots)
 token = int(engine.prefill(prompt)[0].argmax())
 for _ in range(4): engine.decode_one(token)  # warm-up, then start again from the prompt
 token = int(engine.prefill(prompt)[0].argmax())
@@ -92,8 +96,8 @@ def run(out: Path, rounds: int, tokens: int, threads: int, slots: int | None) ->
     prompt = json.dumps(PROMPT)
     speeds: dict[tuple[str, str], list[float]] = {}
     for r in range(rounds):
-        for gguf, fmt in PAIRS:
-            ours = one([sys.executable, "-c", MOE_LOCAL, str(out / "hf"), fmt, str(tokens), str(threads), prompt, json.dumps(slots)])
+        for gguf, fmt, resident in PAIRS:
+            ours = one([sys.executable, "-c", MOE_LOCAL, str(out / "hf"), fmt, resident, str(tokens), str(threads), prompt, json.dumps(slots)])
             theirs = one([LLAMA_PYTHON, "-c", LLAMA, str(out / f"{gguf}.gguf"), str(tokens), str(threads), prompt])
             speeds.setdefault(("moe-local", fmt), []).append(ours["tok_per_s"])
             speeds.setdefault(("llama.cpp", gguf), []).append(theirs["tok_per_s"])
@@ -102,10 +106,11 @@ def run(out: Path, rounds: int, tokens: int, threads: int, slots: int | None) ->
                   file=sys.stderr, flush=True)
     print(f"| llama.cpp | tok/s | moe-local | tok/s | ratio per round ({time.strftime('%Y-%m-%d')}, {threads} threads, {tokens} tokens) |")
     print("| --- | --- | --- | --- | --- |")
-    for gguf, fmt in PAIRS:
+    for gguf, fmt, resident in PAIRS:
         ours, theirs = speeds[("moe-local", fmt)], speeds[("llama.cpp", gguf)]
         ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(ours, theirs))
-        print(f"| {gguf} | {' / '.join(f'{s:.1f}' for s in theirs)} | {fmt} | {' / '.join(f'{s:.1f}' for s in ours)} | {ratios} |")
+        name = fmt if resident == "auto" else f"{fmt}, attention {resident}"
+        print(f"| {gguf} | {' / '.join(f'{s:.1f}' for s in theirs)} | {name} | {' / '.join(f'{s:.1f}' for s in ours)} | {ratios} |")
 
 
 def main() -> None:

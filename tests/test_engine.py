@@ -122,6 +122,30 @@ def test_step_by_step_decode_agrees_with_one_full_prefill(tiny, device):
     assert (stepped - full[16:]).abs().max() <= 1e-4 * full.abs().max()
 
 
+def test_one_token_steps_run_without_onednn_and_restore_it(tiny_bf16):
+    """bf16 matmuls of one row take torch's own matrix-vector kernel (oneDNN is half as fast there), larger
+    steps keep oneDNN, and the process-wide switch is put back after every step, even a failed one."""
+    folder, _ = tiny_bf16
+    engine = moe_local.load(folder, device="cpu")
+    seen, experts = [], engine.experts
+
+    def watching(*args):
+        seen.append(torch.backends.mkldnn.enabled)
+        return experts(*args)
+
+    engine.experts = watching
+    token = int(engine.prefill(prompt_ids(5))[0].argmax())
+    assert seen and all(seen)
+    seen.clear()
+    engine.decode_one(token)
+    assert seen and not any(seen)
+    assert torch.backends.mkldnn.enabled
+    engine.experts = lambda *args: 1 / 0
+    with pytest.raises(ZeroDivisionError):
+        engine.decode_one(token)
+    assert torch.backends.mkldnn.enabled
+
+
 def test_prefill_reuses_the_cached_prefix(tiny):
     folder, _ = tiny
     engine = moe_local.load(folder, device="cpu")
