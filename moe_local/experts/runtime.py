@@ -89,15 +89,14 @@ def mix(
     by_expert = sorted(range(T * k), key=lambda p: rank[flat[p]])  # positions grouped in run order
     # pinned, so that the copy to the GPU is queued, not waited for
     positions = torch.tensor(by_expert, pin_memory=x.is_cuda).to(x.device, non_blocking=True)  # [T*k]
-    tokens = positions // k
-    flat_weights = weights.reshape(-1, 1)  # [T*k, 1]
-    out = x.new_empty(T * k, x.shape[1])  # [T*k, D]
-    start = 0
+    xs = x[positions // k]  # [T*k, D]: each expert's tokens together, gathered once for all experts
+    ys, start = [], 0
     for e in order:
         n = flat.count(e)
-        p = positions[start : start + n]
-        out[p] = (run(e, x[tokens[start : start + n]]) * flat_weights[p]).to(x.dtype)
+        ys.append(run(e, xs[start : start + n]))
         start += n
+    out = x.new_empty(T * k, x.shape[1])  # [T*k, D]
+    out[positions] = (torch.cat(ys) * weights.reshape(-1, 1)[positions]).to(x.dtype)
     return out.view(T, k, -1).sum(dim=1)  # [T, D]
 
 
