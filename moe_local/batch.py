@@ -199,7 +199,10 @@ class Batcher:
 
     def _finish(self, r: Running, reason: str, text: str) -> None:
         if not r.stops.stopped:  # what the detokenizer and the stop strings still hold back
-            text += r.stops.push(r.decoder.flush()) + r.stops.flush()
+            text += r.stops.push(r.decoder.flush())
+            if r.stops.stopped:  # the held-back end completed a stop string: the text ends there, as stopped
+                reason = "stop"
+            text += r.stops.flush()
         r.request.emit(r.output(text=text, reasoning=r.take_reasoning(), finish_reason=reason))
         self._leave(r)
 

@@ -346,7 +346,13 @@ def run(
                 stats.finish_reason = "stop"
                 stats.experts = engine.experts.stats.as_dict()  # the generator, left early, did not
                 break
-        pieces.append("" if stops.stopped else stops.push(decoder.flush()) + stops.flush())
+        tail = ""
+        if not stops.stopped:  # what the detokenizer and the stop strings still hold back
+            tail = stops.push(decoder.flush())
+            if stops.stopped:  # the held-back end completed a stop string
+                stats.finish_reason = "stop"
+            tail += stops.flush()
+        pieces.append(tail)
         if json_output:
             result = {"text": "".join(pieces), "prompt_tokens": prompt_ids, "tokens": tokens, "stats": stats.as_dict()}
             if channels:
