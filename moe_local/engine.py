@@ -24,7 +24,7 @@ from moe_local.experts.formats import EXPERTS_DTYPES, ExpertFormat, choose_forma
 from moe_local.experts.qcache import fill_quantized
 from moe_local.experts.store import ExpertStore
 from moe_local.generate import GenerationStats, SamplingParams, generate
-from moe_local.model import KVCache, Transformer
+from moe_local.model import KVCache, KVPool, Transformer
 from moe_local.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -125,6 +125,8 @@ class Engine:
         self.dtype, self.device = model.output.weight.dtype, model.output.weight.device
         self.notes = notes or []  # what loading chose and did, for the CLI to show
         self._tokenizer, self.generation_config = tokenizer, generation_config or {}
+        self.kv_pool = KVPool(self.cfg, ctx_size, self.dtype, self.device, options.sequences)
+        self._free_rows = list(range(options.sequences))
         self.sequence = self.new_sequence()
         self.experts = self._expert_runtime(model, store, plan, options)
 
@@ -208,7 +210,11 @@ class Engine:
         self.sequence.tokens = ids
 
     def new_sequence(self) -> Sequence:
-        """An empty sequence with a KV cache of its own, for `ctx_size` tokens."""
+        """An empty sequence with a KV cache of its own, for `ctx_size` tokens: the next free row of the pool
+        that the plan counted (`sequences` of them), so that a batch of them attends in one operation; past
+        those, a cache of its own, outside the plan."""
+        if self._free_rows:
+            return Sequence(self.kv_pool.cache(self._free_rows.pop(0)), [])
         return Sequence(KVCache(self.cfg, self.ctx_size, self.dtype, self.device), [])
 
     @property

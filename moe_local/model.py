@@ -6,6 +6,7 @@ for every family."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -140,15 +141,43 @@ class Attention(nn.Module):
         y = self._attend(q, k, v, cache, pos)  # [H, T, hd]
         return self.wo(y.transpose(0, 1).reshape(x.shape[0], -1))
 
-    def forward_batch(self, x, cos, sin, caches: list[tuple[torch.Tensor, ...]], positions: list[int]) -> torch.Tensor:
+    def forward_batch(self, x, cos, sin, caches: list[tuple[torch.Tensor, ...]], positions: list[int], pooled: Pooled | None = None) -> torch.Tensor:
         """x [B, D]: the next token of each of B sequences, sequence b at positions[b] over its own caches[b].
-        The projections run on all B rows at once; only the attention core is per sequence."""
+        The projections run on all B rows at once. When the caches are rows of one `KVPool` (`pooled`), so is
+        the attention core: one write of the B new keys and values, one SDPA over the pool's rows; otherwise
+        (and with sinks, which SDPA has no term for) the core runs per sequence."""
         q, k, v = self._project(x, cos, sin)  # [H, B, hd], [Hkv, B, hd], [Hkv, B, hd]
+        if pooled is not None and self.sinks is None:
+            y = self._attend_pooled(q, k, v, pooled)  # [B, H, hd]
+            return self.wo(y.reshape(x.shape[0], -1))
         ys = [
             self._attend(q[:, b : b + 1], k[:, b : b + 1], v[:, b : b + 1], cache, pos)  # [H, 1, hd]
             for b, (cache, pos) in enumerate(zip(caches, positions))
         ]
         return self.wo(torch.cat(ys, dim=1).transpose(0, 1).reshape(x.shape[0], -1))  # [H, B, hd] -> [B, D]
+
+    def _attend_pooled(self, q, k, v, pooled: Pooled) -> torch.Tensor:
+        """q [H, B, hd], k and v [Hkv, B, hd] of B sequences that are rows of a pool -> [B, H, hd]. Keys and
+        values are written at each row's slot (its position, or position % window in a ring); then the
+        pool's rows lo..lo+n-1 attend as one batch, each row masked to its own valid slots (rows outside the
+        batch see slot 0 and are dropped)."""
+        (k_pool, v_pool), p = pooled.layer, pooled  # [N, Hkv, C, hd] each
+        H, Hkv, hd, C = self.n_heads, self.n_kv_heads, self.head_dim, k_pool.shape[2]
+        # a sliding layer's cache is a ring of its window, or the whole context where that is shorter
+        slot = p.positions % C if C == self.window else p.positions  # [B]
+        k_pool[p.rows, :, slot] = k.transpose(0, 1)  # [B, Hkv, hd]
+        v_pool[p.rows, :, slot] = v.transpose(0, 1)
+        S = min(C, p.furthest + 1)  # slots any of them sees
+        keys, values = k_pool[p.lo : p.lo + p.n, :, :S], v_pool[p.lo : p.lo + p.n, :, :S]  # views [n, Hkv, S, hd]
+        at, limit = torch.arange(S, device=q.device)[None, :], p.limit[:, None]  # [1, S], [n, 1]
+        mask = at <= limit  # [n, S] the slots written so far (a ring holds its window's positions, in some order)
+        queries = q.new_zeros(p.n, H, hd)
+        queries[p.rows - p.lo] = q.transpose(0, 1)
+        # each KV head's g query heads are g queries of it
+        y = F.scaled_dot_product_attention(
+            queries.view(p.n, Hkv, H // Hkv, hd), keys, values, attn_mask=mask[:, None, None, :], scale=self.scale
+        )  # [n, Hkv, g, hd]
+        return y.view(p.n, H, hd)[p.rows - p.lo]
 
     def _project(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, D] -> rotated queries [H, T, hd], rotated keys and values [Hkv, T, hd]."""
@@ -240,8 +269,9 @@ class LatentAttention(nn.Module):
         (cache,) = cache
         return self._out(self._attend(query, entry, cache, pos))
 
-    def forward_batch(self, x, cos, sin, caches: list[tuple[torch.Tensor, ...]], positions: list[int]) -> torch.Tensor:
-        """x [B, D]: the next token of each of B sequences, sequence b at positions[b] over its own caches[b]."""
+    def forward_batch(self, x, cos, sin, caches: list[tuple[torch.Tensor, ...]], positions: list[int], pooled: Pooled | None = None) -> torch.Tensor:
+        """x [B, D]: the next token of each of B sequences, sequence b at positions[b] over its own caches[b]
+        (the core runs per sequence, pooled or not)."""
         query, entry = self._project(x, cos, sin)  # [H, B, r + rope], [B, r + rope]
         ys = [self._attend(query[:, b : b + 1], entry[b : b + 1], cache, pos) for b, ((cache,), pos) in enumerate(zip(caches, positions))]
         return self._out(torch.cat(ys, dim=1))  # [H, B, r]
@@ -345,17 +375,20 @@ class Block(nn.Module):
         x = x + self.attention(self.attention_norm(x), cos, sin, cache, pos)
         return x + self.ffn(self.ffn_norm(x), experts)
 
-    def forward_batch(self, x, cos, sin, caches, positions, experts: Experts) -> torch.Tensor:
-        x = x + self.attention.forward_batch(self.attention_norm(x), cos, sin, caches, positions)
+    def forward_batch(self, x, cos, sin, caches, positions, experts: Experts, pooled: Pooled | None = None) -> torch.Tensor:
+        x = x + self.attention.forward_batch(self.attention_norm(x), cos, sin, caches, positions, pooled)
         return x + self.ffn(self.ffn_norm(x), experts)
 
 
 class KVCache:
     """Static per-layer attention caches for `ctx_size` tokens: keys and values [Hkv, ctx or window, hd]
-    each, or with latent attention one [ctx, r + rope] tensor."""
+    each, or with latent attention one [ctx, r + rope] tensor; with `pool`, views of its row `row`."""
 
-    def __init__(self, cfg: ModelConfig, ctx_size: int, dtype: torch.dtype, device: torch.device):
-        self.ctx_size = ctx_size
+    def __init__(self, cfg: ModelConfig, ctx_size: int, dtype: torch.dtype, device: torch.device, pool: KVPool | None = None, row: int = 0):
+        self.ctx_size, self.pool, self.row = ctx_size, pool, row
+        if pool is not None:
+            self.layers = [tuple(t[row] for t in layer) for layer in pool.layers]
+            return
         kind = Attention if cfg.mla is None else LatentAttention
         self.layers = [
             tuple(torch.zeros(s, dtype=dtype, device=device) for s in kind.cache_shapes(cfg, ctx_size, i)) for i in range(cfg.n_layers)
@@ -364,6 +397,41 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for layer in self.layers for t in layer)
+
+
+class KVPool:
+    """The KV caches of up to `rows` sequences decoded together (the server's `--parallel`), each layer's
+    tensors with the sequence first [rows, ...], so that a decode step of several of them writes and reads
+    all their keys and values with one operation each (`Attention._attend_pooled`)."""
+
+    def __init__(self, cfg: ModelConfig, ctx_size: int, dtype: torch.dtype, device: torch.device, rows: int):
+        kind = Attention if cfg.mla is None else LatentAttention
+        self.cfg, self.ctx_size, self.rows, self.dtype, self.device = cfg, ctx_size, rows, dtype, device
+        self.layers = [
+            tuple(torch.zeros((rows, *s), dtype=dtype, device=device) for s in kind.cache_shapes(cfg, ctx_size, i))
+            for i in range(cfg.n_layers)
+        ]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for layer in self.layers for t in layer)
+
+    def cache(self, row: int) -> KVCache:
+        """Row `row`'s caches, as views."""
+        return KVCache(self.cfg, self.ctx_size, self.dtype, self.device, pool=self, row=row)
+
+
+@dataclass
+class Pooled:
+    """A decode step's sequences as rows of one `KVPool`, for one layer (`layer`: its pool tensors)."""
+
+    layer: tuple[torch.Tensor, ...]
+    rows: torch.Tensor  # [B] each sequence's row
+    positions: torch.Tensor  # [B] the position of each sequence's new token
+    furthest: int  # the largest of them
+    lo: int  # the rows lo..lo+n-1 cover the batch
+    n: int
+    limit: torch.Tensor  # [n] the position of row lo+i's new token, 0 for rows outside the batch
 
 
 class Transformer(nn.Module):
@@ -415,10 +483,20 @@ class Transformer(nn.Module):
     def forward_batch(self, tokens: torch.Tensor, positions: list[int], caches: list[KVCache], experts: Experts) -> torch.Tensor:
         """One decode step of B sequences: tokens [B], token b at positions[b] of the sequence whose cache is
         caches[b] -> final hidden states [B, D]. Everything but the attention core runs on the B rows at once,
-        so each MoE layer asks `experts` once for all of them."""
+        so each MoE layer asks `experts` once for all of them; the core too when the caches share a pool."""
         x = self.tok_embeddings(tokens)  # [B, D]
         at = torch.tensor(positions, device=tokens.device)
         cos, sin = rope_cos_sin(self.inv_freq, at, x.dtype, self.cfg.rope.attention_factor)  # [B, rd]
+        pool = caches[0].pool
+        pooled = None
+        if pool is not None and all(kv.pool is pool for kv in caches):
+            row_ids = [kv.row for kv in caches]
+            lo, n = min(row_ids), max(row_ids) - min(row_ids) + 1
+            rows = torch.tensor(row_ids, device=tokens.device)
+            limit = torch.zeros(n, dtype=at.dtype, device=tokens.device)
+            limit[rows - lo] = at
+            pooled = Pooled((), rows, at, max(positions), lo, n, limit)
         for i, layer in enumerate(self.layers):
-            x = layer.forward_batch(x, cos, sin, [kv.layers[i] for kv in caches], positions, experts)
+            step = None if pooled is None else replace(pooled, layer=pool.layers[i])
+            x = layer.forward_batch(x, cos, sin, [kv.layers[i] for kv in caches], positions, experts, step)
         return self.norm(x)

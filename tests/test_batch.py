@@ -9,7 +9,9 @@ import torch
 
 import moe_local
 from moe_local.batch import Batcher, Output, Request
+from moe_local.engine import Sequence
 from moe_local.generate import SamplingParams
+from moe_local.model import KVCache, KVPool
 
 from families import build_family
 
@@ -18,14 +20,15 @@ GREEDY = SamplingParams(temperature=0)
 RTOL = 1e-5
 
 
-@pytest.fixture(scope="module", params=["mixtral", "gpt_oss", "deepseek_v3"])
+@pytest.fixture(scope="module", params=["mixtral", "mixtral-window", "gpt_oss", "deepseek_v3"])
 def engine(request, tmp_path_factory, tokenizer_dir):
-    """Full attention (Mixtral); sliding windows of 6 in rings, with sinks (gpt-oss); latent attention (DeepSeek)."""
+    """Full attention (Mixtral); a sliding window of 6 in a ring (Mixtral); sliding windows of 6 in rings,
+    with sinks (gpt-oss); latent attention (DeepSeek)."""
     folder = tmp_path_factory.mktemp(request.param)
-    if request.param == "mixtral":
+    if request.param.startswith("mixtral"):
         from conftest import build_mixtral
 
-        build_mixtral(folder, tokenizer_dir)
+        build_mixtral(folder, tokenizer_dir, **({"sliding_window": 6} if request.param == "mixtral-window" else {}))
     else:
         build_family(request.param, folder, tokenizer_dir)
     return moe_local.load(folder, device="cpu", expert_slots=5)
@@ -35,9 +38,18 @@ def prompt(n: int, seed: int) -> list[int]:
     return [1] + torch.randint(3, 300, (n - 1,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def own_caches(engine, n: int) -> list[Sequence]:
+    return [Sequence(KVCache(engine.cfg, engine.ctx_size, engine.dtype, engine.device), []) for _ in range(n)]
+
+
+def pool_rows(engine, n: int) -> list[Sequence]:
+    pool = KVPool(engine.cfg, engine.ctx_size, engine.dtype, engine.device, n)
+    return [Sequence(pool.cache(row), []) for row in range(n)]
+
+
 def alone(engine, ids: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy tokens and each step's logits, the sequence on its own (the engine's single-sequence path)."""
-    seq = engine.new_sequence()
+    (seq,) = own_caches(engine, 1)
     logits, _ = engine.prefill(ids, seq)
     tokens, steps = [], [logits]
     for _ in range(n - 1):
@@ -51,11 +63,15 @@ def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
     assert (got - want).abs().max() <= RTOL * want.abs().max()
 
 
-def test_sequences_decoded_together_match_each_alone_as_they_join_and_leave(engine):
+@pytest.mark.parametrize("caches", [own_caches, pool_rows])
+def test_sequences_decoded_together_match_each_alone_as_they_join_and_leave(engine, caches):
+    """With caches of their own the attention core runs per sequence; as rows of one pool it runs once for
+    the batch, over the rows between the batch's first and last (a row outside it, here the second after it
+    leaves, is masked out)."""
     # sequence i joins at step joins[i] and leaves after lengths[i] tokens; prompts cross the window of 6
     prompts, lengths, joins = [prompt(3, 0), prompt(9, 1), prompt(14, 2), prompt(5, 3)], [12, 4, 9, 6], [0, 0, 2, 5]
     expected = [alone(engine, p, n) for p, n in zip(prompts, lengths)]
-    seqs = [engine.new_sequence() for _ in prompts]
+    seqs = caches(engine, len(prompts))
     got: list[list[int]] = [[] for _ in prompts]
     step = 0
     while any(len(g) < n for g, n in zip(got, lengths)):
