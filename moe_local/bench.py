@@ -161,13 +161,13 @@ def cpu_experts(store: ExpertStore, keys: list) -> tuple[ExpertFormat, list[torc
     return fmt, [store.buffer(key) for key in keys]
 
 
-def run_engine(engine: Engine, prompt: list[int], feed: list[int], h2d_bytes_per_s: float) -> tuple[dict, list[int]]:
+def run_engine(engine: Engine, prompt: list[int], feed: list[int], channels: dict) -> tuple[dict, list[int]]:
     """Prefill the prompt, then decode one step per token of `feed`: speeds, cache counters, the copy bound,
-    and each step's most likely token.
+    where a layer's time goes, and each step's most likely token (`channels`: `measure_channels`' speeds).
 
     Decode feeds given random tokens rather than its own output: a random model's greedy output soon
     repeats one token, which routes the same way every step and would flatter the cache."""
-    device = engine.device
+    device, h2d_bytes_per_s = engine.device, channels["h2d_gb_per_s"] * 1e9
     engine.tokens = []  # start from an empty KV cache; the pool keeps what warm-up left in it
     engine.experts.stats.reset()
     sync(device)
@@ -186,6 +186,8 @@ def run_engine(engine: Engine, prompt: list[int], feed: list[int], h2d_bytes_per
     # the copies at the measured speed and the CPU channel's measured work, each alone, overlapped perfectly
     bound_s = max(per_token / h2d_bytes_per_s, decode["cpu_busy_s"] / new_tokens)
     per_layer_ms = 1e3 / new_tokens / engine.cfg.n_layers
+    waited_s = decode["sync_wait_s"] + decode["cpu_wait_s"]
+    on_device = decode["hits"] + decode["misses"] - decode["experts_on_cpu"]  # expert runs on the device (one token each)
     return {
         "policy": engine.options.policy,
         "prefetch": engine.options.prefetch,
@@ -208,6 +210,13 @@ def run_engine(engine: Engine, prompt: list[int], feed: list[int], h2d_bytes_per
         "experts_on_cpu_per_token": decode["experts_on_cpu"] / new_tokens,
         "cpu_busy_ms_per_layer": decode["cpu_busy_s"] * per_layer_ms,  # the CPU channel computing
         "cpu_wait_ms_per_layer": decode["cpu_wait_s"] * per_layer_ms,  # the main thread waiting for it
+        # where a layer's time goes: the host's own work (Python, launches) and its waits add up to the
+        # measured time; the device's copies and expert compute, which overlap them, are the bytes copied and
+        # the experts run at the speeds measured at load (`channels`)
+        "host_ms_per_layer": (decode_s - waited_s) * per_layer_ms,
+        "wait_ms_per_layer": waited_s * per_layer_ms,
+        "copy_ms_per_layer": decode["bytes_copied"] / h2d_bytes_per_s * per_layer_ms,
+        "compute_ms_per_layer": on_device * channels["device_expert_ms"] / 1e3 * per_layer_ms,
         "bound_tok_per_s": 1 / bound_s if bound_s else None,  # None: nothing was copied or run on the CPU
         "efficiency": bound_s / (decode_s / new_tokens) if bound_s else None,
     }, argmaxes
@@ -335,8 +344,8 @@ def bench(
         say(f"{variant.policy}, prefetch {'on' if variant.prefetch else 'off'}: "
             f"prefill {config.prompt_tokens} tokens, decode {config.new_tokens}")
         engine = Engine(model, store, plan, variant, ctx_size, generation_config={"eos_token_id": []})
-        run_engine(engine, prompt[:8], feed[:2], channels["h2d_gb_per_s"] * 1e9)  # warm-up: kernels, allocator
-        run, tokens = run_engine(engine, prompt, feed, channels["h2d_gb_per_s"] * 1e9)
+        run_engine(engine, prompt[:8], feed[:2], channels)  # warm-up: kernels, allocator
+        run, tokens = run_engine(engine, prompt, feed, channels)
         runs.append(run)
         outputs.append(tokens)
         del engine

@@ -777,7 +777,7 @@ def print_bench(r: dict) -> None:
         recall = run["prefetch_recall"]
         table.add_row(
             run["policy"], "on" if run["prefetch"] else "off", f"{run['prefill_tok_per_s']:.1f}",
-            f"{run['decode_tok_per_s']:.2f}", f"{run['decode_ms_per_layer']:.2f} ({run['sync_wait_ms_per_layer']:.2f})",
+            f"{run['decode_tok_per_s']:.2f}", f"{run['decode_ms_per_layer']:.2f} ({run['wait_ms_per_layer']:.2f})",
             f"{100 * run['hit_rate']:.1f} %",
             "n/a" if recall is None else f"{100 * recall:.1f} %", f"{run['h2d_bytes_per_token'] / 1e9:.3f}",
             f"{run['experts_on_cpu_per_token']:.2f}",
@@ -785,6 +785,12 @@ def print_bench(r: dict) -> None:
         )
     console = rich_stderr()
     console.print(table)
+    console.print("a decode layer's time: the host's own work (Python, launches) + its waits for the device and the CPU channel; "
+                  "meanwhile the device copies and computes experts (their bytes and runs at the channel speeds below):")
+    for run in r["runs"]:
+        console.print(f"  {run['policy']}, prefetch {'on' if run['prefetch'] else 'off'}: {run['decode_ms_per_layer']:.2f} ms = "
+                      f"host {run['host_ms_per_layer']:.2f} + wait {run['wait_ms_per_layer']:.2f}; "
+                      f"copy {run['copy_ms_per_layer']:.2f}, compute {run['compute_ms_per_layer']:.2f}")
     console.print(f"channels: {ch['h2d_gb_per_s']:.1f} GB/s host->{r['plan']['device']} ({'pinned' if ch['pinned'] else 'pageable'}), "
                   f"one expert {ch['device_expert_ms']:.2f} ms on the {r['plan']['device']}, {ch['cpu_expert_ms']:.2f} ms on the CPU "
                   f"({ch['cpu_threads']} threads)")

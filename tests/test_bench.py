@@ -49,6 +49,14 @@ def test_bench_figures_agree_with_each_other(result):
         assert run["bound_tok_per_s"] == pytest.approx(1 / bound_s)
         assert run["efficiency"] == pytest.approx(run["decode_tok_per_s"] / run["bound_tok_per_s"])
         assert 0 < run["sync_wait_ms_per_layer"] < run["decode_ms_per_layer"]
+        # the split of a layer's time: host + wait is the measured time; copy and compute are its bytes and
+        # expert runs at the channels' speeds (every requested expert ran on the device: none on the CPU here)
+        assert run["host_ms_per_layer"] + run["wait_ms_per_layer"] == pytest.approx(run["decode_ms_per_layer"])
+        assert run["wait_ms_per_layer"] >= run["sync_wait_ms_per_layer"] and run["host_ms_per_layer"] > 0
+        assert run["copy_ms_per_layer"] == pytest.approx(bound_s * 1e3 / result["config"]["n_layers"])
+        assert run["experts_on_cpu"] == 0
+        runs = run["compute_ms_per_layer"] * result["config"]["n_layers"] / result["channels"]["device_expert_ms"]
+        assert runs == pytest.approx(4 * 2)  # per token: the tiny preset's 4 layers, top-2
     main = result["runs"][0]
     assert result["speedup_vs_peer_per_layer"] == pytest.approx(result["peer"]["ms_per_layer"] / main["decode_ms_per_layer"])
     assert result["host_memory"]["pageable_bytes"] == result["plan"]["total_experts"] * expert_bytes
@@ -70,6 +78,10 @@ def test_bench_command_prints_one_json_object_and_a_table_on_stderr():
     assert [run["policy"] for run in out["runs"]] == ["lru"] and out["policy"] == "lru"
     assert out["config"]["prompt_tokens"] == 24 and out["peer"]["tokens"] == 2
     assert "decode tok/s" in result.stderr and "peer (transformers + accelerate offload, 1 layers)" in result.stderr
+    run = out["runs"][0]
+    split = (f"lru, prefetch on: {run['decode_ms_per_layer']:.2f} ms = host {run['host_ms_per_layer']:.2f} + wait "
+             f"{run['wait_ms_per_layer']:.2f}; copy {run['copy_ms_per_layer']:.2f}, compute {run['compute_ms_per_layer']:.2f}")
+    assert split in result.stderr
 
 
 def test_bench_with_int8_attention_plans_and_runs_it(result):
