@@ -99,16 +99,17 @@ class QKNorm(nn.Module):
 
 
 def attend(q, keys, values, mask, scale: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
-    """q [H, T, hd] over keys and values [H, S, hd] (mask [T, S] bool or None) -> [H, T, hd]. With sinks
-    [H], each head's softmax has one more logit in its denominator and nothing to weight, as gpt-oss
-    does; SDPA has no such term, so that case is computed by hand."""
+    """q [..., T, hd] over keys and values [..., S, hd] (mask [..., T, S] bool or None) -> [..., T, hd]. With
+    sinks (one logit per query head, shaped to broadcast against the scores' [..., T, 1]), each head's
+    softmax has one more logit in its denominator and nothing to weight, as gpt-oss does; SDPA has no such
+    term, so that case is computed by hand."""
     if sinks is None:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
-    scores = torch.matmul(q, keys.transpose(1, 2)) * (scale or q.shape[-1] ** -0.5)  # [H, T, S]
+    scores = torch.matmul(q, keys.transpose(-2, -1)) * (scale or q.shape[-1] ** -0.5)  # [..., T, S]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    logits = torch.cat([scores, sinks.view(-1, 1, 1).expand(-1, q.shape[1], 1).to(scores.dtype)], dim=-1)
-    probs = torch.softmax(logits - logits.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]  # [H, T, S]
+    logits = torch.cat([scores, sinks.to(scores.dtype).expand(*scores.shape[:-1], 1)], dim=-1)
+    probs = torch.softmax(logits - logits.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]  # [..., T, S]
     return torch.matmul(probs.to(values.dtype), values)
 
 
@@ -144,10 +145,10 @@ class Attention(nn.Module):
     def forward_batch(self, x, cos, sin, caches: list[tuple[torch.Tensor, ...]], positions: list[int], pooled: Pooled | None = None) -> torch.Tensor:
         """x [B, D]: the next token of each of B sequences, sequence b at positions[b] over its own caches[b].
         The projections run on all B rows at once. When the caches are rows of one `KVPool` (`pooled`), so is
-        the attention core: one write of the B new keys and values, one SDPA over the pool's rows; otherwise
-        (and with sinks, which SDPA has no term for) the core runs per sequence."""
+        the attention core: one write of the B new keys and values, one attention over the pool's rows;
+        otherwise the core runs per sequence."""
         q, k, v = self._project(x, cos, sin)  # [H, B, hd], [Hkv, B, hd], [Hkv, B, hd]
-        if pooled is not None and self.sinks is None:
+        if pooled is not None:
             y = self._attend_pooled(q, k, v, pooled)  # [B, H, hd]
             return self.wo(y.reshape(x.shape[0], -1))
         ys = [
@@ -174,9 +175,9 @@ class Attention(nn.Module):
         queries = q.new_zeros(p.n, H, hd)
         queries[p.rows - p.lo] = q.transpose(0, 1)
         # each KV head's g query heads are g queries of it
-        y = F.scaled_dot_product_attention(
-            queries.view(p.n, Hkv, H // Hkv, hd), keys, values, attn_mask=mask[:, None, None, :], scale=self.scale
-        )  # [n, Hkv, g, hd]
+        g = H // Hkv
+        sinks = None if self.sinks is None else self.sinks.view(Hkv, g, 1)
+        y = attend(queries.view(p.n, Hkv, g, hd), keys, values, mask[:, None, None, :], self.scale, sinks)  # [n, Hkv, g, hd]
         return y.view(p.n, H, hd)[p.rows - p.lo]
 
     def _project(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -207,7 +208,7 @@ class Attention(nn.Module):
         # with a mask, enable_gqa sends CUDA to the math kernel: share the heads by hand
         groups = H // Hkv
         keys, values = keys.repeat_interleave(groups, dim=0), values.repeat_interleave(groups, dim=0)  # [H, S, hd]
-        return attend(q, keys, values, mask, self.scale, self.sinks)  # [H, T, hd]
+        return attend(q, keys, values, mask, self.scale, None if self.sinks is None else self.sinks.view(-1, 1, 1))  # [H, T, hd]
 
     def _ring(self, k_cache, v_cache, k, v, pos: int):
         """Keys and values for queries at pos..pos+T-1 from a window-sized ring (the window's older
