@@ -62,8 +62,12 @@ class MemoryPlan:
     workspace_bytes: int  # activations of one prefill chunk
     workspace_measured: bool  # measured on the device, or estimated from the geometry
     expert_bytes: int
-    expert_slots: int
+    expert_slots: int  # 0: on the CPU with no budget, every expert runs in place from the store
     total_experts: int
+
+    @property
+    def in_place(self) -> bool:
+        return self.expert_slots == 0
 
     @property
     def fixed_bytes(self) -> int:
@@ -137,7 +141,7 @@ def plan_memory(
             free, _ = torch.cuda.mem_get_info(device)
             budget = int(free * 0.9)  # leave room for the CUDA context and allocator slack
         if budget is None:
-            slots = cfg.n_experts  # CPU default: one layer's worth of slots beside the host store
+            slots = 0  # the CPU default: every expert runs in place from host RAM (`InPlaceExperts`)
         else:
             if budget < fixed + expert:
                 raise BudgetError(
@@ -158,8 +162,9 @@ def plan_report(cfg: ModelConfig, plan: MemoryPlan, ctx_size: int) -> dict:
     """What `moe-local plan` prints: where the memory goes and what to expect from it, without loading.
 
     Under uniform routing (the worst case for a cache; random routers route so) a requested expert is
-    resident with probability slots / experts when each layer keeps an even share of the slots."""
-    hit_rate = plan.expert_slots / plan.total_experts
+    resident with probability slots / experts when each layer keeps an even share of the slots; in place,
+    every expert is where it runs."""
+    hit_rate = 1.0 if plan.in_place else plan.expert_slots / plan.total_experts
     misses_per_token = (1 - hit_rate) * cfg.n_moe_layers * cfg.top_k
     return {
         "parameters": cfg.parameter_counts(),
@@ -172,6 +177,7 @@ def plan_report(cfg: ModelConfig, plan: MemoryPlan, ctx_size: int) -> dict:
         "workspace_measured": plan.workspace_measured,
         "expert_bytes": plan.expert_bytes,
         "expert_slots": plan.expert_slots,
+        "in_place": plan.in_place,
         "slot_bytes": plan.slot_bytes,
         "total_experts": plan.total_experts,
         "experts_per_layer": plan.expert_slots / cfg.n_moe_layers,

@@ -660,18 +660,22 @@ def print_plan(r: dict, cfg, slots_given: bool) -> None:
     elif slots_given:
         budget_text = "none: --expert-slots sets the slots"
     else:
-        budget_text = "none: on the CPU, one layer's worth of slots by default"
+        budget_text = "none: on the CPU every expert runs in place from host RAM by default"
+    in_place = r["in_place"]
     rows = [
         ("budget", budget_text),
         ("experts", r["why"]),
         ("resident weights", format_bytes(r["resident_bytes"]) + (" (attention in int8)" if r["resident_dtype"] == "int8" else "")),
         (f"KV cache ({r['ctx_size']} tokens)", format_bytes(r["kv_bytes"])),
         ("workspace (estimated)", format_bytes(r["workspace_bytes"])),
-        ("expert slots", f"{r['expert_slots']} x {format_bytes(r['expert_bytes'])} = {format_bytes(r['slot_bytes'])}"),
-        ("experts per layer that fit", f"{r['experts_per_layer']:.2f} of {cfg.n_experts} ({r['expert_slots']} of {r['total_experts']} in all)"),
+        ("expert slots", "none: no slots, no copies" if in_place
+         else f"{r['expert_slots']} x {format_bytes(r['expert_bytes'])} = {format_bytes(r['slot_bytes'])}"),
+        ("experts per layer that fit", f"all {cfg.n_experts}, in place" if in_place
+         else f"{r['experts_per_layer']:.2f} of {cfg.n_experts} ({r['expert_slots']} of {r['total_experts']} in all)"),
         ("host RAM for the experts" if on_gpu else "host RAM (experts + the rest)",
          f"{format_bytes(r['host_bytes_needed'])} needed, {format_bytes(r['host_bytes_available'])} available now"),
-        ("expected hit rate", f"{100 * r['expected_hit_rate_uniform']:.1f} % under uniform routing (the worst case)"),
+        ("expected hit rate", "100 %: every expert runs where it lies" if in_place
+         else f"{100 * r['expected_hit_rate_uniform']:.1f} % under uniform routing (the worst case)"),
         ("expected copies per token", f"{r['expected_h2d_bytes_per_token_uniform'] / 1e9:.2f} GB"),
     ]
     per_token = r["expected_h2d_bytes_per_token_uniform"]
@@ -693,7 +697,8 @@ def print_plan(r: dict, cfg, slots_given: bool) -> None:
             continue
         per_token = f["expected_h2d_bytes_per_token_uniform"]
         bound = [" / ".join(f"{gbps * 1e9 / per_token:.1f}" for gbps in (25, 55)) + " tok/s" if per_token else "no copies"] if on_gpu else []
-        formats.add_row(name, format_bytes(f["expert_bytes"]), str(f["expert_slots"]), f"{100 * f['expected_hit_rate_uniform']:.1f} %",
+        formats.add_row(name, format_bytes(f["expert_bytes"]), "in place" if f["in_place"] else str(f["expert_slots"]),
+                        f"{100 * f['expected_hit_rate_uniform']:.1f} %",
                         f"{per_token / 1e9:.2f}", *bound, format_bytes(f["host_bytes_needed"]))
     console.print(formats)
     if r["host_bytes_needed"] > r["host_bytes_available"]:
@@ -767,8 +772,9 @@ def print_bench(r: dict) -> None:
     from rich.table import Table
 
     ch = r["channels"]
-    table = Table(title=f"{r['config']['preset']}, {r['config']['n_layers']} layers, {r['plan']['expert_slots']} of "
-                  f"{r['plan']['total_experts']} experts in slots on {r['machine']['device']}")
+    where = (f"all {r['plan']['total_experts']} experts in place" if r["plan"]["in_place"]
+             else f"{r['plan']['expert_slots']} of {r['plan']['total_experts']} experts in slots")
+    table = Table(title=f"{r['config']['preset']}, {r['config']['n_layers']} layers, {where} on {r['machine']['device']}")
     columns = ("policy", "prefetch", "prefill tok/s", "decode tok/s", "ms/layer (wait)", "hits", "recall", "GB/token", "CPU experts/token",
                "bound tok/s", "efficiency")
     for column in columns:

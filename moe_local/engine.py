@@ -135,7 +135,7 @@ class Engine:
         the slot pool (on the CPU it stands in for a device: that is how the tests exercise it), with the CPU
         channel for misses as `cpu_experts` says; `auto` measures the channels first. On the CPU device `auto`
         is `never`: there the CPU channel is the same processor, and copying is pure loss."""
-        if self.device.type == "cpu" and options.expert_slots is None and options.gpu_memory is None:
+        if plan.in_place:
             return InPlaceExperts(store)
         policy = POLICIES[options.policy](plan.expert_slots, self.cfg.n_moe_layers)
         cache = ExpertCache(store, plan.expert_slots, self.device, policy)

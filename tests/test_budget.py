@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+import moe_local
+
 from conftest import moe_local_cli
 from moe_local.budget import host_bytes_needed, plan_memory, plan_report
 from moe_local.checkpoint import Checkpoint
@@ -56,7 +58,7 @@ def test_int8_attention_halves_the_attention_bytes_and_buys_slots():
 def test_on_the_cpu_everything_is_counted_in_host_ram():
     cfg = preset_config("tiny")
     plan = plan_memory(cfg, torch.float32, torch.device("cpu"), 256, 512)
-    assert plan.expert_slots == cfg.n_experts  # the CPU default: one layer's worth
+    assert plan.expert_slots == 0 and plan.in_place  # the CPU default: every expert in place, no slots
     assert host_bytes_needed(plan) == plan.total_experts * plan.expert_bytes + plan.fixed_bytes + plan.slot_bytes
 
 
@@ -93,6 +95,18 @@ def test_plan_command_shows_the_table_and_json_without_loading(tiny):
     assert small["resident_dtype"] == "int8" and small["resident_bytes"] < 0.6 * int4["resident_bytes"]
     assert small["expert_slots"] > int4["expert_slots"] and small["formats"]["bf16"]["resident_bytes"] == small["resident_bytes"]
     assert "(attention in int8)" in moe_local_cli(*args).stdout
+
+
+def test_plan_on_the_cpu_without_a_budget_is_what_the_load_runs_every_expert_in_place(tiny):
+    folder, _ = tiny
+    out = json.loads(moe_local_cli("plan", str(folder), "--device", "cpu", "--json").stdout)
+    assert out["in_place"] and out["expert_slots"] == out["slot_bytes"] == 0
+    assert out["expected_hit_rate_uniform"] == 1 and out["expected_h2d_bytes_per_token_uniform"] == 0
+    assert all(f["in_place"] for f in out["formats"].values())
+    table = moe_local_cli("plan", str(folder), "--device", "cpu").stdout
+    assert "none: no slots, no copies" in table and "every expert runs where it lies" in table
+    engine = moe_local.load(folder, device="cpu")
+    assert engine.plan.in_place and not hasattr(engine.experts, "cache")
 
 
 def test_plan_command_errors_are_one_line():
