@@ -35,7 +35,7 @@ CPU = torch.device("cpu")
 class BenchConfig:
     preset: str = "mixtral-8x7b"
     layers: int | None = None  # default: the preset's
-    gpu_memory: str | None = None  # default: 12GiB on CUDA; on the CPU, one layer's worth of slots
+    gpu_memory: str | None = None  # default: 12GiB on CUDA; on the CPU, every expert in place
     expert_slots: int | None = None  # overrides what gpu_memory implies
     prompt_tokens: int = 512
     new_tokens: int = 128
@@ -54,9 +54,10 @@ class BenchConfig:
     seed: int = 0
     cpu_experts: str = "auto"  # where misses run (see Options): auto, never, always
     pageable: bool = False  # experts in pageable host memory, as on a machine that cannot pin them
+    batch: int = 1  # > 1: one more run, this many sequences decoded together against one (`serve --parallel`)
 
     def __post_init__(self) -> None:
-        for name in ("prompt_tokens", "new_tokens"):
+        for name in ("prompt_tokens", "new_tokens", "batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.peer_layers < 0 or self.peer_tokens < 1:
@@ -222,6 +223,27 @@ def run_engine(engine: Engine, prompt: list[int], feed: list[int], channels: dic
     }, argmaxes
 
 
+def run_batch(engine: Engine, seqs: list, prompts: list[list[int]], feed: torch.Tensor) -> dict:
+    """Decode len(feed) steps of B = feed.shape[1] sequences `seqs` together (feed [steps, B]: random tokens,
+    so routing stays close to uniform), each prefilled with its prompt first, and the same steps of the
+    first sequence alone, on one engine (the plan with B KV caches, as `serve --parallel B` has): aggregate
+    tokens per second, the ratio, and the bytes copied per step."""
+    steps, B = feed.shape
+    runs = {}
+    for b in (1, B):
+        for seq, prompt in zip(seqs[:b], prompts):
+            seq.tokens = []
+            engine.prefill(prompt, seq)
+        engine.experts.stats.reset()
+        start = time.perf_counter()
+        for step in feed[:, :b].tolist():
+            engine.decode_batch(seqs[:b], step)  # returns logits on the host: the device is done
+        seconds = time.perf_counter() - start
+        runs[b] = {"tok_per_s": b * steps / seconds, "h2d_bytes_per_step": engine.experts.stats.total().bytes_copied / steps}
+    return {"sequences": B, "expert_slots": engine.plan.expert_slots, "one": runs[1], "together": runs[B],
+            "speedup": runs[B]["tok_per_s"] / runs[1]["tok_per_s"]}
+
+
 def measure_peer(preset: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, layers: int, tokens: int, seed: int) -> dict:
     """transformers' model of the preset's family with the routed experts offloaded to the CPU by accelerate
     (the way `device_map` with "cpu" entries runs them: weights copied to the device on every call), same
@@ -351,6 +373,21 @@ def bench(
         del engine
         free_device_memory(device)
     result["runs"] = runs
+    if config.batch > 1:
+        say(f"{options.policy}: {config.batch} sequences decoded together against one, {config.new_tokens} steps")
+        batch_plan = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, plan.budget_bytes, config.expert_slots,
+                                 plan.workspace_bytes if plan.workspace_measured else None, fmt.expert_bytes, int8_attention,
+                                 config.batch)
+        engine = Engine(model, store, batch_plan, replace(variants[0], sequences=config.batch), ctx_size,
+                        generation_config={"eos_token_id": []})
+        seqs = [engine.sequence] + [engine.new_sequence() for _ in range(config.batch - 1)]  # the pool's rows
+        draw = torch.Generator().manual_seed(config.seed + 1)
+        prompts = torch.randint(cfg.vocab_size, (config.batch, min(16, config.prompt_tokens)), generator=draw).tolist()
+        feed_batch = torch.randint(cfg.vocab_size, (config.new_tokens, config.batch), generator=draw)
+        run_batch(engine, seqs, prompts, feed_batch[:2])  # warm-up
+        result["batch"] = run_batch(engine, seqs, prompts, feed_batch)
+        del engine
+        free_device_memory(device)
     # neither the policy nor prefetch may change what is computed, only how fast
     result["same_tokens_in_every_run"] = all(tokens == outputs[0] for tokens in outputs)
     main = runs[0]

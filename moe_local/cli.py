@@ -713,7 +713,7 @@ TINY_BENCH_TOKENS = (64, 32)
 def bench(
     preset: str = typer.Option("mixtral-8x7b", "--preset", help="Geometry: a published one such as mixtral-8x7b (a wrong name lists them all), or tiny: a CPU smoke test."),
     layers: Optional[int] = typer.Option(None, "--layers", help="Layers to build. Default: the preset's (32 for Mixtral-8x7B)."),
-    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Device budget, with a unit. Default: 12GiB on CUDA; one layer's worth of slots on the CPU."),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Device budget, with a unit. Default: 12GiB on CUDA; on the CPU every expert runs in place."),
     expert_slots: ExpertSlots = None,
     prompt_tokens: Optional[int] = typer.Option(None, "--prompt-tokens", min=1, help=f"Prompt length for prefill. Default 512 ({TINY_BENCH_TOKENS[0]} for tiny)."),
     new_tokens: Optional[int] = typer.Option(None, "--new-tokens", min=1, help=f"Decode steps (batch 1), each fed a random token so that routing stays close to uniform. Default 128 ({TINY_BENCH_TOKENS[1]} for tiny)."),
@@ -728,6 +728,7 @@ def bench(
     prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", metavar="", help="Predict and load the next layer's experts ahead of time."),
     prefetch_top: int = typer.Option(1, "--prefetch-top", min=1, help="Experts per token the prefetcher loads, the likeliest first (2 for Mixtral: all it routes to)."),
     compare_prefetch: bool = typer.Option(True, "--compare-prefetch/--no-compare-prefetch", metavar="", help="One more run: the first policy with prefetch the other way."),
+    batch: int = typer.Option(1, "--batch", min=1, help="One more run: this many sequences decoded together (as `serve --parallel` does) against one alone, in a plan with a KV cache for each; their aggregate tokens/s and the ratio."),
     peer_layers: int = typer.Option(2, "--peer-layers", min=0, help="Layers of the transformers + accelerate offload peer (0: skip it)."),
     peer_tokens: int = typer.Option(4, "--peer-tokens", min=1, help="Tokens the peer decodes."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights and prompt."),
@@ -753,6 +754,7 @@ def bench(
             prompt_tokens=prompt_tokens or (TINY_BENCH_TOKENS[0] if tiny else BenchConfig.prompt_tokens),
             new_tokens=new_tokens or (TINY_BENCH_TOKENS[1] if tiny else BenchConfig.new_tokens),
             prefetch_top=prefetch_top, compare_prefetch=compare_prefetch, peer_layers=peer_layers, peer_tokens=peer_tokens, seed=seed, pageable=pageable,
+            batch=batch,
             **{name: value for name, value in given.items() if value is not None},
         )
         say = (lambda message: None) if quiet else stderr
@@ -800,6 +802,12 @@ def print_bench(r: dict) -> None:
     console.print(f"channels: {ch['h2d_gb_per_s']:.1f} GB/s host->{r['plan']['device']} ({'pinned' if ch['pinned'] else 'pageable'}), "
                   f"one expert {ch['device_expert_ms']:.2f} ms on the {r['plan']['device']}, {ch['cpu_expert_ms']:.2f} ms on the CPU "
                   f"({ch['cpu_threads']} threads)")
+    if "batch" in r:
+        b = r["batch"]
+        slots = f"{b['expert_slots']} slots" if b["expert_slots"] else "experts in place"
+        console.print(f"{b['sequences']} sequences together: {b['together']['tok_per_s']:.2f} tok/s in all against "
+                      f"{b['one']['tok_per_s']:.2f} for one ({b['speedup']:.2f}x); {b['together']['h2d_bytes_per_step'] / 1e9:.3f} GB "
+                      f"copied per step against {b['one']['h2d_bytes_per_step'] / 1e9:.3f} ({slots})")
     peer = r["peer"]
     if peer and "ms_per_layer" in peer:
         console.print(f"peer (transformers + accelerate offload, {peer['layers']} layers): {peer['ms_per_layer']:.1f} ms per layer per token; "

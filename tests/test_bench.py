@@ -93,11 +93,21 @@ def test_bench_with_int8_attention_plans_and_runs_it(result):
     assert small["plan"]["resident_bytes"] < result["plan"]["resident_bytes"]
 
 
+def test_bench_batch_decodes_sequences_together_against_one_in_the_plan_with_a_cache_each():
+    out = moe_local_cli("bench", *TINY, "--no-compare-prefetch", "--policy", "lru", "--peer-layers", "0", "--batch", "3")
+    assert out.returncode == 0, out.stderr
+    b = json.loads(out.stdout)["batch"]
+    assert b["sequences"] == 3 and b["speedup"] == pytest.approx(b["together"]["tok_per_s"] / b["one"]["tok_per_s"])
+    assert b["expert_slots"] == 8 and b["together"]["h2d_bytes_per_step"] >= b["one"]["h2d_bytes_per_step"] > 0
+    assert f"3 sequences together: {b['together']['tok_per_s']:.2f} tok/s in all" in out.stderr
+
+
 @pytest.mark.parametrize("bad, message", [
     (["--layers", "0"], "--layers must be at least 1"),
     (["--policy", "mru"], "unknown eviction policy 'mru'"),
     (["--preset", "gpt"], "unknown preset 'gpt'"),
     (["--new-tokens", "0"], "--new-tokens"),
+    (["--batch", "0"], "--batch"),
 ])
 def test_bench_refuses_bad_options_in_one_line(bad, message):
     result = moe_local_cli("bench", "--device", "cpu", "--preset", "tiny", *bad)
