@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: the GPU tests, then the benchmarks recorded in docs/benchmarks.md.
 # Usage (device tool): bash scripts/gpu_session.sh [STEP ...]   (default: every step; output under $OUT,
-# or ./gpu-out). Steps: machine tests mxfp4 qwen3 mixtral gpt_oss_20b gpt_oss_120b
+# or ./gpu-out). Steps: machine tests mxfp4 qwen3 mixtral batch gpt_oss_20b gpt_oss_120b
 # If the GPU machine has no pytest, unpack pytest's wheels (pytest, pluggy, iniconfig, packaging: `pip
 # download --no-deps --python-version 3.12 ...` then `python -m zipfile -e WHEEL .gpu_deps/`) into
 # .gpu_deps/ (git-ignored) and pass it to the device tool with carry: [".gpu_deps"].
@@ -9,7 +9,7 @@ set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH=".:.gpu_deps${PYTHONPATH:+:$PYTHONPATH}"
-STEPS=${*:-machine tests mxfp4 qwen3 mixtral gpt_oss_20b gpt_oss_120b}
+STEPS=${*:-machine tests mxfp4 qwen3 mixtral batch gpt_oss_20b gpt_oss_120b}
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, output to $OUT/NAME.txt
     local name=$1 limit=$2; shift 2
     case " $STEPS " in *" $name "*) ;; *) return ;; esac
@@ -26,5 +26,7 @@ for n, k in ((2880, 2880), (5760, 2880)):
     print(n, k, {key: round(v, 2) for key, v in benchmark_decode(n, k).items()})"
 step qwen3 180 $BENCH --preset qwen3-30b-a3b --experts-dtype int4 --gpu-memory 8GiB --new-tokens 64
 step mixtral 110 $BENCH --experts-dtype int4 --gpu-memory 12GiB --new-tokens 64
+# issue 15's GPU target: 8 sequences decoded together >= 4x one, Mixtral int4 @ 12GiB
+step batch 150 $BENCH --experts-dtype int4 --gpu-memory 12GiB --new-tokens 32 --prompt-tokens 64 --batch 8
 step gpt_oss_20b 120 $BENCH --preset gpt-oss-20b --gpu-memory 8GiB --new-tokens 32
 step gpt_oss_120b 200 $BENCH --preset gpt-oss-120b --gpu-memory 24GiB --new-tokens 32

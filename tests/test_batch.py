@@ -68,6 +68,19 @@ def test_sequences_decoded_together_match_each_alone_as_they_join_and_leave(engi
     """With caches of their own the attention core runs per sequence; as rows of one pool it runs once for
     the batch, over the rows between the batch's first and last (a row outside it, here the second after it
     leaves, is masked out)."""
+    join_and_leave(engine, caches)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("caches", [own_caches, pool_rows])
+def test_sequences_decoded_together_on_cuda_match_each_alone(tmp_path, tokenizer_dir, caches):
+    from conftest import build_mixtral
+
+    build_mixtral(tmp_path, tokenizer_dir, sliding_window=6)
+    join_and_leave(moe_local.load(tmp_path, device="cuda", expert_slots=5), caches)
+
+
+def join_and_leave(engine, caches) -> None:
     # sequence i joins at step joins[i] and leaves after lengths[i] tokens; prompts cross the window of 6
     prompts, lengths, joins = [prompt(3, 0), prompt(9, 1), prompt(14, 2), prompt(5, 3)], [12, 4, 9, 6], [0, 0, 2, 5]
     expected = [alone(engine, p, n) for p, n in zip(prompts, lengths)]
