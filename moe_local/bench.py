@@ -55,6 +55,7 @@ class BenchConfig:
     cpu_experts: str = "auto"  # where misses run (see Options): auto, never, always
     pageable: bool = False  # experts in pageable host memory, as on a machine that cannot pin them
     batch: int = 1  # > 1: one more run, this many sequences decoded together against one (`serve --parallel`)
+    cuda_graphs: bool = False  # one more run: the first policy with its resident work per layer in CUDA graphs
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "new_tokens", "batch"):
@@ -192,6 +193,7 @@ def run_engine(engine: Engine, prompt: list[int], feed: list[int], channels: dic
     return {
         "policy": engine.options.policy,
         "prefetch": engine.options.prefetch,
+        "cuda_graphs": engine.options.cuda_graphs,
         "cpu_experts": engine.experts.cpu_experts if hasattr(engine.experts, "cpu_experts") else "in place",
         "prefetch_top": engine.experts.prefetcher.per_token if getattr(engine.experts, "prefetcher", None) else 0,
         "prefill_tok_per_s": len(prompt) / prefill_s,
@@ -313,6 +315,8 @@ def bench(
     started = time.perf_counter()
     cfg = preset_config(config.preset, config.layers)
     device, dtype = resolve_device(config.device), DTYPES[config.dtype]
+    if config.cuda_graphs and device.type != "cuda":
+        raise ConfigError("--cuda-graphs needs a CUDA device")
     ctx_size = config.prompt_tokens + config.new_tokens
     gpu_memory = config.gpu_memory
     if gpu_memory is None and config.expert_slots is None and device.type == "cuda":
@@ -361,9 +365,11 @@ def bench(
     variants = [replace(options, policy=policy) for policy in config.policies]
     if config.compare_prefetch:  # the first policy again, with prefetch the other way
         variants.append(replace(variants[0], prefetch=not config.prefetch))
+    if config.cuda_graphs:
+        variants.append(replace(variants[0], cuda_graphs=True))
     runs, outputs = [], []
     for variant in variants:
-        say(f"{variant.policy}, prefetch {'on' if variant.prefetch else 'off'}: "
+        say(f"{variant.policy}, prefetch {'on' if variant.prefetch else 'off'}{', CUDA graphs' if variant.cuda_graphs else ''}: "
             f"prefill {config.prompt_tokens} tokens, decode {config.new_tokens}")
         engine = Engine(model, store, plan, variant, ctx_size, generation_config={"eos_token_id": []})
         run_engine(engine, prompt[:8], feed[:2], channels)  # warm-up: kernels, allocator
@@ -389,7 +395,11 @@ def bench(
         del engine
         free_device_memory(device)
     # neither the policy nor prefetch may change what is computed, only how fast
-    result["same_tokens_in_every_run"] = all(tokens == outputs[0] for tokens in outputs)
+    eager = [tokens for tokens, run in zip(outputs, runs) if not run["cuda_graphs"]]
+    result["same_tokens_in_every_run"] = all(tokens == eager[0] for tokens in eager)
+    for tokens, run in zip(outputs, runs):  # graphs attend over the whole masked cache: rounding may differ
+        if run["cuda_graphs"]:
+            run["same_tokens_as_eager"] = sum(a == b for a, b in zip(tokens, eager[0])) / len(tokens)
     main = runs[0]
     result.update({key: main[key] for key in (
         "policy", "prefetch", "decode_tok_per_s", "prefill_tok_per_s", "hit_rate", "prefetch_recall",

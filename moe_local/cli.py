@@ -728,6 +728,7 @@ def bench(
     prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", metavar="", help="Predict and load the next layer's experts ahead of time."),
     prefetch_top: int = typer.Option(1, "--prefetch-top", min=1, help="Experts per token the prefetcher loads, the likeliest first (2 for Mixtral: all it routes to)."),
     compare_prefetch: bool = typer.Option(True, "--compare-prefetch/--no-compare-prefetch", metavar="", help="One more run: the first policy with prefetch the other way."),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", metavar="", help="One more run: the first policy with each layer's resident work (norms, attention, router) replayed as a CUDA graph, to compare with the launches issued one by one."),
     batch: int = typer.Option(1, "--batch", min=1, help="One more run: this many sequences decoded together (as `serve --parallel` does) against one alone, in a plan with a KV cache for each; their aggregate tokens/s and the ratio."),
     peer_layers: int = typer.Option(2, "--peer-layers", min=0, help="Layers of the transformers + accelerate offload peer (0: skip it)."),
     peer_tokens: int = typer.Option(4, "--peer-tokens", min=1, help="Tokens the peer decodes."),
@@ -754,7 +755,7 @@ def bench(
             prompt_tokens=prompt_tokens or (TINY_BENCH_TOKENS[0] if tiny else BenchConfig.prompt_tokens),
             new_tokens=new_tokens or (TINY_BENCH_TOKENS[1] if tiny else BenchConfig.new_tokens),
             prefetch_top=prefetch_top, compare_prefetch=compare_prefetch, peer_layers=peer_layers, peer_tokens=peer_tokens, seed=seed, pageable=pageable,
-            batch=batch,
+            batch=batch, cuda_graphs=cuda_graphs,
             **{name: value for name, value in given.items() if value is not None},
         )
         say = (lambda message: None) if quiet else stderr
@@ -784,7 +785,7 @@ def print_bench(r: dict) -> None:
     for run in r["runs"]:
         recall = run["prefetch_recall"]
         table.add_row(
-            run["policy"], "on" if run["prefetch"] else "off", f"{run['prefill_tok_per_s']:.1f}",
+            run["policy"] + (" + graphs" if run["cuda_graphs"] else ""), "on" if run["prefetch"] else "off", f"{run['prefill_tok_per_s']:.1f}",
             f"{run['decode_tok_per_s']:.2f}", f"{run['decode_ms_per_layer']:.2f} ({run['wait_ms_per_layer']:.2f})",
             f"{100 * run['hit_rate']:.1f} %",
             "n/a" if recall is None else f"{100 * recall:.1f} %", f"{run['h2d_bytes_per_token'] / 1e9:.3f}",
@@ -796,7 +797,7 @@ def print_bench(r: dict) -> None:
     console.print("a decode layer's time: the host's own work (Python, launches) + its waits for the device and the CPU channel; "
                   "meanwhile the device copies and computes experts (their bytes and runs at the channel speeds below):")
     for run in r["runs"]:
-        console.print(f"  {run['policy']}, prefetch {'on' if run['prefetch'] else 'off'}: {run['decode_ms_per_layer']:.2f} ms = "
+        console.print(f"  {run['policy']}{' + graphs' if run['cuda_graphs'] else ''}, prefetch {'on' if run['prefetch'] else 'off'}: {run['decode_ms_per_layer']:.2f} ms = "
                       f"host {run['host_ms_per_layer']:.2f} + wait {run['wait_ms_per_layer']:.2f}; "
                       f"copy {run['copy_ms_per_layer']:.2f}, compute {run['compute_ms_per_layer']:.2f}")
     console.print(f"channels: {ch['h2d_gb_per_s']:.1f} GB/s host->{r['plan']['device']} ({'pinned' if ch['pinned'] else 'pageable'}), "

@@ -24,6 +24,7 @@ from moe_local.experts.formats import EXPERTS_DTYPES, ExpertFormat, choose_forma
 from moe_local.experts.qcache import fill_quantized
 from moe_local.experts.store import ExpertStore
 from moe_local.generate import GenerationStats, SamplingParams, generate
+from moe_local.graphs import StaticDecoder
 from moe_local.model import KVCache, KVPool, Transformer
 from moe_local.tokenizer import Tokenizer, load_tokenizer
 
@@ -50,6 +51,7 @@ class Options:
     resident_dtype: str = "auto"  # auto: the compute dtype; int8: the attention projections in int8
     sequences: int = 1  # KV caches to plan for: one per request decoded together (`serve --parallel`)
     cpu_experts: str = "auto"  # where misses run: auto (experts/cpu.py's cost model), never (copied), always (CPU)
+    cuda_graphs: bool = False  # one-token steps replay a CUDA graph per layer for its resident work (graphs.py)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -129,6 +131,10 @@ class Engine:
         self._free_rows = list(range(options.sequences))
         self.sequence = self.new_sequence()
         self.experts = self._expert_runtime(model, store, plan, options)
+        if options.cuda_graphs and self.device.type != "cuda":
+            raise ConfigError("--cuda-graphs needs a CUDA device")
+        # the engine's own sequence decodes through it (`decode_one`); the server's batches do not
+        self.static = StaticDecoder(model, self.sequence.kv, capture=True) if options.cuda_graphs else None
 
     def _expert_runtime(self, model: Transformer, store: ExpertStore, plan: MemoryPlan, options: Options):
         """On the CPU with no slot count or budget given: every expert in place (no slots, no copies). Otherwise
@@ -276,7 +282,20 @@ class Engine:
 
     def decode_one(self, token: int) -> torch.Tensor:
         """Feed one token after the cached ones; its logits [V]."""
-        return self._forward([token], len(self.tokens), all_logits=False)[-1]
+        if self.static is None:
+            return self._forward([token], len(self.tokens), all_logits=False)[-1]
+        return self._decode_static(token)
+
+    @torch.inference_mode()
+    def _decode_static(self, token: int) -> torch.Tensor:
+        self._check_ids([token])
+        pos = len(self.sequence.tokens)
+        if pos >= self.ctx_size:  # an index_copy_ past the cache would be a device-side assert, not an error
+            raise MoeLocalError(f"the context of {self.ctx_size} tokens is full")
+        with matmuls_for_rows(1):
+            hidden = self.static.step(token, pos, self.experts)
+        self.sequence.tokens = self.sequence.tokens + [token]
+        return self.model.output(hidden).float().cpu()[-1]
 
     @torch.inference_mode()
     def decode_batch(self, seqs: list[Sequence], tokens: list[int]) -> torch.Tensor:

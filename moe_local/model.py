@@ -142,6 +142,23 @@ class Attention(nn.Module):
         y = self._attend(q, k, v, cache, pos)  # [H, T, hd]
         return self.wo(y.transpose(0, 1).reshape(x.shape[0], -1))
 
+    def forward_static(self, x, cos, sin, cache: tuple[torch.Tensor, ...], pos: torch.Tensor) -> torch.Tensor:
+        """One token, x [1, D], at the position held on the device in `pos` ([1] long), with shapes that do
+        not depend on it (what a CUDA graph needs): the cache is written with `index_copy_` (at pos modulo
+        a ring's window) and attended whole, masked to the slots written so far."""
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self._project(x, cos, sin)  # [H, 1, hd], [Hkv, 1, hd], [Hkv, 1, hd]
+        k_cache, v_cache = cache
+        C = k_cache.shape[1]
+        slot = pos % C if C == self.window else pos
+        k_cache.index_copy_(1, slot, k)
+        v_cache.index_copy_(1, slot, v)
+        mask = (torch.arange(C, device=x.device) <= pos)[None, :]  # [1, C]
+        g = H // Hkv  # each KV head's g query heads are g queries of it
+        sinks = None if self.sinks is None else self.sinks.view(Hkv, g, 1)
+        y = attend(q.reshape(Hkv, g, hd), k_cache, v_cache, mask, self.scale, sinks)  # [Hkv, g, hd]
+        return self.wo(y.reshape(1, -1))
+
     def forward_batch(self, x, cos, sin, caches: list[tuple[torch.Tensor, ...]], positions: list[int], pooled: Pooled | None = None) -> torch.Tensor:
         """x [B, D]: the next token of each of B sequences, sequence b at positions[b] over its own caches[b].
         The projections run on all B rows at once. When the caches are rows of one `KVPool` (`pooled`), so is
@@ -270,6 +287,19 @@ class LatentAttention(nn.Module):
         (cache,) = cache
         return self._out(self._attend(query, entry, cache, pos))
 
+    def forward_static(self, x, cos, sin, cache: tuple[torch.Tensor, ...], pos: torch.Tensor) -> torch.Tensor:
+        """As `Attention.forward_static`: one token at the position in `pos`, the whole cache attended, masked."""
+        H, r = self.n_heads, self.rank
+        query, entry = self._project(x, cos, sin)  # [H, 1, r + rope], [1, r + rope]
+        (cache,) = cache
+        cache.index_copy_(0, pos, entry)
+        C = cache.shape[0]
+        mask = (torch.arange(C, device=x.device) <= pos)[None, :]  # [1, C]
+        y = F.scaled_dot_product_attention(
+            query, cache.expand(H, C, r + self.rope), cache[:, :r].expand(H, C, r), attn_mask=mask, scale=self.scale
+        )  # [H, 1, r]
+        return self._out(y)
+
     def forward_batch(self, x, cos, sin, caches: list[tuple[torch.Tensor, ...]], positions: list[int], pooled: Pooled | None = None) -> torch.Tensor:
         """x [B, D]: the next token of each of B sequences, sequence b at positions[b] over its own caches[b]
         (the core runs per sequence, pooled or not)."""
@@ -334,7 +364,10 @@ class Router(nn.Module):
         return F.linear(x.float() if self.spec.fp32 else x, self.weight, self.bias)  # [T, E]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return route(self.logits(x), self.top_k, self.spec, self.correction_bias)  # [T, k], [T, k]
+        return self.route(self.logits(x))
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return route(logits, self.top_k, self.spec, self.correction_bias)  # [T, k], [T, k]
 
     def likeliest(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """x [T, D] -> the n experts [T, n] each token would most likely choose, likeliest first."""
@@ -356,12 +389,20 @@ class MoE(nn.Module):
         self.shared_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_gate and cfg.shared_ffn_dim else None
 
     def forward(self, x: torch.Tensor, experts: Experts) -> torch.Tensor:
-        weights, indices = self.router(x)  # [T, k], [T, k]
+        return self.finish(x, self.router.logits(x), self.shared_out(x), experts)
+
+    def shared_out(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The shared expert's output (gated, where the family gates it), or None."""
+        if self.shared is None:
+            return None
+        shared = self.shared(x)
+        return shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(x)) * shared
+
+    def finish(self, x: torch.Tensor, logits: torch.Tensor, shared: torch.Tensor | None, experts: Experts) -> torch.Tensor:
+        """From the router's logits on: routing, the routed experts (the runtime's one host sync), the sum."""
+        weights, indices = self.router.route(logits)  # [T, k], [T, k]
         y = experts(self.layer, x, weights, indices)
-        if self.shared is not None:
-            shared = self.shared(x)
-            y = y + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(x)) * shared)
-        return y
+        return y if shared is None else y + shared
 
 
 class Block(nn.Module):
@@ -379,6 +420,16 @@ class Block(nn.Module):
     def forward_batch(self, x, cos, sin, caches, positions, experts: Experts, pooled: Pooled | None = None) -> torch.Tensor:
         x = x + self.attention.forward_batch(self.attention_norm(x), cos, sin, caches, positions, pooled)
         return x + self.ffn(self.ffn_norm(x), experts)
+
+    def front(self, x, cos, sin, cache, pos: torch.Tensor) -> tuple:
+        """A decode step's resident part of this layer, with static shapes (`forward_static`): a dense
+        layer's whole output (x,); a MoE layer's (x after attention, the MoE input h, the router's logits,
+        the shared expert's output or None), for `MoE.finish` to take on from."""
+        x = x + self.attention.forward_static(self.attention_norm(x), cos, sin, cache, pos)
+        h = self.ffn_norm(x)
+        if not isinstance(self.ffn, MoE):
+            return (x + self.ffn(h),)
+        return x, h, self.ffn.router.logits(h), self.ffn.shared_out(h)
 
 
 class KVCache:

@@ -19,14 +19,15 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, output to $OUT/
 }
 BENCH="python -m moe_local bench --peer-layers 0 --no-compare-prefetch --policy layer-lru"
 step machine 30 bash -c 'nvidia-smi; python -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"'
-step tests 200 python -m pytest -q -m gpu -p no:cacheprovider --maxfail=10 --continue-on-collection-errors tests/
+step tests 240 python -m pytest -q -m gpu -p no:cacheprovider --maxfail=10 --continue-on-collection-errors tests/
 step mxfp4 60 python -c "
 from moe_local.experts.mxfp4_triton import benchmark_decode
 for n, k in ((2880, 2880), (5760, 2880)):
     print(n, k, {key: round(v, 2) for key, v in benchmark_decode(n, k).items()})"
-step qwen3 180 $BENCH --preset qwen3-30b-a3b --experts-dtype int4 --gpu-memory 8GiB --new-tokens 64
-step mixtral 110 $BENCH --experts-dtype int4 --gpu-memory 12GiB --new-tokens 64
+# --cuda-graphs: one more run with each layer's resident work replayed as a CUDA graph (graphs.py)
+step qwen3 240 $BENCH --preset qwen3-30b-a3b --experts-dtype int4 --gpu-memory 8GiB --new-tokens 64 --cuda-graphs
+step mixtral 150 $BENCH --experts-dtype int4 --gpu-memory 12GiB --new-tokens 64 --cuda-graphs
 # issue 15's GPU target: 8 sequences decoded together >= 4x one, Mixtral int4 @ 12GiB
 step batch 150 $BENCH --experts-dtype int4 --gpu-memory 12GiB --new-tokens 32 --prompt-tokens 64 --batch 8
 step gpt_oss_20b 120 $BENCH --preset gpt-oss-20b --gpu-memory 8GiB --new-tokens 32
-step gpt_oss_120b 200 $BENCH --preset gpt-oss-120b --gpu-memory 24GiB --new-tokens 32
+step gpt_oss_120b 260 $BENCH --preset gpt-oss-120b --gpu-memory 24GiB --new-tokens 32 --cuda-graphs

@@ -108,6 +108,7 @@ def test_bench_batch_decodes_sequences_together_against_one_in_the_plan_with_a_c
     (["--preset", "gpt"], "unknown preset 'gpt'"),
     (["--new-tokens", "0"], "--new-tokens"),
     (["--batch", "0"], "--batch"),
+    (["--cuda-graphs"], "--cuda-graphs needs a CUDA device"),
 ])
 def test_bench_refuses_bad_options_in_one_line(bad, message):
     result = moe_local_cli("bench", "--device", "cpu", "--preset", "tiny", *bad)
