@@ -193,7 +193,7 @@ def test_plan_on_the_cpu_names_no_slots_given_and_no_pcie_bound():
     result = moe_local_cli("plan", "--device", "cpu", env={**os.environ, "COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     assert "slots given" not in result.stdout and "PCIe" not in result.stdout and "GB/s" not in result.stdout
-    assert "one layer's worth of slots by default" in result.stdout
+    assert "every expert runs in place from host RAM by default" in result.stdout
     host_ram = re.search(r"host RAM \(experts \+ the rest\)\s+([\d.]+ MiB) needed", result.stdout).group(1)
     # the same figure run prints, as the experts and what sits beside them on the CPU
     experts, beside = re.search(r"auto: ([\d.]+) MiB of experts \+ ([\d.]+) MiB beside them in host RAM", " ".join(result.stdout.split())).groups()
