@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import math
 import os
 import platform
 import time
@@ -95,14 +96,30 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, gen
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in Transformer(cfg).state_dict().items()}
     state = {
-        name: torch.ones(shape, dtype=dtype, device=device) if "norm" in name else normal(shape, dtype, device, gen)
+        name: torch.ones(shape, dtype=dtype, device=device) if "norm" in name else normal(shape, dtype, device, gen, init_std(name, cfg))
         for name, shape in shapes.items()
     }
     return Transformer.from_state_dict(cfg, state, device)
 
 
-def normal(shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> torch.Tensor:
-    return torch.randn(shape, generator=gen, dtype=dtype, device=device).mul_(INIT_STD)
+def init_std(name: str, cfg: ModelConfig) -> float:
+    """transformers' initializer_range, except where that would make the routing collapse. With every weight
+    at 0.02, a layer adds ~1 per element to the residual stream against the embedding's 0.02, and what it
+    adds (attention averaging over the context, above all) is nearly the same for every token: after a few
+    layers every token routes to the same few experts (Qwen3-30B-A3B's geometry, 4 layers: 34 of 128
+    experts over 48 tokens in the third layer, where uniform routing picks ~122), which flatters the cache.
+    So the embeddings are drawn at 1, each token's own direction, and the projections back into the residual
+    stream (attention's wo, the MLPs' and experts' w2) at 0.02 / sqrt(2 x layers), GPT-2's scaled
+    initialisation: routing then stays close to uniform, as a trained model's does."""
+    if name == "tok_embeddings.weight":
+        return 1.0
+    if name.endswith(("wo.weight", "w2.weight")) or name == "w2":
+        return INIT_STD / math.sqrt(2 * cfg.n_layers)
+    return INIT_STD
+
+
+def normal(shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator, std: float = INIT_STD) -> torch.Tensor:
+    return torch.randn(shape, generator=gen, dtype=dtype, device=device).mul_(std)
 
 
 def random_store(
@@ -111,7 +128,7 @@ def random_store(
 ) -> ExpertStore:
     """Every expert drawn (and quantized) on the device and copied into (pinned) host memory, one at a time."""
     store = ExpertStore(cfg, fmt, pin=device.type == "cuda" and not pageable, extra_host_bytes=extra_host_bytes)
-    store.fill_from(lambda layer, expert, w: normal(cfg.expert_shapes[w], dtype, device, gen), device, progress)
+    store.fill_from(lambda layer, expert, w: normal(cfg.expert_shapes[w], dtype, device, gen, init_std(w, cfg)), device, progress)
     return store
 
 

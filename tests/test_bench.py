@@ -8,8 +8,12 @@ import pytest
 import torch
 
 from conftest import moe_local_cli
-from moe_local.bench import BenchConfig, bench
+from moe_local.bench import BenchConfig, bench, random_model, random_store
+from moe_local.budget import plan_memory
+from moe_local.config import PRESETS, ModelConfig
+from moe_local.engine import Engine, Options
 from moe_local.errors import ConfigError
+from moe_local.experts.formats import make_format
 
 TINY = ["--preset", "tiny", "--device", "cpu", "--expert-slots", "8", "--prompt-tokens", "24", "--new-tokens", "6",
         "--peer-layers", "1", "--peer-tokens", "2"]
@@ -114,3 +118,28 @@ def test_bench_refuses_bad_options_in_one_line(bad, message):
     result = moe_local_cli("bench", "--device", "cpu", "--preset", "tiny", *bad)
     assert result.returncode != 0 and result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+
+
+def test_random_weights_route_close_to_uniformly_in_every_layer():
+    """What bench's targets assume. With every weight at transformers' 0.02 the residual stream soon holds
+    the same direction for every token and they all route to a few experts (17 to 47 distinct experts per
+    layer here, falling with depth); bench's initialisation keeps each layer near uniform."""
+    cfg = ModelConfig.from_hf({**PRESETS["tiny"], "num_local_experts": 64, "num_experts_per_tok": 8, "num_hidden_layers": 8, "vocab_size": 512})
+    cpu, fp32 = torch.device("cpu"), torch.float32
+    fmt = make_format("fp32", cfg, fp32, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    store, model = random_store(cfg, fmt, fp32, cpu, gen, 0, None), random_model(cfg, fp32, cpu, gen)
+    engine = Engine(model, store, plan_memory(cfg, fp32, cpu, 48, 512, expert_bytes=fmt.expert_bytes), Options(device="cpu"), 48)
+    seen, experts = [set() for _ in range(cfg.n_moe_layers)], engine.experts
+
+    def recording(layer, x, weights, indices):
+        seen[layer].update(indices.flatten().tolist())
+        return experts(layer, x, weights, indices)
+
+    engine.experts = recording
+    tokens = torch.randint(cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    engine.prefill(tokens[:8])
+    for token in tokens[8:]:
+        engine.decode_one(token)
+    # 40 tokens x 8 choices over 64 experts: uniform routing meets ~63.6 of them
+    assert min(len(s) for s in seen) >= 56, [len(s) for s in seen]
