@@ -127,12 +127,12 @@ class Engine:
         self.dtype, self.device = model.output.weight.dtype, model.output.weight.device
         self.notes = notes or []  # what loading chose and did, for the CLI to show
         self._tokenizer, self.generation_config = tokenizer, generation_config or {}
+        if options.cuda_graphs and self.device.type != "cuda":
+            raise ConfigError("--cuda-graphs needs a CUDA device")
         self.kv_pool = KVPool(self.cfg, ctx_size, self.dtype, self.device, options.sequences)
         self._free_rows = list(range(options.sequences))
         self.sequence = self.new_sequence()
         self.experts = self._expert_runtime(model, store, plan, options)
-        if options.cuda_graphs and self.device.type != "cuda":
-            raise ConfigError("--cuda-graphs needs a CUDA device")
         # the engine's own sequence decodes through it (`decode_one`); the server's batches do not
         self.static = StaticDecoder(model, self.sequence.kv, capture=True) if options.cuda_graphs else None
 

@@ -434,17 +434,13 @@ class Block(nn.Module):
 
 class KVCache:
     """Static per-layer attention caches for `ctx_size` tokens: keys and values [Hkv, ctx or window, hd]
-    each, or with latent attention one [ctx, r + rope] tensor; with `pool`, views of its row `row`."""
+    each, or with latent attention one [ctx, r + rope] tensor: row `row` of `pool` (views of its tensors),
+    or without one, the only row of a pool of its own."""
 
     def __init__(self, cfg: ModelConfig, ctx_size: int, dtype: torch.dtype, device: torch.device, pool: KVPool | None = None, row: int = 0):
-        self.ctx_size, self.pool, self.row = ctx_size, pool, row
-        if pool is not None:
-            self.layers = [tuple(t[row] for t in layer) for layer in pool.layers]
-            return
-        kind = Attention if cfg.mla is None else LatentAttention
-        self.layers = [
-            tuple(torch.zeros(s, dtype=dtype, device=device) for s in kind.cache_shapes(cfg, ctx_size, i)) for i in range(cfg.n_layers)
-        ]
+        self.ctx_size, self.row = ctx_size, row
+        self.pool = pool or KVPool(cfg, ctx_size, dtype, device, 1)
+        self.layers = [tuple(t[row] for t in layer) for layer in self.pool.layers]
 
     @property
     def nbytes(self) -> int:
@@ -539,9 +535,8 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)  # [B, D]
         at = torch.tensor(positions, device=tokens.device)
         cos, sin = rope_cos_sin(self.inv_freq, at, x.dtype, self.cfg.rope.attention_factor)  # [B, rd]
-        pool = caches[0].pool
-        pooled = None
-        if pool is not None and all(kv.pool is pool for kv in caches):
+        pool, pooled = caches[0].pool, None
+        if all(kv.pool is pool for kv in caches):
             row_ids = [kv.row for kv in caches]
             lo, n = min(row_ids), max(row_ids) - min(row_ids) + 1
             rows = torch.tensor(row_ids, device=tokens.device)
