@@ -301,11 +301,30 @@ class LatentAttention(nn.Module):
         return self._out(y)
 
     def forward_batch(self, x, cos, sin, caches: list[tuple[torch.Tensor, ...]], positions: list[int], pooled: Pooled | None = None) -> torch.Tensor:
-        """x [B, D]: the next token of each of B sequences, sequence b at positions[b] over its own caches[b]
-        (the core runs per sequence, pooled or not)."""
+        """x [B, D]: the next token of each of B sequences, sequence b at positions[b] over its own caches[b];
+        as `Attention.forward_batch`, one attention for the batch when the caches are rows of one pool."""
         query, entry = self._project(x, cos, sin)  # [H, B, r + rope], [B, r + rope]
+        if pooled is not None:
+            return self._out(self._attend_pooled(query, entry, pooled))
         ys = [self._attend(query[:, b : b + 1], entry[b : b + 1], cache, pos) for b, ((cache,), pos) in enumerate(zip(caches, positions))]
         return self._out(torch.cat(ys, dim=1))  # [H, B, r]
+
+    def _attend_pooled(self, query, entry, p: Pooled) -> torch.Tensor:
+        """query [H, B, r + rope] and entry [B, r + rope] of B sequences that are rows of a pool -> [H, B, r]:
+        the entries written at each row's position, then the pool's rows lo..lo+n-1 attended as one batch,
+        each row masked to its own positions (rows outside the batch see position 0 and are dropped)."""
+        (pool,) = p.layer  # [N, C, r + rope]
+        H, r = self.n_heads, self.rank
+        pool[p.rows, p.positions] = entry
+        S = min(pool.shape[1], p.furthest + 1)
+        keys = pool[p.lo : p.lo + p.n, None, :S]  # [n, 1, S, r + rope]: one latent for every head
+        mask = torch.arange(S, device=entry.device)[None, :] <= p.limit[:, None]  # [n, S]
+        queries = query.new_zeros(p.n, H, 1, query.shape[-1])
+        queries[p.rows - p.lo] = query.transpose(0, 1)[:, :, None]
+        y = F.scaled_dot_product_attention(
+            queries, keys.expand(p.n, H, S, r + self.rope), keys[..., :r].expand(p.n, H, S, r), attn_mask=mask[:, None, None, :], scale=self.scale
+        )  # [n, H, 1, r]
+        return y[p.rows - p.lo, :, 0].transpose(0, 1)  # [H, B, r]
 
     def _project(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> the absorbed queries [H, T, r + rope] and the cache entries [T, r + rope]."""
