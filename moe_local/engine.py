@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterator
@@ -15,6 +14,7 @@ import torch
 from moe_local.budget import MemoryPlan, plan_memory
 from moe_local.checkpoint import Checkpoint, resolve_model_path
 from moe_local.config import DTYPES, ModelConfig
+from moe_local.cpu_matmul import matmuls_for_rows
 from moe_local.errors import ConfigError, MoeLocalError, TokenizerError
 from moe_local.experts.cache import POLICIES, ExpertCache
 from moe_local.experts.prefetch import Prefetcher
@@ -318,22 +318,6 @@ class Engine:
         self, prompt: list[int], max_new_tokens: int, params: SamplingParams, stats: GenerationStats | None = None
     ) -> Iterator[int]:
         return generate(self, prompt, max_new_tokens, params, self.stop_ids, stats or GenerationStats())
-
-
-@contextmanager
-def matmuls_for_rows(rows: int) -> Iterator[None]:
-    """A step of one token turns oneDNN off for its CPU matmuls. oneDNN, torch's kernel for bf16 matmuls on
-    the CPU, reads the weights of a one-row product at half the speed of torch's own matrix-vector kernel
-    (0.51 against 0.24 ms for a 5632 x 1024 bf16 weight, 2 threads: `--device cpu` decodes 1.5x faster);
-    from two rows up oneDNN is as fast or faster (4x at 8 rows). fp16 and fp32 do not change; the two
-    kernels round bf16 differently. The switch is process-wide, so the CPU channel's worker, which runs
-    experts of this step, follows it too; nothing on CUDA reads it."""
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = before and rows > 1
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before
 
 
 def shared_prefix(ids: list[int], cached: list[int]) -> int:

@@ -146,6 +146,20 @@ def test_one_token_steps_run_without_onednn_and_restore_it(tiny_bf16):
     assert torch.backends.mkldnn.enabled
 
 
+def test_a_one_row_product_runs_without_onednn_inside_a_larger_step(monkeypatch):
+    """An expert that one token of a batched step was routed to: torch's own kernel, then oneDNN back on."""
+    from moe_local import cpu_matmul
+
+    seen, real = [], torch.nn.functional.linear
+    monkeypatch.setattr(cpu_matmul.F, "linear", lambda x, w: seen.append((x.shape[0], torch.backends.mkldnn.enabled)) or real(x, w))
+    w, x = torch.randn(8, 16, dtype=torch.bfloat16), torch.randn(2, 16, dtype=torch.bfloat16)
+    ys = [cpu_matmul.linear(x[:rows], w) for rows in (1, 2)]
+    assert seen == [(1, False), (2, True)] and torch.backends.mkldnn.enabled
+    want = x.float() @ w.float().T
+    for y, rows in zip(ys, (1, 2)):
+        assert torch.allclose(y.float(), want[:rows], rtol=2**-7, atol=1e-2)
+
+
 def test_prefill_reuses_the_cached_prefix(tiny):
     folder, _ = tiny
     engine = moe_local.load(folder, device="cpu")
