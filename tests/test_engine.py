@@ -146,18 +146,18 @@ def test_one_token_steps_run_without_onednn_and_restore_it(tiny_bf16):
     assert torch.backends.mkldnn.enabled
 
 
-def test_a_one_row_product_runs_without_onednn_inside_a_larger_step(monkeypatch):
-    """An expert that one token of a batched step was routed to: torch's own kernel, then oneDNN back on."""
-    from moe_local import cpu_matmul
-
-    seen, real = [], torch.nn.functional.linear
-    monkeypatch.setattr(cpu_matmul.F, "linear", lambda x, w: seen.append((x.shape[0], torch.backends.mkldnn.enabled)) or real(x, w))
-    w, x = torch.randn(8, 16, dtype=torch.bfloat16), torch.randn(2, 16, dtype=torch.bfloat16)
-    ys = [cpu_matmul.linear(x[:rows], w) for rows in (1, 2)]
-    assert seen == [(1, False), (2, True)] and torch.backends.mkldnn.enabled
-    want = x.float() @ w.float().T
-    for y, rows in zip(ys, (1, 2)):
-        assert torch.allclose(y.float(), want[:rows], rtol=2**-7, atol=1e-2)
+def test_in_place_an_expert_one_token_was_routed_to_runs_without_onednn_in_a_larger_step(tiny_bf16, monkeypatch):
+    """--device cpu, a batched step: each expert runs with oneDNN off when one row was routed to it, on
+    when more were, and the switch is back on after the step."""
+    folder, _ = tiny_bf16
+    engine = moe_local.load(folder, device="cpu", sequences=4)
+    seqs = [engine.sequence] + [engine.new_sequence() for _ in range(3)]
+    tokens = [int(engine.prefill(prompt_ids(4, seed), seq)[0].argmax()) for seed, seq in enumerate(seqs)]
+    seen, forward = [], engine.experts.format.forward
+    monkeypatch.setattr(engine.experts.format, "forward", lambda x, w: seen.append((x.shape[0], torch.backends.mkldnn.enabled)) or forward(x, w))
+    engine.decode_batch(seqs, tokens)
+    assert {rows for rows, _ in seen} > {1} and all(enabled == (rows > 1) for rows, enabled in seen), seen
+    assert torch.backends.mkldnn.enabled
 
 
 def test_prefill_reuses_the_cached_prefix(tiny):

@@ -15,7 +15,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from moe_local import cpu_matmul, int8
+from moe_local import int8
 from moe_local.budget import format_bytes
 from moe_local.experts import mxfp4
 from moe_local.config import ModelConfig
@@ -138,7 +138,7 @@ class Dense(ExpertFormat):
 
     def linear(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
         weight = w[name]
-        return cpu_matmul.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype))
+        return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype))
 
 
 class Int8(ExpertFormat):

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from moe_local.cpu_matmul import matmuls_for_rows
 from moe_local.experts.cache import ExpertCache
 from moe_local.experts.cpu import CPU, ChannelSpeeds, CpuChannel, place
 from moe_local.experts.prefetch import Prefetcher
@@ -262,4 +263,9 @@ class InPlaceExperts:
         chosen = indices.tolist()
         order = list(dict.fromkeys(e for row in chosen for e in row))
         self.stats.layers[layer].hits += len(order)
-        return mix(x, weights, chosen, order, lambda e, xs: self.format.forward(xs, self.views[layer][e]))
+
+        def run(e: int, xs: torch.Tensor) -> torch.Tensor:
+            with matmuls_for_rows(xs.shape[0]):  # one token routed to it: torch's own matrix-vector kernel
+                return self.format.forward(xs, self.views[layer][e])
+
+        return mix(x, weights, chosen, order, run)
