@@ -185,10 +185,9 @@ class Attention(nn.Module):
         slot = p.positions % C if C == self.window else p.positions  # [B]
         k_pool[p.rows, :, slot] = k.transpose(0, 1)  # [B, Hkv, hd]
         v_pool[p.rows, :, slot] = v.transpose(0, 1)
-        S = min(C, p.furthest + 1)  # slots any of them sees
+        S = min(C, p.seen.shape[1])  # slots any of them sees
         keys, values = k_pool[p.lo : p.lo + p.n, :, :S], v_pool[p.lo : p.lo + p.n, :, :S]  # views [n, Hkv, S, hd]
-        at, limit = torch.arange(S, device=q.device)[None, :], p.limit[:, None]  # [1, S], [n, 1]
-        mask = at <= limit  # [n, S] the slots written so far (a ring holds its window's positions, in some order)
+        mask = p.seen[:, :S]  # a ring holds its window's positions in some order: every slot written so far
         queries = q.new_zeros(p.n, H, hd)
         queries[p.rows - p.lo] = q.transpose(0, 1)
         # each KV head's g query heads are g queries of it
@@ -316,9 +315,9 @@ class LatentAttention(nn.Module):
         (pool,) = p.layer  # [N, C, r + rope]
         H, r = self.n_heads, self.rank
         pool[p.rows, p.positions] = entry
-        S = min(pool.shape[1], p.furthest + 1)
+        S = min(pool.shape[1], p.seen.shape[1])
         keys = pool[p.lo : p.lo + p.n, None, :S]  # [n, 1, S, r + rope]: one latent for every head
-        mask = torch.arange(S, device=entry.device)[None, :] <= p.limit[:, None]  # [n, S]
+        mask = p.seen[:, :S]
         queries = query.new_zeros(p.n, H, 1, query.shape[-1])
         queries[p.rows - p.lo] = query.transpose(0, 1)[:, :, None]
         y = F.scaled_dot_product_attention(
@@ -495,10 +494,12 @@ class Pooled:
     layer: tuple[torch.Tensor, ...]
     rows: torch.Tensor  # [B] each sequence's row
     positions: torch.Tensor  # [B] the position of each sequence's new token
-    furthest: int  # the largest of them
     lo: int  # the rows lo..lo+n-1 cover the batch
     n: int
-    limit: torch.Tensor  # [n] the position of row lo+i's new token, 0 for rows outside the batch
+    # [n, furthest position + 1]: row lo+i sees positions (or a ring's slots) up to its new token's; rows
+    # outside the batch see position 0 only, and their results are dropped. The same for every layer: each
+    # takes the first of its own cache's length.
+    seen: torch.Tensor
 
 
 class Transformer(nn.Module):
@@ -561,7 +562,8 @@ class Transformer(nn.Module):
             rows = torch.tensor(row_ids, device=tokens.device)
             limit = torch.zeros(n, dtype=at.dtype, device=tokens.device)
             limit[rows - lo] = at
-            pooled = Pooled((), rows, at, max(positions), lo, n, limit)
+            seen = torch.arange(max(positions) + 1, device=tokens.device)[None, :] <= limit[:, None]
+            pooled = Pooled((), rows, at, lo, n, seen)
         for i, layer in enumerate(self.layers):
             step = None if pooled is None else replace(pooled, layer=pool.layers[i])
             x = layer.forward_batch(x, cos, sin, [kv.layers[i] for kv in caches], positions, experts, step)
