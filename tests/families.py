@@ -98,3 +98,14 @@ def build_family(variant: str, folder: Path, tokenizer_dir: Path | None = None, 
         for f in tokenizer_dir.iterdir():
             shutil.copy(f, folder / f.name)
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def build_variant(name: str, folder: Path, tokenizer_dir: Path | None = None) -> None:
+    """`build_family` for a name of `VARIANTS`, or Mixtral: "mixtral" (conftest's tiny one) or "mixtral-window"
+    (the same with a sliding window of 6, kept as a ring)."""
+    if name.startswith("mixtral"):
+        from conftest import build_mixtral
+
+        build_mixtral(folder, tokenizer_dir, **({"sliding_window": 6} if name == "mixtral-window" else {}))
+    else:
+        build_family(name, folder, tokenizer_dir)

@@ -13,7 +13,7 @@ from moe_local.engine import Sequence
 from moe_local.generate import SamplingParams
 from moe_local.model import KVCache, KVPool
 
-from families import build_family
+from families import build_variant
 
 GREEDY = SamplingParams(temperature=0)
 # relative to the largest logit: matmuls over B rows may round differently from one row, even in fp32
@@ -25,12 +25,7 @@ def engine(request, tmp_path_factory, tokenizer_dir):
     """Full attention (Mixtral); a sliding window of 6 in a ring (Mixtral); sliding windows of 6 in rings,
     with sinks (gpt-oss); latent attention (DeepSeek)."""
     folder = tmp_path_factory.mktemp(request.param)
-    if request.param.startswith("mixtral"):
-        from conftest import build_mixtral
-
-        build_mixtral(folder, tokenizer_dir, **({"sliding_window": 6} if request.param == "mixtral-window" else {}))
-    else:
-        build_family(request.param, folder, tokenizer_dir)
+    build_variant(request.param, folder, tokenizer_dir)
     return moe_local.load(folder, device="cpu", expert_slots=5)
 
 
@@ -74,9 +69,7 @@ def test_sequences_decoded_together_match_each_alone_as_they_join_and_leave(engi
 @pytest.mark.gpu
 @pytest.mark.parametrize("caches", [own_caches, pool_rows])
 def test_sequences_decoded_together_on_cuda_match_each_alone(tmp_path, tokenizer_dir, caches):
-    from conftest import build_mixtral
-
-    build_mixtral(tmp_path, tokenizer_dir, sliding_window=6)
+    build_variant("mixtral-window", tmp_path, tokenizer_dir)
     join_and_leave(moe_local.load(tmp_path, device="cuda", expert_slots=5), caches)
 
 

@@ -11,7 +11,7 @@ import moe_local
 from moe_local.errors import ConfigError
 from moe_local.graphs import StaticDecoder
 
-from families import VARIANTS, build_family
+from families import VARIANTS, build_variant
 
 RTOL = 1e-5  # relative to the largest logit: the whole masked cache against its prefix rounds differently
 
@@ -36,12 +36,7 @@ def decode(engine, ids: list[int], steps: int) -> tuple[list[int], torch.Tensor]
 def test_static_steps_match_the_ordinary_decode(variant, tmp_path, tokenizer_dir):
     """Sliding rings (a window of 6, passed by the 9-token prompt and 12 steps), sinks, latent attention,
     dense layers and shared experts, through slots (5) with prefetch."""
-    if variant == "mixtral-window":
-        from conftest import build_mixtral
-
-        build_mixtral(tmp_path, tokenizer_dir, sliding_window=6)
-    else:
-        build_family(variant, tmp_path, tokenizer_dir)
+    build_variant(variant, tmp_path, tokenizer_dir)
     engine = moe_local.load(tmp_path, device="cpu", expert_slots=5, ctx_size=32)
     want_tokens, want = decode(engine, prompt(9, 3), 12)
     engine.static = StaticDecoder(engine.model, engine.sequence.kv, capture=False)
@@ -66,12 +61,7 @@ def test_cuda_graphs_need_cuda(tiny):
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["mixtral-window", "gpt_oss", "deepseek_v3", "qwen2_moe"])
 def test_cuda_graph_steps_match_the_ordinary_decode(variant, tmp_path, tokenizer_dir):
-    if variant == "mixtral-window":
-        from conftest import build_mixtral
-
-        build_mixtral(tmp_path, tokenizer_dir, sliding_window=6)
-    else:
-        build_family(variant, tmp_path, tokenizer_dir)
+    build_variant(variant, tmp_path, tokenizer_dir)
     want_tokens, want = decode(moe_local.load(tmp_path, device="cuda", expert_slots=5, ctx_size=32), prompt(9, 3), 12)
     got_tokens, got = decode(moe_local.load(tmp_path, device="cuda", expert_slots=5, ctx_size=32, cuda_graphs=True), prompt(9, 3), 12)
     assert (got - want).abs().max() <= RTOL * want.abs().max()
