@@ -2,10 +2,11 @@
 
     python scripts/cpu_vs_llama_cpp.py make /tmp/cpu-peer          # checkpoint + bf16/q8_0/q4_0 GGUFs
     python scripts/cpu_vs_llama_cpp.py run /tmp/cpu-peer --rounds 2 --tokens 64
+    python scripts/cpu_vs_llama_cpp.py run /tmp/cpu-peer --rounds 2 --tokens 64 --prompt-tokens 900   # a chat's context
 
 `make` writes a random Mixtral checkpoint (dim 1024, 8 experts of 2816, 8 layers: 576 M parameters, bf16,
 the demo model's tokenizer) and converts it with llama.cpp's converter (LLAMA_CPP_TOOLS, default
-/work/shared/tools/llama-cpp). `run` decodes `--tokens` greedy tokens after a short prompt with each
+/work/shared/tools/llama-cpp). `run` decodes `--tokens` greedy tokens after a prompt of `--prompt-tokens` with each
 engine and format pair (bf16 vs bf16, q8_0 vs int8, q4_0 vs int4; llama.cpp's quantized files hold the
 attention projections quantized too, so those moe-local runs use `--resident-dtype int8`), one after the other, `--rounds`
 times (interleaved, so that a noisy shared machine slows both alike), each in its own process with the
@@ -28,7 +29,11 @@ DEMO = Path(__file__).resolve().parent.parent / "moe_local" / "demo"
 # llama.cpp's file; moe-local's --experts-dtype and --resident-dtype. llama.cpp's q8_0 and q4_0 files quantize
 # the attention projections too, so the nearest moe-local runs keep them in int8.
 PAIRS = [("bf16", "bf16", "auto"), ("q8_0", "int8", "int8"), ("q4_0", "int4", "int8")]
-PROMPT = [1, 100, 200, 300, 400, 500, 600, 700]
+
+
+def prompt_ids(n: int) -> list[int]:
+    """n token ids: the beginning of text, then ids spread over the vocabulary."""
+    return [1] + [100 * (i + 1) % 2000 + 3 for i in range(n - 1)]
 
 MOE_LOCAL = """
 import json, sys, time, torch, moe_local
@@ -50,7 +55,8 @@ import json, sys, time, numpy as np
 from llama_cpp import Llama
 path, n, threads, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, n_ctx=len(prompt) + n + 8, verbose=False, logits_all=False)
-def greedy(): return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+def greedy():  # llm.scores holds nothing without logits_all: read the last position's logits from the context
+    return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))))
 llm.eval(prompt); token = greedy()
 for _ in range(4): llm.eval([token])  # warm-up, then start again from the prompt
 llm.reset(); llm.eval(prompt); token = greedy()
@@ -88,12 +94,14 @@ def make(out: Path) -> None:
 
 
 def one(command: list[str]) -> dict:
-    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{command[0]} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(out: Path, rounds: int, tokens: int, threads: int, slots: int | None) -> None:
-    prompt = json.dumps(PROMPT)
+def run(out: Path, rounds: int, tokens: int, threads: int, slots: int | None, prompt_tokens: int) -> None:
+    prompt = json.dumps(prompt_ids(prompt_tokens))
     speeds: dict[tuple[str, str], list[float]] = {}
     for r in range(rounds):
         for gguf, fmt, resident in PAIRS:
@@ -104,7 +112,7 @@ def run(out: Path, rounds: int, tokens: int, threads: int, slots: int | None) ->
             print(f"round {r + 1}: {fmt} {ours['tok_per_s']:.1f} tok/s ({ours['bytes_copied'] / 1e9:.2f} GB copied), "
                   f"llama.cpp {gguf} {theirs['tok_per_s']:.1f} tok/s",
                   file=sys.stderr, flush=True)
-    print(f"| llama.cpp | tok/s | moe-local | tok/s | ratio per round ({time.strftime('%Y-%m-%d')}, {threads} threads, {tokens} tokens) |")
+    print(f"| llama.cpp | tok/s | moe-local | tok/s | ratio per round ({time.strftime('%Y-%m-%d')}, {threads} threads, {tokens} tokens after {prompt_tokens}) |")
     print("| --- | --- | --- | --- | --- |")
     for gguf, fmt, resident in PAIRS:
         ours, theirs = speeds[("moe-local", fmt)], speeds[("llama.cpp", gguf)]
@@ -120,12 +128,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--prompt-tokens", type=int, default=8, help="the context decoding starts from (the model holds 1,024)")
     parser.add_argument("--expert-slots", type=int, help="moe-local through a pool of this many slots (a memcpy per miss), not in place")
     args = parser.parse_args()
     if args.command == "make":
         make(args.folder)
     else:
-        run(args.folder, args.rounds, args.tokens, args.threads, args.expert_slots)
+        if not 1 <= args.prompt_tokens <= 1024 - args.tokens - 8:
+            parser.error(f"--prompt-tokens must be from 1 to {1024 - args.tokens - 8}: the test model holds 1,024 positions")
+        run(args.folder, args.rounds, args.tokens, args.threads, args.expert_slots, args.prompt_tokens)
 
 
 if __name__ == "__main__":
