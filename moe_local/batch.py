@@ -118,9 +118,15 @@ class Batcher:
         self.inbox.put(None)
 
     def stop(self) -> None:
+        """End the loop (answering what is left with an error) and give the engine its sequences back."""
         self.stop_soon()
         if self.thread.is_alive():
             self.thread.join()
+        else:
+            self.poll()  # the loop never ran on its thread: end what is left here
+        for seq in self.free:
+            self.engine.release_sequence(seq)
+        self.free = []
 
     def _loop(self) -> None:
         while self.poll(block=True):

@@ -223,6 +223,12 @@ class Engine:
             return Sequence(self.kv_pool.cache(self._free_rows.pop(0)), [])
         return Sequence(KVCache(self.cfg, self.ctx_size, self.dtype, self.device), [])
 
+    def release_sequence(self, seq: Sequence) -> None:
+        """Give back a sequence from `new_sequence` that will not be used again: its pool row goes to the next
+        one asked for (a cache of its own is simply dropped)."""
+        if seq.kv.pool is self.kv_pool and seq is not self.sequence and seq.kv.row not in self._free_rows:
+            self._free_rows.append(seq.kv.row)
+
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:

@@ -188,6 +188,20 @@ def test_a_failing_step_ends_its_requests_with_the_error_and_the_next_ones_run(e
     assert later[-1].finish_reason == "length" and len(batcher.free) == 2
 
 
+def test_a_stopped_batcher_gives_its_pool_rows_to_the_next(tiny):
+    folder, _ = tiny
+    engine = moe_local.load(folder, device="cpu", ctx_size=64, sequences=3)
+    first = Batcher(engine, parallel=3)
+    outs = []
+    first.submit(Request(prompt(5, 17), 50, GREEDY, collect(outs)))
+    first.poll()
+    first.stop()  # the request still running ends with an error; every sequence goes back
+    assert outs[-1].error and first.free == []
+    second = Batcher(engine, parallel=3)
+    assert sorted(seq.kv.row for seq in second.free) == [0, 1, 2]
+    assert all(seq.kv.pool is engine.kv_pool for seq in second.free)
+
+
 def test_the_memory_plan_counts_a_kv_cache_per_parallel_sequence(tiny):
     folder, _ = tiny
     one = moe_local.load(folder, device="cpu", ctx_size=64)
