@@ -82,7 +82,7 @@ def aggregate(url: str, streams: int, max_tokens: int, rounds: int) -> dict:
 
 def batching_changes(model: str | None, dtype: str | None, n_tokens: int, batch: int) -> dict:
     """Greedy answers to PROMPTS, each alone and all decoded together in one batch: how many differ, and where."""
-    engine = moe_local.load(model or DEMO, device="cpu", dtype=dtype)
+    engine = moe_local.load(model or DEMO, device="cpu", dtype=dtype, sequences=batch)  # the server's pooled caches
     greedy = SamplingParams(temperature=0)
     alone = []
     for p in PROMPTS:
