@@ -384,6 +384,9 @@ def bench(
         variants.append(replace(variants[0], prefetch=not config.prefetch))
     if config.cuda_graphs:
         variants.append(replace(variants[0], cuda_graphs=True))
+    if plan.in_place:  # no slots: nothing to evict or prefetch, every variant would run the same
+        say("experts run in place from host RAM: no eviction policy or prefetch applies, so one run")
+        variants = variants[:1]
     runs, outputs = [], []
     for variant in variants:
         say(f"{variant.policy}, prefetch {'on' if variant.prefetch else 'off'}{', CUDA graphs' if variant.cuda_graphs else ''}: "

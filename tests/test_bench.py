@@ -97,6 +97,14 @@ def test_bench_with_int8_attention_plans_and_runs_it(result):
     assert small["plan"]["resident_bytes"] < result["plan"]["resident_bytes"]
 
 
+def test_bench_on_the_cpu_without_slots_runs_the_experts_in_place_once():
+    out = moe_local_cli("bench", "--preset", "tiny", "--device", "cpu", "--prompt-tokens", "8", "--new-tokens", "3", "--peer-layers", "0")
+    assert out.returncode == 0, out.stderr
+    runs = json.loads(out.stdout)["runs"]
+    assert len(runs) == 1 and runs[0]["cpu_experts"] == "in place" and runs[0]["h2d_bytes_per_token"] == 0
+    assert "no eviction policy or prefetch applies" in out.stderr
+
+
 def test_bench_batch_decodes_sequences_together_against_one_in_the_plan_with_a_cache_each():
     out = moe_local_cli("bench", *TINY, "--no-compare-prefetch", "--policy", "lru", "--peer-layers", "0", "--batch", "3")
     assert out.returncode == 0, out.stderr
