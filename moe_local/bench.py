@@ -7,6 +7,7 @@ Random routers route close to uniformly: the worst case for any expert cache."""
 from __future__ import annotations
 
 import gc
+import inspect
 import itertools
 import math
 import os
@@ -294,14 +295,16 @@ def measure_peer(preset: str, cfg: ModelConfig, dtype: torch.dtype, device: torc
         device_map[expert or owner] = "cpu" if expert else main.index if main.type == "cuda" else "cpu"
     model = dispatch_model(model, device_map=device_map, main_device=main)
     prompt = torch.randint(cfg.vocab_size, (1, 16), device=main)
+    # transformers 5.2x renamed past_key_values to cache (the old name goes in 5.40); older ones know only it
+    cache = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
     with torch.inference_mode():
         out = model(prompt, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        past, token = getattr(out, cache), out.logits[:, -1:].argmax(-1)
         sync(device)
         start = time.perf_counter()
         for _ in range(tokens):
-            out = model(token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(token, **{cache: past}, use_cache=True)
+            past, token = getattr(out, cache), out.logits[:, -1:].argmax(-1)
         sync(device)
     seconds = time.perf_counter() - start
     del model, out, past
