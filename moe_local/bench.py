@@ -19,7 +19,7 @@ from typing import Callable
 import psutil
 import torch
 
-from moe_local.budget import check_host_ram, host_bytes_needed, plan_memory, plan_report
+from moe_local.budget import check_host_ram, embeddings_on_host, host_bytes_needed, plan_memory, plan_report
 from moe_local.config import DTYPES, PRESETS, ModelConfig, preset_config
 from moe_local.engine import Engine, Options, measure_workspace, resolve_device
 from moe_local.errors import ConfigError
@@ -100,6 +100,8 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, gen
         name: torch.ones(shape, dtype=dtype, device=device) if "norm" in name else normal(shape, dtype, device, gen, init_std(name, cfg))
         for name, shape in shapes.items()
     }
+    if embeddings_on_host(cfg, device):  # as Engine.from_folder places them
+        state["tok_embeddings.weight"] = state["tok_embeddings.weight"].cpu()
     return Transformer.from_state_dict(cfg, state, device)
 
 

@@ -57,13 +57,14 @@ def check_host_ram(needed_bytes: int, what: str) -> None:
 class MemoryPlan:
     device: str
     budget_bytes: int | None  # None: slots were given directly, or the device default was used
-    resident_bytes: int  # embeddings, attention, norms, routers, lm_head
+    resident_bytes: int  # on the device: attention, norms, routers, lm_head, and the embeddings but on a GPU
     kv_bytes: int
     workspace_bytes: int  # activations of one prefill chunk
     workspace_measured: bool  # measured on the device, or estimated from the geometry
     expert_bytes: int
     expert_slots: int  # 0: on the CPU with no budget, every expert runs in place from the store
     total_experts: int
+    host_resident_bytes: int = 0  # beside a GPU, the token embeddings, in host RAM (`embeddings_on_host`)
 
     @property
     def in_place(self) -> bool:
@@ -79,8 +80,9 @@ class MemoryPlan:
 
     @property
     def beside_store_bytes(self) -> int:
-        """Host RAM needed beside the expert store: on the CPU the resident part, KV cache and slots live there."""
-        return self.fixed_bytes + self.slot_bytes if self.device == "cpu" else 0
+        """Host RAM needed beside the expert store: on the CPU the resident part, KV cache and slots live there;
+        beside a GPU the token embeddings."""
+        return self.fixed_bytes + self.slot_bytes if self.device == "cpu" else self.host_resident_bytes
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -94,14 +96,27 @@ def workspace_bytes(cfg: ModelConfig, dtype: torch.dtype, ctx_size: int, chunk: 
     return activations + scores + chunk * cfg.vocab_size * 4
 
 
-def resident_bytes(cfg: ModelConfig, dtype: torch.dtype, int8_attention: bool = False) -> int:
-    """Bytes of everything but the experts; with `int8_attention` the attention projections take one byte
-    per weight and a scale (in `dtype`) per output channel."""
+def embeddings_on_host(cfg: ModelConfig, device: torch.device) -> bool:
+    """Beside a GPU the token embeddings stay in host RAM, as llama.cpp keeps them: a lookup of a few rows is
+    no work for the CPU, and the table is as large as lm_head (1.2 GB for gpt-oss, 0.6 GB for Qwen3-30B-A3B),
+    room for expert slots. A tied table is lm_head's weight too, and stays on the device."""
+    return device.type == "cuda" and not cfg.tie_word_embeddings
+
+
+def embeddings_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    return cfg.vocab_size * cfg.dim * dtype.itemsize
+
+
+def resident_bytes(cfg: ModelConfig, dtype: torch.dtype, int8_attention: bool = False, embeddings: bool = True) -> int:
+    """Bytes of everything but the experts (without the token embeddings unless `embeddings`); with
+    `int8_attention` the attention projections take one byte per weight and a scale (in `dtype`) per output
+    channel."""
+    total = cfg.resident_numel() * dtype.itemsize - (0 if embeddings else embeddings_bytes(cfg, dtype))
     if not int8_attention:
-        return cfg.resident_numel() * dtype.itemsize
+        return total
     attention = cfg.n_layers * cfg.attention_numel
     scales = cfg.n_layers * cfg.attention_rows * dtype.itemsize
-    return (cfg.resident_numel() - attention) * dtype.itemsize + attention + scales
+    return total - attention * (dtype.itemsize - 1) + scales
 
 
 def plan_memory(
@@ -122,7 +137,8 @@ def plan_memory(
     `--resident-dtype int8`; `sequences` KV caches of `ctx_size` tokens (the server's `--parallel`)."""
     total = cfg.n_moe_layers * cfg.n_experts
     expert = expert_bytes or cfg.expert_numel * dtype.itemsize
-    resident = resident_bytes(cfg, dtype, int8_attention)
+    on_host = embeddings_on_host(cfg, device)
+    resident = resident_bytes(cfg, dtype, int8_attention, embeddings=not on_host)
     kv = cfg.kv_cache_numel(ctx_size) * dtype.itemsize * sequences
     work = workspace if workspace is not None else workspace_bytes(cfg, dtype, ctx_size, min(prefill_chunk, ctx_size))
     fixed = resident + kv + work
@@ -150,7 +166,8 @@ def plan_memory(
                     f"need at least {format_bytes(fixed + expert)} (or lower --ctx-size)"
                 )
             slots = min(total, (budget - fixed) // expert)
-    return MemoryPlan(device.type, budget, resident, kv, work, workspace is not None, expert, slots, total)
+    host = embeddings_bytes(cfg, dtype) if on_host else 0
+    return MemoryPlan(device.type, budget, resident, kv, work, workspace is not None, expert, slots, total, host)
 
 
 def host_bytes_needed(plan: MemoryPlan) -> int:
@@ -171,6 +188,7 @@ def plan_report(cfg: ModelConfig, plan: MemoryPlan, ctx_size: int) -> dict:
         "device": plan.device,
         "budget_bytes": plan.budget_bytes,
         "resident_bytes": plan.resident_bytes,
+        "host_resident_bytes": plan.host_resident_bytes,
         "ctx_size": ctx_size,
         "kv_bytes": plan.kv_bytes,
         "workspace_bytes": plan.workspace_bytes,

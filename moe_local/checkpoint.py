@@ -302,8 +302,9 @@ class Checkpoint:
             raise CheckpointError(f"could not read {name} from {info.shard.name}: the file ends early")
         return data.view(info.dtype).view(info.shape)
 
-    def resident_state_dict(self, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-        """Every non-expert tensor under our names, converted and placed on `device`."""
+    def resident_state_dict(self, dtype: torch.dtype, device: torch.device, host: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+        """Every non-expert tensor under our names, converted and placed on `device` (those named in `host`
+        in host RAM)."""
         pieces: dict[str, list[str]] = {}
         for name, target in self.expected.items():
             if isinstance(target.ours, str):
@@ -311,7 +312,8 @@ class Checkpoint:
         state = {}
         for ours, names in pieces.items():
             tensors = [self._read(name) for name in names]
-            state[ours] = (tensors[0] if len(tensors) == 1 else torch.cat(tensors)).to(device=device, dtype=dtype)
+            where = "cpu" if ours in host else device
+            state[ours] = (tensors[0] if len(tensors) == 1 else torch.cat(tensors)).to(device=where, dtype=dtype)
         if self.config.tie_word_embeddings:
             state["output.weight"] = state["tok_embeddings.weight"]
         return state

@@ -666,6 +666,7 @@ def print_plan(r: dict, cfg, slots_given: bool) -> None:
         ("budget", budget_text),
         ("experts", r["why"]),
         ("resident weights", format_bytes(r["resident_bytes"]) + (" (attention in int8)" if r["resident_dtype"] == "int8" else "")),
+        *([("token embeddings", f"{format_bytes(r['host_resident_bytes'])}, in host RAM")] if r["host_resident_bytes"] else []),
         (f"KV cache ({r['ctx_size']} tokens)", format_bytes(r["kv_bytes"])),
         ("workspace (estimated)", format_bytes(r["workspace_bytes"])),
         ("expert slots", "none: no slots, no copies" if in_place

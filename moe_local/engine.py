@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from moe_local.budget import MemoryPlan, plan_memory
+from moe_local.budget import MemoryPlan, embeddings_on_host, plan_memory
 from moe_local.checkpoint import Checkpoint, resolve_model_path
 from moe_local.config import DTYPES, ModelConfig
 from moe_local.cpu_matmul import matmuls_for_rows
@@ -188,7 +188,8 @@ class Engine:
                 notes.append(fill_quantized(ckpt, store, device, progress))
             else:
                 store.fill_from(ckpt.expert, device, progress)
-            model = Transformer.from_state_dict(cfg, ckpt.resident_state_dict(dtype, device), device)
+            host = {"tok_embeddings.weight"} if embeddings_on_host(cfg, device) else set()
+            model = Transformer.from_state_dict(cfg, ckpt.resident_state_dict(dtype, device, host), device)
         finally:
             ckpt.close()
         if int8_attention:
@@ -256,7 +257,7 @@ class Engine:
         fp32 on the CPU."""
         seq, chunk, out = seq or self.sequence, self.options.prefill_chunk, []
         for start in range(0, len(ids), chunk):
-            tokens = torch.tensor(ids[start : start + chunk], device=self.device)
+            tokens = torch.tensor(ids[start : start + chunk])  # on the CPU: `Transformer.embed` places them
             with matmuls_for_rows(len(tokens)):
                 hidden = self.model(tokens, pos + start, seq.kv, self.experts)  # [t, D]
             if all_logits:
@@ -312,7 +313,7 @@ class Engine:
             raise MoeLocalError(f"a sequence is full: the context holds {self.ctx_size} tokens")
         caches = [s.kv for s in seqs]
         with matmuls_for_rows(len(seqs)):
-            hidden = self.model.forward_batch(torch.tensor(tokens, device=self.device), positions, caches, self.experts)  # [B, D]
+            hidden = self.model.forward_batch(torch.tensor(tokens), positions, caches, self.experts)  # [B, D]
         for s, token in zip(seqs, tokens):
             s.tokens.append(token)
         return self.model.output(hidden).float().cpu()

@@ -51,7 +51,7 @@ class StaticDecoder:
     def step(self, token: int, pos: int, experts) -> torch.Tensor:
         """Feed `token` at position `pos` of `kv` -> the final hidden state [1, D] (before lm_head)."""
         self.pos.fill_(pos)
-        x = self.model.tok_embeddings(torch.tensor([token], device=self.x.device))  # [1, D]
+        x = self.model.embed(torch.tensor([token]))  # [1, D]
         if self.capture and self.graphs is None:
             self.x.copy_(x)
             self._capture()

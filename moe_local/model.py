@@ -540,11 +540,17 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.quantize()
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [T] (on any device) -> [T, D] on the compute device, wherever the table lies (beside a GPU, in
+        host RAM: `budget.embeddings_on_host`)."""
+        table = self.tok_embeddings.weight
+        return F.embedding(tokens.to(table.device), table).to(self.output.weight.device)
+
     def forward(self, tokens: torch.Tensor, pos: int, kv: KVCache, experts: Experts) -> torch.Tensor:
         """tokens [T] at positions pos..pos+T-1 -> final hidden states [T, D] (before lm_head)."""
         T = tokens.shape[0]
-        x = self.tok_embeddings(tokens)  # [T, D]
-        positions = torch.arange(pos, pos + T, device=tokens.device)
+        x = self.embed(tokens)  # [T, D]
+        positions = torch.arange(pos, pos + T, device=x.device)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype, self.cfg.rope.attention_factor)  # [T, rd]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv.layers[i], pos, experts)
@@ -554,17 +560,17 @@ class Transformer(nn.Module):
         """One decode step of B sequences: tokens [B], token b at positions[b] of the sequence whose cache is
         caches[b] -> final hidden states [B, D]. Everything but the attention core runs on the B rows at once,
         so each MoE layer asks `experts` once for all of them; the core too when the caches share a pool."""
-        x = self.tok_embeddings(tokens)  # [B, D]
-        at = torch.tensor(positions, device=tokens.device)
+        x = self.embed(tokens)  # [B, D]
+        at = torch.tensor(positions, device=x.device)
         cos, sin = rope_cos_sin(self.inv_freq, at, x.dtype, self.cfg.rope.attention_factor)  # [B, rd]
         pool, pooled = caches[0].pool, None
         if all(kv.pool is pool for kv in caches):
             row_ids = [kv.row for kv in caches]
             lo, n = min(row_ids), max(row_ids) - min(row_ids) + 1
-            rows = torch.tensor(row_ids, device=tokens.device)
-            limit = torch.zeros(n, dtype=at.dtype, device=tokens.device)
+            rows = torch.tensor(row_ids, device=x.device)
+            limit = torch.zeros(n, dtype=at.dtype, device=x.device)
             limit[rows - lo] = at
-            seen = torch.arange(max(positions) + 1, device=tokens.device)[None, :] <= limit[:, None]
+            seen = torch.arange(max(positions) + 1, device=x.device)[None, :] <= limit[:, None]
             pooled = Pooled((), rows, at, lo, n, seen)
         for i, layer in enumerate(self.layers):
             step = None if pooled is None else replace(pooled, layer=pool.layers[i])

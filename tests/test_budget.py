@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -27,12 +28,13 @@ def test_mixtral_8x7b_geometry_has_the_published_parameter_count():
     assert round(preset_config("mixtral-8x22b").resident_numel() / 1e9 + 56 * 8 * 3 * 6144 * 16384 / 1e9) == 141
 
 
-@pytest.mark.parametrize("budget, slots", [("12GiB", 25), ("24GiB", 61)])
+@pytest.mark.parametrize("budget, slots", [("12GiB", 25), ("24GiB", 62)])
 def test_plan_for_mixtral_8x7b_on_a_gpu_budget(budget, slots):
     cfg = preset_config("mixtral-8x7b")
     plan = plan_memory(cfg, torch.bfloat16, CUDA, 4096, 512, budget)
     report = plan_report(cfg, plan, 4096)
-    assert report["resident_bytes"] == 2 * cfg.resident_numel()
+    embeddings = 32000 * 4096 * 2  # in host RAM beside a GPU
+    assert report["resident_bytes"] == 2 * cfg.resident_numel() - embeddings and report["host_resident_bytes"] == embeddings
     assert report["kv_bytes"] == 512 * 2**20  # 32 layers x (K, V) x 4096 positions x 8 heads x 128 x 2 bytes
     assert report["expert_slots"] == slots
     assert plan.fixed_bytes + slots * plan.expert_bytes <= int(budget[:2]) * GiB < plan.fixed_bytes + (slots + 1) * plan.expert_bytes
@@ -40,7 +42,7 @@ def test_plan_for_mixtral_8x7b_on_a_gpu_budget(budget, slots):
     assert report["expected_hit_rate_uniform"] == slots / 256
     misses = (1 - slots / 256) * 64  # 32 layers x top-2, each resident with probability slots / 256
     assert report["expected_h2d_bytes_per_token_uniform"] == round(misses * 352_321_536)
-    assert report["host_bytes_needed"] == 256 * 352_321_536  # on a GPU only the experts live in host RAM
+    assert report["host_bytes_needed"] == 256 * 352_321_536 + embeddings  # on a GPU the experts and the embeddings
     assert report["host_bytes_available"] > 0
 
 
@@ -51,8 +53,20 @@ def test_int8_attention_halves_the_attention_bytes_and_buys_slots():
     attention = 32 * (4096 * 6144 + 4096 * 4096)  # wqkv [(32 + 2 x 8) x 128, 4096] and wo [4096, 4096] per layer
     scales = 32 * (6144 + 4096) * 2  # one bf16 scale per output channel
     assert dense.resident_bytes - int8.resident_bytes == attention - scales
-    assert round(int8.resident_bytes / dense.resident_bytes, 2) == 0.58
+    assert round(int8.resident_bytes / dense.resident_bytes, 2) == 0.55
     assert (dense.expert_slots, int8.expert_slots) == (25, 29)  # 1.25 GiB more for bf16 experts of 336 MiB
+
+
+def test_beside_a_gpu_the_token_embeddings_live_in_host_ram_unless_lm_head_shares_them():
+    untied = preset_config("qwen3-30b-a3b")
+    tied = replace(untied, tie_word_embeddings=True)
+    embeddings = 151936 * 2048 * 2
+    apart, shared = (plan_memory(cfg, torch.bfloat16, CUDA, 4096, 512, "8GiB", expert_bytes=2**20) for cfg in (untied, tied))
+    assert (apart.host_resident_bytes, shared.host_resident_bytes) == (embeddings, 0)
+    assert apart.resident_bytes == 2 * untied.resident_numel() - embeddings  # lm_head on the device, the table not
+    assert shared.resident_bytes == 2 * tied.resident_numel()  # one table, on the device, for both
+    on_cpu = plan_memory(untied, torch.bfloat16, torch.device("cpu"), 4096, 512)
+    assert on_cpu.host_resident_bytes == 0 and on_cpu.resident_bytes == 2 * untied.resident_numel()  # all in host RAM there
 
 
 def test_on_the_cpu_everything_is_counted_in_host_ram():
@@ -64,7 +78,7 @@ def test_on_the_cpu_everything_is_counted_in_host_ram():
 
 def test_a_budget_below_the_resident_part_says_the_minimum():
     cfg = preset_config("mixtral-8x7b")
-    with pytest.raises(BudgetError, match=r"too small: .* need at least 4\.06 GiB"):
+    with pytest.raises(BudgetError, match=r"too small: .* need at least 3\.82 GiB"):
         plan_memory(cfg, torch.bfloat16, CUDA, 4096, 512, "2GiB")
 
 
@@ -80,8 +94,8 @@ def test_plan_command_shows_the_table_and_json_without_loading(tiny):
     folder, _ = tiny
     table = moe_local_cli("plan", "--preset", "mixtral-8x7b", "--gpu-memory", "24GiB", "-c", "4096", "--experts-dtype", "bf16")
     assert table.returncode == 0, table.stderr
-    for row in ("resident weights", "KV cache (4096 tokens)", "61 x 336.00 MiB", "experts per layer that fit",
-                "host RAM for the experts", "23.8 % under uniform routing", "decode bound by copies"):
+    for row in ("resident weights", "KV cache (4096 tokens)", "62 x 336.00 MiB", "experts per layer that fit",
+                "host RAM for the experts", "24.2 % under uniform routing", "250.00 MiB, in host RAM", "decode bound by copies"):
         assert row in table.stdout, row
     out = json.loads(moe_local_cli("plan", str(folder), "--device", "cpu", "--expert-slots", "5", "--json").stdout)
     assert out["model"] == str(folder) and out["expert_slots"] == 5 and out["device"] == "cpu"
@@ -111,7 +125,7 @@ def test_plan_on_the_cpu_without_a_budget_is_what_the_load_runs_every_expert_in_
 
 def test_plan_command_errors_are_one_line():
     for args, message in [
-        (["--preset", "mixtral-8x7b", "--gpu-memory", "2GiB", "--experts-dtype", "bf16"], "need at least 4.06 GiB"),
+        (["--preset", "mixtral-8x7b", "--gpu-memory", "2GiB", "--experts-dtype", "bf16"], "need at least 3.82 GiB"),
         (["--preset", "mixtral-8x7b", "--gpu-memory", "lots"], "cannot read memory size 'lots'"),
         (["some/model", "--preset", "tiny"], "not both"),
         (["--preset", "mixtral-8x7b", "--gpu-memory", "12GiB", "--resident-dtype", "int4"], "unknown resident dtype 'int4' (choose from auto, int8)"),

@@ -21,6 +21,9 @@ def test_cuda_logits_and_tokens_equal_the_cpu_reference(tiny):
     want = cpu.logits(ids)
     assert torch.allclose(cuda.logits(ids), want, atol=1e-4 * want.abs().max().item())
     assert list(cuda.generate(ids, 24, GREEDY)) == list(cpu.generate(ids, 24, GREEDY))
+    # the token embeddings stay in host RAM (the tiny model's lm_head is its own), and the plan says so
+    assert cuda.model.tok_embeddings.weight.device.type == "cpu" and cuda.model.output.weight.is_cuda
+    assert cuda.plan.host_resident_bytes == cuda.model.tok_embeddings.weight.nbytes
 
 
 def test_the_workspace_is_measured_and_a_full_context_prefill_stays_in_budget(tiny):
