@@ -261,9 +261,15 @@ class Engine:
             with matmuls_for_rows(len(tokens)):
                 hidden = self.model(tokens, pos + start, seq.kv, self.experts)  # [t, D]
             if all_logits:
-                out.append(self.model.output(hidden).float().cpu())
+                out.append(self._logits(hidden))
             seq.tokens = seq.tokens[: pos + start] + ids[start : start + chunk]
-        return torch.cat(out) if all_logits else self.model.output(hidden[-1:]).float().cpu()
+        return torch.cat(out) if all_logits else self._logits(hidden[-1:])
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """lm_head on final hidden states [T, D] -> fp32 logits [T, V] on the CPU; with the matmul kernel for
+        T rows (a vocabulary of 150-200k makes it the largest matmul of a decode step)."""
+        with matmuls_for_rows(hidden.shape[0]):
+            return self.model.output(hidden).float().cpu()
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """One full forward pass from position 0: float32 [len(token_ids), vocab]."""
@@ -302,7 +308,7 @@ class Engine:
         with matmuls_for_rows(1):
             hidden = self.static.step(token, pos, self.experts)
         self.sequence.tokens = self.sequence.tokens + [token]
-        return self.model.output(hidden).float().cpu()[-1]
+        return self._logits(hidden)[-1]
 
     @torch.inference_mode()
     def decode_batch(self, seqs: list[Sequence], tokens: list[int]) -> torch.Tensor:
@@ -316,7 +322,7 @@ class Engine:
             hidden = self.model.forward_batch(torch.tensor(tokens), positions, caches, self.experts)  # [B, D]
         for s, token in zip(seqs, tokens):
             s.tokens.append(token)
-        return self.model.output(hidden).float().cpu()
+        return self._logits(hidden)
 
     def sampling_defaults(self) -> SamplingParams:
         return SamplingParams().from_generation_config(self.generation_config)
