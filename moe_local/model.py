@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_local.config import ModelConfig
+from moe_local.cpu_matmul import onednn
 from moe_local.int8 import Int8Linear
 from moe_local.routing import route
 
@@ -105,12 +106,13 @@ def attend(q, keys, values, mask, scale: float | None, sinks: torch.Tensor | Non
     term, so that case is computed by hand."""
     if sinks is None:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
-    scores = torch.matmul(q, keys.transpose(-2, -1)) * (scale or q.shape[-1] ** -0.5)  # [..., T, S]
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    logits = torch.cat([scores, sinks.to(scores.dtype).expand(*scores.shape[:-1], 1)], dim=-1)
-    probs = torch.softmax(logits - logits.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]  # [..., T, S]
-    return torch.matmul(probs.to(values.dtype), values)
+    with onednn(q.device.type == "cpu"):
+        scores = torch.matmul(q, keys.transpose(-2, -1)) * (scale or q.shape[-1] ** -0.5)  # [..., T, S]
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        logits = torch.cat([scores, sinks.to(scores.dtype).expand(*scores.shape[:-1], 1)], dim=-1)
+        probs = torch.softmax(logits - logits.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]  # [..., T, S]
+        return torch.matmul(probs.to(values.dtype), values)
 
 
 class Attention(nn.Module):
@@ -333,7 +335,8 @@ class LatentAttention(nn.Module):
         latent, k_rope = self.wkv_a(x).split([r, self.rope], dim=-1)  # [T, r], [T, rope]
         entry = torch.cat([self.kv_norm(latent), apply_rope(k_rope, cos, sin)], dim=-1)
         w = self.wkv_b.weight.view(H, self.nope + self.v_dim, r)
-        q_latent = torch.matmul(q_nope, w[:, : self.nope])  # [H, T, nope] @ [H, nope, r] -> [H, T, r]
+        with onednn(x.device.type == "cpu"):
+            q_latent = torch.matmul(q_nope, w[:, : self.nope])  # [H, T, nope] @ [H, nope, r] -> [H, T, r]
         return torch.cat([q_latent, apply_rope(q_rope, cos, sin)], dim=-1), entry
 
     def _attend(self, query, entry, cache: torch.Tensor, pos: int) -> torch.Tensor:
