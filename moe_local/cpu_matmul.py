@@ -24,7 +24,8 @@ def onednn(on_cpu: bool) -> Iterator[None]:
     kernel is fast only for one row against an [N, K] weight, and far slower for a [K, N] weight or for
     several rows (2 threads, bf16: DeepSeek's absorbed query [16, 1, 128] @ [16, 128, 512], 746 us against
     165; gpt-oss's attention by hand, 8 queries per KV head over 1,024 positions, 2.8 ms against 0.07). Only
-    where `on_cpu`: on CUDA the switch means nothing, and the CPU channel's worker may be computing."""
+    where `on_cpu`: on CUDA the switch means nothing, and the CPU channel's worker may be computing (its
+    experts are submitted and collected within a layer's expert call, so attention never overlaps them)."""
     before = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = True if on_cpu else before
     try:
