@@ -148,7 +148,6 @@ class Attention(nn.Module):
         """One token, x [1, D], at the position held on the device in `pos` ([1] long), with shapes that do
         not depend on it (what a CUDA graph needs): the cache is written with `index_copy_` (at pos modulo
         a ring's window) and attended whole, masked to the slots written so far."""
-        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self._project(x, cos, sin)  # [H, 1, hd], [Hkv, 1, hd], [Hkv, 1, hd]
         k_cache, v_cache = cache
         C = k_cache.shape[1]
@@ -156,10 +155,7 @@ class Attention(nn.Module):
         k_cache.index_copy_(1, slot, k)
         v_cache.index_copy_(1, slot, v)
         mask = (torch.arange(C, device=x.device) <= pos)[None, :]  # [1, C]
-        g = H // Hkv  # each KV head's g query heads are g queries of it
-        sinks = None if self.sinks is None else self.sinks.view(Hkv, g, 1)
-        y = attend(q.reshape(Hkv, g, hd), k_cache, v_cache, mask, self.scale, sinks)  # [Hkv, g, hd]
-        return self.wo(y.reshape(1, -1))
+        return self.wo(self._attend_grouped(q, k_cache, v_cache, mask).reshape(1, -1))
 
     def forward_batch(self, x, cos, sin, caches: list[tuple[torch.Tensor, ...]], positions: list[int], pooled: Pooled | None = None) -> torch.Tensor:
         """x [B, D]: the next token of each of B sequences, sequence b at positions[b] over its own caches[b].
@@ -212,7 +208,7 @@ class Attention(nn.Module):
 
     def _attend(self, q, k, v, cache: tuple[torch.Tensor, ...], pos: int) -> torch.Tensor:
         """Write k, v [Hkv, T, hd] at positions pos.. into the cache; q [H, T, hd] over it -> [H, T, hd]."""
-        T, H, Hkv = q.shape[1], self.n_heads, self.n_kv_heads
+        T = q.shape[1]
         k_cache, v_cache = cache
         if k_cache.shape[1] == self.window:
             keys, values, mask = self._ring(k_cache, v_cache, k, v, pos)
@@ -221,10 +217,15 @@ class Attention(nn.Module):
             v_cache[:, pos : pos + T] = v
             keys, values = k_cache[:, : pos + T], v_cache[:, : pos + T]  # [Hkv, S, hd]
             mask = sliding_mask(pos, T, self.window, q.device)
-        # Each KV head's g query heads are g*T queries of it, so that the keys and values are read as they lie:
-        # SDPA's enable_gqa takes the CPU's math kernel (29 ms for one Mixtral decode token at 2k positions,
-        # against 0.5), and with a mask sends CUDA there too; repeating the keys per head copies the cache.
-        g, hd = H // Hkv, q.shape[-1]
+        return self._attend_grouped(q, keys, values, mask)
+
+    def _attend_grouped(self, q, keys, values, mask) -> torch.Tensor:
+        """q [H, T, hd] over keys and values [Hkv, S, hd] (mask [T, S] bool or None) -> [H, T, hd]. Each KV
+        head's g query heads are g*T queries of it, so that the keys and values are read as they lie: SDPA's
+        enable_gqa takes the CPU's math kernel (29 ms for one Mixtral decode token at 2k positions, against
+        0.5), and with a mask sends CUDA there too; repeating the keys per head copies the cache."""
+        (H, T, hd), Hkv = q.shape, self.n_kv_heads
+        g = H // Hkv
         queries = q.reshape(1, Hkv, g * T, hd)  # query head h = i*g + j at row j*T + t of KV head i
         mask = None if mask is None else mask.repeat(g, 1)  # [g*T, S]
         sinks = None if self.sinks is None else self.sinks.view(1, Hkv, g, 1).repeat_interleave(T, dim=2)  # [1, Hkv, g*T, 1]
@@ -293,15 +294,11 @@ class LatentAttention(nn.Module):
 
     def forward_static(self, x, cos, sin, cache: tuple[torch.Tensor, ...], pos: torch.Tensor) -> torch.Tensor:
         """As `Attention.forward_static`: one token at the position in `pos`, the whole cache attended, masked."""
-        H, r = self.n_heads, self.rank
         query, entry = self._project(x, cos, sin)  # [H, 1, r + rope], [1, r + rope]
         (cache,) = cache
         cache.index_copy_(0, pos, entry)
-        C = cache.shape[0]
-        mask = (torch.arange(C, device=x.device) <= pos)[None, :]  # [1, C]
-        keys = cache[None, None]  # [1, 1, C, r + rope]: every head's query is a query of the one latent (see _attend)
-        y = F.scaled_dot_product_attention(query.reshape(1, 1, H, -1), keys, keys[..., :r], attn_mask=mask, scale=self.scale)
-        return self._out(y.view(H, 1, r))
+        mask = (torch.arange(cache.shape[0], device=x.device) <= pos)[None, :]  # [1, C]
+        return self._out(self._attend_latent(query, cache, mask))
 
     def forward_batch(self, x, cos, sin, caches: list[tuple[torch.Tensor, ...]], positions: list[int], pooled: Pooled | None = None) -> torch.Tensor:
         """x [B, D]: the next token of each of B sequences, sequence b at positions[b] over its own caches[b];
@@ -322,7 +319,7 @@ class LatentAttention(nn.Module):
         S = min(pool.shape[1], p.seen.shape[1])
         keys = pool[p.lo : p.lo + p.n, None, :S]  # [n, 1, S, r + rope]: one latent for every head
         mask = p.seen[:, :S]
-        queries = query.new_zeros(p.n, 1, H, query.shape[-1])  # each row's H queries of its one latent (see _attend)
+        queries = query.new_zeros(p.n, 1, H, query.shape[-1])  # each row's H queries of its one latent (see _attend_latent)
         queries[p.rows - p.lo] = query.transpose(0, 1)[:, None]
         y = F.scaled_dot_product_attention(queries, keys, keys[..., :r], attn_mask=mask[:, None, None, :], scale=self.scale)  # [n, 1, H, r]
         return y[p.rows - p.lo, 0].transpose(0, 1)  # [H, B, r]
@@ -341,13 +338,17 @@ class LatentAttention(nn.Module):
 
     def _attend(self, query, entry, cache: torch.Tensor, pos: int) -> torch.Tensor:
         """Write entry [T, r + rope] at positions pos.. into the cache; query [H, T, r + rope] over it -> [H, T, r]."""
-        T, H, r = entry.shape[0], self.n_heads, self.rank
-        mask = sliding_mask(pos, T, None, query.device)
+        T = entry.shape[0]
         cache[pos : pos + T] = entry
-        # Every head scores against the same latent, so the H*T queries are queries of one "head" and SDPA reads
-        # the cache once; expanding it per head sends the CPU to the math kernel (30 ms a decode layer of
-        # DeepSeek-V2-Lite at 1k positions, against 1).
-        keys = cache[None, None, : pos + T]  # [1, 1, S, r + rope]
+        return self._attend_latent(query, cache[: pos + T], sliding_mask(pos, T, None, query.device))
+
+    def _attend_latent(self, query, entries, mask) -> torch.Tensor:
+        """query [H, T, r + rope] over cache entries [S, r + rope] (mask [T, S] bool or None) -> [H, T, r]. Every
+        head scores against the same latent, so the H*T queries are queries of one "head" and SDPA reads the
+        cache once; expanding it per head sends the CPU to the math kernel (30 ms a decode layer of
+        DeepSeek-V2-Lite at 1k positions, against 1)."""
+        (H, T, _), r = query.shape, self.rank
+        keys = entries[None, None]  # [1, 1, S, r + rope]
         mask = None if mask is None else mask.repeat(H, 1)  # [H*T, S]
         y = F.scaled_dot_product_attention(query.reshape(1, 1, H * T, -1), keys, keys[..., :r], attn_mask=mask, scale=self.scale)
         return y.view(H, T, r)
