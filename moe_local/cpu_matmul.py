@@ -26,19 +26,22 @@ def onednn(on_cpu: bool) -> Iterator[None]:
     165; gpt-oss's attention by hand, 8 queries per KV head over 1,024 positions, 2.8 ms against 0.07). Only
     where `on_cpu`: on CUDA the switch means nothing, and the CPU channel's worker may be computing (its
     experts are submitted and collected within a layer's expert call, so attention never overlaps them)."""
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = True if on_cpu else before
-    try:
+    with _mkldnn(on_cpu or torch.backends.mkldnn.enabled):
         yield
-    finally:
-        torch.backends.mkldnn.enabled = before
 
 
 @contextmanager
 def matmuls_for_rows(rows: int) -> Iterator[None]:
     """oneDNN off while a step of `rows` rows runs, if that is one (and it was on)."""
+    with _mkldnn(torch.backends.mkldnn.enabled and rows > 1):
+        yield
+
+
+@contextmanager
+def _mkldnn(enabled: bool) -> Iterator[None]:
+    """The switch set to `enabled` while the block runs, then back to what it was."""
     before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = before and rows > 1
+    torch.backends.mkldnn.enabled = enabled
     try:
         yield
     finally:
