@@ -85,6 +85,10 @@ class ExpertFormat:
         if self.cfg.expert_bias:
             b1, b2, b3 = biases
             parts |= {"gate_up.bias": torch.cat([b1, b3]), "down.bias": b2}
+        self.write(parts, out)
+
+    def write(self, parts: dict[str, torch.Tensor], out: torch.Tensor) -> None:
+        """Each named part into its place in `out`, a uint8 [expert_bytes] buffer."""
         views = self.unpack(out)
         for name, value in parts.items():
             views[name].copy_(value)
@@ -246,9 +250,7 @@ class Mxfp4(ExpertFormat):
             parts = read("mxfp4")
         except KeyError:
             return False
-        views = self.unpack(out)
-        for name, value in parts.items():
-            views[name].copy_(value)
+        self.write(parts, out)
         return True
 
     def encode(self, w: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
