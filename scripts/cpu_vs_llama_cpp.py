@@ -35,6 +35,7 @@ def prompt_ids(n: int) -> list[int]:
     """n token ids: the beginning of text, then ids spread over the vocabulary."""
     return [1] + [100 * (i + 1) % 2000 + 3 for i in range(n - 1)]
 
+
 MOE_LOCAL = """
 import json, sys, time, torch, moe_local
 folder, fmt, resident, n, threads, prompt, slots = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), json.loads(sys.argv[6]), json.loads(sys.argv[7])
