@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_local import cpu_attention
 from moe_local.config import ModelConfig
 from moe_local.cpu_matmul import onednn
 from moe_local.int8 import Int8Linear
@@ -103,7 +104,10 @@ def attend(q, keys, values, mask, scale: float | None, sinks: torch.Tensor | Non
     """q [..., T, hd] over keys and values [..., S, hd] (mask [..., T, S] bool or None) -> [..., T, hd]. With
     sinks (one logit per query head, shaped to broadcast against the scores' [..., T, 1]), each head's
     softmax has one more logit in its denominator and nothing to weight, as gpt-oss does; SDPA has no such
-    term, so that case is computed by hand."""
+    term, so that case is computed by hand. One sequence's decode step on the CPU takes moe-local's own
+    kernel (`cpu_attention`), where it could be built."""
+    if q.device.type == "cpu" and (y := cpu_attention.attend(q, keys, values, mask, scale, sinks)) is not None:
+        return y
     if sinks is None:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
     with onednn(q.device.type == "cpu"):
@@ -350,7 +354,7 @@ class LatentAttention(nn.Module):
         (H, T, _), r = query.shape, self.rank
         keys = entries[None, None]  # [1, 1, S, r + rope]
         mask = None if mask is None else mask.repeat(H, 1)  # [H*T, S]
-        y = F.scaled_dot_product_attention(query.reshape(1, 1, H * T, -1), keys, keys[..., :r], attn_mask=mask, scale=self.scale)
+        y = attend(query.reshape(1, 1, H * T, -1), keys, keys[..., :r], mask, self.scale, None)  # [1, 1, H*T, r]
         return y.view(H, T, r)
 
     def _out(self, y: torch.Tensor) -> torch.Tensor:

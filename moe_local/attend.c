@@ -1,0 +1,213 @@
+/* Attention of a decode step on the CPU: a few queries per KV head over its cached keys and values, for
+   `moe_local/cpu_attention.py`. torch's CPU SDPA kernel is built for many queries: for one token's 2 queries
+   per KV head over 900 bf16 positions it takes ~170 us a layer where reading the cache takes ~40.
+
+   Work items are (KV head, CHUNK keys); each scores its keys (8 keys by 2 queries at a time, the sums in
+   registers), takes their softmax parts (running max, sum of exponentials) and their weighted values; then
+   each query's parts are merged, with its sink logit (gpt-oss) in the denominator. Sums are in fp32. */
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if !defined(__AVX2__) || !defined(__FMA__)
+#error "the attention kernel needs an x86 CPU with AVX2 and FMA"
+#endif
+
+#define CHUNK 512 /* keys per work item */
+#define AHEAD 64  /* keys read ahead of the one in use (prefetched: each item's stream starts cold) */
+
+static inline __m256 load8(const void* p, long i, const int bf16) {
+    if (bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i))), 16));
+    return _mm256_loadu_ps((const float*)p + i);
+}
+
+static inline void prefetch_row(const void* p, long i, int n, const int bf16, int hint) {
+    const char* row = (const char*)p + i * (bf16 ? 2 : 4);
+    for (int b = 0; b < n * (bf16 ? 2 : 4); b += 64) hint ? _mm_prefetch(row + b, _MM_HINT_T0) : _mm_prefetch(row + b, _MM_HINT_T1);
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* [sum of a[0], ..., sum of a[7]] */
+static inline __m256 hsum8(const __m256* a) {
+    __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]), t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* e^x for x <= 0 (Cephes' expf: reduction by ln 2, a degree-5 polynomial; ~1e-7 relative), 0 where x is -inf */
+static inline __m256 exp8(__m256 x) {
+    __m256 valid = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_GT_OQ);
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+    __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(n)), valid);
+}
+
+/* o[j * o_stride + 8 t + i] = sum over n keys of p[j * CHUNK + key] * v[key * row + 8 t + i], j < JN, t < TN:
+   JN and TN are constants where this is inlined, so that the sums stay in registers */
+static inline __attribute__((always_inline)) void weighted(
+    const void* v, long row, int n, const float* p, float* o, int o_stride, const int bf16, const int JN, const int TN) {
+    __m256 acc[2][4];
+    for (int j = 0; j < JN; j++)
+        for (int t = 0; t < TN; t++) acc[j][t] = _mm256_setzero_ps();
+    for (int i = 0; i < n; i++) {
+        _mm_prefetch((const char*)v + (long)(i + AHEAD) * row * (bf16 ? 2 : 4), _MM_HINT_T0);
+        __m256 vv[4];
+        for (int t = 0; t < TN; t++) vv[t] = load8(v, (long)i * row + 8 * t, bf16);
+        for (int j = 0; j < JN; j++) {
+            __m256 pj = _mm256_broadcast_ss(p + j * CHUNK + i);
+            for (int t = 0; t < TN; t++) acc[j][t] = _mm256_fmadd_ps(pj, vv[t], acc[j][t]);
+        }
+    }
+    for (int j = 0; j < JN; j++)
+        for (int t = 0; t < TN; t++) _mm256_storeu_ps(o + j * o_stride + 8 * t, acc[j][t]);
+}
+
+/* One work item: KV head h, keys s0..s0+n-1. part: per query, the max score, the sum of exponentials and
+   the Dv weighted values. */
+static inline __attribute__((always_inline)) void item(
+    const float* qh, int Q, int D, int S, int s0, int n, const void* k, const void* v, long k_row, long v_row, int Dv,
+    const int bf16, const uint8_t* mask, float* scores, float* part) {
+    for (int i0 = 0; i0 < n; i0 += 8) { /* scores: 8 keys by 2 queries, each key's 8 lanes summed at the end */
+        const int kn = n - i0 < 8 ? n - i0 : 8;
+        for (int t = 0; t < 8; t++) {
+            prefetch_row(k, (long)(i0 + AHEAD + t) * k_row, D, bf16, 1);
+            prefetch_row(v, (long)(i0 + t) * v_row, Dv, bf16, 0); /* the values' pass comes next */
+        }
+        for (int j0 = 0; j0 < Q; j0 += 2) {
+            const int jn = Q - j0 < 2 ? Q - j0 : 2;
+            __m256 acc[2][8];
+            for (int j = 0; j < 2; j++)
+                for (int t = 0; t < 8; t++) acc[j][t] = _mm256_setzero_ps();
+            for (int d = 0; d < D; d += 8) {
+                __m256 kv[8];
+                for (int t = 0; t < 8; t++) kv[t] = t < kn ? load8(k, (long)(i0 + t) * k_row + d, bf16) : _mm256_setzero_ps();
+                for (int j = 0; j < jn; j++) {
+                    __m256 qv = _mm256_loadu_ps(qh + (size_t)(j0 + j) * D + d);
+                    for (int t = 0; t < 8; t++) acc[j][t] = _mm256_fmadd_ps(qv, kv[t], acc[j][t]);
+                }
+            }
+            for (int j = 0; j < jn; j++) {
+                float sums[8];
+                _mm256_storeu_ps(sums, hsum8(acc[j]));
+                for (int t = 0; t < kn; t++)
+                    scores[(j0 + j) * CHUNK + i0 + t] = !mask || mask[(size_t)(j0 + j) * S + s0 + i0 + t] ? sums[t] : -INFINITY;
+            }
+        }
+    }
+    for (int j = 0; j < Q; j++) { /* the softmax's parts, the scores replaced by their exponentials */
+        float *sj = scores + j * CHUNK, m = -INFINITY, l = 0.f;
+        for (int i = 0; i < n; i++) m = sj[i] > m ? sj[i] : m;
+        if (m > -INFINITY) {
+            int i = 0;
+            __m256 mv = _mm256_set1_ps(m), lv = _mm256_setzero_ps();
+            for (; i + 8 <= n; i += 8) {
+                __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(sj + i), mv));
+                _mm256_storeu_ps(sj + i, p);
+                lv = _mm256_add_ps(lv, p);
+            }
+            l = hsum(lv);
+            for (; i < n; i++) l += sj[i] = sj[i] > -INFINITY ? expf(sj[i] - m) : 0.f;
+        } else
+            memset(sj, 0, sizeof(float) * n);
+        part[j * (2 + Dv)] = m, part[j * (2 + Dv) + 1] = l;
+    }
+    for (int j0 = 0; j0 < Q; j0 += 2) { /* values: 2 queries by 32 dimensions at a time */
+        const int jn = Q - j0 < 2 ? Q - j0 : 2;
+        for (int d0 = 0; d0 < Dv; d0 += 32) {
+            const int tn = (Dv - d0 < 32 ? Dv - d0 : 32) / 8;
+            const void* vd = (const char*)v + d0 * (bf16 ? 2 : 4);
+            float* o = part + j0 * (2 + Dv) + 2 + d0;
+            const float* p = scores + j0 * CHUNK;
+            if (jn == 2 && tn == 4) weighted(vd, v_row, n, p, o, 2 + Dv, bf16, 2, 4);
+            else if (tn == 4) weighted(vd, v_row, n, p, o, 2 + Dv, bf16, 1, 4);
+            else
+                for (int t = 0; t < tn; t++)
+                    jn == 2 ? weighted((const char*)vd + 8 * t * (bf16 ? 2 : 4), v_row, n, p, o + 8 * t, 2 + Dv, bf16, 2, 1)
+                            : weighted((const char*)vd + 8 * t * (bf16 ? 2 : 4), v_row, n, p, o + 8 * t, 2 + Dv, bf16, 1, 1);
+        }
+    }
+}
+
+/* out [H, Q, Dv] (bf16 if bf16, else fp32) = softmax(scale * q k^T (masked), sink) v, for q [H, Q, D], and keys
+   and values whose element (h, s, d) is at h * head + s * row + d, all in bf16 or all in fp32; mask [Q, S] bytes
+   (nonzero: attend) or NULL, the same for every head; sinks [H, Q] fp32 or NULL. 0, or 1 for sizes it cannot
+   take, 2 out of memory. */
+int attend(const void* q, int H, int Q, int D, int S, const void* k, long k_head, long k_row, const void* v,
+           long v_head, long v_row, int Dv, int bf16, float scale, const uint8_t* mask, const float* sinks, void* out,
+           int threads) {
+    if (D % 8 || Dv % 8 || Q < 1 || S < 1 || H < 1) return 1;
+    const int chunks = (S + CHUNK - 1) / CHUNK, items = H * chunks;
+    float* qs = malloc(sizeof(float) * (size_t)H * Q * D);
+    float* part = malloc(sizeof(float) * (size_t)items * Q * (2 + Dv));
+    if (!qs || !part) return free(qs), free(part), 2;
+    for (size_t i = 0; i < (size_t)H * Q * D; i += 8) _mm256_storeu_ps(qs + i, _mm256_mul_ps(load8(q, i, bf16), _mm256_set1_ps(scale)));
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float* scores = malloc(sizeof(float) * (size_t)Q * CHUNK);
+        if (!scores) failed = 1;
+#pragma omp for schedule(static)
+        for (int it = 0; it < items; it++) {
+            if (!scores) continue;
+            const int h = it / chunks, s0 = (it % chunks) * CHUNK, n = S - s0 < CHUNK ? S - s0 : CHUNK;
+            const float* qh = qs + (size_t)h * Q * D;
+            float* pi = part + (size_t)it * Q * (2 + Dv);
+            if (bf16)
+                item(qh, Q, D, S, s0, n, (const uint16_t*)k + h * k_head + s0 * k_row, (const uint16_t*)v + h * v_head + s0 * v_row, k_row, v_row, Dv, 1, mask, scores, pi);
+            else
+                item(qh, Q, D, S, s0, n, (const float*)k + h * k_head + s0 * k_row, (const float*)v + h * v_head + s0 * v_row, k_row, v_row, Dv, 0, mask, scores, pi);
+        }
+        free(scores);
+    }
+    if (!failed)
+        for (int h = 0; h < H; h++) /* each query's parts into one softmax */
+            for (int j = 0; j < Q; j++) {
+                float m = sinks ? sinks[h * Q + j] : -INFINITY, o[Dv];
+                for (int c = 0; c < chunks; c++) {
+                    float mc = part[((size_t)(h * chunks + c) * Q + j) * (2 + Dv)];
+                    m = mc > m ? mc : m;
+                }
+                float l = sinks && m > -INFINITY ? expf(sinks[h * Q + j] - m) : 0.f;
+                memset(o, 0, sizeof(o));
+                for (int c = 0; c < chunks; c++) {
+                    const float* pc = part + ((size_t)(h * chunks + c) * Q + j) * (2 + Dv);
+                    if (pc[1] == 0.f) continue; /* every key of the chunk masked */
+                    float w = expf(pc[0] - m);
+                    l += pc[1] * w;
+                    for (int d = 0; d < Dv; d++) o[d] += pc[2 + d] * w;
+                }
+                float inv = l > 0.f ? 1.f / l : 0.f;
+                size_t at = ((size_t)h * Q + j) * Dv;
+                for (int d = 0; d < Dv; d++) {
+                    float x = o[d] * inv;
+                    if (!bf16) {
+                        ((float*)out)[at + d] = x;
+                        continue;
+                    }
+                    uint32_t u;
+                    memcpy(&u, &x, 4);
+                    ((uint16_t*)out)[at + d] = (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16); /* to nearest even */
+                }
+            }
+    free(qs), free(part);
+    return failed ? 2 : 0;
+}

@@ -1,0 +1,112 @@
+"""The attention of a decode step on the CPU, through a kernel of our own (`attend.c` beside this file).
+torch's CPU SDPA is built for many queries; a decode step has a few per KV head (GQA's g, DeepSeek's H
+over its one latent), and there it takes ~4x the time of reading the cache: 170 us for one layer of 8 KV
+heads x 900 bf16 positions on 2 cores of the development machine, where the kernel takes ~100 (see
+MAX_QUERIES).
+
+The kernel is built on first use by the machine's C compiler (`CC`, default `cc`), for the machine's own
+CPU (`-march=native`; it needs x86 with AVX2), and kept in the cache folder (`$MOE_LOCAL_CACHE/kernels`,
+default ~/.cache/moe-local/kernels). Where it cannot be built, or `MOE_LOCAL_KERNELS=0`, attention stays
+on SDPA and the load's notes say why (`unavailable`)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("attend.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+# Queries per KV head up to which the kernel is the faster (its time grows with each query, SDPA's less):
+# 900 bf16 positions, 2 threads, cache cold: 8 KV heads of 64, 4 queries 128 us against SDPA's 182, 8 194
+# against 223, 12 267 against 262; one latent of 576 (DeepSeek), 16 queries 320 against 426, 32 567
+# against 623. A decode step's g (or DeepSeek's H) is within these; prefill chunks stay on SDPA.
+MAX_QUERIES, MAX_LATENT_QUERIES = 8, 32
+
+
+def unavailable() -> str | None:
+    """Why decode attention on the CPU cannot use the kernel, or None when it can (building it the first time)."""
+    lib = _library()
+    return lib if isinstance(lib, str) else None
+
+
+def attend(q, keys, values, mask, scale: float | None, sinks) -> torch.Tensor | None:
+    """`model.attend` for one sequence's decode step on the CPU: q [1, Hkv, Q, D] over keys [1, Hkv, S, D] and
+    values [1, Hkv, S, Dv] (views of a cache: rows contiguous), mask [Q, S] bool or None, sinks [1, Hkv, Q, 1]
+    or None -> [1, Hkv, Q, Dv]; None where the kernel does not apply (then SDPA does it)."""
+    if q.shape[0] != 1 or q.shape[2] > (MAX_LATENT_QUERIES if q.shape[-1] >= 256 else MAX_QUERIES) or q.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    if keys.dtype != q.dtype or values.dtype != q.dtype or keys.stride(-1) != 1 or values.stride(-1) != 1 or q.shape[-1] % 8 or values.shape[-1] % 8:
+        return None
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != (q.shape[2], keys.shape[2]) or not mask.is_contiguous()):
+        return None
+    lib = _library()
+    if isinstance(lib, str):
+        return None
+    _, heads, queries, dim = q.shape
+    positions, value_dim = keys.shape[2], values.shape[-1]
+    q = q.contiguous()
+    sinks = None if sinks is None else sinks.float().reshape(heads, queries).contiguous()
+    out = torch.empty(1, heads, queries, value_dim, dtype=q.dtype)
+    code = lib.attend(
+        q.data_ptr(), heads, queries, dim, positions, keys.data_ptr(), keys.stride(1), keys.stride(2), values.data_ptr(),
+        values.stride(1), values.stride(2), value_dim, q.dtype == torch.bfloat16, dim**-0.5 if scale is None else scale,
+        None if mask is None else mask.data_ptr(), None if sinks is None else sinks.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if code:
+        raise RuntimeError("attention kernel: " + ("sizes it cannot take" if code == 1 else "out of memory"))
+    return out
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | str:
+    """The built kernel, or why there is none."""
+    if os.environ.get("MOE_LOCAL_KERNELS", "1") == "0":
+        return "MOE_LOCAL_KERNELS=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"moe-local's CPU kernel is for x86 CPUs, not {platform.machine()}"
+    from moe_local.experts.qcache import cache_root  # (its imports reach the model, which imports this)
+
+    cc = os.environ.get("CC") or "cc"
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc, *FLAGS, _cpu())).encode()).hexdigest()[:16]
+    path = cache_root() / "kernels" / f"attend-{digest}.so"
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:  # a read-only cache folder: build it for this process only
+            path = Path(tempfile.mkdtemp(prefix="moe-local-")) / path.name
+        built = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            result = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"the C compiler ({cc}) could not run: {e}"
+        if result.returncode:
+            errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines() or ["no message"]
+            return f"{cc} could not build moe-local's CPU kernel: {errors[0].strip()}"
+        os.replace(built, path)  # whole or not at all, also when several processes build it at once
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        return f"moe-local's CPU kernel could not be loaded: {e}"
+    c_int, c_long, c_void_p = ctypes.c_int, ctypes.c_long, ctypes.c_void_p
+    lib.attend.argtypes = [c_void_p, c_int, c_int, c_int, c_int, c_void_p, c_long, c_long, c_void_p, c_long, c_long, c_int, c_int,
+                           ctypes.c_float, c_void_p, c_void_p, c_void_p, c_int]  # fmt: skip
+    lib.attend.restype = c_int
+    return lib
+
+
+def _cpu() -> str:
+    """The CPU's model and flags, part of the built file's name: -march=native code is for this CPU only
+    (a cache folder may be shared between machines)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "".join(next((line for line in lines if line.startswith(key)), "") for key in ("model name", "flags"))
+    except OSError:
+        return platform.processor()

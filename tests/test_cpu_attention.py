@@ -1,0 +1,92 @@
+"""The CPU's decode attention kernel (`moe_local/cpu_attention.py`, `attend.c`): against a float64
+reference (masks, sinks, several chunks of keys, DeepSeek's latent with values inside the keys, strided
+cache views, fp32 and bf16), which calls take it, and what happens where it cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moe_local
+from moe_local import cpu_attention
+from moe_local.model import attend
+
+needs_kernel = pytest.mark.skipif(cpu_attention.unavailable() is not None, reason=f"the kernel cannot be built here: {cpu_attention.unavailable()}")
+
+
+def reference(q, keys, values, mask, scale, sinks) -> torch.Tensor:
+    s = q.double() @ keys.double().transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.double().expand(*s.shape[:-1], 1)], dim=-1)
+    p = torch.softmax(s, dim=-1)
+    return (p[..., :-1] if sinks is not None else p) @ values.double()
+
+
+def case(heads, queries, dim, value_dim, positions, dtype, seed=0):
+    """q [1, heads, queries, dim], and keys and values as views of longer caches, as the model passes them;
+    a value_dim of None: DeepSeek's latent, the values the first 512 of each key."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, heads, queries, dim, generator=gen).to(dtype)
+    keys = torch.randn(heads, positions + 7, dim, generator=gen).to(dtype)[None, :, :positions]
+    if value_dim is None:
+        return q, keys, keys[..., :512]
+    return q, keys, torch.randn(heads, positions + 7, value_dim, generator=gen).to(dtype)[None, :, :positions]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,queries,dim,value_dim,positions", [(8, 2, 64, 64, 900), (4, 3, 128, 128, 7), (2, 8, 64, 64, 1), (1, 16, 576, None, 1100)])
+def test_the_kernel_matches_the_reference(heads, queries, dim, value_dim, positions, dtype):
+    q, keys, values = case(heads, queries, dim, value_dim, positions, dtype)
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.rand(queries, positions, generator=gen) > 0.3
+    mask[:, -1] = True  # every query sees a key
+    mask[0, : positions * 2 // 3] = False  # and one sees none of its first chunk of 512
+    sinks = torch.randn(1, heads, queries, 1, generator=gen)
+    for m, s, scale in ((None, None, None), (mask, None, 0.1), (mask, sinks, None), (None, sinks, 0.3)):
+        got = cpu_attention.attend(q, keys, values, m, scale, s)
+        assert got is not None and got.dtype == dtype and got.shape == (1, heads, queries, values.shape[-1])
+        want = reference(q, keys, values, m, scale, s)
+        tolerance = 1e-5 if dtype == torch.float32 else 2**-8  # bf16: the output's own rounding
+        assert torch.allclose(got.double(), want, rtol=tolerance, atol=tolerance * want.abs().max().item())
+
+
+@needs_kernel
+def test_decode_steps_take_the_kernel_and_prefill_chunks_sdpa():
+    q, keys, values = case(8, 2, 64, 64, 300, torch.float32)
+    assert torch.equal(attend(q, keys, values, None, None, None), cpu_attention.attend(q, keys, values, None, None, None))
+    many, _, _ = case(8, cpu_attention.MAX_QUERIES + 1, 64, 64, 300, torch.float32)
+    assert cpu_attention.attend(many, keys, values, None, None, None) is None  # a prefill chunk's many queries
+    assert torch.equal(attend(many, keys, values, None, None, None), F.scaled_dot_product_attention(many, keys, values))
+    two_sequences = torch.cat([q, q])
+    assert cpu_attention.attend(two_sequences, torch.cat([keys, keys]), torch.cat([values, values]), None, None, None) is None
+    latent, keys, values = case(1, cpu_attention.MAX_LATENT_QUERIES, 576, None, 300, torch.float32)
+    assert cpu_attention.attend(latent, keys, values, None, None, None) is not None
+
+
+@pytest.fixture
+def rebuilt():
+    """The kernel looked up afresh (the environment decides), and afresh again after the test."""
+    cpu_attention._library.cache_clear()
+    yield
+    cpu_attention._library.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "env,why",
+    [({"MOE_LOCAL_KERNELS": "0"}, "MOE_LOCAL_KERNELS=0"), ({"CC": "/nonexistent/cc"}, "the C compiler (/nonexistent/cc) could not run"),
+     ({"CC": "false"}, "false could not build moe-local's CPU kernel")],
+)
+def test_without_the_kernel_attention_stays_on_sdpa_and_the_load_says_why(rebuilt, monkeypatch, tmp_path, env, why):
+    monkeypatch.setenv("MOE_LOCAL_CACHE", str(tmp_path))  # nothing built before
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cpu_attention.unavailable().startswith(why)
+    q, keys, values = case(8, 2, 64, 64, 30, torch.float32)
+    assert cpu_attention.attend(q, keys, values, None, None, None) is None
+    assert torch.equal(attend(q, keys, values, None, None, None), F.scaled_dot_product_attention(q, keys, values))
+    engine = moe_local.load(moe_local.__path__[0] + "/demo", device="cpu")
+    assert f"decode attention on torch's SDPA, ~1.5x slower than moe-local's kernel: {why}" in " ".join(engine.notes)
