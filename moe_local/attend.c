@@ -84,14 +84,42 @@ static inline __attribute__((always_inline)) void weighted(
 /* One work item: KV head h, keys s0..s0+n-1. part: per query, the max score, the sum of exponentials and
    the Dv weighted values. */
 static inline __attribute__((always_inline)) void item(
-    const float* qh, int Q, int D, int S, int s0, int n, const void* k, const void* v, long k_row, long v_row, int Dv,
-    const int bf16, const uint8_t* mask, float* scores, float* part) {
+    const float* qh, const uint16_t* qb, float scale, int Q, int D, int S, int s0, int n, const void* k, const void* v,
+    long k_row, long v_row, int Dv, const int bf16, const uint8_t* mask, float* scores, float* part) {
     for (int i0 = 0; i0 < n; i0 += 8) { /* scores: 8 keys by 2 queries, each key's 8 lanes summed at the end */
         const int kn = n - i0 < 8 ? n - i0 : 8;
         for (int t = 0; t < 8; t++) {
             prefetch_row(k, (long)(i0 + AHEAD + t) * k_row, D, bf16, 1);
             prefetch_row(v, (long)(i0 + t) * v_row, Dv, bf16, 0); /* the values' pass comes next */
         }
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+        if (bf16 && D % 32 == 0) { /* bf16 pairs multiplied and summed in fp32 by one instruction, no widening */
+            for (int j0 = 0; j0 < Q; j0 += 2) {
+                const int jn = Q - j0 < 2 ? Q - j0 : 2;
+                __m512 acc[2][8];
+                for (int j = 0; j < 2; j++)
+                    for (int t = 0; t < 8; t++) acc[j][t] = _mm512_setzero_ps();
+                for (int d = 0; d < D; d += 32) {
+                    __m512bh kv[8];
+                    for (int t = 0; t < 8; t++)
+                        kv[t] = (__m512bh)(t < kn ? _mm512_loadu_si512((const uint16_t*)k + (long)(i0 + t) * k_row + d) : _mm512_setzero_si512());
+                    for (int j = 0; j < jn; j++) {
+                        __m512bh qv = (__m512bh)_mm512_loadu_si512(qb + (size_t)(j0 + j) * D + d);
+                        for (int t = 0; t < 8; t++) acc[j][t] = _mm512_dpbf16_ps(acc[j][t], qv, kv[t]);
+                    }
+                }
+                for (int j = 0; j < jn; j++) {
+                    __m256 halves[8];
+                    for (int t = 0; t < 8; t++) halves[t] = _mm256_add_ps(_mm512_castps512_ps256(acc[j][t]), _mm512_extractf32x8_ps(acc[j][t], 1));
+                    float sums[8];
+                    _mm256_storeu_ps(sums, _mm256_mul_ps(hsum8(halves), _mm256_set1_ps(scale)));
+                    for (int t = 0; t < kn; t++)
+                        scores[(j0 + j) * CHUNK + i0 + t] = !mask || mask[(size_t)(j0 + j) * S + s0 + i0 + t] ? sums[t] : -INFINITY;
+                }
+            }
+            continue;
+        }
+#endif
         for (int j0 = 0; j0 < Q; j0 += 2) {
             const int jn = Q - j0 < 2 ? Q - j0 : 2;
             __m256 acc[2][8];
@@ -172,9 +200,11 @@ int attend(const void* q, int H, int Q, int D, int S, const void* k, long k_head
             const float* qh = qs + (size_t)h * Q * D;
             float* pi = part + (size_t)it * Q * (2 + Dv);
             if (bf16)
-                item(qh, Q, D, S, s0, n, (const uint16_t*)k + h * k_head + s0 * k_row, (const uint16_t*)v + h * v_head + s0 * v_row, k_row, v_row, Dv, 1, mask, scores, pi);
+                item(qh, (const uint16_t*)q + (size_t)h * Q * D, scale, Q, D, S, s0, n, (const uint16_t*)k + h * k_head + s0 * k_row,
+                     (const uint16_t*)v + h * v_head + s0 * v_row, k_row, v_row, Dv, 1, mask, scores, pi);
             else
-                item(qh, Q, D, S, s0, n, (const float*)k + h * k_head + s0 * k_row, (const float*)v + h * v_head + s0 * v_row, k_row, v_row, Dv, 0, mask, scores, pi);
+                item(qh, NULL, scale, Q, D, S, s0, n, (const float*)k + h * k_head + s0 * k_row, (const float*)v + h * v_head + s0 * v_row,
+                     k_row, v_row, Dv, 0, mask, scores, pi);
         }
         free(scores);
     }
@@ -210,4 +240,13 @@ int attend(const void* q, int H, int Q, int D, int S, const void* k, long k_head
             }
     free(qs), free(part);
     return failed ? 2 : 0;
+}
+
+/* 1 where bf16 keys are multiplied as bf16 pairs (AVX512-BF16), which keeps the kernel the faster for more queries */
+int attend_bf16_pairs(void) {
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+    return 1;
+#else
+    return 0;
+#endif
 }

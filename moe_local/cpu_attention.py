@@ -6,8 +6,8 @@ MAX_QUERIES).
 
 The kernel is built on first use by the machine's C compiler (`CC`, default `cc`), for the machine's own
 CPU (`-march=native`; it needs x86 with AVX2), and kept in the cache folder (`$MOE_LOCAL_CACHE/kernels`,
-default ~/.cache/moe-local/kernels). Where it cannot be built, or `MOE_LOCAL_KERNELS=0`, attention stays
-on SDPA and the load's notes say why (`unavailable`)."""
+default ~/.cache/moe-local/kernels; `MOE_LOCAL_KERNEL_FLAGS` adds compiler flags). Where it cannot be
+built, or `MOE_LOCAL_KERNELS=0`, attention stays on SDPA and the load's notes say why (`unavailable`)."""
 
 from __future__ import annotations
 
@@ -24,11 +24,13 @@ import torch
 
 SOURCE = Path(__file__).with_name("attend.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-# Queries per KV head up to which the kernel is the faster (its time grows with each query, SDPA's less):
-# 900 bf16 positions, 2 threads, cache cold: 8 KV heads of 64, 4 queries 128 us against SDPA's 182, 8 194
-# against 223, 12 267 against 262; one latent of 576 (DeepSeek), 16 queries 320 against 426, 32 567
-# against 623. A decode step's g (or DeepSeek's H) is within these; prefill chunks stay on SDPA.
-MAX_QUERIES, MAX_LATENT_QUERIES = 8, 32
+# Queries per KV head up to which the kernel is the faster (its time grows with each query, SDPA's less),
+# 900 bf16 positions, 2 threads, cache cold. Where bf16 keys are multiplied as bf16 pairs (AVX512-BF16): 8
+# KV heads of 64, 8 queries 177 us against SDPA's 250, 16 281 against 346, 64 924 against 984; one latent of
+# 576 (DeepSeek), 64 queries 722 against 1,306. Widening each key to fp32 first (fp32 caches, or CPUs without
+# it): 4 queries 128 against 182, 8 194 against 223, 12 267 against 262; the latent, 32 567 against 623.
+# A decode step's g (or DeepSeek's H) is within these; prefill chunks stay on SDPA.
+MAX_QUERIES = {True: (32, 128), False: (8, 32)}  # bf16 pairs or not: (per KV head, over one latent of 256 or more)
 
 
 def unavailable() -> str | None:
@@ -41,14 +43,14 @@ def attend(q, keys, values, mask, scale: float | None, sinks) -> torch.Tensor | 
     """`model.attend` for one sequence's decode step on the CPU: q [1, Hkv, Q, D] over keys [1, Hkv, S, D] and
     values [1, Hkv, S, Dv] (views of a cache: rows contiguous), mask [Q, S] bool or None, sinks [1, Hkv, Q, 1]
     or None -> [1, Hkv, Q, Dv]; None where the kernel does not apply (then SDPA does it)."""
-    if q.shape[0] != 1 or q.shape[2] > (MAX_LATENT_QUERIES if q.shape[-1] >= 256 else MAX_QUERIES) or q.dtype not in (torch.bfloat16, torch.float32):
+    if q.shape[0] != 1 or q.dtype not in (torch.bfloat16, torch.float32) or keys.dtype != q.dtype or values.dtype != q.dtype:
         return None
-    if keys.dtype != q.dtype or values.dtype != q.dtype or keys.stride(-1) != 1 or values.stride(-1) != 1 or q.shape[-1] % 8 or values.shape[-1] % 8:
+    if keys.stride(-1) != 1 or values.stride(-1) != 1 or q.shape[-1] % 8 or values.shape[-1] % 8:
         return None
     if mask is not None and (mask.dtype != torch.bool or mask.shape != (q.shape[2], keys.shape[2]) or not mask.is_contiguous()):
         return None
     lib = _library()
-    if isinstance(lib, str):
+    if isinstance(lib, str) or q.shape[2] > MAX_QUERIES[q.dtype == torch.bfloat16 and lib.bf16_pairs][q.shape[-1] >= 256]:
         return None
     _, heads, queries, dim = q.shape
     positions, value_dim = keys.shape[2], values.shape[-1]
@@ -74,8 +76,8 @@ def _library() -> ctypes.CDLL | str:
         return f"moe-local's CPU kernel is for x86 CPUs, not {platform.machine()}"
     from moe_local.experts.qcache import cache_root  # (its imports reach the model, which imports this)
 
-    cc = os.environ.get("CC") or "cc"
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc, *FLAGS, _cpu())).encode()).hexdigest()[:16]
+    cc, flags = os.environ.get("CC") or "cc", (*FLAGS, *os.environ.get("MOE_LOCAL_KERNEL_FLAGS", "").split())
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc, *flags, _cpu())).encode()).hexdigest()[:16]
     path = cache_root() / "kernels" / f"attend-{digest}.so"
     if not path.exists():
         try:
@@ -84,7 +86,7 @@ def _library() -> ctypes.CDLL | str:
             path = Path(tempfile.mkdtemp(prefix="moe-local-")) / path.name
         built = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
-            result = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=300)
+            result = subprocess.run([cc, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as e:
             return f"the C compiler ({cc}) could not run: {e}"
         if result.returncode:
@@ -99,6 +101,7 @@ def _library() -> ctypes.CDLL | str:
     lib.attend.argtypes = [c_void_p, c_int, c_int, c_int, c_int, c_void_p, c_long, c_long, c_void_p, c_long, c_long, c_int, c_int,
                            ctypes.c_float, c_void_p, c_void_p, c_void_p, c_int]  # fmt: skip
     lib.attend.restype = c_int
+    lib.bf16_pairs = bool(lib.attend_bf16_pairs())
     return lib
 
 

@@ -36,10 +36,13 @@ def case(heads, queries, dim, value_dim, positions, dtype, seed=0):
     return q, keys, torch.randn(heads, positions + 7, value_dim, generator=gen).to(dtype)[None, :, :positions]
 
 
+
 @needs_kernel
+@pytest.mark.parametrize("flags", ["", "-mno-avx512bf16"])  # bf16 keys as bf16 pairs where the CPU can, and widened
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,queries,dim,value_dim,positions", [(8, 2, 64, 64, 900), (4, 3, 128, 128, 7), (2, 8, 64, 64, 1), (1, 16, 576, None, 1100)])
-def test_the_kernel_matches_the_reference(heads, queries, dim, value_dim, positions, dtype):
+def test_the_kernel_matches_the_reference(rebuilt, monkeypatch, flags, heads, queries, dim, value_dim, positions, dtype):
+    monkeypatch.setenv("MOE_LOCAL_KERNEL_FLAGS", flags)
     q, keys, values = case(heads, queries, dim, value_dim, positions, dtype)
     gen = torch.Generator().manual_seed(1)
     mask = torch.rand(queries, positions, generator=gen) > 0.3
@@ -58,13 +61,15 @@ def test_the_kernel_matches_the_reference(heads, queries, dim, value_dim, positi
 def test_decode_steps_take_the_kernel_and_prefill_chunks_sdpa():
     q, keys, values = case(8, 2, 64, 64, 300, torch.float32)
     assert torch.equal(attend(q, keys, values, None, None, None), cpu_attention.attend(q, keys, values, None, None, None))
-    many, _, _ = case(8, cpu_attention.MAX_QUERIES + 1, 64, 64, 300, torch.float32)
+    most, most_latent = cpu_attention.MAX_QUERIES[False]  # fp32: keys widened, as bf16 ones where the CPU cannot pair them
+    many, _, _ = case(8, most + 1, 64, 64, 300, torch.float32)
     assert cpu_attention.attend(many, keys, values, None, None, None) is None  # a prefill chunk's many queries
     assert torch.equal(attend(many, keys, values, None, None, None), F.scaled_dot_product_attention(many, keys, values))
     two_sequences = torch.cat([q, q])
     assert cpu_attention.attend(two_sequences, torch.cat([keys, keys]), torch.cat([values, values]), None, None, None) is None
-    latent, keys, values = case(1, cpu_attention.MAX_LATENT_QUERIES, 576, None, 300, torch.float32)
+    latent, keys, values = case(1, most_latent, 576, None, 300, torch.float32)
     assert cpu_attention.attend(latent, keys, values, None, None, None) is not None
+    assert cpu_attention.attend(case(1, most_latent + 1, 576, None, 300, torch.float32)[0], keys, values, None, None, None) is None
 
 
 @pytest.fixture
