@@ -84,8 +84,8 @@ static inline __attribute__((always_inline)) void weighted(
 /* One work item: KV head h, keys s0..s0+n-1. part: per query, the max score, the sum of exponentials and
    the Dv weighted values. */
 static inline __attribute__((always_inline)) void item(
-    const float* qh, const uint16_t* qb, float scale, int Q, int D, int S, int s0, int n, const void* k, const void* v,
-    long k_row, long v_row, int Dv, const int bf16, const uint8_t* mask, float* scores, float* part) {
+    const float* qh, const uint16_t* qb, float scale, int Q, int D, int s0, int n, const void* k, const void* v,
+    long k_row, long v_row, int Dv, const int bf16, const uint8_t* mask, long mask_query, float* scores, float* part) {
     for (int i0 = 0; i0 < n; i0 += 8) { /* scores: 8 keys by 2 queries, each key's 8 lanes summed at the end */
         const int kn = n - i0 < 8 ? n - i0 : 8;
         for (int t = 0; t < 8; t++) {
@@ -114,7 +114,7 @@ static inline __attribute__((always_inline)) void item(
                     float sums[8];
                     _mm256_storeu_ps(sums, _mm256_mul_ps(hsum8(halves), _mm256_set1_ps(scale)));
                     for (int t = 0; t < kn; t++)
-                        scores[(j0 + j) * CHUNK + i0 + t] = !mask || mask[(size_t)(j0 + j) * S + s0 + i0 + t] ? sums[t] : -INFINITY;
+                        scores[(j0 + j) * CHUNK + i0 + t] = !mask || mask[(j0 + j) * mask_query + s0 + i0 + t] ? sums[t] : -INFINITY;
                 }
             }
             continue;
@@ -137,7 +137,7 @@ static inline __attribute__((always_inline)) void item(
                 float sums[8];
                 _mm256_storeu_ps(sums, hsum8(acc[j]));
                 for (int t = 0; t < kn; t++)
-                    scores[(j0 + j) * CHUNK + i0 + t] = !mask || mask[(size_t)(j0 + j) * S + s0 + i0 + t] ? sums[t] : -INFINITY;
+                    scores[(j0 + j) * CHUNK + i0 + t] = !mask || mask[(j0 + j) * mask_query + s0 + i0 + t] ? sums[t] : -INFINITY;
             }
         }
     }
@@ -176,11 +176,11 @@ static inline __attribute__((always_inline)) void item(
 }
 
 /* out [H, Q, Dv] (bf16 if bf16, else fp32) = softmax(scale * q k^T (masked), sink) v, for q [H, Q, D], and keys
-   and values whose element (h, s, d) is at h * head + s * row + d, all in bf16 or all in fp32; mask [Q, S] bytes
-   (nonzero: attend) or NULL, the same for every head; sinks [H, Q] fp32 or NULL. 0, or 1 for sizes it cannot
-   take, 2 out of memory. */
+   and values whose element (h, s, d) is at h * head + s * row + d, all in bf16 or all in fp32; mask: bytes
+   (nonzero: attend), query j of head h's at h * mask_head + j * mask_query (a stride of 0: shared), or NULL;
+   sinks [H, Q] fp32 or NULL. 0, or 1 for sizes it cannot take, 2 out of memory. */
 int attend(const void* q, int H, int Q, int D, int S, const void* k, long k_head, long k_row, const void* v,
-           long v_head, long v_row, int Dv, int bf16, float scale, const uint8_t* mask, const float* sinks, void* out,
+           long v_head, long v_row, int Dv, int bf16, float scale, const uint8_t* mask, long mask_head, long mask_query, const float* sinks, void* out,
            int threads) {
     if (D % 8 || Dv % 8 || Q < 1 || S < 1 || H < 1) return 1;
     const int chunks = (S + CHUNK - 1) / CHUNK, items = H * chunks;
@@ -200,11 +200,11 @@ int attend(const void* q, int H, int Q, int D, int S, const void* k, long k_head
             const float* qh = qs + (size_t)h * Q * D;
             float* pi = part + (size_t)it * Q * (2 + Dv);
             if (bf16)
-                item(qh, (const uint16_t*)q + (size_t)h * Q * D, scale, Q, D, S, s0, n, (const uint16_t*)k + h * k_head + s0 * k_row,
-                     (const uint16_t*)v + h * v_head + s0 * v_row, k_row, v_row, Dv, 1, mask, scores, pi);
+                item(qh, (const uint16_t*)q + (size_t)h * Q * D, scale, Q, D, s0, n, (const uint16_t*)k + h * k_head + s0 * k_row,
+                     (const uint16_t*)v + h * v_head + s0 * v_row, k_row, v_row, Dv, 1, mask ? mask + h * mask_head : NULL, mask_query, scores, pi);
             else
-                item(qh, NULL, scale, Q, D, S, s0, n, (const float*)k + h * k_head + s0 * k_row, (const float*)v + h * v_head + s0 * v_row,
-                     k_row, v_row, Dv, 0, mask, scores, pi);
+                item(qh, NULL, scale, Q, D, s0, n, (const float*)k + h * k_head + s0 * k_row, (const float*)v + h * v_head + s0 * v_row,
+                     k_row, v_row, Dv, 0, mask ? mask + h * mask_head : NULL, mask_query, scores, pi);
         }
         free(scores);
     }

@@ -40,31 +40,51 @@ def unavailable() -> str | None:
 
 
 def attend(q, keys, values, mask, scale: float | None, sinks) -> torch.Tensor | None:
-    """`model.attend` for one sequence's decode step on the CPU: q [1, Hkv, Q, D] over keys [1, Hkv, S, D] and
-    values [1, Hkv, S, Dv] (views of a cache: rows contiguous), mask [Q, S] bool or None, sinks [1, Hkv, Q, 1]
-    or None -> [1, Hkv, Q, Dv]; None where the kernel does not apply (then SDPA does it)."""
-    if q.shape[0] != 1 or q.dtype not in (torch.bfloat16, torch.float32) or keys.dtype != q.dtype or values.dtype != q.dtype:
+    """`model.attend` for a decode step on the CPU: q [B, Hkv, Q, D] over keys [B, Hkv, S, D] and values
+    [B, Hkv, S, Dv] (views of caches or of a pool's rows: each row contiguous), mask [Q, S] (shared) or
+    [B, 1, 1, S] (a pool's: each sequence's own) bool or None, sinks broadcastable to [B, Hkv, Q, 1] or None
+    -> [B, Hkv, Q, Dv]; None where the kernel does not apply (then SDPA does it)."""
+    if q.dtype not in (torch.bfloat16, torch.float32) or keys.dtype != q.dtype or values.dtype != q.dtype:
         return None
     if keys.stride(-1) != 1 or values.stride(-1) != 1 or q.shape[-1] % 8 or values.shape[-1] % 8:
         return None
-    if mask is not None and (mask.dtype != torch.bool or mask.shape != (q.shape[2], keys.shape[2]) or not mask.is_contiguous()):
+    batch, heads, queries, dim = q.shape
+    positions, value_dim = keys.shape[2], values.shape[-1]
+    k_head, v_head = _head_stride(keys), _head_stride(values)  # B x Hkv heads, one stride apart
+    if k_head is None or v_head is None:
+        return None
+    if mask is None:
+        mask_head = mask_query = 0
+    elif mask.dtype == torch.bool and mask.shape == (queries, positions) and mask.is_contiguous():
+        mask_head, mask_query = 0, positions
+    elif mask.dtype == torch.bool and mask.shape == (batch, 1, 1, positions):
+        mask = mask.expand(batch, heads, 1, positions).contiguous()  # each KV head its sequence's row
+        mask_head, mask_query = positions, 0
+    else:
         return None
     lib = _library()
-    if isinstance(lib, str) or q.shape[2] > MAX_QUERIES[q.dtype == torch.bfloat16 and lib.bf16_pairs][q.shape[-1] >= 256]:
+    if isinstance(lib, str) or queries > MAX_QUERIES[q.dtype == torch.bfloat16 and lib.bf16_pairs][dim >= 256]:
         return None
-    _, heads, queries, dim = q.shape
-    positions, value_dim = keys.shape[2], values.shape[-1]
     q = q.contiguous()
-    sinks = None if sinks is None else sinks.float().reshape(heads, queries).contiguous()
-    out = torch.empty(1, heads, queries, value_dim, dtype=q.dtype)
+    sinks = None if sinks is None else sinks.float().expand(batch, heads, queries, 1).reshape(batch * heads, queries).contiguous()
+    out = torch.empty(batch, heads, queries, value_dim, dtype=q.dtype)
     code = lib.attend(
-        q.data_ptr(), heads, queries, dim, positions, keys.data_ptr(), keys.stride(1), keys.stride(2), values.data_ptr(),
-        values.stride(1), values.stride(2), value_dim, q.dtype == torch.bfloat16, dim**-0.5 if scale is None else scale,
-        None if mask is None else mask.data_ptr(), None if sinks is None else sinks.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+        q.data_ptr(), batch * heads, queries, dim, positions, keys.data_ptr(), k_head, keys.stride(2), values.data_ptr(),
+        v_head, values.stride(2), value_dim, q.dtype == torch.bfloat16, dim**-0.5 if scale is None else scale,
+        None if mask is None else mask.data_ptr(), mask_head, mask_query, None if sinks is None else sinks.data_ptr(),
+        out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if code:
         raise RuntimeError("attention kernel: " + ("sizes it cannot take" if code == 1 else "out of memory"))
     return out
+
+
+def _head_stride(t: torch.Tensor) -> int | None:
+    """The stride between consecutive heads of t [B, Hkv, S, d] taken as B * Hkv heads, if there is one."""
+    batch, heads = t.shape[:2]
+    if heads == 1 or batch == 1:
+        return t.stride(0) if heads == 1 else t.stride(1)
+    return t.stride(1) if t.stride(0) == heads * t.stride(1) else None
 
 
 @functools.cache
@@ -99,7 +119,7 @@ def _library() -> ctypes.CDLL | str:
         return f"moe-local's CPU kernel could not be loaded: {e}"
     c_int, c_long, c_void_p = ctypes.c_int, ctypes.c_long, ctypes.c_void_p
     lib.attend.argtypes = [c_void_p, c_int, c_int, c_int, c_int, c_void_p, c_long, c_long, c_void_p, c_long, c_long, c_int, c_int,
-                           ctypes.c_float, c_void_p, c_void_p, c_void_p, c_int]  # fmt: skip
+                           ctypes.c_float, c_void_p, c_long, c_long, c_void_p, c_void_p, c_int]  # fmt: skip
     lib.attend.restype = c_int
     lib.bf16_pairs = bool(lib.attend_bf16_pairs())
     return lib

@@ -104,8 +104,8 @@ def attend(q, keys, values, mask, scale: float | None, sinks: torch.Tensor | Non
     """q [..., T, hd] over keys and values [..., S, hd] (mask [..., T, S] bool or None) -> [..., T, hd]. With
     sinks (one logit per query head, shaped to broadcast against the scores' [..., T, 1]), each head's
     softmax has one more logit in its denominator and nothing to weight, as gpt-oss does; SDPA has no such
-    term, so that case is computed by hand. One sequence's decode step on the CPU takes moe-local's own
-    kernel (`cpu_attention`), where it could be built."""
+    term, so that case is computed by hand. A decode step on the CPU takes moe-local's own kernel
+    (`cpu_attention`), where it could be built."""
     if q.device.type == "cpu" and (y := cpu_attention.attend(q, keys, values, mask, scale, sinks)) is not None:
         return y
     if sinks is None:
@@ -325,7 +325,7 @@ class LatentAttention(nn.Module):
         mask = p.seen[:, :S]
         queries = query.new_zeros(p.n, 1, H, query.shape[-1])  # each row's H queries of its one latent (see _attend_latent)
         queries[p.rows - p.lo] = query.transpose(0, 1)[:, None]
-        y = F.scaled_dot_product_attention(queries, keys, keys[..., :r], attn_mask=mask[:, None, None, :], scale=self.scale)  # [n, 1, H, r]
+        y = attend(queries, keys, keys[..., :r], mask[:, None, None, :], self.scale, None)  # [n, 1, H, r]
         return y[p.rows - p.lo, 0].transpose(0, 1)  # [H, B, r]
 
     def _project(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:

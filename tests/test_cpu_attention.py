@@ -58,6 +58,26 @@ def test_the_kernel_matches_the_reference(rebuilt, monkeypatch, flags, heads, qu
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads,queries,dim", [(2, 3, 32), (1, 16, 576)])
+def test_a_pools_rows_each_with_its_own_mask_match_the_reference(dtype, kv_heads, queries, dim):
+    """The server's batched step: the rows lo..lo+n-1 of a KV pool [N, Hkv, C, d], each sequence masked to
+    its own positions ([n, 1, 1, S]); DeepSeek's latent pool as [n, 1, S, 576] with the values inside."""
+    gen = torch.Generator().manual_seed(2)
+    pool = torch.randn(5, kv_heads, 40, dim, generator=gen).to(dtype)
+    keys = pool[1:4, :, :33]
+    values = keys[..., :512] if dim == 576 else torch.randn(5, kv_heads, 40, dim, generator=gen).to(dtype)[1:4, :, :33]
+    q = torch.randn(3, kv_heads, queries, dim, generator=gen).to(dtype)
+    mask = torch.rand(3, 1, 1, 33, generator=gen) > 0.4
+    mask[..., 0] = True
+    sinks = torch.randn(kv_heads, queries, 1, generator=gen) if dim != 576 else None  # gpt-oss's, one per query head
+    got = cpu_attention.attend(q, keys, values, mask, None, sinks)
+    want = reference(q, keys, values, mask, None, sinks)
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-8
+    assert got is not None and torch.allclose(got.double(), want, rtol=tolerance, atol=tolerance * want.abs().max().item())
+
+
+@needs_kernel
 def test_decode_steps_take_the_kernel_and_prefill_chunks_sdpa():
     q, keys, values = case(8, 2, 64, 64, 300, torch.float32)
     assert torch.equal(attend(q, keys, values, None, None, None), cpu_attention.attend(q, keys, values, None, None, None))
@@ -65,8 +85,8 @@ def test_decode_steps_take_the_kernel_and_prefill_chunks_sdpa():
     many, _, _ = case(8, most + 1, 64, 64, 300, torch.float32)
     assert cpu_attention.attend(many, keys, values, None, None, None) is None  # a prefill chunk's many queries
     assert torch.equal(attend(many, keys, values, None, None, None), F.scaled_dot_product_attention(many, keys, values))
-    two_sequences = torch.cat([q, q])
-    assert cpu_attention.attend(two_sequences, torch.cat([keys, keys]), torch.cat([values, values]), None, None, None) is None
+    heads_apart = torch.randn(8, 2, 300, 64).transpose(0, 1)  # [2, 8, ...] with no one stride between its 16 heads
+    assert cpu_attention.attend(torch.cat([q, q]), heads_apart, heads_apart, None, None, None) is None
     latent, keys, values = case(1, most_latent, 576, None, 300, torch.float32)
     assert cpu_attention.attend(latent, keys, values, None, None, None) is not None
     assert cpu_attention.attend(case(1, most_latent + 1, 576, None, 300, torch.float32)[0], keys, values, None, None, None) is None
