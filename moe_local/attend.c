@@ -81,6 +81,50 @@ static inline __attribute__((always_inline)) void weighted(
         for (int t = 0; t < TN; t++) _mm256_storeu_ps(o + j * o_stride + 8 * t, acc[j][t]);
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+#define BF16_PAIRS 1
+
+static inline uint16_t to_bf16(float x) { /* to nearest even */
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+/* `weighted` for bf16 values, two keys at a time: their rows interleaved (16 dimensions a vector, in the
+   order `order`: the unpacks work within 128-bit lanes) and multiplied by their probabilities' pair, rounded
+   to bf16 (pp), with one vdpbf16ps; an odd last key is widened and added with its fp32 probability (p). */
+static inline __attribute__((always_inline)) void weighted_pairs(
+    const uint16_t* v, long row, int n, const uint32_t* pp, const float* p, float* o, int o_stride, const int JN, const int TN) {
+    const __m512i order = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15); /* lane k: dimension order[k] */
+    __m512 acc[2][4];
+    for (int j = 0; j < JN; j++)
+        for (int t = 0; t < TN; t++) acc[j][t] = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 2 <= n; i += 2) {
+        _mm_prefetch((const char*)(v + (long)(i + AHEAD) * row), _MM_HINT_T0);
+        _mm_prefetch((const char*)(v + (long)(i + AHEAD + 1) * row), _MM_HINT_T0);
+        __m512bh vv[4];
+        for (int t = 0; t < TN; t++) {
+            __m256i a = _mm256_loadu_si256((const __m256i*)(v + (long)i * row + 16 * t));
+            __m256i b = _mm256_loadu_si256((const __m256i*)(v + (long)(i + 1) * row + 16 * t));
+            vv[t] = (__m512bh)_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_unpacklo_epi16(a, b)), _mm256_unpackhi_epi16(a, b), 1);
+        }
+        for (int j = 0; j < JN; j++) {
+            __m512bh pj = (__m512bh)_mm512_set1_epi32((int)pp[j * (CHUNK / 2) + i / 2]);
+            for (int t = 0; t < TN; t++) acc[j][t] = _mm512_dpbf16_ps(acc[j][t], pj, vv[t]);
+        }
+    }
+    if (i < n)
+        for (int t = 0; t < TN; t++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i*)(v + (long)i * row + 16 * t));
+            __m512 w = _mm512_permutexvar_ps(order, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
+            for (int j = 0; j < JN; j++) acc[j][t] = _mm512_fmadd_ps(_mm512_set1_ps(p[j * CHUNK + i]), w, acc[j][t]);
+        }
+    for (int j = 0; j < JN; j++) /* `order` is its own inverse: dimension d is in lane order[d] */
+        for (int t = 0; t < TN; t++) _mm512_storeu_ps(o + j * o_stride + 16 * t, _mm512_permutexvar_ps(order, acc[j][t]));
+}
+#endif
+
 /* One work item: KV head h, keys s0..s0+n-1. part: per query, the max score, the sum of exponentials and
    the Dv weighted values. */
 static inline __attribute__((always_inline)) void item(
@@ -92,7 +136,7 @@ static inline __attribute__((always_inline)) void item(
             prefetch_row(k, (long)(i0 + AHEAD + t) * k_row, D, bf16, 1);
             prefetch_row(v, (long)(i0 + t) * v_row, Dv, bf16, 0); /* the values' pass comes next */
         }
-#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+#ifdef BF16_PAIRS
         if (bf16 && D % 32 == 0) { /* bf16 pairs multiplied and summed in fp32 by one instruction, no widening */
             for (int j0 = 0; j0 < Q; j0 += 2) {
                 const int jn = Q - j0 < 2 ? Q - j0 : 2;
@@ -158,6 +202,33 @@ static inline __attribute__((always_inline)) void item(
             memset(sj, 0, sizeof(float) * n);
         part[j * (2 + Dv)] = m, part[j * (2 + Dv) + 1] = l;
     }
+#ifdef BF16_PAIRS
+    if (bf16 && Dv % 16 == 0) { /* values: 2 queries by 64 dimensions at a time, keys in pairs */
+        for (int j0 = 0; j0 < Q; j0 += 2) {
+            const int jn = Q - j0 < 2 ? Q - j0 : 2;
+            uint32_t pp[2 * CHUNK / 2];
+            for (int j = 0; j < jn; j++)
+                for (int i = 0; i + 1 < n; i += 2)
+                    pp[j * (CHUNK / 2) + i / 2] = to_bf16(scores[(j0 + j) * CHUNK + i]) | (uint32_t)to_bf16(scores[(j0 + j) * CHUNK + i + 1]) << 16;
+            for (int d0 = 0; d0 < Dv; d0 += 64) {
+                const uint16_t* vd = (const uint16_t*)v + d0;
+                float* o = part + j0 * (2 + Dv) + 2 + d0;
+                const float* p = scores + j0 * CHUNK;
+                switch (jn * 8 + (Dv - d0 < 64 ? Dv - d0 : 64) / 16) { /* constant counts, so that the sums stay in registers */
+                case 9: weighted_pairs(vd, v_row, n, pp, p, o, 2 + Dv, 1, 1); break;
+                case 10: weighted_pairs(vd, v_row, n, pp, p, o, 2 + Dv, 1, 2); break;
+                case 11: weighted_pairs(vd, v_row, n, pp, p, o, 2 + Dv, 1, 3); break;
+                case 12: weighted_pairs(vd, v_row, n, pp, p, o, 2 + Dv, 1, 4); break;
+                case 17: weighted_pairs(vd, v_row, n, pp, p, o, 2 + Dv, 2, 1); break;
+                case 18: weighted_pairs(vd, v_row, n, pp, p, o, 2 + Dv, 2, 2); break;
+                case 19: weighted_pairs(vd, v_row, n, pp, p, o, 2 + Dv, 2, 3); break;
+                default: weighted_pairs(vd, v_row, n, pp, p, o, 2 + Dv, 2, 4); break;
+                }
+            }
+        }
+        return;
+    }
+#endif
     for (int j0 = 0; j0 < Q; j0 += 2) { /* values: 2 queries by 32 dimensions at a time */
         const int jn = Q - j0 < 2 ? Q - j0 : 2;
         for (int d0 = 0; d0 < Dv; d0 += 32) {
@@ -244,7 +315,7 @@ int attend(const void* q, int H, int Q, int D, int S, const void* k, long k_head
 
 /* 1 where bf16 keys are multiplied as bf16 pairs (AVX512-BF16), which keeps the kernel the faster for more queries */
 int attend_bf16_pairs(void) {
-#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+#ifdef BF16_PAIRS
     return 1;
 #else
     return 0;
