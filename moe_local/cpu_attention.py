@@ -46,6 +46,8 @@ def attend(q, keys, values, mask, scale: float | None, sinks) -> torch.Tensor | 
     -> [B, Hkv, Q, Dv]; None where the kernel does not apply (then SDPA does it)."""
     if q.dtype not in (torch.bfloat16, torch.float32) or keys.dtype != q.dtype or values.dtype != q.dtype:
         return None
+    if q.dim() != 4 or keys.shape[:2] != q.shape[:2] or values.shape[:3] != keys.shape[:3] or keys.shape[-1] != q.shape[-1]:
+        return None
     if keys.stride(-1) != 1 or values.stride(-1) != 1 or q.shape[-1] % 8 or values.shape[-1] % 8:
         return None
     batch, heads, queries, dim = q.shape

@@ -85,6 +85,7 @@ def test_decode_steps_take_the_kernel_and_prefill_chunks_sdpa():
     many, _, _ = case(8, most + 1, 64, 64, 300, torch.float32)
     assert cpu_attention.attend(many, keys, values, None, None, None) is None  # a prefill chunk's many queries
     assert torch.equal(attend(many, keys, values, None, None, None), F.scaled_dot_product_attention(many, keys, values))
+    assert cpu_attention.attend(q[0], keys[0], values[0], None, None, None) is None  # not [B, Hkv, Q, D]: SDPA's to broadcast
     heads_apart = torch.randn(8, 2, 300, 64).transpose(0, 1)  # [2, 8, ...] with no one stride between its 16 heads
     assert cpu_attention.attend(torch.cat([q, q]), heads_apart, heads_apart, None, None, None) is None
     latent, keys, values = case(1, most_latent, 576, None, 300, torch.float32)
