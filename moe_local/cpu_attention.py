@@ -1,29 +1,18 @@
-"""The attention of a decode step on the CPU, through a kernel of our own (`attend.c` beside this file).
+"""The attention of a decode step on the CPU, through a kernel of our own (`attend` in `cpu_kernels.c`).
 torch's CPU SDPA is built for many queries; a decode step has a few per KV head (GQA's g, DeepSeek's H
 over its one latent), and there it takes ~4x the time of reading the cache: 170 us for one layer of 8 KV
 heads x 900 bf16 positions on 2 cores of the development machine, where the kernel takes ~100 (see
 MAX_QUERIES).
 
-The kernel is built on first use by the machine's C compiler (`CC`, default `cc`), for the machine's own
-CPU (`-march=native`; it needs x86 with AVX2), and kept in the cache folder (`$MOE_LOCAL_CACHE/kernels`,
-default ~/.cache/moe-local/kernels; `MOE_LOCAL_KERNEL_FLAGS` adds compiler flags). Where it cannot be
-built, or `MOE_LOCAL_KERNELS=0`, attention stays on SDPA and the load's notes say why (`unavailable`)."""
+The kernel is in `cpu_kernels.c`, built on first use (`native.py`); where it cannot be built, attention
+stays on SDPA."""
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import os
-import platform
-import subprocess
-import tempfile
-from pathlib import Path
-
 import torch
 
-SOURCE = Path(__file__).with_name("attend.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+from moe_local import native
+
 # Queries per KV head up to which the kernel is the faster (its time grows with each query, SDPA's less),
 # 900 bf16 positions, 2 threads, cache cold. Where bf16 keys are multiplied as bf16 pairs (AVX512-BF16): 8
 # KV heads of 64, 8 queries 177 us against SDPA's 250, 16 281 against 346, 64 924 against 984; one latent of
@@ -31,12 +20,6 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 # it): 4 queries 128 against 182, 8 194 against 223, 12 267 against 262; the latent, 32 567 against 623.
 # A decode step's g (or DeepSeek's H) is within these; prefill chunks stay on SDPA.
 MAX_QUERIES = {True: (32, 128), False: (8, 32)}  # bf16 pairs or not: (per KV head, over one latent of 256 or more)
-
-
-def unavailable() -> str | None:
-    """Why decode attention on the CPU cannot use the kernel, or None when it can (building it the first time)."""
-    lib = _library()
-    return lib if isinstance(lib, str) else None
 
 
 def attend(q, keys, values, mask, scale: float | None, sinks) -> torch.Tensor | None:
@@ -64,7 +47,7 @@ def attend(q, keys, values, mask, scale: float | None, sinks) -> torch.Tensor | 
         mask_head, mask_query = positions, 0
     else:
         return None
-    lib = _library()
+    lib = native.library()
     if isinstance(lib, str) or queries > MAX_QUERIES[q.dtype == torch.bfloat16 and lib.bf16_pairs][dim >= 256]:
         return None
     q = q.contiguous()
@@ -87,51 +70,3 @@ def _head_stride(t: torch.Tensor) -> int | None:
     if heads == 1 or batch == 1:
         return t.stride(0) if heads == 1 else t.stride(1)
     return t.stride(1) if t.stride(0) == heads * t.stride(1) else None
-
-
-@functools.cache
-def _library() -> ctypes.CDLL | str:
-    """The built kernel, or why there is none."""
-    if os.environ.get("MOE_LOCAL_KERNELS", "1") == "0":
-        return "MOE_LOCAL_KERNELS=0"
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"moe-local's CPU kernel is for x86 CPUs, not {platform.machine()}"
-    from moe_local.experts.qcache import cache_root  # (its imports reach the model, which imports this)
-
-    cc, flags = os.environ.get("CC") or "cc", (*FLAGS, *os.environ.get("MOE_LOCAL_KERNEL_FLAGS", "").split())
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc, *flags, _cpu())).encode()).hexdigest()[:16]
-    path = cache_root() / "kernels" / f"attend-{digest}.so"
-    if not path.exists():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError:  # a read-only cache folder: build it for this process only
-            path = Path(tempfile.mkdtemp(prefix="moe-local-")) / path.name
-        built = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            result = subprocess.run([cc, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.SubprocessError) as e:
-            return f"the C compiler ({cc}) could not run: {e}"
-        if result.returncode:
-            errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines() or ["no message"]
-            return f"{cc} could not build moe-local's CPU kernel: {errors[0].strip()}"
-        os.replace(built, path)  # whole or not at all, also when several processes build it at once
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        return f"moe-local's CPU kernel could not be loaded: {e}"
-    c_int, c_long, c_void_p = ctypes.c_int, ctypes.c_long, ctypes.c_void_p
-    lib.attend.argtypes = [c_void_p, c_int, c_int, c_int, c_int, c_void_p, c_long, c_long, c_void_p, c_long, c_long, c_int, c_int,
-                           ctypes.c_float, c_void_p, c_long, c_long, c_void_p, c_void_p, c_int]  # fmt: skip
-    lib.attend.restype = c_int
-    lib.bf16_pairs = bool(lib.attend_bf16_pairs())
-    return lib
-
-
-def _cpu() -> str:
-    """The CPU's model and flags, part of the built file's name: -march=native code is for this CPU only
-    (a cache folder may be shared between machines)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return "".join(next((line for line in lines if line.startswith(key)), "") for key in ("model name", "flags"))
-    except OSError:
-        return platform.processor()

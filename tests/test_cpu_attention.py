@@ -1,4 +1,4 @@
-"""The CPU's decode attention kernel (`moe_local/cpu_attention.py`, `attend.c`): against a float64
+"""The CPU's decode attention kernel (`moe_local/cpu_attention.py`, `attend` in `cpu_kernels.c`): against a float64
 reference (masks, sinks, several chunks of keys, DeepSeek's latent with values inside the keys, strided
 cache views, fp32 and bf16), which calls take it, and what happens where it cannot be built."""
 
@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import moe_local
-from moe_local import cpu_attention
+from moe_local import cpu_attention, native
 from moe_local.model import attend
 
-needs_kernel = pytest.mark.skipif(cpu_attention.unavailable() is not None, reason=f"the kernel cannot be built here: {cpu_attention.unavailable()}")
+needs_kernel = pytest.mark.skipif(native.unavailable() is not None, reason=f"the kernel cannot be built here: {native.unavailable()}")
 
 
 def reference(q, keys, values, mask, scale, sinks) -> torch.Tensor:
@@ -96,9 +96,9 @@ def test_decode_steps_take_the_kernel_and_prefill_chunks_sdpa():
 @pytest.fixture
 def rebuilt():
     """The kernel looked up afresh (the environment decides), and afresh again after the test."""
-    cpu_attention._library.cache_clear()
+    native.library.cache_clear()
     yield
-    cpu_attention._library.cache_clear()
+    native.library.cache_clear()
 
 
 @pytest.mark.parametrize(
@@ -106,13 +106,13 @@ def rebuilt():
     [({"MOE_LOCAL_KERNELS": "0"}, "MOE_LOCAL_KERNELS=0"), ({"CC": "/nonexistent/cc"}, "the C compiler (/nonexistent/cc) could not run"),
      ({"CC": "false"}, "false could not build moe-local's CPU kernel")],
 )
-def test_without_the_kernel_attention_stays_on_sdpa_and_the_load_says_why(rebuilt, monkeypatch, tmp_path, env, why):
+def test_without_the_kernels_attention_stays_on_sdpa_and_the_load_says_why(rebuilt, monkeypatch, tmp_path, env, why):
     monkeypatch.setenv("MOE_LOCAL_CACHE", str(tmp_path))  # nothing built before
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert cpu_attention.unavailable().startswith(why)
+    assert native.unavailable().startswith(why)
     q, keys, values = case(8, 2, 64, 64, 30, torch.float32)
     assert cpu_attention.attend(q, keys, values, None, None, None) is None
     assert torch.equal(attend(q, keys, values, None, None, None), F.scaled_dot_product_attention(q, keys, values))
     engine = moe_local.load(moe_local.__path__[0] + "/demo", device="cpu")
-    assert f"decode attention on torch's SDPA, ~1.5x slower than moe-local's kernel: {why}" in " ".join(engine.notes)
+    assert f"moe-local's CPU kernels are not built, torch's are slower (decode attention ~1.5x, MXFP4 experts ~18x): {why}" in " ".join(engine.notes)

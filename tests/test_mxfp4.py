@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moe_local import native
 from moe_local.experts import mxfp4
 
 GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # E2M1 magnitudes
@@ -125,6 +126,34 @@ def test_linear_cpu_equals_dequantize_then_linear(m, chunk_rows, monkeypatch):
     assert got.dtype == torch.bfloat16
     want_b = F.linear(xb.float(), mxfp4.dequantize(blocks, scales, torch.float32))
     torch.testing.assert_close(got.float(), want_b, rtol=2**-7, atol=2**-7 * want_b.abs().max().item())
+
+
+def kernel_missing() -> str | None:
+    lib = native.library()
+    return lib if isinstance(lib, str) else None if lib.bf16_pairs else "the CPU has no AVX512-BF16"
+
+
+@pytest.mark.skipif(kernel_missing() is not None, reason=f"moe-local's MXFP4 CPU kernel: {kernel_missing()}")
+def test_the_cpu_kernel_takes_a_bf16_tokens_product_and_reads_nibbles_and_scales_like_the_reference():
+    blocks, scales = random_mxfp4(48, 256, scales=(100, 140))
+    scales[:, 0], scales[0, 1] = 0, 200  # the subnormal 2^-127, and a large one
+    w = mxfp4.dequantize(blocks, scales, torch.float32)
+    # one-hot rows pick columns of W: every widened weight, exactly (bf16 holds each E2M1 value times a power of 2)
+    for rows in (torch.eye(256)[i : i + 4] for i in range(0, 256, 4)):
+        got = mxfp4.linear_cpu(rows.bfloat16(), blocks, scales)
+        assert torch.equal(got, (rows @ w.T).bfloat16())
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(mxfp4.NATIVE_MAX_ROWS, 256, generator=gen).bfloat16()
+    together = mxfp4.linear_cpu(x, blocks, scales)
+    want = x.double() @ w.double().T  # fp32 sums of exact products: only the output's bf16 rounding is left
+    torch.testing.assert_close(together.double(), want, rtol=2**-8, atol=2**-8 * want.abs().max().item())
+    for m in (1, 2, 3, 5):  # a row's result does not depend on the rows beside it
+        assert torch.equal(mxfp4.linear_cpu(x[m : m + m], blocks, scales), together[m : m + m])
+    # more rows, fp32, or an odd number of blocks: widened by torch, as before
+    many = torch.randn(mxfp4.NATIVE_MAX_ROWS + 1, 256, generator=gen).bfloat16()
+    assert torch.equal(mxfp4.linear_cpu(many, blocks, scales), F.linear(many, mxfp4.dequantize_fast(blocks, scales, torch.bfloat16)))
+    odd, odd_scales = random_mxfp4(16, 160, scales=(115, 130))
+    assert torch.equal(mxfp4.linear_cpu(x[:1, :160], odd, odd_scales), F.linear(x[:1, :160], mxfp4.dequantize_fast(odd, odd_scales, torch.bfloat16)))
 
 
 # --- CUDA (skipped without a GPU): python -m pytest -q -m gpu tests/test_mxfp4.py -s

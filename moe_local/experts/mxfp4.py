@@ -21,6 +21,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from moe_local import native
+
 BLOCK = 32  # values sharing one scale
 SCALE_BIAS = 127  # E8M0: the byte s stands for 2**(s - 127); 255 would be NaN and is never written
 # E2M1 code -> value: bit 3 is the sign, bits 2..1 the exponent, bit 0 the mantissa (OCP MX spec).
@@ -110,6 +112,7 @@ def dequantize_fast(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dty
 
 
 CPU_CHUNK_ROWS = 1024  # rows of W widened at a time on the CPU: the chunk is still in cache for the matmul
+NATIVE_MAX_ROWS = 16  # bf16 products of up to this many rows take moe-local's kernel where the CPU has AVX512-BF16
 
 
 def linear_cpu(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -121,6 +124,10 @@ def linear_cpu(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> t
     + F.linear 4.1 / 3.8 ms; the byte table in 1024-row chunks 3.3 / 2.6 ms (this); for scale, F.linear
     on the already widened matrix alone 1.4 / 0.6 ms. A 256-entry table of unscaled pairs times the
     scales and gathers of rows of 2 (`F.embedding`) were slower than the 1-d gather of pairs."""
+    if x.dtype == torch.bfloat16 and x.shape[0] <= NATIVE_MAX_ROWS and blocks.shape[1] % 2 == 0:
+        lib = native.library()
+        if not isinstance(lib, str) and lib.bf16_pairs:
+            return _linear_native(lib, x, blocks, scales)
     n = blocks.shape[0]
     if n <= CPU_CHUNK_ROWS:
         return F.linear(x, dequantize_fast(blocks, scales, x.dtype))
@@ -129,6 +136,18 @@ def linear_cpu(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> t
         rows = slice(r, r + CPU_CHUNK_ROWS)
         y[:, rows] = F.linear(x, dequantize_fast(blocks[rows], scales[rows], x.dtype))
     return y
+
+
+def _linear_native(lib, x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """`mxfp4_linear` of moe-local's CPU kernels (`native.py`): the weights widened to bf16 in registers, 32
+    at a time, and multiplied by bf16 pairs, fp32 sums."""
+    (m, k), n = x.shape, blocks.shape[0]
+    x, y = x.contiguous(), torch.empty(m, n)
+    assert blocks.is_contiguous() and scales.is_contiguous()
+    code = lib.mxfp4_linear(x.data_ptr(), m, k, blocks.data_ptr(), scales.data_ptr(), n, y.data_ptr(), torch.get_num_threads())
+    if code:
+        raise RuntimeError("mxfp4 kernel: " + ("sizes it cannot take" if code == 1 else "out of memory"))
+    return y.to(x.dtype)
 
 
 def linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,6 @@
-/* Attention of a decode step on the CPU: a few queries per KV head over its cached keys and values, for
+/* moe-local's CPU kernels (`moe_local/native.py` builds them).
+
+   attend: the attention of a decode step, a few queries per KV head over its cached keys and values, for
    `moe_local/cpu_attention.py`. torch's CPU SDPA kernel is built for many queries: for one token's 2 queries
    per KV head over 900 bf16 positions it takes ~170 us a layer where reading the cache takes ~40.
 
@@ -312,6 +314,81 @@ int attend(const void* q, int H, int Q, int D, int S, const void* k, long k_head
     free(qs), free(part);
     return failed ? 2 : 0;
 }
+
+#ifdef BF16_PAIRS
+/* mxfp4_linear: y [M, N] fp32 = x [M, K] @ W.T for MXFP4 weights (gpt-oss's: blocks [N, K/32, 16] bytes of two
+   E2M1 values, the low nibble first; scales [N, K/32], E8M0) and bf16 activations, K a multiple of 64. Each
+   nibble becomes its bf16 weight through two 16-entry byte tables (the high and the low byte: one shuffle
+   each, 32 at a time), vdpbf16ps multiplies the weights by the activations (arranged beforehand in the
+   order the unpacks leave the weights in) and each block's sum is scaled by 2^(scale - 127), exactly as
+   `mxfp4.dequantize` widens them. 0, or 1 for sizes it cannot take, 2 out of memory. */
+static const uint8_t FP4_HIGH[16] = {0x00, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40, 0x80, 0xBF, 0xBF, 0xBF, 0xC0, 0xC0, 0xC0, 0xC0};
+static const uint8_t FP4_LOW[16] = {0x00, 0x00, 0x80, 0xC0, 0x00, 0x40, 0x80, 0xC0, 0x00, 0x00, 0x80, 0xC0, 0x00, 0x40, 0x80, 0xC0};
+
+static inline float e8m0(uint8_t s) { /* 2^(s - 127); s = 0 is the subnormal 2^-127 */
+    uint32_t u = s ? (uint32_t)s << 23 : 0x00400000u;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Where activation k of a 64-k run goes: the order of the weights after the unpacks below (per 128-bit
+   lane, i.e. per block of 32: its even elements 0-14, then 16-30, its odd 1-15, then 17-31) */
+static inline int mxfp4_slot(int k) {
+    int run = k & ~63, block = (k >> 5) & 1, e = k & 31;
+    int vec = (e & 1) * 2 + (e >> 4); /* even 0-14: 0, even 16-30: 1, odd 1-15: 2, odd 17-31: 3 */
+    return run + vec * 16 + block * 8 + ((e & 15) >> 1);
+}
+
+static inline __attribute__((always_inline)) void mxfp4_row(
+    const uint8_t* bn, const uint8_t* sn, int K, const uint16_t* xa, const int MB, float* y, int N) {
+    const __m256i high = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)FP4_HIGH));
+    const __m256i low = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)FP4_LOW));
+    const __m256i nibble = _mm256_set1_epi8(0x0f);
+    __m256 acc[4];
+    for (int m = 0; m < MB; m++) acc[m] = _mm256_setzero_ps();
+    for (int k = 0; k < K; k += 64) { /* two blocks: one 128-bit lane each */
+        __m256i v = _mm256_loadu_si256((const __m256i*)(bn + k / 2));
+        __m256i even = _mm256_and_si256(v, nibble), odd = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        __m256i even_h = _mm256_shuffle_epi8(high, even), even_l = _mm256_shuffle_epi8(low, even);
+        __m256i odd_h = _mm256_shuffle_epi8(high, odd), odd_l = _mm256_shuffle_epi8(low, odd);
+        __m256bh w[4] = {(__m256bh)_mm256_unpacklo_epi8(even_l, even_h), (__m256bh)_mm256_unpackhi_epi8(even_l, even_h),
+                         (__m256bh)_mm256_unpacklo_epi8(odd_l, odd_h), (__m256bh)_mm256_unpackhi_epi8(odd_l, odd_h)};
+        __m256 scale = _mm256_set_m128(_mm_set1_ps(e8m0(sn[k / 32 + 1])), _mm_set1_ps(e8m0(sn[k / 32])));
+        for (int m = 0; m < MB; m++) {
+            const uint16_t* a = xa + (size_t)m * K + k;
+            __m256 sum = _mm256_setzero_ps();
+            for (int t = 0; t < 4; t++) sum = _mm256_dpbf16_ps(sum, w[t], (__m256bh)_mm256_loadu_si256((const __m256i*)(a + 16 * t)));
+            acc[m] = _mm256_fmadd_ps(sum, scale, acc[m]);
+        }
+    }
+    for (int m = 0; m < MB; m++) y[(size_t)m * N] = hsum(acc[m]);
+}
+
+int mxfp4_linear(const uint16_t* x, int M, int K, const uint8_t* blocks, const uint8_t* scales, int N, float* y, int threads) {
+    if (M < 1 || K % 64) return 1;
+    uint16_t* xa = malloc(sizeof(uint16_t) * (size_t)M * K);
+    if (!xa) return 2;
+    for (int m = 0; m < M; m++)
+        for (int k = 0; k < K; k++) xa[(size_t)m * K + mxfp4_slot(k)] = x[(size_t)m * K + k];
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *bn = blocks + (size_t)n * (K / 2), *sn = scales + (size_t)n * (K / 32);
+        for (int m0 = 0; m0 < M; m0 += 4) { /* up to four rows share each widening of the weights */
+            const uint16_t* a = xa + (size_t)m0 * K;
+            float* out = y + (size_t)m0 * N + n;
+            switch (M - m0 < 4 ? M - m0 : 4) {
+            case 1: mxfp4_row(bn, sn, K, a, 1, out, N); break;
+            case 2: mxfp4_row(bn, sn, K, a, 2, out, N); break;
+            case 3: mxfp4_row(bn, sn, K, a, 3, out, N); break;
+            default: mxfp4_row(bn, sn, K, a, 4, out, N); break;
+            }
+        }
+    }
+    free(xa);
+    return 0;
+}
+#endif
 
 /* 1 where bf16 keys are multiplied as bf16 pairs (AVX512-BF16), which keeps the kernel the faster for more queries */
 int attend_bf16_pairs(void) {
