@@ -132,6 +132,7 @@ static inline __attribute__((always_inline)) void weighted_pairs(
 static inline __attribute__((always_inline)) void item(
     const float* qh, const uint16_t* qb, float scale, int Q, int D, int s0, int n, const void* k, const void* v,
     long k_row, long v_row, int Dv, const int bf16, const uint8_t* mask, long mask_query, float* scores, float* part) {
+    (void)qb, (void)scale; /* (the bf16 pairs' scores only) */
     for (int i0 = 0; i0 < n; i0 += 8) { /* scores: 8 keys by 2 queries, each key's 8 lanes summed at the end */
         const int kn = n - i0 < 8 ? n - i0 : 8;
         for (int t = 0; t < 8; t++) {
@@ -315,13 +316,13 @@ int attend(const void* q, int H, int Q, int D, int S, const void* k, long k_head
     return failed ? 2 : 0;
 }
 
-#ifdef BF16_PAIRS
 /* mxfp4_linear: y [M, N] fp32 = x [M, K] @ W.T for MXFP4 weights (gpt-oss's: blocks [N, K/32, 16] bytes of two
    E2M1 values, the low nibble first; scales [N, K/32], E8M0) and bf16 activations, K a multiple of 64. Each
    nibble becomes its bf16 weight through two 16-entry byte tables (the high and the low byte: one shuffle
    each, 32 at a time), vdpbf16ps multiplies the weights by the activations (arranged beforehand in the
    order the unpacks leave the weights in) and each block's sum is scaled by 2^(scale - 127), exactly as
-   `mxfp4.dequantize` widens them. 0, or 1 for sizes it cannot take, 2 out of memory. */
+   `mxfp4.dequantize` widens them. Without AVX512-BF16 the bf16 pairs are widened to fp32 for FMAs. 0, or 1
+   for sizes it cannot take, 2 out of memory. */
 static const uint8_t FP4_HIGH[16] = {0x00, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40, 0x80, 0xBF, 0xBF, 0xBF, 0xC0, 0xC0, 0xC0, 0xC0};
 static const uint8_t FP4_LOW[16] = {0x00, 0x00, 0x80, 0xC0, 0x00, 0x40, 0x80, 0xC0, 0x00, 0x00, 0x80, 0xC0, 0x00, 0x40, 0x80, 0xC0};
 
@@ -340,6 +341,18 @@ static inline int mxfp4_slot(int k) {
     return run + vec * 16 + block * 8 + ((e & 15) >> 1);
 }
 
+/* sum + the products of the 16 bf16 weights w and activations a, summed in pairs into 8 fp32 lanes (lane k:
+   elements 2k and 2k + 1 of the 256 bits, which keeps each 128-bit lane's sums in its half) */
+static inline __m256 dot_bf16(__m256 sum, __m256i w, __m256i a) {
+#ifdef BF16_PAIRS
+    return _mm256_dpbf16_ps(sum, (__m256bh)w, (__m256bh)a);
+#else
+    const __m256i zero = _mm256_setzero_si256();
+    sum = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w)), _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, a)), sum);
+    return _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w)), _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, a)), sum);
+#endif
+}
+
 static inline __attribute__((always_inline)) void mxfp4_row(
     const uint8_t* bn, const uint8_t* sn, int K, const uint16_t* xa, const int MB, float* y, int N) {
     const __m256i high = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)FP4_HIGH));
@@ -352,13 +365,13 @@ static inline __attribute__((always_inline)) void mxfp4_row(
         __m256i even = _mm256_and_si256(v, nibble), odd = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
         __m256i even_h = _mm256_shuffle_epi8(high, even), even_l = _mm256_shuffle_epi8(low, even);
         __m256i odd_h = _mm256_shuffle_epi8(high, odd), odd_l = _mm256_shuffle_epi8(low, odd);
-        __m256bh w[4] = {(__m256bh)_mm256_unpacklo_epi8(even_l, even_h), (__m256bh)_mm256_unpackhi_epi8(even_l, even_h),
-                         (__m256bh)_mm256_unpacklo_epi8(odd_l, odd_h), (__m256bh)_mm256_unpackhi_epi8(odd_l, odd_h)};
+        __m256i w[4] = {_mm256_unpacklo_epi8(even_l, even_h), _mm256_unpackhi_epi8(even_l, even_h),
+                        _mm256_unpacklo_epi8(odd_l, odd_h), _mm256_unpackhi_epi8(odd_l, odd_h)};
         __m256 scale = _mm256_set_m128(_mm_set1_ps(e8m0(sn[k / 32 + 1])), _mm_set1_ps(e8m0(sn[k / 32])));
         for (int m = 0; m < MB; m++) {
             const uint16_t* a = xa + (size_t)m * K + k;
             __m256 sum = _mm256_setzero_ps();
-            for (int t = 0; t < 4; t++) sum = _mm256_dpbf16_ps(sum, w[t], (__m256bh)_mm256_loadu_si256((const __m256i*)(a + 16 * t)));
+            for (int t = 0; t < 4; t++) sum = dot_bf16(sum, w[t], _mm256_loadu_si256((const __m256i*)(a + 16 * t)));
             acc[m] = _mm256_fmadd_ps(sum, scale, acc[m]);
         }
     }
@@ -388,7 +401,6 @@ int mxfp4_linear(const uint16_t* x, int M, int K, const uint8_t* blocks, const u
     free(xa);
     return 0;
 }
-#endif
 
 /* 1 where bf16 keys are multiplied as bf16 pairs (AVX512-BF16), which keeps the kernel the faster for more queries */
 int attend_bf16_pairs(void) {

@@ -62,10 +62,9 @@ def library() -> ctypes.CDLL | str:
     lib.attend.argtypes = [c_void_p, c_int, c_int, c_int, c_int, c_void_p, c_long, c_long, c_void_p, c_long, c_long, c_int, c_int,
                            ctypes.c_float, c_void_p, c_long, c_long, c_void_p, c_void_p, c_int]  # fmt: skip
     lib.attend.restype = c_int
-    lib.bf16_pairs = bool(lib.attend_bf16_pairs())  # AVX512-BF16: mxfp4_linear exists only then
-    if lib.bf16_pairs:
-        lib.mxfp4_linear.argtypes = [c_void_p, c_int, c_int, c_void_p, c_void_p, c_int, c_void_p, c_int]
-        lib.mxfp4_linear.restype = c_int
+    lib.bf16_pairs = bool(lib.attend_bf16_pairs())  # AVX512-BF16
+    lib.mxfp4_linear.argtypes = [c_void_p, c_int, c_int, c_void_p, c_void_p, c_int, c_void_p, c_int]
+    lib.mxfp4_linear.restype = c_int
     return lib
 
 

@@ -112,7 +112,7 @@ def dequantize_fast(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dty
 
 
 CPU_CHUNK_ROWS = 1024  # rows of W widened at a time on the CPU: the chunk is still in cache for the matmul
-NATIVE_MAX_ROWS = 16  # bf16 products of up to this many rows take moe-local's kernel where the CPU has AVX512-BF16
+NATIVE_MAX_ROWS = 16  # bf16 products of up to this many rows take moe-local's kernel (`native.py`)
 
 
 def linear_cpu(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -126,7 +126,7 @@ def linear_cpu(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> t
     scales and gathers of rows of 2 (`F.embedding`) were slower than the 1-d gather of pairs."""
     if x.dtype == torch.bfloat16 and x.shape[0] <= NATIVE_MAX_ROWS and blocks.shape[1] % 2 == 0:
         lib = native.library()
-        if not isinstance(lib, str) and lib.bf16_pairs:
+        if not isinstance(lib, str):
             return _linear_native(lib, x, blocks, scales)
     n = blocks.shape[0]
     if n <= CPU_CHUNK_ROWS:
@@ -140,7 +140,7 @@ def linear_cpu(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> t
 
 def _linear_native(lib, x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """`mxfp4_linear` of moe-local's CPU kernels (`native.py`): the weights widened to bf16 in registers, 32
-    at a time, and multiplied by bf16 pairs, fp32 sums."""
+    at a time, and multiplied as bf16 pairs (AVX512-BF16) or widened again to fp32; fp32 sums."""
     (m, k), n = x.shape, blocks.shape[0]
     x, y = x.contiguous(), torch.empty(m, n)
     assert blocks.is_contiguous() and scales.is_contiguous()
