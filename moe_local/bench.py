@@ -19,6 +19,7 @@ from typing import Callable
 import psutil
 import torch
 
+from moe_local import native
 from moe_local.budget import check_host_ram, embeddings_on_host, host_bytes_needed, plan_memory, plan_report
 from moe_local.config import DTYPES, PRESETS, ModelConfig, preset_config
 from moe_local.engine import Engine, Options, measure_workspace, resolve_device
@@ -319,6 +320,8 @@ def machine(device: torch.device) -> dict:
         "torch": torch.__version__,
         "cpu_cores": os.cpu_count(),
         "host_ram_bytes": psutil.virtual_memory().total,
+        # moe-local's CPU kernels (decode attention, MXFP4), or why torch's ran instead
+        "cpu_kernels": native.unavailable() or "built",
     }
 
 
@@ -355,6 +358,8 @@ def bench(
                        expert_bytes=fmt.expert_bytes, int8_attention=int8_attention)
     check_host_ram(host_bytes_needed(plan), f"{plan.total_experts} experts of this geometry")  # before the peer's wait
     result: dict = {"machine": machine(device), "config": {**asdict(config), "n_layers": cfg.n_layers}}
+    if result["machine"]["cpu_kernels"] != "built":
+        say(f"moe-local's CPU kernels are not built, torch's run instead: {result['machine']['cpu_kernels']}")
 
     peer = None
     if config.peer_layers:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import moe_local_cli
+from moe_local import native
 from moe_local.bench import BenchConfig, bench, random_model, random_store
 from moe_local.budget import plan_memory
 from moe_local.config import PRESETS, ModelConfig
@@ -33,6 +34,7 @@ def test_bench_reports_every_figure_of_the_protocol(result):
     assert result["peer"]["layers"] == 1 and result["peer"]["ms_per_layer"] > 0
     assert result["plan"]["expert_slots"] == 8 and result["config"]["n_layers"] == 4
     assert result["machine"]["torch"] == torch.__version__
+    assert result["machine"]["cpu_kernels"] == (native.unavailable() or "built")
 
 
 def test_each_policy_and_prefetch_is_run_and_the_tokens_do_not_depend_on_them(result):
