@@ -34,7 +34,7 @@ def library() -> ctypes.CDLL | str:
     if os.environ.get("MOE_LOCAL_KERNELS", "1") == "0":
         return "MOE_LOCAL_KERNELS=0"
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"moe-local's CPU kernel is for x86 CPUs, not {platform.machine()}"
+        return f"moe-local's CPU kernels are for x86 CPUs, not {platform.machine()}"
     from moe_local.experts.qcache import cache_root  # (its imports reach the model, which imports this)
 
     cc, flags = os.environ.get("CC") or "cc", (*FLAGS, *os.environ.get("MOE_LOCAL_KERNEL_FLAGS", "").split())
@@ -52,12 +52,12 @@ def library() -> ctypes.CDLL | str:
             return f"the C compiler ({cc}) could not run: {e}"
         if result.returncode:
             errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines() or ["no message"]
-            return f"{cc} could not build moe-local's CPU kernel: {errors[0].strip()}"
+            return f"{cc} could not build moe-local's CPU kernels: {errors[0].strip()}"
         os.replace(built, path)  # whole or not at all, also when several processes build it at once
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
-        return f"moe-local's CPU kernel could not be loaded: {e}"
+        return f"moe-local's CPU kernels could not be loaded: {e}"
     c_int, c_long, c_void_p = ctypes.c_int, ctypes.c_long, ctypes.c_void_p
     lib.attend.argtypes = [c_void_p, c_int, c_int, c_int, c_int, c_void_p, c_long, c_long, c_void_p, c_long, c_long, c_int, c_int,
                            ctypes.c_float, c_void_p, c_long, c_long, c_void_p, c_void_p, c_int]  # fmt: skip

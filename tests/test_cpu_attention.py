@@ -104,7 +104,7 @@ def rebuilt():
 @pytest.mark.parametrize(
     "env,why",
     [({"MOE_LOCAL_KERNELS": "0"}, "MOE_LOCAL_KERNELS=0"), ({"CC": "/nonexistent/cc"}, "the C compiler (/nonexistent/cc) could not run"),
-     ({"CC": "false"}, "false could not build moe-local's CPU kernel")],
+     ({"CC": "false"}, "false could not build moe-local's CPU kernels")],
 )
 def test_without_the_kernels_attention_stays_on_sdpa_and_the_load_says_why(rebuilt, monkeypatch, tmp_path, env, why):
     monkeypatch.setenv("MOE_LOCAL_CACHE", str(tmp_path))  # nothing built before
