@@ -6,7 +6,10 @@
 
    Work items are (KV head, CHUNK keys); each scores its keys (8 keys by 2 queries at a time, the sums in
    registers), takes their softmax parts (running max, sum of exponentials) and their weighted values; then
-   each query's parts are merged, with its sink logit (gpt-oss) in the denominator. Sums are in fp32. */
+   each query's parts are merged, with its sink logit (gpt-oss) in the denominator. Sums are in fp32.
+
+   mxfp4_linear: a decode step's products against MXFP4 experts (gpt-oss), for `moe_local/experts/mxfp4.py`
+   (its comment is below). */
 
 #include <immintrin.h>
 #include <math.h>
@@ -15,7 +18,7 @@
 #include <string.h>
 
 #if !defined(__AVX2__) || !defined(__FMA__)
-#error "the attention kernel needs an x86 CPU with AVX2 and FMA"
+#error "moe-local's CPU kernels need an x86 CPU with AVX2 and FMA"
 #endif
 
 #define CHUNK 512 /* keys per work item */
