@@ -801,9 +801,12 @@ def print_bench(r: dict) -> None:
         console.print(f"  {run['policy']}{' + graphs' if run['cuda_graphs'] else ''}, prefetch {'on' if run['prefetch'] else 'off'}: {run['decode_ms_per_layer']:.2f} ms = "
                       f"host {run['host_ms_per_layer']:.2f} + wait {run['wait_ms_per_layer']:.2f}; "
                       f"copy {run['copy_ms_per_layer']:.2f}, compute {run['compute_ms_per_layer']:.2f}")
-    console.print(f"channels: {ch['h2d_gb_per_s']:.1f} GB/s host->{r['plan']['device']} ({'pinned' if ch['pinned'] else 'pageable'}), "
-                  f"one expert {ch['device_expert_ms']:.2f} ms on the {r['plan']['device']}, {ch['cpu_expert_ms']:.2f} ms on the CPU "
-                  f"({ch['cpu_threads']} threads)")
+    if r["plan"]["device"] == "cpu":  # one processor: no copy to a device, no second channel
+        console.print(f"one expert {ch['cpu_expert_ms']:.2f} ms on the CPU ({ch['cpu_threads']} threads)")
+    else:
+        console.print(f"channels: {ch['h2d_gb_per_s']:.1f} GB/s host->{r['plan']['device']} ({'pinned' if ch['pinned'] else 'pageable'}), "
+                      f"one expert {ch['device_expert_ms']:.2f} ms on the {r['plan']['device']}, {ch['cpu_expert_ms']:.2f} ms on the CPU "
+                      f"({ch['cpu_threads']} threads)")
     if "batch" in r:
         b = r["batch"]
         slots = f"{b['expert_slots']} slots" if b["expert_slots"] else "experts in place"
