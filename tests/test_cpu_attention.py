@@ -36,6 +36,13 @@ def case(heads, queries, dim, value_dim, positions, dtype, seed=0):
     return q, keys, torch.randn(heads, positions + 7, value_dim, generator=gen).to(dtype)[None, :, :positions]
 
 
+@pytest.fixture
+def rebuilt():
+    """moe-local's CPU kernels looked up afresh (the environment decides), and afresh again after the test."""
+    native.library.cache_clear()
+    yield
+    native.library.cache_clear()
+
 
 @needs_kernel
 @pytest.mark.parametrize("flags", ["", "-mno-avx512bf16"])  # bf16 keys as bf16 pairs where the CPU can, and widened
@@ -91,14 +98,6 @@ def test_decode_steps_take_the_kernel_and_prefill_chunks_sdpa():
     latent, keys, values = case(1, most_latent, 576, None, 300, torch.float32)
     assert cpu_attention.attend(latent, keys, values, None, None, None) is not None
     assert cpu_attention.attend(case(1, most_latent + 1, 576, None, 300, torch.float32)[0], keys, values, None, None, None) is None
-
-
-@pytest.fixture
-def rebuilt():
-    """The kernel looked up afresh (the environment decides), and afresh again after the test."""
-    native.library.cache_clear()
-    yield
-    native.library.cache_clear()
 
 
 @pytest.mark.parametrize(

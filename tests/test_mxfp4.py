@@ -154,7 +154,7 @@ def test_the_cpu_kernel_takes_a_bf16_tokens_product_and_reads_nibbles_and_scales
     torch.testing.assert_close(together.double(), want, rtol=2**-8, atol=2**-8 * want.abs().max().item())
     for m in (1, 2, 3, 5):  # a row's result does not depend on the rows beside it
         assert torch.equal(mxfp4.linear_cpu(x[m : m + m], blocks, scales), together[m : m + m])
-    # more rows, fp32, or an odd number of blocks: widened by torch, as before
+    # more rows, or an odd number of blocks: widened by torch, as before
     many = torch.randn(mxfp4.NATIVE_MAX_ROWS + 1, 256, generator=gen).bfloat16()
     assert torch.equal(mxfp4.linear_cpu(many, blocks, scales), F.linear(many, mxfp4.dequantize_fast(blocks, scales, torch.bfloat16)))
     odd, odd_scales = random_mxfp4(16, 160, scales=(115, 130))
