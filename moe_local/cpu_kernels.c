@@ -41,6 +41,12 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+static inline uint16_t to_bf16(float x) { /* to nearest even */
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
 /* [sum of a[0], ..., sum of a[7]] */
 static inline __m256 hsum8(const __m256* a) {
     __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]), t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
@@ -66,6 +72,11 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(n)), valid);
 }
 
+/* scores[t] for the kn keys of a block of 8: their sums, or -inf where the mask (if any) hides the key */
+static inline void put_scores(float* scores, const float* sums, int kn, const uint8_t* mask) {
+    for (int t = 0; t < kn; t++) scores[t] = !mask || mask[t] ? sums[t] : -INFINITY;
+}
+
 /* o[j * o_stride + 8 t + i] = sum over n keys of p[j * CHUNK + key] * v[key * row + 8 t + i], j < JN, t < TN:
    JN and TN are constants where this is inlined, so that the sums stay in registers */
 static inline __attribute__((always_inline)) void weighted(
@@ -88,12 +99,6 @@ static inline __attribute__((always_inline)) void weighted(
 
 #if defined(__AVX512BF16__) && defined(__AVX512DQ__)
 #define BF16_PAIRS 1
-
-static inline uint16_t to_bf16(float x) { /* to nearest even */
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-}
 
 /* `weighted` for bf16 values, two keys at a time: their rows interleaved (16 dimensions a vector, in the
    order `order`: the unpacks work within 128-bit lanes) and multiplied by their probabilities' pair, rounded
@@ -163,8 +168,7 @@ static inline __attribute__((always_inline)) void item(
                     for (int t = 0; t < 8; t++) halves[t] = _mm256_add_ps(_mm512_castps512_ps256(acc[j][t]), _mm512_extractf32x8_ps(acc[j][t], 1));
                     float sums[8];
                     _mm256_storeu_ps(sums, _mm256_mul_ps(hsum8(halves), _mm256_set1_ps(scale)));
-                    for (int t = 0; t < kn; t++)
-                        scores[(j0 + j) * CHUNK + i0 + t] = !mask || mask[(j0 + j) * mask_query + s0 + i0 + t] ? sums[t] : -INFINITY;
+                    put_scores(scores + (j0 + j) * CHUNK + i0, sums, kn, mask ? mask + (j0 + j) * mask_query + s0 + i0 : NULL);
                 }
             }
             continue;
@@ -186,8 +190,7 @@ static inline __attribute__((always_inline)) void item(
             for (int j = 0; j < jn; j++) {
                 float sums[8];
                 _mm256_storeu_ps(sums, hsum8(acc[j]));
-                for (int t = 0; t < kn; t++)
-                    scores[(j0 + j) * CHUNK + i0 + t] = !mask || mask[(j0 + j) * mask_query + s0 + i0 + t] ? sums[t] : -INFINITY;
+                put_scores(scores + (j0 + j) * CHUNK + i0, sums, kn, mask ? mask + (j0 + j) * mask_query + s0 + i0 : NULL);
             }
         }
     }
@@ -306,13 +309,8 @@ int attend(const void* q, int H, int Q, int D, int S, const void* k, long k_head
                 size_t at = ((size_t)h * Q + j) * Dv;
                 for (int d = 0; d < Dv; d++) {
                     float x = o[d] * inv;
-                    if (!bf16) {
-                        ((float*)out)[at + d] = x;
-                        continue;
-                    }
-                    uint32_t u;
-                    memcpy(&u, &x, 4);
-                    ((uint16_t*)out)[at + d] = (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16); /* to nearest even */
+                    if (bf16) ((uint16_t*)out)[at + d] = to_bf16(x);
+                    else ((float*)out)[at + d] = x;
                 }
             }
     free(qs), free(part);
