@@ -13,6 +13,7 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from builders import train_tokenizer
+from moe_local import native
 
 # Small, but with every feature that matters: GQA, several layers, 8 experts with top-2 routing.
 TINY = dict(
@@ -65,6 +66,14 @@ def quantized_cache(tmp_path_factory) -> Path:
         os.environ.pop("MOE_LOCAL_CACHE", None)
     else:
         os.environ["MOE_LOCAL_CACHE"] = previous
+
+
+@pytest.fixture
+def rebuilt():
+    """moe-local's CPU kernels looked up afresh (the environment decides), and afresh again after the test."""
+    native.library.cache_clear()
+    yield
+    native.library.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -36,14 +36,6 @@ def case(heads, queries, dim, value_dim, positions, dtype, seed=0):
     return q, keys, torch.randn(heads, positions + 7, value_dim, generator=gen).to(dtype)[None, :, :positions]
 
 
-@pytest.fixture
-def rebuilt():
-    """moe-local's CPU kernels looked up afresh (the environment decides), and afresh again after the test."""
-    native.library.cache_clear()
-    yield
-    native.library.cache_clear()
-
-
 @needs_kernel
 @pytest.mark.parametrize("flags", ["", "-mno-avx512bf16"])  # bf16 keys as bf16 pairs where the CPU can, and widened
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -128,14 +128,6 @@ def test_linear_cpu_equals_dequantize_then_linear(m, chunk_rows, monkeypatch):
     torch.testing.assert_close(got.float(), want_b, rtol=2**-7, atol=2**-7 * want_b.abs().max().item())
 
 
-@pytest.fixture
-def rebuilt():
-    """moe-local's CPU kernels looked up afresh (the environment decides), and afresh again after the test."""
-    native.library.cache_clear()
-    yield
-    native.library.cache_clear()
-
-
 @pytest.mark.skipif(native.unavailable() is not None, reason=f"moe-local's CPU kernels: {native.unavailable()}")
 @pytest.mark.parametrize("flags", ["", "-mno-avx512bf16"])  # bf16 pairs where the CPU has them, and widened to fp32
 def test_the_cpu_kernel_takes_a_bf16_tokens_product_and_reads_nibbles_and_scales_like_the_reference(rebuilt, monkeypatch, flags):
