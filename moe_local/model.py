@@ -101,7 +101,8 @@ class QKNorm(nn.Module):
 
 
 def attend(q, keys, values, mask, scale: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
-    """q [..., T, hd] over keys and values [..., S, hd] (mask [..., T, S] bool or None) -> [..., T, hd]. With
+    """q [..., T, hd] over keys and values [..., S, hd] (mask [..., T, S] bool or None) -> [..., T, hd],
+    contiguous (CUDA's SDPA kernels may return another memory order; the callers view the result). With
     sinks (one logit per query head, shaped to broadcast against the scores' [..., T, 1]), each head's
     softmax has one more logit in its denominator and nothing to weight, as gpt-oss does; SDPA has no such
     term, so that case is computed by hand. A decode step on the CPU takes moe-local's own kernel
@@ -109,7 +110,7 @@ def attend(q, keys, values, mask, scale: float | None, sinks: torch.Tensor | Non
     if q.device.type == "cpu" and (y := cpu_attention.attend(q, keys, values, mask, scale, sinks)) is not None:
         return y
     if sinks is None:
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale).contiguous()
     with onednn(q.device.type == "cpu"):
         scores = torch.matmul(q, keys.transpose(-2, -1)) * (scale or q.shape[-1] ** -0.5)  # [..., T, S]
         if mask is not None:
