@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: the GPU tests, then the benchmarks recorded in docs/benchmarks.md.
 # Usage (device tool): bash scripts/gpu_session.sh [STEP ...]   (default: every step; output under $OUT,
-# or ./gpu-out). Steps: machine tests mxfp4 qwen3 mixtral batch gpt_oss_20b gpt_oss_120b
+# or ./gpu-out; DEADLINE=SECONDS ends it in time, cutting the step that runs over). Steps: machine tests mxfp4 qwen3
+# mixtral batch gpt_oss_20b gpt_oss_120b mixtral_bf16 pageable
 # If the GPU machine has no pytest, unpack pytest's wheels (pytest, pluggy, iniconfig, packaging: `pip
 # download --no-deps --python-version 3.12 ...` then `python -m zipfile -e WHEEL .gpu_deps/`) into
 # .gpu_deps/ (git-ignored) and pass it to the device tool with carry: [".gpu_deps"].
@@ -9,17 +10,22 @@ set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH=".:.gpu_deps${PYTHONPATH:+:$PYTHONPATH}"
-STEPS=${*:-machine tests mxfp4 qwen3 mixtral batch gpt_oss_20b gpt_oss_120b}
+STEPS=${*:-machine tests mxfp4 qwen3 mixtral batch gpt_oss_20b gpt_oss_120b mixtral_bf16 pageable}
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, output to $OUT/NAME.txt
     local name=$1 limit=$2; shift 2
     case " $STEPS " in *" $name "*) ;; *) return ;; esac
+    local left=$((${DEADLINE:-100000} - SECONDS))  # DEADLINE: seconds for the whole script
+    if ((left < 15)); then echo "$name: skipped, out of time" | tee -a "$OUT/steps.txt"; return; fi
+    ((limit > left)) && limit=$left
     local start=$SECONDS
     timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
     echo "$name: exit $? in $((SECONDS - start)) s" | tee -a "$OUT/steps.txt"
 }
 BENCH="python -m moe_local bench --peer-layers 0 --no-compare-prefetch --policy layer-lru"
 step machine 30 bash -c 'nvidia-smi; python -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"'
-step tests 240 python -m pytest -q -m gpu -p no:cacheprovider --maxfail=10 --continue-on-collection-errors tests/
+# pytest-xdist, where the machine has it, runs the GPU tests four at a time
+XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 4")
+step tests 240 python -m pytest -q -m gpu -p no:cacheprovider --maxfail=10 --continue-on-collection-errors --ignore=tests/test_server.py $XDIST tests/  # (the server tests need openai, not there; none is a GPU test)
 step mxfp4 60 python -c "
 from moe_local.experts.mxfp4_triton import benchmark_decode
 for n, k in ((2880, 2880), (5760, 2880)):
@@ -31,3 +37,6 @@ step mixtral 150 $BENCH --experts-dtype int4 --gpu-memory 12GiB --new-tokens 64 
 step batch 150 $BENCH --experts-dtype int4 --gpu-memory 12GiB --new-tokens 32 --prompt-tokens 64 --batch 8
 step gpt_oss_20b 120 $BENCH --preset gpt-oss-20b --gpu-memory 8GiB --new-tokens 32
 step gpt_oss_120b 260 $BENCH --preset gpt-oss-120b --gpu-memory 24GiB --new-tokens 32 --cuda-graphs
+# issue 13's other targets: bf16 Mixtral at 24GiB; a consumer link (pageable memory), the CPU channel against copies alone
+step mixtral_bf16 150 $BENCH --experts-dtype bf16 --gpu-memory 24GiB --new-tokens 32
+step pageable 240 bash -c "$BENCH --experts-dtype int4 --gpu-memory 12GiB --new-tokens 32 --pageable --cpu-experts never && $BENCH --experts-dtype int4 --gpu-memory 12GiB --new-tokens 32 --pageable --cpu-experts auto"
