@@ -299,12 +299,28 @@ def test_mxfp4_experts_stay_mxfp4_and_match_transformers(gpt_oss_mxfp4, slots, d
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_mxfp4_greedy_tokens_match_transformers(gpt_oss_mxfp4, prefetch, device):
+@pytest.mark.parametrize("slots, prefetch", [(2, True), (2, False), (24, True)])  # 24: a token's experts run together
+def test_mxfp4_greedy_tokens_match_transformers(gpt_oss_mxfp4, slots, prefetch, device):
     folder, reference = gpt_oss_mxfp4
     ids = prompt_ids(10, seed=3)
-    engine = moe_local.load(folder, device=device, dtype="fp32", expert_slots=2, prefetch=prefetch)
+    engine = moe_local.load(folder, device=device, dtype="fp32", expert_slots=slots, prefetch=prefetch)
     assert greedy(engine, ids, 20) == reference_greedy(reference, ids, 20)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mxfp4_token_experts_in_one_launch_give_each_experts_bits(gpt_oss_mxfp4, dtype):
+    """`forward_slots` on CUDA (the grouped Triton kernel, biases gathered) against one `forward` per expert."""
+    folder, _ = gpt_oss_mxfp4
+    engine = moe_local.load(folder, device="cuda", dtype="fp32", expert_slots=24)
+    cache = engine.experts.cache
+    for e in range(4):
+        cache.load((0, e), set())
+    slots = [cache.acquire_slot((0, e)) for e in (3, 0, 2)]
+    fmt = engine.store.format
+    x = torch.randn(1, engine.cfg.dim, device="cuda", dtype=dtype)
+    want = torch.cat([fmt.forward(x, cache.views[slot]) for slot in slots])
+    assert torch.equal(fmt.forward_slots(x, cache.slots, slots, cache.views), want)
 
 
 def test_mxfp4_experts_take_four_and_a_quarter_bits_a_weight_plus_biases(gpt_oss_mxfp4):

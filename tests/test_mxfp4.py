@@ -185,6 +185,36 @@ def test_cuda_kernel_reads_scales_and_nibbles_like_the_reference():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_cuda_widening_for_prefill_gives_the_reference_bits(dtype):
+    from moe_local.experts.mxfp4_triton import widen
+
+    blocks, scales = random_mxfp4(100, 416, scales=(100, 140))  # 1300 blocks: the last program is partly masked
+    assert torch.equal(widen(blocks.cuda(), scales.cuda(), dtype).cpu(), mxfp4.dequantize(blocks, scales, dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 3])
+def test_cuda_grouped_decode_gives_each_matrix_the_bits_of_its_own_launch(rows):
+    """`linear_grouped`: row m of x times the matrix in slot slots[m] of a pool (one row of x: shared)."""
+    from moe_local.experts.mxfp4_triton import linear_decode, linear_grouped
+
+    n, k, stride = 64, 128, 8192  # blocks take the first 4096 bytes of a slot, scales the next 256
+    mats = [random_mxfp4(n, k, seed=s, scales=(110, 130)) for s in range(5)]
+    pool = torch.zeros(5, stride, dtype=torch.uint8)
+    for slot, (blocks, scales) in enumerate(mats):
+        pool[slot, : blocks.numel()] = blocks.view(-1)
+        pool[slot, 4096 : 4096 + scales.numel()] = scales.view(-1)
+    flat = pool.view(-1).cuda()
+    slots = [3, 0, 4]
+    x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
+    got = linear_grouped(x, flat, flat[4096:], torch.tensor(slots, device="cuda"), stride, n)
+    for m, slot in enumerate(slots):
+        blocks, scales = mats[slot]
+        assert torch.equal(got[m], linear_decode(x[m % rows][None], blocks.cuda(), scales.cuda())[0])
+
+
+@pytest.mark.gpu
 def test_benchmark_decode_reports_the_kernel_against_the_bytes_it_reads():
     from moe_local.experts.mxfp4_triton import benchmark_decode
 

@@ -130,11 +130,15 @@ class ExpertCache:
 
     def acquire(self, key: Key) -> Weights:
         """The resident expert's weights (views into its slot), ready to use on the current stream."""
+        return self.views[self.acquire_slot(key)]
+
+    def acquire_slot(self, key: Key) -> int:
+        """The resident expert's slot (a row of `slots`), ready to use on the current stream."""
         slot = self.slot_of[key]
         self.policy.touch(key)
         if self.cuda and slot in self.copied:
             torch.cuda.current_stream(self.device).wait_event(self.copied.pop(slot))
-        return self.views[slot]
+        return slot
 
     def release(self, key: Key) -> None:
         """The current stream has queued its last use of `key` for now; a later copy into its slot must wait."""

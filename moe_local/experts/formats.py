@@ -110,6 +110,12 @@ class ExpertFormat:
         gate_up = self.linear(x, w, "gate_up") + w["gate_up.bias"].to(x.dtype)  # [N, 2F]
         return self.linear(self.activation(gate_up, self.cfg), w, "down") + w["down.bias"].to(x.dtype)
 
+    def forward_slots(self, x: torch.Tensor, pool: torch.Tensor, slots: list[int], views: list[Weights]) -> torch.Tensor:
+        """One token x [1, D] through the experts in `slots` of a slot pool (uint8 [S, expert_bytes], `views`
+        its slots' parts) -> [len(slots), D], row i from expert slots[i], each the bits `forward` gives. Here
+        one `forward` per expert; a format with a grouped kernel runs them all in one launch per matrix."""
+        return torch.cat([self.forward(x, views[slot]) for slot in slots])
+
 
 def swiglu(gate_up: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)  # [N, F] each
@@ -259,6 +265,32 @@ class Mxfp4(ExpertFormat):
 
     def linear(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
         return mxfp4.linear(x, w[f"{name}.blocks"], w[f"{name}.scales"])
+
+    def forward_slots(self, x: torch.Tensor, pool: torch.Tensor, slots: list[int], views: list[Weights]) -> torch.Tensor:
+        """On CUDA, every expert of a decode token in one Triton launch per matrix (`mxfp4_triton.linear_grouped`:
+        the same arithmetic as one expert's `linear`), and the biases gathered in one call each: ~10 launches
+        a layer instead of ~12 per expert."""
+        if not x.is_cuda:
+            return super().forward_slots(x, pool, slots, views)
+        from moe_local.experts import mxfp4_triton  # Triton is imported only where there is a GPU
+
+        index = torch.tensor(slots, dtype=torch.int64, pin_memory=True).to(x.device, non_blocking=True)  # [G]
+        flat, part = pool.view(-1), {p.name: p for p in self.parts}
+        f, d = self.cfg.ffn_dim, self.cfg.dim
+
+        def linear(xs: torch.Tensor, name: str, n: int) -> torch.Tensor:
+            blocks, scales = flat[part[f"{name}.blocks"].offset :], flat[part[f"{name}.scales"].offset :]
+            return mxfp4_triton.linear_grouped(xs, blocks, scales, index, pool.stride(0), n)
+
+        def bias(name: str) -> torch.Tensor:  # each slot's bias, [G, n]
+            p = part[name]
+            return pool[:, p.offset : p.offset + p.nbytes].view(p.dtype).index_select(0, index).to(x.dtype)
+
+        gate_up = linear(x, "gate_up", 2 * f)  # [G, 2F]
+        if self.cfg.expert_bias:
+            gate_up = gate_up + bias("gate_up.bias")
+        y = linear(self.activation(gate_up, self.cfg), "down", d)  # [G, D]
+        return y + bias("down.bias") if self.cfg.expert_bias else y
 
 
 def default_group_size(cfg: ModelConfig) -> int:

@@ -153,11 +153,12 @@ def _linear_native(lib, x: torch.Tensor, blocks: torch.Tensor, scales: torch.Ten
 def linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ W.T -> [M, N] in x's dtype, where x is: on CUDA, up to `DECODE_MAX_ROWS` rows run in the
     Triton kernel (reads the 4-bit weights once, fp32 accumulation), more rows widen W into a temporary in
-    x's dtype and run one matmul (prefill: the matmul dominates, and the tensor cores want bf16)."""
+    x's dtype (one Triton launch) and run one matmul (prefill: the matmul dominates, and the tensor cores
+    want bf16)."""
     if not x.is_cuda:
         return linear_cpu(x, blocks, scales)
-    if x.shape[0] <= DECODE_MAX_ROWS:
-        from moe_local.experts import mxfp4_triton  # Triton is imported only where there is a GPU
+    from moe_local.experts import mxfp4_triton  # Triton is imported only where there is a GPU
 
+    if x.shape[0] <= DECODE_MAX_ROWS:
         return mxfp4_triton.linear_decode(x, blocks, scales)
-    return F.linear(x, dequantize_fast(blocks, scales, x.dtype))
+    return F.linear(x, mxfp4_triton.widen(blocks, scales, x.dtype))

@@ -27,14 +27,20 @@ def _e2m1_times_2_14(code):
 def _decode_kernel(
     x_ptr, blocks_ptr, scales_ptr, y_ptr,  # x [M, K], blocks uint8 [N, K/32, 16], scales uint8 [N, K/32], y [M, N]
     N, K, stride_xm, stride_ym,
-    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    slots_ptr, stride_slot,  # GROUPED: row m's W lies slots[m] * stride_slot bytes further on
+    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, GROUPED: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_N rows of W (outputs) for one row of x (program_id 1), walking K by BLOCK_G
     blocks of 32 weights. Even k sit in the low nibbles, odd k in the high ones, so x is read as its even
     and odd columns and nothing is interleaved in registers; each block's 16 bytes are one thread's
-    vector load, its 32 products are summed in that thread, then scaled once."""
+    vector load, its 32 products are summed in that thread, then scaled once. GROUPED: each row of x has
+    its own W, an expert in a slot of the pool (the same arithmetic, another address)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     x_row = x_ptr + tl.program_id(1) * stride_xm
+    if GROUPED:
+        base = tl.load(slots_ptr + tl.program_id(1)).to(tl.int64) * stride_slot
+        blocks_ptr += base
+        scales_ptr += base
     groups = tl.arange(0, BLOCK_G)  # [BG]
     pairs = tl.arange(0, 16)  # [16]: byte j of a block = the weights at k = 2j and 2j + 1
     n_groups = K // 32
@@ -83,9 +89,60 @@ def linear_decode(
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, block_n), m)  # each row of x reads W again, from L2 after the first
     _decode_kernel[grid](
-        x, blocks, scales, y, n, k, x.stride(0), y.stride(0), BLOCK_N=block_n, BLOCK_G=block_g, num_warps=num_warps
-    )
+        x, blocks, scales, y, n, k, x.stride(0), y.stride(0), blocks, 0,
+        BLOCK_N=block_n, BLOCK_G=block_g, GROUPED=False, num_warps=num_warps,
+    )  # fmt: skip
     return y
+
+
+def linear_grouped(
+    x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor, stride_slot: int, n: int,
+    config: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """Row m of x [G, K] (or the one row of x [1, K] for every m) @ W_m.T -> [G, N] in x's dtype, one launch
+    for a decode token's G experts: W_m is the MXFP4 [N, K] matrix whose blocks start at byte
+    slots[m] * stride_slot of `blocks` and whose scales start there in `scales` (1-d uint8 views of a slot
+    pool, each starting at the part's offset within a slot; slots int64 [G] on x's device). Each W_m gives
+    the same bits as `linear_decode` on it."""
+    g = slots.shape[0]
+    k = x.shape[1]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    block_n, block_g, num_warps = config or DECODE_CONFIG
+    y = torch.empty(g, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, block_n), g)
+    _decode_kernel[grid](
+        x, blocks, scales, y, n, k, x.stride(0) if x.shape[0] > 1 else 0, y.stride(0), slots, stride_slot,
+        BLOCK_N=block_n, BLOCK_G=block_g, GROUPED=True, num_warps=num_warps,
+    )  # fmt: skip
+    return y
+
+
+@triton.jit
+def _widen_kernel(blocks_ptr, scales_ptr, w_ptr, n_blocks, BLOCK_B: tl.constexpr):
+    """BLOCK_B blocks of 32 weights per program: 16 bytes and a scale each -> 32 values of w's dtype, the
+    low nibble first (w [N, K] and blocks [N, K/32, 16] walk the same order)."""
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BB]
+    ok = b < n_blocks
+    byte = tl.load(blocks_ptr + b[:, None] * 16 + tl.arange(0, 16)[None, :], mask=ok[:, None], other=0).to(tl.int32)
+    s = tl.load(scales_ptr + b, mask=ok, other=0).to(tl.int32)
+    scale = ((s << 23).to(tl.float32, bitcast=True) * 16384.0)[:, None]  # as the decode kernel's
+    pairs = tl.interleave(_e2m1_times_2_14(byte & 15) * scale, _e2m1_times_2_14(byte >> 4) * scale)  # [BB, 32]
+    tl.store(w_ptr + b[:, None] * 32 + tl.arange(0, 32)[None, :], pairs.to(w_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+WIDEN_BLOCKS = 64  # blocks of 32 weights per program
+
+
+def widen(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """blocks [N, K/32, 16], scales [N, K/32] (CUDA) -> W [N, K] in `dtype`, in one launch: what a prefill
+    chunk multiplies by. The bits of `mxfp4.dequantize` for every scale byte but 0, which gives 0 here
+    (`quantize` writes it only for all-zero blocks), as in the decode kernel."""
+    _check(blocks, scales)
+    n, g, _ = blocks.shape
+    blocks, scales = blocks.contiguous(), scales.contiguous()
+    w = torch.empty(n, g * BLOCK, dtype=dtype, device=blocks.device)
+    _widen_kernel[(triton.cdiv(n * g, WIDEN_BLOCKS),)](blocks, scales, w, n * g, BLOCK_B=WIDEN_BLOCKS)
+    return w
 
 
 def _copy_bandwidth(device: torch.device) -> float:
@@ -150,7 +207,8 @@ def benchmark_decode(
     from device memory, as a decode step does. Returns microseconds per call: `kernel_us` (CUDA graph:
     device time alone), `eager_us` (launched from Python), `read_us` (mxfp4_bytes(n, k) at the measured
     copy bandwidth), `dense_us` (F.linear on the same matrix widened to `dtype`, also out of L2) and
-    `prefill_widen_us` (dequantize_fast alone, what a prefill chunk pays per matrix); and `ratio` =
+    `prefill_widen_us` (`widen` alone, what a prefill chunk pays per matrix; `torch_widen_us`: the same
+    with torch's ops, `mxfp4.dequantize_fast`); and `ratio` =
     kernel_us / read_us (the target is <= 2).
 
     On an H200 (bf16, M = 1): 2880 x 2880 8.3 us against 1.0 us to read it (ratio 8.0; bf16 F.linear on the
@@ -173,7 +231,8 @@ def benchmark_decode(
         "eager_us": _eager_us(kernel),
         "read_us": nbytes / bandwidth * 1e6,
         "dense_us": _graph_us([lambda w=w: torch.nn.functional.linear(x, w) for w in dense]),
-        "prefill_widen_us": _graph_us([lambda b=b, s=s: dequantize_fast(b, s, dtype) for b, s in mats]),
+        "prefill_widen_us": _graph_us([lambda b=b, s=s: widen(b, s, dtype) for b, s in mats]),
+        "torch_widen_us": _graph_us([lambda b=b, s=s: dequantize_fast(b, s, dtype) for b, s in mats]),
         "bandwidth_gbps": bandwidth / 1e9,
     }
     result["ratio"] = result["kernel_us"] / result["read_us"]

@@ -149,11 +149,28 @@ class OffloadedExperts:
         self._count_requests(layer, hits, misses)  # after the copies are queued: they are what waits
         self.stats.layers[layer].on_cpu += len(on_cpu)
 
+        if len(chosen) == 1 and all(self.cache.resident((layer, e)) for e in chosen[0] if e not in futures):
+            return self._decode(layer, x, weights, chosen[0], futures, remaining)
+
         def run(e: int, xs: torch.Tensor) -> torch.Tensor:
             return self._collect(futures[e], x.device) if e in futures else self._run((layer, e), xs, remaining)
 
         # the CPU's results are waited for last, after every device expert is queued
         return mix(x, weights, chosen, hits + copied + on_cpu, run)
+
+    def _decode(self, layer: int, x: torch.Tensor, weights: torch.Tensor, chosen: list[int], futures: dict, remaining: set[Key]) -> torch.Tensor:
+        """One token whose device experts are all in slots (copies queued): they run in one `forward_slots`
+        call, then the CPU channel's results are collected; the rows are weighted and summed as `mix` does."""
+        keys = [(layer, e) for e in chosen if e not in futures]
+        slots = [self.cache.acquire_slot(key) for key in keys]
+        ys = self.cache.store.format.forward_slots(x, self.cache.slots, slots, self.cache.views) if keys else None  # [n, D]
+        for key in keys:
+            self.cache.release(key)
+            remaining.discard(key)
+        if futures:  # every row in choice order
+            device_rows = iter(ys if ys is not None else ())
+            ys = torch.cat([self._collect(futures[e], x.device) if e in futures else next(device_rows)[None] for e in chosen])
+        return (ys * weights.view(-1, 1)).to(x.dtype).sum(dim=0, keepdim=True)
 
     def _place(self, chosen: list[list[int]], misses: list[int]) -> tuple[list[int], list[int]]:
         if not misses or self.cpu_experts == "never":
