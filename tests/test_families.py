@@ -275,15 +275,23 @@ def test_chat_through_a_family_checkpoint_with_its_own_tokenizer(variant, tmp_pa
 @pytest.fixture(scope="module")
 def gpt_oss_mxfp4(tmp_path_factory, tokenizer_dir):
     """(folder, reference): a tiny gpt-oss with its experts in the published MXFP4 layout; the reference is
-    transformers' own reading of it (it widens MXFP4 where it has no kernel for it)."""
-    from transformers import AutoModelForCausalLM
-
+    transformers' model with those experts widened to fp32 (`mxfp4.dequantize`, bit for bit transformers'
+    conversion: test_mxfp4.py). Not transformers' loading of the MXFP4 file itself: where a GPU is present
+    and its `kernels` package is not, it widens them to bf16 whatever dtype is asked for."""
     from families import to_mxfp4
+    from moe_local.experts import mxfp4
 
     folder = tmp_path_factory.mktemp("gpt_oss_mxfp4")
-    build_family("gpt_oss", folder, tokenizer_dir)
+    reference = build_family("gpt_oss", folder, tokenizer_dir)
     to_mxfp4(folder)
-    return folder, AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with safe_open(folder / "model.safetensors", "pt") as f, torch.no_grad():
+        for i, layer in enumerate(reference.model.layers):
+            for name in ("gate_up_proj", "down_proj"):  # [E, in, out]; the file holds each expert as [out, in]
+                prefix = f"model.layers.{i}.mlp.experts.{name}"
+                blocks, scales = f.get_tensor(prefix + "_blocks"), f.get_tensor(prefix + "_scales")
+                widened = torch.stack([mxfp4.dequantize(b, s, torch.float32).T for b, s in zip(blocks, scales)])
+                getattr(layer.mlp.experts, name).copy_(widened)
+    return folder, reference
 
 
 @pytest.mark.parametrize("slots", [1, 4, 24])
