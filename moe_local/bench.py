@@ -402,7 +402,9 @@ def bench(
         say(f"{variant.policy}, prefetch {'on' if variant.prefetch else 'off'}{', CUDA graphs' if variant.cuda_graphs else ''}: "
             f"prefill {config.prompt_tokens} tokens, decode {config.new_tokens}")
         engine = Engine(model, store, plan, variant, ctx_size, generation_config={"eos_token_id": []})
-        run_engine(engine, prompt[:8], feed[:2], channels)  # warm-up: kernels, allocator
+        # warm-up: kernels (Triton compiles each on its first call: the whole prompt, so that prefill's too),
+        # the allocator, CUDA graphs' capture
+        run_engine(engine, prompt, feed[:2], channels)
         run, tokens = run_engine(engine, prompt, feed, channels)
         runs.append(run)
         outputs.append(tokens)
