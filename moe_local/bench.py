@@ -348,7 +348,7 @@ def bench(
         gpu_memory = "12GiB"
     options = Options(device=device.type, gpu_memory=gpu_memory, expert_slots=config.expert_slots, ctx_size=ctx_size,
                       prefetch=config.prefetch, prefetch_top=config.prefetch_top, resident_dtype=config.resident_dtype,
-                      cpu_experts=config.cpu_experts)
+                      cpu_experts=config.cpu_experts, cuda_graphs=False)  # --cuda-graphs: one more run with them
     int8_attention = options.int8_attention
     beside = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, expert_slots=cfg.n_experts, int8_attention=int8_attention).beside_store_bytes
     experts_dtype = config.experts_dtype or ("mxfp4" if cfg.mxfp4_experts else "bf16")

@@ -52,7 +52,9 @@ class Options:
     resident_dtype: str = "auto"  # auto: the compute dtype; int8: the attention projections in int8
     sequences: int = 1  # KV caches to plan for: one per request decoded together (`serve --parallel`)
     cpu_experts: str = "auto"  # where misses run: auto (experts/cpu.py's cost model), never (copied), always (CPU)
-    cuda_graphs: bool = False  # one-token steps replay a CUDA graph per layer for its resident work (graphs.py)
+    # one-token steps replay a CUDA graph per layer for its resident work (graphs.py); None: where the device is
+    # CUDA (H100, 2026-11-26: decode 1.3-2.4x, docs/benchmarks.md)
+    cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -135,7 +137,8 @@ class Engine:
         self.sequence = self.new_sequence()
         self.experts = self._expert_runtime(model, store, plan, options)
         # the engine's own sequence decodes through it (`decode_one`); the server's batches do not
-        self.static = StaticDecoder(model, self.sequence.kv, capture=True) if options.cuda_graphs else None
+        graphs = options.cuda_graphs if options.cuda_graphs is not None else self.device.type == "cuda"
+        self.static = StaticDecoder(model, self.sequence.kv, capture=True) if graphs else None
 
     def _expert_runtime(self, model: Transformer, store: ExpertStore, plan: MemoryPlan, options: Options):
         """On the CPU with no slot count or budget given: every expert in place (no slots, no copies). Otherwise

@@ -53,16 +53,17 @@ def test_a_full_context_is_an_error_not_a_write_past_the_cache(tiny):
         engine.decode_one(5)
 
 
-def test_cuda_graphs_need_cuda(tiny):
+def test_cuda_graphs_need_cuda_and_are_off_by_default_on_the_cpu(tiny):
     with pytest.raises(ConfigError, match="--cuda-graphs needs a CUDA device"):
         moe_local.load(tiny[0], device="cpu", cuda_graphs=True)
+    assert moe_local.load(tiny[0], device="cpu").static is None
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["mixtral-window", "gpt_oss", "deepseek_v3", "qwen2_moe"])
 def test_cuda_graph_steps_match_the_ordinary_decode(variant, tmp_path, tokenizer_dir):
     build_variant(variant, tmp_path, tokenizer_dir)
-    want_tokens, want = decode(moe_local.load(tmp_path, device="cuda", expert_slots=5, ctx_size=32), prompt(9, 3), 12)
+    want_tokens, want = decode(moe_local.load(tmp_path, device="cuda", expert_slots=5, ctx_size=32, cuda_graphs=False), prompt(9, 3), 12)
     got_tokens, got = decode(moe_local.load(tmp_path, device="cuda", expert_slots=5, ctx_size=32, cuda_graphs=True), prompt(9, 3), 12)
     assert (got - want).abs().max() <= RTOL * want.abs().max()
     assert got_tokens == want_tokens
