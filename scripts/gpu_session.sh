@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: the GPU tests, then the benchmarks recorded in docs/benchmarks.md.
 # Usage (device tool): bash scripts/gpu_session.sh [STEP ...]   (default: every step; output under $OUT,
-# or ./gpu-out; DEADLINE=SECONDS ends it in time, cutting the step that runs over). Steps: machine tests mxfp4 qwen3
+# or ./gpu-out; DEADLINE=SECONDS ends it in time, cutting the step that runs over; TESTS: which test files). Steps: machine tests mxfp4 qwen3
 # mixtral batch gpt_oss_20b gpt_oss_120b mixtral_bf16 pageable
 # If the GPU machine has no pytest, unpack pytest's wheels (pytest, pluggy, iniconfig, packaging: `pip
 # download --no-deps --python-version 3.12 ...` then `python -m zipfile -e WHEEL .gpu_deps/`) into
@@ -25,7 +25,7 @@ BENCH="python -m moe_local bench --peer-layers 0 --no-compare-prefetch --policy 
 step machine 30 bash -c 'nvidia-smi; python -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"'
 # pytest-xdist, where the machine has it, runs the GPU tests four at a time
 XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 4")
-step tests 240 python -m pytest -q -m gpu -p no:cacheprovider --maxfail=10 --continue-on-collection-errors --ignore=tests/test_server.py $XDIST tests/  # (the server tests need openai, not there; none is a GPU test)
+step tests 240 python -m pytest -q -m gpu -p no:cacheprovider --maxfail=10 --continue-on-collection-errors --ignore=tests/test_server.py $XDIST ${TESTS:-tests/}  # (the server tests need openai, not there; none is a GPU test)
 step mxfp4 60 python -c "
 from moe_local.experts.mxfp4_triton import benchmark_decode
 for n, k in ((2880, 2880), (5760, 2880)):
@@ -35,8 +35,10 @@ step qwen3 240 $BENCH --preset qwen3-30b-a3b --experts-dtype int4 --gpu-memory 8
 step mixtral 150 $BENCH --experts-dtype int4 --gpu-memory 12GiB --new-tokens 64 --cuda-graphs
 # issue 15's GPU target: 8 sequences decoded together >= 4x one, Mixtral int4 @ 12GiB
 step batch 150 $BENCH --experts-dtype int4 --gpu-memory 12GiB --new-tokens 32 --prompt-tokens 64 --batch 8
+# issue 13: a consumer link (pageable memory), the CPU channel against copies alone; int8, as the CPU cannot
+# run CUDA's int4 layout; 8 layers (a quarter of the setup), the ratio is what counts
+step pageable 240 bash -c "$BENCH --experts-dtype int8 --gpu-memory 4GiB --layers 8 --new-tokens 32 --pageable --cpu-experts never && $BENCH --experts-dtype int8 --gpu-memory 4GiB --layers 8 --new-tokens 32 --pageable --cpu-experts auto"
 step gpt_oss_20b 120 $BENCH --preset gpt-oss-20b --gpu-memory 8GiB --new-tokens 32
 step gpt_oss_120b 260 $BENCH --preset gpt-oss-120b --gpu-memory 24GiB --new-tokens 32 --cuda-graphs
-# issue 13's other targets: bf16 Mixtral at 24GiB; a consumer link (pageable memory), the CPU channel against copies alone
-step mixtral_bf16 150 $BENCH --experts-dtype bf16 --gpu-memory 24GiB --new-tokens 32
-step pageable 240 bash -c "$BENCH --experts-dtype int4 --gpu-memory 12GiB --new-tokens 32 --pageable --cpu-experts never && $BENCH --experts-dtype int4 --gpu-memory 12GiB --new-tokens 32 --pageable --cpu-experts auto"
+# issue 13's bf16 target: Mixtral at 24GiB; 8 layers at 6GiB (a quarter of each), ms/layer gives the 32-layer speed
+step mixtral_bf16 150 $BENCH --experts-dtype bf16 --gpu-memory 6GiB --layers 8 --new-tokens 32
