@@ -9,7 +9,10 @@
    each query's parts are merged, with its sink logit (gpt-oss) in the denominator. Sums are in fp32.
 
    mxfp4_linear: a decode step's products against MXFP4 experts (gpt-oss), for `moe_local/experts/mxfp4.py`
-   (its comment is below). */
+   (its comment is below).
+
+   experts_swiglu: a decode step's bf16 SwiGLU experts of one layer in one call, for
+   `moe_local/experts/runtime.py` (its comment is below). */
 
 #include <immintrin.h>
 #include <math.h>
@@ -400,6 +403,73 @@ int mxfp4_linear(const uint16_t* x, int M, int K, const uint8_t* blocks, const u
         }
     }
     free(xa);
+    return 0;
+}
+
+/* experts_swiglu: a layer's bf16 SwiGLU experts (Mixtral's, Qwen3's, ...) for the few tokens of a decode step,
+   in one call. Expert e (of E) takes rows starts[e] .. starts[e + 1] - 1 of x [R, D] (bf16) through
+   h = silu(x Wg.T) * (x Wu.T) and y = h Wd.T, where gate_up[e] is [2F, D] (Wg's rows, then Wu's) and down[e]
+   is [D, F], all bf16; y [R, D] is fp32. h rounds where torch's bf16 path rounds (each product to bf16,
+   silu's result, the product of the two), so only the order of the sums differs from it. Work items are
+   (expert, 8 outputs) in both passes; each reads its weight rows once for all of its expert's rows. D and F
+   multiples of 16, at most 16 rows an expert; 0, or 1 for sizes it cannot take, 2 out of memory. */
+#define EXPERT_MAX_ROWS 16
+
+/* x rounded to bf16 and back, 8 at a time (to nearest even, as to_bf16) */
+static inline __m256 round_bf16_8(__m256 x) {
+    __m256i u = _mm256_castps_si256(x);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+    return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+/* the 8 sums of w[j * K ..] . a over k < K, j < 8: 16 bf16 of each row at a time, in pairs */
+static inline __m256 dot8(const uint16_t* w, const uint16_t* a, int K) {
+    __m256 acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+    for (int k = 0; k < K; k += 16) {
+        __m256i ak = _mm256_loadu_si256((const __m256i*)(a + k));
+        for (int j = 0; j < 8; j++) acc[j] = dot_bf16(acc[j], _mm256_loadu_si256((const __m256i*)(w + (size_t)j * K + k)), ak);
+    }
+    return hsum8(acc);
+}
+
+int experts_swiglu(const uint16_t* x, int D, int F, int E, const int* starts, const uint16_t* const* gate_up,
+                   const uint16_t* const* down, float* y, int threads) {
+    if (D % 16 || F % 16 || E < 1) return 1;
+    for (int e = 0; e < E; e++)
+        if (starts[e + 1] < starts[e] || starts[e + 1] - starts[e] > EXPERT_MAX_ROWS) return 1;
+    const int R = starts[E];
+    uint16_t* h = malloc(sizeof(uint16_t) * (size_t)(R ? R : 1) * F); /* [R, F] bf16 */
+    if (!h) return 2;
+    const int fb = F / 8, db = D / 8;
+    const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (long item = 0; item < (long)E * fb; item++) { /* 8 units of h: their gate and up rows */
+            const int e = (int)(item / fb), n = (int)(item % fb) * 8;
+            for (int r = starts[e]; r < starts[e + 1]; r++) {
+                const __m256 g = round_bf16_8(dot8(gate_up[e] + (size_t)n * D, x + (size_t)r * D, D));
+                const __m256 u = round_bf16_8(dot8(gate_up[e] + (size_t)(F + n) * D, x + (size_t)r * D, D));
+                /* silu(g) = g sigmoid(g); with z = e^-|g|, sigmoid(g) is 1 / (1 + z) for g >= 0, z / (1 + z) below */
+                const __m256 z = exp8(_mm256_or_ps(g, sign));
+                const __m256 below = _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ);
+                const __m256 sigmoid = _mm256_div_ps(_mm256_blendv_ps(one, z, below), _mm256_add_ps(one, z));
+                const __m256 act = round_bf16_8(_mm256_mul_ps(g, sigmoid));
+                float hv[8];
+                _mm256_storeu_ps(hv, _mm256_mul_ps(act, u));
+                for (int j = 0; j < 8; j++) h[(size_t)r * F + n + j] = to_bf16(hv[j]);
+            }
+        }
+#pragma omp for schedule(static)
+        for (long item = 0; item < (long)E * db; item++) { /* 8 outputs */
+            const int e = (int)(item / db), d = (int)(item % db) * 8;
+            for (int r = starts[e]; r < starts[e + 1]; r++)
+                _mm256_storeu_ps(y + (size_t)r * D + d, dot8(down[e] + (size_t)d * F, h + (size_t)r * F, F));
+        }
+    }
+    free(h);
     return 0;
 }
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import moe_local
+from moe_local import native
 from moe_local.config import ModelConfig, RouterConfig
 from moe_local.experts.cache import POLICIES, ExpertCache, LayerLRUPolicy, LRUPolicy
 from moe_local.experts.runtime import mix
@@ -144,6 +145,30 @@ def test_swiglu_expert_matches_the_three_matrix_definition():
     x = torch.randn(3, cfg.dim)
     want = F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
     assert torch.allclose(store.format.forward(x, store.format.unpack(store.buffer((1, 2)))), want, atol=1e-5)
+
+
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"moe-local's CPU kernels: {native.unavailable()}")
+@pytest.mark.parametrize("flags", ["", "-mno-avx512bf16"])  # bf16 pairs where the CPU has them, and widened to fp32
+def test_the_cpu_kernel_runs_a_layers_bf16_experts_as_torch_does_but_for_the_order_of_sums(rebuilt, monkeypatch, flags):
+    monkeypatch.setenv("MOE_LOCAL_KERNEL_FLAGS", flags)
+    cfg = small_config(hidden_size=48, intermediate_size=80)
+    fmt = Dense(cfg, torch.bfloat16)
+    store = ExpertStore(cfg, fmt, pin=False)
+    gen = torch.Generator().manual_seed(0)
+    store.fill_from(lambda layer, expert, w: torch.randn(cfg.expert_shapes[w], generator=gen) / 4, torch.device("cpu"))
+    experts = [fmt.unpack(store.buffer((0, e))) for e in (2, 0, 3, 1)]
+    counts = [1, 3, 0, 16]
+    xs = torch.randn(sum(counts), cfg.dim, generator=gen).bfloat16()
+    got = fmt.forward_grouped(xs, counts, experts)
+    want = torch.cat([fmt.forward(part, w) for part, w in zip(xs.split(counts), experts)])  # torch's bf16 path
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=2**-6 * want.abs().max().item())
+    # each row's result is its own: it does not depend on the rows beside it (so batching changes nothing)
+    assert torch.equal(fmt.forward_grouped(xs[1:2], [1], experts[1:2]), got[1:2])
+    assert torch.equal(fmt.forward_grouped(xs[4:20], [16], experts[3:]), got[4:20])
+    # what it does not take: more than 16 rows an expert, fp32
+    assert fmt.forward_grouped(torch.zeros(17, cfg.dim).bfloat16(), [17], experts[:1]) is None
+    assert fmt.forward_grouped(xs.float(), counts, experts) is None
 
 
 def test_a_small_pool_misses_evicts_and_counts_every_byte(tiny):

@@ -74,16 +74,21 @@ def mix(
     chosen: list[list[int]],
     order: list[int],
     run: Callable[[int, torch.Tensor], torch.Tensor],
+    run_grouped: Callable[[list[int], list[int], torch.Tensor], torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Weighted sum of each token's chosen experts, running each expert once on all its tokens, in `order`.
 
     x [T, D], weights [T, k] fp32, chosen[t] = token t's k experts. Every (token, choice) result lands in
     its own row and the rows are summed in a fixed order, so the output does not depend on `order`.
+    `run_grouped(experts, counts, xs)`, where given, runs them all in one call (xs: counts[i] rows for
+    experts[i], in that order) or returns None, and then `run` runs each.
     """
     T, k = weights.shape
     if T == 1:  # decode: no index tensors to build and copy; the same rows, weighted and summed the same way
-        ys = {e: run(e, x) for e in order}  # [1, D] each
-        rows = torch.cat([ys[e] for e in chosen[0]])  # [k, D], in choice order
+        rows = run_grouped(chosen[0], [1] * k, x.expand(k, -1)) if run_grouped else None  # [k, D], in choice order
+        if rows is None:
+            ys = {e: run(e, x) for e in order}  # [1, D] each
+            rows = torch.cat([ys[e] for e in chosen[0]])
         return (rows * weights.view(k, 1)).to(x.dtype).sum(dim=0, keepdim=True)
     flat = [e for row in chosen for e in row]  # position p = t * k + j
     rank = {e: i for i, e in enumerate(order)}
@@ -91,13 +96,12 @@ def mix(
     # pinned, so that the copy to the GPU is queued, not waited for
     positions = torch.tensor(by_expert, pin_memory=x.is_cuda).to(x.device, non_blocking=True)  # [T*k]
     xs = x[positions // k]  # [T*k, D]: each expert's tokens together, gathered once for all experts
-    ys, start = [], 0
-    for e in order:
-        n = flat.count(e)
-        ys.append(run(e, xs[start : start + n]))
-        start += n
+    counts = [flat.count(e) for e in order]
+    ys = run_grouped(order, counts, xs) if run_grouped else None  # [T*k, D]
+    if ys is None:
+        ys = torch.cat([run(e, part) for e, part in zip(order, xs.split(counts))])
     out = x.new_empty(T * k, x.shape[1])  # [T*k, D]
-    out[positions] = (torch.cat(ys) * weights.reshape(-1, 1)[positions]).to(x.dtype)
+    out[positions] = (ys * weights.reshape(-1, 1)[positions]).to(x.dtype)
     return out.view(T, k, -1).sum(dim=1)  # [T, D]
 
 
@@ -285,4 +289,7 @@ class InPlaceExperts:
             with matmuls_for_rows(xs.shape[0]):  # one token routed to it: torch's own matrix-vector kernel
                 return self.format.forward(xs, self.views[layer][e])
 
-        return mix(x, weights, chosen, order, run)
+        def run_grouped(experts: list[int], counts: list[int], xs: torch.Tensor) -> torch.Tensor | None:
+            return self.format.forward_grouped(xs, counts, [self.views[layer][e] for e in experts])
+
+        return mix(x, weights, chosen, order, run, run_grouped)
