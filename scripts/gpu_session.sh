@@ -2,7 +2,7 @@
 # One call on a lent GPU machine: the GPU tests, then the benchmarks recorded in docs/benchmarks.md.
 # Usage (device tool): bash scripts/gpu_session.sh [STEP ...]   (default: every step; output under $OUT,
 # or ./gpu-out; DEADLINE=SECONDS ends it in time, cutting the step that runs over; TESTS: which test files). Steps: machine tests mxfp4 qwen3
-# mixtral batch gpt_oss_20b gpt_oss_120b mixtral_bf16 pageable
+# mixtral batch pageable gpt_oss_20b gpt_oss_120b gpt_oss_never mixtral_bf16
 # If the GPU machine has no pytest, unpack pytest's wheels (pytest, pluggy, iniconfig, packaging: `pip
 # download --no-deps --python-version 3.12 ...` then `python -m zipfile -e WHEEL .gpu_deps/`) into
 # .gpu_deps/ (git-ignored) and pass it to the device tool with carry: [".gpu_deps"].
@@ -10,7 +10,7 @@ set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH=".:.gpu_deps${PYTHONPATH:+:$PYTHONPATH}"
-STEPS=${*:-machine tests mxfp4 qwen3 mixtral batch gpt_oss_20b gpt_oss_120b mixtral_bf16 pageable}
+STEPS=${*:-machine tests mxfp4 qwen3 mixtral batch pageable gpt_oss_20b gpt_oss_120b gpt_oss_never mixtral_bf16}
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, output to $OUT/NAME.txt
     local name=$1 limit=$2; shift 2
     case " $STEPS " in *" $name "*) ;; *) return ;; esac
@@ -40,5 +40,7 @@ step batch 150 $BENCH --experts-dtype int4 --gpu-memory 12GiB --new-tokens 32 --
 step pageable 240 bash -c "$BENCH --experts-dtype int8 --gpu-memory 4GiB --layers 8 --new-tokens 32 --pageable --cpu-experts never && $BENCH --experts-dtype int8 --gpu-memory 4GiB --layers 8 --new-tokens 32 --pageable --cpu-experts auto"
 step gpt_oss_20b 120 $BENCH --preset gpt-oss-20b --gpu-memory 8GiB --new-tokens 32
 step gpt_oss_120b 260 $BENCH --preset gpt-oss-120b --gpu-memory 24GiB --new-tokens 32 --cuda-graphs
+# the same without the CPU channel, whose share of the misses moved with its measured speed (9 to 25 a token)
+step gpt_oss_never 260 $BENCH --preset gpt-oss-120b --gpu-memory 24GiB --new-tokens 32 --cuda-graphs --cpu-experts never
 # issue 13's bf16 target: Mixtral at 24GiB; 8 layers at 6GiB (a quarter of each), ms/layer gives the 32-layer speed
 step mixtral_bf16 150 $BENCH --experts-dtype bf16 --gpu-memory 6GiB --layers 8 --new-tokens 32
