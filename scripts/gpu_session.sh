@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: the GPU tests, then the benchmarks recorded in docs/benchmarks.md.
-# Usage (device tool): bash scripts/gpu_session.sh [STEP ...]   (default: every step; output under $OUT,
-# or ./gpu-out; DEADLINE=SECONDS ends it in time, cutting the step that runs over; TESTS: which test files). Steps: machine tests mxfp4 qwen3
+# Usage (device tool): bash scripts/gpu_session.sh [STEP ...]   (default: every step). Output under $OUT (or
+# ./gpu-out), a file per step and steps.txt; DEADLINE=SECONDS ends it in time, cutting the step that runs
+# over; TESTS: which test files (default: tests/). Steps, in the order they run: machine tests mxfp4 qwen3
 # mixtral batch pageable gpt_oss_20b gpt_oss_120b gpt_oss_never mixtral_bf16
-# If the GPU machine has no pytest, unpack pytest's wheels (pytest, pluggy, iniconfig, packaging: `pip
-# download --no-deps --python-version 3.12 ...` then `python -m zipfile -e WHEEL .gpu_deps/`) into
-# .gpu_deps/ (git-ignored) and pass it to the device tool with carry: [".gpu_deps"].
+# The H100 machine of 2026-11-26 had pytest and pytest-xdist. One without pytest: unpack its wheels (pytest,
+# pluggy, iniconfig, packaging: `pip download --no-deps --python-version 3.12 ...` then `python -m zipfile -e
+# WHEEL .gpu_deps/`) into .gpu_deps/ (git-ignored) and pass it to the device tool with carry: [".gpu_deps"].
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
