@@ -14,6 +14,7 @@ from moe_local.engine import Options
 from moe_local.errors import ConfigError
 from moe_local.experts.cache import ExpertCache, LayerLRUPolicy
 from moe_local.experts.cpu import ChannelSpeeds, CpuChannel, Line, measure_speeds, place
+from moe_local.experts.formats import Dense
 from moe_local.experts.runtime import InPlaceExperts, OffloadedExperts, ResidentExperts
 from moe_local.generate import GenerationStats, SamplingParams, generate
 from moe_local.routing import route
@@ -129,11 +130,19 @@ def greedy_with(engine, ids: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_tokens_and_logits_do_not_depend_on_where_misses_run(tiny, dtype):
+@pytest.mark.parametrize("together", [False, True])
+def test_tokens_and_logits_do_not_depend_on_where_misses_run(tiny, dtype, together, monkeypatch):
     """On the CPU both channels run the same kernels, so outputs are bit-identical (on CUDA, fp32 greedy
-    tokens are identical and bf16 logits differ by the kernels' rounding: see docs/architecture.md)."""
+    tokens are identical and bf16 logits differ by the kernels' rounding: see docs/architecture.md).
+    `together`: a decode token's device experts go through one `forward_slots` call (`_decode`, what
+    MXFP4 takes on CUDA), with the CPU channel's rows merged in."""
     folder, _ = tiny
     ids = [1, 10, 20, 30, 40, 50]
+    decoded = []
+    if together:
+        monkeypatch.setattr(Dense, "groups_slots", lambda self, device: True)
+        decode = OffloadedExperts._decode
+        monkeypatch.setattr(OffloadedExperts, "_decode", lambda self, *a: decoded.append(a[3]) or decode(self, *a))
     engines = {}
     for mode in ("never", "always", "auto"):
         engine = moe_local.load(folder, device="cpu", dtype=dtype, expert_slots=3, cpu_experts=mode)
@@ -155,6 +164,7 @@ def test_tokens_and_logits_do_not_depend_on_where_misses_run(tiny, dtype):
             assert s["experts_on_cpu"] > 0 and s["cpu_busy_s"] > 0
         if mode == "always":
             assert s["experts_on_cpu"] == s["misses"]
+    assert bool(decoded) == together
 
 
 def test_cpu_device_runs_every_expert_in_place_without_copies(tiny):

@@ -118,6 +118,11 @@ class ExpertFormat:
         that order -> [R, D], or None where the format has no such kernel (then each runs its `forward`)."""
         return None
 
+    def groups_slots(self, device: torch.device) -> bool:
+        """Whether `forward_slots` runs a token's experts together on `device` (else one by one is better:
+        the hits then run while the misses are still copying)."""
+        return False
+
     def forward_slots(self, x: torch.Tensor, pool: torch.Tensor, slots: list[int], views: list[Weights]) -> torch.Tensor:
         """One token x [1, D] through the experts in `slots` of a slot pool (uint8 [S, expert_bytes], `views`
         its slots' parts) -> [len(slots), D], row i from expert slots[i], each the bits `forward` gives. Here
@@ -295,6 +300,9 @@ class Mxfp4(ExpertFormat):
 
     def linear(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
         return mxfp4.linear(x, w[f"{name}.blocks"], w[f"{name}.scales"])
+
+    def groups_slots(self, device: torch.device) -> bool:
+        return device.type == "cuda"
 
     def forward_slots(self, x: torch.Tensor, pool: torch.Tensor, slots: list[int], views: list[Weights]) -> torch.Tensor:
         """On CUDA, every expert of a decode token in one Triton launch per matrix (`mxfp4_triton.linear_grouped`:

@@ -153,7 +153,8 @@ class OffloadedExperts:
         self._count_requests(layer, hits, misses)  # after the copies are queued: they are what waits
         self.stats.layers[layer].on_cpu += len(on_cpu)
 
-        if len(chosen) == 1 and all(self.cache.resident((layer, e)) for e in chosen[0] if e not in futures):
+        if (len(chosen) == 1 and self.cache.store.format.groups_slots(x.device)
+                and all(self.cache.resident((layer, e)) for e in chosen[0] if e not in futures)):  # fmt: skip
             return self._decode(layer, x, weights, chosen[0], futures, remaining)
 
         def run(e: int, xs: torch.Tensor) -> torch.Tensor:
@@ -163,8 +164,9 @@ class OffloadedExperts:
         return mix(x, weights, chosen, hits + copied + on_cpu, run)
 
     def _decode(self, layer: int, x: torch.Tensor, weights: torch.Tensor, chosen: list[int], futures: dict, remaining: set[Key]) -> torch.Tensor:
-        """One token whose device experts are all in slots (copies queued): they run in one `forward_slots`
-        call, then the CPU channel's results are collected; the rows are weighted and summed as `mix` does."""
+        """One token whose device experts are all in slots (copies queued), in a format that runs them
+        together: one `forward_slots` call, then the CPU channel's results are collected; the rows are
+        weighted and summed as `mix` does."""
         keys = [(layer, e) for e in chosen if e not in futures]
         slots = [self.cache.acquire_slot(key) for key in keys]
         ys = self.cache.store.format.forward_slots(x, self.cache.slots, slots, self.cache.views) if keys else None  # [n, D]
