@@ -11,7 +11,7 @@
    mxfp4_linear: a decode step's products against MXFP4 experts (gpt-oss), for `moe_local/experts/mxfp4.py`
    (its comment is below).
 
-   experts_swiglu: a decode step's bf16 SwiGLU experts of one layer in one call, for
+   experts_swiglu: a decode step's SwiGLU experts of one layer (bf16, or int8) in one call, for
    `moe_local/experts/runtime.py` (its comment is below). */
 
 #include <immintrin.h>
@@ -406,14 +406,21 @@ int mxfp4_linear(const uint16_t* x, int M, int K, const uint8_t* blocks, const u
     return 0;
 }
 
-/* experts_swiglu: a layer's bf16 SwiGLU experts (Mixtral's, Qwen3's, ...) for the few tokens of a decode step,
-   in one call. Expert e (of E) takes rows starts[e] .. starts[e + 1] - 1 of x [R, D] (bf16) through
+/* experts_swiglu: a layer's SwiGLU experts (Mixtral's, Qwen3's, ...) for the few tokens of a decode step, in
+   one call. Expert e (of E) takes rows starts[e] .. starts[e + 1] - 1 of x [R, D] (bf16) through
    h = silu(x Wg.T) * (x Wu.T) and y = h Wd.T, where gate_up[e] is [2F, D] (Wg's rows, then Wu's) and down[e]
-   is [D, F], all bf16; y [R, D] is fp32. h rounds where torch's bf16 path rounds (each product to bf16,
-   silu's result, the product of the two), so only the order of the sums differs from it. Work items are
-   (expert, 8 outputs) in both passes; each reads its weight rows once for all of its expert's rows. D and F
-   multiples of 16, at most 16 rows an expert; 0, or 1 for sizes it cannot take, 2 out of memory. */
+   is [D, F]; y [R, D] is fp32. The weights are bf16, or int8 with one bf16 scale per row (gate_up_scale[e]
+   [2F], down_scale[e] [D]) where those are given; then each activation row is taken as int16 times one
+   scale (2^-15 of its largest value: finer than its bf16) and multiplied by VNNI's int16 pair products, so
+   that the int8 weights need one instruction to widen. Each product, silu's result and h round to bf16
+   where torch's bf16 path rounds them, so the order of the sums (and for int8, the int16 activations) is
+   all that differs from it. Work items are (expert, 8 outputs) in both passes; each reads its weight rows
+   once for all of its expert's rows. D and F multiples of 32, at most 16 rows an expert; 0, or 1 for sizes
+   it cannot take (or int8 without AVX512-VNNI), 2 out of memory. */
 #define EXPERT_MAX_ROWS 16
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define INT8_PAIRS 1
+#endif
 
 /* x rounded to bf16 and back, 8 at a time (to nearest even, as to_bf16) */
 static inline __m256 round_bf16_8(__m256 x) {
@@ -423,54 +430,159 @@ static inline __m256 round_bf16_8(__m256 x) {
     return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u)));
 }
 
-/* the 8 sums of w[j * K ..] . a over k < K, j < 8: 16 bf16 of each row at a time, in pairs */
+/* the 8 sums of w[j * K ..] . a over k < K, j < 8: bf16 weights and activations, 16 of each row at a time, in pairs */
 static inline __m256 dot8(const uint16_t* w, const uint16_t* a, int K) {
-    __m256 acc[8];
-    for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
-    for (int k = 0; k < K; k += 16) {
-        __m256i ak = _mm256_loadu_si256((const __m256i*)(a + k));
-        for (int j = 0; j < 8; j++) acc[j] = dot_bf16(acc[j], _mm256_loadu_si256((const __m256i*)(w + (size_t)j * K + k)), ak);
+    __m256 sums[8];
+    for (int j = 0; j < 8; j++) { /* one row at a time: each a sequential read (8 rows at once read slower) */
+        const uint16_t* wj = w + (size_t)j * K;
+        __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        int k = 0;
+        for (; k + 32 <= K; k += 32)
+            for (int t = 0; t < 2; t++)
+                acc[t] = dot_bf16(acc[t], _mm256_loadu_si256((const __m256i*)(wj + k + 16 * t)), _mm256_loadu_si256((const __m256i*)(a + k + 16 * t)));
+        for (; k < K; k += 16)
+            acc[0] = dot_bf16(acc[0], _mm256_loadu_si256((const __m256i*)(wj + k)), _mm256_loadu_si256((const __m256i*)(a + k)));
+        sums[j] = _mm256_add_ps(acc[0], acc[1]);
     }
-    return hsum8(acc);
+    return hsum8(sums);
 }
 
-int experts_swiglu(const uint16_t* x, int D, int F, int E, const int* starts, const uint16_t* const* gate_up,
-                   const uint16_t* const* down, float* y, int threads) {
-    if (D % 16 || F % 16 || E < 1) return 1;
+#ifdef INT8_PAIRS
+#define INT_RUN 1024 /* k summed in int32 before fp32: 1024 products of |127 * 32767| stay far below 2^31 per lane */
+
+/* the same for int8 weights and int16 activations: 32 of each at a time, the weights widened to int16 and
+   multiplied in pairs into int32 (vpdpwssd), the int32 sums taken to fp32 every INT_RUN */
+static inline __m256 dot8_i8(const int8_t* w, const int16_t* a, int K) {
+    __m256 halves[8];
+    for (int j = 0; j < 8; j++) { /* one row at a time: each a sequential read (8 rows at once read slower) */
+        const int8_t* wj = w + (size_t)j * K;
+        __m512 sum = _mm512_setzero_ps();
+        for (int k0 = 0; k0 < K; k0 += INT_RUN) {
+            __m512i acc[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+            int k = k0;
+            for (; k + 64 <= k0 + INT_RUN && k + 64 <= K; k += 64)
+                for (int t = 0; t < 2; t++)
+                    acc[t] = _mm512_dpwssd_epi32(acc[t], _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wj + k + 32 * t))),
+                                                 _mm512_loadu_si512((const void*)(a + k + 32 * t)));
+            for (; k < k0 + INT_RUN && k < K; k += 32)
+                acc[0] = _mm512_dpwssd_epi32(acc[0], _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wj + k))), _mm512_loadu_si512((const void*)(a + k)));
+            sum = _mm512_add_ps(sum, _mm512_cvtepi32_ps(_mm512_add_epi32(acc[0], acc[1])));
+        }
+        halves[j] = _mm256_add_ps(_mm512_castps512_ps256(sum), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sum), 1)));
+    }
+    return hsum8(halves);
+}
+
+/* row [K] of bf16 values -> q [K] int16 with row ~ q * (returned scale) */
+static float to_int16(const uint16_t* row, int K, int16_t* q) {
+    float top = 0.f;
+    for (int k = 0; k < K; k++) {
+        uint32_t u = (uint32_t)row[k] << 16;
+        float v;
+        memcpy(&v, &u, 4);
+        top = fmaxf(top, fabsf(v));
+    }
+    const float scale = top > 0.f ? top / 32767.f : 1.f;
+    for (int k = 0; k < K; k++) {
+        uint32_t u = (uint32_t)row[k] << 16;
+        float v;
+        memcpy(&v, &u, 4);
+        q[k] = (int16_t)lrintf(v / scale);
+    }
+    return scale;
+}
+#endif
+
+/* 8 outputs n.. of the product with rows starting at w, for activation row a (bf16), or its int16 form aq
+   times as (int8 weights: then scale holds the weight rows' scales) */
+static inline __m256 product8(const void* w, const uint16_t* scale, int n, int K, const uint16_t* a, const int16_t* aq, float as) {
+#ifdef INT8_PAIRS
+    if (scale) {
+        __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(scale + n))), 16));
+        return _mm256_mul_ps(_mm256_mul_ps(dot8_i8((const int8_t*)w + (size_t)n * K, aq, K), _mm256_set1_ps(as)), s);
+    }
+#endif
+    (void)scale, (void)aq, (void)as;
+    return dot8((const uint16_t*)w + (size_t)n * K, a, K);
+}
+
+int experts_swiglu(const uint16_t* x, int D, int F, int E, const int* starts, const void* const* gate_up,
+                   const void* const* down, const uint16_t* const* gate_up_scale, const uint16_t* const* down_scale,
+                   float* y, int threads) {
+    const int int8 = gate_up_scale != NULL;
+#ifndef INT8_PAIRS
+    if (int8) return 1;
+#endif
+    if (D % 32 || F % 32 || E < 1) return 1;
     for (int e = 0; e < E; e++)
         if (starts[e + 1] < starts[e] || starts[e + 1] - starts[e] > EXPERT_MAX_ROWS) return 1;
-    const int R = starts[E];
-    uint16_t* h = malloc(sizeof(uint16_t) * (size_t)(R ? R : 1) * F); /* [R, F] bf16 */
-    if (!h) return 2;
+    const int R = starts[E], rows = R ? R : 1;
+    uint16_t* h = malloc(sizeof(uint16_t) * (size_t)rows * F); /* [R, F] bf16 */
+    int16_t *xq = NULL, *hq = NULL; /* int8 weights: the activations as int16, times xs[r], hs[r] */
+    float *xs = NULL, *hs = NULL;
+    if (int8) {
+        xq = malloc(sizeof(int16_t) * (size_t)rows * D), hq = malloc(sizeof(int16_t) * (size_t)rows * F);
+        xs = malloc(sizeof(float) * rows), hs = malloc(sizeof(float) * rows);
+    }
+    if (!h || (int8 && (!xq || !hq || !xs || !hs))) {
+        free(h), free(xq), free(hq), free(xs), free(hs);
+        return 2;
+    }
     const int fb = F / 8, db = D / 8;
     const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
 #pragma omp parallel num_threads(threads)
     {
+#ifdef INT8_PAIRS
+        if (int8) {
+#pragma omp for schedule(static)
+            for (int r = 0; r < R; r++) xs[r] = to_int16(x + (size_t)r * D, D, xq + (size_t)r * D);
+        }
+#endif
 #pragma omp for schedule(static)
         for (long item = 0; item < (long)E * fb; item++) { /* 8 units of h: their gate and up rows */
             const int e = (int)(item / fb), n = (int)(item % fb) * 8;
+            const uint16_t* scale = int8 ? gate_up_scale[e] : NULL;
             for (int r = starts[e]; r < starts[e + 1]; r++) {
-                const __m256 g = round_bf16_8(dot8(gate_up[e] + (size_t)n * D, x + (size_t)r * D, D));
-                const __m256 u = round_bf16_8(dot8(gate_up[e] + (size_t)(F + n) * D, x + (size_t)r * D, D));
+                const uint16_t* a = x + (size_t)r * D;
+                const int16_t* aq = int8 ? xq + (size_t)r * D : NULL;
+                const float as = int8 ? xs[r] : 0.f;
+                const __m256 g = round_bf16_8(product8(gate_up[e], scale, n, D, a, aq, as));
+                const __m256 u = round_bf16_8(product8(gate_up[e], scale, F + n, D, a, aq, as));
                 /* silu(g) = g sigmoid(g); with z = e^-|g|, sigmoid(g) is 1 / (1 + z) for g >= 0, z / (1 + z) below */
                 const __m256 z = exp8(_mm256_or_ps(g, sign));
                 const __m256 below = _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ);
                 const __m256 sigmoid = _mm256_div_ps(_mm256_blendv_ps(one, z, below), _mm256_add_ps(one, z));
-                const __m256 act = round_bf16_8(_mm256_mul_ps(g, sigmoid));
                 float hv[8];
-                _mm256_storeu_ps(hv, _mm256_mul_ps(act, u));
+                _mm256_storeu_ps(hv, _mm256_mul_ps(round_bf16_8(_mm256_mul_ps(g, sigmoid)), u));
                 for (int j = 0; j < 8; j++) h[(size_t)r * F + n + j] = to_bf16(hv[j]);
             }
         }
+#ifdef INT8_PAIRS
+        if (int8) {
+#pragma omp for schedule(static)
+            for (int r = 0; r < R; r++) hs[r] = to_int16(h + (size_t)r * F, F, hq + (size_t)r * F);
+        }
+#endif
 #pragma omp for schedule(static)
         for (long item = 0; item < (long)E * db; item++) { /* 8 outputs */
             const int e = (int)(item / db), d = (int)(item % db) * 8;
+            const uint16_t* scale = int8 ? down_scale[e] : NULL;
             for (int r = starts[e]; r < starts[e + 1]; r++)
-                _mm256_storeu_ps(y + (size_t)r * D + d, dot8(down[e] + (size_t)d * F, h + (size_t)r * F, F));
+                _mm256_storeu_ps(y + (size_t)r * D + d,
+                                 product8(down[e], scale, d, F, h + (size_t)r * F, int8 ? hq + (size_t)r * F : NULL, int8 ? hs[r] : 0.f));
         }
     }
-    free(h);
+    free(h), free(xq), free(hq), free(xs), free(hs);
     return 0;
+}
+
+/* 1 where experts_swiglu takes int8 weights (AVX512-VNNI) */
+int experts_int8(void) {
+#ifdef INT8_PAIRS
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 /* 1 where bf16 keys are multiplied as bf16 pairs (AVX512-BF16), which keeps the kernel the faster for more queries */

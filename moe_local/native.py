@@ -1,5 +1,5 @@
 """moe-local's own CPU kernels (`cpu_kernels.c` beside this file: the decode attention of `cpu_attention.py`,
-the MXFP4 products of `experts/mxfp4.py` and the grouped bf16 SwiGLU experts of `experts/formats.py`), built on first use by the machine's C compiler (`CC`,
+the MXFP4 products of `experts/mxfp4.py` and the grouped SwiGLU experts of `experts/formats.py`), built on first use by the machine's C compiler (`CC`,
 default `cc`) for the machine's own CPU (`-march=native`; x86 with AVX2) and kept in the cache folder
 (`$MOE_LOCAL_CACHE/kernels`, default ~/.cache/moe-local/kernels; `MOE_LOCAL_KERNEL_FLAGS` adds compiler
 flags). They are called through ctypes, which releases the GIL; their OpenMP threads are torch's libgomp.
@@ -65,8 +65,9 @@ def library() -> ctypes.CDLL | str:
     lib.bf16_pairs = bool(lib.attend_bf16_pairs())  # AVX512-BF16
     lib.mxfp4_linear.argtypes = [c_void_p, c_int, c_int, c_void_p, c_void_p, c_int, c_void_p, c_int]
     lib.mxfp4_linear.restype = c_int
-    lib.experts_swiglu.argtypes = [c_void_p, c_int, c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_int]
+    lib.experts_swiglu.argtypes = [c_void_p, c_int, c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_int]
     lib.experts_swiglu.restype = c_int
+    lib.experts_int8 = bool(lib.experts_int8())  # int8 experts too (AVX512-VNNI)
     return lib
 
 

@@ -11,7 +11,7 @@ from moe_local import native
 from moe_local.config import ModelConfig, RouterConfig
 from moe_local.experts.cache import POLICIES, ExpertCache, LayerLRUPolicy, LRUPolicy
 from moe_local.experts.runtime import mix
-from moe_local.experts.formats import Dense
+from moe_local.experts.formats import Dense, Int8
 from moe_local.experts.store import ExpertStore
 from moe_local.generate import SamplingParams
 from moe_local.routing import route
@@ -148,11 +148,13 @@ def test_swiglu_expert_matches_the_three_matrix_definition():
 
 
 @pytest.mark.skipif(native.unavailable() is not None, reason=f"moe-local's CPU kernels: {native.unavailable()}")
-@pytest.mark.parametrize("flags", ["", "-mno-avx512bf16"])  # bf16 pairs where the CPU has them, and widened to fp32
-def test_the_cpu_kernel_runs_a_layers_bf16_experts_as_torch_does_but_for_the_order_of_sums(rebuilt, monkeypatch, flags):
+# bf16 pairs and VNNI where the CPU has them; without: bf16 widened to fp32, and no int8 (torch's kernels run it)
+@pytest.mark.parametrize("flags", ["", "-mno-avx512bf16 -mno-avx512vnni"])
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_the_cpu_kernel_runs_a_layers_experts_as_torch_does_but_for_the_order_of_sums(rebuilt, monkeypatch, flags, weights):
     monkeypatch.setenv("MOE_LOCAL_KERNEL_FLAGS", flags)
-    cfg = small_config(hidden_size=48, intermediate_size=80)
-    fmt = Dense(cfg, torch.bfloat16)
+    cfg = small_config(hidden_size=64, intermediate_size=96)
+    fmt = Dense(cfg, torch.bfloat16) if weights == "bf16" else Int8(cfg, torch.bfloat16)
     store = ExpertStore(cfg, fmt, pin=False)
     gen = torch.Generator().manual_seed(0)
     store.fill_from(lambda layer, expert, w: torch.randn(cfg.expert_shapes[w], generator=gen) / 4, torch.device("cpu"))
@@ -160,15 +162,23 @@ def test_the_cpu_kernel_runs_a_layers_bf16_experts_as_torch_does_but_for_the_ord
     counts = [1, 3, 0, 16]
     xs = torch.randn(sum(counts), cfg.dim, generator=gen).bfloat16()
     got = fmt.forward_grouped(xs, counts, experts)
-    want = torch.cat([fmt.forward(part, w) for part, w in zip(xs.split(counts), experts)])  # torch's bf16 path
+    if weights == "int8" and not native.library().experts_int8:
+        assert got is None
+        return
+    want = torch.cat([fmt.forward(part, w) for part, w in zip(xs.split(counts), experts)])  # torch's path
     assert got.dtype == torch.bfloat16 and got.shape == want.shape
     torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=2**-6 * want.abs().max().item())
     # each row's result is its own: it does not depend on the rows beside it (so batching changes nothing)
     assert torch.equal(fmt.forward_grouped(xs[1:2], [1], experts[1:2]), got[1:2])
     assert torch.equal(fmt.forward_grouped(xs[4:20], [16], experts[3:]), got[4:20])
-    # what it does not take: more than 16 rows an expert, fp32
+    # what it does not take: more than 16 rows an expert, fp32, fp32 weights or scales, widths not multiples of 32
     assert fmt.forward_grouped(torch.zeros(17, cfg.dim).bfloat16(), [17], experts[:1]) is None
     assert fmt.forward_grouped(xs.float(), counts, experts) is None
+    fp32 = Dense(cfg, torch.float32) if weights == "bf16" else Int8(cfg, torch.float32)
+    assert fp32.forward_grouped(xs, counts, [fp32.unpack(torch.zeros(fp32.expert_bytes, dtype=torch.uint8))] * 4) is None
+    odd = small_config(hidden_size=48, intermediate_size=80)
+    fmt48 = Dense(odd, torch.bfloat16) if weights == "bf16" else Int8(odd, torch.bfloat16)
+    assert fmt48.forward_grouped(xs[:1, :48], [1], [fmt48.unpack(torch.zeros(fmt48.expert_bytes, dtype=torch.uint8))]) is None
 
 
 def test_a_small_pool_misses_evicts_and_counts_every_byte(tiny):

@@ -135,6 +135,34 @@ def swiglu(gate_up: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def swiglu_grouped(cfg: ModelConfig, xs: torch.Tensor, counts: list[int], weights: list[Weights], scaled: bool) -> torch.Tensor | None:
+    """`forward_grouped` for SwiGLU experts without biases whose weights are bf16, or int8 with bf16 scales
+    (`scaled`; where the CPU has AVX512-VNNI), up to `GROUPED_MAX_ROWS` rows each: `experts_swiglu` of
+    moe-local's CPU kernels (`native.py`), one call for a layer's experts instead of ~5 torch calls each
+    (~50 us apiece for the demo model's small ones). Rounds where torch's bf16 path rounds; the order of the
+    sums differs, and int8 weights meet the activations as int16 (2^-15 of each row's largest value). None
+    where it does not apply."""
+    if (xs.dtype != torch.bfloat16 or xs.is_cuda or cfg.expert_bias or cfg.expert_act != "silu" or max(counts) > GROUPED_MAX_ROWS
+            or cfg.dim % 32 or cfg.ffn_dim % 32):  # fmt: skip
+        return None
+    lib = native.library()
+    if isinstance(lib, str) or (scaled and not lib.experts_int8):
+        return None
+    xs, n = xs.contiguous(), len(counts)
+
+    def pointers(name: str):
+        return (ctypes.c_void_p * n)(*(w[name].data_ptr() for w in weights))
+
+    starts = (ctypes.c_int * (n + 1))(0, *itertools.accumulate(counts))
+    scales = (pointers("gate_up.scale"), pointers("down.scale")) if scaled else (None, None)
+    y = torch.empty(xs.shape, dtype=torch.float32)
+    code = lib.experts_swiglu(xs.data_ptr(), cfg.dim, cfg.ffn_dim, n, starts, pointers("gate_up"), pointers("down"), *scales,
+                              y.data_ptr(), torch.get_num_threads())  # fmt: skip
+    if code:
+        raise RuntimeError("experts kernel: " + ("sizes it cannot take" if code == 1 else "out of memory"))
+    return y.to(torch.bfloat16)
+
+
 def swiglu_oai(gate_up: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """gpt-oss's: gate clamped above, up clamped both ways, (up + 1) * gate * sigmoid(alpha * gate). Its
     checkpoint interleaves gate and up columns; they are split into halves when packed."""
@@ -164,26 +192,7 @@ class Dense(ExpertFormat):
         return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype))
 
     def forward_grouped(self, xs: torch.Tensor, counts: list[int], weights: list[Weights]) -> torch.Tensor | None:
-        """bf16 SwiGLU experts without biases, up to `GROUPED_MAX_ROWS` rows each: `experts_swiglu` of
-        moe-local's CPU kernels (`native.py`), one call for a layer's experts instead of ~5 torch calls each
-        (~50 us apiece for the demo model's small ones). Rounds where torch's bf16 path rounds; only the order
-        of the sums differs."""
-        cfg = self.cfg
-        if (self.dtype != torch.bfloat16 or xs.dtype != torch.bfloat16 or xs.is_cuda or cfg.expert_bias or cfg.expert_act != "silu"
-                or max(counts) > GROUPED_MAX_ROWS or cfg.dim % 16 or cfg.ffn_dim % 16):  # fmt: skip
-            return None
-        lib = native.library()
-        if isinstance(lib, str):
-            return None
-        xs, n = xs.contiguous(), len(counts)
-        starts = (ctypes.c_int * (n + 1))(0, *itertools.accumulate(counts))
-        gate_up = (ctypes.c_void_p * n)(*(w["gate_up"].data_ptr() for w in weights))
-        down = (ctypes.c_void_p * n)(*(w["down"].data_ptr() for w in weights))
-        y = torch.empty(xs.shape, dtype=torch.float32)
-        code = lib.experts_swiglu(xs.data_ptr(), cfg.dim, cfg.ffn_dim, n, starts, gate_up, down, y.data_ptr(), torch.get_num_threads())
-        if code:
-            raise RuntimeError("experts kernel: " + ("sizes it cannot take" if code == 1 else "out of memory"))
-        return y.to(torch.bfloat16)
+        return swiglu_grouped(self.cfg, xs, counts, weights, scaled=False) if self.dtype == torch.bfloat16 else None
 
 
 class Int8(ExpertFormat):
@@ -212,6 +221,9 @@ class Int8(ExpertFormat):
 
     def linear(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
         return int8.linear(x, w[name], w[f"{name}.scale"])
+
+    def forward_grouped(self, xs: torch.Tensor, counts: list[int], weights: list[Weights]) -> torch.Tensor | None:
+        return swiglu_grouped(self.cfg, xs, counts, weights, scaled=True) if self.scale_dtype == torch.bfloat16 else None
 
 
 class Int4(ExpertFormat):
