@@ -25,7 +25,7 @@ from moe_local.config import DTYPES, PRESETS, ModelConfig, preset_config
 from moe_local.engine import Engine, Options, measure_workspace, resolve_device
 from moe_local.errors import ConfigError
 from moe_local.experts.cache import POLICIES
-from moe_local.experts.cpu import CPU_EXPERTS
+from moe_local.experts.cpu import CPU_EXPERTS, forward_on_cpu
 from moe_local.experts.formats import EXPERTS_DTYPES, ExpertFormat, choose_format, make_format
 from moe_local.experts.store import ExpertStore
 from moe_local.model import Transformer
@@ -158,7 +158,7 @@ def measure_channels(store: ExpertStore, dtype: torch.dtype, device: torch.devic
     device_s = timed(device, lambda: fmt.forward(x, fmt.unpack(slot)), repeats)
     cpu_fmt, cpu_buffers = cpu_experts(store, keys)
     x_cpu, cpu_sources = x.cpu(), itertools.cycle(cpu_buffers)
-    cpu_s = timed(CPU, lambda: cpu_fmt.forward(x_cpu, cpu_fmt.unpack(next(cpu_sources))), repeats)
+    cpu_s = timed(CPU, lambda: forward_on_cpu(cpu_fmt, x_cpu, cpu_fmt.unpack(next(cpu_sources))), repeats)  # as the CPU channel or --device cpu runs it
     del slot
     return {
         "h2d_gb_per_s": store.expert_bytes / copy_s / 1e9,

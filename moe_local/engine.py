@@ -159,7 +159,7 @@ class Engine:
         if cpu_experts == "auto" and self.device.type == "cpu":
             cpu_experts = "never"
         if cpu_experts == "auto":
-            speeds = measure_speeds(store, cache.slots[0], self.dtype)  # before warm-up fills that slot
+            speeds = measure_speeds(store, cache.slots[0], self.dtype, kernels=self.device.type != "cpu")  # before warm-up fills that slot
         experts = OffloadedExperts(cache, prefetcher, self.cfg.n_moe_layers, cpu_experts, speeds)
         experts.warm()
         return experts

@@ -10,12 +10,14 @@ import pytest
 import torch
 
 import moe_local
+from moe_local import native
 from moe_local.engine import Options
 from moe_local.errors import ConfigError
 from moe_local.experts.cache import ExpertCache, LayerLRUPolicy
 from moe_local.experts.cpu import ChannelSpeeds, CpuChannel, Line, measure_speeds, place
 from moe_local.experts.formats import Dense
 from moe_local.experts.runtime import InPlaceExperts, OffloadedExperts, ResidentExperts
+from moe_local.experts.store import ExpertStore
 from moe_local.generate import GenerationStats, SamplingParams, generate
 from moe_local.routing import route
 from test_runtime import filled_store, small_config
@@ -73,6 +75,27 @@ def test_measured_speeds_are_positive_and_placement_works_with_them():
     assert speeds.copy_ms > 0 and speeds.cpu.ms(1) > 0 and speeds.device.ms(1) > 0 and speeds.cpu_slowdown >= 1
     copied, on_cpu = place([0, 1], {0: 1, 1: 1}, speeds)
     assert sorted(copied + on_cpu) == [0, 1]
+
+
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"moe-local's CPU kernels: {native.unavailable()}")
+def test_beside_a_gpu_the_cpu_channel_takes_moe_locals_experts_kernel_and_on_the_cpu_torchs(monkeypatch):
+    cfg = small_config(hidden_size=64, intermediate_size=96)
+    store = ExpertStore(cfg, Dense(cfg, torch.bfloat16), pin=False)
+    gen = torch.Generator().manual_seed(0)
+    store.fill_from(lambda layer, expert, w: torch.randn(cfg.expert_shapes[w], generator=gen) / 4, torch.device("cpu"))
+    ran, grouped, forward = [], Dense.forward_grouped, Dense.forward
+    monkeypatch.setattr(Dense, "forward_grouped", lambda self, *a: ran.append("kernel") or grouped(self, *a))
+    monkeypatch.setattr(Dense, "forward", lambda self, *a: ran.append("torch") or forward(self, *a))
+    x = torch.randn(3, cfg.dim, generator=gen).bfloat16()
+    want = forward(store.format, x, store.format.unpack(store.buffer((1, 2))))
+    for kernels, path in ((True, ["kernel"]), (False, ["torch"])):
+        channel, ran[:] = CpuChannel(store, kernels=kernels), []
+        try:
+            y, _ = channel.submit((1, 2), x).result()
+        finally:
+            channel.close()
+        assert ran == path
+        torch.testing.assert_close(y.float(), want.float(), rtol=2**-6, atol=2**-6 * want.abs().max().item())
 
 
 def one_each(store) -> ChannelSpeeds:

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from moe_local.experts.formats import ExpertFormat, Weights
 from moe_local.experts.store import ExpertStore, Key
 
 CPU_EXPERTS = ("auto", "never", "always")  # --cpu-experts: the cost model, every miss copied, every miss on the CPU
@@ -74,6 +75,13 @@ def place(
     return [e for e in misses if e not in on_cpu], [e for e in misses if e in on_cpu]
 
 
+def forward_on_cpu(fmt: ExpertFormat, xs: torch.Tensor, w: Weights, kernels: bool = True) -> torch.Tensor:
+    """One expert on the CPU from its host buffer: moe-local's grouped kernel where `kernels` and it takes the
+    format (bf16, int8; 1.5-2x torch's one-row kernels: docs/benchmarks.md), else the format's `forward`."""
+    y = fmt.forward_grouped(xs, [xs.shape[0]], [w]) if kernels else None
+    return fmt.forward(xs, w) if y is None else y
+
+
 def _median_ms(fn: Callable[[], object], sync: Callable[[], None], repeats: int) -> float:
     fn()
     sync()
@@ -86,10 +94,13 @@ def _median_ms(fn: Callable[[], object], sync: Callable[[], None], repeats: int)
     return statistics.median(times)
 
 
-def measure_speeds(store: ExpertStore, scratch: torch.Tensor, dtype: torch.dtype, many_tokens: int = 64, repeats: int = 5) -> ChannelSpeeds:
+def measure_speeds(
+    store: ExpertStore, scratch: torch.Tensor, dtype: torch.dtype, many_tokens: int = 64, repeats: int = 5, kernels: bool = True
+) -> ChannelSpeeds:
     """Measure this machine's channels with the store's first experts: copies into `scratch` (one device slot,
-    uint8 [expert_bytes]), compute for 1 and `many_tokens` tokens in the slot and on the CPU from the store, and
-    the CPU's compute while a thread keeps copying. Takes ~10 x (copy + CPU expert) time."""
+    uint8 [expert_bytes]), compute for 1 and `many_tokens` tokens in the slot and on the CPU from the store (as
+    `CpuChannel(kernels)` runs them), and the CPU's compute while a thread keeps copying. Takes ~10 x (copy +
+    CPU expert) time."""
     device, fmt = scratch.device, store.format
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     keys = store.keys()[: repeats + 2]
@@ -112,10 +123,11 @@ def measure_speeds(store: ExpertStore, scratch: torch.Tensor, dtype: torch.dtype
         ms = {}
         for t in (1, many_tokens):
             x = torch.randn(t, store.cfg.dim, dtype=dtype, device=where)
-            ms[t] = _median_ms(lambda: fmt.forward(x, views[next(turn) % len(views)]), sync if where == device else lambda: None, repeats)
+            run = fmt.forward if where == device else (lambda xs, w: forward_on_cpu(fmt, xs, w, kernels))
+            ms[t] = _median_ms(lambda: run(x, views[next(turn) % len(views)]), sync if where == device else lambda: None, repeats)
         lines[name] = Line.through(1, ms[1], many_tokens, ms[many_tokens])
     x = torch.randn(1, store.cfg.dim, dtype=dtype)
-    alone = _median_ms(lambda: fmt.forward(x, hosted[next(turn) % len(hosted)]), lambda: None, repeats)
+    alone = _median_ms(lambda: forward_on_cpu(fmt, x, hosted[next(turn) % len(hosted)], kernels), lambda: None, repeats)
     stop = threading.Event()
 
     def copier() -> None:
@@ -126,7 +138,7 @@ def measure_speeds(store: ExpertStore, scratch: torch.Tensor, dtype: torch.dtype
     thread = threading.Thread(target=copier, daemon=True)
     thread.start()
     try:
-        busy = _median_ms(lambda: fmt.forward(x, hosted[next(turn) % len(hosted)]), lambda: None, repeats)
+        busy = _median_ms(lambda: forward_on_cpu(fmt, x, hosted[next(turn) % len(hosted)], kernels), lambda: None, repeats)
     finally:
         stop.set()
         thread.join()
@@ -135,11 +147,13 @@ def measure_speeds(store: ExpertStore, scratch: torch.Tensor, dtype: torch.dtype
 
 class CpuChannel:
     """Runs experts on one worker thread from their store buffers. One thread, because each expert's kernels
-    already use torch's intra-op threads; torch releases the GIL inside them, so the main thread keeps
-    issuing copies and device work meanwhile."""
+    already use torch's intra-op threads; torch releases the GIL inside them (ctypes inside moe-local's), so
+    the main thread keeps issuing copies and device work meanwhile. `kernels`: moe-local's grouped kernel
+    where it takes the format (`forward_on_cpu`); off where the device is the CPU itself, so that both
+    channels run the same kernels there."""
 
-    def __init__(self, store: ExpertStore):
-        self.store = store
+    def __init__(self, store: ExpertStore, kernels: bool = True):
+        self.store, self.kernels = store, kernels
         self.views = {}  # key -> the expert's parts, views into its store buffer, made on first use
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-local-cpu-experts")
 
@@ -152,7 +166,7 @@ class CpuChannel:
         with torch.inference_mode():  # thread-local: the caller's mode does not reach this thread
             if key not in self.views:
                 self.views[key] = self.store.format.unpack(self.store.buffer(key))
-            y = self.store.format.forward(xs, self.views[key])
+            y = forward_on_cpu(self.store.format, xs, self.views[key], self.kernels)
         return y, time.perf_counter() - start
 
     def close(self) -> None:

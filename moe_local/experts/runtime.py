@@ -118,7 +118,8 @@ class OffloadedExperts:
             raise ValueError("cpu_experts='auto' needs the measured channel speeds")
         self.cache, self.prefetcher = cache, prefetcher
         self.cpu_experts, self.speeds = cpu_experts, speeds
-        self.cpu = CpuChannel(cache.store) if cpu_experts != "never" else None
+        # where the "device" is the CPU itself (the tests), both channels run torch's kernels: the same bits
+        self.cpu = CpuChannel(cache.store, kernels=cache.device.type != "cpu") if cpu_experts != "never" else None
         self.stats = ExpertStats(n_layers, cache.store.memory())
         self.predictions: dict[int, set[int]] = {}  # layer -> experts predicted for it
         self.prefetched: set[Key] = set()  # loaded by the prefetcher, not yet asked for
