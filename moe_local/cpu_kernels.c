@@ -100,6 +100,13 @@ static inline __attribute__((always_inline)) void weighted(
         for (int t = 0; t < TN; t++) _mm256_storeu_ps(o + j * o_stride + 8 * t, acc[j][t]);
 }
 
+#ifdef __AVX512F__
+/* the two 256-bit halves of v added */
+static inline __m256 fold512(__m512 v) {
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+#endif
+
 #if defined(__AVX512BF16__) && defined(__AVX512DQ__)
 #define BF16_PAIRS 1
 
@@ -168,7 +175,7 @@ static inline __attribute__((always_inline)) void item(
                 }
                 for (int j = 0; j < jn; j++) {
                     __m256 halves[8];
-                    for (int t = 0; t < 8; t++) halves[t] = _mm256_add_ps(_mm512_castps512_ps256(acc[j][t]), _mm512_extractf32x8_ps(acc[j][t], 1));
+                    for (int t = 0; t < 8; t++) halves[t] = fold512(acc[j][t]);
                     float sums[8];
                     _mm256_storeu_ps(sums, _mm256_mul_ps(hsum8(halves), _mm256_set1_ps(scale)));
                     put_scores(scores + (j0 + j) * CHUNK + i0, sums, kn, mask ? mask + (j0 + j) * mask_query + s0 + i0 : NULL);
@@ -468,27 +475,24 @@ static inline __m256 dot8_i8(const int8_t* w, const int16_t* a, int K) {
                 acc[0] = _mm512_dpwssd_epi32(acc[0], _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wj + k))), _mm512_loadu_si512((const void*)(a + k)));
             sum = _mm512_add_ps(sum, _mm512_cvtepi32_ps(_mm512_add_epi32(acc[0], acc[1])));
         }
-        halves[j] = _mm256_add_ps(_mm512_castps512_ps256(sum), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sum), 1)));
+        halves[j] = fold512(sum);
     }
     return hsum8(halves);
+}
+
+static inline float from_bf16(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
 }
 
 /* row [K] of bf16 values -> q [K] int16 with row ~ q * (returned scale) */
 static float to_int16(const uint16_t* row, int K, int16_t* q) {
     float top = 0.f;
-    for (int k = 0; k < K; k++) {
-        uint32_t u = (uint32_t)row[k] << 16;
-        float v;
-        memcpy(&v, &u, 4);
-        top = fmaxf(top, fabsf(v));
-    }
+    for (int k = 0; k < K; k++) top = fmaxf(top, fabsf(from_bf16(row[k])));
     const float scale = top > 0.f ? top / 32767.f : 1.f;
-    for (int k = 0; k < K; k++) {
-        uint32_t u = (uint32_t)row[k] << 16;
-        float v;
-        memcpy(&v, &u, 4);
-        q[k] = (int16_t)lrintf(v / scale);
-    }
+    for (int k = 0; k < K; k++) q[k] = (int16_t)lrintf(from_bf16(row[k]) / scale);
     return scale;
 }
 #endif
@@ -497,10 +501,7 @@ static float to_int16(const uint16_t* row, int K, int16_t* q) {
    times as (int8 weights: then scale holds the weight rows' scales) */
 static inline __m256 product8(const void* w, const uint16_t* scale, int n, int K, const uint16_t* a, const int16_t* aq, float as) {
 #ifdef INT8_PAIRS
-    if (scale) {
-        __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(scale + n))), 16));
-        return _mm256_mul_ps(_mm256_mul_ps(dot8_i8((const int8_t*)w + (size_t)n * K, aq, K), _mm256_set1_ps(as)), s);
-    }
+    if (scale) return _mm256_mul_ps(_mm256_mul_ps(dot8_i8((const int8_t*)w + (size_t)n * K, aq, K), _mm256_set1_ps(as)), load8(scale, n, 1));
 #endif
     (void)scale, (void)aq, (void)as;
     return dot8((const uint16_t*)w + (size_t)n * K, a, K);
