@@ -59,8 +59,7 @@ def attend(q, keys, values, mask, scale: float | None, sinks) -> torch.Tensor | 
         None if mask is None else mask.data_ptr(), mask_head, mask_query, None if sinks is None else sinks.data_ptr(),
         out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
-    if code:
-        raise RuntimeError("attention kernel: " + ("sizes it cannot take" if code == 1 else "out of memory"))
+    native.check(code, "attention")
     return out
 
 

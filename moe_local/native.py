@@ -71,6 +71,13 @@ def library() -> ctypes.CDLL | str:
     return lib
 
 
+def check(code: int, kernel: str) -> None:
+    """Raise on a kernel's nonzero return code: 1, sizes it cannot take (its callers check those first), 2,
+    out of memory."""
+    if code:
+        raise RuntimeError(f"{kernel} kernel: " + ("sizes it cannot take" if code == 1 else "out of memory"))
+
+
 def _cpu() -> str:
     """The CPU's model and flags, part of the built file's name: -march=native code is for this CPU only
     (a cache folder may be shared between machines)."""

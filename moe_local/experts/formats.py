@@ -158,8 +158,7 @@ def swiglu_grouped(cfg: ModelConfig, xs: torch.Tensor, counts: list[int], weight
     y = torch.empty(xs.shape, dtype=torch.float32)
     code = lib.experts_swiglu(xs.data_ptr(), cfg.dim, cfg.ffn_dim, n, starts, pointers("gate_up"), pointers("down"), *scales,
                               y.data_ptr(), torch.get_num_threads())  # fmt: skip
-    if code:
-        raise RuntimeError("experts kernel: " + ("sizes it cannot take" if code == 1 else "out of memory"))
+    native.check(code, "experts")
     return y.to(torch.bfloat16)
 
 

@@ -145,8 +145,7 @@ def _linear_native(lib, x: torch.Tensor, blocks: torch.Tensor, scales: torch.Ten
     x, y = x.contiguous(), torch.empty(m, n)
     assert blocks.is_contiguous() and scales.is_contiguous()
     code = lib.mxfp4_linear(x.data_ptr(), m, k, blocks.data_ptr(), scales.data_ptr(), n, y.data_ptr(), torch.get_num_threads())
-    if code:
-        raise RuntimeError("mxfp4 kernel: " + ("sizes it cannot take" if code == 1 else "out of memory"))
+    native.check(code, "mxfp4")
     return y.to(x.dtype)
 
 

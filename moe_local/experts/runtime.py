@@ -68,6 +68,12 @@ class ExpertStats:
         }
 
 
+def weigh(rows: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One token's k expert outputs rows [k, D], in choice order, times its weights [1, k] fp32, summed -> [1, D]
+    in `dtype`: the one way a decode token's experts are combined, whichever path ran them."""
+    return (rows * weights.view(-1, 1)).to(dtype).sum(dim=0, keepdim=True)
+
+
 def mix(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -89,7 +95,7 @@ def mix(
         if rows is None:
             ys = {e: run(e, x) for e in order}  # [1, D] each
             rows = torch.cat([ys[e] for e in chosen[0]])
-        return (rows * weights.view(k, 1)).to(x.dtype).sum(dim=0, keepdim=True)
+        return weigh(rows, weights, x.dtype)
     flat = [e for row in chosen for e in row]  # position p = t * k + j
     rank = {e: i for i, e in enumerate(order)}
     by_expert = sorted(range(T * k), key=lambda p: rank[flat[p]])  # positions grouped in run order
@@ -177,7 +183,7 @@ class OffloadedExperts:
         if futures:  # every row in choice order
             device_rows = iter(ys if ys is not None else ())
             ys = torch.cat([self._collect(futures[e], x.device) if e in futures else next(device_rows)[None] for e in chosen])
-        return (ys * weights.view(-1, 1)).to(x.dtype).sum(dim=0, keepdim=True)
+        return weigh(ys, weights, x.dtype)
 
     def _place(self, chosen: list[list[int]], misses: list[int]) -> tuple[list[int], list[int]]:
         if not misses or self.cpu_experts == "never":
