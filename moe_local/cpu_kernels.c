@@ -11,8 +11,8 @@
    mxfp4_linear: a decode step's products against MXFP4 experts (gpt-oss), for `moe_local/experts/mxfp4.py`
    (its comment is below).
 
-   experts_swiglu: a decode step's SwiGLU experts of one layer (bf16, or int8) in one call, for
-   `moe_local/experts/runtime.py` (its comment is below). */
+   experts_swiglu, experts_swiglu_int4: a decode step's SwiGLU experts of one layer (bf16, int8, or int4) in
+   one call, for `moe_local/experts/formats.py` (their comments are below). */
 
 #include <immintrin.h>
 #include <math.h>
@@ -437,6 +437,19 @@ static inline __m256 round_bf16_8(__m256 x) {
     return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u)));
 }
 
+/* h[0..7] = silu(g) * u (bf16) from 8 gate and up products, each rounded to bf16 where torch's bf16 path
+   rounds: the products, silu's result and h */
+static inline void swiglu8(__m256 g, __m256 u, uint16_t* h) {
+    g = round_bf16_8(g), u = round_bf16_8(u);
+    /* silu(g) = g sigmoid(g); with z = e^-|g|, sigmoid(g) is 1 / (1 + z) for g >= 0, z / (1 + z) below */
+    const __m256 one = _mm256_set1_ps(1.f), z = exp8(_mm256_or_ps(g, _mm256_set1_ps(-0.f)));
+    const __m256 below = _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ);
+    const __m256 sigmoid = _mm256_div_ps(_mm256_blendv_ps(one, z, below), _mm256_add_ps(one, z));
+    float hv[8];
+    _mm256_storeu_ps(hv, _mm256_mul_ps(round_bf16_8(_mm256_mul_ps(g, sigmoid)), u));
+    for (int j = 0; j < 8; j++) h[j] = to_bf16(hv[j]);
+}
+
 /* the 8 sums of w[j * K ..] . a over k < K, j < 8: bf16 weights and activations, 16 of each row at a time, in pairs */
 static inline __m256 dot8(const uint16_t* w, const uint16_t* a, int K) {
     __m256 sums[8];
@@ -530,7 +543,6 @@ int experts_swiglu(const uint16_t* x, int D, int F, int E, const int* starts, co
         return 2;
     }
     const int fb = F / 8, db = D / 8;
-    const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
 #pragma omp parallel num_threads(threads)
     {
 #ifdef INT8_PAIRS
@@ -547,15 +559,7 @@ int experts_swiglu(const uint16_t* x, int D, int F, int E, const int* starts, co
                 const uint16_t* a = x + (size_t)r * D;
                 const int16_t* aq = int8 ? xq + (size_t)r * D : NULL;
                 const float as = int8 ? xs[r] : 0.f;
-                const __m256 g = round_bf16_8(product8(gate_up[e], scale, n, D, a, aq, as));
-                const __m256 u = round_bf16_8(product8(gate_up[e], scale, F + n, D, a, aq, as));
-                /* silu(g) = g sigmoid(g); with z = e^-|g|, sigmoid(g) is 1 / (1 + z) for g >= 0, z / (1 + z) below */
-                const __m256 z = exp8(_mm256_or_ps(g, sign));
-                const __m256 below = _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ);
-                const __m256 sigmoid = _mm256_div_ps(_mm256_blendv_ps(one, z, below), _mm256_add_ps(one, z));
-                float hv[8];
-                _mm256_storeu_ps(hv, _mm256_mul_ps(round_bf16_8(_mm256_mul_ps(g, sigmoid)), u));
-                for (int j = 0; j < 8; j++) h[(size_t)r * F + n + j] = to_bf16(hv[j]);
+                swiglu8(product8(gate_up[e], scale, n, D, a, aq, as), product8(gate_up[e], scale, F + n, D, a, aq, as), h + (size_t)r * F + n);
             }
         }
 #ifdef INT8_PAIRS
@@ -575,6 +579,191 @@ int experts_swiglu(const uint16_t* x, int D, int F, int E, const int* starts, co
     }
     free(h), free(xq), free(hq), free(xs), free(hs);
     return 0;
+}
+
+/* int8_linear: y [R, N] = x [R, K] times the int8 rows w [N, K] times their bf16 scales (`--resident-dtype
+   int8`'s attention projections, `moe_local/int8.py`), for a decode step's few rows, where torch's
+   `_weight_int8pack_mm` widens each weight to fp32: x (bf16) as int16 as above, 8 outputs a work item, each
+   row read once for all of x's rows; y in bf16, rounded once as torch's. K a multiple of 32, N of 8; 0, 1 for
+   sizes it cannot take (or without AVX512-VNNI), 2 out of memory. */
+int int8_linear(const uint16_t* x, int R, int K, const int8_t* w, const uint16_t* scale, int N, uint16_t* y, int threads) {
+#ifndef INT8_PAIRS
+    (void)x, (void)R, (void)K, (void)w, (void)scale, (void)N, (void)y, (void)threads;
+    return 1;
+#else
+    if (K % 32 || N % 8 || R < 1) return 1;
+    int16_t* xq = malloc(sizeof(int16_t) * (size_t)R * K);
+    float* xs = malloc(sizeof(float) * R);
+    if (!xq || !xs) {
+        free(xq), free(xs);
+        return 2;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int r = 0; r < R; r++) xs[r] = to_int16(x + (size_t)r * K, K, xq + (size_t)r * K);
+#pragma omp for schedule(static)
+        for (int n = 0; n < N; n += 8)
+            for (int r = 0; r < R; r++) {
+                float out[8];
+                _mm256_storeu_ps(out, product8(w, scale, n, K, NULL, xq + (size_t)r * K, xs[r]));
+                for (int j = 0; j < 8; j++) y[(size_t)r * N + n + j] = to_bf16(out[j]);
+            }
+    }
+    free(xq), free(xs);
+    return 0;
+#endif
+}
+
+/* experts_swiglu_int4: the same for int4 experts in torch's CPU layout (`_convert_weight_to_int4pack_for_cpu`),
+   where `_weight_int4pack_mm_for_cpu` widens every weight to fp32 for its FMAs. A matrix [N, K] is N / 64
+   blocks of 64 rows, each K * 32 bytes in a row: byte (k, i) holds row i's k-th weight in its low nibble and
+   row i + 32's in its high one; its (scale, zero) pairs are [K / G, N, 2] bf16, w = (nibble - 8) * scale +
+   zero. Each activation row is taken as int8 in blocks of 32, one scale each (as llama.cpp's q8_0), and
+   multiplied by the nibbles as bytes (VNNI's vpdpbusd), four k a lane: vpermt2b gathers a lane's four bytes
+   from the four k's rows of 32 bytes, so each block is read as one sequential stream. Work items are
+   (expert, 64 outputs). The rounding to bf16 is torch's, as above; the sums' order and the int8 activations
+   (2^-8 of their block's largest value) differ from it. D and F multiples of 64 and of G, G a multiple of 32;
+   0, 1 for sizes it cannot take (or a CPU without AVX512-VNNI and VBMI), 2 out of memory. */
+#if defined(INT8_PAIRS) && defined(__AVX512VBMI__)
+#define INT4_BYTES 1
+
+/* row [K] bf16 -> q [K] int8 with row[k] ~ q[k] * scale[k / 32]; bias[k / 32] = 8 x the sum of the block's q
+   (what the weights' offset of 8 takes away), sum[k / G] = the sum of the group's q[k] * scale[k / 32] (what
+   the zeros meet: so that the product is the int4 weights' with the int8 row, whatever the zeros) */
+static void to_int8_blocks(const uint16_t* row, int K, int G, int8_t* q, float* scale, int32_t* bias, float* sum) {
+    for (int b = 0; b < K / 32; b++) {
+        __m512 v[2];
+        for (int t = 0; t < 2; t++)
+            v[t] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(row + 32 * b + 16 * t))), 16));
+        const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+        const float s = top > 0.f ? top / 127.f : 1.f;
+        __m512i total = _mm512_setzero_si512();
+        for (int t = 0; t < 2; t++) { /* to nearest even, as lrintf */
+            const __m512i qi = _mm512_cvtps_epi32(_mm512_div_ps(v[t], _mm512_set1_ps(s)));
+            _mm_storeu_si128((__m128i*)(q + 32 * b + 16 * t), _mm512_cvtepi32_epi8(qi));
+            total = _mm512_add_epi32(total, qi);
+        }
+        const int n = _mm512_reduce_add_epi32(total);
+        scale[b] = s, bias[b] = 8 * n;
+        if (b % (G / 32) == 0) sum[b / (G / 32)] = 0.f;
+        sum[b / (G / 32)] += s * (float)n;
+    }
+}
+
+typedef struct {
+    int8_t* q;
+    float *scale, *sum;
+    int32_t* bias;
+} Int8Rows; /* R rows of K in to_int8_blocks' form */
+
+static int int8_rows(Int8Rows* a, int R, int K, int G) {
+    a->q = malloc((size_t)R * K), a->scale = malloc(sizeof(float) * R * (K / 32));
+    a->bias = malloc(sizeof(int32_t) * R * (K / 32)), a->sum = malloc(sizeof(float) * R * (K / G));
+    return a->q && a->scale && a->bias && a->sum;
+}
+
+static void free_int8_rows(Int8Rows* a) { free(a->q), free(a->scale), free(a->bias), free(a->sum); }
+
+/* out[0..63] = the 64 rows of one block (blk; sz its first row's (scale, zero) pair in group 0, N rows a
+   group) times activation row r of a */
+static inline void dot64_i4(const uint8_t* blk, const uint16_t* sz, int N, int K, int G, const Int8Rows* a, int r, float* out) {
+    const int8_t* q = a->q + (size_t)r * K;
+    const float *scale = a->scale + (size_t)r * (K / 32), *sum = a->sum + (size_t)r * (K / G);
+    const int32_t* bias = a->bias + (size_t)r * (K / 32);
+    uint8_t lanes[2][64]; /* byte 4j + t of part p: k + t's byte for row 16p + j, of the 128 bytes of k .. k + 3 */
+    for (int p = 0; p < 2; p++)
+        for (int j = 0; j < 16; j++)
+            for (int t = 0; t < 4; t++) lanes[p][4 * j + t] = (uint8_t)(32 * t + 16 * p + j);
+    const __m512i gather[2] = {_mm512_loadu_si512(lanes[0]), _mm512_loadu_si512(lanes[1])}, nibble = _mm512_set1_epi8(0x0f);
+    __m512 y[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}; /* rows 16i .. */
+    for (int g = 0; g < K / G; g++) {
+        __m512 f[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int b = g * G / 32; b < (g + 1) * G / 32; b++) {
+            __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+            for (int k = 32 * b; k < 32 * b + 32; k += 4) {
+                const __m512i lo = _mm512_loadu_si512(blk + (size_t)k * 32), hi = _mm512_loadu_si512(blk + (size_t)k * 32 + 64);
+                int32_t four;
+                memcpy(&four, q + k, 4);
+                const __m512i x = _mm512_set1_epi32(four);
+                for (int p = 0; p < 2; p++) {
+                    const __m512i w = _mm512_permutex2var_epi8(lo, gather[p], hi);
+                    acc[p] = _mm512_dpbusd_epi32(acc[p], _mm512_and_si512(w, nibble), x);
+                    acc[2 + p] = _mm512_dpbusd_epi32(acc[2 + p], _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble), x);
+                }
+            }
+            const __m512i offset = _mm512_set1_epi32(bias[b]);
+            const __m512 s = _mm512_set1_ps(scale[b]);
+            for (int i = 0; i < 4; i++) f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i], offset)), s, f[i]);
+        }
+        const uint16_t* pairs = sz + (size_t)g * N * 2;
+        const __m512 xs = _mm512_set1_ps(sum[g]);
+        for (int i = 0; i < 4; i++) {
+            const __m512i sz16 = _mm512_loadu_si512(pairs + 32 * i); /* row 16i + j's scale | zero << 16 */
+            const __m512 ws = _mm512_castsi512_ps(_mm512_slli_epi32(sz16, 16));
+            const __m512 wz = _mm512_castsi512_ps(_mm512_and_si512(sz16, _mm512_set1_epi32((int)0xffff0000u)));
+            y[i] = _mm512_fmadd_ps(ws, f[i], _mm512_fmadd_ps(wz, xs, y[i]));
+        }
+    }
+    for (int i = 0; i < 4; i++) _mm512_storeu_ps(out + 16 * i, y[i]);
+}
+#endif
+
+int experts_swiglu_int4(const uint16_t* x, int D, int F, int E, const int* starts, const uint8_t* const* gate_up,
+                        const uint8_t* const* down, const uint16_t* const* gate_up_sz, const uint16_t* const* down_sz, int G,
+                        float* y, int threads) {
+#ifndef INT4_BYTES
+    (void)x, (void)D, (void)F, (void)E, (void)starts, (void)gate_up, (void)down, (void)gate_up_sz, (void)down_sz, (void)G, (void)y, (void)threads;
+    return 1;
+#else
+    if (D % 64 || F % 64 || G < 32 || G % 32 || D % G || F % G || E < 1) return 1;
+    for (int e = 0; e < E; e++)
+        if (starts[e + 1] < starts[e] || starts[e + 1] - starts[e] > EXPERT_MAX_ROWS) return 1;
+    const int R = starts[E], rows = R ? R : 1;
+    uint16_t* h = malloc(sizeof(uint16_t) * (size_t)rows * F); /* [R, F] bf16 */
+    Int8Rows xq, hq;
+    const int ok = int8_rows(&xq, rows, D, G) & int8_rows(&hq, rows, F, G);
+    if (!h || !ok) {
+        free(h), free_int8_rows(&xq), free_int8_rows(&hq);
+        return 2;
+    }
+    const int fb = F / 64, db = D / 64;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int r = 0; r < R; r++)
+            to_int8_blocks(x + (size_t)r * D, D, G, xq.q + (size_t)r * D, xq.scale + (size_t)r * (D / 32), xq.bias + (size_t)r * (D / 32), xq.sum + (size_t)r * (D / G));
+#pragma omp for schedule(static)
+        for (long item = 0; item < (long)E * fb; item++) { /* 64 units of h: their gate and up rows */
+            const int e = (int)(item / fb), n = (int)(item % fb) * 64;
+            for (int r = starts[e]; r < starts[e + 1]; r++) {
+                float g[64], u[64];
+                dot64_i4(gate_up[e] + (size_t)n * D / 2, gate_up_sz[e] + 2 * n, 2 * F, D, G, &xq, r, g);
+                dot64_i4(gate_up[e] + (size_t)(F + n) * D / 2, gate_up_sz[e] + 2 * (F + n), 2 * F, D, G, &xq, r, u);
+                for (int j = 0; j < 64; j += 8) swiglu8(_mm256_loadu_ps(g + j), _mm256_loadu_ps(u + j), h + (size_t)r * F + n + j);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int r = 0; r < R; r++)
+            to_int8_blocks(h + (size_t)r * F, F, G, hq.q + (size_t)r * F, hq.scale + (size_t)r * (F / 32), hq.bias + (size_t)r * (F / 32), hq.sum + (size_t)r * (F / G));
+#pragma omp for schedule(static)
+        for (long item = 0; item < (long)E * db; item++) { /* 64 outputs */
+            const int e = (int)(item / db), d = (int)(item % db) * 64;
+            for (int r = starts[e]; r < starts[e + 1]; r++) dot64_i4(down[e] + (size_t)d * F / 2, down_sz[e] + 2 * d, D, F, G, &hq, r, y + (size_t)r * D + d);
+        }
+    }
+    free(h), free_int8_rows(&xq), free_int8_rows(&hq);
+    return 0;
+#endif
+}
+
+/* 1 where experts_swiglu_int4 runs (AVX512-VNNI and VBMI) */
+int experts_int4(void) {
+#ifdef INT4_BYTES
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 /* 1 where experts_swiglu takes int8 weights (AVX512-VNNI) */

@@ -1,12 +1,19 @@
 """Weight-only int8 with one scale per output channel (w ~ q * scale): quantizing a matrix, the matmul that
-reads it, and `Int8Linear`, what `--resident-dtype int8` puts in place of the attention projections. The
-experts' int8 format (`experts/formats.py`) packs the same two tensors into its buffer."""
+reads it, and `Int8Linear`, what `--resident-dtype int8` puts in place of the attention projections (for a
+decode step's few rows on the CPU, moe-local's own kernel: `native.py`). The experts' int8 format
+(`experts/formats.py`) packs the same two tensors into its buffer."""
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moe_local import native
+
+KERNEL_MAX_ROWS = 16  # rows `linear_kernel` takes: a decode step's; more, and torch's kernel is the faster
 
 
 def quantize(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,6 +35,23 @@ def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
     return torch._weight_int8pack_mm(x, q, scale)
 
 
+def linear_kernel(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """`linear` by moe-local's `int8_linear` (AVX512-VNNI; ~1.8x torch's `_weight_int8pack_mm` for a decode
+    step, which widens every weight to fp32): bf16 x [..., K] on the CPU, at most KERNEL_MAX_ROWS rows, bf16
+    scales; x meets the weights as int16 (2^-15 of each row's largest value). None where it does not apply."""
+    k, n = x.shape[-1], q.shape[0]
+    rows = x.numel() // k if k else 0
+    if x.is_cuda or x.dtype != torch.bfloat16 or scale.dtype != torch.bfloat16 or not 0 < rows <= KERNEL_MAX_ROWS or k % 32 or n % 8:
+        return None
+    lib = native.library()
+    if isinstance(lib, str) or not lib.experts_int8:
+        return None
+    x = x.contiguous()
+    y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+    native.check(lib.int8_linear(x.data_ptr(), rows, k, q.data_ptr(), scale.data_ptr(), n, y.data_ptr(), torch.get_num_threads()), "int8")
+    return y
+
+
 class Int8Linear(nn.Module):
     """A linear layer with int8 weights, quantized from a float weight [N, K] where it lies; scales in the
     weight's dtype; the bias (if any) kept as it is."""
@@ -44,5 +68,7 @@ class Int8Linear(nn.Module):
         return cls(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.scale)
+        y = linear_kernel(x, self.weight, self.scale)
+        if y is None:
+            y = linear(x, self.weight, self.scale)
         return y if self.bias is None else y + self.bias

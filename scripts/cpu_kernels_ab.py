@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import moe_local
-from moe_local import cpu_attention
+from moe_local import cpu_attention, int8
 from moe_local.experts import formats, mxfp4
 
 DEMO = Path(moe_local.__file__).parent / "demo"
@@ -38,12 +38,13 @@ def main() -> None:
     engine = moe_local.load(args.model, device="cpu", experts_dtype=args.experts_dtype, resident_dtype=args.resident_dtype,
                             ctx_size=args.prompt_tokens + args.tokens + 1)
     prompt = [1] + [100 * (i + 1) % 2000 + 3 for i in range(args.prompt_tokens - 1)]
-    attend, rows, grouped = cpu_attention.attend, mxfp4.NATIVE_MAX_ROWS, formats.GROUPED_MAX_ROWS
+    attend, rows, grouped, linear = cpu_attention.attend, mxfp4.NATIVE_MAX_ROWS, formats.GROUPED_MAX_ROWS, int8.KERNEL_MAX_ROWS
 
     def use(kernels: bool) -> None:
         cpu_attention.attend = attend if kernels else (lambda *a: None)
         mxfp4.NATIVE_MAX_ROWS = rows if kernels else 0
         formats.GROUPED_MAX_ROWS = grouped if kernels else 0
+        int8.KERNEL_MAX_ROWS = linear if kernels else 0
 
     def block() -> float:
         token = int(engine.prefill(prompt)[0].argmax())  # the prompt's cache is reused: only its last token runs again

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 import moe_local
-from moe_local import native
+from moe_local import int8, native
 from moe_local.config import ModelConfig, RouterConfig
 from moe_local.experts.cache import POLICIES, ExpertCache, LayerLRUPolicy, LRUPolicy
 from moe_local.experts.runtime import mix
-from moe_local.experts.formats import Dense, Int8
+from moe_local.experts.formats import Dense, Int4, Int8
 from moe_local.experts.store import ExpertStore
 from moe_local.generate import SamplingParams
 from moe_local.routing import route
@@ -147,14 +147,24 @@ def test_swiglu_expert_matches_the_three_matrix_definition():
     assert torch.allclose(store.format.forward(x, store.format.unpack(store.buffer((1, 2)))), want, atol=1e-5)
 
 
+def kernel_format(weights: str, cfg: ModelConfig, wide: bool = False):
+    """The format the experts kernel takes (bf16, int8 with bf16 scales, int4 for the CPU), or with `wide` one
+    beside it that it does not (fp32 weights or scales, int4 in CUDA's layout)."""
+    if weights == "bf16":
+        return Dense(cfg, torch.float32 if wide else torch.bfloat16)
+    if weights == "int8":
+        return Int8(cfg, torch.float32 if wide else torch.bfloat16)
+    return Int4(cfg, 32, "cuda" if wide else "cpu")
+
+
 @pytest.mark.skipif(native.unavailable() is not None, reason=f"moe-local's CPU kernels: {native.unavailable()}")
-# bf16 pairs and VNNI where the CPU has them; without: bf16 widened to fp32, and no int8 (torch's kernels run it)
+# bf16 pairs and VNNI where the CPU has them; without: bf16 widened to fp32, and no int8 or int4 (torch's kernels run them)
 @pytest.mark.parametrize("flags", ["", "-mno-avx512bf16 -mno-avx512vnni"])
-@pytest.mark.parametrize("weights", ["bf16", "int8"])
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
 def test_the_cpu_kernel_runs_a_layers_experts_as_torch_does_but_for_the_order_of_sums(rebuilt, monkeypatch, flags, weights):
     monkeypatch.setenv("MOE_LOCAL_KERNEL_FLAGS", flags)
-    cfg = small_config(hidden_size=64, intermediate_size=96)
-    fmt = Dense(cfg, torch.bfloat16) if weights == "bf16" else Int8(cfg, torch.bfloat16)
+    cfg = small_config(hidden_size=64, intermediate_size=128 if weights == "int4" else 96)  # int4: blocks of 64 rows
+    fmt = kernel_format(weights, cfg)
     store = ExpertStore(cfg, fmt, pin=False)
     gen = torch.Generator().manual_seed(0)
     store.fill_from(lambda layer, expert, w: torch.randn(cfg.expert_shapes[w], generator=gen) / 4, torch.device("cpu"))
@@ -162,23 +172,54 @@ def test_the_cpu_kernel_runs_a_layers_experts_as_torch_does_but_for_the_order_of
     counts = [1, 3, 0, 16]
     xs = torch.randn(sum(counts), cfg.dim, generator=gen).bfloat16()
     got = fmt.forward_grouped(xs, counts, experts)
-    if weights == "int8" and not native.library().experts_int8:
+    if {"int8": not native.library().experts_int8, "int4": not native.library().experts_int4}.get(weights):
         assert got is None
         return
     want = torch.cat([fmt.forward(part, w) for part, w in zip(xs.split(counts), experts)])  # torch's path
     assert got.dtype == torch.bfloat16 and got.shape == want.shape
-    torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=2**-6 * want.abs().max().item())
+    # int4 weights meet the activations as int8 (in blocks of 32, as llama.cpp's q4_0 x q8_0): ~1% of an
+    # output's size, where torch's fp32 FMAs are ~0.3% from the exact product of the same int4 weights
+    tolerance = 2**-5 if weights == "int4" else 2**-6
+    torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance * want.abs().max().item())
+    if weights == "int4":
+        assert (got.float() - want.float()).norm() < 0.02 * want.float().norm()
     # each row's result is its own: it does not depend on the rows beside it (so batching changes nothing)
     assert torch.equal(fmt.forward_grouped(xs[1:2], [1], experts[1:2]), got[1:2])
     assert torch.equal(fmt.forward_grouped(xs[4:20], [16], experts[3:]), got[4:20])
-    # what it does not take: more than 16 rows an expert, fp32, fp32 weights or scales, widths not multiples of 32
+    # what it does not take: more than 16 rows an expert, fp32, fp32 weights or scales (int4: CUDA's layout),
+    # widths not multiples of 32 (int4: of 64)
     assert fmt.forward_grouped(torch.zeros(17, cfg.dim).bfloat16(), [17], experts[:1]) is None
     assert fmt.forward_grouped(xs.float(), counts, experts) is None
-    fp32 = Dense(cfg, torch.float32) if weights == "bf16" else Int8(cfg, torch.float32)
-    assert fp32.forward_grouped(xs, counts, [fp32.unpack(torch.zeros(fp32.expert_bytes, dtype=torch.uint8))] * 4) is None
-    odd = small_config(hidden_size=48, intermediate_size=80)
-    fmt48 = Dense(odd, torch.bfloat16) if weights == "bf16" else Int8(odd, torch.bfloat16)
-    assert fmt48.forward_grouped(xs[:1, :48], [1], [fmt48.unpack(torch.zeros(fmt48.expert_bytes, dtype=torch.uint8))]) is None
+    wide = kernel_format(weights, cfg, wide=True)
+    assert wide.forward_grouped(xs, counts, [wide.unpack(torch.zeros(wide.expert_bytes, dtype=torch.uint8))] * 4) is None
+    odd = small_config(hidden_size=96, intermediate_size=160) if weights == "int4" else small_config(hidden_size=48, intermediate_size=80)
+    other = kernel_format(weights, odd)
+    assert other.forward_grouped(xs[:1, : odd.dim], [1], [other.unpack(torch.zeros(other.expert_bytes, dtype=torch.uint8))]) is None
+
+
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"moe-local's CPU kernels: {native.unavailable()}")
+@pytest.mark.parametrize("flags", ["", "-mno-avx512vnni"])
+def test_the_int8_linear_kernel_gives_torchs_product_for_a_decode_steps_rows(rebuilt, monkeypatch, flags):
+    monkeypatch.setenv("MOE_LOCAL_KERNEL_FLAGS", flags)
+    gen = torch.Generator().manual_seed(0)
+    layer = int8.Int8Linear(torch.randn(40, 96, generator=gen).bfloat16())
+    x = torch.randn(16, 96, generator=gen).bfloat16()
+    got = int8.linear_kernel(x, layer.weight, layer.scale)
+    if not native.library().experts_int8:
+        assert got is None
+        return
+    want = int8.linear(x, layer.weight, layer.scale)  # torch's _weight_int8pack_mm
+    assert got.dtype == torch.bfloat16 and got.shape == (16, 40)
+    # the activations as int16 (2^-15 of each row's largest) and the order of the sums: within bf16's rounding
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=2**-7 * want.abs().max().item())
+    assert torch.equal(layer(x), got)  # what Int8Linear runs for a decode step's rows
+    assert torch.equal(int8.linear_kernel(x[3:4], layer.weight, layer.scale), got[3:4])  # a row's result is its own
+    # what it does not take: more than 16 rows, fp32, fp32 scales, widths not multiples of 32 (input) and 8 (output)
+    assert int8.linear_kernel(torch.zeros(17, 96).bfloat16(), layer.weight, layer.scale) is None
+    assert int8.linear_kernel(x.float(), layer.weight, layer.scale) is None
+    assert int8.linear_kernel(x, layer.weight, layer.scale.float()) is None
+    assert int8.linear_kernel(x[..., :80], layer.weight[:, :80], layer.scale) is None
+    assert int8.linear_kernel(x, layer.weight[:36], layer.scale[:36]) is None
 
 
 def test_a_small_pool_misses_evicts_and_counts_every_byte(tiny):

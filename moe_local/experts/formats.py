@@ -135,18 +135,19 @@ def swiglu(gate_up: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def swiglu_grouped(cfg: ModelConfig, xs: torch.Tensor, counts: list[int], weights: list[Weights], scaled: bool) -> torch.Tensor | None:
-    """`forward_grouped` for SwiGLU experts without biases whose weights are bf16, or int8 with bf16 scales
-    (`scaled`; where the CPU has AVX512-VNNI), up to `GROUPED_MAX_ROWS` rows each: `experts_swiglu` of
-    moe-local's CPU kernels (`native.py`), one call for a layer's experts instead of ~5 torch calls each
-    (~50 us apiece for the demo model's small ones). Rounds where torch's bf16 path rounds; the order of the
-    sums differs, and int8 weights meet the activations as int16 (2^-15 of each row's largest value). None
-    where it does not apply."""
+def swiglu_grouped(cfg: ModelConfig, xs: torch.Tensor, counts: list[int], weights: list[Weights], kind: str, group: int = 0) -> torch.Tensor | None:
+    """`forward_grouped` for SwiGLU experts without biases whose weights are bf16, int8 with bf16 scales
+    (`kind`; where the CPU has AVX512-VNNI) or int4 in groups of `group` (CPU layout; VNNI and VBMI), up to
+    `GROUPED_MAX_ROWS` rows each: moe-local's CPU kernels (`native.py`), one call for a layer's experts
+    instead of ~5 torch calls each (~50 us apiece for the demo model's small ones). Rounds where torch's
+    bf16 path rounds; the order of the sums differs, int8 weights meet the activations as int16 (2^-15 of
+    each row's largest value) and int4 weights as int8 (2^-8 of the largest of each 32). None where it does
+    not apply."""
     if (xs.dtype != torch.bfloat16 or xs.is_cuda or cfg.expert_bias or cfg.expert_act != "silu" or max(counts) > GROUPED_MAX_ROWS
-            or cfg.dim % 32 or cfg.ffn_dim % 32):  # fmt: skip
+            or cfg.dim % 32 or cfg.ffn_dim % 32 or (kind == "int4" and (cfg.dim % 64 or cfg.ffn_dim % 64))):  # fmt: skip
         return None
     lib = native.library()
-    if isinstance(lib, str) or (scaled and not lib.experts_int8):
+    if isinstance(lib, str) or (kind == "int8" and not lib.experts_int8) or (kind == "int4" and not lib.experts_int4):
         return None
     xs, n = xs.contiguous(), len(counts)
 
@@ -154,10 +155,14 @@ def swiglu_grouped(cfg: ModelConfig, xs: torch.Tensor, counts: list[int], weight
         return (ctypes.c_void_p * n)(*(w[name].data_ptr() for w in weights))
 
     starts = (ctypes.c_int * (n + 1))(0, *itertools.accumulate(counts))
-    scales = (pointers("gate_up.scale"), pointers("down.scale")) if scaled else (None, None)
     y = torch.empty(xs.shape, dtype=torch.float32)
-    code = lib.experts_swiglu(xs.data_ptr(), cfg.dim, cfg.ffn_dim, n, starts, pointers("gate_up"), pointers("down"), *scales,
-                              y.data_ptr(), torch.get_num_threads())  # fmt: skip
+    if kind == "int4":
+        code = lib.experts_swiglu_int4(xs.data_ptr(), cfg.dim, cfg.ffn_dim, n, starts, pointers("gate_up"), pointers("down"),
+                                       pointers("gate_up.scale_zero"), pointers("down.scale_zero"), group, y.data_ptr(), torch.get_num_threads())  # fmt: skip
+    else:
+        scales = (pointers("gate_up.scale"), pointers("down.scale")) if kind == "int8" else (None, None)
+        code = lib.experts_swiglu(xs.data_ptr(), cfg.dim, cfg.ffn_dim, n, starts, pointers("gate_up"), pointers("down"), *scales,
+                                  y.data_ptr(), torch.get_num_threads())  # fmt: skip
     native.check(code, "experts")
     return y.to(torch.bfloat16)
 
@@ -191,7 +196,7 @@ class Dense(ExpertFormat):
         return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype))
 
     def forward_grouped(self, xs: torch.Tensor, counts: list[int], weights: list[Weights]) -> torch.Tensor | None:
-        return swiglu_grouped(self.cfg, xs, counts, weights, scaled=False) if self.dtype == torch.bfloat16 else None
+        return swiglu_grouped(self.cfg, xs, counts, weights, "bf16") if self.dtype == torch.bfloat16 else None
 
 
 class Int8(ExpertFormat):
@@ -222,7 +227,7 @@ class Int8(ExpertFormat):
         return int8.linear(x, w[name], w[f"{name}.scale"])
 
     def forward_grouped(self, xs: torch.Tensor, counts: list[int], weights: list[Weights]) -> torch.Tensor | None:
-        return swiglu_grouped(self.cfg, xs, counts, weights, scaled=True) if self.scale_dtype == torch.bfloat16 else None
+        return swiglu_grouped(self.cfg, xs, counts, weights, "int8") if self.scale_dtype == torch.bfloat16 else None
 
 
 class Int4(ExpertFormat):
@@ -276,6 +281,9 @@ class Int4(ExpertFormat):
         xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
         y = mm(xb, w[name], self.group_size, w[f"{name}.scale_zero"])
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def forward_grouped(self, xs: torch.Tensor, counts: list[int], weights: list[Weights]) -> torch.Tensor | None:
+        return swiglu_grouped(self.cfg, xs, counts, weights, "int4", self.group_size) if self.device_type == "cpu" else None
 
 
 class Mxfp4(ExpertFormat):
