@@ -88,10 +88,11 @@ class Running:
 class Batcher:
     """The engine's only user while it runs: `submit` hands it a request from any thread."""
 
-    def __init__(self, engine: Engine, parallel: int):
+    def __init__(self, engine: Engine, parallel: int, polled: Callable[[], None] = lambda: None):
         if parallel < 1:
             raise MoeLocalError(f"--parallel must be at least 1, not {parallel}")
         self.engine, self.parallel = engine, parallel
+        self.polled = polled  # called after each poll, its outputs emitted (the server sends them on together)
         # idle sequences, least recently used first; their caches are kept for the next request's prefix
         self.free: list[Sequence] = [engine.sequence] + [engine.new_sequence() for _ in range(parallel - 1)]
         self.inbox: queue.Queue[Request | None] = queue.Queue()
@@ -137,17 +138,20 @@ class Batcher:
         False once `stop` was called."""
         idle = not self.waiting and not self.running
         try:
-            item = self.inbox.get(block=block and idle)
-            while True:
-                if item is None:
-                    self._end_all("the server is shutting down")
-                    return False
-                self.waiting.append(item)
-                item = self.inbox.get_nowait()
-        except queue.Empty:
-            pass
-        self.step()
-        return True
+            try:
+                item = self.inbox.get(block=block and idle)
+                while True:
+                    if item is None:
+                        self._end_all("the server is shutting down")
+                        return False
+                    self.waiting.append(item)
+                    item = self.inbox.get_nowait()
+            except queue.Empty:
+                pass
+            self.step()
+            return True
+        finally:
+            self.polled()
 
     def step(self) -> None:
         """Admit waiting requests to free sequences, feed one prefill chunk, then one decode step for

@@ -473,7 +473,7 @@ def serve(
 
     with clean_errors(debug):
         try:
-            from moe_local.server import Server, serve as run_server
+            from moe_local.server import Settings, serve as run_server
         except ImportError as e:
             raise MoeLocalError(f"moe-local serve needs the server extra ({e.name} is missing): pip install 'moe-local[server]'") from None
         if api_key is not None and not api_key.strip():
@@ -487,14 +487,14 @@ def serve(
         set_threads(threads)
         engine = load_with_progress(folder, options, quiet, demo=model is None)
         model_id = model if model and not Path(model).exists() else folder.name  # a Hugging Face id as given
-        server = Server(engine, model_id, parallel, queue, api_key)
+        settings = Settings.of(engine, model_id, parallel, queue, api_key)
         try:
             loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
         except ValueError:
             loopback = False
         if not loopback and api_key is None:
             stderr(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model")
-        run_server(server, host, port, (lambda message: None) if quiet else stderr)
+        run_server(engine, settings, host, port, (lambda message: None) if quiet else stderr)
 
 
 def describe(ckpt: Checkpoint) -> dict:

@@ -237,6 +237,10 @@ class Engine:
             self._free_rows.append(seq.kv.row)
 
     @property
+    def has_tokenizer(self) -> bool:
+        return self._tokenizer is not None
+
+    @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
             raise TokenizerError(f"{self.folder or 'this model'} has no tokenizer (tokenizer.json or tokenizer.model)")

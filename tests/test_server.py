@@ -248,6 +248,14 @@ def test_sixteen_concurrent_greedy_requests_each_get_their_single_request_answer
     assert [usage["completion_tokens"] for _, usage in got] == lengths
 
 
+def test_the_http_process_goes_when_the_engines_process_dies():
+    s = RunningServer("--parallel", "1")
+    s.process.kill()  # SIGKILL: no handler runs, no shutdown is said
+    s.process.communicate(timeout=60)  # the pipes close when both processes have gone: the HTTP one holds them too
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{s.url}/health", timeout=5)
+
+
 @pytest.fixture(scope="module")
 def small_server():
     """One place in the batch, none in the queue; a context long enough that a request asking for all of it
