@@ -16,23 +16,10 @@ import torch
 
 from moe_local.engine import Engine, Sequence, shared_prefix
 from moe_local.errors import MoeLocalError
-from moe_local.generate import SamplingParams, StopStrings, sample
+from moe_local.generate import StopStrings, sample
 from moe_local.harmony import ChannelStream
+from moe_local.params import Output, SamplingParams
 from moe_local.tokenizer import StreamDecoder
-
-
-@dataclass
-class Output:
-    """What a request receives, in order: text as it is generated, then one last Output with finish_reason
-    ("stop": end of text or a stop string; "length": max_tokens or a full context) or error set."""
-
-    text: str = ""
-    reasoning: str = ""  # a harmony model's (gpt-oss) other channels: its reasoning, not its answer
-    finish_reason: str | None = None
-    error: str | None = None
-    prompt_tokens: int = 0
-    cached_tokens: int = 0  # of the prompt, whose keys and values a sequence's KV cache already held
-    completion_tokens: int = 0
 
 
 @dataclass

@@ -302,7 +302,8 @@ def run(
 ) -> None:
     """Generate a reply to one prompt, streamed to stdout, with timings on stderr."""
     from moe_local.chat import NO_CHANNELS, ReasoningPrinter
-    from moe_local.generate import GenerationStats, StopStrings, max_new_tokens_default
+    from moe_local.generate import GenerationStats, StopStrings
+    from moe_local.params import max_new_tokens_default
     from moe_local.harmony import ChannelStream, is_harmony
     from moe_local.tokenizer import StreamDecoder
 
@@ -413,7 +414,7 @@ def chat(
 ) -> None:
     """Chat in the terminal: streamed answers, the conversation kept across turns, /? lists the commands."""
     from moe_local.chat import NO_CHANNELS, ChatSession, chat_loop
-    from moe_local.generate import max_new_tokens_default
+    from moe_local.params import max_new_tokens_default
     from moe_local.harmony import is_harmony
 
     with clean_errors(debug):

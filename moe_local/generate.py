@@ -1,73 +1,20 @@
-"""Generation: sampling parameters, `logits -> probs -> token`, and the decode loop with its timings."""
+"""Generation: `logits -> probs -> token` under `SamplingParams` (`params.py`), stop strings, and the decode
+loop with its timings."""
 
 from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 from moe_local.errors import MoeLocalError
+from moe_local.params import SamplingParams
 
 if TYPE_CHECKING:
     from moe_local.engine import Engine
-
-
-MAX_SEED = 2**64 - 1
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Defaults as llama.cpp's; a model's generation_config.json overrides them (see `from_generation_config`)."""
-
-    temperature: float = 0.8  # 0 means greedy
-    top_k: int = 40  # 0 disables
-    top_p: float = 0.95  # 1 disables
-    min_p: float = 0.05  # 0 disables
-    repeat_penalty: float = 1.0  # 1 disables
-    repeat_last_n: int = 64  # how many recent tokens the penalty looks at
-    seed: int | None = None  # None: a fresh random one, which `generate` reports in the stats
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (self.top_k >= 0, "top-k must be >= 0"),
-            (0 < self.top_p <= 1, "top-p must be in (0, 1]"),
-            (0 <= self.min_p <= 1, "min-p must be in [0, 1]"),
-            (self.repeat_penalty > 0, "repeat-penalty must be > 0"),
-            (self.repeat_last_n >= 0, "repeat-last-n must be >= 0"),
-            # what torch.Generator.manual_seed takes; past it torch says only "Overflow when unpacking long long"
-            (self.seed is None or 0 <= self.seed <= MAX_SEED, f"seed must be a whole number from 0 to {MAX_SEED}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-    def from_generation_config(self, gen: dict) -> SamplingParams:
-        """The model's own defaults, where it states them."""
-        updates = {}
-        if gen.get("do_sample") is False:
-            updates["temperature"] = 0.0
-        elif "temperature" in gen:
-            updates["temperature"] = float(gen["temperature"])
-        if "top_k" in gen:
-            updates["top_k"] = int(gen["top_k"])
-        if "top_p" in gen:
-            updates["top_p"] = float(gen["top_p"])
-        if gen.get("min_p") is not None:
-            updates["min_p"] = float(gen["min_p"])
-        if gen.get("repetition_penalty") is not None:
-            updates["repeat_penalty"] = float(gen["repetition_penalty"])
-        return replace(self, **updates)
-
-
-def max_new_tokens_default(gen: dict, fallback: int | None) -> int | None:
-    """generation_config.json's max_new_tokens where it states one (the demo model, which never writes an
-    end of text, does), else `fallback`."""
-    value = gen.get("max_new_tokens")
-    return int(value) if isinstance(value, int) and value > 0 else fallback
 
 
 class StopStrings:

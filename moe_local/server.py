@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 import uvicorn
 from starlette.applications import Starlette
@@ -31,12 +31,14 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from moe_local.batch import Batcher, Output, Request
-from moe_local.engine import Engine
 from moe_local.errors import MoeLocalError, TokenizerError
 from moe_local.harmony import is_harmony
-from moe_local.generate import SamplingParams, max_new_tokens_default
+from moe_local.params import Output, SamplingParams, max_new_tokens_default
 from moe_local.tokenizer import Tokenizer, load_tokenizer
+
+if TYPE_CHECKING:  # the engine's side only: the HTTP process imports neither these nor torch
+    from moe_local.batch import Request
+    from moe_local.engine import Engine
 
 MAX_BODY_BYTES = 4 * 2**20  # a request larger than this is refused (413): a full 128k-token prompt is ~0.5 MB
 ROLES = ("system", "user", "assistant")
@@ -490,6 +492,8 @@ class EngineSide:
     Batcher (and answers questions); the outputs of each of the Batcher's steps go back in one message."""
 
     def __init__(self, engine: Engine, parallel: int, conn: Connection):
+        from moe_local.batch import Batcher  # torch: in the engine's process only
+
         self.batcher, self.conn = Batcher(engine, parallel, polled=self._flush), conn
         self.lock = threading.Lock()  # two threads send: the Batcher's (outputs) and the reader (answers)
         self.requests: dict[int, Request] = {}  # submitted and not answered yet
@@ -514,6 +518,8 @@ class EngineSide:
             self.outputs = []
 
     def _read(self) -> None:
+        from moe_local.batch import Request
+
         b = self.batcher
         while True:
             try:

@@ -21,7 +21,8 @@ from conftest import build_mixtral, moe_local_cli
 from moe_local.budget import parse_size
 from moe_local.checkpoint import resolve_model_path
 from moe_local.errors import BudgetError, MoeLocalError
-from moe_local.generate import GenerationStats, SamplingParams, generate, max_new_tokens_default, sample
+from moe_local.generate import GenerationStats, SamplingParams, generate, sample
+from moe_local.params import max_new_tokens_default
 from moe_local.tokenizer import load_tokenizer
 from test_cli import assert_one_line_error, cli_in_process
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 import torch
 
@@ -246,6 +247,14 @@ def test_sixteen_concurrent_greedy_requests_each_get_their_single_request_answer
         got = list(pool.map(ask, range(16)))
     assert [text for text, _ in got] == want
     assert [usage["completion_tokens"] for _, usage in got] == lengths
+
+
+def test_the_http_side_is_a_process_of_its_own_without_torch(server):
+    engine_side = psutil.Process(server.process.pid)
+    http = [c for c in engine_side.children() if "spawn_main" in " ".join(c.cmdline())]
+    assert len(http) == 1
+    assert any("libtorch" in m.path for m in engine_side.memory_maps())
+    assert not any("libtorch" in m.path for m in http[0].memory_maps())
 
 
 def test_the_http_process_goes_when_the_engines_process_dies():

@@ -1,0 +1,76 @@
+"""What a generation request asks for and what it gets back, as plain data without torch, so that the
+server's HTTP process (`server.front`) can check requests and read outputs without importing it:
+`SamplingParams`, `max_new_tokens_default`, `Output`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+MAX_SEED = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Defaults as llama.cpp's; a model's generation_config.json overrides them (see `from_generation_config`)."""
+
+    temperature: float = 0.8  # 0 means greedy
+    top_k: int = 40  # 0 disables
+    top_p: float = 0.95  # 1 disables
+    min_p: float = 0.05  # 0 disables
+    repeat_penalty: float = 1.0  # 1 disables
+    repeat_last_n: int = 64  # how many recent tokens the penalty looks at
+    seed: int | None = None  # None: a fresh random one, which `generate` reports in the stats
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top-k must be >= 0"),
+            (0 < self.top_p <= 1, "top-p must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min-p must be in [0, 1]"),
+            (self.repeat_penalty > 0, "repeat-penalty must be > 0"),
+            (self.repeat_last_n >= 0, "repeat-last-n must be >= 0"),
+            # what torch.Generator.manual_seed takes; past it torch says only "Overflow when unpacking long long"
+            (self.seed is None or 0 <= self.seed <= MAX_SEED, f"seed must be a whole number from 0 to {MAX_SEED}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def from_generation_config(self, gen: dict) -> SamplingParams:
+        """The model's own defaults, where it states them."""
+        updates = {}
+        if gen.get("do_sample") is False:
+            updates["temperature"] = 0.0
+        elif "temperature" in gen:
+            updates["temperature"] = float(gen["temperature"])
+        if "top_k" in gen:
+            updates["top_k"] = int(gen["top_k"])
+        if "top_p" in gen:
+            updates["top_p"] = float(gen["top_p"])
+        if gen.get("min_p") is not None:
+            updates["min_p"] = float(gen["min_p"])
+        if gen.get("repetition_penalty") is not None:
+            updates["repeat_penalty"] = float(gen["repetition_penalty"])
+        return replace(self, **updates)
+
+
+def max_new_tokens_default(gen: dict, fallback: int | None) -> int | None:
+    """generation_config.json's max_new_tokens where it states one (the demo model, which never writes an
+    end of text, does), else `fallback`."""
+    value = gen.get("max_new_tokens")
+    return int(value) if isinstance(value, int) and value > 0 else fallback
+
+
+@dataclass
+class Output:
+    """What a request receives, in order: text as it is generated, then one last Output with finish_reason
+    ("stop": end of text or a stop string; "length": max_tokens or a full context) or error set."""
+
+    text: str = ""
+    reasoning: str = ""  # a harmony model's (gpt-oss) other channels: its reasoning, not its answer
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt, whose keys and values a sequence's KV cache already held
+    completion_tokens: int = 0
