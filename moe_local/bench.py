@@ -171,10 +171,11 @@ def measure_channels(store: ExpertStore, dtype: torch.dtype, device: torch.devic
 
 
 def cpu_experts(store: ExpertStore, keys: list) -> tuple[ExpertFormat, list[torch.Tensor]]:
-    """The format the CPU's kernels read and some experts in it: the store's own when the layouts agree,
-    else (int4 laid out for CUDA) one expert re-quantized from random weights for the CPU."""
+    """The format the CPU's kernels read and some experts in it: the store's own where the CPU can run it,
+    else (int4 laid out for CUDA where moe-local's kernel cannot read it) one expert re-quantized from random
+    weights for the CPU."""
     fmt = store.format
-    if fmt.key.endswith("-cuda"):
+    if fmt.cpu_unavailable():
         cpu_fmt = make_format(fmt.name, store.cfg, torch.bfloat16, "cpu", getattr(fmt, "group_size", None))
         buffer = torch.empty(cpu_fmt.expert_bytes, dtype=torch.uint8)
         w = {name: normal(shape, torch.bfloat16, CPU, torch.Generator().manual_seed(0)) for name, shape in store.cfg.expert_shapes.items()}

@@ -11,8 +11,8 @@
    mxfp4_linear: a decode step's products against MXFP4 experts (gpt-oss), for `moe_local/experts/mxfp4.py`
    (its comment is below).
 
-   experts_swiglu, experts_swiglu_int4: a decode step's SwiGLU experts of one layer (bf16, int8, or int4) in
-   one call, for `moe_local/experts/formats.py` (their comments are below). */
+   experts_swiglu, experts_swiglu_int4(_tc): a decode step's SwiGLU experts of one layer (bf16, int8, or int4
+   in the CPU's or CUDA's layout) in one call, for `moe_local/experts/formats.py` (their comments are below). */
 
 #include <immintrin.h>
 #include <math.h>
@@ -625,9 +625,7 @@ int int8_linear(const uint16_t* x, int R, int K, const int8_t* w, const uint16_t
    (expert, 64 outputs). The rounding to bf16 is torch's, as above; the sums' order and the int8 activations
    (2^-8 of their block's largest value) differ from it. D and F multiples of 64 and of G, G a multiple of 32;
    0, 1 for sizes it cannot take (or a CPU without AVX512-VNNI and VBMI), 2 out of memory. */
-#if defined(INT8_PAIRS) && defined(__AVX512VBMI__)
-#define INT4_BYTES 1
-
+#ifdef INT8_PAIRS
 /* row [K] bf16 -> q [K] int8 with row[k] ~ q[k] * scale[k / 32]; bias[k / 32] = 8 x the sum of the block's q
    (what the weights' offset of 8 takes away), sum[k / G] = the sum of the group's q[k] * scale[k / 32] (what
    the zeros meet: so that the product is the int4 weights' with the int8 row, whatever the zeros) */
@@ -664,6 +662,12 @@ static int int8_rows(Int8Rows* a, int R, int K, int G) {
 }
 
 static void free_int8_rows(Int8Rows* a) { free(a->q), free(a->scale), free(a->bias), free(a->sum); }
+
+#endif
+
+#if defined(INT8_PAIRS) && defined(__AVX512VBMI__)
+#define INT4_BYTES 1
+
 
 /* out[0..63] = the 64 rows of one block (blk; sz its first row's (scale, zero) pair in group 0, N rows a
    group) times activation row r of a */
@@ -753,6 +757,161 @@ int experts_swiglu_int4(const uint16_t* x, int D, int F, int E, const int* start
         }
     }
     free(h), free_int8_rows(&xq), free_int8_rows(&hq);
+    return 0;
+#endif
+}
+
+/* experts_swiglu_int4_tc: the same for int4 experts in CUDA's layout (`_convert_weight_to_int4pack` with 8
+   inner k-tiles, what the GPU's tinygemm kernel reads), from their pinned host buffers: the CPU channel beside
+   a GPU. torch's CUDA kernel lays each 8 rows out as K / 128 super-tiles of 512 bytes, each row's 128 k one
+   64-byte piece of them: 16 int32, word 4m + j holding k 32j + 2m + {0, 1, 16, 17} (its bytes' low nibbles)
+   and the same + 8 (high nibbles), j, m < 4 (int4mm.cu, `matrix_to_m16n8k16_Bint4_layout`). So each
+   activation row is rearranged once into that order, and a row's super-tile is two vpdpbusd of its masked
+   nibbles against it: no shuffle of the weights. Work items are (expert, 8 outputs), the 8 rows one stream of
+   K / 2 x 8 bytes, and each prefetches the next item's (4 KB for K = 1024: the hardware's prefetcher stops
+   at each page, and without this the kernel read 18-25 GB/s where it now reads 31-41 on 2 cores); the rows'
+   scale and zero lines, N pairs apart, are read all at once first. Rows an expert: any. D and F multiples of 128 and of G; 0, 1 for sizes it cannot take (or
+   without AVX512-VNNI), 2 out of memory. */
+#ifdef INT8_PAIRS
+typedef struct {
+    int8_t *low, *high; /* [R, K / 128, 64]: the int8 row in the order of the weights' low and high nibbles */
+    int32_t* bias;      /* [R, K / 128, 16]: 8 x the sum of each word's 8 activations */
+} TileRows;
+
+static int tile_rows(TileRows* t, int R, int K) {
+    t->low = malloc((size_t)R * K / 2), t->high = malloc((size_t)R * K / 2), t->bias = malloc(sizeof(int32_t) * R * (K / 128) * 16);
+    return t->low && t->high && t->bias;
+}
+
+static void free_tile_rows(TileRows* t) { free(t->low), free(t->high), free(t->bias); }
+
+/* row r of a (to_int8_blocks' q) in the weights' order */
+static void to_tiles(const Int8Rows* a, int r, int K, TileRows* t) {
+    const int8_t* q = a->q + (size_t)r * K;
+    int8_t *low = t->low + (size_t)r * K / 2, *high = t->high + (size_t)r * K / 2;
+    int32_t* bias = t->bias + (size_t)r * (K / 128) * 16;
+    static const int at[4] = {0, 16, 1, 17}; /* byte b of word 4m + j: k 32j + 2m + at[b] (+ 8 in the high nibble) */
+    for (int s = 0; s < K / 128; s++)
+        for (int m = 0; m < 4; m++)
+            for (int j = 0; j < 4; j++) {
+                int total = 0;
+                for (int b = 0; b < 4; b++) {
+                    const int k = 128 * s + 32 * j + 2 * m + at[b];
+                    total += low[64 * s + 4 * (4 * m + j) + b] = q[k];
+                    total += high[64 * s + 4 * (4 * m + j) + b] = q[k + 8];
+                }
+                bias[16 * s + 4 * m + j] = 8 * total;
+            }
+}
+
+/* the 8 rows of a tile times activation row r over super-tiles s0 .. s1 - 1, each row's lanes summed in f[i]
+   in fp32 with the activations' scales; scaled by the weights' (scales [K / G][8], fp32) here where a
+   super-tile holds several groups (G 32 or 64: lane 4m + j's group is (128s + 32j) / G), else by the caller,
+   once a group */
+static inline void tiles8(const uint8_t* tile, size_t ahead, const float* scales, int G, const int8_t* low, const int8_t* high,
+                          const int32_t* bias, const float* scale, int s0, int s1, __m512* f) {
+    const __m512i nibble = _mm512_set1_epi8(0x0f);
+    for (int s = s0; s < s1; s++) {
+        const __m512i xl = _mm512_loadu_si512(low + 64 * s), xh = _mm512_loadu_si512(high + 64 * s), b = _mm512_loadu_si512(bias + 16 * s);
+        const __m512 as = _mm512_broadcast_f32x4(_mm_loadu_ps(scale + 4 * s)); /* lane 4m + j: block 4s + j's scale */
+        for (int i = 0; i < 8; i++) {
+            const __m512i w = _mm512_loadu_si512(tile + (size_t)512 * s + 64 * i);
+            _mm_prefetch((const char*)tile + ahead + (size_t)512 * s + 64 * i, _MM_HINT_T0);
+            __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(w, nibble), xl);
+            acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble), xh);
+            __m512 c = as;
+            if (G < 128) {
+                float ws[4];
+                for (int j = 0; j < 4; j++) ws[j] = scales[8 * ((128 * s + 32 * j) / G) + i];
+                c = _mm512_mul_ps(as, _mm512_broadcast_f32x4(_mm_loadu_ps(ws)));
+            }
+            f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, b)), c, f[i]);
+        }
+    }
+}
+
+/* out[0..7] = the 8 rows of one tile (sz: its first row's (scale, zero) pair in group 0, N rows a group) times
+   activation row r */
+static inline void dot8_tiles(const uint8_t* tile, const uint16_t* sz, int N, int K, int G, const Int8Rows* a, const TileRows* t, int r, float* out) {
+    const int8_t *low = t->low + (size_t)r * K / 2, *high = t->high + (size_t)r * K / 2;
+    const int32_t* bias = t->bias + (size_t)r * (K / 128) * 16;
+    const float *scale = a->scale + (size_t)r * (K / 32), *sum = a->sum + (size_t)r * (K / G);
+    /* the rows' (scale, zero) pairs first, all their lines (N pairs apart: no stream the prefetcher follows)
+       read at once rather than one group after another: row i's at 32 bits i of a group's 256 */
+    const int groups = K / G;
+    float scales[groups * 8];
+    __m256 zeros = _mm256_setzero_ps(); /* the 8 rows' zeros times each group's activation sum */
+    for (int g = 0; g < groups; g++) {
+        const __m256i pairs = _mm256_loadu_si256((const __m256i*)(sz + (size_t)g * N * 2));
+        _mm256_storeu_ps(scales + 8 * g, _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)));
+        zeros = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32((int)0xffff0000u))), _mm256_set1_ps(sum[g]), zeros);
+    }
+    __m512 f[8];
+    for (int i = 0; i < 8; i++) f[i] = _mm512_setzero_ps();
+    if (G < 128)
+        tiles8(tile, (size_t)4 * K, scales, G, low, high, bias, scale, 0, K / 128, f);
+    else
+        for (int g = 0; g < groups; g++) { /* G / 128 super-tiles, one weight scale a row */
+            __m512 fg[8];
+            for (int i = 0; i < 8; i++) fg[i] = _mm512_setzero_ps();
+            tiles8(tile, (size_t)4 * K, scales, G, low, high, bias, scale, g * G / 128, (g + 1) * G / 128, fg);
+            for (int i = 0; i < 8; i++) f[i] = _mm512_fmadd_ps(fg[i], _mm512_set1_ps(scales[8 * g + i]), f[i]);
+        }
+    __m256 sums[8];
+    for (int i = 0; i < 8; i++) sums[i] = fold512(f[i]);
+    _mm256_storeu_ps(out, _mm256_add_ps(hsum8(sums), zeros));
+}
+#endif
+
+int experts_swiglu_int4_tc(const uint16_t* x, int D, int F, int E, const int* starts, const uint8_t* const* gate_up,
+                           const uint8_t* const* down, const uint16_t* const* gate_up_sz, const uint16_t* const* down_sz, int G,
+                           float* y, int threads) {
+#ifndef INT8_PAIRS
+    (void)x, (void)D, (void)F, (void)E, (void)starts, (void)gate_up, (void)down, (void)gate_up_sz, (void)down_sz, (void)G, (void)y, (void)threads;
+    return 1;
+#else
+    if (D % 128 || F % 128 || G < 32 || G % 32 || D % G || F % G || E < 1) return 1;
+    for (int e = 0; e < E; e++)
+        if (starts[e + 1] < starts[e]) return 1;
+    const int R = starts[E], rows = R ? R : 1;
+    uint16_t* h = malloc(sizeof(uint16_t) * (size_t)rows * F); /* [R, F] bf16 */
+    Int8Rows xq, hq;
+    TileRows xt, ht;
+    const int ok = int8_rows(&xq, rows, D, G) & int8_rows(&hq, rows, F, G) & tile_rows(&xt, rows, D) & tile_rows(&ht, rows, F);
+    if (!h || !ok) {
+        free(h), free_int8_rows(&xq), free_int8_rows(&hq), free_tile_rows(&xt), free_tile_rows(&ht);
+        return 2;
+    }
+    const int fb = F / 8, db = D / 8;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int r = 0; r < R; r++) {
+            to_int8_blocks(x + (size_t)r * D, D, G, xq.q + (size_t)r * D, xq.scale + (size_t)r * (D / 32), xq.bias + (size_t)r * (D / 32), xq.sum + (size_t)r * (D / G));
+            to_tiles(&xq, r, D, &xt);
+        }
+#pragma omp for schedule(static)
+        for (long item = 0; item < (long)E * fb; item++) { /* 8 units of h: their gate and up rows */
+            const int e = (int)(item / fb), n = (int)(item % fb) * 8;
+            for (int r = starts[e]; r < starts[e + 1]; r++) {
+                float g[8], u[8];
+                dot8_tiles(gate_up[e] + (size_t)n * D / 2, gate_up_sz[e] + 2 * n, 2 * F, D, G, &xq, &xt, r, g);
+                dot8_tiles(gate_up[e] + (size_t)(F + n) * D / 2, gate_up_sz[e] + 2 * (F + n), 2 * F, D, G, &xq, &xt, r, u);
+                swiglu8(_mm256_loadu_ps(g), _mm256_loadu_ps(u), h + (size_t)r * F + n);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int r = 0; r < R; r++) {
+            to_int8_blocks(h + (size_t)r * F, F, G, hq.q + (size_t)r * F, hq.scale + (size_t)r * (F / 32), hq.bias + (size_t)r * (F / 32), hq.sum + (size_t)r * (F / G));
+            to_tiles(&hq, r, F, &ht);
+        }
+#pragma omp for schedule(static)
+        for (long item = 0; item < (long)E * db; item++) { /* 8 outputs */
+            const int e = (int)(item / db), d = (int)(item % db) * 8;
+            for (int r = starts[e]; r < starts[e + 1]; r++) dot8_tiles(down[e] + (size_t)d * F / 2, down_sz[e] + 2 * d, D, F, G, &hq, &ht, r, y + (size_t)r * D + d);
+        }
+    }
+    free(h), free_int8_rows(&xq), free_int8_rows(&hq), free_tile_rows(&xt), free_tile_rows(&ht);
     return 0;
 #endif
 }

@@ -19,7 +19,7 @@ from moe_local.cpu_matmul import matmuls_for_rows
 from moe_local.errors import ConfigError, MoeLocalError, TokenizerError
 from moe_local.experts.cache import POLICIES, ExpertCache
 from moe_local.experts.prefetch import Prefetcher
-from moe_local.experts.cpu import CPU_EXPERTS, measure_speeds
+from moe_local.experts.cpu import AGREEMENT, CPU_EXPERTS, disagreement, measure_speeds
 from moe_local.experts.runtime import InPlaceExperts, OffloadedExperts, mix
 from moe_local.experts.formats import EXPERTS_DTYPES, ExpertFormat, choose_format
 from moe_local.experts.qcache import fill_quantized
@@ -151,13 +151,18 @@ class Engine:
         cache = ExpertCache(store, plan.expert_slots, self.device, policy)
         prefetcher = Prefetcher(model.routers(), self.cfg.top_k, options.prefetch_top) if options.prefetch else None
         cpu_experts, speeds = options.cpu_experts, None
-        if cpu_experts != "never" and store.format.key.endswith("-cuda"):  # int4 in CUDA's tile layout
-            if cpu_experts == "always":
-                raise ConfigError(f"--cpu-experts always: experts in {store.format.key} cannot run on the CPU (its kernel reads another layout)")
-            cpu_experts = "never"
-            self.notes.append(f"misses are all copied: experts in {store.format.key} cannot run on the CPU")
         if cpu_experts == "auto" and self.device.type == "cpu":
             cpu_experts = "never"
+        why = store.format.cpu_unavailable() if cpu_experts != "never" else None
+        if cpu_experts != "never" and why is None:
+            off = disagreement(store, cache.slots[0], self.dtype, kernels=self.device.type != "cpu")
+            if off > AGREEMENT:
+                why = f"the CPU's result for an expert in {store.format.key} differs from the {self.device.type.upper()}'s by {off:.0%} (rms)"
+        if why:
+            if cpu_experts == "always":
+                raise ConfigError(f"--cpu-experts always: {why}")
+            cpu_experts = "never"
+            self.notes.append(f"misses are all copied: {why}")
         if cpu_experts == "auto":
             speeds = measure_speeds(store, cache.slots[0], self.dtype, kernels=self.device.type != "cpu")  # before warm-up fills that slot
         experts = OffloadedExperts(cache, prefetcher, self.cfg.n_moe_layers, cpu_experts, speeds)

@@ -5,15 +5,13 @@ decode step's few rows on the CPU, moe-local's own kernel: `native.py`). The exp
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moe_local import native
 
-KERNEL_MAX_ROWS = 16  # rows `linear_kernel` takes: a decode step's; more, and torch's kernel is the faster
+KERNEL_MAX_ROWS = 16  # rows `linear_kernel` takes: a decode step's (a prefill chunk's stay on torch's kernel)
 
 
 def quantize(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,9 +34,10 @@ def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
 
 
 def linear_kernel(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    """`linear` by moe-local's `int8_linear` (AVX512-VNNI; ~1.8x torch's `_weight_int8pack_mm` for a decode
-    step, which widens every weight to fp32): bf16 x [..., K] on the CPU, at most KERNEL_MAX_ROWS rows, bf16
-    scales; x meets the weights as int16 (2^-15 of each row's largest value). None where it does not apply."""
+    """`linear` by moe-local's `int8_linear` (AVX512-VNNI; ~1.25x torch's `_weight_int8pack_mm`, which widens
+    every weight to fp32, for one row of 2048 x 1024: docs/benchmarks.md): bf16 x [..., K] on the CPU, at most
+    KERNEL_MAX_ROWS rows, bf16 scales; x meets the weights as int16 (2^-15 of each row's largest value). None
+    where it does not apply."""
     k, n = x.shape[-1], q.shape[0]
     rows = x.numel() // k if k else 0
     if x.is_cuda or x.dtype != torch.bfloat16 or scale.dtype != torch.bfloat16 or not 0 < rows <= KERNEL_MAX_ROWS or k % 32 or n % 8:

@@ -165,6 +165,9 @@ class Job:
                 return
 
 
+GONE = ApiError(503, "the server's engine has stopped", "server_error")
+
+
 class EngineLink:
     """The HTTP process's end of the pipe to the engine's: requests, cancellations and questions go over as
     (kind, key, value); outputs (a step's together) and answers come back, read by the event loop whenever
@@ -200,6 +203,8 @@ class EngineLink:
 
     async def counts(self) -> dict:
         """The Batcher's counts now: requests running, waiting, and cancelled so far."""
+        if self.conn.closed:
+            raise GONE
         key = next(self.keys)
         future = self.answers[key] = self.loop.create_future()
         self._send("counts", key)
@@ -236,10 +241,11 @@ class EngineLink:
         self.conn.close()
         self.stopping = True
         for job in self.jobs.values():
-            job.outputs.put_nowait(Output(error="the server's engine stopped"))
+            job.outputs.put_nowait(Output(error=str(GONE)))
         self.jobs.clear()
         for future in self.answers.values():
-            future.set_exception(ApiError(503, "the server's engine stopped", "server_error"))
+            future.set_exception(GONE)
+        self.answers.clear()
         self.gone()
 
 

@@ -14,6 +14,7 @@ from moe_local import native
 from moe_local.engine import Options
 from moe_local.errors import ConfigError
 from moe_local.experts.cache import ExpertCache, LayerLRUPolicy
+from moe_local.experts import cpu
 from moe_local.experts.cpu import ChannelSpeeds, CpuChannel, Line, measure_speeds, place
 from moe_local.experts.formats import Dense
 from moe_local.experts.runtime import InPlaceExperts, OffloadedExperts, ResidentExperts
@@ -200,6 +201,17 @@ def test_cpu_device_runs_every_expert_in_place_without_copies(tiny):
     assert tokens == greedy_with(moe_local.load(folder, device="cpu", expert_slots=3), [1, 10, 20, 30], 16)
     view = engine.experts.views[1][3]["gate_up"]  # the expert's weights are the store's own bytes
     assert view.untyped_storage().data_ptr() == engine.store.buffer((1, 3)).untyped_storage().data_ptr()
+
+
+def test_a_cpu_channel_that_disagrees_with_the_device_is_refused_or_left_out(tiny, monkeypatch):
+    """The load runs one expert on both channels; a CPU kernel that misread the device's layout would give
+    wrong tokens and nothing else, so it is not used."""
+    folder, _ = tiny
+    fine = moe_local.load(folder, device="cpu", dtype="fp32", expert_slots=3, cpu_experts="always")
+    assert fine.experts.cpu_experts == "always"
+    monkeypatch.setattr(cpu, "forward_on_cpu", lambda fmt, xs, w, kernels=True: torch.zeros_like(xs))  # a misread
+    with pytest.raises(ConfigError, match=r"--cpu-experts always: the CPU's result for an expert in fp32 differs from the CPU's by 100% \(rms\)"):
+        moe_local.load(folder, device="cpu", dtype="fp32", expert_slots=3, cpu_experts="always")
 
 
 def test_cpu_experts_option_is_checked():

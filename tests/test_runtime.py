@@ -11,7 +11,7 @@ from moe_local import int8, native
 from moe_local.config import ModelConfig, RouterConfig
 from moe_local.experts.cache import POLICIES, ExpertCache, LayerLRUPolicy, LRUPolicy
 from moe_local.experts.runtime import mix
-from moe_local.experts.formats import Dense, Int4, Int8
+from moe_local.experts.formats import Dense, Int4, Int8, make_format
 from moe_local.experts.store import ExpertStore
 from moe_local.generate import SamplingParams
 from moe_local.routing import route
@@ -195,6 +195,84 @@ def test_the_cpu_kernel_runs_a_layers_experts_as_torch_does_but_for_the_order_of
     odd = small_config(hidden_size=96, intermediate_size=160) if weights == "int4" else small_config(hidden_size=48, intermediate_size=80)
     other = kernel_format(weights, odd)
     assert other.forward_grouped(xs[:1, : odd.dim], [1], [other.unpack(torch.zeros(other.expert_bytes, dtype=torch.uint8))]) is None
+
+
+def tinygemm_layout(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] (0..15) -> int32 [N/8, K/128, 32, 4], as torch's CUDA `_convert_weight_to_int4pack(nibbles, 8)`
+    writes it (int4mm.cu, `matrix_to_m16n8k16_Bint4_layout`): lane t of an 8-row tile holds row t // 4, and its
+    word j of super-tile s the k 128s + 32j + 2(t % 4) + (0, 8, 16, 24, 1, 9, 17, 25) in nibbles 0..7."""
+    n, k = q.shape
+    lane, j = torch.arange(32)[:, None, None], torch.arange(4)[None, :, None]
+    ks = 32 * j + 2 * (lane % 4) + torch.tensor([0, 8, 16, 24, 1, 9, 17, 25])  # [32, 4, 8]
+    rows = torch.arange(n // 8)[:, None] * 8 + torch.arange(32) // 4  # [N/8, 32]
+    columns = 128 * torch.arange(k // 128)[:, None, None, None] + ks  # [K/128, 32, 4, 8]
+    nibbles = q.long()[rows[:, None, :, None, None], columns[None]]  # [N/8, K/128, 32, 4, 8]
+    return (nibbles << (4 * torch.arange(8))).sum(-1).to(torch.int32)  # wraps past 2^31, as the kernel's int32
+
+
+def int4_experts(cfg: ModelConfig, group: int, n: int, gen: torch.Generator) -> tuple[list, list]:
+    """n random int4 experts, each in the CPU's layout and in CUDA's (the same nibbles, scales and zeros)."""
+    cpu, cuda = Int4(cfg, group, "cpu"), Int4(cfg, group, "cuda")
+    experts = ([], [])
+    for _ in range(n):
+        parts = ({}, {})
+        for name, (rows, k) in (("gate_up", (2 * cfg.ffn_dim, cfg.dim)), ("down", (cfg.dim, cfg.ffn_dim))):
+            q = torch.randint(0, 16, (rows, k), generator=gen, dtype=torch.int32)
+            scale = (torch.rand(k // group, rows, generator=gen) / 16 + 0.01).bfloat16()
+            zero = (torch.randn(k // group, rows, generator=gen) / 8).bfloat16()
+            scale_zero = torch.stack([scale, zero], dim=-1)  # [K/G, N, 2]
+            parts[0].update({name: torch._convert_weight_to_int4pack_for_cpu(q, 1), f"{name}.scale_zero": scale_zero})
+            parts[1].update({name: tinygemm_layout(q), f"{name}.scale_zero": scale_zero})
+        for fmt, part, out in zip((cpu, cuda), parts, experts):
+            buffer = torch.zeros(fmt.expert_bytes, dtype=torch.uint8)
+            fmt.write(part, buffer)
+            out.append(fmt.unpack(buffer))
+    return experts
+
+
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"moe-local's CPU kernels: {native.unavailable()}")
+def test_int4_experts_in_cudas_layout_run_on_the_cpu_as_in_the_cpus_layout():
+    """The CPU channel beside a GPU runs int4 misses from their host buffers, laid out for CUDA's kernel."""
+    cfg = small_config(hidden_size=128, intermediate_size=256)
+    cpu, cuda = Int4(cfg, 32, "cpu"), Int4(cfg, 32, "cuda")
+    on_cpu, on_cuda = int4_experts(cfg, 32, 3, torch.Generator().manual_seed(0))
+    counts = [1, 0, 20]  # more rows than the CPU layout's kernel takes: this one takes any number
+    xs = torch.randn(sum(counts), cfg.dim, generator=torch.Generator().manual_seed(1)).bfloat16()
+    got = cuda.forward_grouped(xs, counts, on_cuda)
+    if not native.library().experts_int8:
+        assert got is None and "AVX512-VNNI" in cuda.cpu_unavailable()
+        return
+    assert cuda.cpu_unavailable() is None and got.dtype == torch.bfloat16
+    want = torch.cat([cpu.forward(part, w) for part, w in zip(xs.split(counts), on_cpu) if len(part)])  # torch's kernel
+    # the activations as int8 in blocks of 32, as the CPU layout's kernel takes them (tests above)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-5, atol=2**-5 * want.abs().max().item())
+    assert (got.float() - want.float()).norm() < 0.02 * want.float().norm()
+    if native.library().experts_int4:  # the same int8 activations and weights: the same sums, in another order
+        same = cpu.forward_grouped(xs[:17], [1, 16], [on_cpu[0], on_cpu[2]])
+        torch.testing.assert_close(got[:17].float(), same.float(), rtol=2**-7, atol=2**-7 * same.abs().max().item())
+    assert torch.equal(cuda.forward_grouped(xs[5:6], [1], on_cuda[2:]), got[5:6])  # each row's result is its own
+    assert torch.equal(cuda.forward_grouped(xs.float(), counts, on_cuda), got.float())  # fp32 in: taken as bf16, as tinygemm does
+    small = Int4(small_config(hidden_size=64, intermediate_size=128), 32, "cuda")  # not multiples of 128
+    assert "multiples of 128" in small.cpu_unavailable()
+    assert small.forward_grouped(xs[:1, :64], [1], [small.unpack(torch.zeros(small.expert_bytes, dtype=torch.uint8))]) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"moe-local's CPU kernels: {native.unavailable()}")
+def test_the_layout_read_on_the_cpu_is_the_one_cudas_kernel_writes():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (48, 256), generator=gen, dtype=torch.int32)
+    nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # as Int4.encode gives them to it
+    assert torch.equal(torch._convert_weight_to_int4pack(nibbles.cuda(), 8).cpu(), tinygemm_layout(q))
+    cfg = small_config(hidden_size=128, intermediate_size=256)
+    fmt = make_format("int4", cfg, torch.bfloat16, "cuda", 32)
+    buffer = torch.empty(fmt.expert_bytes, dtype=torch.uint8)
+    w1, w2, w3 = (torch.randn(shape, generator=gen) / 4 for shape in cfg.expert_shapes.values())
+    fmt.pack(w1.cuda(), w2.cuda(), w3.cuda(), buffer)  # on the GPU, by torch's CUDA kernel
+    x = torch.randn(3, cfg.dim, generator=gen).bfloat16()
+    want = fmt.forward(x.cuda(), fmt.unpack(buffer.cuda())).float().cpu()  # tinygemm
+    got = fmt.forward_grouped(x, [3], [fmt.unpack(buffer)]).float()  # moe-local's kernel, from host memory
+    torch.testing.assert_close(got, want, rtol=2**-5, atol=2**-5 * want.abs().max().item())
 
 
 @pytest.mark.skipif(native.unavailable() is not None, reason=f"moe-local's CPU kernels: {native.unavailable()}")

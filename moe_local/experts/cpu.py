@@ -82,6 +82,21 @@ def forward_on_cpu(fmt: ExpertFormat, xs: torch.Tensor, w: Weights, kernels: boo
     return fmt.forward(xs, w) if y is None else y
 
 
+AGREEMENT = 0.1  # the CPU's result for an expert may differ from the device's by this much (relative rms) at most
+
+
+def disagreement(store: ExpertStore, scratch: torch.Tensor, dtype: torch.dtype, kernels: bool = True) -> float:
+    """How far the CPU channel's result for one expert and one token lies from the device's (relative rms).
+    Where the CPU reads the device's own layout with a kernel of its own (int4 in CUDA's tiles), a misread
+    would be wrong tokens and nothing else; bf16 and int4 differ by ~1% between the two (their roundings)."""
+    fmt, key = store.format, store.keys()[0]
+    scratch.copy_(store.buffer(key))
+    x = torch.randn(1, store.cfg.dim, generator=torch.Generator().manual_seed(0)).to(dtype)
+    want = fmt.forward(x.to(scratch.device), fmt.unpack(scratch)).float().cpu()
+    got = forward_on_cpu(fmt, x, fmt.unpack(store.buffer(key)), kernels).float()
+    return ((got - want).norm() / want.norm().clamp(min=1e-30)).item()
+
+
 def _median_ms(fn: Callable[[], object], sync: Callable[[], None], repeats: int) -> float:
     fn()
     sync()

@@ -118,6 +118,10 @@ class ExpertFormat:
         that order -> [R, D], or None where the format has no such kernel (then each runs its `forward`)."""
         return None
 
+    def cpu_unavailable(self) -> str | None:
+        """Why these experts cannot run on the CPU from their host buffers (the CPU channel), or None."""
+        return None
+
     def groups_slots(self, device: torch.device) -> bool:
         """Whether `forward_slots` runs a token's experts together on `device` (else one by one is better:
         the hits then run while the misses are still copying)."""
@@ -141,13 +145,15 @@ def swiglu_grouped(cfg: ModelConfig, xs: torch.Tensor, counts: list[int], weight
     `GROUPED_MAX_ROWS` rows each: moe-local's CPU kernels (`native.py`), one call for a layer's experts
     instead of ~5 torch calls each (~50 us apiece for the demo model's small ones). Rounds where torch's
     bf16 path rounds; the order of the sums differs, int8 weights meet the activations as int16 (2^-15 of
-    each row's largest value) and int4 weights as int8 (2^-8 of the largest of each 32). None where it does
+    each row's largest value) and int4 weights as int8 (2^-8 of the largest of each 32). `int4-cuda`: int4
+    in CUDA's layout, from host buffers (the CPU channel beside a GPU), any number of rows. None where it does
     not apply."""
-    if (xs.dtype != torch.bfloat16 or xs.is_cuda or cfg.expert_bias or cfg.expert_act != "silu" or max(counts) > GROUPED_MAX_ROWS
-            or cfg.dim % 32 or cfg.ffn_dim % 32 or (kind == "int4" and (cfg.dim % 64 or cfg.ffn_dim % 64))):  # fmt: skip
+    if (xs.dtype != torch.bfloat16 or xs.is_cuda or cfg.expert_bias or cfg.expert_act != "silu"
+            or (max(counts) > GROUPED_MAX_ROWS and kind != "int4-cuda") or cfg.dim % 32 or cfg.ffn_dim % 32
+            or (kind == "int4" and (cfg.dim % 64 or cfg.ffn_dim % 64)) or (kind == "int4-cuda" and (cfg.dim % 128 or cfg.ffn_dim % 128))):  # fmt: skip
         return None
     lib = native.library()
-    if isinstance(lib, str) or (kind == "int8" and not lib.experts_int8) or (kind == "int4" and not lib.experts_int4):
+    if isinstance(lib, str) or (kind in ("int8", "int4-cuda") and not lib.experts_int8) or (kind == "int4" and not lib.experts_int4):
         return None
     xs, n = xs.contiguous(), len(counts)
 
@@ -156,9 +162,10 @@ def swiglu_grouped(cfg: ModelConfig, xs: torch.Tensor, counts: list[int], weight
 
     starts = (ctypes.c_int * (n + 1))(0, *itertools.accumulate(counts))
     y = torch.empty(xs.shape, dtype=torch.float32)
-    if kind == "int4":
-        code = lib.experts_swiglu_int4(xs.data_ptr(), cfg.dim, cfg.ffn_dim, n, starts, pointers("gate_up"), pointers("down"),
-                                       pointers("gate_up.scale_zero"), pointers("down.scale_zero"), group, y.data_ptr(), torch.get_num_threads())  # fmt: skip
+    if kind in ("int4", "int4-cuda"):
+        run = lib.experts_swiglu_int4 if kind == "int4" else lib.experts_swiglu_int4_tc
+        code = run(xs.data_ptr(), cfg.dim, cfg.ffn_dim, n, starts, pointers("gate_up"), pointers("down"), pointers("gate_up.scale_zero"),
+                   pointers("down.scale_zero"), group, y.data_ptr(), torch.get_num_threads())  # fmt: skip
     else:
         scales = (pointers("gate_up.scale"), pointers("down.scale")) if kind == "int8" else (None, None)
         code = lib.experts_swiglu(xs.data_ptr(), cfg.dim, cfg.ffn_dim, n, starts, pointers("gate_up"), pointers("down"), *scales,
@@ -283,7 +290,22 @@ class Int4(ExpertFormat):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def forward_grouped(self, xs: torch.Tensor, counts: list[int], weights: list[Weights]) -> torch.Tensor | None:
-        return swiglu_grouped(self.cfg, xs, counts, weights, "int4", self.group_size) if self.device_type == "cpu" else None
+        if self.device_type == "cpu":
+            return swiglu_grouped(self.cfg, xs, counts, weights, "int4", self.group_size)
+        # CUDA's layout, on the CPU: its kernel is the only way; it takes bf16, as tinygemm does on the GPU
+        y = swiglu_grouped(self.cfg, xs.to(torch.bfloat16), counts, weights, "int4-cuda", self.group_size) if not xs.is_cuda else None
+        return None if y is None else y.to(xs.dtype)
+
+    def cpu_unavailable(self) -> str | None:
+        if self.device_type == "cpu":
+            return None
+        why = native.unavailable()
+        if why is None and not native.library().experts_int8:
+            why = "it needs AVX512-VNNI"
+        cfg = self.cfg
+        if why is None and (cfg.expert_bias or cfg.expert_act != "silu" or cfg.dim % 128 or cfg.ffn_dim % 128):
+            why = "it takes SwiGLU experts without biases whose hidden and FFN sizes are multiples of 128"
+        return None if why is None else f"experts in {self.key} run on the CPU only through moe-local's kernel, and {why}"
 
 
 class Mxfp4(ExpertFormat):
