@@ -3,7 +3,7 @@
 # Usage (device tool): bash scripts/gpu_session.sh [STEP ...]   (default: every step). Output under $OUT (or
 # ./gpu-out), a file per step and steps.txt; DEADLINE=SECONDS ends it in time, cutting the step that runs
 # over; TESTS: which test files (default: tests/). Steps, in the order they run: machine tests mxfp4 qwen3
-# mixtral batch pageable gpt_oss_20b gpt_oss_120b gpt_oss_never mixtral_bf16
+# mixtral batch pageable mixtral_never gpt_oss_20b gpt_oss_120b gpt_oss_never mixtral_bf16
 # The H100 machine of 2026-11-26 had pytest and pytest-xdist. One without pytest: unpack its wheels (pytest,
 # pluggy, iniconfig, packaging: `pip download --no-deps --python-version 3.12 ...` then `python -m zipfile -e
 # WHEEL .gpu_deps/`) into .gpu_deps/ (git-ignored) and pass it to the device tool with carry: [".gpu_deps"].
@@ -11,7 +11,7 @@ set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH=".:.gpu_deps${PYTHONPATH:+:$PYTHONPATH}"
-STEPS=${*:-machine tests mxfp4 qwen3 mixtral batch pageable gpt_oss_20b gpt_oss_120b gpt_oss_never mixtral_bf16}
+STEPS=${*:-machine tests mxfp4 qwen3 mixtral batch pageable mixtral_never gpt_oss_20b gpt_oss_120b gpt_oss_never mixtral_bf16}
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, output to $OUT/NAME.txt
     local name=$1 limit=$2; shift 2
     case " $STEPS " in *" $name "*) ;; *) return ;; esac
@@ -36,9 +36,11 @@ step qwen3 240 $BENCH --preset qwen3-30b-a3b --experts-dtype int4 --gpu-memory 8
 step mixtral 150 $BENCH --experts-dtype int4 --gpu-memory 12GiB --new-tokens 64 --cuda-graphs
 # issue 15's GPU target: 8 sequences decoded together >= 4x one, Mixtral int4 @ 12GiB
 step batch 150 $BENCH --experts-dtype int4 --gpu-memory 12GiB --new-tokens 32 --prompt-tokens 64 --batch 8
-# issue 13: a consumer link (pageable memory), the CPU channel against copies alone; int8, as the CPU cannot
-# run CUDA's int4 layout; 8 layers (a quarter of the setup), the ratio is what counts
-step pageable 240 bash -c "$BENCH --experts-dtype int8 --gpu-memory 4GiB --layers 8 --new-tokens 32 --pageable --cpu-experts never && $BENCH --experts-dtype int8 --gpu-memory 4GiB --layers 8 --new-tokens 32 --pageable --cpu-experts auto"
+# issue 13: a consumer link (pageable memory), the CPU channel against copies alone, Mixtral int4 (the CPU
+# channel reads CUDA's int4 layout since the seventh session); 8 layers at 3GiB (a quarter of 32 at 12GiB)
+step pageable 240 bash -c "$BENCH --experts-dtype int4 --gpu-memory 3GiB --layers 8 --new-tokens 32 --pageable --cpu-experts never && $BENCH --experts-dtype int4 --gpu-memory 3GiB --layers 8 --new-tokens 32 --pageable --cpu-experts auto"
+# the mixtral step's setup with copies alone: what the int4 CPU channel adds on pinned memory
+step mixtral_never 150 $BENCH --experts-dtype int4 --gpu-memory 12GiB --new-tokens 64 --cuda-graphs --cpu-experts never
 step gpt_oss_20b 120 $BENCH --preset gpt-oss-20b --gpu-memory 8GiB --new-tokens 32
 step gpt_oss_120b 260 $BENCH --preset gpt-oss-120b --gpu-memory 24GiB --new-tokens 32 --cuda-graphs
 # the same without the CPU channel, whose share of the misses moved with its measured speed (9 to 25 a token)
