@@ -791,17 +791,31 @@ static void to_tiles(const Int8Rows* a, int r, int K, TileRows* t) {
     int8_t *low = t->low + (size_t)r * K / 2, *high = t->high + (size_t)r * K / 2;
     int32_t* bias = t->bias + (size_t)r * (K / 128) * 16;
     static const int at[4] = {0, 16, 1, 17}; /* byte b of word 4m + j: k 32j + 2m + at[b] (+ 8 in the high nibble) */
+    uint8_t order[64]; /* byte 4(4m + j) + b of a super-tile's low part: its k */
+    for (int m = 0; m < 4; m++)
+        for (int j = 0; j < 4; j++)
+            for (int b = 0; b < 4; b++) order[4 * (4 * m + j) + b] = (uint8_t)(32 * j + 2 * m + at[b]);
+#ifdef __AVX512VBMI__ /* one byte permutation of the super-tile's 128 activations each, and the words' sums by VNNI */
+    const __m512i lows = _mm512_loadu_si512(order), highs = _mm512_add_epi8(lows, _mm512_set1_epi8(8)), ones = _mm512_set1_epi8(1);
+    for (int s = 0; s < K / 128; s++) {
+        const __m512i first = _mm512_loadu_si512(q + 128 * s), second = _mm512_loadu_si512(q + 128 * s + 64);
+        const __m512i l = _mm512_permutex2var_epi8(first, lows, second), h = _mm512_permutex2var_epi8(first, highs, second);
+        _mm512_storeu_si512(low + 64 * s, l);
+        _mm512_storeu_si512(high + 64 * s, h);
+        const __m512i total = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, l), ones, h);
+        _mm512_storeu_si512(bias + 16 * s, _mm512_slli_epi32(total, 3));
+    }
+#else
     for (int s = 0; s < K / 128; s++)
-        for (int m = 0; m < 4; m++)
-            for (int j = 0; j < 4; j++) {
-                int total = 0;
-                for (int b = 0; b < 4; b++) {
-                    const int k = 128 * s + 32 * j + 2 * m + at[b];
-                    total += low[64 * s + 4 * (4 * m + j) + b] = q[k];
-                    total += high[64 * s + 4 * (4 * m + j) + b] = q[k + 8];
-                }
-                bias[16 * s + 4 * m + j] = 8 * total;
+        for (int w = 0; w < 16; w++) {
+            int total = 0;
+            for (int b = 0; b < 4; b++) {
+                total += low[64 * s + 4 * w + b] = q[128 * s + order[4 * w + b]];
+                total += high[64 * s + 4 * w + b] = q[128 * s + order[4 * w + b] + 8];
             }
+            bias[16 * s + w] = 8 * total;
+        }
+#endif
 }
 
 /* the 8 rows of a tile times activation row r over super-tiles s0 .. s1 - 1, each row's lanes summed in f[i]

@@ -231,8 +231,10 @@ def int4_experts(cfg: ModelConfig, group: int, n: int, gen: torch.Generator) -> 
 
 
 @pytest.mark.skipif(native.unavailable() is not None, reason=f"moe-local's CPU kernels: {native.unavailable()}")
-def test_int4_experts_in_cudas_layout_run_on_the_cpu_as_in_the_cpus_layout():
+@pytest.mark.parametrize("flags", ["", "-mno-avx512vbmi"])  # the activations rearranged by vpermt2b, or one by one
+def test_int4_experts_in_cudas_layout_run_on_the_cpu_as_in_the_cpus_layout(rebuilt, monkeypatch, flags):
     """The CPU channel beside a GPU runs int4 misses from their host buffers, laid out for CUDA's kernel."""
+    monkeypatch.setenv("MOE_LOCAL_KERNEL_FLAGS", flags)
     cfg = small_config(hidden_size=128, intermediate_size=256)
     cpu, cuda = Int4(cfg, 32, "cpu"), Int4(cfg, 32, "cuda")
     on_cpu, on_cuda = int4_experts(cfg, 32, 3, torch.Generator().manual_seed(0))
