@@ -626,10 +626,19 @@ int int8_linear(const uint16_t* x, int R, int K, const int8_t* w, const uint16_t
    (2^-8 of their block's largest value) differ from it. D and F multiples of 64 and of G, G a multiple of 32;
    0, 1 for sizes it cannot take (or a CPU without AVX512-VNNI and VBMI), 2 out of memory. */
 #ifdef INT8_PAIRS
-/* row [K] bf16 -> q [K] int8 with row[k] ~ q[k] * scale[k / 32]; bias[k / 32] = 8 x the sum of the block's q
-   (what the weights' offset of 8 takes away), sum[k / G] = the sum of the group's q[k] * scale[k / 32] (what
-   the zeros meet: so that the product is the int4 weights' with the int8 row, whatever the zeros) */
-static void to_int8_blocks(const uint16_t* row, int K, int G, int8_t* q, float* scale, int32_t* bias, float* sum) {
+typedef struct {
+    int8_t* q;
+    float *scale, *sum;
+    int32_t* bias;
+} Int8Rows; /* R rows of K in to_int8_blocks' form */
+
+/* row [K] bf16 -> row r of a: q [K] int8 with row[k] ~ q[k] * scale[k / 32]; bias[k / 32] = 8 x the sum of the
+   block's q (what the weights' offset of 8 takes away), sum[k / G] = the sum of the group's q[k] * scale[k / 32]
+   (what the zeros meet: so that the product is the int4 weights' with the int8 row, whatever the zeros) */
+static void to_int8_blocks(const uint16_t* row, int K, int G, Int8Rows* a, int r) {
+    int8_t* q = a->q + (size_t)r * K;
+    float *scale = a->scale + (size_t)r * (K / 32), *sum = a->sum + (size_t)r * (K / G);
+    int32_t* bias = a->bias + (size_t)r * (K / 32);
     for (int b = 0; b < K / 32; b++) {
         __m512 v[2];
         for (int t = 0; t < 2; t++)
@@ -648,12 +657,6 @@ static void to_int8_blocks(const uint16_t* row, int K, int G, int8_t* q, float* 
         sum[b / (G / 32)] += s * (float)n;
     }
 }
-
-typedef struct {
-    int8_t* q;
-    float *scale, *sum;
-    int32_t* bias;
-} Int8Rows; /* R rows of K in to_int8_blocks' form */
 
 static int int8_rows(Int8Rows* a, int R, int K, int G) {
     a->q = malloc((size_t)R * K), a->scale = malloc(sizeof(float) * R * (K / 32));
@@ -712,54 +715,6 @@ static inline void dot64_i4(const uint8_t* blk, const uint16_t* sz, int N, int K
     for (int i = 0; i < 4; i++) _mm512_storeu_ps(out + 16 * i, y[i]);
 }
 #endif
-
-int experts_swiglu_int4(const uint16_t* x, int D, int F, int E, const int* starts, const uint8_t* const* gate_up,
-                        const uint8_t* const* down, const uint16_t* const* gate_up_sz, const uint16_t* const* down_sz, int G,
-                        float* y, int threads) {
-#ifndef INT4_BYTES
-    (void)x, (void)D, (void)F, (void)E, (void)starts, (void)gate_up, (void)down, (void)gate_up_sz, (void)down_sz, (void)G, (void)y, (void)threads;
-    return 1;
-#else
-    if (D % 64 || F % 64 || G < 32 || G % 32 || D % G || F % G || E < 1) return 1;
-    for (int e = 0; e < E; e++)
-        if (starts[e + 1] < starts[e] || starts[e + 1] - starts[e] > EXPERT_MAX_ROWS) return 1;
-    const int R = starts[E], rows = R ? R : 1;
-    uint16_t* h = malloc(sizeof(uint16_t) * (size_t)rows * F); /* [R, F] bf16 */
-    Int8Rows xq, hq;
-    const int ok = int8_rows(&xq, rows, D, G) & int8_rows(&hq, rows, F, G);
-    if (!h || !ok) {
-        free(h), free_int8_rows(&xq), free_int8_rows(&hq);
-        return 2;
-    }
-    const int fb = F / 64, db = D / 64;
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-        for (int r = 0; r < R; r++)
-            to_int8_blocks(x + (size_t)r * D, D, G, xq.q + (size_t)r * D, xq.scale + (size_t)r * (D / 32), xq.bias + (size_t)r * (D / 32), xq.sum + (size_t)r * (D / G));
-#pragma omp for schedule(static)
-        for (long item = 0; item < (long)E * fb; item++) { /* 64 units of h: their gate and up rows */
-            const int e = (int)(item / fb), n = (int)(item % fb) * 64;
-            for (int r = starts[e]; r < starts[e + 1]; r++) {
-                float g[64], u[64];
-                dot64_i4(gate_up[e] + (size_t)n * D / 2, gate_up_sz[e] + 2 * n, 2 * F, D, G, &xq, r, g);
-                dot64_i4(gate_up[e] + (size_t)(F + n) * D / 2, gate_up_sz[e] + 2 * (F + n), 2 * F, D, G, &xq, r, u);
-                for (int j = 0; j < 64; j += 8) swiglu8(_mm256_loadu_ps(g + j), _mm256_loadu_ps(u + j), h + (size_t)r * F + n + j);
-            }
-        }
-#pragma omp for schedule(static)
-        for (int r = 0; r < R; r++)
-            to_int8_blocks(h + (size_t)r * F, F, G, hq.q + (size_t)r * F, hq.scale + (size_t)r * (F / 32), hq.bias + (size_t)r * (F / 32), hq.sum + (size_t)r * (F / G));
-#pragma omp for schedule(static)
-        for (long item = 0; item < (long)E * db; item++) { /* 64 outputs */
-            const int e = (int)(item / db), d = (int)(item % db) * 64;
-            for (int r = starts[e]; r < starts[e + 1]; r++) dot64_i4(down[e] + (size_t)d * F / 2, down_sz[e] + 2 * d, D, F, G, &hq, r, y + (size_t)r * D + d);
-        }
-    }
-    free(h), free_int8_rows(&xq), free_int8_rows(&hq);
-    return 0;
-#endif
-}
 
 /* experts_swiglu_int4_tc: the same for int4 experts in CUDA's layout (`_convert_weight_to_int4pack` with 8
    inner k-tiles, what the GPU's tinygemm kernel reads), from their pinned host buffers: the CPU channel beside
@@ -875,7 +830,83 @@ static inline void dot8_tiles(const uint8_t* tile, const uint16_t* sz, int N, in
     for (int i = 0; i < 8; i++) sums[i] = fold512(f[i]);
     _mm256_storeu_ps(out, _mm256_add_ps(hsum8(sums), zeros));
 }
+
+/* out[0 .. W - 1] = rows n .. n + W - 1 of int4 matrix w [N, K] (sz its (scale, zero) pairs) times activation row r:
+   a block of the CPU's layout (W 64) or a tile of CUDA's (W 8); either starts n * K / 2 bytes in */
+static inline void int4_rows(int cuda, const uint8_t* w, const uint16_t* sz, int n, int N, int K, int G, const Int8Rows* a,
+                             const TileRows* t, int r, float* out) {
+    (void)cuda; /* only CUDA's layout where the CPU lacks VBMI */
+#ifdef INT4_BYTES
+    if (!cuda) {
+        dot64_i4(w + (size_t)n * K / 2, sz + 2 * n, N, K, G, a, r, out);
+        return;
+    }
 #endif
+    dot8_tiles(w + (size_t)n * K / 2, sz + 2 * n, N, K, G, a, t, r, out);
+}
+
+/* experts_swiglu_int4 (cuda 0) and experts_swiglu_int4_tc (cuda 1), as their comments above say */
+static int int4_swiglu(int cuda, const uint16_t* x, int D, int F, int E, const int* starts, const uint8_t* const* gate_up,
+                       const uint8_t* const* down, const uint16_t* const* gate_up_sz, const uint16_t* const* down_sz, int G,
+                       float* y, int threads) {
+    const int W = cuda ? 8 : 64, multiple = cuda ? 128 : 64; /* rows a work item; D and F are multiples of this */
+    if (D % multiple || F % multiple || G < 32 || G % 32 || D % G || F % G || E < 1) return 1;
+    for (int e = 0; e < E; e++)
+        if (starts[e + 1] < starts[e] || (!cuda && starts[e + 1] - starts[e] > EXPERT_MAX_ROWS)) return 1;
+    const int R = starts[E], rows = R ? R : 1;
+    uint16_t* h = malloc(sizeof(uint16_t) * (size_t)rows * F); /* [R, F] bf16 */
+    Int8Rows xq, hq;
+    TileRows xt = {0}, ht = {0}; /* CUDA's layout: the int8 rows in its tiles' order */
+    int ok = int8_rows(&xq, rows, D, G) & int8_rows(&hq, rows, F, G);
+    if (cuda) ok &= tile_rows(&xt, rows, D) & tile_rows(&ht, rows, F);
+    if (!h || !ok) {
+        free(h), free_int8_rows(&xq), free_int8_rows(&hq), free_tile_rows(&xt), free_tile_rows(&ht);
+        return 2;
+    }
+    const int fb = F / W, db = D / W;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int r = 0; r < R; r++) {
+            to_int8_blocks(x + (size_t)r * D, D, G, &xq, r);
+            if (cuda) to_tiles(&xq, r, D, &xt);
+        }
+#pragma omp for schedule(static)
+        for (long item = 0; item < (long)E * fb; item++) { /* W units of h: their gate and up rows */
+            const int e = (int)(item / fb), n = (int)(item % fb) * W;
+            for (int r = starts[e]; r < starts[e + 1]; r++) {
+                float g[64], u[64];
+                int4_rows(cuda, gate_up[e], gate_up_sz[e], n, 2 * F, D, G, &xq, &xt, r, g);
+                int4_rows(cuda, gate_up[e], gate_up_sz[e], F + n, 2 * F, D, G, &xq, &xt, r, u);
+                for (int j = 0; j < W; j += 8) swiglu8(_mm256_loadu_ps(g + j), _mm256_loadu_ps(u + j), h + (size_t)r * F + n + j);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int r = 0; r < R; r++) {
+            to_int8_blocks(h + (size_t)r * F, F, G, &hq, r);
+            if (cuda) to_tiles(&hq, r, F, &ht);
+        }
+#pragma omp for schedule(static)
+        for (long item = 0; item < (long)E * db; item++) { /* W outputs */
+            const int e = (int)(item / db), d = (int)(item % db) * W;
+            for (int r = starts[e]; r < starts[e + 1]; r++) int4_rows(cuda, down[e], down_sz[e], d, D, F, G, &hq, &ht, r, y + (size_t)r * D + d);
+        }
+    }
+    free(h), free_int8_rows(&xq), free_int8_rows(&hq), free_tile_rows(&xt), free_tile_rows(&ht);
+    return 0;
+}
+#endif
+
+int experts_swiglu_int4(const uint16_t* x, int D, int F, int E, const int* starts, const uint8_t* const* gate_up,
+                        const uint8_t* const* down, const uint16_t* const* gate_up_sz, const uint16_t* const* down_sz, int G,
+                        float* y, int threads) {
+#ifndef INT4_BYTES
+    (void)x, (void)D, (void)F, (void)E, (void)starts, (void)gate_up, (void)down, (void)gate_up_sz, (void)down_sz, (void)G, (void)y, (void)threads;
+    return 1;
+#else
+    return int4_swiglu(0, x, D, F, E, starts, gate_up, down, gate_up_sz, down_sz, G, y, threads);
+#endif
+}
 
 int experts_swiglu_int4_tc(const uint16_t* x, int D, int F, int E, const int* starts, const uint8_t* const* gate_up,
                            const uint8_t* const* down, const uint16_t* const* gate_up_sz, const uint16_t* const* down_sz, int G,
@@ -884,49 +915,7 @@ int experts_swiglu_int4_tc(const uint16_t* x, int D, int F, int E, const int* st
     (void)x, (void)D, (void)F, (void)E, (void)starts, (void)gate_up, (void)down, (void)gate_up_sz, (void)down_sz, (void)G, (void)y, (void)threads;
     return 1;
 #else
-    if (D % 128 || F % 128 || G < 32 || G % 32 || D % G || F % G || E < 1) return 1;
-    for (int e = 0; e < E; e++)
-        if (starts[e + 1] < starts[e]) return 1;
-    const int R = starts[E], rows = R ? R : 1;
-    uint16_t* h = malloc(sizeof(uint16_t) * (size_t)rows * F); /* [R, F] bf16 */
-    Int8Rows xq, hq;
-    TileRows xt, ht;
-    const int ok = int8_rows(&xq, rows, D, G) & int8_rows(&hq, rows, F, G) & tile_rows(&xt, rows, D) & tile_rows(&ht, rows, F);
-    if (!h || !ok) {
-        free(h), free_int8_rows(&xq), free_int8_rows(&hq), free_tile_rows(&xt), free_tile_rows(&ht);
-        return 2;
-    }
-    const int fb = F / 8, db = D / 8;
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-        for (int r = 0; r < R; r++) {
-            to_int8_blocks(x + (size_t)r * D, D, G, xq.q + (size_t)r * D, xq.scale + (size_t)r * (D / 32), xq.bias + (size_t)r * (D / 32), xq.sum + (size_t)r * (D / G));
-            to_tiles(&xq, r, D, &xt);
-        }
-#pragma omp for schedule(static)
-        for (long item = 0; item < (long)E * fb; item++) { /* 8 units of h: their gate and up rows */
-            const int e = (int)(item / fb), n = (int)(item % fb) * 8;
-            for (int r = starts[e]; r < starts[e + 1]; r++) {
-                float g[8], u[8];
-                dot8_tiles(gate_up[e] + (size_t)n * D / 2, gate_up_sz[e] + 2 * n, 2 * F, D, G, &xq, &xt, r, g);
-                dot8_tiles(gate_up[e] + (size_t)(F + n) * D / 2, gate_up_sz[e] + 2 * (F + n), 2 * F, D, G, &xq, &xt, r, u);
-                swiglu8(_mm256_loadu_ps(g), _mm256_loadu_ps(u), h + (size_t)r * F + n);
-            }
-        }
-#pragma omp for schedule(static)
-        for (int r = 0; r < R; r++) {
-            to_int8_blocks(h + (size_t)r * F, F, G, hq.q + (size_t)r * F, hq.scale + (size_t)r * (F / 32), hq.bias + (size_t)r * (F / 32), hq.sum + (size_t)r * (F / G));
-            to_tiles(&hq, r, F, &ht);
-        }
-#pragma omp for schedule(static)
-        for (long item = 0; item < (long)E * db; item++) { /* 8 outputs */
-            const int e = (int)(item / db), d = (int)(item % db) * 8;
-            for (int r = starts[e]; r < starts[e + 1]; r++) dot8_tiles(down[e] + (size_t)d * F / 2, down_sz[e] + 2 * d, D, F, G, &hq, &ht, r, y + (size_t)r * D + d);
-        }
-    }
-    free(h), free_int8_rows(&xq), free_int8_rows(&hq), free_tile_rows(&xt), free_tile_rows(&ht);
-    return 0;
+    return int4_swiglu(1, x, D, F, E, starts, gate_up, down, gate_up_sz, down_sz, G, y, threads);
 #endif
 }
 
