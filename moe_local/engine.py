@@ -151,11 +151,12 @@ class Engine:
         cache = ExpertCache(store, plan.expert_slots, self.device, policy)
         prefetcher = Prefetcher(model.routers(), self.cfg.top_k, options.prefetch_top) if options.prefetch else None
         cpu_experts, speeds = options.cpu_experts, None
+        kernels = self.device.type != "cpu"  # moe-local's CPU kernels beside a GPU; on the CPU device, torch's as in the slots
         if cpu_experts == "auto" and self.device.type == "cpu":
             cpu_experts = "never"
         why = store.format.cpu_unavailable() if cpu_experts != "never" else None
         if cpu_experts != "never" and why is None:
-            off = disagreement(store, cache.slots[0], self.dtype, kernels=self.device.type != "cpu")
+            off = disagreement(store, cache.slots[0], self.dtype, kernels)
             if off > AGREEMENT:
                 why = f"the CPU's result for an expert in {store.format.key} differs from the {self.device.type.upper()}'s by {off:.0%} (rms)"
         if why:
@@ -164,7 +165,7 @@ class Engine:
             cpu_experts = "never"
             self.notes.append(f"misses are all copied: {why}")
         if cpu_experts == "auto":
-            speeds = measure_speeds(store, cache.slots[0], self.dtype, kernels=self.device.type != "cpu")  # before warm-up fills that slot
+            speeds = measure_speeds(store, cache.slots[0], self.dtype, kernels)  # before warm-up fills that slot
         experts = OffloadedExperts(cache, prefetcher, self.cfg.n_moe_layers, cpu_experts, speeds)
         experts.warm()
         return experts
