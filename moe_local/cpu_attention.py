@@ -9,9 +9,12 @@ stays on SDPA."""
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from moe_local import native
+from moe_local.int8 import Int8Linear
 
 # Queries per KV head up to which the kernel is the faster (its time grows with each query, SDPA's less),
 # 900 bf16 positions, 2 threads, cache cold. Where bf16 keys are multiplied as bf16 pairs (AVX512-BF16): 8
@@ -69,3 +72,94 @@ def _head_stride(t: torch.Tensor) -> int | None:
     if heads == 1 or batch == 1:
         return t.stride(0) if heads == 1 else t.stride(1)
     return t.stride(1) if t.stride(0) == heads * t.stride(1) else None
+
+
+class _Proj(ctypes.Structure):  # `Proj` in cpu_kernels.c
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("n", ctypes.c_int), ("k", ctypes.c_int)]
+
+
+class _Layer(ctypes.Structure):  # `AttentionLayer` in cpu_kernels.c
+    _fields_ = [
+        *((name, ctypes.c_int) for name in ("dim", "heads", "kv_heads", "head_dim", "rot_dim", "qk_norm")),
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+        *((name, ctypes.c_void_p) for name in ("attention_norm", "ffn_norm", "q_norm", "k_norm", "sinks")),
+        ("qkv", _Proj), ("o", _Proj),
+    ]  # fmt: skip
+
+
+class Fused:
+    """A decode token's way through a layer's resident attention block in one kernel call (`attention_step` in
+    `cpu_kernels.c`): the attention norm, the q|k|v projection (bf16, or int8: `--resident-dtype int8`), the
+    q/k norms, rope, the cache write, attention, the output projection, the residual sum and the MoE's norm.
+    `Block.forward` takes it for one token on the CPU in bf16, where the same steps as torch operations cost
+    ~25 interpreter round trips a layer. It rounds where they do (see the kernel's comment); the order of the
+    norms' sums and of the bf16 projections' differs, so logits agree within bf16's rounding (the tests)."""
+
+    def __init__(self, layer: _Layer, keep: list[torch.Tensor]):
+        self.layer, self.keep = layer, keep  # keep: the tensors whose memory the struct points into
+
+    @classmethod
+    def build(cls, attention_norm, attention, ffn_norm, rot_dim: int) -> Fused | None:
+        """For `model.Attention` `attention` between its block's two norms (RMSNorm), with rot_dim rotated
+        dimensions a head; None where the kernel does not apply: no kernels, not bf16, clipped q/k/v, a
+        sliding window, sizes it does not take, int8 projections without AVX512-VNNI, or more queries per
+        KV head than `attend` takes (then the torch operations run, with the same results)."""
+        lib = native.library()
+        if isinstance(lib, str) or attention.clip is not None or attention.window is not None:
+            return None
+        H, Hkv, hd = attention.n_heads, attention.n_kv_heads, attention.head_dim
+        D, qk = attention_norm.weight.shape[0], attention.qk_norm
+        norms = [attention_norm, ffn_norm] + ([qk.q_norm, qk.k_norm] if qk is not None else [])
+        projections = [_projection(attention.wqkv, lib), _projection(attention.wo, lib)]
+        if (any(n.weight.dtype != torch.bfloat16 or n.eps != attention_norm.eps for n in norms) or None in projections
+                or D % 32 or hd % 8 or (H * hd) % 32 or rot_dim % 2 or rot_dim > hd
+                or H // Hkv > MAX_QUERIES[lib.bf16_pairs][hd >= 256]):  # fmt: skip
+            return None
+        sinks = None if attention.sinks is None else attention.sinks.detach().float().contiguous()
+        keep = [n.weight for n in norms] + [t for _, t in projections for t in t] + ([sinks] if sinks is not None else [])
+        (qkv, _), (o, _) = projections
+        layer = _Layer(
+            D, H, Hkv, hd, rot_dim, 0 if qk is None else 1 if qk.per_head else 2, attention_norm.eps,
+            hd**-0.5 if attention.scale is None else attention.scale, *(n.weight.data_ptr() for n in norms[:2]),
+            *((n.weight.data_ptr() for n in norms[2:]) if qk is not None else (None, None)),
+            None if sinks is None else sinks.data_ptr(), qkv, o,
+        )  # fmt: skip
+        return cls(layer, keep)
+
+    def __call__(self, x, cos, sin, cache: tuple[torch.Tensor, ...], pos: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """x [1, D] bf16 at position pos of `cache` (keys and values [Hkv, C, hd]) -> (x after the attention
+        block, the MoE's input), or None where these tensors are not the kernel's (then the torch operations run)."""
+        keys, values = cache
+        if (x.dtype != torch.bfloat16 or keys.dtype != torch.bfloat16 or cos.shape != (1, self.layer.rot_dim) or not x.is_contiguous()
+                or keys.stride() != values.stride() or keys.stride()[1:] != (self.layer.head_dim, 1) or not cos.is_contiguous()
+                or not sin.is_contiguous()):  # fmt: skip
+            return None
+        x_out, h = torch.empty_like(x), torch.empty_like(x)
+        code = native.library().attention_step(
+            ctypes.byref(self.layer), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
+            keys.stride(0), keys.shape[1], pos, x_out.data_ptr(), h.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        native.check(code, "attention step")
+        return x_out, h
+
+
+def _projection(linear, lib) -> tuple[_Proj, list[torch.Tensor]] | None:
+    """A bf16 `nn.Linear` or an `Int8Linear` with bf16 scales as the kernel's `Proj`, with the tensors it points
+    into; None for anything else (or int8 without AVX512-VNNI)."""
+    bias = linear.bias
+    if bias is not None and bias.dtype != torch.bfloat16:
+        return None
+    if isinstance(linear, Int8Linear):
+        if not lib.experts_int8 or linear.scale.dtype != torch.bfloat16 or linear.weight.shape[1] % 32:
+            return None
+        tensors = [linear.weight, linear.scale]
+    elif linear.weight.dtype == torch.bfloat16:
+        tensors = [linear.weight.detach()]
+    else:
+        return None
+    if any(not t.is_contiguous() for t in tensors) or linear.weight.shape[0] % 8:
+        return None
+    n, k = linear.weight.shape
+    w, scale = tensors[0].data_ptr(), tensors[1].data_ptr() if len(tensors) == 2 else None
+    tensors += [bias.detach()] if bias is not None else []
+    return _Proj(w, scale, None if bias is None else bias.data_ptr(), n, k), tensors

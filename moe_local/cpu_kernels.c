@@ -467,6 +467,13 @@ static inline __m256 dot8(const uint16_t* w, const uint16_t* a, int K) {
     return hsum8(sums);
 }
 
+static inline float from_bf16(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 #ifdef INT8_PAIRS
 #define INT_RUN 1024 /* k summed in int32 before fp32: 1024 products of |127 * 32767| stay far below 2^31 per lane */
 
@@ -491,13 +498,6 @@ static inline __m256 dot8_i8(const int8_t* w, const int16_t* a, int K) {
         halves[j] = fold512(sum);
     }
     return hsum8(halves);
-}
-
-static inline float from_bf16(uint16_t b) {
-    uint32_t u = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
 }
 
 /* row [K] of bf16 values -> q [K] int16 with row ~ q * (returned scale) */
@@ -917,6 +917,113 @@ int experts_swiglu_int4_tc(const uint16_t* x, int D, int F, int E, const int* st
 #else
     return int4_swiglu(1, x, D, F, E, starts, gate_up, down, gate_up_sz, down_sz, G, y, threads);
 #endif
+}
+
+/* attention_step: one decode token through a layer's resident attention block, for `moe_local/cpu_attention.py`
+   (`Fused`): x' = x + o(attention(rope(qkv(norm(x))))) and h = ffn_norm(x'), the MoE's input, in one call where
+   torch takes ~25 operations a layer (and the interpreter between them most of the time: ~150 us a layer of
+   the llama.cpp comparison's model, docs/benchmarks.md). Each value is rounded to bf16 where the model's
+   torch operations round it: the norms (computed in fp32, rounded, then times the weight), each projection
+   (once; an int8 projection's bias is added after, as `Int8Linear` adds it), rope's two products and their
+   sum, the residual sum. int8 projections take the activations as int16 as `int8_linear` does, and the
+   attention is `attend` (the kernel those steps call): so the norms' and bf16 projections' orders of sums are
+   all that differs from the torch operations. The key and value of the token are written at position pos of
+   the caches (head h's position s at h * head + s * head_dim); the token attends to positions 0 .. pos. */
+typedef struct {
+    const void* w;         /* [N, K]: bf16, or int8 with one bf16 scale per row (scale [N]) */
+    const uint16_t* scale; /* NULL: bf16 */
+    const uint16_t* bias;  /* [N] bf16, or NULL */
+    int N, K;
+} Proj;
+
+typedef struct {
+    int dim, heads, kv_heads, head_dim, rot_dim, qk_norm; /* qk_norm: 0 none, 1 per head, 2 over the whole q and k */
+    float eps, scale;
+    const uint16_t *attention_norm, *ffn_norm, *q_norm, *k_norm;
+    const float* sinks; /* [heads] (gpt-oss), or NULL */
+    Proj qkv, o;
+} AttentionLayer;
+
+/* out [n] = w * rms_norm(x [n]) as `RMSNorm` computes it: in fp32, rounded to bf16, then times w (rounded) */
+static void rms_norm(const uint16_t* x, int n, const uint16_t* w, float eps, uint16_t* out) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n; i += 8) {
+        const __m256 v = load8(x, i, 1);
+        acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    const float r = 1.f / sqrtf(hsum(acc) / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = to_bf16(from_bf16(to_bf16(from_bf16(x[i]) * r)) * from_bf16(w[i]));
+}
+
+/* y [N] = the product of p with a (bf16; int8 weights: its int16 form aq times as), rows split between the
+   threads of the enclosing parallel region */
+static void project(const Proj* p, const uint16_t* a, const int16_t* aq, float as, uint16_t* y) {
+#pragma omp for schedule(static)
+    for (int n = 0; n < p->N; n += 8) {
+        float out[8];
+        _mm256_storeu_ps(out, product8(p->w, p->scale, n, p->K, a, aq, as));
+        for (int j = 0; j < 8; j++) {
+            if (!p->bias) y[n + j] = to_bf16(out[j]);
+            else if (p->scale) y[n + j] = to_bf16(from_bf16(to_bf16(out[j])) + from_bf16(p->bias[n + j]));
+            else y[n + j] = to_bf16(out[j] + from_bf16(p->bias[n + j]));
+        }
+    }
+}
+
+/* the first rd of v's dimensions rotated as `apply_rope` does: v * cos + roll(v, rd / 2) * sin, each term and
+   their sum rounded */
+static void rope(uint16_t* v, int rd, const uint16_t* cos, const uint16_t* sin) {
+    uint16_t t[rd];
+    memcpy(t, v, sizeof(t));
+    for (int i = 0; i < rd; i++) {
+        const float a = from_bf16(to_bf16(from_bf16(t[i]) * from_bf16(cos[i])));
+        const float b = from_bf16(to_bf16(from_bf16(t[(i + rd / 2) % rd]) * from_bf16(sin[i])));
+        v[i] = to_bf16(a + b);
+    }
+}
+
+/* 0, 1 for sizes it cannot take (or int8 projections without AVX512-VNNI), 2 out of memory */
+int attention_step(const AttentionLayer* L, const uint16_t* x, const uint16_t* cos, const uint16_t* sin, uint16_t* k_cache,
+                   uint16_t* v_cache, long head, int positions, int pos, uint16_t* x_out, uint16_t* h_out, int threads) {
+    const int D = L->dim, H = L->heads, Hkv = L->kv_heads, hd = L->head_dim, Nq = H * hd;
+    if (D % 32 || hd % 8 || L->rot_dim % 2 || L->rot_dim > hd || H % Hkv || pos < 0 || pos >= positions ||
+        L->qkv.N != (H + 2 * Hkv) * hd || L->qkv.K != D || L->o.N != D || L->o.K != Nq || Nq % 32)
+        return 1;
+#ifndef INT8_PAIRS
+    if (L->qkv.scale || L->o.scale) return 1;
+#endif
+    uint16_t *a = malloc(sizeof(uint16_t) * D), *qkv = malloc(sizeof(uint16_t) * L->qkv.N), *att = malloc(sizeof(uint16_t) * Nq);
+    int16_t* aq = malloc(sizeof(int16_t) * (D > Nq ? D : Nq));
+    if (!a || !qkv || !att || !aq) return free(a), free(qkv), free(att), free(aq), 2;
+    float as = 0.f;
+    rms_norm(x, D, L->attention_norm, L->eps, a);
+#ifdef INT8_PAIRS
+    if (L->qkv.scale) as = to_int16(a, D, aq);
+#endif
+#pragma omp parallel num_threads(threads)
+    project(&L->qkv, a, aq, as, qkv);
+    uint16_t *q = qkv, *k = qkv + Nq, *v = k + Hkv * hd;
+    if (L->qk_norm == 1)
+        for (int i = 0; i < H + Hkv; i++) rms_norm(qkv + i * hd, hd, i < H ? L->q_norm : L->k_norm, L->eps, qkv + i * hd);
+    else if (L->qk_norm == 2)
+        rms_norm(q, Nq, L->q_norm, L->eps, q), rms_norm(k, Hkv * hd, L->k_norm, L->eps, k);
+    for (int i = 0; i < H + Hkv; i++) rope(qkv + i * hd, L->rot_dim, cos, sin);
+    for (int i = 0; i < Hkv; i++) {
+        memcpy(k_cache + i * head + (long)pos * hd, k + i * hd, sizeof(uint16_t) * hd);
+        memcpy(v_cache + i * head + (long)pos * hd, v + i * hd, sizeof(uint16_t) * hd);
+    }
+    int code = attend(q, Hkv, H / Hkv, hd, pos + 1, k_cache, head, hd, v_cache, head, hd, hd, 1, L->scale, NULL, 0, 0, L->sinks, att, threads);
+    if (!code) {
+#ifdef INT8_PAIRS
+        if (L->o.scale) as = to_int16(att, Nq, aq);
+#endif
+#pragma omp parallel num_threads(threads)
+        project(&L->o, att, aq, as, a);
+        for (int i = 0; i < D; i++) x_out[i] = to_bf16(from_bf16(x[i]) + from_bf16(a[i]));
+        rms_norm(x_out, D, L->ffn_norm, L->eps, h_out);
+    }
+    free(a), free(qkv), free(att), free(aq);
+    return code;
 }
 
 /* 1 where experts_swiglu_int4 runs (AVX512-VNNI and VBMI) */

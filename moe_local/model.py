@@ -441,10 +441,22 @@ class Block(nn.Module):
         self.attention = (Attention if cfg.mla is None else LatentAttention)(cfg, layer)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MoE(cfg, layer) if layer in cfg.moe_layers else DenseMLP(cfg.dim, cfg.dense_ffn_dim)
+        self.fused: cpu_attention.Fused | None = None  # a decode token's attention block in one call (`fuse`)
 
     def forward(self, x, cos, sin, cache, pos, experts: Experts) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache, pos)
-        return x + self.ffn(self.ffn_norm(x), experts)
+        step = self.fused(x, cos, sin, cache, pos) if self.fused is not None and x.shape[0] == 1 else None
+        if step is None:
+            x = x + self.attention(self.attention_norm(x), cos, sin, cache, pos)
+            step = x, self.ffn_norm(x)
+        x, h = step
+        return x + self.ffn(h, experts)
+
+    def fuse(self, rot_dim: int) -> bool:
+        """On the CPU: a decode token's way from the attention norm to the MoE's input as one kernel call
+        (`cpu_attention.Fused`), where it applies; whether it does."""
+        if isinstance(self.attention, Attention):
+            self.fused = cpu_attention.Fused.build(self.attention_norm, self.attention, self.ffn_norm, rot_dim)
+        return self.fused is not None
 
     def forward_batch(self, x, cos, sin, caches, positions, experts: Experts, pooled: Pooled | None = None) -> torch.Tensor:
         x = x + self.attention.forward_batch(self.attention_norm(x), cos, sin, caches, positions, pooled)
@@ -548,6 +560,11 @@ class Transformer(nn.Module):
         one scale per output channel, quantized on their device, one matrix at a time."""
         for layer in self.layers:
             layer.attention.quantize()
+
+    def fuse_decode(self) -> int:
+        """On the CPU, after any quantization: each layer's attention block as one kernel call for a decode
+        token (`Block.fuse`); how many layers take it."""
+        return sum(layer.fuse(2 * self.inv_freq.numel()) for layer in self.layers)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [T] (on any device) -> [T, D] on the compute device, wherever the table lies (beside a GPU, in

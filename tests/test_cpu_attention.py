@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import moe_local
 from moe_local import cpu_attention, native
-from moe_local.model import attend
+from moe_local.model import attend, rope_cos_sin
 
 needs_kernel = pytest.mark.skipif(native.unavailable() is not None, reason=f"the kernel cannot be built here: {native.unavailable()}")
 
@@ -107,3 +107,78 @@ def test_without_the_kernels_attention_stays_on_sdpa_and_the_load_says_why(rebui
     assert torch.equal(attend(q, keys, values, None, None, None), F.scaled_dot_product_attention(q, keys, values))
     engine = moe_local.load(moe_local.__path__[0] + "/demo", device="cpu")
     assert f"moe-local's CPU kernels are not built, torch's are slower (decode attention ~1.5x, MXFP4 experts ~18x): {why}" in " ".join(engine.notes)
+
+
+FUSED_VARIANTS = {  # what each adds to the fused block: (variant, overrides), the layers it fuses
+    "mixtral": (("mixtral", {}), [0, 1, 2]),
+    "qwen3_moe": (("qwen3_moe", {}), [0, 1, 2]),  # q/k norms per head, head_dim 24
+    "qwen2_moe": (("qwen2_moe", {}), [0, 1, 2]),  # q/k/v biases
+    "glm4_moe": (("glm4_moe", {}), [0, 1, 2]),  # partial rotary, biases, q/k norms
+    "olmoe": (("olmoe", {"clip_qkv": None}), [0, 1, 2]),  # q/k norms over the whole projection
+    "olmoe-clip": (("olmoe", {}), []),  # clipping: not the kernel's
+    "gpt_oss": (("gpt_oss", {}), [1]),  # sinks; its sliding layers are not the kernel's
+    "deepseek_v2": (("deepseek_v2", {}), []),  # latent attention
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("resident", ["auto", "int8"])
+@pytest.mark.parametrize("variant", FUSED_VARIANTS)
+def test_a_decode_tokens_fused_attention_block_gives_the_torch_operations_results(tmp_path, variant, resident):
+    """Block by block, from the same input and cache: the kernel's x after attention, the MoE's input and the
+    cache entry it writes against the torch operations'. int8 projections are the same kernel's in both, so
+    only the norms' order of sums differs; bf16 ones sum in another order than torch's matmul."""
+    from conftest import build_mixtral
+    from families import build_family
+
+    (name, overrides), fused = FUSED_VARIANTS[variant]
+    if name == "mixtral":
+        build_mixtral(tmp_path, None)
+    else:
+        build_family(name, tmp_path, **overrides)
+    engine = moe_local.load(str(tmp_path), device="cpu", dtype="bf16", resident_dtype=resident, ctx_size=64)
+    model = engine.model
+    assert [i for i, block in enumerate(model.layers) if block.fused is not None] == fused
+    gen = torch.Generator().manual_seed(0)
+    pos = 37
+    cos, sin = rope_cos_sin(model.inv_freq, torch.tensor([pos]), torch.bfloat16, model.cfg.rope.attention_factor)
+    for i in fused:
+        block = model.layers[i]
+        x = torch.randn(1, model.cfg.dim, generator=gen).bfloat16()
+        cache = tuple(torch.randn(t.shape, generator=gen).bfloat16() for t in engine.kv.layers[i])
+        ours = tuple(t.clone() for t in cache)
+        got_x, got_h = block.fused(x, cos, sin, ours, pos)
+        want_x = x + block.attention(block.attention_norm(x), cos, sin, cache, pos)
+        want_h = block.ffn_norm(want_x)
+        for got, want in ((ours[0], cache[0]), (ours[1], cache[1]), (got_x, want_x), (got_h, want_h)):
+            if resident == "int8":  # one bf16 step apart at most, where the norms' sums round differently
+                assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=0)
+            else:
+                assert (got.float() - want.float()).norm() <= 0.01 * want.float().norm()
+        assert torch.equal(ours[0][:, :pos], cache[0][:, :pos]) and torch.equal(ours[0][:, pos + 1 :], cache[0][:, pos + 1 :])
+
+
+@needs_kernel
+@pytest.mark.parametrize("flags", ["", "-mno-avx512bf16 -mno-avx512vnni"])  # bf16 pairs and int8 projections, or neither
+def test_decode_tokens_take_the_fused_block_and_decode_as_without_it(rebuilt, tiny, monkeypatch, flags):
+    monkeypatch.setenv("MOE_LOCAL_KERNEL_FLAGS", flags)
+    int8 = moe_local.load(str(tiny[0]), device="cpu", dtype="bf16", resident_dtype="int8", ctx_size=64)
+    assert all((block.fused is not None) == native.library().experts_int8 for block in int8.model.layers)
+    engine = moe_local.load(str(tiny[0]), device="cpu", dtype="bf16", ctx_size=64)
+    results, call = [], cpu_attention.Fused.__call__
+    monkeypatch.setattr(cpu_attention.Fused, "__call__", lambda self, *args: results.append(call(self, *args)) or results[-1])
+
+    def greedy() -> torch.Tensor:
+        token, steps = int(engine.prefill(list(range(3, 15)))[0].argmax()), []
+        for _ in range(6):
+            steps.append(engine.decode_one(token))
+            token = int(steps[-1].argmax())
+        return torch.stack(steps)
+
+    fused = greedy()
+    assert len(results) == 6 * engine.cfg.n_layers and all(r is not None for r in results)  # the prompt's 12 rows: torch's
+    for block in engine.model.layers:
+        block.fused = None
+    unfused = greedy()
+    assert torch.equal(fused.argmax(-1), unfused.argmax(-1))
+    assert (fused - unfused).norm() <= 0.01 * unfused.norm()
