@@ -46,7 +46,7 @@ class BenchConfig:
     experts_dtype: str | None = None  # the experts' format (see experts/formats.py); None: mxfp4 for a
     # preset published in MXFP4 (gpt-oss), else bf16
     group_size: int | None = None  # int4 only
-    resident_dtype: str = "auto"  # int8: the attention projections in int8 (see Options)
+    resident_dtype: str = "auto"  # int8, int4: the attention projections in int8 or int4 (see Options)
     device: str | None = None
     policies: tuple[str, ...] = ("layer-lru", "lru")  # the first is the one reported at the top
     prefetch: bool = True
@@ -350,13 +350,13 @@ def bench(
     options = Options(device=device.type, gpu_memory=gpu_memory, expert_slots=config.expert_slots, ctx_size=ctx_size,
                       prefetch=config.prefetch, prefetch_top=config.prefetch_top, resident_dtype=config.resident_dtype,
                       cpu_experts=config.cpu_experts, cuda_graphs=False)  # --cuda-graphs: one more run with them
-    int8_attention = options.int8_attention
-    beside = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, expert_slots=cfg.n_experts, int8_attention=int8_attention).beside_store_bytes
+    attention = options.attention_dtype
+    beside = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, expert_slots=cfg.n_experts, attention=attention).beside_store_bytes
     experts_dtype = config.experts_dtype or ("mxfp4" if cfg.mxfp4_experts else "bf16")
     fmt, why = choose_format(experts_dtype, cfg, dtype, device.type, config.group_size, beside)
     say(why)
     plan = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, gpu_memory, config.expert_slots,
-                       expert_bytes=fmt.expert_bytes, int8_attention=int8_attention)
+                       expert_bytes=fmt.expert_bytes, attention=attention)
     check_host_ram(host_bytes_needed(plan), f"{plan.total_experts} experts of this geometry")  # before the peer's wait
     result: dict = {"machine": machine(device), "config": {**asdict(config), "n_layers": cfg.n_layers}}
     if result["machine"]["cpu_kernels"] != "built":
@@ -373,14 +373,14 @@ def bench(
     setup = time.perf_counter()
     store = random_store(cfg, fmt, dtype, device, gen, plan.beside_store_bytes, progress, config.pageable)
     model = random_model(cfg, dtype, device, gen)
-    if int8_attention:
-        model.quantize_attention()
+    if attention:
+        model.quantize_attention(attention)
     result["setup_s"] = time.perf_counter() - setup
     if device.type == "cuda":  # as Engine.from_folder does
         workspace = measure_workspace(model, fmt, ctx_size, options.prefill_chunk)
         plan = plan_memory(
             cfg, dtype, device, ctx_size, options.prefill_chunk, plan.budget_bytes, config.expert_slots, workspace, fmt.expert_bytes,
-            int8_attention,
+            attention,
         )
     result["experts_format"] = {"key": fmt.key, "expert_bytes": fmt.expert_bytes, "why": why}
     result["plan"] = plan_report(cfg, plan, ctx_size)
@@ -415,7 +415,7 @@ def bench(
     if config.batch > 1:
         say(f"{options.policy}: {config.batch} sequences decoded together against one, {config.new_tokens} steps")
         batch_plan = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, plan.budget_bytes, config.expert_slots,
-                                 plan.workspace_bytes if plan.workspace_measured else None, fmt.expert_bytes, int8_attention,
+                                 plan.workspace_bytes if plan.workspace_measured else None, fmt.expert_bytes, attention,
                                  config.batch)
         engine = Engine(model, store, batch_plan, replace(variants[0], sequences=config.batch), ctx_size,
                         generation_config={"eos_token_id": []})

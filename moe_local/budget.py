@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import psutil
 import torch
 
+from moe_local import int4
 from moe_local.config import ModelConfig
 from moe_local.errors import BudgetError
 
@@ -107,16 +108,19 @@ def embeddings_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return cfg.vocab_size * cfg.dim * dtype.itemsize
 
 
-def resident_bytes(cfg: ModelConfig, dtype: torch.dtype, int8_attention: bool = False, embeddings: bool = True) -> int:
-    """Bytes of everything but the experts (without the token embeddings unless `embeddings`); with
-    `int8_attention` the attention projections take one byte per weight and a scale (in `dtype`) per output
-    channel."""
+def resident_bytes(cfg: ModelConfig, dtype: torch.dtype, attention: str | None = None, embeddings: bool = True, device_type: str = "cuda") -> int:
+    """Bytes of everything but the experts (without the token embeddings unless `embeddings`); with `attention`
+    "int8" the attention projections take one byte per weight and a scale (in `dtype`) per output channel, with
+    "int4" half a byte per weight and a bf16 scale and zero per group (`int4.group_for`, which refuses shapes
+    `device_type`'s int4 packing cannot take)."""
     total = cfg.resident_numel() * dtype.itemsize - (0 if embeddings else embeddings_bytes(cfg, dtype))
-    if not int8_attention:
+    if attention is None:
         return total
-    attention = cfg.n_layers * cfg.attention_numel
-    scales = cfg.n_layers * cfg.attention_rows * dtype.itemsize
-    return total - attention * (dtype.itemsize - 1) + scales
+    full = cfg.n_layers * cfg.attention_numel * dtype.itemsize
+    if attention == "int8":
+        return total - full + cfg.n_layers * (cfg.attention_numel + cfg.attention_rows * dtype.itemsize)
+    group = int4.group_for(cfg.attention_shapes, device_type)
+    return total - full + cfg.n_layers * (cfg.attention_numel // 2 + cfg.attention_numel // group * 4)
 
 
 def plan_memory(
@@ -129,16 +133,16 @@ def plan_memory(
     expert_slots: int | None = None,
     workspace: int | None = None,
     expert_bytes: int | None = None,
-    int8_attention: bool = False,
+    attention: str | None = None,
     sequences: int = 1,
 ) -> MemoryPlan:
     """Split the budget; `workspace` is a measured peak (see `Engine.from_folder`), else it is estimated;
-    `expert_bytes` is one expert in its format (default: unquantized, in `dtype`); `int8_attention` for
-    `--resident-dtype int8`; `sequences` KV caches of `ctx_size` tokens (the server's `--parallel`)."""
+    `expert_bytes` is one expert in its format (default: unquantized, in `dtype`); `attention` for
+    `--resident-dtype int8` or `int4`; `sequences` KV caches of `ctx_size` tokens (the server's `--parallel`)."""
     total = cfg.n_moe_layers * cfg.n_experts
     expert = expert_bytes or cfg.expert_numel * dtype.itemsize
     on_host = embeddings_on_host(cfg, device)
-    resident = resident_bytes(cfg, dtype, int8_attention, embeddings=not on_host)
+    resident = resident_bytes(cfg, dtype, attention, embeddings=not on_host, device_type=device.type)
     kv = cfg.kv_cache_numel(ctx_size) * dtype.itemsize * sequences
     work = workspace if workspace is not None else workspace_bytes(cfg, dtype, ctx_size, min(prefill_chunk, ctx_size))
     fixed = resident + kv + work

@@ -254,7 +254,7 @@ Device = Annotated[Optional[str], typer.Option("--device", help="cuda or cpu. De
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="Compute dtype: bf16, fp16 or fp32. Default: the checkpoint's.")]
 Prefetch = Annotated[Optional[bool], typer.Option("--prefetch/--no-prefetch", metavar="", help="Predict and load the next layer's experts ahead of time. Default: on.")]
 ExpertsDtype = Annotated[Optional[str], typer.Option("--experts-dtype", help="How the experts are stored and copied: auto (the default), bf16, fp16, fp32, int8 (per-channel, 2x fewer bytes than bf16), int4 (group-wise, ~3.8x fewer) or mxfp4 (gpt-oss's 4.25-bit format, ~3.8x fewer). auto keeps a checkpoint's own MXFP4, else the checkpoint's dtype when the experts fit in RAM with room to spare, else int8, else int4. Quantized experts are cached on disk (MOE_LOCAL_CACHE, default ~/.cache/moe-local; see `moe-local cache`).")]
-ResidentDtype = Annotated[Optional[str], typer.Option("--resident-dtype", help="The weights kept on the GPU: auto (the default: the compute dtype) or int8 (the attention projections in int8, per-channel: about 45% less resident memory for Mixtral, so more expert slots; for 8 GB GPUs).")]
+ResidentDtype = Annotated[Optional[str], typer.Option("--resident-dtype", help="The weights kept on the GPU: auto (the default: the compute dtype), int8 (the attention projections in int8, per-channel: about 45% less resident memory for Mixtral, so more expert slots; for 8 GB GPUs) or int4 (in groups of up to 128, as llama.cpp's Q4_0 files keep them: about two thirds less, and less accurate). On --device cpu they are read for every token, so int4 decodes fastest.")]
 CudaGraphs = Annotated[Optional[bool], typer.Option("--cuda-graphs/--no-cuda-graphs", metavar="", help="Replay each layer's resident work (norms, attention, router) of a decode step as a CUDA graph instead of launching its kernels one by one. Default: on where the device is CUDA (decode 1.3-2.4x faster on an H100).")]
 CpuExperts = Annotated[Optional[str], typer.Option("--cpu-experts", help="Where a missed expert runs: auto (the default: copied to the GPU or run on the CPU from host RAM, whichever a cost model measured at load says finishes first), never (always copied) or always (always on the CPU; the slots keep the hot experts). On --device cpu, auto is never.")]
 GroupSize = Annotated[Optional[int], typer.Option("--group-size", help="int4 group size: 32, 64, 128 or 256. Default 128, or the largest the model's sizes allow.")]
@@ -628,7 +628,7 @@ def plan(
 
         def plan_for(f: ExpertFormat | None):
             return plan_memory(cfg, compute, target, ctx, options.prefill_chunk, gpu_memory, expert_slots,
-                               expert_bytes=f.expert_bytes if f else None, int8_attention=options.int8_attention)
+                               expert_bytes=f.expert_bytes if f else None, attention=options.attention_dtype)
 
         # on the CPU the rest of the model lives in host RAM beside the experts: count it as the load does
         beside = plan_for(None).beside_store_bytes if target.type == "cpu" else 0
@@ -669,7 +669,7 @@ def print_plan(r: dict, cfg, slots_given: bool) -> None:
     rows = [
         ("budget", budget_text),
         ("experts", r["why"]),
-        ("resident weights", format_bytes(r["resident_bytes"]) + (" (attention in int8)" if r["resident_dtype"] == "int8" else "")),
+        ("resident weights", format_bytes(r["resident_bytes"]) + (f" (attention in {r['resident_dtype']})" if r["resident_dtype"] != "auto" else "")),
         *([("token embeddings", f"{format_bytes(r['host_resident_bytes'])}, in host RAM")] if r["host_resident_bytes"] else []),
         (f"KV cache ({r['ctx_size']} tokens)", format_bytes(r["kv_bytes"])),
         ("workspace (estimated)", format_bytes(r["workspace_bytes"])),

@@ -204,22 +204,24 @@ class ModelConfig:
         return shapes | ({"b1": (f,), "b2": (d,), "b3": (f,)} if self.expert_bias else {})
 
     @property
-    def attention_numel(self) -> int:
-        """Weights of one layer's attention projections (the matrices `--resident-dtype int8` quantizes)."""
-        d, hd = self.dim, self.head_dim
+    def attention_shapes(self) -> list[tuple[int, int]]:
+        """[N, K] of each of one layer's attention projections (the matrices `--resident-dtype` quantizes)."""
+        d, hd, h = self.dim, self.head_dim, self.n_heads
         if self.mla is None:
-            return d * hd * (self.n_heads * 2 + self.n_kv_heads * 2)
-        m, h = self.mla, self.n_heads  # kv_b stays unquantized (see LatentAttention.quantize)
-        q = d * h * m.qk_dim if m.q_lora_rank is None else d * m.q_lora_rank + m.q_lora_rank * h * m.qk_dim
-        return q + d * (m.kv_lora_rank + m.rope_dim) + h * m.v_dim * d
+            return [((h + 2 * self.n_kv_heads) * hd, d), (d, h * hd)]  # q|k|v, o
+        m = self.mla  # kv_b stays unquantized (see LatentAttention.quantize)
+        q = [(h * m.qk_dim, d)] if m.q_lora_rank is None else [(m.q_lora_rank, d), (h * m.qk_dim, m.q_lora_rank)]
+        return [*q, (m.kv_lora_rank + m.rope_dim, d), (d, h * m.v_dim)]
+
+    @property
+    def attention_numel(self) -> int:
+        """Weights of one layer's attention projections."""
+        return sum(n * k for n, k in self.attention_shapes)
 
     @property
     def attention_rows(self) -> int:
         """Output channels of one layer's attention projections (one int8 scale each)."""
-        if self.mla is None:
-            return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim + self.dim
-        m, h = self.mla, self.n_heads
-        return h * m.qk_dim + (m.q_lora_rank or 0) + m.kv_lora_rank + m.rope_dim + self.dim
+        return sum(n for n, _ in self.attention_shapes)
 
     def attention_extra_numel(self) -> int:
         """One layer's attention parameters beside the matrices of `attention_numel`: biases, norms (and MLA's kv_b)."""

@@ -14,6 +14,7 @@ import ctypes
 import torch
 
 from moe_local import native
+from moe_local.int4 import Int4Linear
 from moe_local.int8 import Int8Linear
 
 # Queries per KV head up to which the kernel is the faster (its time grows with each query, SDPA's less),
@@ -75,7 +76,7 @@ def _head_stride(t: torch.Tensor) -> int | None:
 
 
 class _Proj(ctypes.Structure):  # `Proj` in cpu_kernels.c
-    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("n", ctypes.c_int), ("k", ctypes.c_int)]
+    _fields_ = [*((name, ctypes.c_void_p) for name in ("w", "scale", "bias")), *((name, ctypes.c_int) for name in ("n", "k", "group"))]
 
 
 class _Layer(ctypes.Structure):  # `AttentionLayer` in cpu_kernels.c
@@ -89,7 +90,7 @@ class _Layer(ctypes.Structure):  # `AttentionLayer` in cpu_kernels.c
 
 class Fused:
     """A decode token's way through a layer's resident attention block in one kernel call (`attention_step` in
-    `cpu_kernels.c`): the attention norm, the q|k|v projection (bf16, or int8: `--resident-dtype int8`), the
+    `cpu_kernels.c`): the attention norm, the q|k|v projection (bf16, or `--resident-dtype` int8 or int4), the
     q/k norms, rope, the cache write, attention, the output projection, the residual sum and the MoE's norm.
     `Block.forward` takes it for one token on the CPU in bf16, where the same steps as torch operations cost
     ~25 interpreter round trips a layer. It rounds where they do (see the kernel's comment); the order of the
@@ -144,22 +145,28 @@ class Fused:
 
 
 def _projection(linear, lib) -> tuple[_Proj, list[torch.Tensor]] | None:
-    """A bf16 `nn.Linear` or an `Int8Linear` with bf16 scales as the kernel's `Proj`, with the tensors it points
-    into; None for anything else (or int8 without AVX512-VNNI)."""
-    bias = linear.bias
+    """A bf16 `nn.Linear`, an `Int8Linear` with bf16 scales or an `Int4Linear` in the CPU's layout as the kernel's
+    `Proj`, with the tensors it points into; None for anything else, sizes it does not take, or int8 and int4
+    where the CPU lacks their kernels (AVX512-VNNI; and VBMI)."""
+    bias, group = linear.bias, 0
     if bias is not None and bias.dtype != torch.bfloat16:
         return None
-    if isinstance(linear, Int8Linear):
-        if not lib.experts_int8 or linear.scale.dtype != torch.bfloat16 or linear.weight.shape[1] % 32:
+    if isinstance(linear, Int4Linear):
+        n, k = linear.out_features, linear.in_features
+        if not lib.experts_int4 or linear.layout != "cpu" or n % 64 or k % linear.group:
+            return None
+        tensors, group = [linear.weight, linear.scale_zero], linear.group
+    elif isinstance(linear, Int8Linear):
+        (n, k) = linear.weight.shape
+        if not lib.experts_int8 or linear.scale.dtype != torch.bfloat16 or k % 32 or n % 8:
             return None
         tensors = [linear.weight, linear.scale]
-    elif linear.weight.dtype == torch.bfloat16:
-        tensors = [linear.weight.detach()]
+    elif linear.weight.dtype == torch.bfloat16 and linear.weight.shape[0] % 8 == 0 and linear.weight.shape[1] % 32 == 0:
+        (n, k), tensors = linear.weight.shape, [linear.weight.detach()]
     else:
         return None
-    if any(not t.is_contiguous() for t in tensors) or linear.weight.shape[0] % 8:
+    if any(not t.is_contiguous() for t in tensors):
         return None
-    n, k = linear.weight.shape
     w, scale = tensors[0].data_ptr(), tensors[1].data_ptr() if len(tensors) == 2 else None
     tensors += [bias.detach()] if bias is not None else []
-    return _Proj(w, scale, None if bias is None else bias.data_ptr(), n, k), tensors
+    return _Proj(w, scale, None if bias is None else bias.data_ptr(), n, k, group), tensors

@@ -919,6 +919,36 @@ int experts_swiglu_int4_tc(const uint16_t* x, int D, int F, int E, const int* st
 #endif
 }
 
+/* int4_linear: y [R, N] (bf16, rounded once) = x [R, K] times int4 matrix w [N, K] in the CPU's layout, sz its
+   (scale, zero) pairs [K / G, N, 2], read as experts_swiglu_int4 reads them (`--resident-dtype int4`'s
+   projections, `moe_local/int4.py`), where `_weight_int4pack_mm_for_cpu` widens every weight to fp32: 64
+   outputs a work item. N a multiple of 64, K of G, G of 32; 0, 1 for sizes it cannot take (or a CPU without
+   AVX512-VNNI and VBMI), 2 out of memory. */
+int int4_linear(const uint16_t* x, int R, int K, const uint8_t* w, const uint16_t* sz, int N, int G, uint16_t* y, int threads) {
+#ifndef INT4_BYTES
+    (void)x, (void)R, (void)K, (void)w, (void)sz, (void)N, (void)G, (void)y, (void)threads;
+    return 1;
+#else
+    if (N % 64 || G < 32 || G % 32 || K % G || R < 1) return 1;
+    Int8Rows xq;
+    if (!int8_rows(&xq, R, K, G)) return free_int8_rows(&xq), 2;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int r = 0; r < R; r++) to_int8_blocks(x + (size_t)r * K, K, G, &xq, r);
+#pragma omp for schedule(static)
+        for (int n = 0; n < N; n += 64)
+            for (int r = 0; r < R; r++) {
+                float out[64];
+                dot64_i4(w + (size_t)n * K / 2, sz + 2 * n, N, K, G, &xq, r, out);
+                for (int j = 0; j < 64; j++) y[(size_t)r * N + n + j] = to_bf16(out[j]);
+            }
+    }
+    free_int8_rows(&xq);
+    return 0;
+#endif
+}
+
 /* attention_step: one decode token through a layer's resident attention block, for `moe_local/cpu_attention.py`
    (`Fused`): x' = x + o(attention(rope(qkv(norm(x))))) and h = ffn_norm(x'), the MoE's input, in one call where
    torch takes ~25 operations a layer (and the interpreter between them most of the time: ~150 us a layer of
@@ -930,10 +960,11 @@ int experts_swiglu_int4_tc(const uint16_t* x, int D, int F, int E, const int* st
    all that differs from the torch operations. The key and value of the token are written at position pos of
    the caches (head h's position s at h * head + s * head_dim); the token attends to positions 0 .. pos. */
 typedef struct {
-    const void* w;         /* [N, K]: bf16, or int8 with one bf16 scale per row (scale [N]) */
+    const void* w;         /* [N, K]: bf16; int8 with one bf16 scale per row (scale [N]); int4 in groups of `group`
+                              in the CPU's layout (scale: the (scale, zero) pairs [K / group, N, 2], as int4_linear) */
     const uint16_t* scale; /* NULL: bf16 */
     const uint16_t* bias;  /* [N] bf16, or NULL */
-    int N, K;
+    int N, K, group;       /* group 0: not int4 */
 } Proj;
 
 typedef struct {
@@ -955,19 +986,86 @@ static void rms_norm(const uint16_t* x, int n, const uint16_t* w, float eps, uin
     for (int i = 0; i < n; i++) out[i] = to_bf16(from_bf16(to_bf16(from_bf16(x[i]) * r)) * from_bf16(w[i]));
 }
 
-/* y [N] = the product of p with a (bf16; int8 weights: its int16 form aq times as), rows split between the
-   threads of the enclosing parallel region */
-static void project(const Proj* p, const uint16_t* a, const int16_t* aq, float as, uint16_t* y) {
+/* what a projection's kernel takes of activation row a: a itself (bf16 weights), its int16 form q times
+   scale (int8), or its int8 blocks (int4: an Int8Rows of one row) */
+typedef struct {
+    const uint16_t* a;
+    int16_t* q;
+    float scale;
+    void* blocks;
+} Act;
+
+/* act for p's product with a; 0, or 2 out of memory (then `release` it all the same) */
+static int prepare(const Proj* p, const uint16_t* a, Act* act) {
+    (void)p;
+    act->a = a, act->q = NULL, act->scale = 0.f, act->blocks = NULL;
+#ifdef INT4_BYTES
+    if (p->group) {
+        Int8Rows* b = act->blocks = calloc(1, sizeof(Int8Rows));
+        if (!b || !int8_rows(b, 1, p->K, p->group)) return 2;
+        to_int8_blocks(a, p->K, p->group, b, 0);
+        return 0;
+    }
+#endif
+#ifdef INT8_PAIRS
+    if (p->scale) {
+        if (!(act->q = malloc(sizeof(int16_t) * p->K))) return 2;
+        act->scale = to_int16(a, p->K, act->q);
+    }
+#endif
+    return 0;
+}
+
+static void release(Act* act) {
+#ifdef INT4_BYTES
+    if (act->blocks) free_int8_rows(act->blocks);
+#endif
+    free(act->blocks), free(act->q);
+}
+
+/* y[n .. n + W - 1] from the products out[0 .. W - 1]: rounded once, or (int8, int4) rounded and the bias added as
+   `Int8Linear` and `Int4Linear` add it; bf16 weights add theirs before the rounding, as torch's linear */
+static inline void finish(const Proj* p, const float* out, int n, int W, uint16_t* y) {
+    for (int j = 0; j < W; j++) {
+        if (!p->bias) y[n + j] = to_bf16(out[j]);
+        else if (p->scale) y[n + j] = to_bf16(from_bf16(to_bf16(out[j])) + from_bf16(p->bias[n + j]));
+        else y[n + j] = to_bf16(out[j] + from_bf16(p->bias[n + j]));
+    }
+}
+
+/* y [N] = p times act's row, the rows split between the threads of the enclosing parallel region */
+static void project(const Proj* p, const Act* act, uint16_t* y) {
+#ifdef INT4_BYTES
+    if (p->group) {
+#pragma omp for schedule(static)
+        for (int n = 0; n < p->N; n += 64) {
+            float out[64];
+            dot64_i4((const uint8_t*)p->w + (size_t)n * p->K / 2, p->scale + 2 * n, p->N, p->K, p->group, act->blocks, 0, out);
+            finish(p, out, n, 64, y);
+        }
+        return;
+    }
+#endif
 #pragma omp for schedule(static)
     for (int n = 0; n < p->N; n += 8) {
         float out[8];
-        _mm256_storeu_ps(out, product8(p->w, p->scale, n, p->K, a, aq, as));
-        for (int j = 0; j < 8; j++) {
-            if (!p->bias) y[n + j] = to_bf16(out[j]);
-            else if (p->scale) y[n + j] = to_bf16(from_bf16(to_bf16(out[j])) + from_bf16(p->bias[n + j]));
-            else y[n + j] = to_bf16(out[j] + from_bf16(p->bias[n + j]));
-        }
+        _mm256_storeu_ps(out, product8(p->w, p->scale, n, p->K, act->a, act->q, act->scale));
+        finish(p, out, n, 8, y);
     }
+}
+
+/* 1 where the kernel cannot take p: sizes, or a kind this build has no kernel for */
+static int unusable(const Proj* p) {
+    if (p->group) {
+#ifndef INT4_BYTES
+        return 1;
+#endif
+        return p->N % 64 || p->group % 32 || p->K % p->group;
+    }
+#ifndef INT8_PAIRS
+    if (p->scale) return 1;
+#endif
+    return p->N % 8 || p->K % 32;
 }
 
 /* the first rd of v's dimensions rotated as `apply_rope` does: v * cos + roll(v, rd / 2) * sin, each term and
@@ -982,47 +1080,41 @@ static void rope(uint16_t* v, int rd, const uint16_t* cos, const uint16_t* sin) 
     }
 }
 
-/* 0, 1 for sizes it cannot take (or int8 projections without AVX512-VNNI), 2 out of memory */
+/* 0, 1 for sizes it cannot take (or int8 or int4 projections on a CPU without their kernels), 2 out of memory */
 int attention_step(const AttentionLayer* L, const uint16_t* x, const uint16_t* cos, const uint16_t* sin, uint16_t* k_cache,
                    uint16_t* v_cache, long head, int positions, int pos, uint16_t* x_out, uint16_t* h_out, int threads) {
     const int D = L->dim, H = L->heads, Hkv = L->kv_heads, hd = L->head_dim, Nq = H * hd;
-    if (D % 32 || hd % 8 || L->rot_dim % 2 || L->rot_dim > hd || H % Hkv || pos < 0 || pos >= positions ||
-        L->qkv.N != (H + 2 * Hkv) * hd || L->qkv.K != D || L->o.N != D || L->o.K != Nq || Nq % 32)
+    if (D % 32 || hd % 8 || L->rot_dim % 2 || L->rot_dim > hd || H % Hkv || pos < 0 || pos >= positions || unusable(&L->qkv) ||
+        unusable(&L->o) || L->qkv.N != (H + 2 * Hkv) * hd || L->qkv.K != D || L->o.N != D || L->o.K != Nq)
         return 1;
-#ifndef INT8_PAIRS
-    if (L->qkv.scale || L->o.scale) return 1;
-#endif
     uint16_t *a = malloc(sizeof(uint16_t) * D), *qkv = malloc(sizeof(uint16_t) * L->qkv.N), *att = malloc(sizeof(uint16_t) * Nq);
-    int16_t* aq = malloc(sizeof(int16_t) * (D > Nq ? D : Nq));
-    if (!a || !qkv || !att || !aq) return free(a), free(qkv), free(att), free(aq), 2;
-    float as = 0.f;
-    rms_norm(x, D, L->attention_norm, L->eps, a);
-#ifdef INT8_PAIRS
-    if (L->qkv.scale) as = to_int16(a, D, aq);
-#endif
-#pragma omp parallel num_threads(threads)
-    project(&L->qkv, a, aq, as, qkv);
-    uint16_t *q = qkv, *k = qkv + Nq, *v = k + Hkv * hd;
-    if (L->qk_norm == 1)
-        for (int i = 0; i < H + Hkv; i++) rms_norm(qkv + i * hd, hd, i < H ? L->q_norm : L->k_norm, L->eps, qkv + i * hd);
-    else if (L->qk_norm == 2)
-        rms_norm(q, Nq, L->q_norm, L->eps, q), rms_norm(k, Hkv * hd, L->k_norm, L->eps, k);
-    for (int i = 0; i < H + Hkv; i++) rope(qkv + i * hd, L->rot_dim, cos, sin);
-    for (int i = 0; i < Hkv; i++) {
-        memcpy(k_cache + i * head + (long)pos * hd, k + i * hd, sizeof(uint16_t) * hd);
-        memcpy(v_cache + i * head + (long)pos * hd, v + i * hd, sizeof(uint16_t) * hd);
-    }
-    int code = attend(q, Hkv, H / Hkv, hd, pos + 1, k_cache, head, hd, v_cache, head, hd, hd, 1, L->scale, NULL, 0, 0, L->sinks, att, threads);
+    Act in = {0}, out = {0};
+    int code = !a || !qkv || !att ? 2 : 0;
+    if (!code) rms_norm(x, D, L->attention_norm, L->eps, a), code = prepare(&L->qkv, a, &in);
     if (!code) {
-#ifdef INT8_PAIRS
-        if (L->o.scale) as = to_int16(att, Nq, aq);
-#endif
 #pragma omp parallel num_threads(threads)
-        project(&L->o, att, aq, as, a);
+        project(&L->qkv, &in, qkv);
+        uint16_t *q = qkv, *k = qkv + Nq, *v = k + Hkv * hd;
+        if (L->qk_norm == 1)
+            for (int i = 0; i < H + Hkv; i++) rms_norm(qkv + i * hd, hd, i < H ? L->q_norm : L->k_norm, L->eps, qkv + i * hd);
+        else if (L->qk_norm == 2)
+            rms_norm(q, Nq, L->q_norm, L->eps, q), rms_norm(k, Hkv * hd, L->k_norm, L->eps, k);
+        for (int i = 0; i < H + Hkv; i++) rope(qkv + i * hd, L->rot_dim, cos, sin);
+        for (int i = 0; i < Hkv; i++) {
+            memcpy(k_cache + i * head + (long)pos * hd, k + i * hd, sizeof(uint16_t) * hd);
+            memcpy(v_cache + i * head + (long)pos * hd, v + i * hd, sizeof(uint16_t) * hd);
+        }
+        code = attend(q, Hkv, H / Hkv, hd, pos + 1, k_cache, head, hd, v_cache, head, hd, hd, 1, L->scale, NULL, 0, 0, L->sinks, att, threads);
+    }
+    if (!code) code = prepare(&L->o, att, &out);
+    if (!code) {
+#pragma omp parallel num_threads(threads)
+        project(&L->o, &out, a);
         for (int i = 0; i < D; i++) x_out[i] = to_bf16(from_bf16(x[i]) + from_bf16(a[i]));
         rms_norm(x_out, D, L->ffn_norm, L->eps, h_out);
     }
-    free(a), free(qkv), free(att), free(aq);
+    release(&in), release(&out);
+    free(a), free(qkv), free(att);
     return code;
 }
 

@@ -30,7 +30,7 @@ from moe_local.model import KVCache, KVPool, Transformer
 from moe_local.tokenizer import Tokenizer, load_tokenizer
 
 
-RESIDENT_DTYPES = ("auto", "int8")
+RESIDENT_DTYPES = ("auto", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Options:
     prefill_chunk: int = 512  # tokens per prefill step: bounds the workspace
     experts_dtype: str = "auto"  # see experts/formats.py: auto, bf16, fp16, fp32, int8, int4
     group_size: int | None = None  # int4 group size; default 128 (or the largest of 64, 32 the model allows)
-    resident_dtype: str = "auto"  # auto: the compute dtype; int8: the attention projections in int8
+    resident_dtype: str = "auto"  # auto: the compute dtype; int8, int4: the attention projections in int8 or int4
     sequences: int = 1  # KV caches to plan for: one per request decoded together (`serve --parallel`)
     cpu_experts: str = "auto"  # where misses run: auto (experts/cpu.py's cost model), never (copied), always (CPU)
     # one-token steps replay a CUDA graph per layer for its resident work (graphs.py); None: where the device is
@@ -75,8 +75,9 @@ class Options:
             raise ConfigError(f"unknown --cpu-experts {self.cpu_experts!r} (choose from {', '.join(CPU_EXPERTS)})")
 
     @property
-    def int8_attention(self) -> bool:
-        return self.resident_dtype == "int8"
+    def attention_dtype(self) -> str | None:
+        """int8 or int4 where `resident_dtype` quantizes the attention projections, else None."""
+        return None if self.resident_dtype == "auto" else self.resident_dtype
 
     def compute_dtype(self, checkpoint_dtype: torch.dtype) -> torch.dtype:
         return DTYPES[self.dtype] if self.dtype else checkpoint_dtype
@@ -181,12 +182,12 @@ class Engine:
         dtype = options.compute_dtype(ckpt.dtype)
         ctx_size = options.context_size(cfg)
         # on the CPU the resident part and the slots take host RAM too: `auto` counts them (slots as if bf16)
-        int8_attention = options.int8_attention
-        beside = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, int8_attention=int8_attention, sequences=options.sequences).beside_store_bytes if device.type == "cpu" else 0
+        attention = options.attention_dtype
+        beside = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, attention=attention, sequences=options.sequences).beside_store_bytes if device.type == "cpu" else 0
         fmt, why = choose_format(options.experts_dtype, cfg, dtype, device.type, options.group_size, beside)
         plan = plan_memory(
             cfg, dtype, device, ctx_size, options.prefill_chunk, options.gpu_memory, options.expert_slots,
-            expert_bytes=fmt.expert_bytes, int8_attention=int8_attention, sequences=options.sequences,
+            expert_bytes=fmt.expert_bytes, attention=attention, sequences=options.sequences,
         )
         notes = [why]
         # Read the small files first, so that a broken one fails before the slow part.
@@ -204,16 +205,16 @@ class Engine:
             model = Transformer.from_state_dict(cfg, ckpt.resident_state_dict(dtype, device, host), device)
         finally:
             ckpt.close()
-        if int8_attention:
-            model.quantize_attention()
-            notes.append("attention weights in int8 (--resident-dtype int8)")
+        if attention:
+            model.quantize_attention(attention)
+            notes.append(f"attention weights in {attention} (--resident-dtype {attention})")
         if device.type == "cpu" and (why_not := native.unavailable()):
             notes.append(f"moe-local's CPU kernels are not built, torch's are slower (decode attention ~1.5x, MXFP4 experts ~18x): {why_not}")
         if device.type == "cuda":  # replace the estimated workspace by a measured one before sizing the pool
             workspace = measure_workspace(model, fmt, ctx_size, options.prefill_chunk)
             plan = plan_memory(
                 cfg, dtype, device, ctx_size, options.prefill_chunk, plan.budget_bytes, options.expert_slots, workspace,
-                fmt.expert_bytes, int8_attention, options.sequences,
+                fmt.expert_bytes, attention, options.sequences,
             )
         return cls(model, store, plan, options, ctx_size, tokenizer, generation_config, folder, notes)
 

@@ -7,15 +7,16 @@ for every family."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_local import cpu_attention
+from moe_local import cpu_attention, int4
 from moe_local.config import ModelConfig
 from moe_local.cpu_matmul import onednn
+from moe_local.int4 import Int4Linear
 from moe_local.int8 import Int8Linear
 from moe_local.routing import route
 
@@ -141,8 +142,8 @@ class Attention(nn.Module):
     def cache_shapes(cfg: ModelConfig, ctx_size: int, layer: int) -> list[tuple[int, ...]]:
         return [(cfg.n_kv_heads, cfg.cache_positions(layer, ctx_size), cfg.head_dim)] * 2  # keys, values
 
-    def quantize(self) -> None:
-        self.wqkv, self.wo = Int8Linear.from_linear(self.wqkv), Int8Linear.from_linear(self.wo)
+    def quantize(self, make: Callable[[nn.Linear], nn.Module]) -> None:
+        self.wqkv, self.wo = make(self.wqkv), make(self.wo)
 
     def forward(self, x, cos, sin, cache: tuple[torch.Tensor, ...], pos: int) -> torch.Tensor:
         q, k, v = self._project(x, cos, sin)
@@ -284,13 +285,13 @@ class LatentAttention(nn.Module):
     def cache_shapes(cfg: ModelConfig, ctx_size: int, layer: int) -> list[tuple[int, ...]]:
         return [(ctx_size, cfg.mla.kv_lora_rank + cfg.mla.rope_dim)]
 
-    def quantize(self) -> None:
-        """int8 for every projection but kv_b, which the absorbed attention reads as per-head slices."""
+    def quantize(self, make: Callable[[nn.Linear], nn.Module]) -> None:
+        """Every projection but kv_b, which the absorbed attention reads as per-head slices."""
         if isinstance(self.wq, nn.Sequential):
-            self.wq[0], self.wq[2] = Int8Linear.from_linear(self.wq[0]), Int8Linear.from_linear(self.wq[2])
+            self.wq[0], self.wq[2] = make(self.wq[0]), make(self.wq[2])
         else:
-            self.wq = Int8Linear.from_linear(self.wq)
-        self.wkv_a, self.wo = Int8Linear.from_linear(self.wkv_a), Int8Linear.from_linear(self.wo)
+            self.wq = make(self.wq)
+        self.wkv_a, self.wo = make(self.wkv_a), make(self.wo)
 
     def forward(self, x, cos, sin, cache: tuple[torch.Tensor, ...], pos: int) -> torch.Tensor:
         query, entry = self._project(x, cos, sin)
@@ -555,11 +556,17 @@ class Transformer(nn.Module):
         """The MoE layers' routers, in order (index = the runtime's layer ordinal)."""
         return [layer.ffn.router for layer in self.layers if isinstance(layer.ffn, MoE)]
 
-    def quantize_attention(self) -> None:
-        """`--resident-dtype int8`: the attention projections (most of the resident weights) as int8 with
-        one scale per output channel, quantized on their device, one matrix at a time."""
+    def quantize_attention(self, dtype: str) -> None:
+        """`--resident-dtype int8` or `int4`: the attention projections (most of the resident weights) as int8
+        with one scale per output channel, or int4 in groups (`int4.group_for` the model's shapes), quantized
+        on their device, one matrix at a time."""
+        if dtype == "int4":
+            group = int4.group_for(self.cfg.attention_shapes, self.output.weight.device.type)
+            make = lambda linear: Int4Linear.from_linear(linear, group)  # noqa: E731
+        else:
+            make = Int8Linear.from_linear
         for layer in self.layers:
-            layer.attention.quantize()
+            layer.attention.quantize(make)
 
     def fuse_decode(self) -> int:
         """On the CPU, after any quantization: each layer's attention block as one kernel call for a decode

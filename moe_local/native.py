@@ -75,6 +75,8 @@ def library() -> ctypes.CDLL | str:
     lib.experts_swiglu_int4_tc.restype = c_int
     lib.int8_linear.argtypes = [c_void_p, c_int, c_int, c_void_p, c_void_p, c_int, c_void_p, c_int]
     lib.int8_linear.restype = c_int
+    lib.int4_linear.argtypes = [c_void_p, c_int, c_int, c_void_p, c_void_p, c_int, c_int, c_void_p, c_int]
+    lib.int4_linear.restype = c_int
     lib.attention_step.argtypes = [c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_long, c_int, c_int, c_void_p, c_void_p, c_int]
     lib.attention_step.restype = c_int
     return lib

@@ -2,7 +2,7 @@
 machine's noise falls on both alike: blocks of greedy decode tokens after a prompt, alternating the
 kernels and torch's paths (the kernels' callers patched to decline), the medians compared.
 
-    python scripts/cpu_kernels_ab.py /tmp/cpu-peer/hf --experts-dtype int4 --resident-dtype int8 --prompt-tokens 900
+    python scripts/cpu_kernels_ab.py /tmp/cpu-peer/hf --experts-dtype int4 --resident-dtype int4 --prompt-tokens 900
 
 The model folder is any checkpoint (e.g. the one `scripts/cpu_vs_llama_cpp.py make` writes; default: the
 demo model). Prints one line per run: tok/s with each and the ratio."""
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import moe_local
-from moe_local import cpu_attention, int8
+from moe_local import cpu_attention, int4, int8
 from moe_local.experts import formats, mxfp4
 
 DEMO = Path(moe_local.__file__).parent / "demo"
@@ -38,13 +38,17 @@ def main() -> None:
     engine = moe_local.load(args.model, device="cpu", experts_dtype=args.experts_dtype, resident_dtype=args.resident_dtype,
                             ctx_size=args.prompt_tokens + args.tokens + 1)
     prompt = [1] + [100 * (i + 1) % 2000 + 3 for i in range(args.prompt_tokens - 1)]
-    attend, rows, grouped, linear = cpu_attention.attend, mxfp4.NATIVE_MAX_ROWS, formats.GROUPED_MAX_ROWS, int8.KERNEL_MAX_ROWS
+    attend, rows, grouped = cpu_attention.attend, mxfp4.NATIVE_MAX_ROWS, formats.GROUPED_MAX_ROWS
+    linear, linear4, fused = int8.KERNEL_MAX_ROWS, int4.KERNEL_MAX_ROWS, [block.fused for block in engine.model.layers]
 
     def use(kernels: bool) -> None:
         cpu_attention.attend = attend if kernels else (lambda *a: None)
         mxfp4.NATIVE_MAX_ROWS = rows if kernels else 0
         formats.GROUPED_MAX_ROWS = grouped if kernels else 0
         int8.KERNEL_MAX_ROWS = linear if kernels else 0
+        int4.KERNEL_MAX_ROWS = linear4 if kernels else 0
+        for block, step in zip(engine.model.layers, fused):
+            block.fused = step if kernels else None
 
     def block() -> float:
         token = int(engine.prefill(prompt)[0].argmax())  # the prompt's cache is reused: only its last token runs again

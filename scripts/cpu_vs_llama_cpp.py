@@ -4,14 +4,14 @@
     python scripts/cpu_vs_llama_cpp.py run /tmp/cpu-peer --rounds 2 --tokens 64
     python scripts/cpu_vs_llama_cpp.py run /tmp/cpu-peer --rounds 2 --tokens 64 --prompt-tokens 900   # a chat's context
 
-`make` writes a random Mixtral checkpoint (dim 1024, 8 experts of 2816, 8 layers: 576 M parameters, bf16,
-the demo model's tokenizer) and converts it with llama.cpp's converter (LLAMA_CPP_TOOLS, default
-/work/shared/tools/llama-cpp). `run` decodes `--tokens` greedy tokens after a prompt of `--prompt-tokens` with each
-engine and format pair (bf16 vs bf16, q8_0 vs int8, q4_0 vs int4; llama.cpp's quantized files hold the
-attention projections quantized too, so those moe-local runs use `--resident-dtype int8`), one after the other, `--rounds`
-times (interleaved, so that a noisy shared machine slows both alike), each in its own process with the
-same thread count; it prints one markdown row per pair with both speeds and their ratio. llama.cpp runs
-in the Python of LLAMA_PYTHON (default /tmp/llama/bin/python, the venv its README describes)."""
+`make` writes a random Mixtral checkpoint (dim 1024, 8 experts of 2816, 8 layers: 576 M parameters, bf16, the
+demo model's tokenizer) and converts it with llama.cpp's converter (LLAMA_CPP_TOOLS, default
+/work/shared/tools/llama-cpp). `run` decodes `--tokens` greedy tokens after a prompt of `--prompt-tokens` with
+each engine and format pair (bf16 vs bf16, q8_0 vs int8, q4_0 vs int4; llama.cpp's quantized files hold the
+attention projections quantized too, so those moe-local runs use `--resident-dtype int8` and `int4`), one after
+the other, `--rounds` times (interleaved, so that a noisy shared machine slows both alike), each in its own
+process with the same thread count; it prints one markdown row per pair with both speeds and their ratio.
+llama.cpp runs in the Python of LLAMA_PYTHON (default /tmp/llama/bin/python, the venv its README describes)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ TOOLS = Path(os.environ.get("LLAMA_CPP_TOOLS", "/work/shared/tools/llama-cpp"))
 LLAMA_PYTHON = os.environ.get("LLAMA_PYTHON", "/tmp/llama/bin/python")
 DEMO = Path(__file__).resolve().parent.parent / "moe_local" / "demo"
 # llama.cpp's file; moe-local's --experts-dtype and --resident-dtype. llama.cpp's q8_0 and q4_0 files quantize
-# the attention projections too, so the nearest moe-local runs keep them in int8.
-PAIRS = [("bf16", "bf16", "auto"), ("q8_0", "int8", "int8"), ("q4_0", "int4", "int8")]
+# the attention projections too, so the nearest moe-local runs do as well.
+PAIRS = [("bf16", "bf16", "auto"), ("q8_0", "int8", "int8"), ("q4_0", "int4", "int4")]
 
 
 def prompt_ids(n: int) -> list[int]:

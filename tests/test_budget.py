@@ -11,7 +11,7 @@ import torch
 import moe_local
 
 from conftest import moe_local_cli
-from moe_local.budget import host_bytes_needed, plan_memory, plan_report
+from moe_local.budget import host_bytes_needed, plan_memory, plan_report, resident_bytes
 from moe_local.checkpoint import Checkpoint
 from moe_local.config import preset_config
 from moe_local.errors import BudgetError, ConfigError
@@ -46,15 +46,25 @@ def test_plan_for_mixtral_8x7b_on_a_gpu_budget(budget, slots):
     assert report["host_bytes_available"] > 0
 
 
-def test_int8_attention_halves_the_attention_bytes_and_buys_slots():
+def test_int8_and_int4_attention_take_fewer_attention_bytes_and_buy_slots():
     cfg = preset_config("mixtral-8x7b")
     dense = plan_memory(cfg, torch.bfloat16, CUDA, 4096, 512, "12GiB")
-    int8 = plan_memory(cfg, torch.bfloat16, CUDA, 4096, 512, "12GiB", int8_attention=True)
+    int8 = plan_memory(cfg, torch.bfloat16, CUDA, 4096, 512, "12GiB", attention="int8")
+    int4 = plan_memory(cfg, torch.bfloat16, CUDA, 4096, 512, "12GiB", attention="int4")
     attention = 32 * (4096 * 6144 + 4096 * 4096)  # wqkv [(32 + 2 x 8) x 128, 4096] and wo [4096, 4096] per layer
     scales = 32 * (6144 + 4096) * 2  # one bf16 scale per output channel
     assert dense.resident_bytes - int8.resident_bytes == attention - scales
+    groups = attention // 128 * 4  # a bf16 scale and zero per 128 weights of a row
+    assert dense.resident_bytes - int4.resident_bytes == attention * 2 - attention // 2 - groups
     assert round(int8.resident_bytes / dense.resident_bytes, 2) == 0.55
-    assert (dense.expert_slots, int8.expert_slots) == (25, 29)  # 1.25 GiB more for bf16 experts of 336 MiB
+    assert round(int4.resident_bytes / dense.resident_bytes, 2) == 0.33
+    assert (dense.expert_slots, int8.expert_slots, int4.expert_slots) == (25, 29, 31)  # bf16 experts of 336 MiB
+
+
+def test_int4_attention_refuses_shapes_its_packing_cannot_take():
+    cfg = preset_config("tiny")
+    with pytest.raises(ConfigError, match="int4 on CPU needs matrices of a multiple of 16 rows by a multiple of 32 columns, and this model has one of 24 x 256"):
+        resident_bytes(replace(cfg, n_heads=1, n_kv_heads=1, head_dim=8), torch.bfloat16, "int4", device_type="cpu")
 
 
 def test_beside_a_gpu_the_token_embeddings_live_in_host_ram_unless_lm_head_shares_them():
@@ -128,7 +138,7 @@ def test_plan_command_errors_are_one_line():
         (["--preset", "mixtral-8x7b", "--gpu-memory", "2GiB", "--experts-dtype", "bf16"], "need at least 3.82 GiB"),
         (["--preset", "mixtral-8x7b", "--gpu-memory", "lots"], "cannot read memory size 'lots'"),
         (["some/model", "--preset", "tiny"], "not both"),
-        (["--preset", "mixtral-8x7b", "--gpu-memory", "12GiB", "--resident-dtype", "int4"], "unknown resident dtype 'int4' (choose from auto, int8)"),
+        (["--preset", "mixtral-8x7b", "--gpu-memory", "12GiB", "--resident-dtype", "int2"], "unknown resident dtype 'int2' (choose from auto, int8, int4)"),
     ]:
         result = moe_local_cli("plan", *args)
         assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr

@@ -55,11 +55,12 @@ def test_run_output_is_the_same_for_any_budget_and_policy(tiny):
     assert few["tokens"] == budget["tokens"] == global_lru["tokens"]
 
 
-def test_run_with_int8_attention_says_so_and_plans_for_it(tiny):
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_run_with_quantized_attention_says_so_and_plans_for_it(tiny, dtype):
     folder, _ = tiny
-    result = moe_local_cli("run", str(folder), "-p", PROMPT, "-n", "4", "--raw", "--json", "--device", "cpu", "--resident-dtype", "int8")
+    result = moe_local_cli("run", str(folder), "-p", PROMPT, "-n", "4", "--raw", "--json", "--device", "cpu", "--resident-dtype", dtype)
     assert result.returncode == 0, result.stderr
-    assert "attention weights in int8 (--resident-dtype int8)" in result.stderr
+    assert f"attention weights in {dtype} (--resident-dtype {dtype})" in result.stderr
     plan = json.loads(result.stdout)["stats"]["memory_plan"]
     assert plan["resident_bytes"] < run_json(folder)["stats"]["memory_plan"]["resident_bytes"]
 
@@ -188,7 +189,7 @@ def cli_in_process(monkeypatch, capsys, *args: str) -> subprocess.CompletedProce
         (["chat", "--repeat-penalty", "0"], "repeat-penalty must be > 0"),
         (["chat", "-n", "0"], "Invalid value for '--max-new-tokens'"),
         (["chat", "--dtype", "int4"], "unknown dtype 'int4'"),
-        (["chat", "--resident-dtype", "int4"], r"unknown resident dtype 'int4' \(choose from auto, int8\)"),
+        (["chat", "--resident-dtype", "int2"], r"unknown resident dtype 'int2' \(choose from auto, int8, int4\)"),
         (["info", "/no/such/model"], "does not exist"),
         (["frobnicate"], "No such command 'frobnicate'"),
     ],

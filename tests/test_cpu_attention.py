@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import moe_local
 from moe_local import cpu_attention, native
+from moe_local.errors import ConfigError
 from moe_local.model import attend, rope_cos_sin
 
 needs_kernel = pytest.mark.skipif(native.unavailable() is not None, reason=f"the kernel cannot be built here: {native.unavailable()}")
@@ -122,12 +123,12 @@ FUSED_VARIANTS = {  # what each adds to the fused block: (variant, overrides), t
 
 
 @needs_kernel
-@pytest.mark.parametrize("resident", ["auto", "int8"])
+@pytest.mark.parametrize("resident", ["auto", "int8", "int4"])
 @pytest.mark.parametrize("variant", FUSED_VARIANTS)
 def test_a_decode_tokens_fused_attention_block_gives_the_torch_operations_results(tmp_path, variant, resident):
     """Block by block, from the same input and cache: the kernel's x after attention, the MoE's input and the
-    cache entry it writes against the torch operations'. int8 projections are the same kernel's in both, so
-    only the norms' order of sums differs; bf16 ones sum in another order than torch's matmul."""
+    cache entry it writes against the torch operations'. int8 and int4 projections are the same kernels' in
+    both, so only the norms' order of sums differs; bf16 ones sum in another order than torch's matmul."""
     from conftest import build_mixtral
     from families import build_family
 
@@ -136,6 +137,10 @@ def test_a_decode_tokens_fused_attention_block_gives_the_torch_operations_result
         build_mixtral(tmp_path, None)
     else:
         build_family(name, tmp_path, **overrides)
+    if resident == "int4" and name == "deepseek_v2":  # kv_a's 40 output rows: a clear error before anything loads
+        with pytest.raises(ConfigError, match="int4 on CPU needs matrices of a multiple of 16 rows"):
+            moe_local.load(str(tmp_path), device="cpu", dtype="bf16", resident_dtype=resident, ctx_size=64)
+        return
     engine = moe_local.load(str(tmp_path), device="cpu", dtype="bf16", resident_dtype=resident, ctx_size=64)
     model = engine.model
     assert [i for i, block in enumerate(model.layers) if block.fused is not None] == fused
@@ -151,7 +156,7 @@ def test_a_decode_tokens_fused_attention_block_gives_the_torch_operations_result
         want_x = x + block.attention(block.attention_norm(x), cos, sin, cache, pos)
         want_h = block.ffn_norm(want_x)
         for got, want in ((ours[0], cache[0]), (ours[1], cache[1]), (got_x, want_x), (got_h, want_h)):
-            if resident == "int8":  # one bf16 step apart at most, where the norms' sums round differently
+            if resident != "auto":  # one bf16 step apart at most, where the norms' sums round differently
                 assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=0)
             else:
                 assert (got.float() - want.float()).norm() <= 0.01 * want.float().norm()
@@ -159,11 +164,12 @@ def test_a_decode_tokens_fused_attention_block_gives_the_torch_operations_result
 
 
 @needs_kernel
-@pytest.mark.parametrize("flags", ["", "-mno-avx512bf16 -mno-avx512vnni"])  # bf16 pairs and int8 projections, or neither
+@pytest.mark.parametrize("flags", ["", "-mno-avx512vbmi", "-mno-avx512bf16 -mno-avx512vnni"])  # bf16 pairs, int8 and int4; not int4; none
 def test_decode_tokens_take_the_fused_block_and_decode_as_without_it(rebuilt, tiny, monkeypatch, flags):
     monkeypatch.setenv("MOE_LOCAL_KERNEL_FLAGS", flags)
-    int8 = moe_local.load(str(tiny[0]), device="cpu", dtype="bf16", resident_dtype="int8", ctx_size=64)
-    assert all((block.fused is not None) == native.library().experts_int8 for block in int8.model.layers)
+    for resident, kernel in (("int8", native.library().experts_int8), ("int4", native.library().experts_int4)):
+        quantized = moe_local.load(str(tiny[0]), device="cpu", dtype="bf16", resident_dtype=resident, ctx_size=64)
+        assert all((block.fused is not None) == kernel for block in quantized.model.layers)
     engine = moe_local.load(str(tiny[0]), device="cpu", dtype="bf16", ctx_size=64)
     results, call = [], cpu_attention.Fused.__call__
     monkeypatch.setattr(cpu_attention.Fused, "__call__", lambda self, *args: results.append(call(self, *args)) or results[-1])

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import moe_local
-from moe_local import int8, native
+from moe_local import int4, int8, native
 from moe_local.config import ModelConfig, RouterConfig
 from moe_local.experts.cache import POLICIES, ExpertCache, LayerLRUPolicy, LRUPolicy
 from moe_local.experts.runtime import mix
@@ -300,6 +300,31 @@ def test_the_int8_linear_kernel_gives_torchs_product_for_a_decode_steps_rows(reb
     assert int8.linear_kernel(x, layer.weight, layer.scale.float()) is None
     assert int8.linear_kernel(x[..., :80], layer.weight[:, :80], layer.scale) is None
     assert int8.linear_kernel(x, layer.weight[:36], layer.scale[:36]) is None
+
+
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"moe-local's CPU kernels: {native.unavailable()}")
+@pytest.mark.parametrize("flags", ["", "-mno-avx512vbmi"])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_the_int4_linear_kernel_gives_torchs_product_for_a_decode_steps_rows(rebuilt, monkeypatch, flags, group):
+    monkeypatch.setenv("MOE_LOCAL_KERNEL_FLAGS", flags)
+    gen = torch.Generator().manual_seed(0)
+    layer = int4.Int4Linear(torch.randn(192, 256, generator=gen).bfloat16(), None, group)
+    x = torch.randn(16, 256, generator=gen).bfloat16()
+    got = int4.linear_kernel(x, layer.weight, layer.scale_zero, group)
+    if not native.library().experts_int4:
+        assert got is None and torch.equal(layer(x), int4.linear(x, layer.weight, layer.scale_zero, group, "cpu"))
+        return
+    want = int4.linear(x, layer.weight, layer.scale_zero, group, "cpu")  # torch's _weight_int4pack_mm_for_cpu
+    assert got.dtype == torch.bfloat16 and got.shape == (16, 192)
+    # the activations as int8 in blocks of 32 (as the int4 experts' kernel takes them): ~1% rms
+    assert (got.float() - want.float()).norm() <= 0.02 * want.float().norm()
+    assert torch.equal(layer(x), got)  # what Int4Linear runs for a decode step's rows
+    assert torch.equal(int4.linear_kernel(x[3:4], layer.weight, layer.scale_zero, group), got[3:4])  # a row's result is its own
+    # what it does not take: more than 16 rows, fp32, output widths not multiples of 64
+    assert int4.linear_kernel(torch.zeros(17, 256).bfloat16(), layer.weight, layer.scale_zero, group) is None
+    assert int4.linear_kernel(x.float(), layer.weight, layer.scale_zero, group) is None
+    narrow = int4.Int4Linear(torch.randn(48, 256, generator=gen).bfloat16(), None, group)
+    assert int4.linear_kernel(x, narrow.weight, narrow.scale_zero, group) is None
 
 
 def test_a_small_pool_misses_evicts_and_counts_every_byte(tiny):

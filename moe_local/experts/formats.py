@@ -17,7 +17,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from moe_local import int8, native
+from moe_local import int4, int8, native
 from moe_local.budget import format_bytes
 from moe_local.experts import mxfp4
 from moe_local.config import ModelConfig
@@ -257,37 +257,18 @@ class Int4(ExpertFormat):
     def key(self) -> str:
         return f"int4-g{self.group_size}-{self.device_type}"
 
-    def inner_k_tiles(self, k: int) -> int:
-        return next(t for t in (8, 4, 2) if k % (t * 16) == 0)
-
     def _weight_part(self, n: int, k: int) -> tuple[torch.dtype, tuple[int, ...]]:
         if self.device_type == "cuda":
-            t = self.inner_k_tiles(k)
+            t = int4.inner_k_tiles(k)
             return torch.int32, (n // 8, k // (t * 16), 32, t // 2)
         return torch.uint8, (n, k // 2)
 
     def encode(self, w: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
-        n, k = w.shape
-        groups = w.float().view(n, k // self.group_size, self.group_size)
-        low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # [N, G]
-        scale = ((high - low) / 15).clamp(min=1e-12).to(torch.bfloat16)
-        zero = (low + 8 * scale.float()).to(torch.bfloat16)
-        # quantize against the rounded scale and zero, so that what the kernel reconstructs is nearest
-        q = ((groups - zero.float()[..., None]) / scale.float()[..., None] + 8).round().clamp(0, 15)
-        q = q.to(torch.int32).view(n, k)
-        scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [K/G, N, 2]
-        if self.device_type == "cuda":
-            nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # [N, K/2], even k in the high half
-            packed = torch._convert_weight_to_int4pack(nibbles.to("cuda"), self.inner_k_tiles(k))
-        else:
-            packed = torch._convert_weight_to_int4pack_for_cpu(q.cpu(), 1)
+        packed, scale_zero = int4.quantize(w, self.group_size, self.device_type)
         return {name: packed, f"{name}.scale_zero": scale_zero}
 
     def linear(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
-        mm = torch._weight_int4pack_mm if self.device_type == "cuda" else torch._weight_int4pack_mm_for_cpu
-        xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
-        y = mm(xb, w[name], self.group_size, w[f"{name}.scale_zero"])
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        return int4.linear(x, w[name], w[f"{name}.scale_zero"], self.group_size, self.device_type)
 
     def forward_grouped(self, xs: torch.Tensor, counts: list[int], weights: list[Weights]) -> torch.Tensor | None:
         if self.device_type == "cpu":
