@@ -919,6 +919,53 @@ int experts_swiglu_int4_tc(const uint16_t* x, int D, int F, int E, const int* st
 #endif
 }
 
+/* experts_decode: one decode token through k of a layer's SwiGLU experts (ids [k], routing weights w [k] fp32)
+   by experts_swiglu or experts_swiglu_int4, mixed as `runtime.weigh` mixes them: each expert's output rounded to
+   bf16, times its weight, rounded, the k summed in fp32 and rounded: y [D] bf16. For `InPlaceExperts`
+   (`formats.DecodeTable`), where building the k experts' pointer arrays in Python and mixing their outputs by
+   torch operations took ~35 us a layer. The layer's experts are a table by expert id. */
+typedef struct {
+    int kind, D, F, G, E;                  /* kind: 0 bf16, 1 int8, 2 int4 in the CPU's layout (groups of G) */
+    const void* const* gate_up;            /* [E] */
+    const void* const* down;               /* [E] */
+    const uint16_t* const* gate_up_scale;  /* [E]: int8, the rows' scales; int4, the (scale, zero) pairs; bf16, NULL */
+    const uint16_t* const* down_scale;
+} ExpertTable;
+
+#define DECODE_MAX_K 64
+
+/* 0, 1 for sizes, ids or a kind it cannot take (as its kernel), 2 out of memory */
+int experts_decode(const ExpertTable* t, const uint16_t* x, const int64_t* ids, const float* w, int k, uint16_t* y, int threads) {
+    const int D = t->D;
+    if (k < 1 || k > DECODE_MAX_K || t->kind < 0 || t->kind > 2) return 1;
+    const void *gate_up[DECODE_MAX_K], *down[DECODE_MAX_K];
+    const uint16_t *gate_up_scale[DECODE_MAX_K], *down_scale[DECODE_MAX_K];
+    int starts[DECODE_MAX_K + 1];
+    for (int j = 0; j < k; j++) {
+        if (ids[j] < 0 || ids[j] >= t->E) return 1;
+        gate_up[j] = t->gate_up[ids[j]], down[j] = t->down[ids[j]], starts[j] = j;
+        gate_up_scale[j] = t->gate_up_scale ? t->gate_up_scale[ids[j]] : NULL;
+        down_scale[j] = t->down_scale ? t->down_scale[ids[j]] : NULL;
+    }
+    starts[k] = k;
+    uint16_t* xs = malloc(sizeof(uint16_t) * (size_t)k * D); /* the token's row once for each expert */
+    float* out = malloc(sizeof(float) * (size_t)k * D);
+    if (!xs || !out) return free(xs), free(out), 2;
+    for (int j = 0; j < k; j++) memcpy(xs + (size_t)j * D, x, sizeof(uint16_t) * D);
+    int code = t->kind == 2 ? experts_swiglu_int4(xs, D, t->F, k, starts, (const uint8_t* const*)gate_up, (const uint8_t* const*)down,
+                                                  gate_up_scale, down_scale, t->G, out, threads)
+                            : experts_swiglu(xs, D, t->F, k, starts, gate_up, down, t->kind ? gate_up_scale : NULL,
+                                             t->kind ? down_scale : NULL, out, threads);
+    if (!code)
+        for (int d = 0; d < D; d++) {
+            float sum = 0.f;
+            for (int j = 0; j < k; j++) sum += from_bf16(to_bf16(from_bf16(to_bf16(out[(size_t)j * D + d])) * w[j]));
+            y[d] = to_bf16(sum);
+        }
+    free(xs), free(out);
+    return code;
+}
+
 /* int4_linear: y [R, N] (bf16, rounded once) = x [R, K] times int4 matrix w [N, K] in the CPU's layout, sz its
    (scale, zero) pairs [K / G, N, 2], read as experts_swiglu_int4 reads them (`--resident-dtype int4`'s
    projections, `moe_local/int4.py`), where `_weight_int4pack_mm_for_cpu` widens every weight to fp32: 64

@@ -10,7 +10,7 @@ import moe_local
 from moe_local import int4, int8, native
 from moe_local.config import ModelConfig, RouterConfig
 from moe_local.experts.cache import POLICIES, ExpertCache, LayerLRUPolicy, LRUPolicy
-from moe_local.experts.runtime import mix
+from moe_local.experts.runtime import InPlaceExperts, mix
 from moe_local.experts.formats import Dense, Int4, Int8, make_format
 from moe_local.experts.store import ExpertStore
 from moe_local.generate import SamplingParams
@@ -195,6 +195,26 @@ def test_the_cpu_kernel_runs_a_layers_experts_as_torch_does_but_for_the_order_of
     odd = small_config(hidden_size=96, intermediate_size=160) if weights == "int4" else small_config(hidden_size=48, intermediate_size=80)
     other = kernel_format(weights, odd)
     assert other.forward_grouped(xs[:1, : odd.dim], [1], [other.unpack(torch.zeros(other.expert_bytes, dtype=torch.uint8))]) is None
+
+
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"moe-local's CPU kernels: {native.unavailable()}")
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
+def test_a_decode_tokens_experts_in_one_call_are_the_grouped_kernel_and_weigh_bit_for_bit(weights):
+    cfg = small_config(hidden_size=64, intermediate_size=128 if weights == "int4" else 96, num_local_experts=8, num_experts_per_tok=4)
+    fmt = kernel_format(weights, cfg)
+    store = ExpertStore(cfg, fmt, pin=False)
+    gen = torch.Generator().manual_seed(0)
+    store.fill_from(lambda layer, expert, w: torch.randn(cfg.expert_shapes[w], generator=gen) / 4, torch.device("cpu"))
+    experts = InPlaceExperts(store)
+    assert all(table is not None for table in experts.tables)
+    x = torch.randn(1, cfg.dim, generator=gen).bfloat16()
+    weights, indices = route(torch.randn(1, 8, generator=gen), 4)
+    got = experts(1, x, weights, indices)
+    assert experts.stats.layers[1].hits == 4
+    experts.tables = [None] * cfg.n_moe_layers  # the grouped kernel, then `weigh`
+    assert torch.equal(got, experts(1, x, weights, indices))
+    assert not torch.equal(got, experts(0, x, weights, indices))  # the layer's own experts
+    assert experts.stats.layers[1].hits == 8
 
 
 def tinygemm_layout(q: torch.Tensor) -> torch.Tensor:

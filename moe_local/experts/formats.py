@@ -127,6 +127,11 @@ class ExpertFormat:
         the hits then run while the misses are still copying)."""
         return False
 
+    def decode_table(self, views: list[Weights]) -> DecodeTable | None:
+        """A layer's experts (`views`, by id, in host RAM) as one decode token's kernel call takes them, or None
+        where the format has no such kernel (then `forward_grouped` or `forward` run them)."""
+        return None
+
     def forward_slots(self, x: torch.Tensor, pool: torch.Tensor, slots: list[int], views: list[Weights]) -> torch.Tensor:
         """One token x [1, D] through the experts in `slots` of a slot pool (uint8 [S, expert_bytes], `views`
         its slots' parts) -> [len(slots), D], row i from expert slots[i], each the bits `forward` gives. Here
@@ -139,6 +144,55 @@ def swiglu(gate_up: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def grouped_kernels(cfg: ModelConfig, kind: str) -> ctypes.CDLL | None:
+    """moe-local's kernels where their grouped SwiGLU kernel for `kind` takes `cfg`'s experts (no biases, SiLU,
+    sizes; the CPU's instructions for int8 and int4), else None."""
+    if (cfg.expert_bias or cfg.expert_act != "silu" or cfg.dim % 32 or cfg.ffn_dim % 32 or (kind == "int4" and (cfg.dim % 64 or cfg.ffn_dim % 64))
+            or (kind == "int4-cuda" and (cfg.dim % 128 or cfg.ffn_dim % 128))):  # fmt: skip
+        return None
+    lib = native.library()
+    if isinstance(lib, str) or (kind in ("int8", "int4-cuda") and not lib.experts_int8) or (kind == "int4" and not lib.experts_int4):
+        return None
+    return lib
+
+
+class DecodeTable:
+    """A layer's experts (`views`, by expert id) as `experts_decode` in `cpu_kernels.c` takes them: one call runs
+    a decode token's k experts by the grouped kernel and mixes their outputs as `runtime.weigh` does, with no
+    Python per expert (`InPlaceExperts`, `--device cpu`). The same bits as `forward_grouped` then `weigh`."""
+
+    class _Struct(ctypes.Structure):  # `ExpertTable` in cpu_kernels.c
+        _fields_ = [*((name, ctypes.c_int) for name in ("kind", "dim", "ffn_dim", "group", "experts")),
+                    *((name, ctypes.c_void_p) for name in ("gate_up", "down", "gate_up_scale", "down_scale"))]  # fmt: skip
+
+    PARTS = {"bf16": (None, None), "int8": ("gate_up.scale", "down.scale"), "int4": ("gate_up.scale_zero", "down.scale_zero")}
+
+    def __init__(self, lib: ctypes.CDLL, cfg: ModelConfig, kind: str, group: int, views: list[Weights]):
+        def table(name: str | None):
+            return None if name is None else (ctypes.c_void_p * len(views))(*(v[name].data_ptr() for v in views))
+
+        self.lib, self.tables = lib, [table(name) for name in ("gate_up", "down", *self.PARTS[kind])]
+        kinds = list(self.PARTS)
+        self.struct = self._Struct(kinds.index(kind), cfg.dim, cfg.ffn_dim, group, len(views),
+                                   *(None if t is None else ctypes.addressof(t) for t in self.tables))  # fmt: skip
+
+    @classmethod
+    def build(cls, cfg: ModelConfig, kind: str, group: int, views: list[Weights]) -> DecodeTable | None:
+        lib = grouped_kernels(cfg, kind)
+        return None if lib is None else cls(lib, cfg, kind, group, views)
+
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
+        """x [1, D] bf16, weights [1, k] fp32, indices [1, k] -> the weighted sum [1, D] bf16; None for other dtypes."""
+        if x.dtype != torch.bfloat16 or weights.dtype != torch.float32 or indices.dtype != torch.int64:
+            return None
+        x, weights, indices = x.contiguous(), weights.contiguous(), indices.contiguous()
+        y = torch.empty_like(x)
+        code = self.lib.experts_decode(ctypes.byref(self.struct), x.data_ptr(), indices.data_ptr(), weights.data_ptr(),
+                                       indices.shape[1], y.data_ptr(), torch.get_num_threads())  # fmt: skip
+        native.check(code, "experts")
+        return y
+
+
 def swiglu_grouped(cfg: ModelConfig, xs: torch.Tensor, counts: list[int], weights: list[Weights], kind: str, group: int = 0) -> torch.Tensor | None:
     """`forward_grouped` for SwiGLU experts without biases whose weights are bf16, int8 with bf16 scales
     (`kind`; where the CPU has AVX512-VNNI) or int4 in groups of `group` (CPU layout; VNNI and VBMI), up to
@@ -148,12 +202,8 @@ def swiglu_grouped(cfg: ModelConfig, xs: torch.Tensor, counts: list[int], weight
     each row's largest value) and int4 weights as int8 (2^-8 of the largest of each 32). `int4-cuda`: int4
     in CUDA's layout, from host buffers (the CPU channel beside a GPU), any number of rows. None where it does
     not apply."""
-    if (xs.dtype != torch.bfloat16 or xs.is_cuda or cfg.expert_bias or cfg.expert_act != "silu"
-            or (max(counts) > GROUPED_MAX_ROWS and kind != "int4-cuda") or cfg.dim % 32 or cfg.ffn_dim % 32
-            or (kind == "int4" and (cfg.dim % 64 or cfg.ffn_dim % 64)) or (kind == "int4-cuda" and (cfg.dim % 128 or cfg.ffn_dim % 128))):  # fmt: skip
-        return None
-    lib = native.library()
-    if isinstance(lib, str) or (kind in ("int8", "int4-cuda") and not lib.experts_int8) or (kind == "int4" and not lib.experts_int4):
+    lib = grouped_kernels(cfg, kind)
+    if lib is None or xs.dtype != torch.bfloat16 or xs.is_cuda or (max(counts) > GROUPED_MAX_ROWS and kind != "int4-cuda"):
         return None
     xs, n = xs.contiguous(), len(counts)
 
@@ -205,6 +255,9 @@ class Dense(ExpertFormat):
     def forward_grouped(self, xs: torch.Tensor, counts: list[int], weights: list[Weights]) -> torch.Tensor | None:
         return swiglu_grouped(self.cfg, xs, counts, weights, "bf16") if self.dtype == torch.bfloat16 else None
 
+    def decode_table(self, views: list[Weights]) -> DecodeTable | None:
+        return DecodeTable.build(self.cfg, "bf16", 0, views) if self.dtype == torch.bfloat16 else None
+
 
 class Int8(ExpertFormat):
     """int8 weights, one scale per output channel (symmetric: w ~ q * scale), run by
@@ -235,6 +288,9 @@ class Int8(ExpertFormat):
 
     def forward_grouped(self, xs: torch.Tensor, counts: list[int], weights: list[Weights]) -> torch.Tensor | None:
         return swiglu_grouped(self.cfg, xs, counts, weights, "int8") if self.scale_dtype == torch.bfloat16 else None
+
+    def decode_table(self, views: list[Weights]) -> DecodeTable | None:
+        return DecodeTable.build(self.cfg, "int8", 0, views) if self.scale_dtype == torch.bfloat16 else None
 
 
 class Int4(ExpertFormat):
@@ -276,6 +332,9 @@ class Int4(ExpertFormat):
         # CUDA's layout, on the CPU: its kernel is the only way; it takes bf16, as tinygemm does on the GPU
         y = swiglu_grouped(self.cfg, xs.to(torch.bfloat16), counts, weights, "int4-cuda", self.group_size) if not xs.is_cuda else None
         return None if y is None else y.to(xs.dtype)
+
+    def decode_table(self, views: list[Weights]) -> DecodeTable | None:
+        return DecodeTable.build(self.cfg, "int4", self.group_size, views) if self.device_type == "cpu" else None
 
     def cpu_unavailable(self) -> str | None:
         if self.device_type == "cpu":
