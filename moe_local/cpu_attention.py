@@ -24,6 +24,7 @@ from moe_local.int8 import Int8Linear
 # it): 4 queries 128 against 182, 8 194 against 223, 12 267 against 262; the latent, 32 567 against 623.
 # A decode step's g (or DeepSeek's H) is within these; prefill chunks stay on SDPA.
 MAX_QUERIES = {True: (32, 128), False: (8, 32)}  # bf16 pairs or not: (per KV head, over one latent of 256 or more)
+MAX_ROWS = 16  # sequences `Fused` takes in one step (the server's batch), as the int8 and int4 projections' kernels
 
 
 def attend(q, keys, values, mask, scale: float | None, sinks) -> torch.Tensor | None:
@@ -127,18 +128,23 @@ class Fused:
         )  # fmt: skip
         return cls(layer, keep)
 
-    def __call__(self, x, cos, sin, cache: tuple[torch.Tensor, ...], pos: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """x [1, D] bf16 at position pos of `cache` (keys and values [Hkv, C, hd]) -> (x after the attention
-        block, the MoE's input), or None where these tensors are not the kernel's (then the torch operations run)."""
-        keys, values = cache
-        if (x.dtype != torch.bfloat16 or keys.dtype != torch.bfloat16 or cos.shape != (1, self.layer.rot_dim) or not x.is_contiguous()
-                or keys.stride() != values.stride() or keys.stride()[1:] != (self.layer.head_dim, 1) or not cos.is_contiguous()
-                or not sin.is_contiguous()):  # fmt: skip
+    def __call__(self, x, cos, sin, caches: list[tuple[torch.Tensor, ...]], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """x [B, D] bf16: one token of each of B sequences, row b at positions[b] of caches[b] (keys and values
+        [Hkv, C, hd], as `KVCache` rows hold them); cos and sin [B, rot_dim] -> (x after the attention block,
+        the MoE's input), or None where these are not the kernel's (then the torch operations run). The
+        projections read their weights once for the B rows."""
+        keys = caches[0][0]
+        if (x.dtype != torch.bfloat16 or keys.dtype != torch.bfloat16 or not 0 < x.shape[0] <= MAX_ROWS or cos.shape != (x.shape[0], self.layer.rot_dim)
+                or not x.is_contiguous() or not cos.is_contiguous() or not sin.is_contiguous()
+                or any(t.stride() != keys.stride() or t.shape != keys.shape for cache in caches for t in cache)
+                or keys.stride()[1:] != (self.layer.head_dim, 1)):  # fmt: skip
             return None
+        B = x.shape[0]
         x_out, h = torch.empty_like(x), torch.empty_like(x)
         code = native.library().attention_step(
-            ctypes.byref(self.layer), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
-            keys.stride(0), keys.shape[1], pos, x_out.data_ptr(), h.data_ptr(), torch.get_num_threads(),
+            ctypes.byref(self.layer), B, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), (ctypes.c_void_p * B)(*(k.data_ptr() for k, _ in caches)),
+            (ctypes.c_void_p * B)(*(v.data_ptr() for _, v in caches)), keys.stride(0), keys.shape[1], (ctypes.c_int * B)(*positions),
+            x_out.data_ptr(), h.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         native.check(code, "attention step")
         return x_out, h

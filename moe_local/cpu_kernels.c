@@ -996,16 +996,18 @@ int int4_linear(const uint16_t* x, int R, int K, const uint8_t* w, const uint16_
 #endif
 }
 
-/* attention_step: one decode token through a layer's resident attention block, for `moe_local/cpu_attention.py`
-   (`Fused`): x' = x + o(attention(rope(qkv(norm(x))))) and h = ffn_norm(x'), the MoE's input, in one call where
-   torch takes ~25 operations a layer (and the interpreter between them most of the time: ~150 us a layer of
-   the llama.cpp comparison's model, docs/benchmarks.md). Each value is rounded to bf16 where the model's
-   torch operations round it: the norms (computed in fp32, rounded, then times the weight), each projection
-   (once; an int8 projection's bias is added after, as `Int8Linear` adds it), rope's two products and their
-   sum, the residual sum. int8 projections take the activations as int16 as `int8_linear` does, and the
-   attention is `attend` (the kernel those steps call): so the norms' and bf16 projections' orders of sums are
-   all that differs from the torch operations. The key and value of the token are written at position pos of
-   the caches (head h's position s at h * head + s * head_dim); the token attends to positions 0 .. pos. */
+/* attention_step: a decode step's R tokens (one per sequence) through a layer's resident attention block, for
+   `moe_local/cpu_attention.py` (`Fused`): x' = x + o(attention(rope(qkv(norm(x))))) and h = ffn_norm(x'), the
+   MoE's input, in one call where torch takes ~25 operations a layer (and the interpreter between them most of
+   the time: ~100 us a layer of the llama.cpp comparison's model, docs/benchmarks.md). Each value is rounded to
+   bf16 where the model's torch operations round it: the norms (computed in fp32, rounded, then times the
+   weight), each projection (once; an int8 or int4 projection's bias is added after, as `Int8Linear` and
+   `Int4Linear` add it), rope's two products and their sum, the residual sum. int8 and int4 projections take
+   the activations as `int8_linear` and `int4_linear` do, and the attention is `attend` (the kernels those steps
+   call): so the norms' and bf16 projections' orders of sums are all that differs from the torch operations.
+   The projections read each weight once for the R rows. Row r's key and value are written at position pos[r]
+   of its sequence's caches k_cache[r], v_cache[r] (head h's position s at h * head + s * head_dim), and it
+   attends to their positions 0 .. pos[r]. */
 typedef struct {
     const void* w;         /* [N, K]: bf16; int8 with one bf16 scale per row (scale [N]); int4 in groups of `group`
                               in the CPU's layout (scale: the (scale, zero) pairs [K / group, N, 2], as int4_linear) */
@@ -1033,31 +1035,31 @@ static void rms_norm(const uint16_t* x, int n, const uint16_t* w, float eps, uin
     for (int i = 0; i < n; i++) out[i] = to_bf16(from_bf16(to_bf16(from_bf16(x[i]) * r)) * from_bf16(w[i]));
 }
 
-/* what a projection's kernel takes of activation row a: a itself (bf16 weights), its int16 form q times
-   scale (int8), or its int8 blocks (int4: an Int8Rows of one row) */
+/* what a projection's kernel takes of activation rows a [R, K]: a itself (bf16 weights), their int16 forms q
+   times scale[r] (int8), or their int8 blocks (int4: an Int8Rows of R rows) */
 typedef struct {
     const uint16_t* a;
     int16_t* q;
-    float scale;
+    float* scale;
     void* blocks;
 } Act;
 
-/* act for p's product with a; 0, or 2 out of memory (then `release` it all the same) */
-static int prepare(const Proj* p, const uint16_t* a, Act* act) {
-    (void)p;
-    act->a = a, act->q = NULL, act->scale = 0.f, act->blocks = NULL;
+/* act for p's product with a [R, K]; 0, or 2 out of memory (then `release` it all the same) */
+static int prepare(const Proj* p, const uint16_t* a, int R, Act* act) {
+    (void)p, (void)R;
+    act->a = a, act->q = NULL, act->scale = NULL, act->blocks = NULL;
 #ifdef INT4_BYTES
     if (p->group) {
         Int8Rows* b = act->blocks = calloc(1, sizeof(Int8Rows));
-        if (!b || !int8_rows(b, 1, p->K, p->group)) return 2;
-        to_int8_blocks(a, p->K, p->group, b, 0);
+        if (!b || !int8_rows(b, R, p->K, p->group)) return 2;
+        for (int r = 0; r < R; r++) to_int8_blocks(a + (size_t)r * p->K, p->K, p->group, b, r);
         return 0;
     }
 #endif
 #ifdef INT8_PAIRS
     if (p->scale) {
-        if (!(act->q = malloc(sizeof(int16_t) * p->K))) return 2;
-        act->scale = to_int16(a, p->K, act->q);
+        if (!(act->q = malloc(sizeof(int16_t) * (size_t)R * p->K)) || !(act->scale = malloc(sizeof(float) * R))) return 2;
+        for (int r = 0; r < R; r++) act->scale[r] = to_int16(a + (size_t)r * p->K, p->K, act->q + (size_t)r * p->K);
     }
 #endif
     return 0;
@@ -1067,7 +1069,7 @@ static void release(Act* act) {
 #ifdef INT4_BYTES
     if (act->blocks) free_int8_rows(act->blocks);
 #endif
-    free(act->blocks), free(act->q);
+    free(act->blocks), free(act->q), free(act->scale);
 }
 
 /* y[n .. n + W - 1] from the products out[0 .. W - 1]: rounded once, or (int8, int4) rounded and the bias added as
@@ -1080,25 +1082,29 @@ static inline void finish(const Proj* p, const float* out, int n, int W, uint16_
     }
 }
 
-/* y [N] = p times act's row, the rows split between the threads of the enclosing parallel region */
-static void project(const Proj* p, const Act* act, uint16_t* y) {
+/* y [R, N] = act's rows times p, each weight read once for the R rows, the outputs split between the threads of
+   the enclosing parallel region */
+static void project(const Proj* p, const Act* act, int R, uint16_t* y) {
+    const size_t K = p->K, N = p->N;
 #ifdef INT4_BYTES
     if (p->group) {
 #pragma omp for schedule(static)
-        for (int n = 0; n < p->N; n += 64) {
-            float out[64];
-            dot64_i4((const uint8_t*)p->w + (size_t)n * p->K / 2, p->scale + 2 * n, p->N, p->K, p->group, act->blocks, 0, out);
-            finish(p, out, n, 64, y);
-        }
+        for (int n = 0; n < p->N; n += 64)
+            for (int r = 0; r < R; r++) {
+                float out[64];
+                dot64_i4((const uint8_t*)p->w + n * K / 2, p->scale + 2 * n, p->N, p->K, p->group, act->blocks, r, out);
+                finish(p, out, n, 64, y + r * N);
+            }
         return;
     }
 #endif
 #pragma omp for schedule(static)
-    for (int n = 0; n < p->N; n += 8) {
-        float out[8];
-        _mm256_storeu_ps(out, product8(p->w, p->scale, n, p->K, act->a, act->q, act->scale));
-        finish(p, out, n, 8, y);
-    }
+    for (int n = 0; n < p->N; n += 8)
+        for (int r = 0; r < R; r++) {
+            float out[8];
+            _mm256_storeu_ps(out, product8(p->w, p->scale, n, p->K, act->a + r * K, act->q ? act->q + r * K : NULL, act->scale ? act->scale[r] : 0.f));
+            finish(p, out, n, 8, y + r * N);
+        }
 }
 
 /* 1 where the kernel cannot take p: sizes, or a kind this build has no kernel for */
@@ -1127,38 +1133,49 @@ static void rope(uint16_t* v, int rd, const uint16_t* cos, const uint16_t* sin) 
     }
 }
 
-/* 0, 1 for sizes it cannot take (or int8 or int4 projections on a CPU without their kernels), 2 out of memory */
-int attention_step(const AttentionLayer* L, const uint16_t* x, const uint16_t* cos, const uint16_t* sin, uint16_t* k_cache,
-                   uint16_t* v_cache, long head, int positions, int pos, uint16_t* x_out, uint16_t* h_out, int threads) {
-    const int D = L->dim, H = L->heads, Hkv = L->kv_heads, hd = L->head_dim, Nq = H * hd;
-    if (D % 32 || hd % 8 || L->rot_dim % 2 || L->rot_dim > hd || H % Hkv || pos < 0 || pos >= positions || unusable(&L->qkv) ||
-        unusable(&L->o) || L->qkv.N != (H + 2 * Hkv) * hd || L->qkv.K != D || L->o.N != D || L->o.K != Nq)
+/* x, x_out, h_out [R, D]; cos, sin [R, rot_dim]. 0, 1 for sizes it cannot take (or int8 or int4 projections on a
+   CPU without their kernels), 2 out of memory */
+int attention_step(const AttentionLayer* L, int R, const uint16_t* x, const uint16_t* cos, const uint16_t* sin, uint16_t* const* k_cache,
+                   uint16_t* const* v_cache, long head, int positions, const int* pos, uint16_t* x_out, uint16_t* h_out, int threads) {
+    const int D = L->dim, H = L->heads, Hkv = L->kv_heads, hd = L->head_dim, rd = L->rot_dim, Nq = H * hd, N = L->qkv.N;
+    if (R < 1 || D % 32 || hd % 8 || rd % 2 || rd > hd || H % Hkv || unusable(&L->qkv) || unusable(&L->o) ||
+        N != (H + 2 * Hkv) * hd || L->qkv.K != D || L->o.N != D || L->o.K != Nq)
         return 1;
-    uint16_t *a = malloc(sizeof(uint16_t) * D), *qkv = malloc(sizeof(uint16_t) * L->qkv.N), *att = malloc(sizeof(uint16_t) * Nq);
+    for (int r = 0; r < R; r++)
+        if (pos[r] < 0 || pos[r] >= positions) return 1;
+    uint16_t *a = malloc(sizeof(uint16_t) * R * D), *qkv = malloc(sizeof(uint16_t) * R * N), *att = malloc(sizeof(uint16_t) * R * Nq);
     Act in = {0}, out = {0};
     int code = !a || !qkv || !att ? 2 : 0;
-    if (!code) rms_norm(x, D, L->attention_norm, L->eps, a), code = prepare(&L->qkv, a, &in);
+    if (!code) {
+        for (int r = 0; r < R; r++) rms_norm(x + r * D, D, L->attention_norm, L->eps, a + r * D);
+        code = prepare(&L->qkv, a, R, &in);
+    }
     if (!code) {
 #pragma omp parallel num_threads(threads)
-        project(&L->qkv, &in, qkv);
-        uint16_t *q = qkv, *k = qkv + Nq, *v = k + Hkv * hd;
+        project(&L->qkv, &in, R, qkv);
+    }
+    for (int r = 0; r < R && !code; r++) {
+        uint16_t *q = qkv + r * N, *k = q + Nq, *v = k + Hkv * hd;
         if (L->qk_norm == 1)
-            for (int i = 0; i < H + Hkv; i++) rms_norm(qkv + i * hd, hd, i < H ? L->q_norm : L->k_norm, L->eps, qkv + i * hd);
+            for (int i = 0; i < H + Hkv; i++) rms_norm(q + i * hd, hd, i < H ? L->q_norm : L->k_norm, L->eps, q + i * hd);
         else if (L->qk_norm == 2)
             rms_norm(q, Nq, L->q_norm, L->eps, q), rms_norm(k, Hkv * hd, L->k_norm, L->eps, k);
-        for (int i = 0; i < H + Hkv; i++) rope(qkv + i * hd, L->rot_dim, cos, sin);
+        for (int i = 0; i < H + Hkv; i++) rope(q + i * hd, rd, cos + r * rd, sin + r * rd);
         for (int i = 0; i < Hkv; i++) {
-            memcpy(k_cache + i * head + (long)pos * hd, k + i * hd, sizeof(uint16_t) * hd);
-            memcpy(v_cache + i * head + (long)pos * hd, v + i * hd, sizeof(uint16_t) * hd);
+            memcpy(k_cache[r] + i * head + (long)pos[r] * hd, k + i * hd, sizeof(uint16_t) * hd);
+            memcpy(v_cache[r] + i * head + (long)pos[r] * hd, v + i * hd, sizeof(uint16_t) * hd);
         }
-        code = attend(q, Hkv, H / Hkv, hd, pos + 1, k_cache, head, hd, v_cache, head, hd, hd, 1, L->scale, NULL, 0, 0, L->sinks, att, threads);
+        code = attend(q, Hkv, H / Hkv, hd, pos[r] + 1, k_cache[r], head, hd, v_cache[r], head, hd, hd, 1, L->scale, NULL, 0, 0, L->sinks,
+                      att + r * Nq, threads);
     }
-    if (!code) code = prepare(&L->o, att, &out);
+    if (!code) code = prepare(&L->o, att, R, &out);
     if (!code) {
 #pragma omp parallel num_threads(threads)
-        project(&L->o, &out, a);
-        for (int i = 0; i < D; i++) x_out[i] = to_bf16(from_bf16(x[i]) + from_bf16(a[i]));
-        rms_norm(x_out, D, L->ffn_norm, L->eps, h_out);
+        project(&L->o, &out, R, a);
+        for (int r = 0; r < R; r++) {
+            for (int i = 0; i < D; i++) x_out[r * D + i] = to_bf16(from_bf16(x[r * D + i]) + from_bf16(a[r * D + i]));
+            rms_norm(x_out + r * D, D, L->ffn_norm, L->eps, h_out + r * D);
+        }
     }
     release(&in), release(&out);
     free(a), free(qkv), free(att);

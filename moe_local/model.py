@@ -442,10 +442,10 @@ class Block(nn.Module):
         self.attention = (Attention if cfg.mla is None else LatentAttention)(cfg, layer)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MoE(cfg, layer) if layer in cfg.moe_layers else DenseMLP(cfg.dim, cfg.dense_ffn_dim)
-        self.fused: cpu_attention.Fused | None = None  # a decode token's attention block in one call (`fuse`)
+        self.fused: cpu_attention.Fused | None = None  # a decode step's attention block in one call (`fuse`)
 
     def forward(self, x, cos, sin, cache, pos, experts: Experts) -> torch.Tensor:
-        step = self.fused(x, cos, sin, cache, pos) if self.fused is not None and x.shape[0] == 1 else None
+        step = self.fused(x, cos, sin, [cache], [pos]) if self.fused is not None and x.shape[0] == 1 else None
         if step is None:
             x = x + self.attention(self.attention_norm(x), cos, sin, cache, pos)
             step = x, self.ffn_norm(x)
@@ -453,15 +453,19 @@ class Block(nn.Module):
         return x + self.ffn(h, experts)
 
     def fuse(self, rot_dim: int) -> bool:
-        """On the CPU: a decode token's way from the attention norm to the MoE's input as one kernel call
-        (`cpu_attention.Fused`), where it applies; whether it does."""
+        """On the CPU: a decode step's way from the attention norm to the MoE's input (one token, or one of each
+        sequence of a batch) as one kernel call (`cpu_attention.Fused`), where it applies; whether it does."""
         if isinstance(self.attention, Attention):
             self.fused = cpu_attention.Fused.build(self.attention_norm, self.attention, self.ffn_norm, rot_dim)
         return self.fused is not None
 
     def forward_batch(self, x, cos, sin, caches, positions, experts: Experts, pooled: Pooled | None = None) -> torch.Tensor:
-        x = x + self.attention.forward_batch(self.attention_norm(x), cos, sin, caches, positions, pooled)
-        return x + self.ffn(self.ffn_norm(x), experts)
+        step = self.fused(x, cos, sin, caches, positions) if self.fused is not None else None
+        if step is None:
+            x = x + self.attention.forward_batch(self.attention_norm(x), cos, sin, caches, positions, pooled)
+            step = x, self.ffn_norm(x)
+        x, h = step
+        return x + self.ffn(h, experts)
 
     def front(self, x, cos, sin, cache, pos: torch.Tensor) -> tuple:
         """A decode step's resident part of this layer, with static shapes (`forward_static`): a dense

@@ -79,7 +79,7 @@ def library() -> ctypes.CDLL | str:
     lib.int4_linear.restype = c_int
     lib.experts_decode.argtypes = [c_void_p, c_void_p, c_void_p, c_void_p, c_int, c_void_p, c_int]
     lib.experts_decode.restype = c_int
-    lib.attention_step.argtypes = [c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_long, c_int, c_int, c_void_p, c_void_p, c_int]
+    lib.attention_step.argtypes = [c_void_p, c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_long, c_int, c_void_p, c_void_p, c_void_p, c_int]
     lib.attention_step.restype = c_int
     return lib
 

@@ -152,7 +152,7 @@ def test_a_decode_tokens_fused_attention_block_gives_the_torch_operations_result
         x = torch.randn(1, model.cfg.dim, generator=gen).bfloat16()
         cache = tuple(torch.randn(t.shape, generator=gen).bfloat16() for t in engine.kv.layers[i])
         ours = tuple(t.clone() for t in cache)
-        got_x, got_h = block.fused(x, cos, sin, ours, pos)
+        got_x, got_h = block.fused(x, cos, sin, [ours], [pos])
         want_x = x + block.attention(block.attention_norm(x), cos, sin, cache, pos)
         want_h = block.ffn_norm(want_x)
         for got, want in ((ours[0], cache[0]), (ours[1], cache[1]), (got_x, want_x), (got_h, want_h)):
@@ -161,6 +161,19 @@ def test_a_decode_tokens_fused_attention_block_gives_the_torch_operations_result
             else:
                 assert (got.float() - want.float()).norm() <= 0.01 * want.float().norm()
         assert torch.equal(ours[0][:, :pos], cache[0][:, :pos]) and torch.equal(ours[0][:, pos + 1 :], cache[0][:, pos + 1 :])
+        # a batch step: three sequences, each at its own position over its own cache, against `forward_batch`'s
+        # torch operations; each row's result is the one it gets alone
+        positions = [5, 37, 12]
+        xs = torch.randn(3, model.cfg.dim, generator=gen).bfloat16()
+        cos3, sin3 = rope_cos_sin(model.inv_freq, torch.tensor(positions), torch.bfloat16, model.cfg.rope.attention_factor)
+        caches = [tuple(torch.randn(t.shape, generator=gen).bfloat16() for t in engine.kv.layers[i]) for _ in positions]
+        ours = [tuple(t.clone() for t in cache) for cache in caches]
+        got_x, got_h = block.fused(xs, cos3, sin3, ours, positions)
+        want_x = xs + block.attention.forward_batch(block.attention_norm(xs), cos3, sin3, caches, positions)
+        for got, want in ((got_x, want_x), (got_h, block.ffn_norm(want_x)), *zip(ours[1], caches[1])):
+            assert (got.float() - want.float()).norm() <= 0.01 * want.float().norm()
+        alone = [tuple(t.clone() for t in cache) for cache in caches[1:2]]
+        assert all(torch.equal(a, b) for a, b in zip(block.fused(xs[1:2], cos3[1:2], sin3[1:2], alone, positions[1:2]), (got_x[1:2], got_h[1:2])))
 
 
 @needs_kernel
@@ -186,5 +199,29 @@ def test_decode_tokens_take_the_fused_block_and_decode_as_without_it(rebuilt, ti
     for block in engine.model.layers:
         block.fused = None
     unfused = greedy()
+    assert torch.equal(fused.argmax(-1), unfused.argmax(-1))
+    assert (fused - unfused).norm() <= 0.01 * unfused.norm()
+
+
+@needs_kernel
+def test_a_batch_step_takes_the_fused_block_for_all_its_rows_and_decodes_as_without_it(tiny, monkeypatch):
+    engine = moe_local.load(str(tiny[0]), device="cpu", dtype="bf16", ctx_size=64, sequences=3)
+    seqs = [engine.sequence] + [engine.new_sequence() for _ in range(2)]
+    rows, call = [], cpu_attention.Fused.__call__
+    monkeypatch.setattr(cpu_attention.Fused, "__call__", lambda self, x, *args: rows.append(x.shape[0]) or call(self, x, *args))
+
+    def steps() -> torch.Tensor:
+        tokens = [int(engine.prefill(list(range(3 + s, 12 + 2 * s)), seq)[0].argmax()) for s, seq in enumerate(seqs)]
+        out = []
+        for _ in range(4):
+            out.append(engine.decode_batch(seqs, tokens))
+            tokens = out[-1].argmax(-1).tolist()
+        return torch.stack(out)
+
+    fused = steps()
+    assert rows.count(3) == 4 * engine.cfg.n_layers  # each step's three rows in one call a layer
+    for block in engine.model.layers:
+        block.fused = None
+    unfused = steps()
     assert torch.equal(fused.argmax(-1), unfused.argmax(-1))
     assert (fused - unfused).norm() <= 0.01 * unfused.norm()
