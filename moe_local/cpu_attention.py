@@ -90,12 +90,13 @@ class _Layer(ctypes.Structure):  # `AttentionLayer` in cpu_kernels.c
 
 
 class Fused:
-    """A decode token's way through a layer's resident attention block in one kernel call (`attention_step` in
+    """A decode step's way through a layer's resident attention block in one kernel call (`attention_step` in
     `cpu_kernels.c`): the attention norm, the q|k|v projection (bf16, or `--resident-dtype` int8 or int4), the
-    q/k norms, rope, the cache write, attention, the output projection, the residual sum and the MoE's norm.
-    `Block.forward` takes it for one token on the CPU in bf16, where the same steps as torch operations cost
-    ~25 interpreter round trips a layer. It rounds where they do (see the kernel's comment); the order of the
-    norms' sums and of the bf16 projections' differs, so logits agree within bf16's rounding (the tests)."""
+    q/k norms, rope, the cache write, attention, the output projection, the residual sum and the MoE's norm,
+    for one token (`Block.forward`) or one of each sequence of a batch step (`Block.forward_batch`), on the CPU
+    in bf16, where the same steps as torch operations cost ~25 interpreter round trips a layer. It rounds where
+    they do (see the kernel's comment); the order of the norms' sums and of the bf16 projections' differs, so
+    logits agree within bf16's rounding (the tests)."""
 
     def __init__(self, layer: _Layer, keep: list[torch.Tensor]):
         self.layer, self.keep = layer, keep  # keep: the tensors whose memory the struct points into
@@ -104,8 +105,8 @@ class Fused:
     def build(cls, attention_norm, attention, ffn_norm, rot_dim: int) -> Fused | None:
         """For `model.Attention` `attention` between its block's two norms (RMSNorm), with rot_dim rotated
         dimensions a head; None where the kernel does not apply: no kernels, not bf16, clipped q/k/v, a
-        sliding window, sizes it does not take, int8 projections without AVX512-VNNI, or more queries per
-        KV head than `attend` takes (then the torch operations run, with the same results)."""
+        sliding window, sizes it does not take, int8 or int4 projections on a CPU without their kernels, or
+        more queries per KV head than `attend` takes (then the torch operations run, with the same results)."""
         lib = native.library()
         if isinstance(lib, str) or attention.clip is not None or attention.window is not None:
             return None
@@ -134,7 +135,7 @@ class Fused:
         the MoE's input), or None where these are not the kernel's (then the torch operations run). The
         projections read their weights once for the B rows."""
         keys = caches[0][0]
-        if (x.dtype != torch.bfloat16 or keys.dtype != torch.bfloat16 or not 0 < x.shape[0] <= MAX_ROWS or cos.shape != (x.shape[0], self.layer.rot_dim)
+        if (len(caches) != x.shape[0] or len(positions) != x.shape[0] or x.dtype != torch.bfloat16 or keys.dtype != torch.bfloat16 or not 0 < x.shape[0] <= MAX_ROWS or cos.shape != (x.shape[0], self.layer.rot_dim)
                 or not x.is_contiguous() or not cos.is_contiguous() or not sin.is_contiguous()
                 or any(t.stride() != keys.stride() or t.shape != keys.shape for cache in caches for t in cache)
                 or keys.stride()[1:] != (self.layer.head_dim, 1)):  # fmt: skip

@@ -6,6 +6,7 @@ for every family."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
@@ -566,7 +567,7 @@ class Transformer(nn.Module):
         on their device, one matrix at a time."""
         if dtype == "int4":
             group = int4.group_for(self.cfg.attention_shapes, self.output.weight.device.type)
-            make = lambda linear: Int4Linear.from_linear(linear, group)  # noqa: E731
+            make = functools.partial(Int4Linear.from_linear, group=group)
         else:
             make = Int8Linear.from_linear
         for layer in self.layers:

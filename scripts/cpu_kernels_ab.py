@@ -40,6 +40,7 @@ def main() -> None:
     prompt = [1] + [100 * (i + 1) % 2000 + 3 for i in range(args.prompt_tokens - 1)]
     attend, rows, grouped = cpu_attention.attend, mxfp4.NATIVE_MAX_ROWS, formats.GROUPED_MAX_ROWS
     linear, linear4, fused = int8.KERNEL_MAX_ROWS, int4.KERNEL_MAX_ROWS, [block.fused for block in engine.model.layers]
+    tables = engine.experts.tables
 
     def use(kernels: bool) -> None:
         cpu_attention.attend = attend if kernels else (lambda *a: None)
@@ -49,6 +50,7 @@ def main() -> None:
         int4.KERNEL_MAX_ROWS = linear4 if kernels else 0
         for block, step in zip(engine.model.layers, fused):
             block.fused = step if kernels else None
+        engine.experts.tables = tables if kernels else [None] * len(tables)
 
     def block() -> float:
         token = int(engine.prefill(prompt)[0].argmax())  # the prompt's cache is reused: only its last token runs again
