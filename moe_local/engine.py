@@ -314,6 +314,8 @@ class Engine:
 
     def decode_one(self, token: int) -> torch.Tensor:
         """Feed one token after the cached ones; its logits [V]."""
+        if len(self.tokens) >= self.ctx_size:  # past the cache: an index_copy_'s device-side assert, a kernel's refusal
+            raise MoeLocalError(f"the context of {self.ctx_size} tokens is full")
         if self.static is None:
             return self._forward([token], len(self.tokens), all_logits=False)[-1]
         return self._decode_static(token)
@@ -322,8 +324,6 @@ class Engine:
     def _decode_static(self, token: int) -> torch.Tensor:
         self._check_ids([token])
         pos = len(self.sequence.tokens)
-        if pos >= self.ctx_size:  # an index_copy_ past the cache would be a device-side assert, not an error
-            raise MoeLocalError(f"the context of {self.ctx_size} tokens is full")
         with matmuls_for_rows(1):
             hidden = self.static.step(token, pos, self.experts)
         self.sequence.tokens = self.sequence.tokens + [token]

@@ -41,6 +41,8 @@ step batch 150 $BENCH --experts-dtype int4 --gpu-memory 12GiB --new-tokens 32 --
 step pageable 240 bash -c "$BENCH --experts-dtype int4 --gpu-memory 3GiB --layers 8 --new-tokens 32 --pageable --cpu-experts never && $BENCH --experts-dtype int4 --gpu-memory 3GiB --layers 8 --new-tokens 32 --pageable --cpu-experts auto"
 # the mixtral step's setup with copies alone: what the int4 CPU channel adds on pinned memory
 step mixtral_never 150 $BENCH --experts-dtype int4 --gpu-memory 12GiB --new-tokens 64 --cuda-graphs --cpu-experts never
+# the attention in int4 (eighth session, never run on a GPU): 118 int4 slots at 12GiB where bf16 attention leaves 97 (the plan)
+step mixtral_int4_attention 150 $BENCH --experts-dtype int4 --gpu-memory 12GiB --new-tokens 64 --cuda-graphs --resident-dtype int4
 step gpt_oss_20b 120 $BENCH --preset gpt-oss-20b --gpu-memory 8GiB --new-tokens 32
 step gpt_oss_120b 260 $BENCH --preset gpt-oss-120b --gpu-memory 24GiB --new-tokens 32 --cuda-graphs
 # the same without the CPU channel, whose share of the misses moved with its measured speed (9 to 25 a token)

@@ -45,9 +45,11 @@ def test_static_steps_match_the_ordinary_decode(variant, tmp_path, tokenizer_dir
     assert got_tokens == want_tokens
 
 
-def test_a_full_context_is_an_error_not_a_write_past_the_cache(tiny):
-    engine = moe_local.load(tiny[0], device="cpu", ctx_size=8)
-    engine.static = StaticDecoder(engine.model, engine.sequence.kv, capture=False)
+@pytest.mark.parametrize("static", [True, False])  # the static step, or the eager one (in bf16, the fused attention block's)
+def test_a_full_context_is_an_error_not_a_write_past_the_cache(tiny, static):
+    engine = moe_local.load(tiny[0], device="cpu", ctx_size=8, dtype="bf16")
+    if static:
+        engine.static = StaticDecoder(engine.model, engine.sequence.kv, capture=False)
     engine.prefill(prompt(8, 0))
     with pytest.raises(moe_local.MoeLocalError, match="context of 8 tokens is full"):
         engine.decode_one(5)
