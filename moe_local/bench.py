@@ -374,7 +374,7 @@ def bench(
     store = random_store(cfg, fmt, dtype, device, gen, plan.beside_store_bytes, progress, config.pageable)
     model = random_model(cfg, dtype, device, gen)
     if attention:
-        model.quantize_attention(attention)
+        model.quantize_resident(attention)
     result["setup_s"] = time.perf_counter() - setup
     if device.type == "cuda":  # as Engine.from_folder does
         workspace = measure_workspace(model, fmt, ctx_size, options.prefill_chunk)

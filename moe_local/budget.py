@@ -108,14 +108,23 @@ def embeddings_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return cfg.vocab_size * cfg.dim * dtype.itemsize
 
 
+def lm_head_quantized(cfg: ModelConfig, device_type: str, attention: str | None) -> bool:
+    """Whether `--resident-dtype int8` or `int4` keeps lm_head in int8 too: on the CPU, where every token reads
+    it whole (1.2 GB in bf16 for gpt-oss's 201k-token vocabulary, as much as its active experts), and where it
+    is not the token embeddings' table as well (tied)."""
+    return attention is not None and device_type == "cpu" and not cfg.tie_word_embeddings
+
+
 def resident_bytes(cfg: ModelConfig, dtype: torch.dtype, attention: str | None = None, embeddings: bool = True, device_type: str = "cuda") -> int:
     """Bytes of everything but the experts (without the token embeddings unless `embeddings`); with `attention`
     "int8" the attention projections take one byte per weight and a scale (in `dtype`) per output channel, with
     "int4" half a byte per weight and a bf16 scale and zero per group (`int4.group_for`, which refuses shapes
-    `device_type`'s int4 packing cannot take)."""
+    `device_type`'s int4 packing cannot take); lm_head in int8 where `lm_head_quantized`."""
     total = cfg.resident_numel() * dtype.itemsize - (0 if embeddings else embeddings_bytes(cfg, dtype))
     if attention is None:
         return total
+    if lm_head_quantized(cfg, device_type, attention):  # one byte a weight and a scale a row, for `dtype`'s itemsize each
+        total -= cfg.vocab_size * (cfg.dim * (dtype.itemsize - 1) - dtype.itemsize)
     full = cfg.n_layers * cfg.attention_numel * dtype.itemsize
     if attention == "int8":
         return total - full + cfg.n_layers * (cfg.attention_numel + cfg.attention_rows * dtype.itemsize)

@@ -82,7 +82,7 @@ class _Proj(ctypes.Structure):  # `Proj` in cpu_kernels.c
 
 class _Layer(ctypes.Structure):  # `AttentionLayer` in cpu_kernels.c
     _fields_ = [
-        *((name, ctypes.c_int) for name in ("dim", "heads", "kv_heads", "head_dim", "rot_dim", "qk_norm")),
+        *((name, ctypes.c_int) for name in ("dim", "heads", "kv_heads", "head_dim", "rot_dim", "qk_norm", "window")),
         ("eps", ctypes.c_float), ("scale", ctypes.c_float),
         *((name, ctypes.c_void_p) for name in ("attention_norm", "ffn_norm", "q_norm", "k_norm", "sinks")),
         ("qkv", _Proj), ("o", _Proj),
@@ -104,11 +104,11 @@ class Fused:
     @classmethod
     def build(cls, attention_norm, attention, ffn_norm, rot_dim: int) -> Fused | None:
         """For `model.Attention` `attention` between its block's two norms (RMSNorm), with rot_dim rotated
-        dimensions a head; None where the kernel does not apply: no kernels, not bf16, clipped q/k/v, a
-        sliding window, sizes it does not take, int8 or int4 projections on a CPU without their kernels, or
-        more queries per KV head than `attend` takes (then the torch operations run, with the same results)."""
+        dimensions a head; None where the kernel does not apply: no kernels, not bf16, clipped q/k/v, sizes it
+        does not take, int8 or int4 projections on a CPU without their kernels, or more queries per KV head
+        than `attend` takes (then the torch operations run, with the same results)."""
         lib = native.library()
-        if isinstance(lib, str) or attention.clip is not None or attention.window is not None:
+        if isinstance(lib, str) or attention.clip is not None:
             return None
         H, Hkv, hd = attention.n_heads, attention.n_kv_heads, attention.head_dim
         D, qk = attention_norm.weight.shape[0], attention.qk_norm
@@ -122,7 +122,7 @@ class Fused:
         keep = [n.weight for n in norms] + [t for _, t in projections for t in t] + ([sinks] if sinks is not None else [])
         (qkv, _), (o, _) = projections
         layer = _Layer(
-            D, H, Hkv, hd, rot_dim, 0 if qk is None else 1 if qk.per_head else 2, attention_norm.eps,
+            D, H, Hkv, hd, rot_dim, 0 if qk is None else 1 if qk.per_head else 2, attention.window or 0, attention_norm.eps,
             hd**-0.5 if attention.scale is None else attention.scale, *(n.weight.data_ptr() for n in norms[:2]),
             *((n.weight.data_ptr() for n in norms[2:]) if qk is not None else (None, None)),
             None if sinks is None else sinks.data_ptr(), qkv, o,

@@ -1007,7 +1007,10 @@ int int4_linear(const uint16_t* x, int R, int K, const uint8_t* w, const uint16_
    call): so the norms' and bf16 projections' orders of sums are all that differs from the torch operations.
    The projections read each weight once for the R rows. Row r's key and value are written at position pos[r]
    of its sequence's caches k_cache[r], v_cache[r] (head h's position s at h * head + s * head_dim), and it
-   attends to their positions 0 .. pos[r]. */
+   attends to their positions 0 .. pos[r]; a sliding layer's cache of `positions` < its context is a ring
+   (`model.Attention._ring`): position p in slot p % positions, and the token attends to every slot written,
+   its window (in the slots' order, where the torch operations take the positions' order: the order of the
+   attention's sums differs). */
 typedef struct {
     const void* w;         /* [N, K]: bf16; int8 with one bf16 scale per row (scale [N]); int4 in groups of `group`
                               in the CPU's layout (scale: the (scale, zero) pairs [K / group, N, 2], as int4_linear) */
@@ -1018,6 +1021,7 @@ typedef struct {
 
 typedef struct {
     int dim, heads, kv_heads, head_dim, rot_dim, qk_norm; /* qk_norm: 0 none, 1 per head, 2 over the whole q and k */
+    int window;                                           /* a sliding layer's window, or 0 */
     float eps, scale;
     const uint16_t *attention_norm, *ffn_norm, *q_norm, *k_norm;
     const float* sinks; /* [heads] (gpt-oss), or NULL */
@@ -1142,7 +1146,7 @@ int attention_step(const AttentionLayer* L, int R, const uint16_t* x, const uint
         N != (H + 2 * Hkv) * hd || L->qkv.K != D || L->o.N != D || L->o.K != Nq)
         return 1;
     for (int r = 0; r < R; r++)
-        if (pos[r] < 0 || pos[r] >= positions) return 1;
+        if (pos[r] < 0 || (pos[r] >= positions && !L->window)) return 1;
     uint16_t *a = malloc(sizeof(uint16_t) * R * D), *qkv = malloc(sizeof(uint16_t) * R * N), *att = malloc(sizeof(uint16_t) * R * Nq);
     Act in = {0}, out = {0};
     int code = !a || !qkv || !att ? 2 : 0;
@@ -1161,11 +1165,13 @@ int attention_step(const AttentionLayer* L, int R, const uint16_t* x, const uint
         else if (L->qk_norm == 2)
             rms_norm(q, Nq, L->q_norm, L->eps, q), rms_norm(k, Hkv * hd, L->k_norm, L->eps, k);
         for (int i = 0; i < H + Hkv; i++) rope(q + i * hd, rd, cos + r * rd, sin + r * rd);
+        const long slot = pos[r] % positions; /* pos[r] itself, but in a ring */
         for (int i = 0; i < Hkv; i++) {
-            memcpy(k_cache[r] + i * head + (long)pos[r] * hd, k + i * hd, sizeof(uint16_t) * hd);
-            memcpy(v_cache[r] + i * head + (long)pos[r] * hd, v + i * hd, sizeof(uint16_t) * hd);
+            memcpy(k_cache[r] + i * head + slot * hd, k + i * hd, sizeof(uint16_t) * hd);
+            memcpy(v_cache[r] + i * head + slot * hd, v + i * hd, sizeof(uint16_t) * hd);
         }
-        code = attend(q, Hkv, H / Hkv, hd, pos[r] + 1, k_cache[r], head, hd, v_cache[r], head, hd, hd, 1, L->scale, NULL, 0, 0, L->sinks,
+        const int seen = pos[r] < positions ? pos[r] + 1 : positions;
+        code = attend(q, Hkv, H / Hkv, hd, seen, k_cache[r], head, hd, v_cache[r], head, hd, hd, 1, L->scale, NULL, 0, 0, L->sinks,
                       att + r * Nq, threads);
     }
     if (!code) code = prepare(&L->o, att, R, &out);

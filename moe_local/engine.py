@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import torch
 
 from moe_local import native
-from moe_local.budget import MemoryPlan, embeddings_on_host, plan_memory
+from moe_local.budget import MemoryPlan, embeddings_on_host, lm_head_quantized, plan_memory
 from moe_local.checkpoint import Checkpoint, resolve_model_path
 from moe_local.config import DTYPES, ModelConfig
 from moe_local.cpu_matmul import matmuls_for_rows
@@ -128,7 +128,7 @@ class Engine:
     ):
         self.model, self.store, self.plan, self.options = model.eval(), store, plan, options
         self.cfg, self.ctx_size, self.folder = model.cfg, ctx_size, folder
-        self.dtype, self.device = model.output.weight.dtype, model.output.weight.device
+        self.dtype, self.device = model.norm.weight.dtype, model.norm.weight.device
         self.notes = notes or []  # what loading chose and did, for the CLI to show
         self._tokenizer, self.generation_config = tokenizer, generation_config or {}
         if options.cuda_graphs and self.device.type != "cuda":
@@ -206,8 +206,9 @@ class Engine:
         finally:
             ckpt.close()
         if attention:
-            model.quantize_attention(attention)
-            notes.append(f"attention weights in {attention} (--resident-dtype {attention})")
+            model.quantize_resident(attention)
+            head = ", lm_head in int8" if lm_head_quantized(cfg, device.type, attention) else ""
+            notes.append(f"attention weights in {attention}{head} (--resident-dtype {attention})")
         if device.type == "cpu" and (why_not := native.unavailable()):
             notes.append(f"moe-local's CPU kernels are not built, torch's are slower (decode attention ~1.5x, MXFP4 experts ~18x): {why_not}")
         if device.type == "cuda":  # replace the estimated workspace by a measured one before sizing the pool
@@ -365,7 +366,7 @@ def measure_workspace(model: Transformer, fmt: ExpertFormat, ctx_size: int, chun
     """Peak CUDA memory a prefill chunk at the end of the context takes beyond the weights and the KV
     cache (one expert's weights stand in for every expert and are not counted), plus the fp32 logits of a
     whole chunk that `Engine.logits` returns."""
-    cfg, weight = model.cfg, model.output.weight
+    cfg, weight = model.cfg, model.norm.weight  # the compute dtype, on the device
     T = min(chunk, ctx_size)
     kv = KVCache(cfg, ctx_size, weight.dtype, weight.device)
     expert = fmt.unpack(torch.zeros(fmt.expert_bytes, dtype=torch.uint8, device=weight.device))

@@ -18,7 +18,7 @@ from moe_local.model import KVCache, MoE, Transformer, rope_cos_sin
 class StaticDecoder:
     def __init__(self, model: Transformer, kv: KVCache, capture: bool):
         self.model, self.kv, self.capture = model, kv, capture
-        weight = model.output.weight
+        weight = model.norm.weight  # the compute dtype, on the device
         self.pos = torch.zeros(1, dtype=torch.long, device=weight.device)
         self.x = torch.zeros(1, model.cfg.dim, dtype=weight.dtype, device=weight.device)  # each layer's input
         self.graphs: list[torch.cuda.CUDAGraph] | None = None

@@ -14,11 +14,15 @@ from moe_local import native
 KERNEL_MAX_ROWS = 16  # rows `linear_kernel` takes: a decode step's (a prefill chunk's stay on torch's kernel)
 
 
-def quantize(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] (any float dtype, on any device) -> q int8 [N, K], scale [N] in `scale_dtype`."""
-    w = w.float()
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(scale_dtype)  # [N]
-    q = (w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+def quantize(w: torch.Tensor, scale_dtype: torch.dtype, rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] (any float dtype, on any device) -> q int8 [N, K], scale [N] in `scale_dtype`; `rows` rows at a
+    time, so that a vocabulary's lm_head (201k x 2880 for gpt-oss) is never whole in fp32."""
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=scale_dtype, device=w.device)
+    for start in range(0, w.shape[0], rows):
+        part = w[start : start + rows].float()
+        scale[start : start + rows] = (part.abs().amax(dim=1) / 127).clamp(min=1e-12).to(scale_dtype)
+        q[start : start + rows] = (part / scale[start : start + rows].float()[:, None]).round().clamp(-127, 127).to(torch.int8)
     return q, scale
 
 

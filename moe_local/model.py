@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_local import cpu_attention, int4
+from moe_local.budget import lm_head_quantized
 from moe_local.config import ModelConfig
 from moe_local.cpu_matmul import onednn
 from moe_local.int4 import Int4Linear
@@ -561,17 +562,19 @@ class Transformer(nn.Module):
         """The MoE layers' routers, in order (index = the runtime's layer ordinal)."""
         return [layer.ffn.router for layer in self.layers if isinstance(layer.ffn, MoE)]
 
-    def quantize_attention(self, dtype: str) -> None:
+    def quantize_resident(self, dtype: str) -> None:
         """`--resident-dtype int8` or `int4`: the attention projections (most of the resident weights) as int8
-        with one scale per output channel, or int4 in groups (`int4.group_for` the model's shapes), quantized
-        on their device, one matrix at a time."""
+        with one scale per output channel, or int4 in groups (`int4.group_for` the model's shapes), and on the
+        CPU lm_head in int8 (`budget.lm_head_quantized`), quantized on their device, one matrix at a time."""
         if dtype == "int4":
-            group = int4.group_for(self.cfg.attention_shapes, self.output.weight.device.type)
+            group = int4.group_for(self.cfg.attention_shapes, self.norm.weight.device.type)
             make = functools.partial(Int4Linear.from_linear, group=group)
         else:
             make = Int8Linear.from_linear
         for layer in self.layers:
             layer.attention.quantize(make)
+        if lm_head_quantized(self.cfg, self.norm.weight.device.type, dtype):
+            self.output = Int8Linear.from_linear(self.output)
 
     def fuse_decode(self) -> int:
         """On the CPU, after any quantization: each layer's attention block as one kernel call for a decode
@@ -582,7 +585,7 @@ class Transformer(nn.Module):
         """tokens [T] (on any device) -> [T, D] on the compute device, wherever the table lies (beside a GPU, in
         host RAM: `budget.embeddings_on_host`)."""
         table = self.tok_embeddings.weight
-        return F.embedding(tokens.to(table.device), table).to(self.output.weight.device)
+        return F.embedding(tokens.to(table.device), table).to(self.norm.weight.device)
 
     def forward(self, tokens: torch.Tensor, pos: int, kv: KVCache, experts: Experts) -> torch.Tensor:
         """tokens [T] at positions pos..pos+T-1 -> final hidden states [T, D] (before lm_head)."""

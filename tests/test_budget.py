@@ -61,6 +61,18 @@ def test_int8_and_int4_attention_take_fewer_attention_bytes_and_buy_slots():
     assert (dense.expert_slots, int8.expert_slots, int4.expert_slots) == (25, 29, 31)  # bf16 experts of 336 MiB
 
 
+def test_on_the_cpu_quantized_attention_brings_lm_head_to_int8_unless_it_is_the_embeddings_table():
+    cfg = preset_config("gpt-oss-20b")  # a 201,088-token vocabulary: lm_head is 1.2 GB in bf16
+    head = cfg.vocab_size * cfg.dim * 2
+    for attention in ("int8", "int4"):
+        cpu = resident_bytes(cfg, torch.bfloat16, attention, device_type="cpu")
+        cuda = resident_bytes(cfg, torch.bfloat16, attention, device_type="cuda")
+        assert cuda - cpu == head - (cfg.vocab_size * cfg.dim + cfg.vocab_size * 2)  # one byte a weight, a bf16 scale a row
+    tied = replace(cfg, tie_word_embeddings=True)
+    assert resident_bytes(tied, torch.bfloat16, "int8", device_type="cpu") == resident_bytes(tied, torch.bfloat16, "int8", device_type="cuda")
+    assert resident_bytes(cfg, torch.bfloat16, device_type="cpu") == resident_bytes(cfg, torch.bfloat16, device_type="cuda")
+
+
 def test_int4_attention_refuses_shapes_its_packing_cannot_take():
     cfg = preset_config("tiny")
     with pytest.raises(ConfigError, match="int4 on CPU needs matrices of a multiple of 16 rows by a multiple of 32 columns, and this model has one of 24 x 256"):

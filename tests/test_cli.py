@@ -60,7 +60,7 @@ def test_run_with_quantized_attention_says_so_and_plans_for_it(tiny, dtype):
     folder, _ = tiny
     result = moe_local_cli("run", str(folder), "-p", PROMPT, "-n", "4", "--raw", "--json", "--device", "cpu", "--resident-dtype", dtype)
     assert result.returncode == 0, result.stderr
-    assert f"attention weights in {dtype} (--resident-dtype {dtype})" in result.stderr
+    assert f"attention weights in {dtype}, lm_head in int8 (--resident-dtype {dtype})" in result.stderr
     plan = json.loads(result.stdout)["stats"]["memory_plan"]
     assert plan["resident_bytes"] < run_json(folder)["stats"]["memory_plan"]["resident_bytes"]
 

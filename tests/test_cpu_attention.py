@@ -117,7 +117,8 @@ FUSED_VARIANTS = {  # what each adds to the fused block: (variant, overrides), t
     "glm4_moe": (("glm4_moe", {}), [0, 1, 2]),  # partial rotary, biases, q/k norms
     "olmoe": (("olmoe", {"clip_qkv": None}), [0, 1, 2]),  # q/k norms over the whole projection
     "olmoe-clip": (("olmoe", {}), []),  # clipping: not the kernel's
-    "gpt_oss": (("gpt_oss", {}), [1]),  # sinks; its sliding layers are not the kernel's
+    "gpt_oss": (("gpt_oss", {}), [0, 1, 2]),  # sinks; sliding windows of 6 (rings) and full attention
+    "mixtral-window": (("mixtral", {"sliding_window": 6}), [0, 1, 2]),  # every layer a ring
     "deepseek_v2": (("deepseek_v2", {}), []),  # latent attention
 }
 
@@ -134,7 +135,7 @@ def test_a_decode_tokens_fused_attention_block_gives_the_torch_operations_result
 
     (name, overrides), fused = FUSED_VARIANTS[variant]
     if name == "mixtral":
-        build_mixtral(tmp_path, None)
+        build_mixtral(tmp_path, None, **overrides)
     else:
         build_family(name, tmp_path, **overrides)
     if resident == "int4" and name == "deepseek_v2":  # kv_a's 40 output rows: a clear error before anything loads
@@ -160,10 +161,11 @@ def test_a_decode_tokens_fused_attention_block_gives_the_torch_operations_result
                 assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=0)
             else:
                 assert (got.float() - want.float()).norm() <= 0.01 * want.float().norm()
-        assert torch.equal(ours[0][:, :pos], cache[0][:, :pos]) and torch.equal(ours[0][:, pos + 1 :], cache[0][:, pos + 1 :])
+        slot = pos % cache[0].shape[1]  # a ring's slot for pos, or pos
+        assert torch.equal(ours[0][:, :slot], cache[0][:, :slot]) and torch.equal(ours[0][:, slot + 1 :], cache[0][:, slot + 1 :])
         # a batch step: three sequences, each at its own position over its own cache, against `forward_batch`'s
         # torch operations; each row's result is the one it gets alone
-        positions = [5, 37, 12]
+        positions = [3, 37, 12]  # with a window of 6: a ring not yet full, and two wrapped
         xs = torch.randn(3, model.cfg.dim, generator=gen).bfloat16()
         cos3, sin3 = rope_cos_sin(model.inv_freq, torch.tensor(positions), torch.bfloat16, model.cfg.rope.attention_factor)
         caches = [tuple(torch.randn(t.shape, generator=gen).bfloat16() for t in engine.kv.layers[i]) for _ in positions]
@@ -223,5 +225,28 @@ def test_a_batch_step_takes_the_fused_block_for_all_its_rows_and_decodes_as_with
     for block in engine.model.layers:
         block.fused = None
     unfused = steps()
+    assert torch.equal(fused.argmax(-1), unfused.argmax(-1))
+    assert (fused - unfused).norm() <= 0.01 * unfused.norm()
+
+
+@needs_kernel
+def test_a_sliding_layers_ring_decodes_through_the_fused_block_as_without_it(tmp_path):
+    from conftest import build_mixtral
+
+    build_mixtral(tmp_path, None, sliding_window=6)
+    engine = moe_local.load(str(tmp_path), device="cpu", dtype="bf16", ctx_size=64)
+    assert engine.kv.layers[0][0].shape[1] == 6 and all(block.fused is not None for block in engine.model.layers)
+
+    def greedy() -> torch.Tensor:
+        token, steps = int(engine.prefill([1, 9, 40, 7])[0].argmax()), []
+        for _ in range(12):  # past the window: the ring wraps twice
+            steps.append(engine.decode_one(token))
+            token = int(steps[-1].argmax())
+        return torch.stack(steps)
+
+    fused = greedy()
+    for block in engine.model.layers:
+        block.fused = None
+    unfused = greedy()
     assert torch.equal(fused.argmax(-1), unfused.argmax(-1))
     assert (fused - unfused).norm() <= 0.01 * unfused.norm()

@@ -117,7 +117,9 @@ def test_int8_attention_runs_its_projections_in_int8_and_outputs_do_not_depend_o
     engine = moe_local.load(folder, device=device, resident_dtype="int8", expert_slots=24)
     attention = engine.model.layers[0].attention
     assert isinstance(attention.wqkv, Int8Linear) and attention.wqkv.weight.dtype == torch.int8
-    assert engine.notes[-1] == "attention weights in int8 (--resident-dtype int8)"
+    head = ", lm_head in int8" if device == "cpu" else ""  # where every token reads it
+    assert engine.notes[-1] == f"attention weights in int8{head} (--resident-dtype int8)"
+    assert isinstance(engine.model.output, Int8Linear) == (device == "cpu")
     assert engine.plan.resident_bytes < dense.plan.resident_bytes
     # within half a quantization step of the float weight, through the device's kernel
     w = dense.model.layers[0].attention.wqkv.weight
@@ -136,7 +138,8 @@ def test_int4_attention_runs_its_projections_in_int4_and_outputs_do_not_depend_o
     engine = moe_local.load(folder, device=device, resident_dtype="int4", expert_slots=24)
     attention = engine.model.layers[0].attention
     assert isinstance(attention.wqkv, Int4Linear) and attention.wqkv.group == 64  # the largest of 128, 64, 32 dividing 64
-    assert engine.notes[-1] == "attention weights in int4 (--resident-dtype int4)"
+    head = ", lm_head in int8" if device == "cpu" else ""
+    assert engine.notes[-1] == f"attention weights in int4{head} (--resident-dtype int4)"
     assert engine.plan.resident_bytes < moe_local.load(folder, device=device, resident_dtype="int8", expert_slots=24).plan.resident_bytes
     # within half a quantization step (plus bf16's rounding, int4's kernels take bf16) of the float weight
     w = dense.model.layers[0].attention.wqkv.weight
@@ -147,6 +150,13 @@ def test_int4_attention_runs_its_projections_in_int4_and_outputs_do_not_depend_o
     assert (want.exp() * (want - got)).sum(-1).mean() <= 0.05  # 0.022 on this random model (the trained demo: `fidelity`)
     small = moe_local.load(folder, device=device, resident_dtype="int4", expert_slots=3)
     assert torch.equal(small.logits(ids).log_softmax(-1), got)
+
+
+def test_on_the_cpu_quantized_attention_brings_lm_head_to_int8_but_not_a_tied_one(tmp_path):
+    build_mixtral(tmp_path, None, tie_word_embeddings=True)
+    engine = moe_local.load(tmp_path, device="cpu", resident_dtype="int8")
+    assert not isinstance(engine.model.output, Int8Linear)  # it is the token embeddings' table too
+    assert engine.notes[-1] == "attention weights in int8 (--resident-dtype int8)"
 
 
 def copy_checkpoint(folder: Path, to: Path) -> Path:
