@@ -1,17 +1,20 @@
-"""`moe-local --device cpu` against llama.cpp's CPU backend on the same Mixtral-architecture weights.
+"""`moe-local --device cpu` against llama.cpp's CPU backend on the same weights (Mixtral or Qwen3-MoE architecture).
 
     python scripts/cpu_vs_llama_cpp.py make /tmp/cpu-peer          # checkpoint + bf16/q8_0/q4_0 GGUFs
+    python scripts/cpu_vs_llama_cpp.py make /tmp/qwen-peer --family qwen3   # the same in Qwen3-MoE's layout
     python scripts/cpu_vs_llama_cpp.py run /tmp/cpu-peer --rounds 2 --tokens 64
     python scripts/cpu_vs_llama_cpp.py run /tmp/cpu-peer --rounds 2 --tokens 64 --prompt-tokens 900   # a chat's context
 
 `make` writes a random Mixtral checkpoint (dim 1024, 8 experts of 2816, 8 layers: 576 M parameters, bf16, the
-demo model's tokenizer) and converts it with llama.cpp's converter (LLAMA_CPP_TOOLS, default
-/work/shared/tools/llama-cpp). `run` decodes `--tokens` greedy tokens after a prompt of `--prompt-tokens` with
-each engine and format pair (bf16 vs bf16, q8_0 vs int8, q4_0 vs int4; llama.cpp's quantized files hold the
-attention projections quantized too, so those moe-local runs use `--resident-dtype int8` and `int4`), one after
-the other, `--rounds` times (interleaved, so that a noisy shared machine slows both alike), each in its own
-process with the same thread count; it prints one markdown row per pair with both speeds and their ratio.
-llama.cpp runs in the Python of LLAMA_PYTHON (default /tmp/llama/bin/python, the venv its README describes)."""
+demo model's tokenizer), or with `--family qwen3` a Qwen3-MoE one (64 experts of 384, top 8, q/k norms: 630 M; a
+byte-level BPE tokenizer trained as the tests train it), and converts it with llama.cpp's converter
+(LLAMA_CPP_TOOLS, default /work/shared/tools/llama-cpp). `run` decodes `--tokens` greedy tokens after a prompt
+of `--prompt-tokens` with each engine and format pair (bf16 vs bf16, q8_0 vs int8, q4_0 vs int4; llama.cpp's
+quantized files hold the attention projections quantized too, so those moe-local runs use `--resident-dtype
+int8` and `int4`), one after the other, `--rounds` times (interleaved, so that a noisy shared machine slows both
+alike), each in its own process with the same thread count; it prints one markdown row per pair with both speeds
+and their ratio. llama.cpp runs in the Python of LLAMA_PYTHON (default /tmp/llama/bin/python, the venv its
+README describes)."""
 
 from __future__ import annotations
 
@@ -68,26 +71,47 @@ print(json.dumps({"tok_per_s": n / (time.perf_counter() - start)}))
 """
 
 
-def make(out: Path) -> None:
+# llama.cpp's converter names a BPE tokenizer's pre-tokenizer by a hash of how it splits a test text; the one the
+# tests train for Qwen-style checkpoints splits as Qwen2's does, but its hash is not in the converter's list
+CONVERT_QWEN = """
+import runpy, sys
+from conversion import base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def make(out: Path, family: str) -> None:
+    """A random checkpoint of `family` (mixtral: 8 experts of 2816, top 2; qwen3: Qwen3-MoE's layout, 64 experts of
+    384, top 8, q/k norms), its tokenizer, and its bf16, q8_0 and q4_0 GGUFs."""
     import shutil
 
     import torch
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     folder = out / "hf"
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = MixtralConfig(vocab_size=2048, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=1024,
-                        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    shared = dict(vocab_size=2048, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, max_position_embeddings=1024,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = MixtralForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        shutil.copy(DEMO / name, folder / name)
-    env = {**os.environ, "PYTHONPATH": str(TOOLS / "gguf-py")}
+    if family == "mixtral":
+        cfg = MixtralConfig(**shared, intermediate_size=2816, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2)
+        MixtralForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder)
+        for name in ("tokenizer.model", "tokenizer_config.json"):
+            shutil.copy(DEMO / name, folder / name)
+    else:
+        cfg = Qwen3MoeConfig(**shared, intermediate_size=2816, moe_intermediate_size=384, num_key_value_heads=4, head_dim=64,
+                             num_experts=64, num_experts_per_tok=8, norm_topk_prob=True, mlp_only_layers=[])
+        Qwen3MoeForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder)
+        sys.path.insert(0, str(DEMO.parent.parent / "tests"))  # the byte-level BPE tokenizer the tests train
+        from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer
+
+        train_bytelevel_tokenizer(folder, vocab_size=2048, **FAMILY_TOKENIZERS["qwen3_moe"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TOOLS), str(TOOLS / "gguf-py")])}
+    convert = [str(TOOLS / "convert_hf_to_gguf.py")] if family == "mixtral" else ["-c", CONVERT_QWEN, str(TOOLS / "convert_hf_to_gguf.py")]
     for outtype in ("bf16", "q8_0"):
-        subprocess.run([sys.executable, str(TOOLS / "convert_hf_to_gguf.py"), str(folder), "--outtype", outtype,
-                        "--outfile", str(out / f"{outtype}.gguf")], check=True, env=env)
+        subprocess.run([sys.executable, *convert, str(folder), "--outtype", outtype, "--outfile", str(out / f"{outtype}.gguf")], check=True, env=env)
     quantize = ("import llama_cpp, sys; p = llama_cpp.llama_model_quantize_default_params(); "
                 "p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0; "
                 "assert llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p) == 0")
@@ -131,9 +155,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--prompt-tokens", type=int, default=8, help="the context decoding starts from (the model holds 1,024)")
     parser.add_argument("--expert-slots", type=int, help="moe-local through a pool of this many slots (a memcpy per miss), not in place")
+    parser.add_argument("--family", choices=("mixtral", "qwen3"), default="mixtral", help="make: the model's architecture")
     args = parser.parse_args()
     if args.command == "make":
-        make(args.folder)
+        make(args.folder, args.family)
     else:
         if not 1 <= args.prompt_tokens <= 1024 - args.tokens - 8:
             parser.error(f"--prompt-tokens must be from 1 to {1024 - args.tokens - 8}: the test model holds 1,024 positions")
