@@ -605,7 +605,7 @@ def plan(
     what to expect from it, without loading the weights (only config.json and the safetensors headers)."""
     import torch
 
-    from moe_local.budget import plan_memory, plan_report
+    from moe_local.budget import lm_head_quantized, plan_memory, plan_report
     from moe_local.checkpoint import Checkpoint, resolve_model_path
     from moe_local.config import preset_config
     from moe_local.errors import BudgetError
@@ -639,6 +639,7 @@ def plan(
             why = f"{fmt.key}, the smallest; but on this machine {e}"
 
         report = {"model": name, "experts_format": fmt.key, "why": why, "resident_dtype": options.resident_dtype,
+                  "lm_head_int8": lm_head_quantized(cfg, target.type, options.attention_dtype),
                   **plan_report(cfg, plan_for(fmt), ctx), "formats": {}}
         for other in dict.fromkeys((fmt.name, "bf16", "int8", "int4", "mxfp4")):
             try:
@@ -669,7 +670,8 @@ def print_plan(r: dict, cfg, slots_given: bool) -> None:
     rows = [
         ("budget", budget_text),
         ("experts", r["why"]),
-        ("resident weights", format_bytes(r["resident_bytes"]) + (f" (attention in {r['resident_dtype']})" if r["resident_dtype"] != "auto" else "")),
+        ("resident weights", format_bytes(r["resident_bytes"]) + (f" (attention in {r['resident_dtype']}{', lm_head in int8' if r['lm_head_int8'] else ''})"
+                                                                  if r["resident_dtype"] != "auto" else "")),
         *([("token embeddings", f"{format_bytes(r['host_resident_bytes'])}, in host RAM")] if r["host_resident_bytes"] else []),
         (f"KV cache ({r['ctx_size']} tokens)", format_bytes(r["kv_bytes"])),
         ("workspace (estimated)", format_bytes(r["workspace_bytes"])),

@@ -131,6 +131,8 @@ def test_plan_command_shows_the_table_and_json_without_loading(tiny):
     assert small["resident_dtype"] == "int8" and small["resident_bytes"] < 0.6 * int4["resident_bytes"]
     assert small["expert_slots"] > int4["expert_slots"] and small["formats"]["bf16"]["resident_bytes"] == small["resident_bytes"]
     assert "(attention in int8)" in moe_local_cli(*args).stdout
+    cpu = ("plan", "--preset", "gpt-oss-20b", "--device", "cpu", "--resident-dtype", "int4")
+    assert json.loads(moe_local_cli(*cpu, "--json").stdout)["lm_head_int8"] and "(attention in int4, lm_head in" in moe_local_cli(*cpu).stdout
 
 
 def test_plan_on_the_cpu_without_a_budget_is_what_the_load_runs_every_expert_in_place(tiny):
