@@ -581,40 +581,6 @@ int experts_swiglu(const uint16_t* x, int D, int F, int E, const int* starts, co
     return 0;
 }
 
-/* int8_linear: y [R, N] = x [R, K] times the int8 rows w [N, K] times their bf16 scales (`--resident-dtype
-   int8`'s attention projections, `moe_local/int8.py`), for a decode step's few rows, where torch's
-   `_weight_int8pack_mm` widens each weight to fp32: x (bf16) as int16 as above, 8 outputs a work item, each
-   row read once for all of x's rows; y in bf16, rounded once as torch's. K a multiple of 32, N of 8; 0, 1 for
-   sizes it cannot take (or without AVX512-VNNI), 2 out of memory. */
-int int8_linear(const uint16_t* x, int R, int K, const int8_t* w, const uint16_t* scale, int N, uint16_t* y, int threads) {
-#ifndef INT8_PAIRS
-    (void)x, (void)R, (void)K, (void)w, (void)scale, (void)N, (void)y, (void)threads;
-    return 1;
-#else
-    if (K % 32 || N % 8 || R < 1) return 1;
-    int16_t* xq = malloc(sizeof(int16_t) * (size_t)R * K);
-    float* xs = malloc(sizeof(float) * R);
-    if (!xq || !xs) {
-        free(xq), free(xs);
-        return 2;
-    }
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-        for (int r = 0; r < R; r++) xs[r] = to_int16(x + (size_t)r * K, K, xq + (size_t)r * K);
-#pragma omp for schedule(static)
-        for (int n = 0; n < N; n += 8)
-            for (int r = 0; r < R; r++) {
-                float out[8];
-                _mm256_storeu_ps(out, product8(w, scale, n, K, NULL, xq + (size_t)r * K, xs[r]));
-                for (int j = 0; j < 8; j++) y[(size_t)r * N + n + j] = to_bf16(out[j]);
-            }
-    }
-    free(xq), free(xs);
-    return 0;
-#endif
-}
-
 /* experts_swiglu_int4: the same for int4 experts in torch's CPU layout (`_convert_weight_to_int4pack_for_cpu`),
    where `_weight_int4pack_mm_for_cpu` widens every weight to fp32 for its FMAs. A matrix [N, K] is N / 64
    blocks of 64 rows, each K * 32 bytes in a row: byte (k, i) holds row i's k-th weight in its low nibble and
@@ -966,36 +932,6 @@ int experts_decode(const ExpertTable* t, const uint16_t* x, const int64_t* ids, 
     return code;
 }
 
-/* int4_linear: y [R, N] (bf16, rounded once) = x [R, K] times int4 matrix w [N, K] in the CPU's layout, sz its
-   (scale, zero) pairs [K / G, N, 2], read as experts_swiglu_int4 reads them (`--resident-dtype int4`'s
-   projections, `moe_local/int4.py`), where `_weight_int4pack_mm_for_cpu` widens every weight to fp32: 64
-   outputs a work item. N a multiple of 64, K of G, G of 32; 0, 1 for sizes it cannot take (or a CPU without
-   AVX512-VNNI and VBMI), 2 out of memory. */
-int int4_linear(const uint16_t* x, int R, int K, const uint8_t* w, const uint16_t* sz, int N, int G, uint16_t* y, int threads) {
-#ifndef INT4_BYTES
-    (void)x, (void)R, (void)K, (void)w, (void)sz, (void)N, (void)G, (void)y, (void)threads;
-    return 1;
-#else
-    if (N % 64 || G < 32 || G % 32 || K % G || R < 1) return 1;
-    Int8Rows xq;
-    if (!int8_rows(&xq, R, K, G)) return free_int8_rows(&xq), 2;
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-        for (int r = 0; r < R; r++) to_int8_blocks(x + (size_t)r * K, K, G, &xq, r);
-#pragma omp for schedule(static)
-        for (int n = 0; n < N; n += 64)
-            for (int r = 0; r < R; r++) {
-                float out[64];
-                dot64_i4(w + (size_t)n * K / 2, sz + 2 * n, N, K, G, &xq, r, out);
-                for (int j = 0; j < 64; j++) y[(size_t)r * N + n + j] = to_bf16(out[j]);
-            }
-    }
-    free_int8_rows(&xq);
-    return 0;
-#endif
-}
-
 /* attention_step: a decode step's R tokens (one per sequence) through a layer's resident attention block, for
    `moe_local/cpu_attention.py` (`Fused`): x' = x + o(attention(rope(qkv(norm(x))))) and h = ffn_norm(x'), the
    MoE's input, in one call where torch takes ~25 operations a layer (and the interpreter between them most of
@@ -1125,6 +1061,41 @@ static int unusable(const Proj* p) {
     return p->N % 8 || p->K % 32;
 }
 
+/* y [R, N] = x [R, K] times p, rounded (and its bias added) as `project` does: a few rows through one
+   projection, for int8_linear, int4_linear and attention_step. 0, 1 for sizes or a kind it cannot take, 2 out of
+   memory */
+static int linear_rows(const Proj* p, const uint16_t* x, int R, uint16_t* y, int threads) {
+    if (R < 1 || unusable(p)) return 1;
+    Act act = {0};
+    int code = prepare(p, x, R, &act);
+    if (!code) {
+#pragma omp parallel num_threads(threads)
+        project(p, &act, R, y);
+    }
+    release(&act);
+    return code;
+}
+
+/* int8_linear: y [R, N] = x [R, K] times the int8 rows w [N, K] times their bf16 scales (`--resident-dtype
+   int8`'s projections, `moe_local/int8.py`), for a decode step's few rows, where torch's `_weight_int8pack_mm`
+   widens each weight to fp32: x (bf16) as int16 as experts_swiglu takes it, 8 outputs a work item, each row
+   read once for all of x's rows; y in bf16, rounded once as torch's. K a multiple of 32, N of 8; 0, 1 for sizes
+   it cannot take (or without AVX512-VNNI), 2 out of memory. */
+int int8_linear(const uint16_t* x, int R, int K, const int8_t* w, const uint16_t* scale, int N, uint16_t* y, int threads) {
+    const Proj p = {w, scale, NULL, N, K, 0};
+    return scale ? linear_rows(&p, x, R, y, threads) : 1;
+}
+
+/* int4_linear: y [R, N] (bf16, rounded once) = x [R, K] times int4 matrix w [N, K] in the CPU's layout, sz its
+   (scale, zero) pairs [K / G, N, 2], read as experts_swiglu_int4 reads them (`--resident-dtype int4`'s
+   projections, `moe_local/int4.py`), where `_weight_int4pack_mm_for_cpu` widens every weight to fp32: 64
+   outputs a work item. N a multiple of 64, K of G, G of 32; 0, 1 for sizes it cannot take (or a CPU without
+   AVX512-VNNI and VBMI), 2 out of memory. */
+int int4_linear(const uint16_t* x, int R, int K, const uint8_t* w, const uint16_t* sz, int N, int G, uint16_t* y, int threads) {
+    const Proj p = {w, sz, NULL, N, K, G};
+    return G >= 32 ? linear_rows(&p, x, R, y, threads) : 1;
+}
+
 /* the first rd of v's dimensions rotated as `apply_rope` does: v * cos + roll(v, rd / 2) * sin, each term and
    their sum rounded */
 static void rope(uint16_t* v, int rd, const uint16_t* cos, const uint16_t* sin) {
@@ -1148,15 +1119,10 @@ int attention_step(const AttentionLayer* L, int R, const uint16_t* x, const uint
     for (int r = 0; r < R; r++)
         if (pos[r] < 0 || (pos[r] >= positions && !L->window)) return 1;
     uint16_t *a = malloc(sizeof(uint16_t) * R * D), *qkv = malloc(sizeof(uint16_t) * R * N), *att = malloc(sizeof(uint16_t) * R * Nq);
-    Act in = {0}, out = {0};
     int code = !a || !qkv || !att ? 2 : 0;
     if (!code) {
         for (int r = 0; r < R; r++) rms_norm(x + r * D, D, L->attention_norm, L->eps, a + r * D);
-        code = prepare(&L->qkv, a, R, &in);
-    }
-    if (!code) {
-#pragma omp parallel num_threads(threads)
-        project(&L->qkv, &in, R, qkv);
+        code = linear_rows(&L->qkv, a, R, qkv, threads);
     }
     for (int r = 0; r < R && !code; r++) {
         uint16_t *q = qkv + r * N, *k = q + Nq, *v = k + Hkv * hd;
@@ -1174,16 +1140,13 @@ int attention_step(const AttentionLayer* L, int R, const uint16_t* x, const uint
         code = attend(q, Hkv, H / Hkv, hd, seen, k_cache[r], head, hd, v_cache[r], head, hd, hd, 1, L->scale, NULL, 0, 0, L->sinks,
                       att + r * Nq, threads);
     }
-    if (!code) code = prepare(&L->o, att, R, &out);
+    if (!code) code = linear_rows(&L->o, att, R, a, threads);
     if (!code) {
-#pragma omp parallel num_threads(threads)
-        project(&L->o, &out, R, a);
         for (int r = 0; r < R; r++) {
             for (int i = 0; i < D; i++) x_out[r * D + i] = to_bf16(from_bf16(x[r * D + i]) + from_bf16(a[r * D + i]));
             rms_norm(x_out + r * D, D, L->ffn_norm, L->eps, h_out + r * D);
         }
     }
-    release(&in), release(&out);
     free(a), free(qkv), free(att);
     return code;
 }
