@@ -178,6 +178,25 @@ def test_a_decode_tokens_fused_attention_block_gives_the_torch_operations_result
         assert all(torch.equal(a, b) for a, b in zip(block.fused(xs[1:2], cos3[1:2], sin3[1:2], alone, positions[1:2]), (got_x[1:2], got_h[1:2])))
 
 
+def greedy(engine, prompt: list[int], n: int) -> torch.Tensor:
+    """The logits [n, V] of n greedy decode steps after `prompt` (its cached prefix reused)."""
+    token, steps = int(engine.prefill(prompt)[0].argmax()), []
+    for _ in range(n):
+        steps.append(engine.decode_one(token))
+        token = int(steps[-1].argmax())
+    return torch.stack(steps)
+
+
+def assert_decodes_as_without_fusion(engine, run, fused: torch.Tensor) -> None:
+    """`run()` again with the torch operations in place of every fused block: the same greedy tokens as `fused`
+    (its logits with them), the logits within bf16's rounding."""
+    for block in engine.model.layers:
+        block.fused = None
+    unfused = run()
+    assert torch.equal(fused.argmax(-1), unfused.argmax(-1))
+    assert (fused - unfused).norm() <= 0.01 * unfused.norm()
+
+
 @needs_kernel
 @pytest.mark.parametrize("flags", ["", "-mno-avx512vbmi", "-mno-avx512bf16 -mno-avx512vnni"])  # bf16 pairs, int8 and int4; not int4; none
 def test_decode_tokens_take_the_fused_block_and_decode_as_without_it(rebuilt, tiny, monkeypatch, flags):
@@ -189,20 +208,12 @@ def test_decode_tokens_take_the_fused_block_and_decode_as_without_it(rebuilt, ti
     results, call = [], cpu_attention.Fused.__call__
     monkeypatch.setattr(cpu_attention.Fused, "__call__", lambda self, *args: results.append(call(self, *args)) or results[-1])
 
-    def greedy() -> torch.Tensor:
-        token, steps = int(engine.prefill(list(range(3, 15)))[0].argmax()), []
-        for _ in range(6):
-            steps.append(engine.decode_one(token))
-            token = int(steps[-1].argmax())
-        return torch.stack(steps)
+    def run() -> torch.Tensor:
+        return greedy(engine, list(range(3, 15)), 6)
 
-    fused = greedy()
+    fused = run()
     assert len(results) == 6 * engine.cfg.n_layers and all(r is not None for r in results)  # the prompt's 12 rows: torch's
-    for block in engine.model.layers:
-        block.fused = None
-    unfused = greedy()
-    assert torch.equal(fused.argmax(-1), unfused.argmax(-1))
-    assert (fused - unfused).norm() <= 0.01 * unfused.norm()
+    assert_decodes_as_without_fusion(engine, run, fused)
 
 
 @needs_kernel
@@ -222,11 +233,7 @@ def test_a_batch_step_takes_the_fused_block_for_all_its_rows_and_decodes_as_with
 
     fused = steps()
     assert rows.count(3) == 4 * engine.cfg.n_layers  # each step's three rows in one call a layer
-    for block in engine.model.layers:
-        block.fused = None
-    unfused = steps()
-    assert torch.equal(fused.argmax(-1), unfused.argmax(-1))
-    assert (fused - unfused).norm() <= 0.01 * unfused.norm()
+    assert_decodes_as_without_fusion(engine, steps, fused)
 
 
 @needs_kernel
@@ -237,16 +244,7 @@ def test_a_sliding_layers_ring_decodes_through_the_fused_block_as_without_it(tmp
     engine = moe_local.load(str(tmp_path), device="cpu", dtype="bf16", ctx_size=64)
     assert engine.kv.layers[0][0].shape[1] == 6 and all(block.fused is not None for block in engine.model.layers)
 
-    def greedy() -> torch.Tensor:
-        token, steps = int(engine.prefill([1, 9, 40, 7])[0].argmax()), []
-        for _ in range(12):  # past the window: the ring wraps twice
-            steps.append(engine.decode_one(token))
-            token = int(steps[-1].argmax())
-        return torch.stack(steps)
+    def run() -> torch.Tensor:
+        return greedy(engine, [1, 9, 40, 7], 12)  # past the window: the ring wraps twice
 
-    fused = greedy()
-    for block in engine.model.layers:
-        block.fused = None
-    unfused = greedy()
-    assert torch.equal(fused.argmax(-1), unfused.argmax(-1))
-    assert (fused - unfused).norm() <= 0.01 * unfused.norm()
+    assert_decodes_as_without_fusion(engine, run, run())
