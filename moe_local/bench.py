@@ -1,6 +1,6 @@
 """`moe-local bench`: the offloading runtime on a model with a published geometry (Mixtral-8x7B by
 default) and random weights generated on the device, measured against the channels it depends on and
-against transformers + accelerate offloading the same geometry, in one run (see docs/benchmarks.md).
+against transformers + accelerate offloading the same geometry, in one run (see docs/measurements.md).
 
 Random routers route close to uniformly: the worst case for any expert cache."""
 

@@ -258,7 +258,7 @@ ResidentDtype = Annotated[Optional[str], typer.Option("--resident-dtype", help="
 CudaGraphs = Annotated[Optional[bool], typer.Option("--cuda-graphs/--no-cuda-graphs", metavar="", help="Replay each layer's resident work (norms, attention, router) of a decode step as a CUDA graph instead of launching its kernels one by one. Default: on where the device is CUDA (decode 1.3-2.4x faster on an H100).")]
 CpuExperts = Annotated[Optional[str], typer.Option("--cpu-experts", help="Where a missed expert runs: auto (the default: copied to the GPU or run on the CPU from host RAM, whichever a cost model measured at load says finishes first), never (always copied) or always (always on the CPU; the slots keep the hot experts). On --device cpu, auto is never.")]
 GroupSize = Annotated[Optional[int], typer.Option("--group-size", help="int4 group size: 32, 64, 128 or 256. Default 128, or the largest the model's sizes allow.")]
-Policy = Annotated[Optional[str], typer.Option("--policy", help="Expert slot eviction policy: layer-lru (the default: each layer keeps an even share of the slots) or lru (see docs/benchmarks.md).")]
+Policy = Annotated[Optional[str], typer.Option("--policy", help="Expert slot eviction policy: layer-lru (the default: each layer keeps an even share of the slots) or lru (see docs/measurements.md).")]
 Threads = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads for torch. Default: torch's (the number of cores).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress bar, notes or timings on stderr.")]
 Debug = Annotated[bool, typer.Option("--debug", metavar="", help="Show the traceback of an error.")]

@@ -935,7 +935,7 @@ int experts_decode(const ExpertTable* t, const uint16_t* x, const int64_t* ids, 
 /* attention_step: a decode step's R tokens (one per sequence) through a layer's resident attention block, for
    `moe_local/cpu_attention.py` (`Fused`): x' = x + o(attention(rope(qkv(norm(x))))) and h = ffn_norm(x'), the
    MoE's input, in one call where torch takes ~25 operations a layer (and the interpreter between them most of
-   the time: ~100 us a layer of the llama.cpp comparison's model, docs/benchmarks.md). Each value is rounded to
+   the time: ~100 us a layer of the llama.cpp comparison's model, docs/measurements.md). Each value is rounded to
    bf16 where the model's torch operations round it: the norms (computed in fp32, rounded, then times the
    weight), each projection (once; an int8 or int4 projection's bias is added after, as `Int8Linear` and
    `Int4Linear` add it), rope's two products and their sum, the residual sum. int8 and int4 projections take

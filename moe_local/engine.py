@@ -44,8 +44,8 @@ class Options:
     ctx_size: int | None = None  # default: min(4096, the model's max_position_embeddings)
     prefetch: bool = True
     prefetch_top: int | None = 1  # experts per token to prefetch, the likeliest first (None: all top_k);
-    # 1 was as fast as or faster than 2 and than no prefetch in the H100 runs of docs/benchmarks.md
-    policy: str = "layer-lru"  # see experts/cache.py and docs/benchmarks.md for the comparison
+    # 1 was as fast as or faster than 2 and than no prefetch in the H100 runs of docs/measurements.md
+    policy: str = "layer-lru"  # see experts/cache.py and docs/measurements.md for the comparison
     prefill_chunk: int = 512  # tokens per prefill step: bounds the workspace
     experts_dtype: str = "auto"  # see experts/formats.py: auto, bf16, fp16, fp32, int8, int4
     group_size: int | None = None  # int4 group size; default 128 (or the largest of 64, 32 the model allows)
@@ -53,7 +53,7 @@ class Options:
     sequences: int = 1  # KV caches to plan for: one per request decoded together (`serve --parallel`)
     cpu_experts: str = "auto"  # where misses run: auto (experts/cpu.py's cost model), never (copied), always (CPU)
     # one-token steps replay a CUDA graph per layer for its resident work (graphs.py); None: where the device is
-    # CUDA (H100, 2026-11-26: decode 1.3-2.4x, docs/benchmarks.md)
+    # CUDA (H100, 2026-11-26: decode 1.3-2.4x, docs/measurements.md)
     cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:

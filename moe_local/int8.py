@@ -39,7 +39,7 @@ def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
 
 def linear_kernel(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
     """`linear` by moe-local's `int8_linear` (AVX512-VNNI; ~1.25x torch's `_weight_int8pack_mm`, which widens
-    every weight to fp32, for one row of 2048 x 1024: docs/benchmarks.md): bf16 x [..., K] on the CPU, at most
+    every weight to fp32, for one row of 2048 x 1024: docs/measurements.md): bf16 x [..., K] on the CPU, at most
     KERNEL_MAX_ROWS rows, bf16 scales; x meets the weights as int16 (2^-15 of each row's largest value). None
     where it does not apply."""
     k, n = x.shape[-1], q.shape[0]

@@ -3,7 +3,7 @@ Starlette and uvicorn, in two processes. This one keeps the engine and runs the 
 side runs in a process of its own (`front`), which checks and tokenizes requests, hands them over a pipe
 and streams the outputs that come back. Apart, the two do not take turns at one interpreter lock: with
 both in one process, eight streams of the demo model decoded 2.6-3.0x the tokens/s of one, in two
-3.0-3.2x; the Batcher alone does 3.2-3.4x (docs/benchmarks.md)."""
+3.0-3.2x; the Batcher alone does 3.2-3.4x (docs/measurements.md)."""
 
 from __future__ import annotations
 

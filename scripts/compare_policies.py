@@ -2,7 +2,7 @@
 
     python scripts/compare_policies.py moe_local/demo
 
-Prints the markdown table recorded in docs/benchmarks.md."""
+Prints the markdown table recorded in docs/measurements.md."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine: the GPU tests, then the benchmarks recorded in docs/benchmarks.md.
+# One call on a lent GPU machine: the GPU tests, then the benchmarks recorded in docs/measurements.md.
 # Usage (device tool): bash scripts/gpu_session.sh [STEP ...]   (default: every step). Output under $OUT (or
 # ./gpu-out), a file per step and steps.txt; DEADLINE=SECONDS ends it in time, cutting the step that runs
 # over; TESTS: which test files (default: tests/). Steps, in the order they run: machine tests mxfp4 qwen3

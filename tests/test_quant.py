@@ -78,7 +78,7 @@ QUANTIZED = {"int8": dict(experts_dtype="int8"), "int4": dict(experts_dtype="int
 def fidelity(names: tuple[str, ...], n_tokens: int = 1000) -> dict[str, dict]:
     """Top-1 agreement and KL(reference || quantized) of each quantization (`QUANTIZED`) against the
     unquantized demo model, over a fixed text (this package's tokenizer source), both computed in fp32 so
-    that only the quantization differs. The figures docs/benchmarks.md records."""
+    that only the quantization differs. The figures docs/measurements.md records."""
     import moe_local.tokenizer as text_source
 
     reference = moe_local.load(DEMO, device="cpu", dtype="fp32", experts_dtype="bf16")
@@ -98,7 +98,7 @@ def fidelity(names: tuple[str, ...], n_tokens: int = 1000) -> dict[str, dict]:
     return out
 
 
-INT4_KL_BOUND = 0.02  # measured on the demo model (docs/benchmarks.md): experts 0.007-0.008, attention 0.011
+INT4_KL_BOUND = 0.02  # measured on the demo model (docs/measurements.md): experts 0.007-0.008, attention 0.011
 
 
 def test_int8_keeps_the_top_token_and_int4_stays_within_its_kl_bound():

@@ -77,7 +77,7 @@ def place(
 
 def forward_on_cpu(fmt: ExpertFormat, xs: torch.Tensor, w: Weights, kernels: bool = True) -> torch.Tensor:
     """One expert on the CPU from its host buffer: moe-local's grouped kernel where `kernels` and it takes the
-    format (bf16, int8; 1.5-2x torch's one-row kernels: docs/benchmarks.md), else the format's `forward`."""
+    format (bf16, int8; 1.5-2x torch's one-row kernels: docs/measurements.md), else the format's `forward`."""
     y = fmt.forward_grouped(xs, [xs.shape[0]], [w]) if kernels else None
     return fmt.forward(xs, w) if y is None else y
 
@@ -125,7 +125,7 @@ def measure_speeds(
         key = keys[next(turn) % len(keys)]  # not one a cache level already holds, as a miss is not
         scratch.copy_(store.buffer(key), non_blocking=store.is_pinned(key))
 
-    if device.type == "cuda":  # an idle GPU's link runs slow until it has been busy a moment (docs/benchmarks.md)
+    if device.type == "cuda":  # an idle GPU's link runs slow until it has been busy a moment (docs/measurements.md)
         until = time.perf_counter() + 0.25
         while time.perf_counter() < until:
             copy()
