@@ -474,7 +474,7 @@ def serve(
 
     with clean_errors(debug):
         try:
-            from moe_local.server import Settings, serve as run_server
+            from moe_local.server import Settings, listen, serve as run_server
         except ImportError as e:
             raise MoeLocalError(f"moe-local serve needs the server extra ({e.name} is missing): pip install 'moe-local[server]'") from None
         if api_key is not None and not api_key.strip():
@@ -484,18 +484,19 @@ def serve(
             policy=policy, experts_dtype=experts_dtype, group_size=group_size, resident_dtype=resident_dtype, cpu_experts=cpu_experts,
             sequences=parallel,  # each request decoded together has a KV cache: the budget counts them all
         )
-        folder, _, _ = open_model(model, options)
-        set_threads(threads)
-        engine = load_with_progress(folder, options, quiet, demo=model is None)
-        model_id = model if model and not Path(model).exists() else folder.name  # a Hugging Face id as given
-        settings = Settings.of(engine, model_id, parallel, queue, api_key)
+        sock = listen(host, port)  # a port in use fails now, not after the load
         try:
             loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
         except ValueError:
             loopback = False
         if not loopback and api_key is None:
             stderr(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model")
-        run_server(engine, settings, host, port, (lambda message: None) if quiet else stderr)
+        folder, _, _ = open_model(model, options)
+        set_threads(threads)
+        engine = load_with_progress(folder, options, quiet, demo=model is None)
+        model_id = model if model and not Path(model).exists() else folder.name  # a Hugging Face id as given
+        settings = Settings.of(engine, model_id, parallel, queue, api_key)
+        run_server(engine, settings, sock, (lambda message: None) if quiet else stderr, stderr)
 
 
 def describe(ckpt: Checkpoint) -> dict:

@@ -10,6 +10,15 @@ from dataclasses import dataclass, replace
 MAX_SEED = 2**64 - 1
 
 
+class SamplingRangeError(ValueError):
+    """A sampling setting out of its range. Said with the command line's name for it (`top-p must be in
+    (0, 1]`); `field` is the dataclass's and the API's name (`top_p`), for the server's error object."""
+
+    def __init__(self, field: str, rule: str):
+        super().__init__(f"{field.replace('_', '-')} {rule}")
+        self.field, self.rule = field, rule
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Defaults as llama.cpp's; a model's generation_config.json overrides them (see `from_generation_config`)."""
@@ -24,18 +33,18 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (self.top_k >= 0, "top-k must be >= 0"),
-            (0 < self.top_p <= 1, "top-p must be in (0, 1]"),
-            (0 <= self.min_p <= 1, "min-p must be in [0, 1]"),
-            (self.repeat_penalty > 0, "repeat-penalty must be > 0"),
-            (self.repeat_last_n >= 0, "repeat-last-n must be >= 0"),
+            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("top_k", self.top_k >= 0, "must be >= 0"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("repeat_penalty", self.repeat_penalty > 0, "must be > 0"),
+            ("repeat_last_n", self.repeat_last_n >= 0, "must be >= 0"),
             # what torch.Generator.manual_seed takes; past it torch says only "Overflow when unpacking long long"
-            (self.seed is None or 0 <= self.seed <= MAX_SEED, f"seed must be a whole number from 0 to {MAX_SEED}"),
+            ("seed", self.seed is None or 0 <= self.seed <= MAX_SEED, f"must be a whole number from 0 to {MAX_SEED}"),
         ]
-        for ok, message in checks:
+        for name, ok, rule in checks:
             if not ok:
-                raise ValueError(message)
+                raise SamplingRangeError(name, rule)
 
     def from_generation_config(self, gen: dict) -> SamplingParams:
         """The model's own defaults, where it states them."""

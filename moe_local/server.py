@@ -33,7 +33,7 @@ from starlette.routing import Route
 
 from moe_local.errors import MoeLocalError, TokenizerError
 from moe_local.harmony import is_harmony
-from moe_local.params import Output, SamplingParams, max_new_tokens_default
+from moe_local.params import Output, SamplingParams, SamplingRangeError, max_new_tokens_default
 from moe_local.tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:  # the engine's side only: the HTTP process imports neither these nor torch
@@ -305,7 +305,7 @@ class Server:
         except MoeLocalError as e:  # the template refuses this conversation (roles out of order, ...)
             raise ApiError(400, str(e), param="messages") from None
         channels = is_harmony(tokenizer)  # gpt-oss: the final channel is the answer, the others reasoning_content
-        return await self.answer(request, body, prompt, "chat.completion", chat_chunk, chat_message, channels)
+        return await self.answer(request, body, prompt, "messages", "chat.completion", chat_chunk, chat_message, channels)
 
     async def completions(self, request: HttpRequest) -> Response:
         self.check_key(request)
@@ -314,6 +314,8 @@ class Server:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if isinstance(prompt, str):
+            if not prompt.strip():  # as `moe-local run -p ""` refuses it
+                raise ApiError(400, "'prompt' is empty", param="prompt")
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, list) and prompt and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
             ids = prompt  # token ids
@@ -321,7 +323,7 @@ class Server:
                 raise ApiError(400, f"'prompt' has token ids outside the vocabulary (0..{self.settings.vocab_size - 1})", param="prompt")
         else:
             raise ApiError(400, "'prompt' must be a string, a list of one string or a list of token ids", param="prompt")
-        return await self.answer(request, body, ids, "text_completion", completion_choice, completion_choice)
+        return await self.answer(request, body, ids, "prompt", "text_completion", completion_choice, completion_choice)
 
     def shutting_down(self) -> None:
         """Ctrl-C or SIGTERM: end the running requests now (streams get an error event), so that uvicorn's
@@ -331,12 +333,14 @@ class Server:
     def check_key(self, request: HttpRequest) -> None:
         if self.api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+        scheme, _, key = request.headers.get("authorization", "").strip().partition(" ")
+        # the scheme is case-insensitive (RFC 9110 11.1: `bearer` is `Bearer`); the key is compared in constant time
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
             raise ApiError(401, "a valid API key is required: send the header 'Authorization: Bearer KEY'", code="invalid_api_key")
 
-    def generation(self, body: dict, prompt: list[int]) -> dict:
-        """The Request fields that `body` asks for, checked."""
+    def generation(self, body: dict, prompt: list[int], prompt_field: str) -> dict:
+        """The Request fields that `body` asks for, checked; `prompt_field` is where the prompt came from
+        (`messages` or `prompt`), for the error object's `param`."""
         for name in UNSUPPORTED:
             if body.get(name):
                 raise ApiError(400, f"'{name}' is not supported by moe-local", param=name)
@@ -346,8 +350,8 @@ class Server:
         given = {name: field(body, name, kinds, "a number" if float in kinds else "an integer") for name, kinds in SAMPLING.items()}
         try:
             params = replace(self.settings.sampling_defaults, **{k: v for k, v in given.items() if v is not None})
-        except ValueError as e:
-            raise ApiError(400, str(e)) from None
+        except SamplingRangeError as e:  # said with the API's field name, not the command line's flag
+            raise ApiError(400, f"'{e.field}' {e.rule}, not {json.dumps(given[e.field])}", param=e.field) from None
         penalties = {}
         for name in ("presence_penalty", "frequency_penalty"):
             value = field(body, name, (int, float), "a number")
@@ -366,17 +370,17 @@ class Server:
             raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
         if len(prompt) > self.settings.ctx_size:
             raise ApiError(400, f"the prompt takes {len(prompt)} tokens and the context holds {self.settings.ctx_size} "
-                           "(the server's --ctx-size)", param="messages", code="context_length_exceeded")
+                           "(the server's --ctx-size)", param=prompt_field, code="context_length_exceeded")
         if not prompt:
-            raise ApiError(400, "the prompt is empty", param="prompt")
+            raise ApiError(400, "the prompt is empty", param=prompt_field)
         return dict(prompt=prompt, max_tokens=max_tokens or self.settings.max_tokens_default, params=params, stop=stop, **penalties)
 
-    async def answer(self, request: HttpRequest, body: dict, prompt: list[int], kind: str,
+    async def answer(self, request: HttpRequest, body: dict, prompt: list[int], prompt_field: str, kind: str,
                      chunk: Callable[..., dict], whole: Callable[..., dict], channels: bool = False) -> Response:
         stream = field(body, "stream", (bool,), "true or false")
         options = field(body, "stream_options", (dict,), "an object") or {}
         include_usage = field(options, "include_usage", (bool,), "true or false")
-        fields = self.generation(body, prompt)
+        fields = self.generation(body, prompt, prompt_field)
         if self.link.stopping:
             raise ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
         if self.link.load >= self.capacity:
@@ -401,8 +405,9 @@ class Server:
         return JSONResponse({**head, "object": kind, "choices": [whole(text, last.finish_reason, reasoning)], "usage": usage(last)})
 
     async def stream(self, job: Job, head: dict, kind: str, chunk: Callable, include_usage: bool | None) -> AsyncIterator[str]:
-        """Server-sent events; the last chunk (with finish_reason) has the usage too, and with
-        stream_options.include_usage one more chunk has only the usage, as OpenAI sends it."""
+        """Server-sent events. With stream_options.include_usage the usage comes once, as OpenAI sends it: in
+        one more chunk after the one with finish_reason, with no choices (a client that adds up the usage of
+        every chunk counts it once); without it, on the chunk with finish_reason, as llama.cpp's server sends it."""
         head = {**head, "object": f"{kind}.chunk" if kind == "chat.completion" else kind}
         try:
             if kind == "chat.completion":
@@ -416,7 +421,8 @@ class Server:
                 if output.finish_reason is None:
                     yield sse({**head, "choices": [chunk(output.text, None, output.reasoning)]})
                     continue
-                yield sse({**head, "choices": [chunk(output.text, output.finish_reason, output.reasoning)], "usage": usage(output)})
+                last = {**head, "choices": [chunk(output.text, output.finish_reason, output.reasoning)]}
+                yield sse(last if include_usage else {**last, "usage": usage(output)})
                 if include_usage:
                     yield sse({**head, "choices": [], "usage": usage(output)})
             yield sse("[DONE]")
@@ -450,11 +456,16 @@ async def read_body(request: HttpRequest) -> dict:
 
 
 def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound and listening: `moe-local serve` opens it before it loads the model, so that a
+    port in use is one line in a second, not after minutes of reading (and quantizing) the experts. Clients
+    that connect meanwhile wait in its backlog until the HTTP process serves them."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         return socket.create_server((host, port), family=family)
     except OSError as e:
-        raise MoeLocalError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        # socket.create_server's message repeats the address ("... (while attempting to bind on address ...)")
+        why = os.strerror(e.errno) if isinstance(e.errno, int) and e.errno > 0 else e.strerror or str(e)  # a name lookup's errors are < 0
+        raise MoeLocalError(f"cannot listen on {host}:{port}: {why}") from None
 
 
 class Uvicorn(uvicorn.Server):
@@ -472,19 +483,18 @@ class Uvicorn(uvicorn.Server):
         self.should_exit = True
 
 
-def front(conn: Connection, settings: Settings, host: str, port: int) -> None:
-    """The HTTP process: its tokenizer and socket, then uvicorn until told to stop (a signal, from the engine's
-    process or the terminal) or until the engine's process is gone. Says ("listening", None, port) or
-    ("failed", None, why) first."""
+def front(conn: Connection, settings: Settings, sock: socket.socket) -> None:
+    """The HTTP process: its tokenizer, then uvicorn on `sock` (`listen`'s, opened by the engine's process) until
+    told to stop (a signal, from the engine's process or the terminal) or until the engine's process is gone.
+    Says ("listening", None, None) or ("failed", None, why) first."""
     for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn takes them while it runs; the engine's process says when to stop
         signal.signal(sig, lambda sig, frame: None)
     try:
         tokenizer = load_tokenizer(settings.folder) if settings.folder else None
-        sock = listen(host, port)
     except MoeLocalError as e:
         conn.send(("failed", None, str(e)))
         return
-    conn.send(("listening", None, sock.getsockname()[1]))
+    conn.send(("listening", None, None))
     server = Server(settings, tokenizer, EngineLink(conn))
     config = uvicorn.Config(server.app(), log_level="warning", timeout_graceful_shutdown=5)
     try:
@@ -544,14 +554,23 @@ class EngineSide:
         b.stop_soon()
 
 
-def serve(engine: Engine, settings: Settings, host: str, port: int, say: Callable[[str], None]) -> None:
-    """Serve until Ctrl-C or SIGTERM; then stop taking requests, end the running ones with an error and
-    return. The engine stays in this process (its Batcher on a thread); the HTTP side is started in its own
-    (spawned: this one holds the model, CUDA and threads, which a fork would not carry over)."""
-    spawn = multiprocessing.get_context("spawn")
+def address(sock: socket.socket) -> str:
+    """http://HOST:PORT of a listening socket, with the port it got (`--port 0` takes any free one)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def serve(engine: Engine, settings: Settings, sock: socket.socket, say: Callable[[str], None],
+          announce: Callable[[str], None]) -> None:
+    """Serve on `sock` (from `listen`) until Ctrl-C or SIGTERM; then stop taking requests, end the running ones
+    with an error and return. The engine stays in this process (its Batcher on a thread); the HTTP side is
+    started in its own (spawned: this one holds the model, CUDA and threads, which a fork would not carry over),
+    which gets the socket. `announce` gets the line that says where it serves (said even with -q: with
+    `--port 0` it is the only way to learn the port), `say` the others."""
+    url, spawn = address(sock), multiprocessing.get_context("spawn")
     here, there = spawn.Pipe()
     side = EngineSide(engine, settings.parallel, here)
-    http = spawn.Process(target=front, args=(there, settings, host, port), name="moe-local http", daemon=True)
+    http = spawn.Process(target=front, args=(there, settings, sock), name="moe-local http", daemon=True)
     stopped: list[int] = []
 
     def stop(sig, frame) -> None:
@@ -564,6 +583,7 @@ def serve(engine: Engine, settings: Settings, host: str, port: int, say: Callabl
     try:
         http.start()
         there.close()
+        sock.close()  # the HTTP process has its own copy
         try:
             kind, _, value = here.recv()
         except EOFError:
@@ -572,7 +592,7 @@ def serve(engine: Engine, settings: Settings, host: str, port: int, say: Callabl
             http.join()
             raise MoeLocalError(value)
         if not stopped:
-            say(f"serving {settings.model_id} on http://{host}:{value}/v1 (--parallel {settings.parallel}, {settings.queue} more may wait)")
+            announce(f"serving {settings.model_id} on {url}/v1 (--parallel {settings.parallel}, {settings.queue} more may wait)")
             side.thread.start()
             side.batcher.start()
         http.join()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -137,7 +138,18 @@ def test_streamed_chat_gives_the_same_text_then_the_usage(client, engine):
     assert text == alone(engine, chat_ids(engine, MESSAGES), 12)
     finished = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert [c.choices[0].finish_reason for c in finished] == ["length"]
+    # the usage comes once, in a last chunk without choices, as OpenAI sends it: a client that sums counts it once
+    assert [c for c in chunks if c.usage] == [chunks[-1]]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_a_streamed_completion_with_include_usage_sends_the_usage_once(server):
+    body = {"prompt": "def f(", "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    with_usage = [e for e in events if e.get("usage")]
+    assert len(with_usage) == 1 and with_usage[0] is events[-1] and events[-1]["choices"] == []
+    assert events[-2]["choices"][0]["finish_reason"] == "length" and events[-1]["usage"]["completion_tokens"] == 5
 
 
 def test_completions_streamed_and_not(client, engine):
@@ -185,7 +197,7 @@ BAD = [
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "'max_tokens' must be at least 1"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, 400, "'max_tokens' must be at least 1"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2.5}, 400, "'max_tokens' must be an integer"),
-    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top-p must be in (0, 1]"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "'top_p' must be in (0, 1], not 0"),
     ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 3}, 400, "between -2 and 2"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, 400, "'stop' must be a string or a list of strings"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "'n' must be 1"),
@@ -200,6 +212,27 @@ def test_bad_input_gets_a_4xx_with_openais_error_object(server, body, status, me
     assert response.status_code == status
     error = response.json()["error"]
     assert message in error["message"] and set(error) == {"message", "type", "param", "code"}
+
+
+PARAMS = [
+    ("/v1/chat/completions", {"top_p": 1.5}, "top_p", "'top_p' must be in (0, 1], not 1.5"),
+    ("/v1/chat/completions", {"temperature": -1}, "temperature", "'temperature' must be >= 0, not -1"),
+    ("/v1/completions", {"top_k": -2}, "top_k", "'top_k' must be >= 0, not -2"),
+    ("/v1/completions", {"min_p": 2}, "min_p", "'min_p' must be in [0, 1], not 2"),
+    ("/v1/completions", {"repeat_penalty": 0}, "repeat_penalty", "'repeat_penalty' must be > 0, not 0"),
+    ("/v1/completions", {"seed": -1}, "seed", "'seed' must be a whole number from 0 to"),
+    ("/v1/completions", {"prompt": "word " * 2000}, "prompt", "the context holds 512"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 2000}]}, "messages", "the context holds 512"),
+    ("/v1/completions", {"prompt": ""}, "prompt", "'prompt' is empty"),
+    ("/v1/completions", {"prompt": [" \n "]}, "prompt", "'prompt' is empty"),
+]
+
+
+@pytest.mark.parametrize("path, fields, param, message", PARAMS, ids=[f"{p}-{param}-{m[:20]}" for p, _, param, m in PARAMS])
+def test_an_errors_param_and_message_name_the_apis_field(server, path, fields, param, message):
+    body = {"messages": [{"role": "user", "content": "hi"}]} if path.endswith("chat/completions") else {"prompt": "x"}
+    error = post(server, path, {**body, "max_tokens": 2, **fields}).json()["error"]
+    assert error["param"] == param and message in error["message"], error
 
 
 def test_other_faults_get_the_error_object_too_and_the_server_goes_on(server, client):
@@ -223,6 +256,10 @@ def test_the_api_key_is_required(server):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong-key", max_retries=0).models.list()
     assert post(server, "/v1/completions", body).status_code == 200
+    # the scheme is case-insensitive (RFC 9110); the key is not, and another scheme is not a bearer token
+    for header, status in ((f"bearer {KEY}", 200), (f"BEARER {KEY}", 200), (f"Bearer {KEY.upper()}", 401), (f"Basic {KEY}", 401), (KEY, 401)):
+        response = httpx.get(f"{server.url}/v1/models", headers={"Authorization": header}, timeout=10)
+        assert response.status_code == status, header
 
 
 def test_a_client_that_leaves_mid_stream_stops_its_generation(server):
@@ -255,6 +292,34 @@ def test_the_http_side_is_a_process_of_its_own_without_torch(server):
     assert len(http) == 1
     assert any("libtorch" in m.path for m in engine_side.memory_maps())
     assert not any("libtorch" in m.path for m in http[0].memory_maps())
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(monkeypatch, capsys):
+    from moe_local.engine import Engine
+    from test_cli import assert_one_line_error, cli_in_process
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(Engine, "from_folder", load)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = cli_in_process(monkeypatch, capsys, "serve", "--port", str(port), "--device", "cpu")
+    assert_one_line_error(result, f"^error: cannot listen on 127.0.0.1:{port}: Address already in use$")
+
+
+def test_a_quiet_server_on_port_0_still_says_where_it_listens():
+    command = [sys.executable, "-m", "moe_local", "serve", "--port", "0", "-q", "--dtype", "fp32", "--ctx-size", "64", "--threads", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stderr.readline()  # the first and only line a quiet server writes
+        url = re.fullmatch(r"serving demo on (http://127\.0\.0\.1:\d+)/v1 \(--parallel 4, 16 more may wait\)\n", line)
+        assert url, line
+        assert not url.group(1).endswith(":0") and httpx.get(f"{url.group(1)}/health", timeout=30).json()["status"] == "ok"
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 0 and err == "", err
 
 
 def test_the_http_process_goes_when_the_engines_process_dies():
