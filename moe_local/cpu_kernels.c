@@ -1177,3 +1177,122 @@ int attend_bf16_pairs(void) {
     return 0;
 #endif
 }
+
+/* deltanet_step: a decode step's R tokens (one per sequence) through the recurrent core of a Gated DeltaNet layer
+   (Qwen3.5/3.6-MoE's and Qwen3-Next's linear attention), for `moe_local/cpu_deltanet.py`, as transformers'
+   `torch_causal_conv1d_update`, `torch_recurrent_gated_delta_rule` and gated RMSNorm compute it, where those take
+   ~30 torch operations a layer. Row r's inputs are its projections: qkv [C] (C = 2 Hk dk + Hv dv), z [Hv dv], b
+   and a [Hv]; its output out [Hv dv] goes to out_proj. Per row:
+   - the causal conv1d step (kernel K, depthwise, no bias) over its conv state [C, S] (the last K - 1 of its S >= K -
+     1 columns are the previous inputs; all S shift left by one and the input enters last), summed in fp32, rounded,
+     then SiLU, rounded;
+   - per value head h (query and key head h / (Hv / Hk), as transformers' repeat_interleave), in fp32: q and k
+     L2-normalised (eps 1e-6), q divided by sqrt(dk); beta = sigmoid(b) (rounded); decay = exp(g), g = -exp(A_log)
+     softplus(a + dt_bias); then the gated delta rule on the state S [dk, dv]: S = decay S, delta = (v - S^T k) beta,
+     S = S + k delta^T, o = S^T q, o rounded;
+   - the gated RMSNorm: w * rms_norm(o) (rounded, then times w, rounded) times silu(z) in fp32, rounded.
+   "Rounded" is to bf16 where the activations are bf16 (bf16 1: qkv, z, b, a, the conv state, the conv and norm
+   weights and out are bf16; 0: fp32), as the torch operations round. Every column j of S is its own computation
+   (S^T k, delta, the update and S^T q read column j only), so each 16-column strip of a head's state is read once
+   from memory and updated while it is in L1: the step is one pass over the state, which is what it costs (2 MiB
+   a layer and sequence for Qwen3.6-35B-A3B's 32 value heads of 128 x 128). */
+typedef struct {
+    int k_heads, v_heads, k_dim, v_dim, kernel, state_len; /* Hk, Hv, dk, dv, K, S */
+    int bf16;
+    float eps;                /* the gated RMSNorm's */
+    const void* conv_weight;  /* [C, K] */
+    const float* neg_a;       /* [Hv]: -exp(A_log) */
+    const float* dt_bias;     /* [Hv] */
+    const void* norm_weight;  /* [dv] */
+} DeltaNetLayer;
+
+static inline float get(const void* p, long i, int bf16) { return bf16 ? from_bf16(((const uint16_t*)p)[i]) : ((const float*)p)[i]; }
+static inline float rounded(float x, int bf16) { return bf16 ? from_bf16(to_bf16(x)) : x; }
+static inline void put(void* p, long i, float x, int bf16) {
+    if (bf16) ((uint16_t*)p)[i] = to_bf16(x);
+    else ((float*)p)[i] = x;
+}
+
+/* one value head's gated delta rule over its state s [dk, dv] (fp32, updated in place): o [dv] = the new S^T q */
+static void delta_rule(float* s, int dk, int dv, const float* q, const float* k, const float* v, float decay, float beta, float* o) {
+    const __m256 d = _mm256_set1_ps(decay);
+    for (int j = 0; j < dv; j += 16) {
+        __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps();
+        for (int i = 0; i < dk; i++) { /* S^T k over the decayed state */
+            const float* row = s + (size_t)i * dv + j;
+            const __m256 ki = _mm256_set1_ps(k[i]);
+            m0 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(row), d), ki, m0);
+            m1 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(row + 8), d), ki, m1);
+        }
+        const __m256 b = _mm256_set1_ps(beta);
+        const __m256 e0 = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(v + j), m0), b), e1 = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(v + j + 8), m1), b);
+        __m256 o0 = _mm256_setzero_ps(), o1 = _mm256_setzero_ps();
+        for (int i = 0; i < dk; i++) { /* S = decay S + k delta^T, and S^T q */
+            float* row = s + (size_t)i * dv + j;
+            const __m256 ki = _mm256_set1_ps(k[i]), qi = _mm256_set1_ps(q[i]);
+            const __m256 s0 = _mm256_fmadd_ps(ki, e0, _mm256_mul_ps(_mm256_loadu_ps(row), d));
+            const __m256 s1 = _mm256_fmadd_ps(ki, e1, _mm256_mul_ps(_mm256_loadu_ps(row + 8), d));
+            _mm256_storeu_ps(row, s0), _mm256_storeu_ps(row + 8, s1);
+            o0 = _mm256_fmadd_ps(s0, qi, o0), o1 = _mm256_fmadd_ps(s1, qi, o1);
+        }
+        _mm256_storeu_ps(o + j, o0), _mm256_storeu_ps(o + j + 8, o1);
+    }
+}
+
+/* x [n] (fp32) times 1 / sqrt(sum x^2 + eps) times scale, in place */
+static void l2_normalise(float* x, int n, float scale) {
+    float sum = 0.f;
+    for (int i = 0; i < n; i++) sum += x[i] * x[i];
+    const float r = 1.f / sqrtf(sum + 1e-6f);
+    for (int i = 0; i < n; i++) x[i] = x[i] * r * scale;
+}
+
+static inline float silu(float x) { return x / (1.f + expf(-x)); }
+
+/* in: qkv, z, b, a ([R, ...] rows in_row[i] elements apart); conv_state[r] [C, S] (the activations' dtype) and
+   state[r] [Hv, dk, dv] (fp32) row r's states, updated in place; out [R, Hv dv]. 0, 1 for sizes it cannot take, 2
+   out of memory */
+int deltanet_step(const DeltaNetLayer* L, int R, const void* const* in, const long* in_row, void* const* conv_state, float* const* state,
+                  void* out, int threads) {
+    const int Hk = L->k_heads, Hv = L->v_heads, dk = L->k_dim, dv = L->v_dim, K = L->kernel, S = L->state_len, bf16 = L->bf16;
+    const int C = 2 * Hk * dk + Hv * dv, size = bf16 ? 2 : 4;
+    if (R < 1 || Hk < 1 || Hv % Hk || dk < 1 || dk > 1024 || dv % 16 || dv > 1024 || K < 1 || S < K - 1 || S < 1) return 1;
+    float* x = malloc(sizeof(float) * (size_t)R * C); /* the conv's outputs, after SiLU */
+    if (!x) return 2;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (long rc = 0; rc < (long)R * C; rc++) {
+            const int r = rc / C, c = rc % C;
+            char* st = (char*)conv_state[r] + (size_t)c * S * size;
+            const float input = get(in[0], r * in_row[0] + c, bf16);
+            float sum = 0.f;
+            for (int j = 0; j < K - 1; j++) sum += get(L->conv_weight, (long)c * K + j, bf16) * get(st, S - K + 1 + j, bf16);
+            sum += get(L->conv_weight, (long)c * K + K - 1, bf16) * input;
+            x[rc] = rounded(silu(rounded(sum, bf16)), bf16);
+            memmove(st, st + size, (size_t)(S - 1) * size);
+            memcpy(st + (size_t)(S - 1) * size, (const char*)in[0] + (r * in_row[0] + c) * size, size);
+        }
+#pragma omp for schedule(static)
+        for (int rh = 0; rh < R * Hv; rh++) {
+            const int r = rh / Hv, h = rh % Hv, kh = h / (Hv / Hk);
+            float q[dk], k[dk], o[dv];
+            memcpy(q, x + (size_t)r * C + kh * dk, sizeof(q));
+            memcpy(k, x + (size_t)r * C + (Hk + kh) * dk, sizeof(k));
+            l2_normalise(q, dk, 1.f / sqrtf((float)dk)), l2_normalise(k, dk, 1.f);
+            const float beta = rounded(1.f / (1.f + expf(-get(in[2], r * in_row[2] + h, bf16))), bf16);
+            const float a = get(in[3], r * in_row[3] + h, bf16) + L->dt_bias[h];
+            const float decay = expf(L->neg_a[h] * (a > 20.f ? a : log1pf(expf(a))));
+            delta_rule(state[r] + (size_t)h * dk * dv, dk, dv, q, k, x + (size_t)r * C + 2 * Hk * dk + h * dv, decay, beta, o);
+            float sum = 0.f;
+            for (int j = 0; j < dv; j++) o[j] = rounded(o[j], bf16), sum += o[j] * o[j];
+            const float inv = 1.f / sqrtf(sum / (float)dv + L->eps);
+            for (int j = 0; j < dv; j++) {
+                const float n = rounded(rounded(o[j] * inv, bf16) * get(L->norm_weight, j, bf16), bf16);
+                put(out, (long)r * Hv * dv + h * dv + j, n * silu(get(in[1], r * in_row[1] + h * dv + j, bf16)), bf16);
+            }
+        }
+    }
+    free(x);
+    return 0;
+}
