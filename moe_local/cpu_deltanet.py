@@ -14,6 +14,7 @@ import ctypes
 import torch
 
 from moe_local import native
+from moe_local.cpu_attention import _Proj, _projection
 
 MAX_ROWS = 16  # sequences one call takes (the server's batch), as `cpu_attention.MAX_ROWS`
 
@@ -24,6 +25,10 @@ class _Layer(ctypes.Structure):  # `DeltaNetLayer` in cpu_kernels.c
         ("eps", ctypes.c_float),
         *((name, ctypes.c_void_p) for name in ("conv_weight", "neg_a", "dt_bias", "norm_weight")),
     ]  # fmt: skip
+
+
+class _Block(ctypes.Structure):  # `DeltaNetBlock` in cpu_kernels.c
+    _fields_ = [("core", _Layer), ("inp", _Proj), ("out", _Proj)]
 
 
 class Step:
@@ -78,3 +83,50 @@ class Step:
         )  # fmt: skip
         native.check(code, "Gated DeltaNet step")
         return out
+
+
+class Fused:
+    """A decode step's way through a layer's linear-attention block after its input norm, in one kernel call
+    (`deltanet_block`): the input projection (q|k|v, z, b, a in one matrix; bf16, or `--resident-dtype` int8 or
+    int4), `Step`'s core on each sequence's states in place, and out_proj, for one token of each of up to 16
+    sequences, on the CPU in bf16. The projections round once, as torch's, so outputs agree with the torch
+    operations within bf16's rounding (the order of the bf16 projections' sums differs; the tests)."""
+
+    def __init__(self, block: _Block, keep: list, dim: int):
+        self.block, self.keep, self.dim = block, keep, dim  # keep: what the struct points into (tensors, the core)
+
+    @classmethod
+    def build(cls, attention) -> Fused | None:
+        """For `model.LinearAttention` `attention` (its conv states of K - 1 columns); None where the kernel does
+        not apply: no kernels, not bf16, sizes or projections it does not take (then the torch operations run)."""
+        lib = native.library()
+        if isinstance(lib, str) or attention.conv.dtype != torch.bfloat16:
+            return None
+        core = Step.build(attention.k_heads, attention.v_heads, attention.k_dim, attention.v_dim, attention.conv, attention.A_log,
+                          attention.dt_bias, attention.norm.weight, attention.norm.eps, attention.conv.shape[1] - 1)  # fmt: skip
+        projections = [_projection(attention.in_proj, lib), _projection(attention.out_proj, lib)]
+        if core is None or None in projections:
+            return None
+        (inp, _), (out, _) = projections
+        if inp.n != sum(attention.split) or out.k != attention.v_heads * attention.v_dim or out.n != inp.k:
+            return None
+        return cls(_Block(core.layer, inp, out), [core, *(t for _, tensors in projections for t in tensors)], inp.k)
+
+    def __call__(self, x: torch.Tensor, conv_states: list[torch.Tensor], states: list[torch.Tensor]) -> torch.Tensor | None:
+        """x [B, D] bf16 (the input norm's output), conv_states[b] [C, K - 1] and states[b] [Hv, dk, dv] fp32 of
+        sequence b (contiguous: its own or a pool's row), updated in place -> [B, D], what out_proj gives; None
+        where these are not the kernel's (then the torch operations run)."""
+        core, B = self.block.core, x.shape[0]
+        C = 2 * core.k_heads * core.k_dim + core.v_heads * core.v_dim
+        if (x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != self.dim or not x.is_contiguous() or not 0 < B <= MAX_ROWS
+                or len(conv_states) != B or len(states) != B
+                or any(t.dtype != torch.bfloat16 or t.shape != (C, core.state_len) or not t.is_contiguous() for t in conv_states)
+                or any(t.dtype != torch.float32 or t.shape != (core.v_heads, core.k_dim, core.v_dim) or not t.is_contiguous() for t in states)):  # fmt: skip
+            return None
+        y = torch.empty_like(x)
+        code = native.library().deltanet_block(
+            ctypes.byref(self.block), B, x.data_ptr(), (ctypes.c_void_p * B)(*(t.data_ptr() for t in conv_states)),
+            (ctypes.c_void_p * B)(*(t.data_ptr() for t in states)), y.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        native.check(code, "Gated DeltaNet block")
+        return y

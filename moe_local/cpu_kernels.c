@@ -1296,3 +1296,30 @@ int deltanet_step(const DeltaNetLayer* L, int R, const void* const* in, const lo
     free(x);
     return 0;
 }
+
+/* deltanet_block: the same for a layer's whole linear-attention block after its input norm, for
+   `cpu_deltanet.Fused`: x [R, D] (bf16) through the input projection (one matrix whose rows give qkv, z, b and a,
+   in that order: `model.LinearAttention.in_proj`; bf16, int8 or int4 as attention_step's), deltanet_step, and
+   out_proj -> y [R, D], each projection reading its weights once for the R rows and rounding once, as the torch
+   operations round. 0, 1 for sizes it cannot take (or int8 or int4 projections on a CPU without their kernels),
+   2 out of memory */
+typedef struct {
+    DeltaNetLayer core;
+    Proj in, out;
+} DeltaNetBlock;
+
+int deltanet_block(const DeltaNetBlock* L, int R, const uint16_t* x, void* const* conv_state, float* const* state, uint16_t* y, int threads) {
+    const DeltaNetLayer* c = &L->core;
+    const int C = 2 * c->k_heads * c->k_dim + c->v_heads * c->v_dim, V = c->v_heads * c->v_dim, N = L->in.N;
+    if (!c->bf16 || N != C + V + 2 * c->v_heads || L->out.K != V || L->out.N != L->in.K || unusable(&L->in) || unusable(&L->out)) return 1;
+    uint16_t *mixed = malloc(sizeof(uint16_t) * (size_t)R * N), *o = malloc(sizeof(uint16_t) * (size_t)R * V);
+    int code = !mixed || !o ? 2 : linear_rows(&L->in, x, R, mixed, threads);
+    if (!code) {
+        const void* in[4] = {mixed, mixed + C, mixed + C + V, mixed + C + V + c->v_heads};
+        const long in_row[4] = {N, N, N, N};
+        code = deltanet_step(c, R, in, in_row, conv_state, state, o, threads);
+    }
+    if (!code) code = linear_rows(&L->out, o, R, y, threads);
+    free(mixed), free(o);
+    return code;
+}

@@ -83,6 +83,8 @@ def library() -> ctypes.CDLL | str:
     lib.attention_step.restype = c_int
     lib.deltanet_step.argtypes = [c_void_p, c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_int]
     lib.deltanet_step.restype = c_int
+    lib.deltanet_block.argtypes = [c_void_p, c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_int]
+    lib.deltanet_block.restype = c_int
     return lib
 
 

@@ -166,3 +166,63 @@ def test_what_the_kernel_does_not_take_is_left_to_torch():
 def test_without_the_kernels_there_is_no_step(rebuilt, monkeypatch, env):
     monkeypatch.setenv(*env.split("="))
     assert cpu_deltanet.Step.build(**layer(2, 4, 32, 16, 4, torch.bfloat16), state_len=3) is None
+
+
+class _Layer(torch.nn.Module):
+    """What `Fused.build` reads of `model.LinearAttention`: its sizes, one input projection (q|k|v, z, b, a),
+    the conv, A_log, dt_bias, the gated norm and out_proj; `torch_step` is the same block as torch operations
+    around the kernel's core (`Step`)."""
+
+    def __init__(self, w, dim, dtype):
+        super().__init__()
+        self.k_heads, self.v_heads, self.k_dim, self.v_dim = w["k_heads"], w["v_heads"], w["k_dim"], w["v_dim"]
+        C = w["conv_weight"].shape[0]
+        self.split = [C, self.v_heads * self.v_dim, self.v_heads, self.v_heads]
+        gen = torch.Generator().manual_seed(5)
+        self.in_proj = torch.nn.Linear(dim, sum(self.split), bias=False).to(dtype)
+        self.out_proj = torch.nn.Linear(self.v_heads * self.v_dim, dim, bias=False).to(dtype)
+        for p in (self.in_proj, self.out_proj):
+            p.weight.data.copy_(torch.randn(p.weight.shape, generator=gen) * p.weight.shape[1] ** -0.5)
+        self.conv, self.A_log, self.dt_bias = w["conv_weight"], w["A_log"], w["dt_bias"]
+        self.norm = torch.nn.Module()
+        self.norm.weight, self.norm.eps = w["norm_weight"], w["eps"]
+        self.step = build(w, w["conv_weight"].shape[1] - 1)
+
+    def torch_step(self, x, conv_states, states):
+        y = self.step(*self.in_proj(x).split(self.split, dim=-1), conv_states, states)
+        return self.out_proj(y)
+
+
+@needs_kernel
+@pytest.mark.parametrize("resident", ["bf16", "int8", "int4"])
+def test_a_fused_block_gives_the_projections_around_the_core(resident):
+    """The whole block in one call (`Fused`, `deltanet_block`) against torch's projections around `Step`, for
+    3 sequences at once: int8 and int4 projections are the same kernels' (`Int8Linear`, `Int4Linear` run them), so
+    the bits are the same; bf16 projections sum in another order, so within bf16's rounding."""
+    from moe_local.int4 import Int4Linear
+    from moe_local.int8 import Int8Linear
+
+    lib = native.library()
+    if resident != "bf16" and not (lib.experts_int4 if resident == "int4" else lib.experts_int8):
+        pytest.skip(f"this CPU has no {resident} kernels")
+    w = layer(2, 32, 32, 16, 4, torch.bfloat16)  # 2 x 32 + 2 x 32 + 32 x 16 + 32 + 32 rows in: int4 takes 64 at a time
+    block = _Layer(w, 128, torch.bfloat16)
+    if resident == "int8":
+        block.in_proj, block.out_proj = Int8Linear.from_linear(block.in_proj), Int8Linear.from_linear(block.out_proj)
+    elif resident == "int4":
+        block.in_proj, block.out_proj = Int4Linear.from_linear(block.in_proj, 64), Int4Linear.from_linear(block.out_proj, 64)
+    fused = cpu_deltanet.Fused.build(block)
+    assert fused is not None
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    conv = torch.stack([states(w, 3, torch.bfloat16, r)[0] for r in range(3)])
+    state = torch.stack([states(w, 3, torch.bfloat16, r)[1] for r in range(3)])
+    conv_torch, state_torch = conv.clone(), state.clone()
+    for _ in range(2):
+        got = fused(x, list(conv.unbind()), list(state.unbind()))
+        want = block.torch_step(x, list(conv_torch.unbind()), list(state_torch.unbind()))
+        assert torch.equal(conv, conv_torch)
+        if resident == "bf16":
+            assert torch.allclose(state, state_torch, rtol=1e-2, atol=1e-2 * state_torch.abs().max().item())
+            assert torch.allclose(got.float(), want.float(), rtol=2**-6, atol=2**-6 * want.abs().max().item())
+        else:
+            assert torch.equal(state, state_torch) and torch.equal(got, want)
