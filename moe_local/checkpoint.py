@@ -184,7 +184,7 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, Target]:
         if cfg.router_bias:
             names[f"{moe}{family.router}.bias"] = Target(ours + "ffn.router.bias", (cfg.n_experts,))
         if cfg.router.correction_bias:
-            names[moe + "gate.e_score_correction_bias"] = Target(ours + "ffn.router.correction_bias", (cfg.n_experts,))
+            names[moe + family.correction_bias] = Target(ours + "ffn.router.correction_bias", (cfg.n_experts,))
         if cfg.shared_ffn_dim:
             _mlp(names, f"{moe}{family.shared}.", ours + "ffn.shared.", d, cfg.shared_ffn_dim)
             if cfg.shared_gate:

@@ -482,6 +482,21 @@ def deepseek_v3(raw: dict) -> ModelConfig:
     return _deepseek(raw, _sigmoid_router(raw), interleaved=bool(raw.get("rope_interleave", True)))
 
 
+def minimax_m2(raw: dict) -> ModelConfig:
+    """MiniMax-M2: OLMoE's q/k norms over the whole projections, a rotated part of each head (the published
+    files say `rotary_dim`, transformers' `partial_rotary_factor`), a sigmoid router with a selection bias
+    and renormalised weights, no groups, its matmul in the model's dtype as transformers does."""
+    if raw.get("scoring_func", "sigmoid") != "sigmoid":
+        raise ConfigError(f"unsupported scoring_func {raw['scoring_func']!r} for minimax_m2 (sigmoid)")
+    head_dim = int(raw.get("head_dim") or int(raw["hidden_size"]) // int(raw["num_attention_heads"]))
+    if raw.get("rotary_dim") and "partial_rotary_factor" not in _rope_params(raw):
+        raw = {"partial_rotary_factor": int(raw["rotary_dim"]) / head_dim, **raw}
+    return ModelConfig(**_common(
+        raw, n_experts=_n_experts(raw, "num_local_experts", "num_experts"), ffn_dim=int(raw["intermediate_size"]),
+        router=RouterConfig(scoring="sigmoid", renormalize=True, correction_bias=True), qk_norm="proj",
+    ))
+
+
 def gpt_oss(raw: dict) -> ModelConfig:
     quant = (raw.get("quantization_config") or {}).get("quant_method")
     if quant not in (None, "mxfp4"):
@@ -506,6 +521,7 @@ class Family:
     expert_weights: tuple[str, str, str] = ("gate_proj", "down_proj", "up_proj")  # our w1, w2, w3
     shared: str = "shared_experts"
     router: str = "gate"
+    correction_bias: str = "gate.e_score_correction_bias"  # the router's selection bias, under the MoE block
     fused_experts: bool = False  # all of a layer's experts in one [E, ...] tensor per matrix (gpt-oss)
 
 
@@ -518,6 +534,8 @@ FAMILIES: dict[str, Family] = {
     "deepseek_v2": Family(deepseek_v2),
     "deepseek_v3": Family(deepseek_v3),
     "gpt_oss": Family(gpt_oss, router="router", fused_experts=True),
+    "minimax_m2": Family(minimax_m2, moe="block_sparse_moe", expert_weights=("w1", "w2", "w3"),
+                         correction_bias="e_score_correction_bias"),
 }
 
 
@@ -582,6 +600,15 @@ PRESETS = {
                     "layer_types": ["sliding_attention", "full_attention"] * 12},
     "gpt-oss-120b": {**_GPT_OSS, "num_hidden_layers": 36, "num_local_experts": 128,
                      "layer_types": ["sliding_attention", "full_attention"] * 18},
+    # MiniMax-M2 (also M2.1, M2.5: the same geometry): the published config.json's fields as third-party
+    # fixtures quote them (found with the search tools; the file itself was not reachable), bos/eos from
+    # transformers' MiniMaxM2Config defaults. The published weights are FP8; this is their bf16 shape.
+    "minimax-m2": {"model_type": "minimax_m2", "vocab_size": 200064, "hidden_size": 3072, "intermediate_size": 1536,
+                   "num_hidden_layers": 62, "num_attention_heads": 48, "num_key_value_heads": 8, "head_dim": 128,
+                   "rotary_dim": 64, "rope_theta": 5e6, "num_local_experts": 256, "num_experts_per_tok": 8,
+                   "scoring_func": "sigmoid", "use_routing_bias": True, "use_qk_norm": True, "rms_norm_eps": 1e-6,
+                   "max_position_embeddings": 196608, "tie_word_embeddings": False, "bos_token_id": 200034,
+                   "eos_token_id": 200020, "dtype": "bfloat16"},
     # small enough for a CPU smoke test, with the same structure (GQA, 8 experts, top-2)
     "tiny": {**_MIXTRAL, "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512,
              "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 4096},

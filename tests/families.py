@@ -54,6 +54,9 @@ VARIANTS = {
     # gate and up interleaved in one fused tensor per layer
     "gpt_oss": ("gpt_oss", dict(num_local_experts=8, intermediate_size=32, head_dim=16, sliding_window=6,
                                 layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    # sigmoid router with selection bias (outside the gate module), q/k norms over the whole projections,
+    # a quarter of each head rotated (the published files' `rotary_dim`)
+    "minimax_m2": ("minimax_m2", dict(num_local_experts=8, intermediate_size=32, head_dim=16, rotary_dim=4)),
 }
 
 

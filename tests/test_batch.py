@@ -20,10 +20,11 @@ GREEDY = SamplingParams(temperature=0)
 RTOL = 1e-5
 
 
-@pytest.fixture(scope="module", params=["mixtral", "mixtral-window", "gpt_oss", "deepseek_v3"])
+@pytest.fixture(scope="module", params=["mixtral", "mixtral-window", "gpt_oss", "deepseek_v3", "minimax_m2"])
 def engine(request, tmp_path_factory, tokenizer_dir):
     """Full attention (Mixtral); a sliding window of 6 in a ring (Mixtral); sliding windows of 6 in rings,
-    with sinks (gpt-oss); latent attention (DeepSeek)."""
+    with sinks (gpt-oss); latent attention (DeepSeek); q/k norms over the whole projections and a quarter of
+    each head rotated (MiniMax-M2)."""
     folder = tmp_path_factory.mktemp(request.param)
     build_variant(request.param, folder, tokenizer_dir)
     return moe_local.load(folder, device="cpu", expert_slots=5)

@@ -120,6 +120,7 @@ FUSED_VARIANTS = {  # what each adds to the fused block: (variant, overrides), t
     "gpt_oss": (("gpt_oss", {}), [0, 1, 2]),  # sinks; sliding windows of 6 (rings) and full attention
     "mixtral-window": (("mixtral", {"sliding_window": 6}), [0, 1, 2]),  # every layer a ring
     "deepseek_v2": (("deepseek_v2", {}), []),  # latent attention
+    "minimax_m2": (("minimax_m2", {}), [0, 1, 2]),  # q/k norms over the whole projection, a quarter of each head rotated
 }
 
 

@@ -182,7 +182,7 @@ def test_presets_match_the_published_parameter_counts():
     published = {  # name: (billions total, billions active), as the model cards say
         "qwen3-30b-a3b": (30.5, 3.3), "qwen3-235b-a22b": (235, 22), "deepseek-v3": (671, 37),
         "olmoe-1b-7b": (6.9, 1.3), "glm-4.5-air": (106, 12), "deepseek-v2-lite": (15.7, 2.4),
-        "mixtral-8x7b": (46.7, 12.9),
+        "mixtral-8x7b": (46.7, 12.9), "minimax-m2": (230, 10),
     }
     for name, (total_b, active_b) in published.items():
         assert counts[name]["total"] / 1e9 == pytest.approx(total_b, rel=0.02), name
@@ -210,7 +210,7 @@ def test_published_rope_scaling_reads_like_rope_parameters():
 
 
 @pytest.mark.parametrize(("raw", "message"), [
-    ({"model_type": "llama"}, "unsupported model_type 'llama' in config.json (supported: mixtral, qwen3_moe, qwen2_moe, olmoe, glm4_moe, deepseek_v2, deepseek_v3, gpt_oss)"),
+    ({"model_type": "llama"}, "unsupported model_type 'llama' in config.json (supported: mixtral, qwen3_moe, qwen2_moe, olmoe, glm4_moe, deepseek_v2, deepseek_v3, gpt_oss, minimax_m2)"),
     ({**PRESETS["qwen3-30b-a3b"], "num_experts": 0}, "dense model with no routed experts"),
     ({**PRESETS["qwen3-30b-a3b"], "num_hidden_layers": 2, "mlp_only_layers": [0, 1]}, "dense model with no routed experts"),
     ({**PRESETS["qwen3-30b-a3b"], "rope_scaling": {"rope_type": "longrope", "factor": 4}}, "unsupported RoPE scaling 'longrope'"),
