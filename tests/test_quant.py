@@ -4,6 +4,7 @@ quantizing."""
 
 from __future__ import annotations
 
+import fcntl
 import inspect
 import json
 import os
@@ -12,6 +13,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import warnings
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import pytest
 import torch
 
 import moe_local
+from moe_local.budget import format_bytes
 from moe_local.errors import BudgetError, ConfigError
 from moe_local.experts import qcache
 from moe_local.experts.formats import choose_format, make_format
@@ -184,6 +187,7 @@ def test_quantized_experts_are_cached_once_and_read_back(tiny, tmp_path, monkeyp
     assert torch.equal(first.logits(ids), second.logits(ids))
     moe_local.load(folder, device="cpu", experts_dtype="int8", expert_slots=4)
     assert len(cache_entries(tmp_path / "cache")) == 2  # one file per format
+    assert list((tmp_path / "cache").glob("*.lock")) == []  # each writer removed its lock when done
 
 
 def cache_entries(root: Path) -> list[Path]:
@@ -230,6 +234,30 @@ def test_a_corrupt_or_stale_cache_entry_is_rebuilt_not_used(tiny, tmp_path, monk
     assert not warned and again.notes[-1].startswith("read the")  # the rebuilt file is whole
 
 
+def test_a_renamed_folder_reuses_its_cache_file_and_writes_no_second_one(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_LOCAL_CACHE", str(tmp_path / "cache"))
+    folder = copy_checkpoint(tiny[0], tmp_path / "qwen_copy")
+    load_int4(folder)
+    (entry,) = cache_entries(tmp_path / "cache")
+    renamed = folder.rename(tmp_path / "qwen_moved")
+    again, warned = load_int4(renamed)
+    assert not warned and again.notes[-1] == f"read the int4-g32-cpu experts from the cache {entry}"
+    assert cache_entries(tmp_path / "cache") == [entry]
+
+
+def test_a_file_named_as_earlier_releases_named_it_is_read_not_built_again(tiny, tmp_path, monkeypatch):
+    """They put the folder's name first; the file and its contents are the same."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MOE_LOCAL_CACHE", str(cache))
+    load_int4(tiny[0])
+    (entry,) = cache_entries(cache)
+    entry.rename(cache / f"tiny-{entry.name}")
+    (cache / f"tiny-{entry.name}.lock").write_bytes(b"")  # and a lock file beside it, which they left
+    again, warned = load_int4(tiny[0])
+    assert not warned and again.notes[-1] == f"read the int4-g32-cpu experts from the cache {entry}"
+    assert cache_entries(cache) == [entry] and list(cache.glob("*.lock")) == []
+
+
 def test_a_moved_and_touched_checkpoint_reads_its_cache_again(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("MOE_LOCAL_CACHE", str(tmp_path / "cache"))
     folder = copy_checkpoint(tiny[0], tmp_path / "here" / "ckpt")
@@ -244,11 +272,14 @@ def test_a_moved_and_touched_checkpoint_reads_its_cache_again(tiny, tmp_path, mo
     assert len(cache_entries(tmp_path / "cache")) == 1
 
 
-def test_weights_replaced_with_same_sized_ones_and_the_old_mtime_are_quantized_again(tiny, tmp_path, monkeypatch):
+def test_weights_replaced_with_same_sized_ones_and_the_old_mtime_are_quantized_again_and_the_old_file_removed(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("MOE_LOCAL_CACHE", str(tmp_path / "cache"))
     folder = copy_checkpoint(tiny[0], tmp_path / "ckpt")
     ids = [3, 14, 15, 92, 65]
     before = load_int4(folder)[0].logits(ids)
+    (old,) = cache_entries(tmp_path / "cache")
+    old_size = old.stat().st_size
+    moe_local.load(folder, device="cpu", experts_dtype="int8", expert_slots=4)  # another format: not stale
     weights, stamp = folder / "model.safetensors", (folder / "model.safetensors").stat()
     other = tmp_path / "other"
     build_mixtral(other, None, seed=7)
@@ -256,9 +287,48 @@ def test_weights_replaced_with_same_sized_ones_and_the_old_mtime_are_quantized_a
     shutil.copy(other / "model.safetensors", weights)
     os.utime(weights, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
     after, warned = load_int4(folder)
-    assert not warned and after.notes[-1].startswith("quantized the experts")
+    assert after.notes[-1].startswith("quantized the experts")
     assert not torch.equal(after.logits(ids), before)
-    assert len(cache_entries(tmp_path / "cache")) == 2  # `moe-local cache clear` frees the old one
+    assert not old.exists() and len(cache_entries(tmp_path / "cache")) == 2  # the new int4 file and the int8 one
+    new = Path(after.notes[-1].rsplit(" ", 1)[1])
+    assert warned == [f"removed the quantized cache {old.name} ({format_bytes(old_size)}): it held the experts of an earlier "
+                      f"version of {folder}'s weights, replaced by {new.name}"]
+
+
+def test_a_lock_let_go_while_another_waits_on_its_file_is_never_held_twice(tmp_path, monkeypatch):
+    """The holder removes the lock file as it lets go; a waiter that had opened that file then gets an flock
+    on a file no longer at the lock's name, and must start again on the one there, not carry on beside
+    a third process that created it."""
+    entry = tmp_path / "entry.safetensors"
+    blocked, holding, done = threading.Event(), threading.Event(), threading.Event()
+
+    class Flock:  # fcntl, saying when a call is about to wait
+        LOCK_EX, LOCK_NB = fcntl.LOCK_EX, fcntl.LOCK_NB
+
+        @staticmethod
+        def flock(fd: int, operation: int) -> None:
+            if not operation & fcntl.LOCK_NB:
+                blocked.set()
+            fcntl.flock(fd, operation)
+
+    def waiter() -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "another moe-local process is quantizing..."
+            with qcache.entry_lock(entry):
+                holding.set()
+                done.wait(timeout=60)
+
+    monkeypatch.setattr(qcache, "fcntl", Flock)
+    thread = threading.Thread(target=waiter)
+    with qcache.entry_lock(entry):
+        thread.start()
+        assert blocked.wait(timeout=60)
+    assert holding.wait(timeout=60)
+    with qcache.entry_lock(entry, wait=False) as free:
+        assert not free  # the waiter holds the lock at its name
+    done.set()
+    thread.join(timeout=60)
+    assert not qcache.lock_path(entry).exists()
 
 
 def test_temporary_files_of_an_interrupted_quantization_are_removed_by_the_next_load(tiny, tmp_path, monkeypatch):
@@ -295,6 +365,7 @@ def test_a_second_process_waits_for_the_first_and_reads_what_it_wrote(tiny, tmp_
     out, err = second.communicate(timeout=300)
     assert second.returncode == 0, err
     assert f"read the int4-g32-cpu experts from the cache {entry}" in err
+    assert list(cache.glob("*.lock")) == []
 
 
 def test_cache_list_and_clear(tiny, tmp_path, monkeypatch):

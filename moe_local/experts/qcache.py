@@ -1,16 +1,19 @@
 """The quantized-experts cache: quantize a checkpoint's experts once, keep the result on disk as a
 safetensors file, and read it straight into the host store on the next load.
 
-One file per (checkpoint contents, format), under `MOE_LOCAL_CACHE` or `~/.cache/moe-local/`: a tensor
-`experts.{layer}` of uint8 [n_experts, expert_bytes] per layer, exactly the store's buffers, and in the
-header's metadata the checkpoint's content fingerprint (`content_fingerprint`: config.json, each shard's
-header and sampled blocks of its data; so a moved folder keeps its cache and weights replaced in place
-do not), the format and a CRC-32 per expert. A file whose fingerprint or layout differs is stale, one
-whose size or checksums are wrong is corrupt: either is rebuilt, never used. The file is written beside
-its final name (`NAME.PID.tmp`) and renamed into place only when complete, so an interrupted write
-leaves nothing that looks valid; while one process builds an entry it holds `NAME.lock` (flock), so a
-second one waits and reads the result, and a temporary file whose entry nobody holds is an abandoned
-one, removed by the next load.
+One file per (checkpoint contents, format), under `MOE_LOCAL_CACHE` or `~/.cache/moe-local/`, named by
+the contents alone (`FINGERPRINT-FORMAT.safetensors`): a tensor `experts.{layer}` of uint8 [n_experts,
+expert_bytes] per layer, exactly the store's buffers, and in the header's metadata the checkpoint's content
+fingerprint (`content_fingerprint`: config.json, each shard's header and sampled blocks of its data; so a
+moved or renamed folder reuses its file and weights replaced in place do not), the format, a CRC-32 per
+expert and the folder it was built from. A file whose fingerprint or layout differs is stale, one whose
+size or checksums are wrong is corrupt: either is rebuilt, never used; once a folder's new weights have
+their file, the file built from its earlier weights in the same format is removed, with a warning. The
+file is written beside its final name (`NAME.PID.tmp`) and renamed into place only when complete, so an
+interrupted write leaves nothing that looks valid; while one process builds an entry it holds
+`NAME.lock` (flock), so a second one waits and reads the result, and a temporary file whose entry nobody
+holds is an abandoned one, removed by the next load. A lock file is removed by its holder when it lets go
+(`entry_lock`), so none stays beside the entries.
 """
 
 from __future__ import annotations
@@ -69,8 +72,18 @@ def content_fingerprint(ckpt: Checkpoint) -> str:
 
 
 def cache_path(ckpt: Checkpoint, source: str, store: ExpertStore, root: Path | None = None) -> Path:
-    """Named by the folder's name (for a person reading the cache folder) and the content fingerprint."""
-    return (root or cache_root()) / f"{ckpt.folder.resolve().name}-{source[:16]}-{store.format.key}.safetensors"
+    """Named by the content fingerprint and the format alone, so that a renamed folder finds its file (the
+    folder it was built from is in the metadata, which `moe-local cache list` shows)."""
+    return (root or cache_root()) / f"{source[:16]}-{store.format.key}.safetensors"
+
+
+def model_identity(folder: Path | str) -> Path:
+    """What counts as one model whose weights may change: its folder, or for a Hugging Face hub snapshot
+    (`models--ORG--NAME/snapshots/REVISION`) the repository, so that a new revision replaces the old one's file."""
+    folder = Path(folder).resolve()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent
+    return folder
 
 
 def identity(source: str, store: ExpertStore) -> dict:
@@ -159,7 +172,7 @@ def write_while_filling(path: Path, ident: dict, ckpt: Checkpoint, store: Expert
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         f = open(tmp, "wb")
-        f.write(header(store, ident, [0] * store.count, str(ckpt.folder)))  # checksums filled in at the end
+        f.write(header(store, ident, [0] * store.count, str(ckpt.folder.resolve())))  # checksums filled in at the end
     except OSError as e:
         give_up(e)
 
@@ -184,7 +197,7 @@ def write_while_filling(path: Path, ident: dict, ckpt: Checkpoint, store: Expert
         return
     try:
         f.seek(0)
-        f.write(header(store, ident, crcs, str(ckpt.folder)))
+        f.write(header(store, ident, crcs, str(ckpt.folder.resolve())))
         f.close()
         os.replace(tmp, path)
     except OSError as e:
@@ -197,32 +210,60 @@ def lock_path(entry: Path) -> Path:
 
 @contextmanager
 def entry_lock(path: Path, wait: bool = True) -> Iterator[bool]:
-    """Hold the lock of the cache entry `path` (an flock, released when the process ends, however it
-    ends); yields whether it is held. `wait=False` gives up at once when another process holds it. With
-    an unwritable cache folder there is nothing to share and no lock: it yields True."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        yield True
-        return
-    try:
+    """Hold the lock of the cache entry `path` (an flock on `NAME.lock`, released when the process ends,
+    however it ends); yields whether it is held. `wait=False` gives up at once when another process holds
+    it. With an unwritable cache folder there is nothing to share and no lock: it yields True.
+
+    The holder removes the lock file before it lets go, so that none stays behind. A process that opened
+    the file before that and then got the flock holds a lock on a file that is no longer the lock: it sees
+    that the name now leads elsewhere (or nowhere) and starts again, so two processes never both hold it."""
+    lock, warned = lock_path(path), False
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            yield True
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if not wait:
+                os.close(fd)
                 yield False
                 return
-            warnings.warn(f"another moe-local process is quantizing these experts into {path}; waiting for it to finish, then reading what it wrote")
+            if not warned:
+                warnings.warn(f"another moe-local process is quantizing these experts into {path}; waiting for it to finish, then reading what it wrote")
+                warned = True
             fcntl.flock(fd, fcntl.LOCK_EX)
+        if same_file(fd, lock):
+            break
+        os.close(fd)  # the holder before us removed this one: lock the file now at that name
+    try:
         yield True
     finally:
+        try:
+            lock.unlink()  # while still held: a waiter on this file will find it gone and start again
+        except OSError:
+            pass  # a read-only folder, or `cache clear` took it: the flock still ends below
         os.close(fd)
+
+
+def same_file(fd: int, path: Path) -> bool:
+    try:
+        st, held = path.stat(), os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
 def remove_abandoned_files(root: Path) -> None:
     """Remove the temporary files of writers that were killed (tens of GB for a large model): those of an
-    entry whose lock nobody holds, since a live writer holds it for as long as it writes."""
+    entry whose lock nobody holds, since a live writer holds it for as long as it writes. Lock files nobody
+    holds go too (releasing one removes it; earlier releases left one beside every entry)."""
+    for lock in root.glob("*.lock"):
+        with entry_lock(lock.with_name(lock.name.removesuffix(".lock")), wait=False):
+            pass
     freed = 0
     for tmp in root.glob("*.tmp"):
         entry = tmp.with_name(tmp.name.rsplit(".", 2)[0])  # NAME.PID.tmp -> NAME
@@ -245,7 +286,16 @@ def fill_quantized(ckpt: Checkpoint, store: ExpertStore, device: torch.device, p
         remove_abandoned_files(root)
     source = content_fingerprint(ckpt)
     path, ident = cache_path(ckpt, source, store, root), identity(source, store)
+    note = read_or_quantize(path, ident, ckpt, store, device, progress)
+    if path.is_file():
+        remove_stale(path, ckpt.folder, store.format.key)
+    return note
+
+
+def read_or_quantize(path: Path, ident: dict, ckpt: Checkpoint, store: ExpertStore, device: torch.device, progress: Progress | None) -> str:
     unusable = None  # (inode, mtime) of a file found broken, so that one rebuilt meanwhile is tried again
+    if not path.is_file():
+        adopt_older_name(path)
     if path.is_file():
         try:
             read_into(path, ident, store, progress)
@@ -264,6 +314,41 @@ def fill_quantized(ckpt: Checkpoint, store: ExpertStore, device: torch.device, p
     return f"quantized the experts to {store.format.key} and cached them in {path}" if path.is_file() else f"quantized the experts to {store.format.key}"
 
 
+def adopt_older_name(path: Path) -> None:
+    """Earlier releases put the folder's name before the fingerprint (`FOLDER-FINGERPRINT-FORMAT`): such a
+    file holds these experts, so it takes the new name instead of being built again (read_into checks it
+    as any other)."""
+    older = next(iter(sorted(path.parent.glob(f"*-{path.name}"))), None)
+    if older is None:
+        return
+    with entry_lock(path, wait=False) as free:
+        if free and not path.exists():
+            try:
+                os.replace(older, path)
+            except OSError:
+                pass  # removed meanwhile, or a read-only folder: it is built again
+
+
+def remove_stale(path: Path, folder: Path, format_key: str) -> None:
+    """Remove the files of `format_key` built from `folder` (or its hub repository) when its weights were
+    others: `path` now holds its experts, and nothing else would ever read those (a copy of the old weights
+    elsewhere would quantize them again). Each with a warning that says what it held."""
+    model = model_identity(folder)
+    for other in sorted(path.parent.glob("*.safetensors")):
+        entry = describe(other)
+        if other == path or entry["format"] != format_key or not entry["model"] or model_identity(entry["model"]) != model:
+            continue
+        with entry_lock(other, wait=False) as free:
+            if not free:
+                continue  # a process is building it: not stale to that one
+            try:
+                other.unlink()
+            except OSError:
+                continue
+        warnings.warn(f"removed the quantized cache {other.name} ({format_bytes(entry['bytes'])}): it held the experts of an "
+                      f"earlier version of {folder}'s weights, replaced by {path.name}")
+
+
 def stat_key(path: Path) -> tuple[int, int] | None:
     try:
         st = path.stat()
@@ -275,18 +360,21 @@ def stat_key(path: Path) -> tuple[int, int] | None:
 def entries(root: Path | None = None) -> list[dict]:
     """What `moe-local cache list` shows: each cached file, its size, format and the model it came from."""
     root = root or cache_root()
-    found = []
-    for path in sorted(root.glob("*.safetensors")) if root.is_dir() else []:
-        entry = {"file": path.name, "bytes": path.stat().st_size, "format": None, "model": None}
-        try:
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                meta = json.loads(f.read(min(n, 1 << 24)))["__metadata__"]
-            entry.update(format=json.loads(meta["moe_local"])["format"], model=meta.get("model") or None)
-        except (OSError, struct.error, ValueError, KeyError, TypeError):
-            pass  # damaged or foreign: listed (and cleared) all the same
-        found.append(entry)
-    return found
+    return [describe(path) for path in sorted(root.glob("*.safetensors"))] if root.is_dir() else []
+
+
+def describe(path: Path) -> dict:
+    """A cached file's name, size, format and the folder it was built from (None where unreadable)."""
+    entry = {"file": path.name, "bytes": 0, "format": None, "model": None}
+    try:
+        entry["bytes"] = path.stat().st_size
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            meta = json.loads(f.read(min(n, 1 << 24)))["__metadata__"]
+        entry.update(format=json.loads(meta["moe_local"])["format"], model=meta.get("model") or None)
+    except (OSError, struct.error, ValueError, KeyError, TypeError):
+        pass  # damaged or foreign: listed (and cleared) all the same
+    return entry
 
 
 def clear(root: Path | None = None) -> tuple[int, int, list[str]]:
@@ -302,7 +390,6 @@ def clear(root: Path | None = None) -> tuple[int, int, list[str]]:
                 continue
             freed += path.stat().st_size
             path.unlink()
-            lock_path(path).unlink(missing_ok=True)  # a process that opens it meanwhile can only repeat the work
             removed += 1
     for tmp in root.glob("*.tmp") if root.is_dir() else []:
         entry = tmp.with_name(tmp.name.rsplit(".", 2)[0])
