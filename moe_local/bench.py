@@ -96,9 +96,13 @@ def timed(device: torch.device, fn: Callable[[], object], repeats: int) -> float
 def random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Transformer:
     """The resident part with random weights drawn on the device (initialising on the CPU is far too slow)."""
     with torch.device("meta"):
-        shapes = {name: p.shape for name, p in Transformer(cfg).state_dict().items()}
+        meta = Transformer(cfg)
+        shapes = {name: p.shape for name, p in meta.state_dict().items()}
+    # a zero-centred norm (scaled by 1 + w) is the identity at w = 0, a plain one at w = 1
+    centred = {f"{name}.weight" for name, m in meta.named_modules() if getattr(m, "offset", False)}
     state = {
-        name: torch.ones(shape, dtype=dtype, device=device) if "norm" in name else normal(shape, dtype, device, gen, init_std(name, cfg))
+        name: torch.full(shape, 0.0 if name in centred else 1.0, dtype=dtype, device=device) if "norm" in name
+        else normal(shape, dtype, device, gen, init_std(name, cfg))
         for name, shape in shapes.items()
     }
     if embeddings_on_host(cfg, device):  # as Engine.from_folder places them

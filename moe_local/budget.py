@@ -125,11 +125,11 @@ def resident_bytes(cfg: ModelConfig, dtype: torch.dtype, attention: str | None =
         return total
     if lm_head_quantized(cfg, device_type, attention):  # one byte a weight and a scale a row, for `dtype`'s itemsize each
         total -= cfg.vocab_size * (cfg.dim * (dtype.itemsize - 1) - dtype.itemsize)
-    full = cfg.n_layers * cfg.attention_numel * dtype.itemsize
+    full = cfg.projection_numel * dtype.itemsize
     if attention == "int8":
-        return total - full + cfg.n_layers * (cfg.attention_numel + cfg.attention_rows * dtype.itemsize)
-    group = int4.group_for(cfg.attention_shapes, device_type)
-    return total - full + cfg.n_layers * (cfg.attention_numel // 2 + cfg.attention_numel // group * 4)
+        return total - full + cfg.projection_numel + cfg.projection_rows * dtype.itemsize
+    group = int4.group_for(cfg.projection_shapes, device_type)
+    return total - full + cfg.projection_numel // 2 + cfg.projection_numel // group * 4
 
 
 def plan_memory(
@@ -152,7 +152,7 @@ def plan_memory(
     expert = expert_bytes or cfg.expert_numel * dtype.itemsize
     on_host = embeddings_on_host(cfg, device)
     resident = resident_bytes(cfg, dtype, attention, embeddings=not on_host, device_type=device.type)
-    kv = cfg.kv_cache_numel(ctx_size) * dtype.itemsize * sequences
+    kv = cfg.kv_cache_bytes(ctx_size, dtype) * sequences
     work = workspace if workspace is not None else workspace_bytes(cfg, dtype, ctx_size, min(prefill_chunk, ctx_size))
     fixed = resident + kv + work
     budget = parse_size(gpu_memory) if gpu_memory is not None else None

@@ -149,8 +149,10 @@ def _attention(names: dict, cfg: ModelConfig, hf: str, ours: str) -> None:
         _linear(names, hf + "kv_b_proj", ours + "wkv_b", (h * (m.nope_dim + m.v_dim), m.kv_lora_rank))
         _linear(names, hf + "o_proj", ours + "wo", (d, h * m.v_dim), cfg.o_bias)
         return
-    # q, k, v map to one matrix of ours (and one bias), concatenated in this order
-    _linear(names, hf + "q_proj", ours + "wqkv", (h * hd, d), cfg.qkv_bias)
+    # q, k, v map to one matrix of ours (and one bias), concatenated in this order; a gated q projection
+    # (Qwen3-Next, Qwen3.5) holds each head's query and gate in turn [H, 2, hd]: all queries, then all gates
+    gate = ungate_rows(h, hd) if cfg.attn_gate else None
+    _linear(names, hf + "q_proj", ours + "wqkv", (h * hd * (1 + cfg.attn_gate), d), cfg.qkv_bias, gate)
     _linear(names, hf + "k_proj", ours + "wqkv", (hkv * hd, d), cfg.qkv_bias)
     _linear(names, hf + "v_proj", ours + "wqkv", (hkv * hd, d), cfg.qkv_bias)
     _linear(names, hf + "o_proj", ours + "wo", (d, h * hd), cfg.o_bias)
@@ -162,18 +164,81 @@ def _attention(names: dict, cfg: ModelConfig, hf: str, ours: str) -> None:
         names[hf + "k_norm.weight"] = Target(ours + "qk_norm.k_norm.weight", (hd if per_head else hkv * hd,))
 
 
-def expected_tensors(cfg: ModelConfig) -> dict[str, Target]:
-    """Checkpoint name -> `Target`, for every tensor config.json implies."""
+def ungate_rows(heads: int, head_dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A gated q projection's rows (or bias) from per head [query, gate] to all queries, then all gates."""
+    def transform(w: torch.Tensor) -> torch.Tensor:
+        return w.view(heads, 2, head_dim, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
+
+    return transform
+
+
+def _qkvz_rows(lin) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Qwen3-Next's fused in_proj_qkvz groups its rows by key head: [Hk, (q dk, k dk, v g dv, z g dv)] with
+    g = Hv / Hk value heads a key head; ours are q | k | v | z, each head-major (Qwen3.5's split layout)."""
+    g = lin.v_heads // lin.k_heads
+    sizes = [lin.k_head_dim, lin.k_head_dim, g * lin.v_head_dim, g * lin.v_head_dim]
+
+    def transform(w: torch.Tensor) -> torch.Tensor:
+        parts = w.view(lin.k_heads, sum(sizes), -1).split(sizes, dim=1)
+        return torch.cat([p.reshape(-1, w.shape[1]) for p in parts])
+
+    return transform
+
+
+def _ba_rows(lin) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Qwen3-Next's fused in_proj_ba: [Hk, (b g, a g)] -> b | a, each per value head."""
+    g = lin.v_heads // lin.k_heads
+
+    def transform(w: torch.Tensor) -> torch.Tensor:
+        b, a = w.view(lin.k_heads, 2 * g, -1).split([g, g], dim=1)
+        return torch.cat([b.reshape(-1, w.shape[1]), a.reshape(-1, w.shape[1])])
+
+    return transform
+
+
+def _linear_attention(names: dict, cfg: ModelConfig, hf: str, ours: str, fused: bool) -> None:
+    """A Gated DeltaNet layer: its input projections concatenated into our in_proj (q | k | v | z | b | a),
+    from Qwen3.5's four (in_proj_qkv, _z, _b, _a) or Qwen3-Next's two fused ones (in_proj_qkvz, _ba: `fused`),
+    the convolution's weights as [channels, kernel], and the rest as they are."""
+    lin, d = cfg.linear, cfg.dim
+    _linear_projections(names, cfg, hf, ours, fused)
+    names[hf + "conv1d.weight"] = Target(ours + "conv", (lin.conv_dim, 1, lin.conv_kernel), lambda w: w[:, 0])
+    names[hf + "A_log"] = Target(ours + "A_log", (lin.v_heads,))
+    names[hf + "dt_bias"] = Target(ours + "dt_bias", (lin.v_heads,))
+    names[hf + "norm.weight"] = Target(ours + "norm.weight", (lin.v_head_dim,))
+    _linear(names, hf + "out_proj", ours + "out_proj", (d, lin.value_dim))
+
+
+def _linear_projections(names: dict, cfg: ModelConfig, hf: str, ours: str, fused: bool) -> None:
+    lin, d = cfg.linear, cfg.dim
+    if fused:
+        _linear(names, hf + "in_proj_qkvz", ours + "in_proj", (lin.conv_dim + lin.value_dim, d), transform=_qkvz_rows(lin))
+        _linear(names, hf + "in_proj_ba", ours + "in_proj", (2 * lin.v_heads, d), transform=_ba_rows(lin))
+        return
+    _linear(names, hf + "in_proj_qkv", ours + "in_proj", (lin.conv_dim, d))
+    _linear(names, hf + "in_proj_z", ours + "in_proj", (lin.value_dim, d))
+    _linear(names, hf + "in_proj_b", ours + "in_proj", (lin.v_heads, d))
+    _linear(names, hf + "in_proj_a", ours + "in_proj", (lin.v_heads, d))
+
+
+def expected_tensors(cfg: ModelConfig, stacked_experts: bool = False) -> dict[str, Target]:
+    """Checkpoint name -> `Target`, for every tensor config.json implies. `stacked_experts`: each MoE layer's
+    routed experts as two [E, ...] tensors (the published Qwen3.5 files) rather than one tensor per expert
+    and matrix."""
     family, d = FAMILIES[cfg.model_type], cfg.dim
+    top = family.prefix
     names: dict[str, Target] = {
-        "model.embed_tokens.weight": Target("tok_embeddings.weight", (cfg.vocab_size, d)),
-        "model.norm.weight": Target("norm.weight", (d,)),
+        top + "embed_tokens.weight": Target("tok_embeddings.weight", (cfg.vocab_size, d)),
+        top + "norm.weight": Target("norm.weight", (d,)),
     }
     if not cfg.tie_word_embeddings:
         names["lm_head.weight"] = Target("output.weight", (cfg.vocab_size, d))
     for i in range(cfg.n_layers):
-        hf, ours = f"model.layers.{i}.", f"layers.{i}."
-        _attention(names, cfg, hf + "self_attn.", ours + "attention.")
+        hf, ours = f"{top}layers.{i}.", f"layers.{i}."
+        if i in cfg.linear_layers:
+            _linear_attention(names, cfg, hf + "linear_attn.", ours + "attention.", family.fused_linear_projections)
+        else:
+            _attention(names, cfg, hf + "self_attn.", ours + "attention.")
         names[hf + "input_layernorm.weight"] = Target(ours + "attention_norm.weight", (d,))
         names[hf + "post_attention_layernorm.weight"] = Target(ours + "ffn_norm.weight", (d,))
         if i not in cfg.moe_layers:
@@ -191,6 +256,11 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, Target]:
                 names[moe + "shared_expert_gate.weight"] = Target(ours + "ffn.shared_gate.weight", (1, d))
         if family.fused_experts:
             _fused_experts(names, cfg, f"{moe}experts.", ordinal)
+            continue
+        if stacked_experts:
+            e, f = cfg.n_experts, cfg.ffn_dim
+            names[f"{moe}experts.gate_up_proj"] = Target(("stacked", ordinal, "gate_up_proj"), (e, 2 * f, d))
+            names[f"{moe}experts.down_proj"] = Target(("stacked", ordinal, "down_proj"), (e, d, f))
             continue
         for e in range(cfg.n_experts):
             for w, name in zip(("w1", "w2", "w3"), family.expert_weights):
@@ -215,11 +285,13 @@ def _fused_experts(names: dict, cfg: ModelConfig, hf: str, ordinal: int) -> None
 
 
 def is_ignored(name: str, cfg: ModelConfig) -> bool:
-    """Tensors we need not read: old exports' RoPE buffers, and layers past num_hidden_layers (DeepSeek-V3's
-    and GLM-4.5's multi-token-prediction layer, which transformers ignores too)."""
-    if name.endswith(IGNORED_SUFFIXES):
+    """Tensors we need not read: old exports' RoPE buffers, layers past num_hidden_layers (DeepSeek-V3's
+    and GLM-4.5's multi-token-prediction layer, which transformers ignores too), and what the family's
+    checkpoints hold beside the text model (vision towers, multi-token-prediction heads)."""
+    family = FAMILIES[cfg.model_type]
+    if name.endswith(IGNORED_SUFFIXES) or name.startswith(family.ignored):
         return True
-    layer = re.match(r"model\.layers\.(\d+)\.", name)
+    layer = re.match(re.escape(family.prefix) + r"layers\.(\d+)\.", name)
     return layer is not None and int(layer.group(1)) >= cfg.n_layers
 
 
@@ -237,12 +309,20 @@ class Checkpoint:
             raise ConfigError(f"{config_path} is not valid JSON: {e}") from None
         self.config = ModelConfig.from_hf(self.raw_config)
         self.tensors = self._index()
-        self.expected = expected_tensors(self.config)
+        self.stacked_experts = self._stacked_experts()
+        self.expected = expected_tensors(self.config, self.stacked_experts)
         self._check_against_config()
         self._expert_names = {t.ours[1:]: name for name, t in self.expected.items() if isinstance(t.ours, tuple)}
         self._last_fused: tuple[tuple[int, int], dict[str, torch.Tensor]] | None = None
-        self.dtype = self.tensors["model.embed_tokens.weight"].dtype
+        self.dtype = self.tensors[FAMILIES[self.config.model_type].prefix + "embed_tokens.weight"].dtype
         self._files: dict[Path, object] = {}
+
+    def _stacked_experts(self) -> bool:
+        """Whether the routed experts come as one [E, ...] tensor per matrix and layer (transformers' own
+        parameters, as Qwen3.5's published files hold them) rather than per expert (as transformers saves them)."""
+        cfg, family = self.config, FAMILIES[self.config.model_type]
+        first = f"{family.prefix}layers.{cfg.moe_layers[0]}.{family.moe}.experts.gate_up_proj"
+        return not family.fused_experts and first in self.tensors
 
     def _shards(self) -> list[Path]:
         index = self.folder / "model.safetensors.index.json"
@@ -333,6 +413,10 @@ class Checkpoint:
         [F, D], down [D, F], up [F, D], or their biases ("b1", "b2", "b3") where the family has them."""
         if (layer, expert, w) in self._expert_names:
             return self.get(self._expert_names[layer, expert, w])
+        if self.stacked_experts:  # gate and up come from one read
+            if self._last_fused is None or self._last_fused[0] != (layer, expert):
+                self._last_fused = (layer, expert), self._stacked_expert(layer, expert)
+            return self._last_fused[1][w]
         if w == "mxfp4":  # the published bytes, for the MXFP4 format to copy (KeyError: none here)
             if not self.config.mxfp4_experts:
                 raise KeyError(w)
@@ -340,6 +424,13 @@ class Checkpoint:
         if self._last_fused is None or self._last_fused[0] != (layer, expert):  # gate and up come from one read
             self._last_fused = (layer, expert), self._fused_expert(layer, expert)
         return self._last_fused[1][w]
+
+    def _stacked_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """One expert's matrices from a layer's stacked tensors: gate_up [E, 2F, D] (gate rows, then up
+        rows), down [E, D, F]."""
+        gate_up = self._fused_row(layer, "gate_up_proj", expert)  # [2F, D]
+        w1, w3 = gate_up.chunk(2)
+        return {"w1": w1.contiguous(), "w3": w3.contiguous(), "w2": self._fused_row(layer, "down_proj", expert)}
 
     def _mxfp4_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """One expert's MXFP4 parts in the `Mxfp4` format's layout: gate_up's rows (and bias) reordered from

@@ -517,8 +517,10 @@ def describe(ckpt: Checkpoint) -> dict:
         "moe_layers": cfg.n_moe_layers,
         "dense_ffn_size": cfg.dense_ffn_dim if cfg.n_moe_layers < cfg.n_layers else None,
         "shared_expert_ffn_size": cfg.shared_ffn_dim or None,
-        "attention": "latent (MLA)" if cfg.mla else "grouped-query",
+        "attention": "latent (MLA)" if cfg.mla else "grouped-query" + (" (gated)" if cfg.attn_gate else ""),
+        "linear_attention_layers": len(cfg.linear_layers),  # Gated DeltaNet, with a fixed state per sequence
         "kv_cache_bytes_per_token": cfg.kv_cache_numel(1) * itemsize,
+        "sequence_state_bytes": cfg.sequence_state_bytes(ckpt.dtype),
         "experts_per_layer": cfg.n_experts,
         "experts_per_token": cfg.top_k,
         "hidden_size": cfg.dim,
@@ -533,6 +535,9 @@ def describe(ckpt: Checkpoint) -> dict:
         "rope_scaling": cfg.rope.kind if cfg.rope.kind != "default" else None,
         "files": {f.name: f.stat().st_size for f in sorted(ckpt.folder.iterdir()) if f.is_file()},
     }
+
+
+STATE_NOTE = ", and the linear-attention layers' fixed state"
 
 
 def format_count(n: int) -> str:
@@ -574,8 +579,10 @@ def info(
             ("shared expert", f"ffn {d['shared_expert_ffn_size']} in every MoE layer, resident" if d["shared_expert_ffn_size"] else "none"),
             ("hidden size", str(d["hidden_size"])),
             ("attention", f"{d['attention']}, {d['attention_heads']} heads, {d['kv_heads']} KV heads, head dim {d['head_dim']}"
-             + (f", sliding window {d['sliding_window']}" if d["sliding_window"] else "")),
-            ("KV cache", f"{format_bytes(d['kv_cache_bytes_per_token'])} per token"),
+             + (f", sliding window {d['sliding_window']}" if d["sliding_window"] else "")
+             + (f"; Gated DeltaNet (linear) in {d['linear_attention_layers']} of {d['layers']} layers" if d["linear_attention_layers"] else "")),
+            ("KV cache", f"{format_bytes(d['kv_cache_bytes_per_token'])} per token"
+             + (f" + {format_bytes(d['sequence_state_bytes'])} of linear-attention state per sequence" if d["sequence_state_bytes"] else "")),
             ("vocabulary", str(d["vocab_size"])),
             ("context length", f"{d['context_length']} (rope theta {d['rope_theta']:g}"
              + (f", {d['rope_scaling']} scaling)" if d["rope_scaling"] else ")")),
@@ -674,7 +681,7 @@ def print_plan(r: dict, cfg, slots_given: bool) -> None:
         ("resident weights", format_bytes(r["resident_bytes"]) + (f" (attention in {r['resident_dtype']}{', lm_head in int8' if r['lm_head_int8'] else ''})"
                                                                   if r["resident_dtype"] != "auto" else "")),
         *([("token embeddings", f"{format_bytes(r['host_resident_bytes'])}, in host RAM")] if r["host_resident_bytes"] else []),
-        (f"KV cache ({r['ctx_size']} tokens)", format_bytes(r["kv_bytes"])),
+        (f"KV cache ({r['ctx_size']} tokens{STATE_NOTE if cfg.linear_layers else ''})", format_bytes(r["kv_bytes"])),
         ("workspace (estimated)", format_bytes(r["workspace_bytes"])),
         ("expert slots", "none: no slots, no copies" if in_place
          else f"{r['expert_slots']} x {format_bytes(r['expert_bytes'])} = {format_bytes(r['slot_bytes'])}"),

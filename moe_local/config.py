@@ -98,6 +98,38 @@ class LatentAttentionConfig:
 
 
 @dataclass(frozen=True)
+class LinearAttentionConfig:
+    """Gated DeltaNet (Qwen3-Next, Qwen3.5): a linear-attention layer whose per-sequence cache is a fixed
+    state, not keys and values per position: the last `conv_kernel - 1` inputs of its causal depthwise
+    convolution over q|k|v, and an fp32 recurrent state [v_heads, k_head_dim, v_head_dim]. Each of the
+    `k_heads` query/key heads serves v_heads / k_heads value heads."""
+
+    k_heads: int
+    v_heads: int
+    k_head_dim: int
+    v_head_dim: int
+    conv_kernel: int
+
+    @property
+    def key_dim(self) -> int:
+        return self.k_heads * self.k_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.v_heads * self.v_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the convolution: q, k and v."""
+        return 2 * self.key_dim + self.value_dim
+
+    @property
+    def in_rows(self) -> int:
+        """Rows of the input projection: q, k, v, the output gate z, and per value head beta's b and the decay's a."""
+        return self.conv_dim + self.value_dim + 2 * self.v_heads
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     model_type: str
     vocab_size: int
@@ -139,6 +171,12 @@ class ModelConfig:
     swiglu_limit: float = 7.0
     expert_bias: bool = False
     mxfp4_experts: bool = False  # the checkpoint holds the routed experts as MXFP4 blocks and scales
+    # hybrids (Qwen3-Next, Qwen3.5): the layers listed in `linear_layers` are Gated DeltaNet linear attention
+    # (`linear`), the others full attention
+    linear: LinearAttentionConfig | None = None
+    linear_layers: tuple[int, ...] = ()
+    attn_gate: bool = False  # the q projection also gives a per-head output gate: attention * sigmoid(gate)
+    norm_offset: bool = False  # zero-centred RMSNorm weights: the norms scale by 1 + w (Qwen3-Next, Qwen3.5)
 
     def __post_init__(self) -> None:
         # None, not an empty tuple, means "every layer": a family whose rule leaves no MoE layer (every Qwen
@@ -208,7 +246,7 @@ class ModelConfig:
         """[N, K] of each of one layer's attention projections (the matrices `--resident-dtype` quantizes)."""
         d, hd, h = self.dim, self.head_dim, self.n_heads
         if self.mla is None:
-            return [((h + 2 * self.n_kv_heads) * hd, d), (d, h * hd)]  # q|k|v, o
+            return [((h * (1 + self.attn_gate) + 2 * self.n_kv_heads) * hd, d), (d, h * hd)]  # q(|gate)|k|v, o
         m = self.mla  # kv_b stays unquantized (see LatentAttention.quantize)
         q = [(h * m.qk_dim, d)] if m.q_lora_rank is None else [(m.q_lora_rank, d), (h * m.qk_dim, m.q_lora_rank)]
         return [*q, (m.kv_lora_rank + m.rope_dim, d), (d, h * m.v_dim)]
@@ -223,6 +261,38 @@ class ModelConfig:
         """Output channels of one layer's attention projections (one int8 scale each)."""
         return sum(n for n, _ in self.attention_shapes)
 
+    @property
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """[N, K] of one linear-attention layer's projections: q|k|v|z|b|a in, out."""
+        lin = self.linear
+        return [(lin.in_rows, self.dim), (self.dim, lin.value_dim)] if lin is not None else []
+
+    @property
+    def n_full_layers(self) -> int:
+        return self.n_layers - len(self.linear_layers)
+
+    @property
+    def projection_shapes(self) -> list[tuple[int, int]]:
+        """The [N, K] shapes among all layers' attention projections (what `--resident-dtype` quantizes)."""
+        return (self.attention_shapes if self.n_full_layers else []) + (self.linear_shapes if self.linear_layers else [])
+
+    @property
+    def projection_numel(self) -> int:
+        """Weights of every layer's attention projections, full and linear."""
+        linear = sum(n * k for n, k in self.linear_shapes)
+        return self.n_full_layers * self.attention_numel + len(self.linear_layers) * linear
+
+    @property
+    def projection_rows(self) -> int:
+        """Output channels of every layer's attention projections (one int8 scale each)."""
+        linear = sum(n for n, _ in self.linear_shapes)
+        return self.n_full_layers * self.attention_rows + len(self.linear_layers) * linear
+
+    def linear_extra_numel(self) -> int:
+        """One linear-attention layer's parameters beside its projections: conv weights, A_log, dt_bias, the gated norm."""
+        lin = self.linear
+        return lin.conv_dim * lin.conv_kernel + 2 * lin.v_heads + lin.v_head_dim
+
     def attention_extra_numel(self) -> int:
         """One layer's attention parameters beside the matrices of `attention_numel`: biases, norms (and MLA's kv_b)."""
         d, hd, h, hkv = self.dim, self.head_dim, self.n_heads, self.n_kv_heads
@@ -230,7 +300,7 @@ class ModelConfig:
             m = self.mla
             biases = ((m.q_lora_rank or 0) + m.kv_lora_rank + m.rope_dim) * self.qkv_bias + d * self.o_bias
             return (m.q_lora_rank or 0) + m.kv_lora_rank + m.kv_lora_rank * h * (m.nope_dim + m.v_dim) + biases
-        n = (h + 2 * hkv) * hd * self.qkv_bias + d * self.o_bias + h * self.attn_sinks
+        n = (h * (1 + self.attn_gate) + 2 * hkv) * hd * self.qkv_bias + d * self.o_bias + h * self.attn_sinks
         if self.qk_norm == "head":
             n += 2 * hd
         elif self.qk_norm == "proj":
@@ -246,11 +316,13 @@ class ModelConfig:
     def resident_numel(self) -> int:
         """Parameters that stay on the device: everything except the routed experts."""
         d = self.dim
-        per_layer = self.attention_numel + self.attention_extra_numel() + 2 * d  # attention, two norms
+        attention = self.projection_numel + self.n_full_layers * self.attention_extra_numel()
+        if self.linear_layers:
+            attention += len(self.linear_layers) * self.linear_extra_numel()
         routers = self.n_moe_layers * self.n_experts * (d + self.router.correction_bias + self.router_bias)
         embed = self.vocab_size * d
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        return self.n_layers * per_layer + routers + self.dense_numel() + embed + head + d
+        return attention + self.n_layers * 2 * d + routers + self.dense_numel() + embed + head + d  # two norms a layer
 
     def cache_positions(self, layer: int, ctx_size: int) -> int:
         """Positions layer `layer`'s KV cache holds: the context, or only the window of a sliding layer."""
@@ -259,11 +331,26 @@ class ModelConfig:
 
     def kv_cache_numel(self, ctx_size: int) -> int:
         """Values the KV cache holds for `ctx_size` tokens: keys and values per KV head (a sliding layer
-        only its window's), or with MLA the compressed latent and the shared rotary key."""
+        only its window's), or with MLA the compressed latent and the shared rotary key; linear-attention
+        layers hold none (their fixed state is `sequence_state_bytes`)."""
         if self.mla is not None:
             return self.n_layers * ctx_size * (self.mla.kv_lora_rank + self.mla.rope_dim)
-        positions = sum(self.cache_positions(i, ctx_size) for i in range(self.n_layers))
+        positions = sum(self.cache_positions(i, ctx_size) for i in range(self.n_layers) if i not in self.linear_layers)
         return 2 * positions * self.n_kv_heads * self.head_dim
+
+    def sequence_state_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of a sequence's fixed state, whatever its length: per linear-attention layer the last
+        conv_kernel - 1 inputs of its convolution (in `dtype`) and its fp32 recurrent state."""
+        lin = self.linear
+        if lin is None:
+            return 0
+        per_layer = lin.conv_dim * (lin.conv_kernel - 1) * dtype.itemsize + lin.v_heads * lin.k_head_dim * lin.v_head_dim * 4
+        return len(self.linear_layers) * per_layer
+
+    def kv_cache_bytes(self, ctx_size: int, dtype: torch.dtype) -> int:
+        """Bytes one sequence's cache takes for `ctx_size` tokens: the keys and values of `kv_cache_numel` in
+        `dtype` and the fixed state of linear-attention layers."""
+        return self.kv_cache_numel(ctx_size) * dtype.itemsize + self.sequence_state_bytes(dtype)
 
     def parameter_counts(self) -> dict[str, int]:
         """What `info` and `plan` report: all parameters, those one token uses (the resident part and top_k
@@ -421,6 +508,63 @@ def olmoe(raw: dict) -> ModelConfig:
     ))
 
 
+# transformers' Qwen3NextConfig defaults (5.24), for fields a config.json may leave out
+_QWEN_NEXT_DEFAULTS = dict(head_dim=256, num_key_value_heads=2, partial_rotary_factor=0.25, linear_num_key_heads=16,
+                           linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+                           linear_conv_kernel_dim=4, full_attention_interval=4, norm_topk_prob=True)
+
+
+def _hybrid(raw: dict, **fields) -> ModelConfig:
+    """Qwen3-Next and Qwen3.5-MoE: Gated DeltaNet layers with gated full attention every
+    `full_attention_interval`-th layer (or as `layer_types` lists them), zero-centred norms, partial rotary,
+    per-head q/k norm, softmax top-k routing and a shared expert under a sigmoid gate."""
+    raw = {**_QWEN_NEXT_DEFAULTS, **{k: v for k, v in raw.items() if v is not None}}
+    n_layers, interval = int(raw["num_hidden_layers"]), int(raw["full_attention_interval"])
+    types = raw.get("layer_types") or ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(n_layers)]
+    if len(types) != n_layers:
+        raise ConfigError(f"layer_types lists {len(types)} layers, num_hidden_layers says {n_layers}")
+    if unknown := set(types) - {"linear_attention", "full_attention"}:
+        raise ConfigError(f"unsupported layer type {sorted(unknown)[0]!r} in layer_types (linear_attention, full_attention)")
+    linear = LinearAttentionConfig(
+        k_heads=int(raw["linear_num_key_heads"]), v_heads=int(raw["linear_num_value_heads"]),
+        k_head_dim=int(raw["linear_key_head_dim"]), v_head_dim=int(raw["linear_value_head_dim"]),
+        conv_kernel=int(raw["linear_conv_kernel_dim"]),
+    )
+    if linear.v_heads % linear.k_heads:
+        raise ConfigError(f"linear_num_value_heads={linear.v_heads} is not a multiple of linear_num_key_heads={linear.k_heads}")
+    if linear.conv_kernel < 2:
+        raise ConfigError(f"linear_conv_kernel_dim={linear.conv_kernel} must be at least 2")
+    bias = bool(raw.get("attention_bias", False))
+    return ModelConfig(**_common(
+        {**raw, "layer_types": None}, n_experts=_n_experts(raw, "num_experts", "num_local_experts"),
+        ffn_dim=int(raw["moe_intermediate_size"]), router=RouterConfig(renormalize=bool(raw["norm_topk_prob"])),
+        shared_ffn_dim=int(raw.get("shared_expert_intermediate_size") or 0), shared_gate=True,
+        qkv_bias=bias, o_bias=bias, qk_norm="head", attn_gate=True, norm_offset=True, linear=linear,
+        linear_layers=tuple(i for i, t in enumerate(types) if t == "linear_attention"), **fields,
+    ))
+
+
+def qwen3_next(raw: dict) -> ModelConfig:
+    return _hybrid(raw, dense_ffn_dim=int(raw.get("intermediate_size") or 0), moe_layers=_qwen_moe_layers(raw))
+
+
+def qwen3_5_moe_text(raw: dict) -> ModelConfig:
+    """Qwen3.5/3.6-MoE's text model as transformers saves it alone (`Qwen3_5MoeForCausalLM`): every layer
+    is MoE, the router always renormalises."""
+    return _hybrid({**raw, "norm_topk_prob": True})
+
+
+def qwen3_5_moe(raw: dict) -> ModelConfig:
+    """The published multimodal checkpoint (`Qwen3_5MoeForConditionalGeneration`): the text model's fields
+    are in `text_config` (what the top level says of the word embeddings and dtype holds for it); the
+    vision tower is not read."""
+    text = dict(raw["text_config"])
+    for name in ("tie_word_embeddings", "dtype", "torch_dtype"):
+        if name in raw:
+            text[name] = raw[name]
+    return qwen3_5_moe_text({**text, "model_type": raw["model_type"]})
+
+
 def _sigmoid_router(raw: dict) -> RouterConfig:
     """GLM-4.5 and DeepSeek-V3 (`noaux_tc`): sigmoid scores, a selection bias, groups scored by their best two."""
     return RouterConfig(
@@ -523,6 +667,9 @@ class Family:
     router: str = "gate"
     correction_bias: str = "gate.e_score_correction_bias"  # the router's selection bias, under the MoE block
     fused_experts: bool = False  # all of a layer's experts in one [E, ...] tensor per matrix (gpt-oss)
+    prefix: str = "model."  # of the decoder's tensors (embeddings, layers, final norm) in the checkpoint
+    ignored: tuple[str, ...] = ()  # checkpoint tensors under these prefixes are not read (vision towers, MTP heads)
+    fused_linear_projections: bool = False  # Gated DeltaNet's inputs as in_proj_qkvz and in_proj_ba (Qwen3-Next)
 
 
 FAMILIES: dict[str, Family] = {
@@ -536,6 +683,10 @@ FAMILIES: dict[str, Family] = {
     "gpt_oss": Family(gpt_oss, router="router", fused_experts=True),
     "minimax_m2": Family(minimax_m2, moe="block_sparse_moe", expert_weights=("w1", "w2", "w3"),
                          correction_bias="e_score_correction_bias"),
+    # the multi-token-prediction head (mtp.*) is not read, as transformers does not
+    "qwen3_next": Family(qwen3_next, shared="shared_expert", ignored=("mtp.",), fused_linear_projections=True),
+    "qwen3_5_moe_text": Family(qwen3_5_moe_text, shared="shared_expert", ignored=("mtp.",)),
+    "qwen3_5_moe": Family(qwen3_5_moe, shared="shared_expert", prefix="model.language_model.", ignored=("mtp.", "model.visual.")),
 }
 
 
@@ -557,6 +708,14 @@ _GPT_OSS = dict(model_type="gpt_oss", vocab_size=201088, hidden_size=2880, inter
                               "original_max_position_embeddings": 4096, "truncate": False},
                 quantization_config={"quant_method": "mxfp4"}, bos_token_id=199998, eos_token_id=200002,
                 dtype="bfloat16")
+# Qwen3.5/3.6-MoE: the fields of the published config.json's text_config (Qwen/Qwen3.6-35B-A3B, Qwen/Qwen3.5-122B-A10B,
+# Qwen/Qwen3.5-397B-A17B), read from copies of those files quoted in public code (the Hub itself is not
+# reachable here); every layer MoE with one shared expert, 3 of 4 layers Gated DeltaNet
+_QWEN35 = dict(model_type="qwen3_5_moe_text", vocab_size=248320, head_dim=256, num_key_value_heads=2,
+               linear_num_key_heads=16, linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
+               full_attention_interval=4, rms_norm_eps=1e-6, max_position_embeddings=262144, tie_word_embeddings=False,
+               rope_parameters={"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25},
+               bos_token_id=None, eos_token_id=248044, dtype="bfloat16")
 PRESETS = {
     "mixtral-8x7b": {**_MIXTRAL, "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
                      "num_hidden_layers": 32, "max_position_embeddings": 32768},
@@ -609,6 +768,27 @@ PRESETS = {
                    "scoring_func": "sigmoid", "use_routing_bias": True, "use_qk_norm": True, "rms_norm_eps": 1e-6,
                    "max_position_embeddings": 196608, "tie_word_embeddings": False, "bos_token_id": 200034,
                    "eos_token_id": 200020, "dtype": "bfloat16"},
+    "qwen3.6-35b-a3b": {**_QWEN35, "hidden_size": 2048, "num_hidden_layers": 40, "num_attention_heads": 16,
+                        "linear_num_value_heads": 32, "num_experts": 256, "num_experts_per_tok": 8,
+                        "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512},
+    "qwen3.5-122b-a10b": {**_QWEN35, "hidden_size": 3072, "num_hidden_layers": 48, "num_attention_heads": 32,
+                          "linear_num_value_heads": 64, "num_experts": 256, "num_experts_per_tok": 8,
+                          "moe_intermediate_size": 1024, "shared_expert_intermediate_size": 1024},
+    "qwen3.5-397b-a17b": {**_QWEN35, "hidden_size": 4096, "num_hidden_layers": 60, "num_attention_heads": 32,
+                          "linear_num_value_heads": 64, "num_experts": 512, "num_experts_per_tok": 10,
+                          "moe_intermediate_size": 1024, "shared_expert_intermediate_size": 1024},
+    # Qwen3-Next-80B-A3B: transformers' Qwen3NextConfig defaults, which its docstring gives as this model's
+    # (512 experts, top 10, 3 of 4 layers Gated DeltaNet), with the published file's context and RoPE base;
+    # intermediate_size is unused (every layer is MoE)
+    "qwen3-next-80b-a3b": {"model_type": "qwen3_next", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5120,
+                           "num_hidden_layers": 48, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
+                           "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+                           "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "full_attention_interval": 4,
+                           "num_experts": 512, "num_experts_per_tok": 10, "moe_intermediate_size": 512,
+                           "shared_expert_intermediate_size": 512, "norm_topk_prob": True, "decoder_sparse_step": 1,
+                           "mlp_only_layers": [], "rms_norm_eps": 1e-6, "max_position_embeddings": 262144,
+                           "rope_theta": 10000000, "partial_rotary_factor": 0.25, "tie_word_embeddings": False,
+                           "bos_token_id": 151643, "eos_token_id": 151645, "dtype": "bfloat16"},
     # small enough for a CPU smoke test, with the same structure (GQA, 8 experts, top-2)
     "tiny": {**_MIXTRAL, "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512,
              "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 4096},

@@ -104,17 +104,18 @@ class Fused:
     @classmethod
     def build(cls, attention_norm, attention, ffn_norm, rot_dim: int) -> Fused | None:
         """For `model.Attention` `attention` between its block's two norms (RMSNorm), with rot_dim rotated
-        dimensions a head; None where the kernel does not apply: no kernels, not bf16, clipped q/k/v, sizes it
+        dimensions a head; None where the kernel does not apply: no kernels, not bf16, clipped q/k/v, a gated
+        attention or zero-centred norms (Qwen3-Next, Qwen3.5: the kernel computes neither), sizes it
         does not take, int8 or int4 projections on a CPU without their kernels, or more queries per KV head
         than `attend` takes (then the torch operations run, with the same results)."""
         lib = native.library()
-        if isinstance(lib, str) or attention.clip is not None:
+        if isinstance(lib, str) or attention.clip is not None or attention.gated:
             return None
         H, Hkv, hd = attention.n_heads, attention.n_kv_heads, attention.head_dim
         D, qk = attention_norm.weight.shape[0], attention.qk_norm
         norms = [attention_norm, ffn_norm] + ([qk.q_norm, qk.k_norm] if qk is not None else [])
         projections = [_projection(attention.wqkv, lib), _projection(attention.wo, lib)]
-        if (any(n.weight.dtype != torch.bfloat16 or n.eps != attention_norm.eps for n in norms) or None in projections
+        if (any(n.weight.dtype != torch.bfloat16 or n.eps != attention_norm.eps or n.offset for n in norms) or None in projections
                 or D % 32 or hd % 8 or (H * hd) % 32 or rot_dim % 2 or rot_dim > hd
                 or H // Hkv > MAX_QUERIES[lib.bf16_pairs][hd >= 256]):  # fmt: skip
             return None

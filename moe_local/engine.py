@@ -300,13 +300,16 @@ class Engine:
 
     def prefill(self, ids: list[int], seq: Sequence | None = None) -> tuple[torch.Tensor, int]:
         """Bring the KV cache of `seq` (default: the engine's own) to `ids`, reusing the longest prefix it
-        already holds (a chat's earlier turns); returns the last position's logits [V] and how many tokens
-        were evaluated."""
+        already holds (a chat's earlier turns; with linear-attention layers only all it holds, or nothing:
+        `KVCache.can_truncate`); returns the last position's logits [V] and how many tokens were evaluated."""
         if not ids:
             raise MoeLocalError("the prompt is empty")
         self._check_ids(ids)
-        held = (seq or self.sequence).tokens
+        seq = seq or self.sequence
+        held = seq.tokens
         reuse = shared_prefix(ids, held)
+        if reuse < len(held) and not seq.kv.can_truncate:
+            reuse = 0  # a recurrent state holds all of `held` and cannot be cut back to the shared prefix
         rings = [self.cfg.cache_positions(i, self.ctx_size) for i in range(self.cfg.n_layers)]
         ring = min((n for n in rings if n < self.ctx_size), default=0)  # the shortest window a sliding layer keeps
         if ring and max(0, reuse - ring + 1) + ring < len(held):

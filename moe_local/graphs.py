@@ -32,13 +32,17 @@ class StaticDecoder:
     def _capture(self) -> None:
         """One graph per layer, sharing one memory pool; each is run once first on a side stream, as CUDA
         graph capture requires (that run writes a key and value at the current position, which the step
-        writes again)."""
+        writes again, and advances a recurrent state, which is put back)."""
+        # a recurrent state (linear attention) would take the warm-up's step as well as the real one: keep it
+        states = {t: t.clone() for layer in self.kv.layers for t in layer} if not self.kv.can_truncate else {}
         stream = torch.cuda.Stream(self.x.device)
         stream.wait_stream(torch.cuda.current_stream(self.x.device))
         with torch.cuda.stream(stream):
             for i in range(len(self.model.layers)):
                 self.front(i)
         torch.cuda.current_stream(self.x.device).wait_stream(stream)
+        for t, saved in states.items():
+            t.copy_(saved)
         self.graphs, pool = [], None
         for i in range(len(self.model.layers)):
             graph = torch.cuda.CUDAGraph()

@@ -32,14 +32,32 @@ class Experts(Protocol):
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm; `offset`: the zero-centred form of Qwen3-Next and Qwen3.5, whose stored weight w scales by
+    1 + w, in fp32 as their reference computes it."""
+
+    def __init__(self, dim: int, eps: float, offset: bool = False):
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.offset:
+            return (F.rms_norm(x.float(), self.weight.shape, eps=self.eps) * (1.0 + self.weight.float())).to(x.dtype)
+        # Normalise in fp32, then scale in the compute dtype, as the reference does (one fused op, same bits).
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """Gated DeltaNet's output norm: RMSNorm per value head, then times silu(z), the gate from the input."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, then scale in the compute dtype, as the reference does (one fused op, same bits).
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        h = self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+        return (h * F.silu(gate.float())).to(x.dtype)
 
 
 def rope_cos_sin(
@@ -88,8 +106,8 @@ class QKNorm(nn.Module):
         super().__init__()
         h, hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.per_head, self.split = cfg.qk_norm == "head", [h * hd, hkv * hd, hkv * hd]
-        self.q_norm = RMSNorm(hd if self.per_head else h * hd, cfg.norm_eps)
-        self.k_norm = RMSNorm(hd if self.per_head else hkv * hd, cfg.norm_eps)
+        self.q_norm = RMSNorm(hd if self.per_head else h * hd, cfg.norm_eps, cfg.norm_offset)
+        self.k_norm = RMSNorm(hd if self.per_head else hkv * hd, cfg.norm_eps, cfg.norm_offset)
         self.head_dim = hd
 
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
@@ -126,13 +144,17 @@ def attend(q, keys, values, mask, scale: float | None, sinks: torch.Tensor | Non
 class Attention(nn.Module):
     """Grouped-query attention over a static per-layer cache of keys and values [Hkv, positions, hd] each.
     A sliding layer whose window is shorter than the context keeps only the window, as a ring: position p
-    lives in slot p % window."""
+    lives in slot p % window. Gated (Qwen3-Next, Qwen3.5): the q projection gives each head a gate too, and
+    the heads' output is multiplied by sigmoid(gate) before wo."""
+
+    recurrent = False  # the cache holds each position's keys and values: a prefix of it is a shorter sequence's
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        # q, k and v projections as one matrix (rows: q heads, k heads, v heads): one matmul, not three
-        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
+        self.gated = cfg.attn_gate
+        # q (gate), k and v projections as one matrix (rows: q heads, gate heads, k heads, v heads): one matmul, not three
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads * (1 + self.gated) + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
         self.qk_norm = QKNorm(cfg) if cfg.qk_norm else None
         self.clip = cfg.clip_qkv
@@ -144,41 +166,49 @@ class Attention(nn.Module):
     def cache_shapes(cfg: ModelConfig, ctx_size: int, layer: int) -> list[tuple[int, ...]]:
         return [(cfg.n_kv_heads, cfg.cache_positions(layer, ctx_size), cfg.head_dim)] * 2  # keys, values
 
+    @staticmethod
+    def cache_dtypes(dtype: torch.dtype) -> list[torch.dtype]:
+        return [dtype, dtype]
+
     def quantize(self, make: Callable[[nn.Linear], nn.Module]) -> None:
         self.wqkv, self.wo = make(self.wqkv), make(self.wo)
 
     def forward(self, x, cos, sin, cache: tuple[torch.Tensor, ...], pos: int) -> torch.Tensor:
-        q, k, v = self._project(x, cos, sin)
+        q, k, v, gate = self._project(x, cos, sin)
         y = self._attend(q, k, v, cache, pos)  # [H, T, hd]
-        return self.wo(y.transpose(0, 1).reshape(x.shape[0], -1))
+        return self._out(y.transpose(0, 1).reshape(x.shape[0], -1), gate)
+
+    def _out(self, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """The heads' output [T, H hd] (times sigmoid(gate) where gated) through wo -> [T, D]."""
+        return self.wo(y if gate is None else y * torch.sigmoid(gate))
 
     def forward_static(self, x, cos, sin, cache: tuple[torch.Tensor, ...], pos: torch.Tensor) -> torch.Tensor:
         """One token, x [1, D], at the position held on the device in `pos` ([1] long), with shapes that do
         not depend on it (what a CUDA graph needs): the cache is written with `index_copy_` (at pos modulo
         a ring's window) and attended whole, masked to the slots written so far."""
-        q, k, v = self._project(x, cos, sin)  # [H, 1, hd], [Hkv, 1, hd], [Hkv, 1, hd]
+        q, k, v, gate = self._project(x, cos, sin)  # [H, 1, hd], [Hkv, 1, hd], [Hkv, 1, hd]
         k_cache, v_cache = cache
         C = k_cache.shape[1]
         slot = pos % C if C == self.window else pos
         k_cache.index_copy_(1, slot, k)
         v_cache.index_copy_(1, slot, v)
         mask = (torch.arange(C, device=x.device) <= pos)[None, :]  # [1, C]
-        return self.wo(self._attend_grouped(q, k_cache, v_cache, mask).reshape(1, -1))
+        return self._out(self._attend_grouped(q, k_cache, v_cache, mask).reshape(1, -1), gate)
 
     def forward_batch(self, x, cos, sin, caches: list[tuple[torch.Tensor, ...]], positions: list[int], pooled: Pooled | None = None) -> torch.Tensor:
         """x [B, D]: the next token of each of B sequences, sequence b at positions[b] over its own caches[b].
         The projections run on all B rows at once. When the caches are rows of one `KVPool` (`pooled`), so is
         the attention core: one write of the B new keys and values, one attention over the pool's rows;
         otherwise the core runs per sequence."""
-        q, k, v = self._project(x, cos, sin)  # [H, B, hd], [Hkv, B, hd], [Hkv, B, hd]
+        q, k, v, gate = self._project(x, cos, sin)  # [H, B, hd], [Hkv, B, hd], [Hkv, B, hd]
         if pooled is not None:
             y = self._attend_pooled(q, k, v, pooled)  # [B, H, hd]
-            return self.wo(y.reshape(x.shape[0], -1))
+            return self._out(y.reshape(x.shape[0], -1), gate)
         ys = [
             self._attend(q[:, b : b + 1], k[:, b : b + 1], v[:, b : b + 1], cache, pos)  # [H, 1, hd]
             for b, (cache, pos) in enumerate(zip(caches, positions))
         ]
-        return self.wo(torch.cat(ys, dim=1).transpose(0, 1).reshape(x.shape[0], -1))  # [H, B, hd] -> [B, D]
+        return self._out(torch.cat(ys, dim=1).transpose(0, 1).reshape(x.shape[0], -1), gate)  # [H, B, hd] -> [B, D]
 
     def _attend_pooled(self, q, k, v, pooled: Pooled) -> torch.Tensor:
         """q [H, B, hd], k and v [Hkv, B, hd] of B sequences that are rows of a pool -> [B, H, hd]. Keys and
@@ -202,17 +232,21 @@ class Attention(nn.Module):
         y = attend(queries.view(p.n, Hkv, g, hd), keys, values, mask[:, None, None, :], self.scale, sinks)  # [n, Hkv, g, hd]
         return y.view(p.n, H, hd)[p.rows - p.lo]
 
-    def _project(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, D] -> rotated queries [H, T, hd], rotated keys and values [Hkv, T, hd]."""
+    def _project(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x [T, D] -> rotated queries [H, T, hd], rotated keys and values [Hkv, T, hd], and the output gate
+        [T, H hd] (None unless gated)."""
         T, H, Hkv = x.shape[0], self.n_heads, self.n_kv_heads
-        qkv = self.wqkv(x)  # [T, (H + 2Hkv) hd]
+        qkv, gate = self.wqkv(x), None  # [T, (H + 2Hkv) hd], or [T, (2H + 2Hkv) hd] with the gate after q
+        if self.gated:
+            q, gate, kv = qkv.split([H * self.head_dim, H * self.head_dim, 2 * Hkv * self.head_dim], dim=-1)
+            qkv = torch.cat([q, kv], dim=-1)
         if self.qk_norm is not None:
             qkv = self.qk_norm(qkv)
         if self.clip is not None:
             qkv = qkv.clamp(-self.clip, self.clip)
         qkv = qkv.view(T, H + 2 * Hkv, self.head_dim).transpose(0, 1)  # [H + 2Hkv, T, hd]
         q, k = apply_rope(qkv[: H + Hkv], cos, sin).split([H, Hkv])  # [H, T, hd], [Hkv, T, hd]
-        return q, k, qkv[H + Hkv :]
+        return q, k, qkv[H + Hkv :], gate
 
     def _attend(self, q, k, v, cache: tuple[torch.Tensor, ...], pos: int) -> torch.Tensor:
         """Write k, v [Hkv, T, hd] at positions pos.. into the cache; q [H, T, hd] over it -> [H, T, hd]."""
@@ -283,9 +317,15 @@ class LatentAttention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * m.v_dim, cfg.dim, bias=cfg.o_bias)
         self.scale = cfg.attn_scale
 
+    recurrent = False
+
     @staticmethod
     def cache_shapes(cfg: ModelConfig, ctx_size: int, layer: int) -> list[tuple[int, ...]]:
         return [(ctx_size, cfg.mla.kv_lora_rank + cfg.mla.rope_dim)]
+
+    @staticmethod
+    def cache_dtypes(dtype: torch.dtype) -> list[torch.dtype]:
+        return [dtype]
 
     def quantize(self, make: Callable[[nn.Linear], nn.Module]) -> None:
         """Every projection but kv_b, which the absorbed attention reads as per-head slices."""
@@ -368,6 +408,193 @@ class LatentAttention(nn.Module):
         return self.wo(y.transpose(0, 1).reshape(y.shape[1], -1))
 
 
+CHUNK = 64  # positions per chunk of the chunked gated delta rule, as the reference's torch_chunk_gated_delta_rule
+
+
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    """x / |x| over the last dimension, as the reference (and the FLA library) compute it."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + 1e-6)
+
+
+def _delta_inputs(q, k, v, beta, heads: int):
+    """q, k [..., Hk, dk] -> fp32, each query/key head repeated for its Hv / Hk value heads, L2-normalised
+    (q also scaled by dk^-1/2); v, beta -> fp32."""
+    g = heads // q.shape[-2]
+    if g > 1:
+        q, k = q.repeat_interleave(g, dim=-2), k.repeat_interleave(g, dim=-2)
+    q, k = l2norm(q.float()), l2norm(k.float())
+    return q * q.shape[-1] ** -0.5, k, v.float(), beta.float()
+
+
+def recurrent_step(q, k, v, g, beta, state) -> torch.Tensor:
+    """One position of the gated delta rule for B sequences, the decode step of a linear-attention layer:
+
+        q, k   [B, Hk, dk]  after the convolution and silu, before normalising (compute dtype)
+        v      [B, Hv, dv]  (compute dtype)
+        g      [B, Hv]      fp32, the log of the state's decay (<= 0)
+        beta   [B, Hv]      the write strength, sigmoid(b) (compute dtype)
+        state  [B, Hv, dk, dv] fp32, updated in place
+        -> y   [B, Hv, dv]  fp32
+
+    The state decays by exp(g), then for the normalised key k it is corrected towards v by beta (the delta
+    rule: S += k (beta (v - S^T k))^T); the output reads it with the normalised, scaled query. Pure torch:
+    a CPU kernel may replace it (same arguments, same result)."""
+    q, k, v, beta = _delta_inputs(q, k, v, beta, v.shape[-2])
+    state.mul_(g.exp()[..., None, None])
+    kv_mem = torch.einsum("bhkv,bhk->bhv", state, k)  # [B, Hv, dv]: what the state recalls for k
+    delta = (v - kv_mem) * beta[..., None]
+    state.add_(k[..., :, None] * delta[..., None, :])
+    return torch.einsum("bhkv,bhk->bhv", state, q)
+
+
+def chunked_delta_rule(q, k, v, g, beta, state) -> torch.Tensor:
+    """The gated delta rule over T positions of one sequence, in chunks of CHUNK (the reference's
+    torch_chunk_gated_delta_rule): within a chunk the updates are solved as one triangular system, so the
+    work is a few matmuls per chunk and linear in T. q, k [T, Hk, dk]; v [T, Hv, dv]; g, beta [T, Hv];
+    state [Hv, dk, dv] fp32, the state before the first position, updated in place to the one after the
+    last -> y [T, Hv, dv] fp32."""
+    T, Hv = v.shape[0], v.shape[1]
+    q, k, v, beta = (t.transpose(0, 1) for t in _delta_inputs(q, k, v, beta, Hv))  # [Hv, T, ...], beta [Hv, T]
+    g = g.float().transpose(0, 1)  # [Hv, T]
+    pad = (CHUNK - T % CHUNK) % CHUNK
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    beta, g = F.pad(beta, (0, pad)), F.pad(g, (0, pad))
+    n, C = (T + pad) // CHUNK, CHUNK
+    v_beta, k_beta = v * beta[..., None], k * beta[..., None]
+    q, k, k_beta, v_beta = (t.reshape(Hv, n, C, t.shape[-1]) for t in (q, k, k_beta, v_beta))  # [Hv, n, C, d]
+    decay = g.reshape(Hv, n, C).cumsum(dim=-1)  # [Hv, n, C]: log decay from the chunk's start to each position
+    upper = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
+    pairwise = (decay[..., :, None] - decay[..., None, :]).masked_fill(upper, float("-inf")).exp()  # [Hv, n, C, C]
+    system = (k_beta @ k.transpose(-1, -2)) * pairwise
+    intra = (q @ k.transpose(-1, -2)) * pairwise
+    new_values = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
+    k_decayed = torch.linalg.solve_triangular(system, k_beta * decay.exp()[..., None], upper=False, unitriangular=True)
+    q = q * decay.exp()[..., None]
+    k = k * (decay[..., -1:] - decay).exp()[..., None]
+    chunk_decay = decay[..., -1].exp()[..., None, None]  # [Hv, n, 1, 1]
+    out = torch.empty_like(new_values)  # [Hv, n, C, dv]
+    for i in range(n):  # the sequential scan over chunks
+        v_new = new_values[:, i] - k_decayed[:, i] @ state
+        out[:, i] = q[:, i] @ state + intra[:, i] @ v_new
+        state.mul_(chunk_decay[:, i]).add_(k[:, i].transpose(-1, -2) @ v_new)
+    return out.reshape(Hv, n * C, -1)[:, :T].transpose(0, 1)  # [T, Hv, dv]
+
+
+class LinearAttention(nn.Module):
+    """Gated DeltaNet (Qwen3-Next, Qwen3.5): one input projection gives q, k, v (through a causal depthwise
+    convolution of `conv_kernel` positions and silu), the output gate z, and per value head b and a; the
+    gated delta rule runs on an fp32 recurrent state [Hv, dk, dv] with decay exp(g), g = -exp(A_log)
+    softplus(a + dt_bias), and write strength sigmoid(b); the output is RMSNorm'd per head, times silu(z),
+    and projected back. Per sequence the cache is (the last conv_kernel - 1 inputs of the convolution
+    [conv_dim, conv_kernel - 1], the recurrent state): a fixed size, but a state of everything the sequence
+    has seen, which cannot be cut back to a prefix (`recurrent`). Prefill runs the chunked form of the delta
+    rule, a decode step `recurrent_step`. A forward at position 0 starts from zero state."""
+
+    recurrent = True
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        lin = cfg.linear
+        self.k_heads, self.v_heads, self.k_dim, self.v_dim = lin.k_heads, lin.v_heads, lin.k_head_dim, lin.v_head_dim
+        self.split = [lin.conv_dim, lin.value_dim, lin.v_heads, lin.v_heads]  # q|k|v, z, b, a
+        self.in_proj = nn.Linear(cfg.dim, lin.in_rows, bias=False)
+        self.conv = nn.Parameter(torch.empty(lin.conv_dim, lin.conv_kernel))  # [channels, kernel], the newest input last
+        self.A_log = nn.Parameter(torch.empty(lin.v_heads))
+        self.dt_bias = nn.Parameter(torch.empty(lin.v_heads))
+        self.norm = GatedRMSNorm(lin.v_head_dim, cfg.norm_eps)
+        self.out_proj = nn.Linear(lin.value_dim, cfg.dim, bias=False)
+
+    @staticmethod
+    def cache_shapes(cfg: ModelConfig, ctx_size: int, layer: int) -> list[tuple[int, ...]]:
+        lin = cfg.linear
+        return [(lin.conv_dim, lin.conv_kernel - 1), (lin.v_heads, lin.k_head_dim, lin.v_head_dim)]
+
+    @staticmethod
+    def cache_dtypes(dtype: torch.dtype) -> list[torch.dtype]:
+        return [dtype, torch.float32]
+
+    def quantize(self, make: Callable[[nn.Linear], nn.Module]) -> None:
+        self.in_proj, self.out_proj = make(self.in_proj), make(self.out_proj)
+
+    def forward(self, x, cos, sin, cache: tuple[torch.Tensor, ...], pos: int) -> torch.Tensor:
+        """x [T, D] at positions pos.. of the sequence whose state `cache` holds -> [T, D]."""
+        conv_state, state = cache  # [C, K-1], [Hv, dk, dv]
+        if pos == 0:
+            conv_state.zero_()
+            state.zero_()
+        mixed, z, b, a = self.in_proj(x).split(self.split, dim=-1)  # [T, C], [T, Hv dv], [T, Hv], [T, Hv]
+        if x.shape[0] == 1:  # a decode step
+            y = self._step(mixed, b, a, conv_state[None], state[None])  # [1, Hv, dv]
+        else:
+            q, k, v = self._heads(self._conv(mixed, conv_state))
+            y = chunked_delta_rule(q, k, v, self._decay(a), b.sigmoid(), state)
+        return self._out(y, z)
+
+    def forward_static(self, x, cos, sin, cache: tuple[torch.Tensor, ...], pos: torch.Tensor) -> torch.Tensor:
+        """A decode step, x [1, D], with shapes that do not depend on the position (never position 0: a
+        decode step follows a prefill)."""
+        conv_state, state = cache
+        mixed, z, b, a = self.in_proj(x).split(self.split, dim=-1)
+        return self._out(self._step(mixed, b, a, conv_state[None], state[None]), z)
+
+    def forward_batch(self, x, cos, sin, caches: list[tuple[torch.Tensor, ...]], positions: list[int], pooled: Pooled | None = None) -> torch.Tensor:
+        """x [B, D]: the next token of each of B sequences, sequence b at positions[b] over its own state
+        caches[b] (rows of one pool, or not: the states are gathered either way, and written back)."""
+        mixed, z, b, a = self.in_proj(x).split(self.split, dim=-1)
+        if pooled is not None:
+            conv_pool, state_pool = pooled.layer
+            conv_state, state = conv_pool[pooled.rows], state_pool[pooled.rows]  # [B, C, K-1], [B, Hv, dk, dv]
+        else:
+            conv_state = torch.stack([c[0] for c in caches])
+            state = torch.stack([c[1] for c in caches])
+        fresh = [i for i, p in enumerate(positions) if p == 0]
+        if fresh:
+            conv_state[fresh], state[fresh] = 0, 0
+        y = self._step(mixed, b, a, conv_state, state)
+        if pooled is not None:
+            conv_pool[pooled.rows], state_pool[pooled.rows] = conv_state, state
+        else:
+            for (c, s), conv_row, state_row in zip(caches, conv_state, state):
+                c.copy_(conv_row)
+                s.copy_(state_row)
+        return self._out(y, z)
+
+    def _step(self, mixed, b, a, conv_state, state) -> torch.Tensor:
+        """One position of B sequences: mixed [B, C] through the convolution over each sequence's last
+        inputs conv_state [B, C, K-1] (updated), then `recurrent_step` on state [B, Hv, dk, dv] -> [B, Hv, dv]."""
+        window = torch.cat([conv_state, mixed[..., None]], dim=-1)  # [B, C, K]
+        conv_state.copy_(window[..., 1:])
+        # the products summed in fp32, as the reference's conv1d accumulates them
+        mixed = F.silu((window.float() * self.conv.float()).sum(-1).to(mixed.dtype))
+        q, k, v = self._heads(mixed)
+        return recurrent_step(q, k, v, self._decay(a), b.sigmoid(), state)
+
+    def _conv(self, mixed: torch.Tensor, conv_state: torch.Tensor) -> torch.Tensor:
+        """The causal depthwise convolution of T positions, mixed [T, C], after the K-1 inputs before them in
+        conv_state [C, K-1] (which then holds the last K-1 of all) -> silu of it, [T, C]."""
+        T, K1 = mixed.shape[0], conv_state.shape[1]
+        seq = torch.cat([conv_state, mixed.transpose(0, 1)], dim=1)  # [C, K-1+T]
+        conv_state.copy_(seq[:, -K1:])
+        out = F.conv1d(seq[None], self.conv[:, None, :], groups=seq.shape[0])[0]  # [C, T]
+        return F.silu(out).transpose(0, 1)
+
+    def _heads(self, mixed: torch.Tensor):
+        """[..., C] -> q, k [..., Hk, dk] and v [..., Hv, dv]."""
+        q, k, v = mixed.split([self.k_heads * self.k_dim, self.k_heads * self.k_dim, self.v_heads * self.v_dim], dim=-1)
+        lead = mixed.shape[:-1]
+        return q.reshape(*lead, self.k_heads, self.k_dim), k.reshape(*lead, self.k_heads, self.k_dim), v.reshape(*lead, self.v_heads, self.v_dim)
+
+    def _decay(self, a: torch.Tensor) -> torch.Tensor:
+        """a [..., Hv] -> g = -exp(A_log) softplus(a + dt_bias), the log decay, fp32."""
+        return -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+
+    def _out(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The delta rule's output y [T, Hv, dv] (fp32) and the gate z [T, Hv dv] -> [T, D]."""
+        T = z.shape[0]
+        y = self.norm(y.to(z.dtype).reshape(T * self.v_heads, self.v_dim), z.reshape(T * self.v_heads, self.v_dim))
+        return self.out_proj(y.reshape(T, -1))
+
+
 class DenseMLP(nn.Module):
     """SwiGLU feed-forward, resident: a dense layer's MLP or a shared expert. w13 = gate rows then up rows."""
 
@@ -437,12 +664,19 @@ class MoE(nn.Module):
         return y if shared is None else y + shared
 
 
+def attention_piece(cfg: ModelConfig, layer: int) -> type[Attention | LatentAttention | LinearAttention]:
+    """The attention piece layer `layer` is built from (and whose cache the pool holds for it)."""
+    if layer in cfg.linear_layers:
+        return LinearAttention
+    return Attention if cfg.mla is None else LatentAttention
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = (Attention if cfg.mla is None else LatentAttention)(cfg, layer)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
+        self.attention = attention_piece(cfg, layer)(cfg, layer)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
         self.ffn = MoE(cfg, layer) if layer in cfg.moe_layers else DenseMLP(cfg.dim, cfg.dense_ffn_dim)
         self.fused: cpu_attention.Fused | None = None  # a decode step's attention block in one call (`fuse`)
 
@@ -482,8 +716,9 @@ class Block(nn.Module):
 
 class KVCache:
     """Static per-layer attention caches for `ctx_size` tokens: keys and values [Hkv, ctx or window, hd]
-    each, or with latent attention one [ctx, r + rope] tensor: row `row` of `pool` (views of its tensors),
-    or without one, the only row of a pool of its own."""
+    each, or with latent attention one [ctx, r + rope] tensor, or a linear-attention layer's fixed state
+    (`LinearAttention.cache_shapes`): row `row` of `pool` (views of its tensors), or without one, the only
+    row of a pool of its own."""
 
     def __init__(self, cfg: ModelConfig, ctx_size: int, dtype: torch.dtype, device: torch.device, pool: KVPool | None = None, row: int = 0):
         self.ctx_size, self.row = ctx_size, row
@@ -494,19 +729,28 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.nbytes for layer in self.layers for t in layer)
 
+    @property
+    def can_truncate(self) -> bool:
+        """Whether what the cache holds for a sequence also holds it for any prefix of that sequence (keys and
+        values per position), so that a new prompt can resume after a shared prefix; not where a layer keeps
+        a recurrent state of everything seen (linear attention): then only the whole cached sequence is."""
+        return self.pool.can_truncate
+
 
 class KVPool:
     """The KV caches of up to `rows` sequences decoded together (the server's `--parallel`), each layer's
     tensors with the sequence first [rows, ...], so that a decode step of several of them writes and reads
-    all their keys and values with one operation each (`Attention._attend_pooled`)."""
+    all their keys and values with one operation each (`Attention._attend_pooled`). Each layer holds what
+    its attention piece asks for (`cache_shapes`, `cache_dtypes`)."""
 
     def __init__(self, cfg: ModelConfig, ctx_size: int, dtype: torch.dtype, device: torch.device, rows: int):
-        kind = Attention if cfg.mla is None else LatentAttention
         self.cfg, self.ctx_size, self.rows, self.dtype, self.device = cfg, ctx_size, rows, dtype, device
+        kinds = [attention_piece(cfg, i) for i in range(cfg.n_layers)]
         self.layers = [
-            tuple(torch.zeros((rows, *s), dtype=dtype, device=device) for s in kind.cache_shapes(cfg, ctx_size, i))
-            for i in range(cfg.n_layers)
+            tuple(torch.zeros((rows, *s), dtype=d, device=device) for s, d in zip(kind.cache_shapes(cfg, ctx_size, i), kind.cache_dtypes(dtype)))
+            for i, kind in enumerate(kinds)
         ]
+        self.can_truncate = not any(kind.recurrent for kind in kinds)
 
     @property
     def nbytes(self) -> int:
@@ -540,7 +784,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", cfg.rope.inv_freq(), persistent=False)
 
@@ -567,7 +811,7 @@ class Transformer(nn.Module):
         with one scale per output channel, or int4 in groups (`int4.group_for` the model's shapes), and on the
         CPU lm_head in int8 (`budget.lm_head_quantized`), quantized on their device, one matrix at a time."""
         if dtype == "int4":
-            group = int4.group_for(self.cfg.attention_shapes, self.norm.weight.device.type)
+            group = int4.group_for(self.cfg.projection_shapes, self.norm.weight.device.type)
             make = functools.partial(Int4Linear.from_linear, group=group)
         else:
             make = Int8Linear.from_linear

@@ -20,6 +20,9 @@ BASE = dict(
 _MLA = dict(num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
             moe_intermediate_size=32, intermediate_size=96, n_routed_experts=8)
 
+_HYBRID = dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=48, head_dim=16,
+               linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=12)
+
 # name -> (model_type, the options that variant switches on)
 VARIANTS = {
     # q/k RMSNorm per head, explicit head_dim, renormalised top-k, one dense MLP layer among the MoE layers
@@ -57,6 +60,13 @@ VARIANTS = {
     # sigmoid router with selection bias (outside the gate module), q/k norms over the whole projections,
     # a quarter of each head rotated (the published files' `rotary_dim`)
     "minimax_m2": ("minimax_m2", dict(num_local_experts=8, intermediate_size=32, head_dim=16, rotary_dim=4)),
+    # Gated DeltaNet hybrids: linear-attention layers around a gated full-attention one (partial rotary,
+    # zero-centred norms, per-head q/k norm), 2 value heads per key head, a shared expert under a sigmoid
+    # gate; Qwen3.5's split input projections (transformers' text-only class)...
+    "qwen3_5_moe": ("qwen3_5_moe_text", dict(**_HYBRID, layer_types=["linear_attention", "full_attention", "linear_attention"])),
+    # ... and Qwen3-Next's fused ones, full attention first, a dense MLP layer
+    "qwen3_next": ("qwen3_next", dict(**_HYBRID, intermediate_size=96, mlp_only_layers=[2],
+                                      layer_types=["full_attention", "linear_attention", "linear_attention"])),
 }
 
 
@@ -93,9 +103,11 @@ def build_family(variant: str, folder: Path, tokenizer_dir: Path | None = None, 
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buffer.copy_(torch.randn(buffer.shape) * 0.1)
-        for name, sinks in model.named_parameters():  # and sinks large enough to matter
+        for name, p in model.named_parameters():  # and sinks large enough to matter
             if name.endswith("sinks"):
-                sinks.copy_(torch.randn(sinks.shape))
+                p.copy_(torch.randn(p.shape))
+            if name.endswith("norm.weight") and not p.any():  # zero-centred norms (scaled by 1 + w) start at 0
+                p.copy_(torch.randn(p.shape) * 0.2)
     model.save_pretrained(folder)
     if tokenizer_dir is not None:
         for f in tokenizer_dir.iterdir():

@@ -14,7 +14,7 @@ from safetensors import safe_open
 import moe_local
 from conftest import moe_local_cli
 from families import VARIANTS, build_family
-from moe_local.config import PRESETS, ModelConfig, RouterConfig, preset_config
+from moe_local.config import FAMILIES, PRESETS, ModelConfig, RouterConfig, preset_config
 from moe_local.errors import ConfigError
 from moe_local.generate import GenerationStats, SamplingParams, generate
 from moe_local.routing import route
@@ -210,7 +210,7 @@ def test_published_rope_scaling_reads_like_rope_parameters():
 
 
 @pytest.mark.parametrize(("raw", "message"), [
-    ({"model_type": "llama"}, "unsupported model_type 'llama' in config.json (supported: mixtral, qwen3_moe, qwen2_moe, olmoe, glm4_moe, deepseek_v2, deepseek_v3, gpt_oss, minimax_m2)"),
+    ({"model_type": "llama"}, "unsupported model_type 'llama' in config.json (supported: " + ", ".join(FAMILIES) + ")"),
     ({**PRESETS["qwen3-30b-a3b"], "num_experts": 0}, "dense model with no routed experts"),
     ({**PRESETS["qwen3-30b-a3b"], "num_hidden_layers": 2, "mlp_only_layers": [0, 1]}, "dense model with no routed experts"),
     ({**PRESETS["qwen3-30b-a3b"], "rope_scaling": {"rope_type": "longrope", "factor": 4}}, "unsupported RoPE scaling 'longrope'"),
@@ -232,7 +232,7 @@ def test_an_unsupported_model_type_is_one_line_at_the_cli(tmp_path):
     assert "qwen3_moe" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("variant", ["qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("variant", ["qwen2_moe", "deepseek_v3", "qwen3_5_moe"])
 def test_int8_attention_works_with_biases_and_latent_attention(variant, tmp_path):
     reference = build_family(variant, tmp_path)
     ids = prompt_ids(24)
