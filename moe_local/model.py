@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_local import cpu_attention, int4
+from moe_local import cpu_attention, cpu_deltanet, int4
 from moe_local.budget import lm_head_quantized
 from moe_local.config import ModelConfig
 from moe_local.cpu_matmul import onednn
@@ -503,6 +503,7 @@ class LinearAttention(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(lin.v_heads))
         self.norm = GatedRMSNorm(lin.v_head_dim, cfg.norm_eps)
         self.out_proj = nn.Linear(lin.value_dim, cfg.dim, bias=False)
+        self.fused: cpu_deltanet.Fused | None = None  # a decode step in one kernel call (`fuse`)
 
     @staticmethod
     def cache_shapes(cfg: ModelConfig, ctx_size: int, layer: int) -> list[tuple[int, ...]]:
@@ -516,12 +517,21 @@ class LinearAttention(nn.Module):
     def quantize(self, make: Callable[[nn.Linear], nn.Module]) -> None:
         self.in_proj, self.out_proj = make(self.in_proj), make(self.out_proj)
 
+    def fuse(self) -> bool:
+        """On the CPU, after any quantization: a decode step (one token, or one of each sequence of a batch)
+        from the input projection to out_proj as one kernel call (`cpu_deltanet.Fused`), where it applies;
+        whether it does."""
+        self.fused = cpu_deltanet.Fused.build(self)
+        return self.fused is not None
+
     def forward(self, x, cos, sin, cache: tuple[torch.Tensor, ...], pos: int) -> torch.Tensor:
         """x [T, D] at positions pos.. of the sequence whose state `cache` holds -> [T, D]."""
         conv_state, state = cache  # [C, K-1], [Hv, dk, dv]
         if pos == 0:
             conv_state.zero_()
             state.zero_()
+        if x.shape[0] == 1 and self.fused is not None and (y := self.fused(x, [conv_state], [state])) is not None:
+            return y
         mixed, z, b, a = self.in_proj(x).split(self.split, dim=-1)  # [T, C], [T, Hv dv], [T, Hv], [T, Hv]
         if x.shape[0] == 1:  # a decode step
             y = self._step(mixed, b, a, conv_state[None], state[None])  # [1, Hv, dv]
@@ -539,24 +549,20 @@ class LinearAttention(nn.Module):
 
     def forward_batch(self, x, cos, sin, caches: list[tuple[torch.Tensor, ...]], positions: list[int], pooled: Pooled | None = None) -> torch.Tensor:
         """x [B, D]: the next token of each of B sequences, sequence b at positions[b] over its own state
-        caches[b] (rows of one pool, or not: the states are gathered either way, and written back)."""
+        caches[b] (a pool's rows or not, alike: the kernel updates each in place; the torch operations gather
+        them, step and write them back)."""
+        conv_states, states = [c[0] for c in caches], [c[1] for c in caches]
+        for conv_state, state, pos in zip(conv_states, states, positions):
+            if pos == 0:
+                conv_state.zero_()
+                state.zero_()
+        if self.fused is not None and (y := self.fused(x, conv_states, states)) is not None:
+            return y
         mixed, z, b, a = self.in_proj(x).split(self.split, dim=-1)
-        if pooled is not None:
-            conv_pool, state_pool = pooled.layer
-            conv_state, state = conv_pool[pooled.rows], state_pool[pooled.rows]  # [B, C, K-1], [B, Hv, dk, dv]
-        else:
-            conv_state = torch.stack([c[0] for c in caches])
-            state = torch.stack([c[1] for c in caches])
-        fresh = [i for i, p in enumerate(positions) if p == 0]
-        if fresh:
-            conv_state[fresh], state[fresh] = 0, 0
+        conv_state, state = torch.stack(conv_states), torch.stack(states)  # [B, C, K-1], [B, Hv, dk, dv]
         y = self._step(mixed, b, a, conv_state, state)
-        if pooled is not None:
-            conv_pool[pooled.rows], state_pool[pooled.rows] = conv_state, state
-        else:
-            for (c, s), conv_row, state_row in zip(caches, conv_state, state):
-                c.copy_(conv_row)
-                s.copy_(state_row)
+        for dst, src in zip(conv_states + states, [*conv_state, *state]):
+            dst.copy_(src)
         return self._out(y, z)
 
     def _step(self, mixed, b, a, conv_state, state) -> torch.Tensor:
@@ -690,7 +696,10 @@ class Block(nn.Module):
 
     def fuse(self, rot_dim: int) -> bool:
         """On the CPU: a decode step's way from the attention norm to the MoE's input (one token, or one of each
-        sequence of a batch) as one kernel call (`cpu_attention.Fused`), where it applies; whether it does."""
+        sequence of a batch) as one kernel call (`cpu_attention.Fused`), where it applies; a linear-attention
+        layer's from its input projection to out_proj (`LinearAttention.fuse`); whether it does."""
+        if isinstance(self.attention, LinearAttention):
+            return self.attention.fuse()
         if isinstance(self.attention, Attention):
             self.fused = cpu_attention.Fused.build(self.attention_norm, self.attention, self.ffn_norm, rot_dim)
         return self.fused is not None

@@ -14,12 +14,14 @@ from safetensors.torch import load_file, save_file
 
 import moe_local
 from conftest import moe_local_cli
+from moe_local import cpu_deltanet, native
 from families import BASE, VARIANTS, build_family
 from moe_local.config import PRESETS, preset_config
 from moe_local.errors import CheckpointError
-from moe_local.model import KVPool, chunked_delta_rule, recurrent_step
+from moe_local.model import KVPool, LinearAttention, chunked_delta_rule, recurrent_step
 
 HYBRIDS = ["qwen3_5_moe", "qwen3_next"]
+needs_kernel = pytest.mark.skipif(native.unavailable() is not None, reason=f"the kernel cannot be built here: {native.unavailable()}")
 
 
 @pytest.fixture(scope="module", params=HYBRIDS)
@@ -181,3 +183,40 @@ def test_plan_counts_the_full_layers_keys_and_the_linear_layers_state():
     state = 30 * ((2 * 2048 + 4096) * 3 * 2 + 32 * 128 * 128 * 4)  # conv inputs in bf16, recurrent state in fp32
     assert chosen["kv_bytes"] == keys_values + state
     assert "qwen3.6-35b-a3b" in PRESETS
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", HYBRIDS)
+def test_decode_steps_take_the_deltanet_kernel_and_decode_as_without_it(tmp_path, monkeypatch, variant):
+    """In bf16 on the CPU every linear layer's decode step is one `cpu_deltanet.Fused` call, for one sequence
+    and for a batch of two (a pool's rows, updated in place); the gated full-attention layers stay on the
+    torch operations (`cpu_attention.Fused` computes neither the gate nor the zero-centred norms). Greedy
+    tokens as the torch operations give them, logits within bf16's rounding."""
+    build_family(variant, tmp_path, linear_key_head_dim=16, linear_value_head_dim=16)
+    engine = moe_local.load(tmp_path, device="cpu", dtype="bf16", ctx_size=64, sequences=2)
+    linear = [block.attention for block in engine.model.layers if isinstance(block.attention, LinearAttention)]
+    assert len(linear) == 2 and all(a.fused is not None for a in linear)
+    assert all(block.fused is None for block in engine.model.layers)
+    rows, call = [], cpu_deltanet.Fused.__call__
+    monkeypatch.setattr(cpu_deltanet.Fused, "__call__", lambda self, x, *args: rows.append((x.shape[0], call(self, x, *args))) or rows[-1][1])
+    other = engine.new_sequence()
+
+    def run() -> torch.Tensor:
+        token, steps = int(engine.prefill(prompt_ids(9, seed=6))[0].argmax()), []
+        for _ in range(4):
+            steps.append(engine.decode_one(token))
+            token = int(steps[-1].argmax())
+        tokens = [token, int(engine.prefill(prompt_ids(5, seed=7), other)[0].argmax())]
+        for _ in range(3):
+            steps.extend(engine.decode_batch([engine.sequence, other], tokens))
+            tokens = [int(row.argmax()) for row in steps[-2:]]
+        return torch.stack(steps)
+
+    fused = run()
+    assert [n for n, _ in rows] == [1] * 4 * 2 + [2] * 3 * 2 and all(y is not None for _, y in rows)
+    for a in linear:
+        a.fused = None
+    engine.sequence.tokens, other.tokens = [], []
+    unfused = run()
+    assert torch.equal(fused.argmax(-1), unfused.argmax(-1))
+    assert (fused - unfused).norm() <= 0.01 * unfused.norm()
