@@ -1,6 +1,6 @@
 """Continuous batching: `Batcher` owns the engine on one thread and runs its step loop. A request's prompt
 is prefilled alone, one chunk per step, into a `Sequence` of its own (the free one whose KV cache holds
-the longest prefix of it); then it joins the decode batch, where all sequences feed their next token in
+the longest prefix of it that `Engine.reusable` can keep); then it joins the decode batch, where all sequences feed their next token in
 one forward pass; it leaves when it ends or is cancelled. Requests join and leave between steps."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from moe_local.engine import Engine, Sequence, shared_prefix
+from moe_local.engine import Engine, Sequence
 from moe_local.errors import MoeLocalError
 from moe_local.generate import StopStrings, sample
 from moe_local.harmony import ChannelStream
@@ -159,13 +159,13 @@ class Batcher:
             self._guard(ready, lambda: self._decode(ready))
 
     def _admit(self, request: Request) -> None:
-        # the sequence that already holds most of this prompt, else the least recently used
-        best = max(range(len(self.free)), key=lambda i: (shared_prefix(request.prompt, self.free[i].tokens), -i))
+        # the sequence that already holds most of this prompt (as much as prefill can keep), else the least recently used
+        best = max(range(len(self.free)), key=lambda i: (self.engine.reusable(request.prompt, self.free[i]), -i))
         self.running.append(Running(request, self.free.pop(best), self.engine))
 
     def _prefill_chunk(self, r: Running) -> None:
         prompt = r.request.prompt
-        end = min(len(prompt), shared_prefix(prompt, r.seq.tokens) + self.engine.options.prefill_chunk)
+        end = min(len(prompt), self.engine.reusable(prompt, r.seq) + self.engine.options.prefill_chunk)
         logits, evaluated = self.engine.prefill(prompt[:end], r.seq)  # evaluates only what the cache lacks
         r.evaluated += evaluated
         if end == len(prompt):

@@ -306,15 +306,21 @@ class Engine:
             raise MoeLocalError("the prompt is empty")
         self._check_ids(ids)
         seq = seq or self.sequence
+        reuse = self.reusable(ids, seq)
+        return self._forward(ids[reuse:], reuse, False, seq)[-1], len(ids) - reuse
+
+    def reusable(self, ids: list[int], seq: Sequence) -> int:
+        """How many of `ids` `prefill` takes from what the cache of `seq` holds: their shared prefix (less the
+        last id, whose logits are needed), or nothing where the cache cannot be cut back to it."""
         held = seq.tokens
         reuse = shared_prefix(ids, held)
         if reuse < len(held) and not seq.kv.can_truncate:
-            reuse = 0  # a recurrent state holds all of `held` and cannot be cut back to the shared prefix
+            return 0  # a recurrent state holds all of `held` and cannot be cut back to the shared prefix
         rings = [self.cfg.cache_positions(i, self.ctx_size) for i in range(self.cfg.n_layers)]
         ring = min((n for n in rings if n < self.ctx_size), default=0)  # the shortest window a sliding layer keeps
         if ring and max(0, reuse - ring + 1) + ring < len(held):
-            reuse = 0  # a sliding layer's ring already holds later positions where the queries after `reuse` look
-        return self._forward(ids[reuse:], reuse, False, seq)[-1], len(ids) - reuse
+            return 0  # a sliding layer's ring already holds later positions where the queries after `reuse` look
+        return reuse
 
     def decode_one(self, token: int) -> torch.Tensor:
         """Feed one token after the cached ones; its logits [V]."""

@@ -16,7 +16,9 @@ import moe_local
 from conftest import moe_local_cli
 from moe_local import cpu_deltanet, native
 from families import BASE, VARIANTS, build_family
+from moe_local.batch import Batcher, Request
 from moe_local.config import PRESETS, preset_config
+from moe_local.generate import SamplingParams
 from moe_local.errors import CheckpointError
 from moe_local.model import KVPool, LinearAttention, chunked_delta_rule, recurrent_step
 
@@ -25,10 +27,10 @@ needs_kernel = pytest.mark.skipif(native.unavailable() is not None, reason=f"the
 
 
 @pytest.fixture(scope="module", params=HYBRIDS)
-def hybrid(request, tmp_path_factory):
+def hybrid(request, tmp_path_factory, tokenizer_dir):
     """(variant, folder, reference model)."""
     folder = tmp_path_factory.mktemp(request.param)
-    return request.param, folder, build_family(request.param, folder)
+    return request.param, folder, build_family(request.param, folder, tokenizer_dir)
 
 
 def prompt_ids(n: int, seed: int = 0) -> list[int]:
@@ -86,6 +88,37 @@ def test_a_recurrent_state_is_not_cut_back_to_a_shared_prefix(hybrid):
     logits, evaluated = engine.prefill(diverging)
     assert evaluated == len(diverging)
     assert close(logits, engine.prefill(diverging, engine.new_sequence())[0], 1e-5)
+
+
+def run(batcher: Batcher, request: Request) -> None:
+    batcher.submit(request)
+    for _ in range(100):  # the loop's steps, on this thread
+        batcher.poll()
+        if not batcher.waiting and not batcher.running:
+            return
+    raise AssertionError("the request did not finish in 100 steps")
+
+
+def test_the_server_admits_a_prompt_to_the_sequence_whose_state_it_extends(hybrid):
+    """Two idle sequences: one holds 16 ids of which the new prompt shares 13 (no use to a recurrent state),
+    the other 11 ids the prompt starts with; the request takes the second and evaluates only its new tokens
+    (with keys and values it would take the first and 13); a request that shares only a prefix with each is
+    evaluated whole; both answer as a fresh run."""
+    variant, folder, reference = hybrid
+    engine, greedy = moe_local.load(folder, device="cpu", expert_slots=5, prefill_chunk=4), SamplingParams(temperature=0)
+    batcher = Batcher(engine, parallel=2)
+    first = prompt_ids(16, seed=8)
+    second = first[:11]
+    for prompt in (first, second):
+        run(batcher, Request(prompt, 1, greedy, lambda out: None))
+    held = [s.tokens for s in batcher.free]
+    assert sorted(map(len, held)) == [11, 16]
+    for prompt, cached in ((first[:13] + prompt_ids(7, seed=10)[1:], 11), (first[:10] + prompt_ids(5, seed=11)[1:], 0)):
+        outs = []
+        run(batcher, Request(prompt, 3, greedy, outs.append))
+        assert (outs[-1].prompt_tokens, outs[-1].cached_tokens) == (len(prompt), cached)
+        engine.tokens = []
+        assert [o.text for o in outs] and "".join(o.text for o in outs) == engine.tokenizer.decode(list(engine.generate(prompt, 3, greedy)))
 
 
 def test_only_linear_attention_makes_a_cache_that_cannot_be_cut_back():
