@@ -519,6 +519,8 @@ def _hybrid(raw: dict, **fields) -> ModelConfig:
     `full_attention_interval`-th layer (or as `layer_types` lists them), zero-centred norms, partial rotary,
     per-head q/k norm, softmax top-k routing and a shared expert under a sigmoid gate."""
     raw = {**_QWEN_NEXT_DEFAULTS, **{k: v for k, v in raw.items() if v is not None}}
+    if raw.get("hidden_act", "silu") != "silu":  # text_config's, for the multimodal file
+        raise ConfigError(f"unsupported hidden_act {raw['hidden_act']!r} (only silu)")
     n_layers, interval = int(raw["num_hidden_layers"]), int(raw["full_attention_interval"])
     types = raw.get("layer_types") or ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(n_layers)]
     if len(types) != n_layers:

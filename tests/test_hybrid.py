@@ -19,7 +19,8 @@ from families import BASE, VARIANTS, build_family
 from moe_local.batch import Batcher, Request
 from moe_local.config import PRESETS, preset_config
 from moe_local.generate import SamplingParams
-from moe_local.errors import CheckpointError
+from moe_local.config import ModelConfig
+from moe_local.errors import CheckpointError, ConfigError
 from moe_local.model import KVPool, LinearAttention, chunked_delta_rule, recurrent_step
 
 HYBRIDS = ["qwen3_5_moe", "qwen3_next"]
@@ -60,13 +61,14 @@ def test_the_chunked_delta_rule_is_the_step_by_step_one():
 
 def test_prefill_in_chunks_is_decode_token_by_token(hybrid):
     """150 positions: the engine's prefill chunks of 100 (each in chunks of 64 of the delta rule, the second
-    from the first's state) against one token at a time, and both against transformers."""
+    from the first's state; experts through 5 slots) against one token at a time (experts in place), and both
+    against transformers."""
     variant, folder, reference = hybrid
     ids = prompt_ids(150, seed=1)
     with torch.no_grad():
         want = reference(torch.tensor([ids])).logits[0]
     prefilled = moe_local.load(folder, device="cpu", expert_slots=5, prefill_chunk=100).logits(ids)
-    stepped = moe_local.load(folder, device="cpu", expert_slots=5, prefill_chunk=1).logits(ids)
+    stepped = moe_local.load(folder, device="cpu", prefill_chunk=1).logits(ids)
     assert close(prefilled, want) and close(stepped, want) and close(prefilled, stepped)
 
 
@@ -75,7 +77,7 @@ def test_a_recurrent_state_is_not_cut_back_to_a_shared_prefix(hybrid):
     a prefix of it is evaluated from the start (the state holds the rest too), and both give what a fresh
     sequence gives."""
     variant, folder, reference = hybrid
-    engine = moe_local.load(folder, device="cpu", expert_slots=5)
+    engine = moe_local.load(folder, device="cpu")
     assert not engine.kv.can_truncate
     first = prompt_ids(20, seed=2)
     engine.prefill(first)
@@ -105,7 +107,7 @@ def test_the_server_admits_a_prompt_to_the_sequence_whose_state_it_extends(hybri
     (with keys and values it would take the first and 13); a request that shares only a prefix with each is
     evaluated whole; both answer as a fresh run."""
     variant, folder, reference = hybrid
-    engine, greedy = moe_local.load(folder, device="cpu", expert_slots=5, prefill_chunk=4), SamplingParams(temperature=0)
+    engine, greedy = moe_local.load(folder, device="cpu", prefill_chunk=4), SamplingParams(temperature=0)
     batcher = Batcher(engine, parallel=2)
     first = prompt_ids(16, seed=8)
     second = first[:11]
@@ -253,3 +255,15 @@ def test_decode_steps_take_the_deltanet_kernel_and_decode_as_without_it(tmp_path
     unfused = run()
     assert torch.equal(fused.argmax(-1), unfused.argmax(-1))
     assert (fused - unfused).norm() <= 0.01 * unfused.norm()
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"model_type": "qwen3_5_moe"}, "config.json lacks the field 'text_config'"),
+    ({"model_type": "qwen3_5_moe", "text_config": {**PRESETS["qwen3.6-35b-a3b"], "hidden_act": "gelu"}}, "unsupported hidden_act 'gelu'"),
+    ({**PRESETS["qwen3.6-35b-a3b"], "layer_types": ["linear_attention"] * 39 + ["sliding_attention"]}, "unsupported layer type 'sliding_attention'"),
+    ({**PRESETS["qwen3.6-35b-a3b"], "linear_num_value_heads": 24}, "linear_num_value_heads=24 is not a multiple of linear_num_key_heads=16"),
+])
+def test_hybrid_configs_that_cannot_run_are_one_line(raw, message):
+    with pytest.raises(ConfigError) as error:
+        ModelConfig.from_hf(raw)
+    assert message in str(error.value) and "\n" not in str(error.value)
