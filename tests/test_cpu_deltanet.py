@@ -162,12 +162,6 @@ def test_what_the_kernel_does_not_take_is_left_to_torch():
     assert step(qkv, z, b, a, [conv_state.t()], [state]) is None  # a conv state not contiguous
 
 
-@pytest.mark.parametrize("env", ["MOE_LOCAL_KERNELS=0"])
-def test_without_the_kernels_there_is_no_step(rebuilt, monkeypatch, env):
-    monkeypatch.setenv(*env.split("="))
-    assert cpu_deltanet.Step.build(**layer(2, 4, 32, 16, 4, torch.bfloat16), state_len=3) is None
-
-
 class _Layer(torch.nn.Module):
     """What `Fused.build` reads of `model.LinearAttention`: its sizes, one input projection (q|k|v, z, b, a),
     the conv, A_log, dt_bias, the gated norm and out_proj; `torch_step` is the same block as torch operations
@@ -226,3 +220,73 @@ def test_a_fused_block_gives_the_projections_around_the_core(resident):
             assert torch.allclose(got.float(), want.float(), rtol=2**-6, atol=2**-6 * want.abs().max().item())
         else:
             assert torch.equal(state, state_torch) and torch.equal(got, want)
+
+
+# The hybrids' tiny checkpoints with sizes the kernel takes (value heads 16 wide; tests/families.py's are 12).
+KERNEL_SIZES = dict(linear_key_head_dim=16, linear_value_head_dim=16)
+
+
+@pytest.fixture(scope="module", params=["qwen3_5_moe", "qwen3_next"])
+def hybrid(request, tmp_path_factory):
+    from families import build_family
+
+    folder = tmp_path_factory.mktemp(request.param)
+    build_family(request.param, folder, **KERNEL_SIZES)
+    return folder
+
+
+def greedy(engine, prompt: list[int], n: int) -> torch.Tensor:
+    """The logits [n, V] of n greedy decode steps after `prompt`."""
+    token, steps = int(engine.prefill(prompt)[0].argmax()), []
+    for _ in range(n):
+        steps.append(engine.decode_one(token))
+        token = int(steps[-1].argmax())
+    return torch.stack(steps)
+
+
+def linear_layers(engine) -> list:
+    return [block.attention for block in engine.model.layers if hasattr(block.attention, "fuse")]
+
+
+def assert_decodes_as_without_the_kernel(engine, run, fused: torch.Tensor) -> None:
+    """`run()` again with the torch operations in every linear-attention layer: the same greedy tokens, the
+    logits within bf16's rounding."""
+    for attention in linear_layers(engine):
+        attention.fused = None
+    unfused = run()
+    assert torch.equal(fused.argmax(-1), unfused.argmax(-1))
+    assert (fused - unfused).norm() <= 0.01 * unfused.norm()
+
+
+@needs_kernel
+def test_int8_projections_take_the_kernel_and_decode_as_without_it(hybrid, monkeypatch):
+    """`--resident-dtype int8`: the input projection and out_proj in int8 inside the kernel's call (bf16's
+    engine-level check is tests/test_hybrid.py's)."""
+    import moe_local
+
+    if not native.library().experts_int8:
+        pytest.skip("this CPU has no int8 kernels")
+    engine = moe_local.load(str(hybrid), device="cpu", dtype="bf16", resident_dtype="int8", ctx_size=64)
+    layers = linear_layers(engine)
+    assert layers and all(a.fused is not None for a in layers)
+    results, call = [], cpu_deltanet.Fused.__call__
+    monkeypatch.setattr(cpu_deltanet.Fused, "__call__", lambda self, *args: results.append(call(self, *args)) or results[-1])
+
+    def run() -> torch.Tensor:
+        engine.tokens = []  # from the start each time: the state holds the last run's tokens
+        return greedy(engine, list(range(3, 15)), 8)
+
+    fused = run()
+    assert len(results) == 8 * len(layers) and all(r is not None for r in results)  # the prompt's 12 rows: torch's
+    assert_decodes_as_without_the_kernel(engine, run, fused)
+
+
+def test_without_the_kernels_linear_attention_runs_the_torch_operations_and_the_load_says_why(rebuilt, monkeypatch, hybrid):
+    import moe_local
+
+    monkeypatch.setenv("MOE_LOCAL_KERNELS", "0")
+    assert cpu_deltanet.Step.build(**layer(2, 4, 32, 16, 4, torch.bfloat16), state_len=3) is None
+    engine = moe_local.load(str(hybrid), device="cpu", dtype="bf16", ctx_size=64)
+    assert "moe-local's CPU kernels are not built, torch's are slower" in " ".join(engine.notes)
+    assert linear_layers(engine) and all(a.fused is None for a in linear_layers(engine))
+    assert greedy(engine, list(range(3, 15)), 3).shape == (3, engine.cfg.vocab_size)
