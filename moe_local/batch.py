@@ -33,6 +33,7 @@ class Request:
     frequency_penalty: float = 0.0  # ... and this once per time it was generated
     cancelled: bool = False  # set by the requester (a client went away); the loop drops it at the next step
     channels: bool = False  # the answer is harmony's final channel (gpt-oss chat); the rest is reasoning
+    marks: tuple[int, ...] = ()  # prompt lengths where a recurrent state is kept on the way (`Engine.prefill`)
 
 
 class Running:
@@ -159,14 +160,14 @@ class Batcher:
             self._guard(ready, lambda: self._decode(ready))
 
     def _admit(self, request: Request) -> None:
-        # the sequence that already holds most of this prompt (as much as prefill can keep), else the least recently used
+        # the sequence that already holds most of this prompt (or a snapshot of it), else the least recently used
         best = max(range(len(self.free)), key=lambda i: (self.engine.reusable(request.prompt, self.free[i]), -i))
         self.running.append(Running(request, self.free.pop(best), self.engine))
 
     def _prefill_chunk(self, r: Running) -> None:
         prompt = r.request.prompt
         end = min(len(prompt), self.engine.reusable(prompt, r.seq) + self.engine.options.prefill_chunk)
-        logits, evaluated = self.engine.prefill(prompt[:end], r.seq)  # evaluates only what the cache lacks
+        logits, evaluated = self.engine.prefill(prompt[:end], r.seq, r.request.marks)  # only what the cache lacks
         r.evaluated += evaluated
         if end == len(prompt):
             self._accept(r, r.sample(logits))

@@ -89,6 +89,7 @@ class ChatSession:
         self.verbose = verbose  # chat_loop shows each answer's speed
         self.messages: list[dict] = []  # user, assistant, user, assistant, ...
         self.prompt: list[int] = []  # the last prompt's ids
+        self.marks: tuple[int, ...] = ()  # where in it the conversation before the answer ends (`closed`)
         self._prompt_text = ""
         self._said: tuple[str, list[int], str] | None = None  # last prompt's text, its ids + the answer's, the answer
         self.stats = GenerationStats()  # the last answer's
@@ -99,6 +100,16 @@ class ChatSession:
         options = self.engine.tokenizer.template_options(self.think, self.reasoning_effort)
         text = self.engine.tokenizer.render_chat_text(chat, **options)
         return text, self.continue_said(text) or self.engine.tokenizer.render_chat(chat, **options)
+
+    def closed(self, messages: list[dict], prompt: list[int]) -> tuple[int, ...]:
+        """Where in `prompt` (the ids of `messages` and the template's generation prompt) the conversation
+        alone ends, if it ends there: the next turn's prompt repeats it, and a model with linear-attention layers
+        resumes there (`Engine.prefill`'s marks) where its template renders the answer otherwise than it was
+        generated (Qwen3.5's drops the thinking block and the generation prompt's empty one)."""
+        chat = ([{"role": "system", "content": self.system}] if self.system else []) + messages
+        options = self.engine.tokenizer.template_options(self.think, self.reasoning_effort)
+        ids = self.engine.tokenizer.render_chat(chat, add_generation_prompt=False, **options)
+        return (len(ids),) if 0 < len(ids) < len(prompt) and prompt[: len(ids)] == ids else ()
 
     def continue_said(self, text: str) -> list[int] | None:
         """When `text` is the last prompt, the last answer, then an added token (EOS as Mixtral's template closes
@@ -138,6 +149,7 @@ class ChatSession:
                 "shorten it or raise --ctx-size"
             )
         self.messages, self.prompt, self._prompt_text = messages, prompt, prompt_text
+        self.marks = self.closed(messages, prompt)
         return dropped
 
     def reply(self, stopped: Callable[[], bool] = lambda: False) -> Iterator[int]:
@@ -147,7 +159,7 @@ class ChatSession:
         limit = self.engine.ctx_size if self.max_new_tokens is None else self.max_new_tokens
         tokens: list[int] = []
         try:
-            for token in self.engine.generate(self.prompt, limit, self.params, self.stats):
+            for token in self.engine.generate(self.prompt, limit, self.params, self.stats, self.marks):
                 tokens.append(token)
                 yield token
                 if stopped():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -86,13 +86,32 @@ class Options:
         return self.ctx_size or min(4096, cfg.max_position_embeddings)
 
 
+# Snapshots of its recurrent states a sequence keeps (a model with linear-attention layers): the ends of its last
+# prefills and the marks they were given, the oldest dropped first. See `Snapshot`; their size, docs/architecture.md.
+SNAPSHOTS = 4
+
+
+@dataclass
+class Snapshot:
+    """A sequence's recurrent states (each linear-attention layer's conv state and delta-rule state, copied to
+    host RAM) after `ids`: a prompt that starts with ids resumes there, with the other layers' keys and values of
+    ids, which the sequence's cache holds as long as its tokens start with ids. A recurrent state cannot be cut
+    back to a prefix, so this is how a new turn whose prompt leaves what the cache holds (an earlier answer
+    rendered otherwise than it was generated, a thinking block dropped) is still evaluated from near its end."""
+
+    ids: list[int]
+    states: list[torch.Tensor]
+
+
 @dataclass
 class Sequence:
-    """One sequence's KV cache and the ids whose keys and values it holds, in order. The engine has one of
-    its own (`run`, `chat`); the server keeps one per parallel request and decodes them as a batch."""
+    """One sequence's KV cache and the ids whose keys and values it holds, in order, and (with linear-attention
+    layers) snapshots of its recurrent states at earlier points. The engine has one of its own (`run`, `chat`);
+    the server keeps one per parallel request and decodes them as a batch."""
 
     kv: KVCache
     tokens: list[int]
+    snapshots: list[Snapshot] = field(default_factory=list)
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -298,29 +317,62 @@ class Engine:
         self._check_ids(token_ids)
         return self._forward(list(token_ids), 0, all_logits=True)
 
-    def prefill(self, ids: list[int], seq: Sequence | None = None) -> tuple[torch.Tensor, int]:
+    def prefill(self, ids: list[int], seq: Sequence | None = None, marks: tuple[int, ...] = ()) -> tuple[torch.Tensor, int]:
         """Bring the KV cache of `seq` (default: the engine's own) to `ids`, reusing the longest prefix it
-        already holds (a chat's earlier turns; with linear-attention layers only all it holds, or nothing:
-        `KVCache.can_truncate`); returns the last position's logits [V] and how many tokens were evaluated."""
+        already holds (a chat's earlier turns; with linear-attention layers all it holds, or a `Snapshot`'s
+        prefix); returns the last position's logits [V] and how many tokens were evaluated. With
+        linear-attention layers a snapshot is kept at the end of ids, and on the way at each of `marks`
+        (lengths of ids: where the next prompt is likely to leave this one, a chat's end before the answer)."""
         if not ids:
             raise MoeLocalError("the prompt is empty")
         self._check_ids(ids)
         seq = seq or self.sequence
-        reuse = self.reusable(ids, seq)
-        return self._forward(ids[reuse:], reuse, False, seq)[-1], len(ids) - reuse
+        reuse, snapshot = self._resume(ids, seq)
+        if snapshot is not None:
+            for state, saved in zip(self._states(seq), snapshot.states):
+                state.copy_(saved)
+        if seq.kv.can_truncate:
+            return self._forward(ids[reuse:], reuse, False, seq)[-1], len(ids) - reuse
+        start = reuse
+        for end in sorted({m for m in marks if reuse < m < len(ids)} | {len(ids)}):
+            logits = self._forward(ids[start:end], start, False, seq)[-1]
+            self._snapshot(seq)
+            start = end
+        return logits, len(ids) - reuse
 
     def reusable(self, ids: list[int], seq: Sequence) -> int:
-        """How many of `ids` `prefill` takes from what the cache of `seq` holds: their shared prefix (less the
-        last id, whose logits are needed), or nothing where the cache cannot be cut back to it."""
+        """How many of `ids` `prefill` takes from what `seq` holds: the prefix its cache shares with them (less
+        the last id, whose logits are needed); where a layer keeps a recurrent state, all the cache holds or the
+        longest snapshot within that prefix; nothing past an overwritten ring."""
+        return self._resume(ids, seq)[0]
+
+    def _resume(self, ids: list[int], seq: Sequence) -> tuple[int, Snapshot | None]:
+        """Where a prefill of ids on seq starts, and the snapshot it restores first (None: the cache as it is)."""
         held = seq.tokens
         reuse = shared_prefix(ids, held)
-        if reuse < len(held) and not seq.kv.can_truncate:
-            return 0  # a recurrent state holds all of `held` and cannot be cut back to the shared prefix
+        if not seq.kv.can_truncate:
+            if reuse == len(held):
+                return reuse, None
+            # a recurrent state holds all of `held` and cannot be cut back: the longest snapshot within the prefix
+            fits = [s for s in seq.snapshots if len(s.ids) <= reuse and held[: len(s.ids)] == s.ids]
+            snapshot = max(fits, key=lambda s: len(s.ids), default=None)
+            return (0, None) if snapshot is None else (len(snapshot.ids), snapshot)
         rings = [self.cfg.cache_positions(i, self.ctx_size) for i in range(self.cfg.n_layers)]
         ring = min((n for n in rings if n < self.ctx_size), default=0)  # the shortest window a sliding layer keeps
         if ring and max(0, reuse - ring + 1) + ring < len(held):
-            return 0  # a sliding layer's ring already holds later positions where the queries after `reuse` look
-        return reuse
+            reuse = 0  # a sliding layer's ring already holds later positions where the queries after `reuse` look
+        return reuse, None
+
+    def _states(self, seq: Sequence) -> list[torch.Tensor]:
+        """seq's recurrent states: the cache tensors of its linear-attention layers."""
+        return [t for block, layer in zip(self.model.layers, seq.kv.layers) if block.attention.recurrent for t in layer]
+
+    def _snapshot(self, seq: Sequence) -> None:
+        """Keep seq's recurrent states after its tokens, with the snapshots still within them (the newest
+        SNAPSHOTS - 1)."""
+        kept = [s for s in seq.snapshots if len(s.ids) < len(seq.tokens) and seq.tokens[: len(s.ids)] == s.ids]
+        states = [t.to("cpu", copy=True) for t in self._states(seq)]  # in host RAM: beside a GPU, outside its plan
+        seq.snapshots = kept[-(SNAPSHOTS - 1) :] + [Snapshot(list(seq.tokens), states)]
 
     def decode_one(self, token: int) -> torch.Tensor:
         """Feed one token after the cached ones; its logits [V]."""
@@ -357,9 +409,11 @@ class Engine:
         return SamplingParams().from_generation_config(self.generation_config)
 
     def generate(
-        self, prompt: list[int], max_new_tokens: int, params: SamplingParams, stats: GenerationStats | None = None
+        self, prompt: list[int], max_new_tokens: int, params: SamplingParams, stats: GenerationStats | None = None,
+        marks: tuple[int, ...] = (),
     ) -> Iterator[int]:
-        return generate(self, prompt, max_new_tokens, params, self.stop_ids, stats or GenerationStats())
+        """`generate.generate` after prompt (`marks`: `prefill`'s)."""
+        return generate(self, prompt, max_new_tokens, params, self.stop_ids, stats or GenerationStats(), marks)
 
 
 def shared_prefix(ids: list[int], cached: list[int]) -> int:

@@ -125,8 +125,10 @@ def generate(
     params: SamplingParams,
     stop_ids: set[int],
     stats: GenerationStats,
+    marks: tuple[int, ...] = (),
 ) -> Iterator[int]:
-    """Yield generated token ids one by one (EOS is not yielded); `stats` is filled as it goes."""
+    """Yield generated token ids one by one (EOS is not yielded); `stats` is filled as it goes. `marks`: where in
+    the prompt to keep a snapshot of a recurrent state on the way (`Engine.prefill`)."""
     # an unseeded run draws its seed here (not torch.seed(), which would reseed the global generator) and
     # reports it, so that `--seed` can repeat it
     stats.seed = params.seed if params.seed is not None else secrets.randbits(63)
@@ -135,7 +137,7 @@ def generate(
     stats.prompt_tokens = len(prompt)
     history = list(prompt)
     start = time.perf_counter()
-    logits, stats.prompt_tokens_evaluated = engine.prefill(prompt)
+    logits, stats.prompt_tokens_evaluated = engine.prefill(prompt, marks=marks)
     token = sample(logits, history, params, generator)  # the .cpu() in sample waits for the device
     stats.prompt_seconds = time.perf_counter() - start
     start = time.perf_counter()

@@ -302,10 +302,14 @@ class Server:
             raise ApiError(400, str(e), param="reasoning_effort") from None
         try:
             prompt = tokenizer.render_chat(messages, **options)
+            # where the conversation alone ends: the next turn repeats it, and a model with linear-attention layers
+            # keeps its state there (`Engine.prefill`'s marks), which the answer's rendering may not leave intact
+            closed = tokenizer.render_chat(messages, add_generation_prompt=False, **options)
         except MoeLocalError as e:  # the template refuses this conversation (roles out of order, ...)
             raise ApiError(400, str(e), param="messages") from None
+        marks = (len(closed),) if 0 < len(closed) < len(prompt) and prompt[: len(closed)] == closed else ()
         channels = is_harmony(tokenizer)  # gpt-oss: the final channel is the answer, the others reasoning_content
-        return await self.answer(request, body, prompt, "messages", "chat.completion", chat_chunk, chat_message, channels)
+        return await self.answer(request, body, prompt, "messages", "chat.completion", chat_chunk, chat_message, channels, marks)
 
     async def completions(self, request: HttpRequest) -> Response:
         self.check_key(request)
@@ -376,7 +380,7 @@ class Server:
         return dict(prompt=prompt, max_tokens=max_tokens or self.settings.max_tokens_default, params=params, stop=stop, **penalties)
 
     async def answer(self, request: HttpRequest, body: dict, prompt: list[int], prompt_field: str, kind: str,
-                     chunk: Callable[..., dict], whole: Callable[..., dict], channels: bool = False) -> Response:
+                     chunk: Callable[..., dict], whole: Callable[..., dict], channels: bool = False, marks: tuple[int, ...] = ()) -> Response:
         stream = field(body, "stream", (bool,), "true or false")
         options = field(body, "stream_options", (dict,), "an object") or {}
         include_usage = field(options, "include_usage", (bool,), "true or false")
@@ -386,7 +390,7 @@ class Server:
         if self.link.load >= self.capacity:
             raise ApiError(503, f"the server is busy: {self.link.load} requests are running or waiting; retry later",
                            "server_error", code="overloaded", headers={"Retry-After": str(RETRY_AFTER_S)})
-        job = self.link.submit({**fields, "channels": channels})
+        job = self.link.submit({**fields, "channels": channels, "marks": marks})
         head = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{secrets.token_hex(12)}",
                 "created": int(time.time()), "model": self.model_id}
         if stream:
