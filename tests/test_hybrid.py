@@ -105,9 +105,10 @@ def test_the_server_admits_a_prompt_to_the_sequence_whose_state_it_extends(hybri
     """Two idle sequences: one holds 16 ids of which the new prompt shares 13 (no use to a recurrent state),
     the other 11 ids the prompt starts with; the request takes the second and evaluates only its new tokens
     (with keys and values it would take the first and 13); a request that shares only a prefix with each is
-    evaluated whole; both answer as a fresh run."""
+    evaluated whole; both answer as a fresh run. (Each prompt is one prefill chunk: the end of each chunk keeps
+    a snapshot of the state, which a shorter prompt would resume from: tests/test_hybrid_turns.py.)"""
     variant, folder, reference = hybrid
-    engine, greedy = moe_local.load(folder, device="cpu", prefill_chunk=4), SamplingParams(temperature=0)
+    engine, greedy = moe_local.load(folder, device="cpu", prefill_chunk=16), SamplingParams(temperature=0)
     batcher = Batcher(engine, parallel=2)
     first = prompt_ids(16, seed=8)
     second = first[:11]
