@@ -1,9 +1,13 @@
 """One Gated DeltaNet layer's decode step on the CPU after its input projections: moe-local's `deltanet_step`
 (`cpu_deltanet.Step`) against transformers' torch functions (`causal_conv1d_update`,
 `torch_recurrent_gated_delta_rule`, the gated RMSNorm), at Qwen3.6-35B-A3B's widths (16 key heads, 32 value
-heads of 128, conv kernel 4), random weights and states, blocks of steps alternating between the two.
+heads of 128, conv kernel 4), random weights and states, blocks of steps alternating between the two. With
+--layer, the whole block instead: `model.LinearAttention` of the qwen3.6-35b-a3b preset (its bf16 projections
+included) through `cpu_deltanet.Fused` against its own torch operations, under `matmuls_for_rows` as the
+engine runs a decode step.
 
     python scripts/deltanet_step_ab.py --rows 1 4 --threads 2
+    python scripts/deltanet_step_ab.py --rows 1 4 --threads 2 --layer
 
 Prints one line per row count: the medians a layer and their ratio."""
 
@@ -28,8 +32,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--blocks", type=int, default=12)
     parser.add_argument("--steps", type=int, default=20, help="steps a block")
+    parser.add_argument("--layer", action="store_true", help="the whole LinearAttention block, projections included")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.layer:
+        return layer_ab(args)
     C, dtype = 2 * HK * DK + HV * DV, torch.bfloat16
     conv_weight = (torch.randn(C, KERNEL) * 0.5).to(dtype)
     A_log, dt_bias = torch.rand(HV).mul(16).clamp(min=0.01).log(), torch.randn(HV).to(dtype)
@@ -63,6 +70,38 @@ def main() -> None:
                 times[name].append((time.perf_counter() - start) / args.steps * 1e6)
         t, k = statistics.median(times["torch"]), statistics.median(times["kernel"])
         print(f"{B} row(s): torch {t:.0f} us, kernel {k:.0f} us a layer: {t / k:.1f}x")
+
+
+def layer_ab(args) -> None:
+    from moe_local.config import preset_config
+    from moe_local.cpu_matmul import matmuls_for_rows
+    from moe_local.model import LinearAttention
+
+    cfg = preset_config("qwen3.6-35b-a3b")
+    layer = min(cfg.linear_layers)
+    attention = LinearAttention(cfg, layer)
+    with torch.no_grad():
+        for p in attention.parameters():
+            p.copy_(torch.randn(p.shape) * (p.shape[-1] ** -0.5 if p.dim() > 1 else 0.5))
+    attention = attention.to(torch.bfloat16).eval()
+    assert attention.fuse(), "the kernels are unavailable here"
+    fused = attention.fused
+    shapes, dtypes = LinearAttention.cache_shapes(cfg, 64, layer), LinearAttention.cache_dtypes(torch.bfloat16)
+    for B in args.rows:
+        caches = [tuple(torch.zeros(s, dtype=d) for s, d in zip(shapes, dtypes)) for _ in range(B)]
+        x = torch.randn(B, cfg.dim).to(torch.bfloat16)
+        times: dict[str, list[float]] = {"torch": [], "kernel": []}
+        with torch.inference_mode():
+            for _ in range(args.blocks):
+                for name in ("torch", "kernel"):
+                    attention.fused = fused if name == "kernel" else None
+                    start = time.perf_counter()
+                    with matmuls_for_rows(B):
+                        for _ in range(args.steps):
+                            attention.forward_batch(x, None, None, caches, [5] * B) if B > 1 else attention(x, None, None, caches[0], 5)
+                    times[name].append((time.perf_counter() - start) / args.steps * 1e6)
+        t, k = statistics.median(times["torch"]), statistics.median(times["kernel"])
+        print(f"{B} row(s), the whole block: torch {t:.0f} us, kernel {k:.0f} us a layer: {t / k:.2f}x")
 
 
 if __name__ == "__main__":
