@@ -132,8 +132,9 @@ def deinterleave_rope(rows: int, rope: int) -> Callable[[torch.Tensor], torch.Te
     return transform
 
 
-def _attention(names: dict, cfg: ModelConfig, hf: str, ours: str) -> None:
-    d, hd, h, hkv = cfg.dim, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+def _attention(names: dict, cfg: ModelConfig, hf: str, ours: str, layer: int) -> None:
+    d, h = cfg.dim, cfg.n_heads
+    hd, hkv = cfg.layer_geometry(layer)
     if cfg.mla is not None:
         m = cfg.mla
         q_rows = deinterleave_rope(m.qk_dim, m.rope_dim) if cfg.rope.interleaved else None
@@ -148,13 +149,20 @@ def _attention(names: dict, cfg: ModelConfig, hf: str, ours: str) -> None:
         names[hf + "kv_a_layernorm.weight"] = Target(ours + "kv_norm.weight", (m.kv_lora_rank,))
         _linear(names, hf + "kv_b_proj", ours + "wkv_b", (h * (m.nope_dim + m.v_dim), m.kv_lora_rank))
         _linear(names, hf + "o_proj", ours + "wo", (d, h * m.v_dim), cfg.o_bias)
+        if (ix := cfg.indexer) is not None:  # DeepSeek-V3.2's: its rotary in halves already, nothing to reorder
+            _linear(names, hf + "indexer.wq_b", ours + "indexer.wq", (ix.n_heads * ix.head_dim, m.q_lora_rank))
+            _linear(names, hf + "indexer.wk", ours + "indexer.wk", (ix.head_dim, d))
+            _linear(names, hf + "indexer.k_norm", ours + "indexer.k_norm", (ix.head_dim,), bias=True)
+            _linear(names, hf + "indexer.weights_proj", ours + "indexer.weights", (ix.n_heads, d))
         return
-    # q, k, v map to one matrix of ours (and one bias), concatenated in this order; a gated q projection
-    # (Qwen3-Next, Qwen3.5) holds each head's query and gate in turn [H, 2, hd]: all queries, then all gates
+    # q, k, v map to one matrix of ours (and one bias), concatenated in this order (no v where values are
+    # keys: Gemma 4); a gated q projection (Qwen3-Next, Qwen3.5) holds each head's query and gate in turn
+    # [H, 2, hd]: all queries, then all gates
     gate = ungate_rows(h, hd) if cfg.attn_gate else None
     _linear(names, hf + "q_proj", ours + "wqkv", (h * hd * (1 + cfg.attn_gate), d), cfg.qkv_bias, gate)
     _linear(names, hf + "k_proj", ours + "wqkv", (hkv * hd, d), cfg.qkv_bias)
-    _linear(names, hf + "v_proj", ours + "wqkv", (hkv * hd, d), cfg.qkv_bias)
+    if not cfg.values_from_keys(layer):
+        _linear(names, hf + "v_proj", ours + "wqkv", (hkv * hd, d), cfg.qkv_bias)
     _linear(names, hf + "o_proj", ours + "wo", (d, h * hd), cfg.o_bias)
     if cfg.attn_sinks:
         names[hf + "sinks"] = Target(ours + "sinks", (h,))
@@ -238,8 +246,11 @@ def expected_tensors(cfg: ModelConfig, stacked_experts: bool = False) -> dict[st
         if i in cfg.linear_layers:
             _linear_attention(names, cfg, hf + "linear_attn.", ours + "attention.", family.fused_linear_projections)
         else:
-            _attention(names, cfg, hf + "self_attn.", ours + "attention.")
+            _attention(names, cfg, hf + "self_attn.", ours + "attention.", i)
         names[hf + "input_layernorm.weight"] = Target(ours + "attention_norm.weight", (d,))
+        if cfg.sandwich_norms:
+            _gemma4_layer(names, cfg, hf, ours, cfg.moe_layers.index(i))
+            continue
         names[hf + "post_attention_layernorm.weight"] = Target(ours + "ffn_norm.weight", (d,))
         if i not in cfg.moe_layers:
             _mlp(names, hf + "mlp.", ours + "ffn.", d, cfg.dense_ffn_dim)
@@ -268,18 +279,37 @@ def expected_tensors(cfg: ModelConfig, stacked_experts: bool = False) -> dict[st
     return names
 
 
+def _gemma4_layer(names: dict, cfg: ModelConfig, hf: str, ours: str, ordinal: int) -> None:
+    """Gemma 4's layer beside its attention: the sandwich norms and scalar, the dense MLP between its norms
+    (our shared expert), the router (its input scale, the experts' scales) and the fused experts with theirs."""
+    d, e = cfg.dim, cfg.n_experts
+    for hf_name, our_name, shape in (
+        ("post_attention_layernorm.weight", "attention_out_norm.weight", (d,)), ("pre_feedforward_layernorm.weight", "ffn.shared.norm.weight", (d,)),
+        ("post_feedforward_layernorm_1.weight", "ffn.shared.out_norm.weight", (d,)), ("pre_feedforward_layernorm_2.weight", "ffn.expert_norm.weight", (d,)),
+        ("post_feedforward_layernorm_2.weight", "ffn.expert_out_norm.weight", (d,)), ("post_feedforward_layernorm.weight", "ffn_out_norm.weight", (d,)),
+        ("layer_scalar", "rescale.weight", (1,)), ("router.proj.weight", "ffn.router.weight", (e, d)),
+        ("router.scale", "ffn.router.input_scale", (d,)), ("router.per_expert_scale", "ffn.router.expert_scale", (e,)),
+    ):  # fmt: skip
+        names[hf + hf_name] = Target(ours + our_name, shape)
+    _mlp(names, hf + "mlp.", ours + "ffn.shared.mlp.", d, cfg.shared_ffn_dim)
+    _fused_experts(names, cfg, hf + "experts.", ordinal)
+
+
 def _fused_experts(names: dict, cfg: ModelConfig, hf: str, ordinal: int) -> None:
     """gpt-oss: a layer's experts as one tensor per matrix, [E, D, 2F] gate_up (gate and up interleaved
     along the last dimension) and [E, F, D] down, with biases; or those matrices as MXFP4 blocks and
     scales in our [out, in] orientation ([E, 2F, D/32, 16], rows interleaved). Read one expert at a time
     by `Checkpoint.expert`."""
     e, d, f, g = cfg.n_experts, cfg.dim, cfg.ffn_dim, mxfp4.BLOCK
-    if cfg.mxfp4_experts:
+    if FAMILIES[cfg.model_type].fused_layout == "halves":  # in our orientation, gate rows then up rows; no biases
+        shapes = {"gate_up_proj": (e, 2 * f, d), "down_proj": (e, d, f)}
+    elif cfg.mxfp4_experts:
         shapes = {"gate_up_proj_blocks": (e, 2 * f, d // g, g // 2), "gate_up_proj_scales": (e, 2 * f, d // g),
                   "down_proj_blocks": (e, d, f // g, g // 2), "down_proj_scales": (e, d, f // g)}
     else:
         shapes = {"gate_up_proj": (e, d, 2 * f), "down_proj": (e, f, d)}
-    shapes |= {"gate_up_proj_bias": (e, 2 * f), "down_proj_bias": (e, d)}
+    if cfg.expert_bias:
+        shapes |= {"gate_up_proj_bias": (e, 2 * f), "down_proj_bias": (e, d)}
     for name, shape in shapes.items():
         names[hf + name] = Target(("fused", ordinal, name), shape)
 
@@ -455,6 +485,10 @@ class Checkpoint:
         def row(name: str) -> torch.Tensor:
             return self._fused_row(layer, name, expert)
 
+        if FAMILIES[self.config.model_type].fused_layout == "halves":
+            gate_up = row("gate_up_proj")  # [2F, D]: gate rows, then up rows
+            f = gate_up.shape[0] // 2
+            return {"w1": gate_up[:f], "w3": gate_up[f:], "w2": row("down_proj")}
         if self.config.mxfp4_experts:  # widened exactly: every MXFP4 value is a bf16 value
             gate_up = mxfp4.dequantize(row("gate_up_proj_blocks"), row("gate_up_proj_scales"), self.dtype)  # [2F, D]
             down = mxfp4.dequantize(row("down_proj_blocks"), row("down_proj_scales"), self.dtype)  # [D, F]

@@ -5,7 +5,7 @@ names (attention kind, q/k norm, biases, router, shared expert, dense layers); s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -41,6 +41,10 @@ class RouterConfig:
     group_score: str = "max"  # or "top2"
     correction_bias: bool = False
     fp32: bool = False
+    # Gemma 4: the router's input is RMS-normalised and scaled by a learned vector and 1/sqrt(D) (`input_scale`),
+    # and each chosen weight is multiplied by its expert's learned scale (`expert_scale`)
+    input_scale: bool = False
+    expert_scale: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ class RopeConfig:
 
     theta: float
     dim: int
-    kind: str = "default"  # or "yarn"
+    kind: str = "default"  # or "yarn", or "proportional" (Gemma 4: frequencies over the whole head, `rotated` of its dimensions turning)
     factor: float = 1.0
     original_max_position_embeddings: int = 0
     beta_fast: float = 32.0
@@ -59,12 +63,16 @@ class RopeConfig:
     truncate: bool = True
     attention_factor: float = 1.0
     interleaved: bool = False  # the checkpoint's rotary dimensions come in pairs (DeepSeek)
+    rotated: int = 0  # "proportional": the dimensions with a nonzero frequency (the rest pass unrotated)
 
     def inv_freq(self) -> torch.Tensor:
         """[dim / 2] fp32, on the CPU, as transformers computes them (so positions rotate identically)."""
         base = self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float) / self.dim)
         if self.kind == "default":
             return 1.0 / base
+        if self.kind == "proportional":  # transformers' `_compute_proportional_rope_parameters`
+            turning = 1.0 / self.theta ** (torch.arange(0, self.rotated, 2, dtype=torch.float) / self.dim)
+            return torch.cat([turning, torch.zeros((self.dim - self.rotated) // 2)]) / self.factor
         # YaRN: interpolate the low frequencies by `factor`, keep the high ones, ramp in between.
         def correction_dim(rotations: float) -> float:
             return self.dim * math.log(self.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(self.theta))
@@ -130,6 +138,30 @@ class LinearAttentionConfig:
 
 
 @dataclass(frozen=True)
+class IndexerConfig:
+    """DeepSeek Sparse Attention's lightning indexer (DeepSeek-V3.2): `n_heads` heads of `head_dim` score each
+    query against one cached key per past token (its own projection, LayerNorm and rotary on the first
+    `rope_dim` dimensions), ReLU'd and summed with per-head weights; latent attention then sees only each
+    query's `topk` best-scored past tokens."""
+
+    n_heads: int
+    head_dim: int
+    topk: int
+    rope_dim: int
+
+
+@dataclass(frozen=True)
+class FullAttentionConfig:
+    """Gemma 4: the full-attention layers' own geometry beside the sliding layers' (`head_dim`, KV heads and
+    rotary of the ModelConfig), and values that are the keys' projection (`k_eq_v`: no v_proj)."""
+
+    head_dim: int
+    n_kv_heads: int
+    k_eq_v: bool
+    rope: RopeConfig
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     model_type: str
     vocab_size: int
@@ -164,8 +196,9 @@ class ModelConfig:
     attn_scale: float = 0.0  # softmax scale; 0: 1/sqrt(query-key dimension)
     attn_sinks: bool = False  # gpt-oss: a learned per-head logit in each softmax's denominator
     router_bias: bool = False  # gpt-oss's router has a bias
-    # routed experts: SwiGLU ("silu") or gpt-oss's clamped variant ("swiglu_oai": up and gate clamped to
-    # `swiglu_limit`, (up + 1) * gate * sigmoid(alpha * gate)), with biases or not
+    # routed experts: SwiGLU ("silu"), GeGLU with tanh's GELU ("gelu_tanh", Gemma 4) or gpt-oss's clamped
+    # variant ("swiglu_oai": up and gate clamped to `swiglu_limit`, (up + 1) * gate * sigmoid(alpha * gate)),
+    # with biases or not
     expert_act: str = "silu"
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
@@ -177,6 +210,19 @@ class ModelConfig:
     linear_layers: tuple[int, ...] = ()
     attn_gate: bool = False  # the q projection also gives a per-head output gate: attention * sigmoid(gate)
     norm_offset: bool = False  # zero-centred RMSNorm weights: the norms scale by 1 + w (Qwen3-Next, Qwen3.5)
+    indexer: IndexerConfig | None = None  # DeepSeek Sparse Attention over `mla`
+    # Gemma 4
+    full_attention: FullAttentionConfig | None = None  # the full layers' geometry, where it differs
+    v_norm: bool = False  # values RMS-normalised per head, without a scale
+    # a norm on the attention's output and on the feed-forward's before each residual sum, and each layer's
+    # output times a learned scalar
+    sandwich_norms: bool = False
+    # the shared expert (`shared_ffn_dim`) is a dense MLP with a norm before and after it, and the routed
+    # experts' input and output have norms of their own
+    expert_norms: bool = False
+    dense_act: str = "silu"  # dense MLPs and shared experts: SwiGLU ("silu") or GeGLU with tanh's GELU ("gelu_tanh")
+    embed_scale: float = 1.0  # the embeddings times this (in their dtype)
+    logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0: none
 
     def __post_init__(self) -> None:
         # None, not an empty tuple, means "every layer": a family whose rule leaves no MoE layer (every Qwen
@@ -228,6 +274,21 @@ class ModelConfig:
         windows = [w for w in self.layer_windows if w]
         return max(windows) if len(windows) == self.n_layers else None
 
+    def layer_geometry(self, layer: int) -> tuple[int, int]:
+        """(head_dim, KV heads) of layer `layer`'s attention: a full layer's own where the family has them."""
+        full = self.full_attention
+        if full is not None and self.layer_windows[layer] is None:
+            return full.head_dim, full.n_kv_heads
+        return self.head_dim, self.n_kv_heads
+
+    def values_from_keys(self, layer: int) -> bool:
+        """Whether layer `layer`'s values are its keys' projection (before the keys' norm and rotary)."""
+        return self.full_attention is not None and self.full_attention.k_eq_v and self.layer_windows[layer] is None
+
+    def layer_rope(self, layer: int) -> RopeConfig:
+        full = self.full_attention
+        return full.rope if full is not None and self.layer_windows[layer] is None else self.rope
+
     @property
     def expert_numel(self) -> int:
         """Parameters of one routed expert: w1 [F, D], w2 [D, F], w3 [F, D] (and their biases)."""
@@ -241,25 +302,37 @@ class ModelConfig:
         shapes = {"w1": (f, d), "w2": (d, f), "w3": (f, d)}
         return shapes | ({"b1": (f,), "b2": (d,), "b3": (f,)} if self.expert_bias else {})
 
-    @property
-    def attention_shapes(self) -> list[tuple[int, int]]:
-        """[N, K] of each of one layer's attention projections (the matrices `--resident-dtype` quantizes)."""
-        d, hd, h = self.dim, self.head_dim, self.n_heads
+    def layer_attention_shapes(self, layer: int) -> list[tuple[int, int]]:
+        """[N, K] of each of layer `layer`'s attention projections (the matrices `--resident-dtype` quantizes).
+        Where values are the keys' projection (Gemma 4's full layers, `k_eq_v`), q|k has no value rows."""
+        d, h = self.dim, self.n_heads
         if self.mla is None:
-            return [((h * (1 + self.attn_gate) + 2 * self.n_kv_heads) * hd, d), (d, h * hd)]  # q(|gate)|k|v, o
+            hd, hkv = self.layer_geometry(layer)
+            kv = hkv * (1 + (not self.values_from_keys(layer)))  # no value rows where values are the keys
+            return [((h * (1 + self.attn_gate) + kv) * hd, d), (d, h * hd)]  # q(|gate)|k|v, o
         m = self.mla  # kv_b stays unquantized (see LatentAttention.quantize)
         q = [(h * m.qk_dim, d)] if m.q_lora_rank is None else [(m.q_lora_rank, d), (h * m.qk_dim, m.q_lora_rank)]
         return [*q, (m.kv_lora_rank + m.rope_dim, d), (d, h * m.v_dim)]
 
     @property
+    def full_layers(self) -> list[int]:
+        """The layers with (softmax) attention: all but the linear-attention ones."""
+        return [i for i in range(self.n_layers) if i not in self.linear_layers]
+
+    @property
+    def attention_shapes(self) -> list[tuple[int, int]]:
+        """Every distinct [N, K] of the full layers' attention projections (Gemma 4's sliding and full layers differ)."""
+        return list(dict.fromkeys(s for i in self.full_layers for s in self.layer_attention_shapes(i)))
+
+    @property
     def attention_numel(self) -> int:
-        """Weights of one layer's attention projections."""
-        return sum(n * k for n, k in self.attention_shapes)
+        """Weights of every full layer's attention projections."""
+        return sum(n * k for i in self.full_layers for n, k in self.layer_attention_shapes(i))
 
     @property
     def attention_rows(self) -> int:
-        """Output channels of one layer's attention projections (one int8 scale each)."""
-        return sum(n for n, _ in self.attention_shapes)
+        """Output channels of every full layer's attention projections (one int8 scale each)."""
+        return sum(n for i in self.full_layers for n, _ in self.layer_attention_shapes(i))
 
     @property
     def linear_shapes(self) -> list[tuple[int, int]]:
@@ -280,27 +353,31 @@ class ModelConfig:
     def projection_numel(self) -> int:
         """Weights of every layer's attention projections, full and linear."""
         linear = sum(n * k for n, k in self.linear_shapes)
-        return self.n_full_layers * self.attention_numel + len(self.linear_layers) * linear
+        return self.attention_numel + len(self.linear_layers) * linear
 
     @property
     def projection_rows(self) -> int:
         """Output channels of every layer's attention projections (one int8 scale each)."""
         linear = sum(n for n, _ in self.linear_shapes)
-        return self.n_full_layers * self.attention_rows + len(self.linear_layers) * linear
+        return self.attention_rows + len(self.linear_layers) * linear
 
     def linear_extra_numel(self) -> int:
         """One linear-attention layer's parameters beside its projections: conv weights, A_log, dt_bias, the gated norm."""
         lin = self.linear
         return lin.conv_dim * lin.conv_kernel + 2 * lin.v_heads + lin.v_head_dim
 
-    def attention_extra_numel(self) -> int:
-        """One layer's attention parameters beside the matrices of `attention_numel`: biases, norms (and MLA's kv_b)."""
-        d, hd, h, hkv = self.dim, self.head_dim, self.n_heads, self.n_kv_heads
+    def attention_extra_numel(self, layer: int = 0) -> int:
+        """Layer `layer`'s attention parameters beside its matrices of `attention_numel`: biases, norms (and
+        MLA's kv_b)."""
+        d, h = self.dim, self.n_heads
+        hd, hkv = self.layer_geometry(layer)
         if self.mla is not None:  # norms, kv_b and the biases of q_a, kv_a and o
             m = self.mla
             biases = ((m.q_lora_rank or 0) + m.kv_lora_rank + m.rope_dim) * self.qkv_bias + d * self.o_bias
-            return (m.q_lora_rank or 0) + m.kv_lora_rank + m.kv_lora_rank * h * (m.nope_dim + m.v_dim) + biases
-        n = (h * (1 + self.attn_gate) + 2 * hkv) * hd * self.qkv_bias + d * self.o_bias + h * self.attn_sinks
+            ix = self.indexer  # its q, k and weights projections and its LayerNorm, unquantized
+            index = 0 if ix is None else ix.n_heads * ix.head_dim * (m.q_lora_rank or 0) + ix.head_dim * (d + 2) + ix.n_heads * d
+            return (m.q_lora_rank or 0) + m.kv_lora_rank + m.kv_lora_rank * h * (m.nope_dim + m.v_dim) + biases + index
+        n = (h * (1 + self.attn_gate) + hkv * (1 + (not self.values_from_keys(layer)))) * hd * self.qkv_bias + d * self.o_bias + h * self.attn_sinks
         if self.qk_norm == "head":
             n += 2 * hd
         elif self.qk_norm == "proj":
@@ -316,13 +393,17 @@ class ModelConfig:
     def resident_numel(self) -> int:
         """Parameters that stay on the device: everything except the routed experts."""
         d = self.dim
-        attention = self.projection_numel + self.n_full_layers * self.attention_extra_numel()
+        # the attention's norm and the feed-forward's (Gemma 4: norms after both and a scalar; its MoE's four
+        # norms, before and after the dense MLP and the routed experts, instead of the feed-forward's)
+        norms = self.n_layers * (2 * d + (2 * d + 1) * self.sandwich_norms) + self.n_moe_layers * 3 * d * self.expert_norms
+        attention = self.projection_numel + sum(self.attention_extra_numel(i) for i in self.full_layers)
         if self.linear_layers:
             attention += len(self.linear_layers) * self.linear_extra_numel()
-        routers = self.n_moe_layers * self.n_experts * (d + self.router.correction_bias + self.router_bias)
+        per_router = d + self.router.correction_bias + self.router_bias + self.router.expert_scale
+        routers = self.n_moe_layers * (self.n_experts * per_router + d * self.router.input_scale)
         embed = self.vocab_size * d
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        return attention + self.n_layers * 2 * d + routers + self.dense_numel() + embed + head + d  # two norms a layer
+        return norms + attention + routers + self.dense_numel() + embed + head + d
 
     def cache_positions(self, layer: int, ctx_size: int) -> int:
         """Positions layer `layer`'s KV cache holds: the context, or only the window of a sliding layer."""
@@ -331,12 +412,12 @@ class ModelConfig:
 
     def kv_cache_numel(self, ctx_size: int) -> int:
         """Values the KV cache holds for `ctx_size` tokens: keys and values per KV head (a sliding layer
-        only its window's), or with MLA the compressed latent and the shared rotary key; linear-attention
-        layers hold none (their fixed state is `sequence_state_bytes`)."""
+        only its window's), or with MLA the compressed latent and the shared rotary key (and DeepSeek-V3.2's
+        indexer key); linear-attention layers hold none (their fixed state is `sequence_state_bytes`)."""
         if self.mla is not None:
-            return self.n_layers * ctx_size * (self.mla.kv_lora_rank + self.mla.rope_dim)
-        positions = sum(self.cache_positions(i, ctx_size) for i in range(self.n_layers) if i not in self.linear_layers)
-        return 2 * positions * self.n_kv_heads * self.head_dim
+            index = self.indexer.head_dim if self.indexer is not None else 0
+            return self.n_layers * ctx_size * (self.mla.kv_lora_rank + self.mla.rope_dim + index)
+        return sum(2 * self.cache_positions(i, ctx_size) * math.prod(self.layer_geometry(i)) for i in self.full_layers)
 
     def sequence_state_bytes(self, dtype: torch.dtype) -> int:
         """Bytes of a sequence's fixed state, whatever its length: per linear-attention layer the last
@@ -643,6 +724,95 @@ def minimax_m2(raw: dict) -> ModelConfig:
     ))
 
 
+GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")  # transformers' names for GELU's tanh approximation
+
+
+def _gemma4_rope(params: dict | None, head_dim: int, kind_default: str) -> RopeConfig:
+    """One layer type's `rope_parameters` entry: "default", or "proportional" (frequencies over the whole
+    head, `partial_rotary_factor` of it turning)."""
+    params = params or {}
+    kind = params.get("rope_type", kind_default)
+    theta, factor = float(params["rope_theta"]), float(params.get("factor") or 1.0)
+    if kind == "default" and factor == 1.0:
+        return RopeConfig(theta, head_dim)
+    if kind != "proportional":
+        raise ConfigError(f"unsupported RoPE {kind!r} for gemma4 (default, proportional)")
+    rotated = 2 * int(float(params.get("partial_rotary_factor", 1.0)) * head_dim // 2)
+    return RopeConfig(theta, head_dim, "proportional", factor=factor, rotated=rotated)
+
+
+def gemma4_text(raw: dict) -> ModelConfig:
+    """Gemma 4's text model with `enable_moe_block` (26B-A4B): sliding layers and full ones with their own
+    head size, KV heads, rotary and (k_eq_v) values that are the keys' projection; per-head q/k norms and an
+    unscaled v norm; attention unscaled (the norms do it); sandwich norms and a learned scalar per layer; in
+    every layer a dense GeGLU MLP and the routed experts side by side, each with its norms; embeddings times
+    sqrt(D), logits soft-capped. What the MoE checkpoint does not use is refused: per-layer input embeddings
+    (E2B/E4B), shared KV layers, double-wide MLPs, bidirectional attention."""
+    if not raw.get("enable_moe_block"):
+        raise ConfigError("gemma4 without enable_moe_block is a dense model; moe-local runs the MoE one (26B-A4B)")
+    for name, off in (("hidden_size_per_layer_input", 0), ("num_kv_shared_layers", 0), ("use_double_wide_mlp", False)):
+        if raw.get(name) not in (None, off):
+            raise ConfigError(f"unsupported {name}={raw[name]!r} for gemma4 (the MoE model has none)")
+    if raw.get("use_bidirectional_attention") == "all":
+        raise ConfigError("unsupported use_bidirectional_attention='all' for gemma4 (causal text only)")
+    act = raw.get("hidden_activation", GELU_TANH[0])
+    if act not in GELU_TANH:
+        raise ConfigError(f"unsupported hidden_activation {act!r} for gemma4 ({GELU_TANH[0]})")
+    n_layers, dim = int(raw["num_hidden_layers"]), int(raw["hidden_size"])
+    types = raw.get("layer_types") or ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n_layers)]
+    types = [*types[:-1], "full_attention"]  # transformers forces the last layer to full attention
+    head_dim, n_kv = int(raw.get("head_dim") or 256), int(raw.get("num_key_value_heads") or raw["num_attention_heads"])
+    k_eq_v = bool(raw.get("attention_k_eq_v", False))
+    # the full layers' geometry: transformers' per_layer_config where a saved file has it, else the published
+    # fields (global_head_dim, and num_global_key_value_heads where keys are values)
+    per_layer = raw.get("per_layer_config") or {}
+    full = [per_layer.get(str(i), per_layer.get(i)) for i, t in enumerate(types) if t == "full_attention"]
+    if per_layer and full and full[0]:
+        full_dim, full_kv = int(full[0].get("head_dim", head_dim)), int(full[0].get("num_key_value_heads", n_kv))
+    else:
+        full_dim = int(raw.get("global_head_dim") or 512)
+        full_kv = int(raw.get("num_global_key_value_heads") or n_kv) if k_eq_v else n_kv
+    ropes = raw.get("rope_parameters") or {}
+    rope = _gemma4_rope(ropes.get("sliding_attention") or {"rope_theta": 10000.0}, head_dim, "default")
+    full_rope = _gemma4_rope(ropes.get("full_attention") or {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                                             "rope_theta": 1e6}, full_dim, "default")
+    softcap = raw.get("final_logit_softcapping")
+    raw = {"sliding_window": 512, "tie_word_embeddings": True, "max_position_embeddings": 131072, "bos_token_id": 2,
+           "eos_token_id": 1, **raw, "layer_types": types, "head_dim": head_dim, "num_key_value_heads": n_kv,
+           "num_experts_per_tok": raw["top_k_experts"]}
+    return ModelConfig(**_common(
+        raw, n_experts=_n_experts(raw, "num_experts"), ffn_dim=int(raw["moe_intermediate_size"]),
+        rope=rope,
+        router=RouterConfig(input_scale=True, expert_scale=True), shared_ffn_dim=int(raw["intermediate_size"]),
+        qk_norm="head", attn_scale=1.0, o_bias=bool(raw.get("attention_bias", False)),
+        qkv_bias=bool(raw.get("attention_bias", False)), expert_act="gelu_tanh", dense_act="gelu_tanh",
+        full_attention=FullAttentionConfig(full_dim, full_kv, k_eq_v, full_rope), v_norm=True, sandwich_norms=True,
+        expert_norms=True, embed_scale=dim**0.5, logit_softcap=float(softcap or 0.0),
+    ))
+
+
+def gemma4(raw: dict) -> ModelConfig:
+    """Gemma 4's multimodal checkpoint (Gemma4ForConditionalGeneration): its text model, from `text_config`;
+    the vision and audio towers are not read."""
+    text = raw.get("text_config")
+    if not isinstance(text, dict):
+        raise ConfigError("gemma4's config.json has no text_config")
+    top = {k: raw[k] for k in ("tie_word_embeddings", "eos_token_id", "bos_token_id", "dtype", "torch_dtype") if k in raw}
+    return replace(gemma4_text({**text, **top}), model_type="gemma4")
+
+
+def deepseek_v32(raw: dict) -> ModelConfig:
+    """DeepSeek-V3.2: DeepSeek-V3 with the lightning indexer in every layer (its query from MLA's query latent)."""
+    if not raw.get("q_lora_rank"):
+        raise ConfigError("deepseek_v32 needs q_lora_rank: its indexer reads MLA's query latent")
+    cfg = deepseek_v3({"topk_method": "noaux_tc", **raw})
+    indexer = IndexerConfig(int(raw.get("index_n_heads") or 64), int(raw.get("index_head_dim") or 128),
+                            int(raw.get("index_topk") or 2048), cfg.mla.rope_dim)
+    if not 0 < indexer.rope_dim <= indexer.head_dim or indexer.topk < 1:
+        raise ConfigError(f"index_head_dim={indexer.head_dim} / index_topk={indexer.topk} do not fit qk_rope_head_dim={indexer.rope_dim}")
+    return replace(cfg, indexer=indexer)
+
+
 def gpt_oss(raw: dict) -> ModelConfig:
     quant = (raw.get("quantization_config") or {}).get("quant_method")
     if quant not in (None, "mxfp4"):
@@ -668,7 +838,10 @@ class Family:
     shared: str = "shared_experts"
     router: str = "gate"
     correction_bias: str = "gate.e_score_correction_bias"  # the router's selection bias, under the MoE block
-    fused_experts: bool = False  # all of a layer's experts in one [E, ...] tensor per matrix (gpt-oss)
+    fused_experts: bool = False  # all of a layer's experts in one [E, ...] tensor per matrix (gpt-oss, Gemma 4)
+    # "interleaved": gpt-oss's [E, D, 2F] gate_up, gate and up columns alternating, [E, F, D] down, with biases;
+    # "halves": transformers' own [E, 2F, D] gate_up, gate rows then up rows, [E, D, F] down (Gemma 4)
+    fused_layout: str = "interleaved"
     prefix: str = "model."  # of the decoder's tensors (embeddings, layers, final norm) in the checkpoint
     ignored: tuple[str, ...] = ()  # checkpoint tensors under these prefixes are not read (vision towers, MTP heads)
     fused_linear_projections: bool = False  # Gated DeltaNet's inputs as in_proj_qkvz and in_proj_ba (Qwen3-Next)
@@ -683,6 +856,11 @@ FAMILIES: dict[str, Family] = {
     "deepseek_v2": Family(deepseek_v2),
     "deepseek_v3": Family(deepseek_v3),
     "gpt_oss": Family(gpt_oss, router="router", fused_experts=True),
+    "deepseek_v32": Family(deepseek_v32),
+    "gemma4_text": Family(gemma4_text, moe="", router="router", fused_experts=True, fused_layout="halves"),
+    "gemma4": Family(gemma4, moe="", router="router", fused_experts=True, fused_layout="halves",
+                     prefix="model.language_model.",
+                     ignored=("model.vision_tower.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio.")),
     "minimax_m2": Family(minimax_m2, moe="block_sparse_moe", expert_weights=("w1", "w2", "w3"),
                          correction_bias="e_score_correction_bias"),
     # the multi-token-prediction head (mtp.*) is not read, as transformers does not
@@ -752,6 +930,18 @@ PRESETS = {
                     "q_lora_rank": 1536, "kv_lora_rank": 512, "max_position_embeddings": 163840,
                     "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
                                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}},
+    # DeepSeek-V3.2(-Exp): DeepSeek-V3's geometry plus the indexer; the index_* figures are transformers'
+    # DeepseekV32Config defaults (its docstring points at deepseek-ai/DeepSeek-V3.2-Exp; the published
+    # config.json itself was not reachable)
+    "deepseek-v3.2": {**_DEEPSEEK, "model_type": "deepseek_v32", "vocab_size": 129280, "hidden_size": 7168,
+                      "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+                      "num_attention_heads": 128, "num_key_value_heads": 128, "n_routed_experts": 256,
+                      "n_shared_experts": 1, "num_experts_per_tok": 8, "first_k_dense_replace": 3, "n_group": 8,
+                      "topk_group": 4, "norm_topk_prob": True, "routed_scaling_factor": 2.5, "q_lora_rank": 1536,
+                      "kv_lora_rank": 512, "max_position_embeddings": 163840, "index_n_heads": 64,
+                      "index_head_dim": 128, "index_topk": 2048,
+                      "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                                       "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}},
     "olmoe-1b-7b": {"model_type": "olmoe", "vocab_size": 50304, "hidden_size": 2048, "intermediate_size": 1024,
                     "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 64,
                     "num_experts_per_tok": 8, "norm_topk_prob": False, "rms_norm_eps": 1e-5, "rope_theta": 10000,
@@ -791,6 +981,20 @@ PRESETS = {
                            "mlp_only_layers": [], "rms_norm_eps": 1e-6, "max_position_embeddings": 262144,
                            "rope_theta": 10000000, "partial_rotary_factor": 0.25, "tie_word_embeddings": False,
                            "bos_token_id": 151643, "eos_token_id": 151645, "dtype": "bfloat16"},
+    # Gemma 4 26B-A4B (google/gemma-4-26B-A4B-it): its config.json's text_config as third-party code quotes it
+    # (found with the search tools; the file itself was not reachable); bos from transformers' Gemma4TextConfig
+    "gemma-4-26b-a4b": {"model_type": "gemma4_text", "vocab_size": 262144, "hidden_size": 2816, "intermediate_size": 2112,
+                        "moe_intermediate_size": 704, "num_hidden_layers": 30, "num_attention_heads": 16,
+                        "num_key_value_heads": 8, "num_global_key_value_heads": 2, "head_dim": 256, "global_head_dim": 512,
+                        "attention_k_eq_v": True, "enable_moe_block": True, "num_experts": 128, "top_k_experts": 8,
+                        "hidden_activation": "gelu_pytorch_tanh", "sliding_window": 1024,
+                        "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 5, "final_logit_softcapping": 30.0,
+                        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                                               "rope_theta": 1000000.0}},
+                        "hidden_size_per_layer_input": 0, "num_kv_shared_layers": 0, "use_double_wide_mlp": False,
+                        "rms_norm_eps": 1e-6, "max_position_embeddings": 262144, "tie_word_embeddings": True,
+                        "bos_token_id": 2, "eos_token_id": [1, 106], "dtype": "bfloat16"},
     # small enough for a CPU smoke test, with the same structure (GQA, 8 experts, top-2)
     "tiny": {**_MIXTRAL, "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512,
              "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 4096},

@@ -308,7 +308,7 @@ class Engine:
         """lm_head on final hidden states [T, D] -> fp32 logits [T, V] on the CPU; with the matmul kernel for
         T rows (a vocabulary of 150-200k makes it the largest matmul of a decode step)."""
         with matmuls_for_rows(hidden.shape[0]):
-            return self.model.output(hidden).float().cpu()
+            return self.model.lm_head(hidden).float().cpu()
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """One full forward pass from position 0: float32 [len(token_ids), vocab]."""
@@ -443,7 +443,7 @@ def measure_workspace(model: Transformer, fmt: ExpertFormat, ctx_size: int, chun
     torch.cuda.reset_peak_memory_stats(weight.device)
     with torch.inference_mode():
         hidden = model(torch.zeros(T, dtype=torch.long, device=weight.device), ctx_size - T, kv, experts)
-        model.output(hidden[-1:]).float()
+        model.lm_head(hidden[-1:]).float()
     torch.cuda.synchronize(weight.device)
     return torch.cuda.max_memory_allocated(weight.device) - base + T * cfg.vocab_size * 4
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_local.model import KVCache, MoE, Transformer, rope_cos_sin
+from moe_local.model import KVCache, MoE, Transformer
 
 
 class StaticDecoder:
@@ -26,7 +26,7 @@ class StaticDecoder:
 
     def front(self, i: int) -> tuple:
         """Layer i's `Block.front` on the static input, at the static position."""
-        cos, sin = rope_cos_sin(self.model.inv_freq, self.pos, self.x.dtype, self.model.cfg.rope.attention_factor)
+        cos, sin = self.model.rope_tables(self.pos, self.x.dtype)[self.model.rope_of[i]]
         return self.model.layers[i].front(self.x, cos, sin, self.kv.layers[i], self.pos)
 
     def _capture(self) -> None:
@@ -67,8 +67,7 @@ class StaticDecoder:
             else:
                 out = self.front(i)
             if isinstance(layer.ffn, MoE):
-                x_attn, h, logits, shared = out
-                x = x_attn + layer.ffn.finish(h, logits, shared, experts)
+                x = layer.finish(*out, experts)
             else:
                 (x,) = out
         return self.model.norm(x)

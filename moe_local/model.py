@@ -100,24 +100,27 @@ def sliding_mask(pos: int, T: int, window: int | None, device: torch.device) -> 
 
 class QKNorm(nn.Module):
     """RMSNorm of the queries and keys inside the fused q|k|v projection output [T, (H + 2Hkv) hd]: per
-    head (Qwen3, GLM: one weight of hd for all heads) or over the whole projection (OLMoE)."""
+    head (Qwen3, GLM: one weight of hd for all heads) or over the whole projection (OLMoE); and, where the
+    family has it (Gemma 4), of the values per head without a weight."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        h, hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        h, (hd, hkv) = cfg.n_heads, cfg.layer_geometry(layer)
         self.per_head, self.split = cfg.qk_norm == "head", [h * hd, hkv * hd, hkv * hd]
         self.q_norm = RMSNorm(hd if self.per_head else h * hd, cfg.norm_eps, cfg.norm_offset)
         self.k_norm = RMSNorm(hd if self.per_head else hkv * hd, cfg.norm_eps, cfg.norm_offset)
-        self.head_dim = hd
+        self.head_dim, self.v_norm, self.eps = hd, cfg.v_norm, cfg.norm_eps
 
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
         q, k, v = qkv.split(self.split, dim=-1)
+        T = qkv.shape[0]
         if self.per_head:
-            T = qkv.shape[0]
             q = self.q_norm(q.view(T, -1, self.head_dim)).view(T, -1)
             k = self.k_norm(k.view(T, -1, self.head_dim)).view(T, -1)
         else:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.v_norm:
+            v = F.rms_norm(v.view(T, -1, self.head_dim).float(), (self.head_dim,), eps=self.eps).to(v.dtype).view(T, -1)
         return torch.cat([q, k, v], dim=-1)
 
 
@@ -151,12 +154,16 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        (hd, hkv), h = cfg.layer_geometry(layer), cfg.n_heads
+        self.n_heads, self.n_kv_heads, self.head_dim = h, hkv, hd
         self.gated = cfg.attn_gate
-        # q (gate), k and v projections as one matrix (rows: q heads, gate heads, k heads, v heads): one matmul, not three
-        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads * (1 + self.gated) + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
-        self.qk_norm = QKNorm(cfg) if cfg.qk_norm else None
+        # q (gate), k and v projections as one matrix (rows: q heads, gate heads, k heads, v heads): one matmul,
+        # not three. Where the values are the keys' projection (Gemma 4's full layers) it has no value rows
+        self.values_from_keys = cfg.values_from_keys(layer)
+        kv = hkv * (1 + (not self.values_from_keys))
+        self.wqkv = nn.Linear(cfg.dim, (h * (1 + self.gated) + kv) * hd, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(h * hd, cfg.dim, bias=cfg.o_bias)
+        self.qk_norm = QKNorm(cfg, layer) if cfg.qk_norm else None
         self.clip = cfg.clip_qkv
         self.scale = cfg.attn_scale or None
         self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attn_sinks else None
@@ -164,7 +171,8 @@ class Attention(nn.Module):
 
     @staticmethod
     def cache_shapes(cfg: ModelConfig, ctx_size: int, layer: int) -> list[tuple[int, ...]]:
-        return [(cfg.n_kv_heads, cfg.cache_positions(layer, ctx_size), cfg.head_dim)] * 2  # keys, values
+        hd, hkv = cfg.layer_geometry(layer)
+        return [(hkv, cfg.cache_positions(layer, ctx_size), hd)] * 2  # keys, values
 
     @staticmethod
     def cache_dtypes(dtype: torch.dtype) -> list[torch.dtype]:
@@ -240,6 +248,8 @@ class Attention(nn.Module):
         if self.gated:
             q, gate, kv = qkv.split([H * self.head_dim, H * self.head_dim, 2 * Hkv * self.head_dim], dim=-1)
             qkv = torch.cat([q, kv], dim=-1)
+        if self.values_from_keys:  # [T, (H + Hkv) hd]: the keys' rows once more, as values
+            qkv = torch.cat([qkv, qkv[:, H * self.head_dim :]], dim=-1)
         if self.qk_norm is not None:
             qkv = self.qk_norm(qkv)
         if self.clip is not None:
@@ -293,6 +303,42 @@ class Attention(nn.Module):
         return keys, values, mask
 
 
+class Indexer(nn.Module):
+    """DeepSeek Sparse Attention's lightning indexer, the piece beside `LatentAttention` that chooses which past
+    tokens each query attends to. Per token it caches one key [head_dim] (its own projection, LayerNorm and
+    rotary, in halves, on the first rope dims); a query's `n_heads` heads (from MLA's query latent) score every
+    cached key, the ReLU'd scores are summed with per-head weights (a projection kept in fp32, as transformers
+    does), and the `topk` best of the keys the query may see are kept: all of them while there are no more."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        ix = cfg.indexer
+        self.n_heads, self.head_dim, self.topk = ix.n_heads, ix.head_dim, ix.topk
+        self.wq = nn.Linear(cfg.mla.q_lora_rank, ix.n_heads * ix.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, ix.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(ix.head_dim, eps=1e-6)
+        self.weights = nn.Linear(cfg.dim, ix.n_heads, bias=False)
+        self.scale = ix.head_dim**-0.5
+
+    def project(self, x, q_latent, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, D], MLA's query latent [T, q_lora] -> queries [T, H, hd] fp32, head weights [T, H] fp32, keys [T, hd]."""
+        T = x.shape[0]
+        q = apply_rope(self.wq(q_latent).view(T, self.n_heads, self.head_dim).transpose(0, 1), cos, sin).transpose(0, 1)
+        k = apply_rope(self.k_norm(self.wk(x)), cos, sin)
+        w = self.weights(x.to(self.weights.weight.dtype)).float() * self.n_heads**-0.5
+        return q.float(), w, k
+
+    def select(self, q, w, keys, visible: torch.Tensor) -> torch.Tensor:
+        """queries q [..., T, H, hd] and weights w [..., T, H] over cached keys [..., S, hd]; visible [..., T, S]
+        bool (what each query may see) -> the same, keeping only each query's `topk` best-scored keys."""
+        if keys.shape[-2] <= self.topk:  # every key can be kept: nothing to score
+            return visible
+        scores = F.relu(torch.matmul(q, keys.float().transpose(-1, -2).unsqueeze(-3)) * self.scale)  # [..., T, H, S]
+        index = torch.matmul(w.unsqueeze(-2), scores).squeeze(-2).masked_fill(~visible, float("-inf"))  # [..., T, S]
+        chosen = index.topk(self.topk, dim=-1).indices
+        return visible & torch.zeros_like(visible).scatter_(-1, chosen, True)
+
+
 class LatentAttention(nn.Module):
     """DeepSeek's Multi-head Latent Attention. The cache holds per token only the normalised latent c
     [r] and the rotated shared key [rope], [ctx, r + rope]. Attention runs in the latent space ("absorbed"):
@@ -316,16 +362,19 @@ class LatentAttention(nn.Module):
         self.wkv_b = nn.Linear(m.kv_lora_rank, cfg.n_heads * (m.nope_dim + m.v_dim), bias=False)
         self.wo = nn.Linear(cfg.n_heads * m.v_dim, cfg.dim, bias=cfg.o_bias)
         self.scale = cfg.attn_scale
+        self.indexer = Indexer(cfg) if cfg.indexer is not None else None  # DeepSeek Sparse Attention
 
     recurrent = False
 
     @staticmethod
     def cache_shapes(cfg: ModelConfig, ctx_size: int, layer: int) -> list[tuple[int, ...]]:
-        return [(ctx_size, cfg.mla.kv_lora_rank + cfg.mla.rope_dim)]
+        """The latent and rotary key [ctx, r + rope]; with an indexer, its keys [ctx, index head_dim] too."""
+        index = [(ctx_size, cfg.indexer.head_dim)] if cfg.indexer is not None else []
+        return [(ctx_size, cfg.mla.kv_lora_rank + cfg.mla.rope_dim), *index]
 
     @staticmethod
     def cache_dtypes(dtype: torch.dtype) -> list[torch.dtype]:
-        return [dtype]
+        return [dtype, dtype]  # the latents' (and the indexer's keys', where there is an indexer)
 
     def quantize(self, make: Callable[[nn.Linear], nn.Module]) -> None:
         """Every projection but kv_b, which the absorbed attention reads as per-head slices."""
@@ -336,59 +385,88 @@ class LatentAttention(nn.Module):
         self.wkv_a, self.wo = make(self.wkv_a), make(self.wo)
 
     def forward(self, x, cos, sin, cache: tuple[torch.Tensor, ...], pos: int) -> torch.Tensor:
-        query, entry = self._project(x, cos, sin)
-        (cache,) = cache
-        return self._out(self._attend(query, entry, cache, pos))
+        query, entry, index = self._project(x, cos, sin)
+        return self._out(self._attend(query, entry, cache, pos, index))
 
     def forward_static(self, x, cos, sin, cache: tuple[torch.Tensor, ...], pos: torch.Tensor) -> torch.Tensor:
-        """As `Attention.forward_static`: one token at the position in `pos`, the whole cache attended, masked."""
-        query, entry = self._project(x, cos, sin)  # [H, 1, r + rope], [1, r + rope]
-        (cache,) = cache
-        cache.index_copy_(0, pos, entry)
-        mask = (torch.arange(cache.shape[0], device=x.device) <= pos)[None, :]  # [1, C]
-        return self._out(self._attend_latent(query, cache, mask))
+        """As `Attention.forward_static`: one token at the position in `pos`, the whole cache attended, masked
+        (and, with an indexer, to the keys it keeps: `topk` of the C slots, the unwritten ones scored -inf)."""
+        query, entry, index = self._project(x, cos, sin)  # [H, 1, r + rope], [1, r + rope]
+        latents, *index_keys = cache
+        latents.index_copy_(0, pos, entry)
+        mask = (torch.arange(latents.shape[0], device=x.device) <= pos)[None, :]  # [1, C]
+        if index is not None:
+            q, w, k = index
+            index_keys[0].index_copy_(0, pos, k)
+            mask = self.indexer.select(q, w, index_keys[0], mask)
+        return self._out(self._attend_latent(query, latents, mask))
 
     def forward_batch(self, x, cos, sin, caches: list[tuple[torch.Tensor, ...]], positions: list[int], pooled: Pooled | None = None) -> torch.Tensor:
         """x [B, D]: the next token of each of B sequences, sequence b at positions[b] over its own caches[b];
         as `Attention.forward_batch`, one attention for the batch when the caches are rows of one pool."""
-        query, entry = self._project(x, cos, sin)  # [H, B, r + rope], [B, r + rope]
+        query, entry, index = self._project(x, cos, sin)  # [H, B, r + rope], [B, r + rope]
         if pooled is not None:
-            return self._out(self._attend_pooled(query, entry, pooled))
-        ys = [self._attend(query[:, b : b + 1], entry[b : b + 1], cache, pos) for b, ((cache,), pos) in enumerate(zip(caches, positions))]
+            return self._out(self._attend_pooled(query, entry, pooled, index))
+        ys = [
+            self._attend(query[:, b : b + 1], entry[b : b + 1], cache, pos, None if index is None else tuple(t[b : b + 1] for t in index))
+            for b, (cache, pos) in enumerate(zip(caches, positions))
+        ]
         return self._out(torch.cat(ys, dim=1))  # [H, B, r]
 
-    def _attend_pooled(self, query, entry, p: Pooled) -> torch.Tensor:
+    def _attend_pooled(self, query, entry, p: Pooled, index=None) -> torch.Tensor:
         """query [H, B, r + rope] and entry [B, r + rope] of B sequences that are rows of a pool -> [H, B, r]:
         the entries written at each row's position, then the pool's rows lo..lo+n-1 attended as one batch,
-        each row masked to its own positions (rows outside the batch see position 0 and are dropped)."""
-        (pool,) = p.layer  # [N, C, r + rope]
+        each row masked to its own positions (rows outside the batch see position 0 and are dropped), and to
+        the keys its indexer keeps."""
+        pool, *index_pool = p.layer  # [N, C, r + rope] (and [N, C, index head_dim])
         H, r = self.n_heads, self.rank
         pool[p.rows, p.positions] = entry
         S = min(pool.shape[1], p.seen.shape[1])
         keys = pool[p.lo : p.lo + p.n, None, :S]  # [n, 1, S, r + rope]: one latent for every head
         mask = p.seen[:, :S]
+        if index is not None:
+            q, w, k = index  # [B, Hi, hd], [B, Hi], [B, hd]
+            index_pool[0][p.rows, p.positions] = k
+            queries, weights = q.new_zeros(p.n, 1, *q.shape[1:]), w.new_zeros(p.n, 1, w.shape[1])
+            queries[p.rows - p.lo, 0], weights[p.rows - p.lo, 0] = q, w
+            mask = self.indexer.select(queries, weights, index_pool[0][p.lo : p.lo + p.n, :S], mask[:, None, :])[:, 0]
         queries = query.new_zeros(p.n, 1, H, query.shape[-1])  # each row's H queries of its one latent (see _attend_latent)
         queries[p.rows - p.lo] = query.transpose(0, 1)[:, None]
         y = attend(queries, keys, keys[..., :r], mask[:, None, None, :], self.scale, None)  # [n, 1, H, r]
         return y[p.rows - p.lo, 0].transpose(0, 1)  # [H, B, r]
 
-    def _project(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, D] -> the absorbed queries [H, T, r + rope] and the cache entries [T, r + rope]."""
+    def _project(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+        """x [T, D] -> the absorbed queries [H, T, r + rope], the cache entries [T, r + rope] and, with an
+        indexer, its queries, head weights and keys (`Indexer.project`, from the query latent)."""
         T, H, r = x.shape[0], self.n_heads, self.rank
-        q = self.wq(x).view(T, H, self.nope + self.rope).transpose(0, 1)  # [H, T, nope + rope]
+        if self.indexer is None:
+            q, index = self.wq(x), None
+        else:
+            q_latent = self.wq[1](self.wq[0](x))  # [T, q_lora]
+            q, index = self.wq[2](q_latent), self.indexer.project(x, q_latent, cos, sin)
+        q = q.view(T, H, self.nope + self.rope).transpose(0, 1)  # [H, T, nope + rope]
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
         latent, k_rope = self.wkv_a(x).split([r, self.rope], dim=-1)  # [T, r], [T, rope]
         entry = torch.cat([self.kv_norm(latent), apply_rope(k_rope, cos, sin)], dim=-1)
         w = self.wkv_b.weight.view(H, self.nope + self.v_dim, r)
         with onednn(x.device.type == "cpu"):
             q_latent = torch.matmul(q_nope, w[:, : self.nope])  # [H, T, nope] @ [H, nope, r] -> [H, T, r]
-        return torch.cat([q_latent, apply_rope(q_rope, cos, sin)], dim=-1), entry
+        return torch.cat([q_latent, apply_rope(q_rope, cos, sin)], dim=-1), entry, index
 
-    def _attend(self, query, entry, cache: torch.Tensor, pos: int) -> torch.Tensor:
-        """Write entry [T, r + rope] at positions pos.. into the cache; query [H, T, r + rope] over it -> [H, T, r]."""
+    def _attend(self, query, entry, cache: tuple[torch.Tensor, ...], pos: int, index=None) -> torch.Tensor:
+        """Write entry [T, r + rope] at positions pos.. into the cache (and the indexer's keys into theirs);
+        query [H, T, r + rope] over it, each query over the keys its indexer keeps -> [H, T, r]."""
         T = entry.shape[0]
-        cache[pos : pos + T] = entry
-        return self._attend_latent(query, cache[: pos + T], sliding_mask(pos, T, None, query.device))
+        latents, *index_keys = cache
+        latents[pos : pos + T] = entry
+        mask = sliding_mask(pos, T, None, query.device)  # [T, pos + T] or None (one query sees all)
+        if index is not None:
+            q, w, k = index
+            index_keys[0][pos : pos + T] = k
+            if pos + T > self.indexer.topk:  # else every query keeps every key it sees
+                visible = mask if mask is not None else torch.ones(1, pos + T, dtype=torch.bool, device=query.device)
+                mask = self.indexer.select(q, w, index_keys[0][: pos + T], visible)
+        return self._attend_latent(query, latents[: pos + T], mask)
 
     def _attend_latent(self, query, entries, mask) -> torch.Tensor:
         """query [H, T, r + rope] over cache entries [S, r + rope] (mask [T, S] bool or None) -> [H, T, r]. Every
@@ -601,17 +679,35 @@ class LinearAttention(nn.Module):
         return self.out_proj(y.reshape(T, -1))
 
 
-class DenseMLP(nn.Module):
-    """SwiGLU feed-forward, resident: a dense layer's MLP or a shared expert. w13 = gate rows then up rows."""
+GATES = {"silu": F.silu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
 
-    def __init__(self, dim: int, hidden: int):
+
+class DenseMLP(nn.Module):
+    """Gated feed-forward, resident: a dense layer's MLP or a shared expert. w13 = gate rows then up rows; the
+    gate's activation SiLU (SwiGLU) or tanh's GELU (Gemma 4's GeGLU)."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "silu"):
         super().__init__()
         self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.gate = GATES[act]
 
     def forward(self, x: torch.Tensor, experts: Experts | None = None) -> torch.Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)  # [T, F] each
-        return self.w2(F.silu(gate) * up)
+        return self.w2(self.gate(gate) * up)
+
+
+class NormedMLP(nn.Module):
+    """Gemma 4's dense MLP beside its routed experts: a norm before it and one after."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = DenseMLP(cfg.dim, cfg.shared_ffn_dim, cfg.dense_act)
+        self.out_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_norm(self.mlp(self.norm(x)))
 
 
 class Router(nn.Module):
@@ -623,8 +719,13 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim))
         self.correction_bias = nn.Parameter(torch.zeros(cfg.n_experts)) if cfg.router.correction_bias else None
         self.bias = nn.Parameter(torch.zeros(cfg.n_experts)) if cfg.router_bias else None
+        self.input_scale = nn.Parameter(torch.ones(cfg.dim)) if cfg.router.input_scale else None
+        self.expert_scale = nn.Parameter(torch.ones(cfg.n_experts)) if cfg.router.expert_scale else None
+        self.eps, self.root = cfg.norm_eps, cfg.dim**-0.5
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:  # Gemma 4: RMS-normalised, times its scale and 1/sqrt(D), as transformers
+            x = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype) * self.input_scale * self.root
         # an fp32 router keeps its weight in fp32 (see Transformer.from_state_dict)
         return F.linear(x.float() if self.spec.fp32 else x, self.weight, self.bias)  # [T, E]
 
@@ -632,7 +733,7 @@ class Router(nn.Module):
         return self.route(self.logits(x))
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return route(logits, self.top_k, self.spec, self.correction_bias)  # [T, k], [T, k]
+        return route(logits, self.top_k, self.spec, self.correction_bias, self.expert_scale)  # [T, k], [T, k]
 
     def likeliest(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """x [T, D] -> the n experts [T, n] each token would most likely choose, likeliest first."""
@@ -650,7 +751,12 @@ class MoE(nn.Module):
         super().__init__()
         self.layer = cfg.moe_layers.index(layer)
         self.router = Router(cfg)
-        self.shared = DenseMLP(cfg.dim, cfg.shared_ffn_dim) if cfg.shared_ffn_dim else None
+        if cfg.expert_norms:  # Gemma 4: the dense MLP and the routed experts each between norms of their own
+            self.shared: nn.Module | None = NormedMLP(cfg)
+            self.expert_norm, self.expert_out_norm = RMSNorm(cfg.dim, cfg.norm_eps), RMSNorm(cfg.dim, cfg.norm_eps)
+        else:
+            self.shared = DenseMLP(cfg.dim, cfg.shared_ffn_dim, cfg.dense_act) if cfg.shared_ffn_dim else None
+            self.expert_norm = self.expert_out_norm = nn.Identity()
         self.shared_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_gate and cfg.shared_ffn_dim else None
 
     def forward(self, x: torch.Tensor, experts: Experts) -> torch.Tensor:
@@ -666,7 +772,7 @@ class MoE(nn.Module):
     def finish(self, x: torch.Tensor, logits: torch.Tensor, shared: torch.Tensor | None, experts: Experts) -> torch.Tensor:
         """From the router's logits on: routing, the routed experts (the runtime's one host sync), the sum."""
         weights, indices = self.router.route(logits)  # [T, k], [T, k]
-        y = experts(self.layer, x, weights, indices)
+        y = self.expert_out_norm(experts(self.layer, self.expert_norm(x), weights, indices))
         return y if shared is None else y + shared
 
 
@@ -677,50 +783,74 @@ def attention_piece(cfg: ModelConfig, layer: int) -> type[Attention | LatentAtte
     return Attention if cfg.mla is None else LatentAttention
 
 
+class Scale(nn.Module):
+    """x times a learned scalar (Gemma 4's `layer_scalar`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
 class Block(nn.Module):
+    """x = x + attention_out_norm(attention(attention_norm(x))); x = rescale(x + ffn_out_norm(ffn(ffn_norm(x)))).
+    The out norms and the rescale are Gemma 4's (elsewhere identities); Gemma 4's MoE takes x itself (its
+    dense MLP, router and experts each normalise it their own way)."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
         self.attention = attention_piece(cfg, layer)(cfg, layer)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
-        self.ffn = MoE(cfg, layer) if layer in cfg.moe_layers else DenseMLP(cfg.dim, cfg.dense_ffn_dim)
+        self.ffn_norm = nn.Identity() if cfg.expert_norms else RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
+        self.ffn = MoE(cfg, layer) if layer in cfg.moe_layers else DenseMLP(cfg.dim, cfg.dense_ffn_dim, cfg.dense_act)
+        sandwich = (lambda: RMSNorm(cfg.dim, cfg.norm_eps)) if cfg.sandwich_norms else nn.Identity
+        self.attention_out_norm, self.ffn_out_norm = sandwich(), sandwich()
+        self.rescale = Scale() if cfg.sandwich_norms else nn.Identity()
         self.fused: cpu_attention.Fused | None = None  # a decode step's attention block in one call (`fuse`)
 
     def forward(self, x, cos, sin, cache, pos, experts: Experts) -> torch.Tensor:
         step = self.fused(x, cos, sin, [cache], [pos]) if self.fused is not None and x.shape[0] == 1 else None
         if step is None:
-            x = x + self.attention(self.attention_norm(x), cos, sin, cache, pos)
+            x = x + self.attention_out_norm(self.attention(self.attention_norm(x), cos, sin, cache, pos))
             step = x, self.ffn_norm(x)
         x, h = step
-        return x + self.ffn(h, experts)
+        return self.rescale(x + self.ffn_out_norm(self.ffn(h, experts)))
 
     def fuse(self, rot_dim: int) -> bool:
         """On the CPU: a decode step's way from the attention norm to the MoE's input (one token, or one of each
-        sequence of a batch) as one kernel call (`cpu_attention.Fused`), where it applies; a linear-attention
-        layer's from its input projection to out_proj (`LinearAttention.fuse`); whether it does."""
+        sequence of a batch) as one kernel call (`cpu_attention.Fused`), where it applies (not with Gemma 4's
+        norms around the attention and inside it, nor its values from keys); a linear-attention layer's from
+        its input projection to out_proj (`LinearAttention.fuse`); whether it does."""
         if isinstance(self.attention, LinearAttention):
             return self.attention.fuse()
-        if isinstance(self.attention, Attention):
+        plain = isinstance(self.attention_out_norm, nn.Identity) and isinstance(self.ffn_norm, RMSNorm)
+        if isinstance(self.attention, Attention) and plain and not self.attention.values_from_keys:
             self.fused = cpu_attention.Fused.build(self.attention_norm, self.attention, self.ffn_norm, rot_dim)
         return self.fused is not None
 
     def forward_batch(self, x, cos, sin, caches, positions, experts: Experts, pooled: Pooled | None = None) -> torch.Tensor:
         step = self.fused(x, cos, sin, caches, positions) if self.fused is not None else None
         if step is None:
-            x = x + self.attention.forward_batch(self.attention_norm(x), cos, sin, caches, positions, pooled)
+            x = x + self.attention_out_norm(self.attention.forward_batch(self.attention_norm(x), cos, sin, caches, positions, pooled))
             step = x, self.ffn_norm(x)
         x, h = step
-        return x + self.ffn(h, experts)
+        return self.rescale(x + self.ffn_out_norm(self.ffn(h, experts)))
 
     def front(self, x, cos, sin, cache, pos: torch.Tensor) -> tuple:
         """A decode step's resident part of this layer, with static shapes (`forward_static`): a dense
         layer's whole output (x,); a MoE layer's (x after attention, the MoE input h, the router's logits,
-        the shared expert's output or None), for `MoE.finish` to take on from."""
-        x = x + self.attention.forward_static(self.attention_norm(x), cos, sin, cache, pos)
+        the shared expert's output or None), for `finish` to take on from."""
+        x = x + self.attention_out_norm(self.attention.forward_static(self.attention_norm(x), cos, sin, cache, pos))
         h = self.ffn_norm(x)
         if not isinstance(self.ffn, MoE):
-            return (x + self.ffn(h),)
+            return (self.rescale(x + self.ffn_out_norm(self.ffn(h))),)
         return x, h, self.ffn.router.logits(h), self.ffn.shared_out(h)
+
+    def finish(self, x, h, logits, shared, experts: Experts) -> torch.Tensor:
+        """A MoE layer's output from what `front` returned: the routed experts, the sums."""
+        return self.rescale(x + self.ffn_out_norm(self.ffn.finish(h, logits, shared, experts)))
 
 
 class KVCache:
@@ -795,7 +925,12 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # one rotary per distinct RopeConfig of the layers (Gemma 4: the sliding layers' and the full ones'),
+        # `rope_of[i]` layer i's; a decode step computes each table once
+        self.ropes = list(dict.fromkeys(cfg.layer_rope(i) for i in range(cfg.n_layers)))
+        self.rope_of = [self.ropes.index(cfg.layer_rope(i)) for i in range(cfg.n_layers)]
         self.register_buffer("inv_freq", cfg.rope.inv_freq(), persistent=False)
+        self.inv_freqs = [rope.inv_freq() for rope in self.ropes]
 
     @classmethod
     def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.device) -> Transformer:
@@ -804,6 +939,10 @@ class Transformer(nn.Module):
             model = cls(cfg)
         model.load_state_dict(state, strict=True, assign=True)
         model.inv_freq = cfg.rope.inv_freq().to(device)  # not in the state dict; computed on the CPU as the reference
+        model.inv_freqs = [rope.inv_freq().to(device) for rope in model.ropes]
+        for layer in model.layers:  # DeepSeek-V3.2's indexer weighs its heads in fp32, as transformers keeps it
+            if (indexer := getattr(layer.attention, "indexer", None)) is not None:
+                indexer.weights.weight = nn.Parameter(indexer.weights.weight.float(), requires_grad=False)
         for router in model.routers():
             if router.spec.fp32:  # GLM and DeepSeek route in fp32, from fp32 router weights
                 router.weight = nn.Parameter(router.weight.float(), requires_grad=False)
@@ -832,22 +971,33 @@ class Transformer(nn.Module):
     def fuse_decode(self) -> int:
         """On the CPU, after any quantization: each layer's attention block as one kernel call for a decode
         token (`Block.fuse`); how many layers take it."""
-        return sum(layer.fuse(2 * self.inv_freq.numel()) for layer in self.layers)
+        return sum(layer.fuse(2 * self.inv_freqs[self.rope_of[i]].numel()) for i, layer in enumerate(self.layers))
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [T] (on any device) -> [T, D] on the compute device, wherever the table lies (beside a GPU, in
-        host RAM: `budget.embeddings_on_host`)."""
+        host RAM: `budget.embeddings_on_host`); times the family's scale (Gemma 4's sqrt(D), in the table's
+        dtype as transformers rounds it)."""
         table = self.tok_embeddings.weight
-        return F.embedding(tokens.to(table.device), table).to(self.norm.weight.device)
+        x = F.embedding(tokens.to(table.device), table).to(self.norm.weight.device)
+        return x if self.cfg.embed_scale == 1.0 else x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
+
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) [T, rd] of each of `ropes` at `positions` [T]."""
+        return [rope_cos_sin(f, positions, dtype, rope.attention_factor) for f, rope in zip(self.inv_freqs, self.ropes)]
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [T, D] -> logits [T, V], soft-capped where the family caps them (Gemma 4)."""
+        logits = self.output(hidden)
+        cap = self.cfg.logit_softcap
+        return logits if not cap else torch.tanh(logits / cap) * cap
 
     def forward(self, tokens: torch.Tensor, pos: int, kv: KVCache, experts: Experts) -> torch.Tensor:
         """tokens [T] at positions pos..pos+T-1 -> final hidden states [T, D] (before lm_head)."""
         T = tokens.shape[0]
         x = self.embed(tokens)  # [T, D]
-        positions = torch.arange(pos, pos + T, device=x.device)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype, self.cfg.rope.attention_factor)  # [T, rd]
+        tables = self.rope_tables(torch.arange(pos, pos + T, device=x.device), x.dtype)  # cos, sin [T, rd]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv.layers[i], pos, experts)
+            x = layer(x, *tables[self.rope_of[i]], kv.layers[i], pos, experts)
         return self.norm(x)
 
     def forward_batch(self, tokens: torch.Tensor, positions: list[int], caches: list[KVCache], experts: Experts) -> torch.Tensor:
@@ -856,7 +1006,7 @@ class Transformer(nn.Module):
         so each MoE layer asks `experts` once for all of them; the core too when the caches share a pool."""
         x = self.embed(tokens)  # [B, D]
         at = torch.tensor(positions, device=x.device)
-        cos, sin = rope_cos_sin(self.inv_freq, at, x.dtype, self.cfg.rope.attention_factor)  # [B, rd]
+        tables = self.rope_tables(at, x.dtype)  # cos, sin [B, rd]
         pool, pooled = caches[0].pool, None
         if all(kv.pool is pool for kv in caches):
             row_ids = [kv.row for kv in caches]
@@ -868,5 +1018,5 @@ class Transformer(nn.Module):
             pooled = Pooled((), rows, at, lo, n, seen)
         for i, layer in enumerate(self.layers):
             step = None if pooled is None else replace(pooled, layer=pool.layers[i])
-            x = layer.forward_batch(x, cos, sin, [kv.layers[i] for kv in caches], positions, experts, step)
+            x = layer.forward_batch(x, *tables[self.rope_of[i]], [kv.layers[i] for kv in caches], positions, experts, step)
         return self.norm(x)

@@ -11,13 +11,15 @@ SOFTMAX = RouterConfig()  # Mixtral's: softmax, top-k, renormalised
 
 
 def route(
-    logits: torch.Tensor, k: int, router: RouterConfig = SOFTMAX, correction_bias: torch.Tensor | None = None
+    logits: torch.Tensor, k: int, router: RouterConfig = SOFTMAX, correction_bias: torch.Tensor | None = None,
+    expert_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E] -> weights [T, k] (fp32), indices [T, k] (int64).
 
     Scores are the softmax or sigmoid of the logits; the experts are chosen by the scores (plus the
     correction bias, where the family has one) among the best `topk_group` groups; the weights are the
-    chosen experts' scores, renormalised or not, times `scaling`."""
+    chosen experts' scores, renormalised or not, times `scaling` (and, where the family learns one per
+    expert, Gemma 4, times each chosen expert's scale)."""
     logits = logits.float()
     scores = torch.softmax(logits, dim=-1) if router.scoring == "softmax" else logits.sigmoid()  # [T, E]
     choice = scores if correction_bias is None else scores + correction_bias.float()
@@ -38,4 +40,6 @@ def route(
         weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if router.scoring == "sigmoid" else 0.0))
     if router.scaling != 1.0:
         weights = weights * router.scaling
+    if expert_scale is not None:
+        weights = weights * expert_scale[indices]
     return weights, indices

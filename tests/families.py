@@ -52,6 +52,13 @@ VARIANTS = {
     # MLA with a query latent, noaux_tc routing, interleaved rotary pairs
     "deepseek_v3": ("deepseek_v3", dict(**_MLA, q_lora_rank=24, first_k_dense_replace=1, n_shared_experts=1,
                                         n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True)),
+    # DeepSeek Sparse Attention: deepseek_v3's MLA with an indexer of 16 heads of 16 keeping 6 past tokens of
+    # each query (every prompt in the tests is longer, so tokens really are dropped). 16 heads: a key scores
+    # exactly 0 only when all 16 ReLUs are 0, so no two keys tie at the 6th place, where torch's topk breaks
+    # ties by the length of the row it is given (transformers' prefill gives the whole prompt's, a chunk ours)
+    "deepseek_v32": ("deepseek_v32", dict(**_MLA, q_lora_rank=24, first_k_dense_replace=1, n_shared_experts=1,
+                                          n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                                          index_n_heads=16, index_head_dim=16, index_topk=6)),
     # attention sinks, sliding windows (6 positions: every sequence in the tests is longer) alternating with
     # full attention, biases everywhere, YaRN (gpt-oss's defaults), router bias, clamped SwiGLU with biases,
     # gate and up interleaved in one fused tensor per layer
@@ -67,6 +74,15 @@ VARIANTS = {
     # ... and Qwen3-Next's fused ones, full attention first, a dense MLP layer
     "qwen3_next": ("qwen3_next", dict(**_HYBRID, intermediate_size=96, mlp_only_layers=[2],
                                       layer_types=["full_attention", "linear_attention", "linear_attention"])),
+    # Gemma 4 26B-A4B's layout: a dense GeGLU MLP beside the routed experts in every layer, each between norms
+    # of its own, the router's input scale and per-expert scales; sliding layers (6 positions) and full ones
+    # with twice the head size, one KV head whose values are its keys' projection, proportional rotary over a
+    # quarter; q/k/v norms, sandwich norms and layer scalars, embeddings times sqrt(D), tied, soft-capped logits
+    "gemma4": ("gemma4_text", dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32,
+                                   intermediate_size=48, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+                                   attention_k_eq_v=True, hidden_size_per_layer_input=0, sliding_window=6,
+                                   layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+                                   num_hidden_layers=4, final_logit_softcapping=30.0, tie_word_embeddings=True)),
 }
 
 
@@ -92,6 +108,25 @@ def to_mxfp4(folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
+def to_gemma4_multimodal(text: Path, folder: Path) -> None:
+    """Write a saved Gemma 4 text checkpoint (`gemma4_text`) into `folder` in the layout Google publishes
+    Gemma 4 in (Gemma4ForConditionalGeneration): the config nested as `text_config` under model_type "gemma4",
+    the text model's tensors under model.language_model., and a vision tower's beside them."""
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {name.replace("model.", "model.language_model.", 1): t for name, t in load_file(text / "model.safetensors").items()}
+    state["model.vision_tower.encoder.layers.0.self_attn.q_proj.linear.weight"] = torch.randn(8, 8)
+    state["model.embed_vision.embedding_projection.weight"] = torch.randn(64, 8)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((text / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4", "text_config": config,
+        "vision_config": {"model_type": "gemma4_vision", "hidden_size": 8}, "tie_word_embeddings": True,
+        "eos_token_id": [config["eos_token_id"], 106 % config["vocab_size"]], "dtype": "float32",
+    }, indent=2))
+
+
 def build_family(variant: str, folder: Path, tokenizer_dir: Path | None = None, seed: int = 0, **overrides):
     """Save a random model of `variant` into `folder` (and copy in a tokenizer); return the reference model
     loaded back from the folder, in fp32."""
@@ -108,6 +143,13 @@ def build_family(variant: str, folder: Path, tokenizer_dir: Path | None = None, 
                 p.copy_(torch.randn(p.shape))
             if name.endswith("norm.weight") and not p.any():  # zero-centred norms (scaled by 1 + w) start at 0
                 p.copy_(torch.randn(p.shape) * 0.2)
+        if model_type == "gemma4_text":  # norms, scales and scalars initialised to 1: each its own, so a misplaced one shows
+            for name, p in model.named_parameters():
+                if name.endswith(("norm.weight", "layer_scalar", "router.scale", "per_expert_scale")):
+                    p.copy_(1 + 0.3 * torch.randn(p.shape))
+            for name, b in model.named_buffers():
+                if name.endswith("layer_scalar"):
+                    b.copy_(1 + 0.3 * torch.randn(b.shape))
     model.save_pretrained(folder)
     if tokenizer_dir is not None:
         for f in tokenizer_dir.iterdir():

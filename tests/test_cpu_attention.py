@@ -121,6 +121,7 @@ FUSED_VARIANTS = {  # what each adds to the fused block: (variant, overrides), t
     "mixtral-window": (("mixtral", {"sliding_window": 6}), [0, 1, 2]),  # every layer a ring
     "deepseek_v2": (("deepseek_v2", {}), []),  # latent attention
     "minimax_m2": (("minimax_m2", {}), [0, 1, 2]),  # q/k norms over the whole projection, a quarter of each head rotated
+    "gemma4": (("gemma4", {}), []),  # norms after attention, v norms, values from keys: not the kernel's
 }
 
 

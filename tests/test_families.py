@@ -120,6 +120,128 @@ def test_quantized_experts_run_every_family_shape(tmp_path):
         assert torch.equal(got, moe_local.load(tmp_path, device="cpu", dtype="fp32", experts_dtype=experts_dtype, expert_slots=16).logits(ids))
 
 
+# ---- DeepSeek Sparse Attention (DeepSeek-V3.2): the indexer's selection ----------------------------------
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_indexer_selects_what_transformers_selects(ties):
+    """Our `Indexer` against transformers' DeepseekV32Indexer on the same weights: per query the same `topk`
+    keys among those it may see; with every score tied (weights of 0), torch's topk over the same rows picks the
+    same ones in both."""
+    from transformers import AutoConfig
+    from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32Indexer
+
+    from moe_local.model import Indexer, rope_cos_sin
+
+    torch.manual_seed(0)
+    raw = dict(hidden_size=32, q_lora_rank=24, qk_rope_head_dim=8, index_n_heads=4, index_head_dim=16, index_topk=5,
+               num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2)
+    reference = DeepseekV32Indexer(AutoConfig.for_model("deepseek_v32", **raw), 0).eval()
+    for p in reference.parameters():
+        torch.nn.init.normal_(p)
+    if ties:
+        torch.nn.init.zeros_(reference.weights_proj.weight)
+    cfg = ModelConfig.from_hf({**AutoConfig.for_model("deepseek_v32", **raw, vocab_size=64, kv_lora_rank=16,
+                                                      n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=0).to_dict()})
+    ours = Indexer(cfg)
+    ours.load_state_dict({"wq.weight": reference.wq_b.weight, "wk.weight": reference.wk.weight, "k_norm.weight": reference.k_norm.weight,
+                          "k_norm.bias": reference.k_norm.bias, "weights.weight": reference.weights_proj.weight})
+    T = 14
+    x, q_latent = torch.randn(1, T, 32), torch.randn(1, T, 24)
+    cos, sin = rope_cos_sin(cfg.rope.inv_freq(), torch.arange(T), torch.float32)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    unsigned_sin = sin.clone()
+    unsigned_sin[:, :4] = -sin[:, :4]  # ours carries the first half negated
+    with torch.no_grad():
+        want = reference(x, q_latent, (cos[None], unsigned_sin[None]), causal[None], None)[0]  # [T, 5]
+        q, w, k = ours.project(x[0], q_latent[0], cos, sin)
+        got = ours.select(q, w, k, causal)  # [T, T]
+    for t in range(T):
+        if t + 1 > 5:  # more keys than it keeps: exactly transformers' choice
+            assert sorted(got[t].nonzero().flatten().tolist()) == sorted(want[t].tolist()), t
+        else:  # all it may see (transformers' row also names masked future keys, which its mask then drops)
+            assert got[t].tolist() == causal[t].tolist()
+
+
+def test_sparse_attention_really_drops_tokens(tmp_path):
+    """With index_topk 6 below the prompt's 40 tokens, the logits (which match transformers') are not what
+    dense latent attention over every token gives."""
+    build_family("deepseek_v32", tmp_path / "sparse")
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    for f in (tmp_path / "sparse").iterdir():
+        (dense / f.name).write_bytes(f.read_bytes())
+    config = json.loads((dense / "config.json").read_text())
+    (dense / "config.json").write_text(json.dumps({**config, "index_topk": 4096}))
+    ids = prompt_ids(40)
+    sparse_logits = moe_local.load(tmp_path / "sparse", device="cpu", dtype="fp32").logits(ids)
+    dense_logits = moe_local.load(dense, device="cpu", dtype="fp32").logits(ids)
+    # up to topk tokens all are kept (the same but for rounding: an expert's matmul over other rows)
+    assert (sparse_logits[:6] - dense_logits[:6]).abs().max() <= 1e-5 * dense_logits.abs().max()
+    assert (sparse_logits[6:] - dense_logits[6:]).abs().max() > 0.05 * dense_logits.abs().max()
+
+
+def test_the_indexers_keys_are_cached_and_planned(tmp_path):
+    build_family("deepseek_v32", tmp_path)
+    engine = moe_local.load(tmp_path, device="cpu", ctx_size=100, dtype="fp32")
+    assert [tuple(t.shape) for t in engine.kv.layers[0]] == [(100, 32 + 8), (100, 16)]  # latent + rope key; index key
+    assert engine.plan.kv_bytes == engine.kv.nbytes == engine.cfg.n_layers * 100 * (32 + 8 + 16) * 4
+
+
+def test_gemma4_published_multimodal_layout_runs_its_text_model(tmp_path):
+    """Gemma 4 ships as Gemma4ForConditionalGeneration: the text model's config under text_config, its tensors
+    under model.language_model., a vision tower beside them (not read): the same logits as the text model."""
+    from families import to_gemma4_multimodal
+
+    reference = build_family("gemma4", tmp_path / "text")
+    to_gemma4_multimodal(tmp_path / "text", tmp_path / "multimodal")
+    ids = prompt_ids(20)
+    with torch.no_grad():
+        want = reference(torch.tensor([ids])).logits[0]
+    engine = moe_local.load(tmp_path / "multimodal", device="cpu", dtype="fp32")
+    assert engine.cfg.model_type == "gemma4" and engine.cfg.eos_token_ids == (reference.config.eos_token_id, 106)
+    got = engine.logits(ids)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_gemma4_sliding_and_full_layers_cache_their_own_geometry():
+    """26B-A4B: 25 sliding layers keep a ring of 1024 positions of 8 KV heads of 256; 5 full layers the whole
+    context of 2 KV heads of 512 (values, the keys' projection, are still cached apart: they are normalised, not rotated)."""
+    cfg, ctx = preset_config("gemma-4-26b-a4b"), 8192
+    assert cfg.kv_cache_numel(ctx) == 25 * 1024 * 8 * 256 * 2 + 5 * ctx * 2 * 512 * 2
+    result = moe_local_cli("plan", "--preset", "gemma-4-26b-a4b", "--gpu-memory", "8GiB", "--json", "--ctx-size", str(ctx))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report.get("chosen", report)["kv_bytes"] == cfg.kv_cache_numel(ctx) * 2
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"enable_moe_block": False}, "gemma4 without enable_moe_block is a dense model"),
+    ({"hidden_size_per_layer_input": 256}, "unsupported hidden_size_per_layer_input=256 for gemma4"),
+    ({"num_kv_shared_layers": 4}, "unsupported num_kv_shared_layers=4 for gemma4"),
+    ({"hidden_activation": "silu"}, "unsupported hidden_activation 'silu' for gemma4"),
+])
+def test_gemma4_options_the_moe_model_does_not_use_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_hf({**PRESETS["gemma-4-26b-a4b"], **overrides})
+
+
+def test_gemma4_experts_decline_the_swiglu_kernels_and_run_their_geglu():
+    """The grouped CPU kernels compute SwiGLU only: Gemma 4's GeGLU experts are declined (torch runs them)."""
+    from moe_local.experts.formats import Dense, geglu_tanh, grouped_kernels
+
+    cfg = preset_config("gemma-4-26b-a4b", 2)
+    assert grouped_kernels(cfg, "bf16") is None and grouped_kernels(cfg, "int8") is None
+    fmt = Dense(cfg, torch.bfloat16)
+    views = [fmt.unpack(torch.randn(fmt.expert_bytes // 2).bfloat16().view(torch.uint8)) for _ in range(2)]
+    xs = torch.randn(3, cfg.dim).bfloat16()
+    assert fmt.forward_grouped(xs, [2, 1], views) is None and fmt.decode_table(views) is None
+    gate, up = (xs.float() @ views[0]["gate_up"].float().T).chunk(2, dim=-1)
+    want = (torch.nn.functional.gelu(gate, approximate="tanh") * up) @ views[0]["down"].float().T
+    assert torch.allclose(fmt.forward(xs.float(), {k: v.float() for k, v in views[0].items()}), want, rtol=1e-4, atol=1e-3)
+    assert fmt.activation is geglu_tanh
+
+
 # ---- routers, each against the transformers module that defines it ----------------------------------
 
 
@@ -182,7 +304,8 @@ def test_presets_match_the_published_parameter_counts():
     published = {  # name: (billions total, billions active), as the model cards say
         "qwen3-30b-a3b": (30.5, 3.3), "qwen3-235b-a22b": (235, 22), "deepseek-v3": (671, 37),
         "olmoe-1b-7b": (6.9, 1.3), "glm-4.5-air": (106, 12), "deepseek-v2-lite": (15.7, 2.4),
-        "mixtral-8x7b": (46.7, 12.9), "minimax-m2": (230, 10),
+        "mixtral-8x7b": (46.7, 12.9), "minimax-m2": (230, 10), "gemma-4-26b-a4b": (25.2, 3.8),
+        "deepseek-v3.2": (671, 37),  # the model card's 685B counts the multi-token-prediction layer
     }
     for name, (total_b, active_b) in published.items():
         assert counts[name]["total"] / 1e9 == pytest.approx(total_b, rel=0.02), name

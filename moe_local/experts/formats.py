@@ -233,7 +233,14 @@ def swiglu_oai(gate_up: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return (up + 1) * (gate * torch.sigmoid(gate * cfg.swiglu_alpha))
 
 
-ACTIVATIONS = {"silu": swiglu, "swiglu_oai": swiglu_oai}
+def geglu_tanh(gate_up: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Gemma 4's: GELU's tanh approximation of the gate, times up (the grouped CPU kernels are SwiGLU's only:
+    `grouped_kernels` declines these experts, torch runs them)."""
+    gate, up = gate_up.chunk(2, dim=-1)  # [N, F] each
+    return F.gelu(gate, approximate="tanh") * up
+
+
+ACTIVATIONS = {"silu": swiglu, "swiglu_oai": swiglu_oai, "gelu_tanh": geglu_tanh}
 
 
 class Dense(ExpertFormat):
