@@ -105,10 +105,16 @@ class ChatSession:
         """Where in `prompt` (the ids of `messages` and the template's generation prompt) the conversation
         alone ends, if it ends there: the next turn's prompt repeats it, and a model with linear-attention layers
         resumes there (`Engine.prefill`'s marks) where its template renders the answer otherwise than it was
-        generated (Qwen3.5's drops the thinking block and the generation prompt's empty one)."""
+        generated (Qwen3.5's drops the thinking block and the generation prompt's empty one). Nothing for a
+        model whose cache can be cut back to any prefix, or where the template refuses to end there."""
+        if self.engine.kv.can_truncate:
+            return ()
         chat = ([{"role": "system", "content": self.system}] if self.system else []) + messages
         options = self.engine.tokenizer.template_options(self.think, self.reasoning_effort)
-        ids = self.engine.tokenizer.render_chat(chat, add_generation_prompt=False, **options)
+        try:
+            ids = self.engine.tokenizer.render_chat(chat, add_generation_prompt=False, **options)
+        except MoeLocalError:  # a template that only renders a conversation with its generation prompt
+            return ()
         return (len(ids),) if 0 < len(ids) < len(prompt) and prompt[: len(ids)] == ids else ()
 
     def continue_said(self, text: str) -> list[int] | None:

@@ -302,11 +302,14 @@ class Server:
             raise ApiError(400, str(e), param="reasoning_effort") from None
         try:
             prompt = tokenizer.render_chat(messages, **options)
-            # where the conversation alone ends: the next turn repeats it, and a model with linear-attention layers
-            # keeps its state there (`Engine.prefill`'s marks), which the answer's rendering may not leave intact
-            closed = tokenizer.render_chat(messages, add_generation_prompt=False, **options)
         except MoeLocalError as e:  # the template refuses this conversation (roles out of order, ...)
             raise ApiError(400, str(e), param="messages") from None
+        # where the conversation alone ends: the next turn repeats it, and a model with linear-attention layers keeps
+        # its state there (`Engine.prefill`'s marks), which the answer's rendering may not leave intact
+        try:
+            closed = tokenizer.render_chat(messages, add_generation_prompt=False, **options)
+        except MoeLocalError:  # a template that only renders a conversation with its generation prompt: no mark
+            closed = []
         marks = (len(closed),) if 0 < len(closed) < len(prompt) and prompt[: len(closed)] == closed else ()
         channels = is_harmony(tokenizer)  # gpt-oss: the final channel is the answer, the others reasoning_content
         return await self.answer(request, body, prompt, "messages", "chat.completion", chat_chunk, chat_message, channels, marks)
