@@ -303,6 +303,9 @@ class Attention(nn.Module):
         return keys, values, mask
 
 
+SCORE_BYTES = 1 << 27  # the most memory the indexer's per-head scores of a prefill chunk take at once
+
+
 class Indexer(nn.Module):
     """DeepSeek Sparse Attention's lightning indexer, the piece beside `LatentAttention` that chooses which past
     tokens each query attends to. Per token it caches one key [head_dim] (its own projection, LayerNorm and
@@ -330,9 +333,17 @@ class Indexer(nn.Module):
 
     def select(self, q, w, keys, visible: torch.Tensor) -> torch.Tensor:
         """queries q [..., T, H, hd] and weights w [..., T, H] over cached keys [..., S, hd]; visible [..., T, S]
-        bool (what each query may see) -> the same, keeping only each query's `topk` best-scored keys."""
-        if keys.shape[-2] <= self.topk:  # every key can be kept: nothing to score
+        bool (what each query may see) -> the same, keeping only each query's `topk` best-scored keys. The
+        per-head scores [T, H, S] fp32 are made for `SCORE_BYTES` worth of queries at a time (a 512-token chunk
+        of DeepSeek-V3.2's 64 heads over 16k positions would be 2 GiB); each query's are its own matmul, so
+        the slices change nothing."""
+        S, T = keys.shape[-2], q.shape[-3]
+        if S <= self.topk:  # every key can be kept: nothing to score
             return visible
+        rows = max(1, SCORE_BYTES // (4 * self.n_heads * S))
+        if T > rows:
+            return torch.cat([self.select(q[..., i : i + rows, :, :], w[..., i : i + rows, :], keys, visible[..., i : i + rows, :])
+                              for i in range(0, T, rows)], dim=-2)  # fmt: skip
         scores = F.relu(torch.matmul(q, keys.float().transpose(-1, -2).unsqueeze(-3)) * self.scale)  # [..., T, H, S]
         index = torch.matmul(w.unsqueeze(-2), scores).squeeze(-2).masked_fill(~visible, float("-inf"))  # [..., T, S]
         chosen = index.topk(self.topk, dim=-1).indices

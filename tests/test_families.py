@@ -163,6 +163,23 @@ def test_indexer_selects_what_transformers_selects(ties):
             assert got[t].tolist() == causal[t].tolist()
 
 
+def test_the_indexer_scores_a_long_chunk_in_slices_with_the_same_choice(monkeypatch):
+    """A long prefill chunk's scores are made a few queries at a time (`SCORE_BYTES`): the same keys kept."""
+    from moe_local import model
+    from moe_local.model import Indexer
+
+    cfg = ModelConfig.from_hf({**PRESETS["deepseek-v3.2"], "num_hidden_layers": 1, "first_k_dense_replace": 0,
+                               "index_n_heads": 4, "index_head_dim": 16, "index_topk": 5, "qk_rope_head_dim": 8})
+    indexer = Indexer(cfg)
+    gen = torch.Generator().manual_seed(0)
+    q, w, keys = torch.randn(30, 4, 16, generator=gen), torch.randn(30, 4, generator=gen), torch.randn(30, 16, generator=gen)
+    visible = torch.ones(30, 30, dtype=torch.bool).tril()
+    whole = indexer.select(q, w, keys, visible)
+    monkeypatch.setattr(model, "SCORE_BYTES", 4 * 4 * 30 * 7)  # 7 queries at a time
+    assert torch.equal(indexer.select(q, w, keys, visible), whole)
+    assert (whole.sum(-1) == visible.sum(-1).clamp(max=5)).all()
+
+
 def test_sparse_attention_really_drops_tokens(tmp_path):
     """With index_topk 6 below the prompt's 40 tokens, the logits (which match transformers') are not what
     dense latent attention over every token gives."""
