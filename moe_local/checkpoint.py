@@ -298,8 +298,9 @@ def _gemma4_layer(names: dict, cfg: ModelConfig, hf: str, ours: str, ordinal: in
 def _fused_experts(names: dict, cfg: ModelConfig, hf: str, ordinal: int) -> None:
     """gpt-oss: a layer's experts as one tensor per matrix, [E, D, 2F] gate_up (gate and up interleaved
     along the last dimension) and [E, F, D] down, with biases; or those matrices as MXFP4 blocks and
-    scales in our [out, in] orientation ([E, 2F, D/32, 16], rows interleaved). Read one expert at a time
-    by `Checkpoint.expert`."""
+    scales in our [out, in] orientation ([E, 2F, D/32, 16], rows interleaved). Gemma 4 (`fused_layout`
+    "halves"): [E, 2F, D] gate_up, gate rows then up rows, and [E, D, F] down, no biases. Read one expert at
+    a time by `Checkpoint.expert`."""
     e, d, f, g = cfg.n_experts, cfg.dim, cfg.ffn_dim, mxfp4.BLOCK
     if FAMILIES[cfg.model_type].fused_layout == "halves":  # in our orientation, gate rows then up rows; no biases
         shapes = {"gate_up_proj": (e, 2 * f, d), "down_proj": (e, d, f)}
