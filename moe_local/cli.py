@@ -20,6 +20,7 @@ import typer
 
 from moe_local import __version__
 from moe_local.errors import MoeLocalError
+from moe_local.threads import set_openmp_defaults
 
 if TYPE_CHECKING:
     from moe_local.checkpoint import Checkpoint
@@ -259,7 +260,7 @@ CudaGraphs = Annotated[Optional[bool], typer.Option("--cuda-graphs/--no-cuda-gra
 CpuExperts = Annotated[Optional[str], typer.Option("--cpu-experts", help="Where a missed expert runs: auto (the default: copied to the GPU or run on the CPU from host RAM, whichever a cost model measured at load says finishes first), never (always copied) or always (always on the CPU; the slots keep the hot experts). On --device cpu, auto is never.")]
 GroupSize = Annotated[Optional[int], typer.Option("--group-size", help="int4 group size: 32, 64, 128 or 256. Default 128, or the largest the model's sizes allow.")]
 Policy = Annotated[Optional[str], typer.Option("--policy", help="Expert slot eviction policy: layer-lru (the default: each layer keeps an even share of the slots) or lru (see docs/measurements.md).")]
-Threads = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads for torch. Default: torch's (the number of cores).")]
+Threads = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads for torch and moe-local's kernels. Default: every core. With another program busy on a core of a small machine, 1 can be faster.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress bar, notes or timings on stderr.")]
 Debug = Annotated[bool, typer.Option("--debug", metavar="", help="Show the traceback of an error.")]
 JsonOutput = Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON object.")]
@@ -873,6 +874,7 @@ def cache_clear(debug: Debug = False) -> None:
 
 def main() -> None:
     """Run the app; a usage error (unknown flag, bad value) is one line on stderr too, and exit status 2."""
+    set_openmp_defaults()  # before any command imports torch, which loads libgomp
     warnings.showwarning = lambda message, *args, **kwargs: stderr(f"warning: {message}")  # one line each
     try:
         code = app(standalone_mode=False, prog_name="moe-local")
