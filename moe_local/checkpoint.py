@@ -15,9 +15,16 @@ import torch
 from moe_local.config import FAMILIES, ModelConfig
 from moe_local.experts import mxfp4
 from moe_local.errors import CheckpointError, ConfigError
+from moe_local.weights import compressed, fp8
+from moe_local.weights.compressed import PackedInt4
+from moe_local.weights.fp8 import Fp8Blocks
 
-# U8: MXFP4 blocks and scales (gpt-oss); every other tensor we read must be one of the float types
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8}
+# U8: MXFP4 blocks and scales (gpt-oss); F8_E4M3 with F32 or F8_E8M0 scales: FP8 blocks; I32 (I64): the
+# packed int4 of compressed-tensors and its shapes; every other tensor we read must be one of the float types
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8,
+                      "F8_E4M3": fp8.E4M3, "F8_E8M0": torch.float8_e8m0fnu, "I32": torch.int32, "I64": torch.int64}
+# dtypes that only a quantized matrix's parts may have (each checked where its matrix is)
+PART_DTYPES = (torch.float8_e8m0fnu, torch.int32, torch.int64)
 # Buffers some older exports saved with the weights; they carry no information we need.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -85,7 +92,7 @@ def read_safetensors_header(shard: Path) -> dict[str, TensorInfo]:
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"shard {shard.name} is corrupt: bad header entry for {name}") from None
         if dtype is None:
-            raise CheckpointError(f"tensor {name} in {shard.name} has dtype {entry['dtype']}; only F32, F16, BF16 (and U8 for MXFP4 experts) are supported")
+            raise CheckpointError(f"tensor {name} in {shard.name} has dtype {entry['dtype']}; only F32, F16, BF16 (and U8 for MXFP4 experts, F8_E4M3 for FP8 blocks, I32 for packed int4) are supported")
         if end - begin != dtype.itemsize * int(torch.Size(shape).numel()):
             raise CheckpointError(f"shard {shard.name} is corrupt: {name}'s data offsets do not match its shape")
         tensors[name] = TensorInfo(shard, dtype, shape, 8 + header_len + begin, end - begin)
@@ -342,6 +349,8 @@ class Checkpoint:
         self.tensors = self._index()
         self.stacked_experts = self._stacked_experts()
         self.expected = expected_tensors(self.config, self.stacked_experts)
+        self.fp8_scales: dict[str, str] = {}  # an FP8 matrix's name -> its scales' (`weight_scale_inv`)
+        self.packed: dict[str, str] = {}  # a compressed-tensors int4 matrix's name -> its parts' prefix
         self._check_against_config()
         self._expert_names = {t.ours[1:]: name for name, t in self.expected.items() if isinstance(t.ours, tuple)}
         self._last_fused: tuple[tuple[int, int], dict[str, torch.Tensor]] | None = None
@@ -379,9 +388,25 @@ class Checkpoint:
         return tensors
 
     def _check_against_config(self) -> None:
-        expected = self.expected
+        """Every tensor config.json implies is there in its shape, as plain values or as a quantized matrix
+        whose parts fit it (FP8 `weight` + `weight_scale_inv`, compressed-tensors `weight_packed`,
+        `weight_scale`, `weight_shape`); which matrices are quantized is the checkpoint's to say, by the
+        tensors it holds (`modules_to_not_convert` and `ignore` name the same ones). Fills `fp8_scales`
+        and `packed`."""
+        expected, quant, parts = self.expected, self.config.quantization, set()
         for name, (_, shape, _) in expected.items():
             info = self.tensors.get(name)
+            prefix = name.removesuffix("weight")
+            if info is None and name.endswith(".weight") and prefix + "weight_packed" in self.tensors:
+                if not isinstance(quant, PackedInt4):
+                    raise CheckpointError(f"the checkpoint has {prefix}weight_packed (compressed-tensors int4), "
+                                          "but config.json's quantization_config does not describe it")  # fmt: skip
+                found = {p: (self.tensors[prefix + p].shape, self.tensors[prefix + p].dtype) if prefix + p in self.tensors else None
+                         for p in compressed.PARTS}  # fmt: skip
+                quant.check(prefix, shape, found)
+                self.packed[name] = prefix
+                parts.update(prefix + p for p in compressed.PARTS)
+                continue
             if info is None:
                 raise CheckpointError(f"the checkpoint lacks tensor {name}, which config.json implies")
             if info.shape != shape:
@@ -389,10 +414,18 @@ class Checkpoint:
                     f"tensor {name} in {info.shard.name} has shape {list(info.shape)} "
                     f"but config.json implies {list(shape)}"
                 )
-            if (info.dtype == torch.uint8) != name.endswith(("_blocks", "_scales")):
+            if info.dtype == fp8.E4M3:
+                if not isinstance(quant, Fp8Blocks):
+                    raise CheckpointError(f"tensor {name} is float8, but config.json has no fp8 quantization_config (weight_block_size)")
+                scale = self.tensors.get(name + "_scale_inv")
+                quant.check(name, shape, name + "_scale_inv", scale and scale.shape, scale and scale.dtype)
+                self.fp8_scales[name] = name + "_scale_inv"
+                parts.add(name + "_scale_inv")
+                continue
+            if (info.dtype == torch.uint8) != name.endswith(("_blocks", "_scales")) or info.dtype in PART_DTYPES:
                 raise CheckpointError(f"tensor {name} in {info.shard.name} has dtype {info.dtype}, which it cannot have")
         for name in self.tensors:
-            if name not in expected and not is_ignored(name, self.config):
+            if name not in expected and name not in parts and not is_ignored(name, self.config):
                 if name == "lm_head.weight":  # tied in config but saved anyway: harmless
                     continue
                 raise CheckpointError(f"unknown tensor {name} in {self.tensors[name].shard.name} for model_type {self.config.model_type}")
@@ -422,16 +455,35 @@ class Checkpoint:
                 pieces.setdefault(target.ours, []).append(name)
         state = {}
         for ours, names in pieces.items():
-            tensors = [self._read(name) for name in names]
+            tensors = [self._read(name, dtype) for name in names]
             where = "cpu" if ours in host else device
             state[ours] = (tensors[0] if len(tensors) == 1 else torch.cat(tensors)).to(device=where, dtype=dtype)
         if self.config.tie_word_embeddings:
             state["output.weight"] = state["tok_embeddings.weight"]
         return state
 
-    def _read(self, name: str) -> torch.Tensor:
+    def _read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Tensor `name` as values under our layout: a quantized matrix dequantized to `dtype` (others as stored)."""
         transform = self.expected[name].transform
-        return self.get(name) if transform is None else transform(self.get(name))
+        return self.values(name, dtype) if transform is None else transform(self.values(name, dtype))
+
+    def values(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Tensor `name` as values: an FP8 or packed int4 matrix dequantized to `dtype` by the reference
+        (`moe_local/weights/`), one matrix at a time, so that a load's peak is as for a bf16 checkpoint;
+        any other tensor as stored."""
+        quant = self.config.quantization
+        if name in self.fp8_scales:
+            return fp8.dequantize(self.get(name), self.get(self.fp8_scales[name]), quant.block, dtype)
+        if name in self.packed:
+            prefix, shape = self.packed[name], self.expected[name].shape
+            self._check_packed_shape(prefix, shape)
+            return compressed.dequantize(self.get(prefix + "weight_packed"), self.get(prefix + "weight_scale"), shape, quant.group, dtype)
+        return self.get(name)
+
+    def _check_packed_shape(self, prefix: str, shape: tuple[int, int]) -> None:
+        stored = tuple(self.get(prefix + "weight_shape").tolist())
+        if stored != tuple(shape):
+            raise CheckpointError(f"{prefix}weight_shape says {list(stored)}, but config.json implies {list(shape)}")
 
     def get_row(self, name: str, index: int) -> torch.Tensor:
         """Row `index` of a tensor along its first dimension (one expert of a fused [E, ...] tensor), read alone."""
@@ -443,7 +495,7 @@ class Checkpoint:
         """One routed expert's tensor: `layer` is the MoE layer's ordinal, w in ("w1", "w2", "w3") = gate
         [F, D], down [D, F], up [F, D], or their biases ("b1", "b2", "b3") where the family has them."""
         if (layer, expert, w) in self._expert_names:
-            return self.get(self._expert_names[layer, expert, w])
+            return self.values(self._expert_names[layer, expert, w])
         if self.stacked_experts:  # gate and up come from one read
             if self._last_fused is None or self._last_fused[0] != (layer, expert):
                 self._last_fused = (layer, expert), self._stacked_expert(layer, expert)
