@@ -496,6 +496,10 @@ class Checkpoint:
         [F, D], down [D, F], up [F, D], or their biases ("b1", "b2", "b3") where the family has them."""
         if (layer, expert, w) in self._expert_names:
             return self.values(self._expert_names[layer, expert, w])
+        if w == "fp8":  # the published bytes, for the FP8 format to copy (KeyError: not FP8 here)
+            return self._fp8_expert(layer, expert)
+        if w == "int4":  # compressed-tensors' packed int4, for the int4 format to lay out (KeyError: none here)
+            return self._packed_expert(layer, expert)
         if self.stacked_experts:  # gate and up come from one read
             if self._last_fused is None or self._last_fused[0] != (layer, expert):
                 self._last_fused = (layer, expert), self._stacked_expert(layer, expert)
@@ -507,6 +511,28 @@ class Checkpoint:
         if self._last_fused is None or self._last_fused[0] != (layer, expert):  # gate and up come from one read
             self._last_fused = (layer, expert), self._fused_expert(layer, expert)
         return self._last_fused[1][w]
+
+    def _fp8_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """One expert's FP8 parts in the `Fp8` format's layout: gate's rows then up's, each with its own blocks'
+        scales (as fp32: UE8M0 scales exactly)."""
+        names = [self._expert_names.get((layer, expert, w)) for w in ("w1", "w3", "w2")]
+        if not all(name in self.fp8_scales for name in names):
+            raise KeyError("fp8")
+        (w1, s1), (w3, s3), (w2, s2) = ((self.get(n), self.get(self.fp8_scales[n]).float()) for n in names)
+        return {"gate_up": torch.cat([w1, w3]), "gate_up.scale": torch.cat([s1, s3]), "down": w2, "down.scale": s2}
+
+    def _packed_expert(self, layer: int, expert: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """One expert's compressed-tensors int4 matrices: w -> (its stored nibbles, q + 8, uint8 [N, K]; its
+        scales [N, K / group]), for w1, w2, w3."""
+        names = {w: self._expert_names.get((layer, expert, w)) for w in ("w1", "w2", "w3")}
+        if not all(name in self.packed for name in names.values()):
+            raise KeyError("int4")
+        parts = {}
+        for w, name in names.items():
+            prefix, shape = self.packed[name], self.expected[name].shape
+            self._check_packed_shape(prefix, shape)
+            parts[w] = compressed.unpack(self.get(prefix + "weight_packed"), shape[1]), self.get(prefix + "weight_scale")
+        return parts
 
     def _stacked_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """One expert's matrices from a layer's stacked tensors: gate_up [E, 2F, D] (gate rows, then up

@@ -11,8 +11,8 @@
    mxfp4_linear: a decode step's products against MXFP4 experts (gpt-oss), for `moe_local/experts/mxfp4.py`
    (its comment is below).
 
-   experts_swiglu, experts_swiglu_int4(_tc): a decode step's SwiGLU experts of one layer (bf16, int8, or int4
-   in the CPU's or CUDA's layout) in one call, for `moe_local/experts/formats.py` (their comments are below). */
+   experts_swiglu, experts_swiglu_int4(_tc), experts_swiglu_fp8: a decode step's SwiGLU experts of one layer (bf16,
+   int8, int4 in the CPU's or CUDA's layout, or FP8 blocks) in one call, for `moe_local/experts/formats.py` (their comments are below). */
 
 #include <immintrin.h>
 #include <math.h>
@@ -885,17 +885,119 @@ int experts_swiglu_int4_tc(const uint16_t* x, int D, int F, int E, const int* st
 #endif
 }
 
+/* experts_swiglu_fp8: the same for FP8 experts as DeepSeek-V3, Qwen3-FP8, GLM-4.5-FP8 and MiniMax-M2 publish them
+   (`formats.Fp8`, `moe_local/weights/fp8.py`): e4m3 weights [N, K] with one fp32 scale per block of BN rows by BK
+   columns, [ceil(M / BN), ceil(K / BK)] per matrix of M rows (gate_up: its gate rows' blocks, then its up rows'),
+   the last blocks ragged. An e4m3 byte becomes an fp16 by two instructions (sign-extended to 16 bits and shifted
+   left by 7, bit 14 cleared: the same sign, exponent and mantissa under fp16's exponent bias, so the value times
+   2^-8, subnormals included), fp16 becomes fp32 by F16C, and FMAs meet the activations in fp32 (AVX512F, 16
+   lanes, where the CPU has it, else AVX2's 8); each block's sums are scaled by its scale, the row's by 2^8. The
+   rounding to bf16 is torch's, as above (the products, silu, h); the sums' order differs from a matmul on the
+   dequantized weights, and a weight meets its block's scale after the block's sum instead of before. D and F
+   multiples of 32, BK of 16, at most 16 rows an expert; 0, 1 for sizes it cannot take, 2 out of memory. */
+#ifdef __AVX512F__
+static inline __m512 e4m3x16(const uint8_t* p) { /* 16 e4m3 values times 2^-8 */
+    const __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p));
+    return _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16((short)0xBFFF)));
+}
+#else
+static inline __m256 e4m3x8(const uint8_t* p) { /* 8 e4m3 values times 2^-8 */
+    const __m128i h = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i*)p));
+    return _mm256_cvtph_ps(_mm_and_si128(_mm_slli_epi16(h, 7), _mm_set1_epi16((short)0xBFFF)));
+}
+#endif
+
+/* w [K] e4m3 . a [K] fp32, the sum of each block of BK columns times its scale s[c] */
+static inline float dot_fp8(const uint8_t* w, const float* a, int K, const float* s, int BK) {
+#ifdef __AVX512F__
+    __m512 total = _mm512_setzero_ps();
+    for (int k0 = 0, c = 0; k0 < K; k0 += BK, c++) {
+        const int end = k0 + BK < K ? k0 + BK : K;
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        int k = k0;
+        for (; k + 32 <= end; k += 32) {
+            acc0 = _mm512_fmadd_ps(e4m3x16(w + k), _mm512_loadu_ps(a + k), acc0);
+            acc1 = _mm512_fmadd_ps(e4m3x16(w + k + 16), _mm512_loadu_ps(a + k + 16), acc1);
+        }
+        if (k < end) acc0 = _mm512_fmadd_ps(e4m3x16(w + k), _mm512_loadu_ps(a + k), acc0);
+        total = _mm512_fmadd_ps(_mm512_add_ps(acc0, acc1), _mm512_set1_ps(s[c]), total);
+    }
+    return _mm512_reduce_add_ps(total) * 256.f;
+#else
+    __m256 total = _mm256_setzero_ps();
+    for (int k0 = 0, c = 0; k0 < K; k0 += BK, c++) {
+        const int end = k0 + BK < K ? k0 + BK : K;
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        for (int k = k0; k < end; k += 16) {
+            acc0 = _mm256_fmadd_ps(e4m3x8(w + k), _mm256_loadu_ps(a + k), acc0);
+            acc1 = _mm256_fmadd_ps(e4m3x8(w + k + 8), _mm256_loadu_ps(a + k + 8), acc1);
+        }
+        total = _mm256_fmadd_ps(_mm256_add_ps(acc0, acc1), _mm256_set1_ps(s[c]), total);
+    }
+    return hsum(total) * 256.f;
+#endif
+}
+
+/* 8 outputs n.. of an FP8 matrix of K columns whose sub-matrices have M rows each (gate_up: F; down: D) */
+static inline __m256 product8_fp8(const uint8_t* w, const float* scale, int n, int K, int M, int BN, int BK, const float* a) {
+    const int sk = (K + BK - 1) / BK, sm = (M + BN - 1) / BN;
+    float out[8];
+    for (int j = 0; j < 8; j++) {
+        const int row = n + j, srow = row / M * sm + row % M / BN;
+        out[j] = dot_fp8(w + (size_t)row * K, a, K, scale + (size_t)srow * sk, BK);
+    }
+    return _mm256_loadu_ps(out);
+}
+
+int experts_swiglu_fp8(const uint16_t* x, int D, int F, int E, const int* starts, const uint8_t* const* gate_up,
+                       const uint8_t* const* down, const float* const* gate_up_scale, const float* const* down_scale,
+                       int BN, int BK, float* y, int threads) {
+    if (D % 32 || F % 32 || BN < 1 || BK < 16 || BK % 16 || E < 1) return 1;
+    for (int e = 0; e < E; e++)
+        if (starts[e + 1] < starts[e] || starts[e + 1] - starts[e] > EXPERT_MAX_ROWS) return 1;
+    const int R = starts[E], rows = R ? R : 1;
+    float *xf = malloc(sizeof(float) * (size_t)rows * D), *hf = malloc(sizeof(float) * (size_t)rows * F); /* [R, D], [R, F] */
+    uint16_t* h = malloc(sizeof(uint16_t) * (size_t)rows * F);                                           /* [R, F] bf16 */
+    if (!xf || !hf || !h) return free(xf), free(hf), free(h), 2;
+    const int fb = F / 8, db = D / 8;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (long i = 0; i < (long)R * D; i++) xf[i] = from_bf16(x[i]);
+#pragma omp for schedule(static)
+        for (long item = 0; item < (long)E * fb; item++) { /* 8 units of h: their gate and up rows */
+            const int e = (int)(item / fb), n = (int)(item % fb) * 8;
+            for (int r = starts[e]; r < starts[e + 1]; r++) {
+                const float* a = xf + (size_t)r * D;
+                swiglu8(product8_fp8(gate_up[e], gate_up_scale[e], n, D, F, BN, BK, a),
+                        product8_fp8(gate_up[e], gate_up_scale[e], F + n, D, F, BN, BK, a), h + (size_t)r * F + n);
+            }
+        }
+#pragma omp for schedule(static)
+        for (long i = 0; i < (long)R * F; i++) hf[i] = from_bf16(h[i]);
+#pragma omp for schedule(static)
+        for (long item = 0; item < (long)E * db; item++) { /* 8 outputs */
+            const int e = (int)(item / db), d = (int)(item % db) * 8;
+            for (int r = starts[e]; r < starts[e + 1]; r++)
+                _mm256_storeu_ps(y + (size_t)r * D + d, product8_fp8(down[e], down_scale[e], d, F, D, BN, BK, hf + (size_t)r * F));
+        }
+    }
+    free(xf), free(hf), free(h);
+    return 0;
+}
+
 /* experts_decode: one decode token through k of a layer's SwiGLU experts (ids [k], routing weights w [k] fp32)
    by experts_swiglu or experts_swiglu_int4, mixed as `runtime.weigh` mixes them: each expert's output rounded to
    bf16, times its weight, rounded, the k summed in fp32 and rounded: y [D] bf16. For `InPlaceExperts`
    (`formats.DecodeTable`), where building the k experts' pointer arrays in Python and mixing their outputs by
    torch operations took ~35 us a layer. The layer's experts are a table by expert id. */
 typedef struct {
-    int kind, D, F, G, E;                  /* kind: 0 bf16, 1 int8, 2 int4 in the CPU's layout (groups of G) */
+    int kind, D, F, G, E;                  /* kind: 0 bf16, 1 int8, 2 int4 in the CPU's layout (groups of G), 3 fp8 (blocks of BN x G) */
     const void* const* gate_up;            /* [E] */
     const void* const* down;               /* [E] */
-    const uint16_t* const* gate_up_scale;  /* [E]: int8, the rows' scales; int4, the (scale, zero) pairs; bf16, NULL */
+    const uint16_t* const* gate_up_scale;  /* [E]: int8, the rows' scales; int4, the (scale, zero) pairs; fp8, the blocks' fp32 scales; bf16, NULL */
     const uint16_t* const* down_scale;
+    int BN;                                /* fp8: the rows of a block */
 } ExpertTable;
 
 #define DECODE_MAX_K 64
@@ -903,7 +1005,7 @@ typedef struct {
 /* 0, 1 for sizes, ids or a kind it cannot take (as its kernel), 2 out of memory */
 int experts_decode(const ExpertTable* t, const uint16_t* x, const int64_t* ids, const float* w, int k, uint16_t* y, int threads) {
     const int D = t->D;
-    if (k < 1 || k > DECODE_MAX_K || t->kind < 0 || t->kind > 2) return 1;
+    if (k < 1 || k > DECODE_MAX_K || t->kind < 0 || t->kind > 3) return 1;
     const void *gate_up[DECODE_MAX_K], *down[DECODE_MAX_K];
     const uint16_t *gate_up_scale[DECODE_MAX_K], *down_scale[DECODE_MAX_K];
     int starts[DECODE_MAX_K + 1];
@@ -918,7 +1020,9 @@ int experts_decode(const ExpertTable* t, const uint16_t* x, const int64_t* ids, 
     float* out = malloc(sizeof(float) * (size_t)k * D);
     if (!xs || !out) return free(xs), free(out), 2;
     for (int j = 0; j < k; j++) memcpy(xs + (size_t)j * D, x, sizeof(uint16_t) * D);
-    int code = t->kind == 2 ? experts_swiglu_int4(xs, D, t->F, k, starts, (const uint8_t* const*)gate_up, (const uint8_t* const*)down,
+    int code = t->kind == 3 ? experts_swiglu_fp8(xs, D, t->F, k, starts, (const uint8_t* const*)gate_up, (const uint8_t* const*)down,
+                                                 (const float* const*)gate_up_scale, (const float* const*)down_scale, t->BN, t->G, out, threads)
+             : t->kind == 2 ? experts_swiglu_int4(xs, D, t->F, k, starts, (const uint8_t* const*)gate_up, (const uint8_t* const*)down,
                                                   gate_up_scale, down_scale, t->G, out, threads)
                             : experts_swiglu(xs, D, t->F, k, starts, gate_up, down, t->kind ? gate_up_scale : NULL,
                                              t->kind ? down_scale : NULL, out, threads);

@@ -43,7 +43,13 @@ def quantize(w: torch.Tensor, group: int, device_type: str) -> tuple[torch.Tenso
     zero = (low + 8 * scale.float()).to(torch.bfloat16)
     # quantize against the rounded scale and zero, so that what the kernel reconstructs is nearest
     q = ((groups - zero.float()[..., None]) / scale.float()[..., None] + 8).round().clamp(0, 15)
-    q = q.to(torch.int32).view(n, k)
+    return pack(q.to(torch.int32).view(n, k), scale, zero, device_type)
+
+
+def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, device_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [N, K] integers in 0..15, scale and zero [N, K / group] bf16 (w = (q - 8) * scale + zero) -> the packed
+    weights in `device_type`'s layout and their (scale, zero) pairs [K / group, N, 2] bf16."""
+    k = q.shape[1]
     scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [K/G, N, 2]
     if device_type == "cuda":
         nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # [N, K/2], even k in the high half

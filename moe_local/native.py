@@ -73,6 +73,8 @@ def library() -> ctypes.CDLL | str:
     lib.experts_int4 = bool(lib.experts_int4())  # int4 experts (AVX512-VNNI and VBMI)
     lib.experts_swiglu_int4_tc.argtypes = lib.experts_swiglu_int4.argtypes  # int4 in CUDA's layout (VNNI)
     lib.experts_swiglu_int4_tc.restype = c_int
+    lib.experts_swiglu_fp8.argtypes = [c_void_p, c_int, c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_int, c_int, c_void_p, c_int]
+    lib.experts_swiglu_fp8.restype = c_int  # FP8 experts (AVX2 and F16C, AVX512F where the CPU has it)
     lib.int8_linear.argtypes = [c_void_p, c_int, c_int, c_void_p, c_void_p, c_int, c_void_p, c_int]
     lib.int8_linear.restype = c_int
     lib.int4_linear.argtypes = [c_void_p, c_int, c_int, c_void_p, c_void_p, c_int, c_int, c_void_p, c_int]

@@ -15,7 +15,11 @@ from transformers import AutoModelForCausalLM
 import moe_local
 from conftest import build_mixtral, moe_local_cli
 from families import build_family
+from moe_local import native
 from moe_local.checkpoint import Checkpoint
+from moe_local.config import ModelConfig
+from moe_local.experts.formats import choose_format, make_format
+from moe_local.experts.store import ExpertStore
 from moe_local.errors import CheckpointError, ConfigError
 from moe_local.generate import GenerationStats, SamplingParams, generate
 from moe_local.weights import compressed, fp8, scheme
@@ -177,3 +181,80 @@ def test_an_fp8_tensor_without_an_fp8_config_is_refused(fp8_mixtral, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="is float8, but config.json has no fp8 quantization_config"):
         Checkpoint(folder)
+
+
+# ---- the fp8 expert format and its CPU kernel -----------------------------------------------------
+
+
+def fp8_config(block: tuple[int, int] | None, **overrides) -> ModelConfig:
+    raw = dict(model_type="mixtral", vocab_size=32, hidden_size=96, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2)  # fmt: skip
+    if block:
+        raw["quantization_config"] = {"quant_method": "fp8", "weight_block_size": list(block)}
+    return ModelConfig.from_hf({**raw, **overrides})
+
+
+def swiglu64(x, gate, up, down):
+    """The expert in float64 on the dequantized weights: the exact result the kernel approximates."""
+    g, u = x @ gate.T, x @ up.T
+    return (g * torch.sigmoid(g) * u) @ down.T
+
+
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"moe-local's CPU kernels: {native.unavailable()}")
+@pytest.mark.parametrize("flags", ["", "-mno-avx512f"])  # AVX512F's 16 lanes, and AVX2's 8
+def test_the_fp8_kernel_runs_a_layers_experts_within_bf16_rounding_of_the_exact_result(rebuilt, monkeypatch, flags):
+    monkeypatch.setenv("MOE_LOCAL_KERNEL_FLAGS", flags)
+    cfg = fp8_config((24, 32))  # ragged row blocks (24 of 64 and of 96), several column blocks in each row
+    fmt = make_format("fp8", cfg, torch.bfloat16, "cpu")
+    store = ExpertStore(cfg, fmt, pin=False)
+    gen = torch.Generator().manual_seed(0)
+    # a wide range of magnitudes, so that scales differ between blocks and e4m3's subnormals occur
+    store.fill_from(lambda layer, expert, w: torch.randn(cfg.expert_shapes[w], generator=gen) * torch.logspace(-4, 0, cfg.expert_shapes[w][1]),
+                    torch.device("cpu"))  # fmt: skip
+    experts = [fmt.unpack(store.buffer((0, e))) for e in (2, 0, 3, 1)]
+    assert any(((w["gate_up"].view(torch.uint8) & 0x78) == 0).any() for w in experts)  # subnormals
+    counts = [1, 3, 0, 16]
+    xs = torch.randn(sum(counts), cfg.dim, generator=gen).bfloat16()
+    got = fmt.forward_grouped(xs, counts, experts)
+    assert got is not None and got.dtype == torch.bfloat16
+    f = cfg.ffn_dim
+    for rows, w in zip(xs.split(counts), experts):
+        if not len(rows):
+            continue
+        gate_up, down = fmt.dequantize(w, "gate_up", torch.float64), fmt.dequantize(w, "down", torch.float64)
+        exact = swiglu64(rows.double(), gate_up[:f], gate_up[f:], down)
+        mine = got[: len(rows)].double()
+        got = got[len(rows) :]
+        # the products, silu and h are rounded to bf16 where torch's bf16 path rounds them: a few 2^-8 of the output
+        torch.testing.assert_close(mine, exact, rtol=2**-6, atol=2**-6 * exact.abs().max().item())
+        torch_path = fmt.forward(rows, w).double()  # the weights dequantized to bf16, then bf16 matmuls
+        assert (mine - exact).norm() <= (torch_path - exact).norm() * 1.5
+    # a decode token's experts through the layer's table, mixed as the runtime mixes them: the same bits
+    table = fmt.decode_table([fmt.unpack(store.buffer((0, e))) for e in range(cfg.n_experts)])
+    x, weights, indices = xs[:1], torch.tensor([[0.7, 0.3]]), torch.tensor([[3, 1]])
+    ys = fmt.forward_grouped(torch.cat([x, x]), [1, 1], [experts[2], experts[3]])
+    assert torch.equal(table(x, weights, indices), (ys[0:1].float() * 0.7).bfloat16().float().add((ys[1:2].float() * 0.3).bfloat16().float()).bfloat16())
+
+
+def test_fp8_experts_from_a_bf16_checkpoint_are_quantized_in_128_blocks_and_from_fp8_ones_copied(fp8_family):
+    variant, folder, _ = fp8_family
+    ckpt = Checkpoint(folder)
+    fmt = make_format("fp8", ckpt.config, torch.bfloat16, "cpu")
+    assert fmt.native and fmt.key == f"fp8-b{FP8_VARIANTS[variant][0][0]}x{FP8_VARIANTS[variant][0][1]}"
+    buffer = torch.empty(fmt.expert_bytes, dtype=torch.uint8)
+    assert fmt.pack_native(lambda w: ckpt.expert(0, 1, w), buffer)
+    views = fmt.unpack(buffer)
+    f = ckpt.config.ffn_dim
+    assert torch.equal(fmt.dequantize(views, "gate_up", torch.float32)[:f], ckpt.expert(0, 1, "w1"))  # the published values
+    assert torch.equal(fmt.dequantize(views, "down", torch.float32), ckpt.expert(0, 1, "w2"))
+    assert make_format("fp8", fp8_config(None), torch.bfloat16, "cpu").key == "fp8-b128x128"
+
+
+def test_auto_keeps_fp8_experts_where_they_fit_and_else_takes_int4(fp8_family):
+    variant, folder, _ = fp8_family
+    cfg = Checkpoint(folder).config
+    fmt, why = choose_format("auto", cfg, torch.bfloat16, "cpu", None, available=1 << 40)
+    assert fmt.name == "fp8" and "fp8" in why
+    one = cfg.n_moe_layers * cfg.n_experts * fmt.expert_bytes
+    fmt, why = choose_format("auto", cfg, torch.bfloat16, "cpu", None, available=int(one / 0.85) - 1)
+    assert fmt.name == "int4" and "fp8 would need" in why

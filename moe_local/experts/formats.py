@@ -1,5 +1,6 @@
 """How one expert is laid out in its contiguous byte buffer, and how it runs: `Dense` (bf16/fp16/fp32),
-`Int8` (per-output-channel scales) and `Int4` (group-wise scales and zero points), weight-only.
+`Int8` (per-output-channel scales), `Int4` (group-wise scales and zero points), `Mxfp4` (gpt-oss's) and `Fp8`
+(e4m3 blocks, as the FP8 checkpoints publish them), weight-only.
 
 Every format keeps an expert as one uint8 buffer of `expert_bytes` (weights and scales together, each
 part aligned), so a cache miss stays one copy whichever the format. The int4 bit layout is the one the
@@ -21,11 +22,15 @@ from moe_local import int4, int8, native
 from moe_local.budget import format_bytes
 from moe_local.experts import mxfp4
 from moe_local.config import ModelConfig
-from moe_local.errors import BudgetError, ConfigError
+from moe_local.errors import BudgetError, CheckpointError, ConfigError
+from moe_local.weights import fp8
+from moe_local.weights.compressed import PackedInt4
+from moe_local.weights.fp8 import Fp8Blocks
 
 ALIGN = 256  # bytes: every part of an expert, and every expert, starts on this boundary
 GROUPED_MAX_ROWS = 16  # rows an expert may take in `Dense.forward_grouped`'s kernel (a decode step's few tokens)
-EXPERTS_DTYPES = ("auto", "bf16", "fp16", "fp32", "int8", "int4", "mxfp4")
+EXPERTS_DTYPES = ("auto", "bf16", "fp16", "fp32", "int8", "int4", "mxfp4", "fp8")
+FP8_BLOCK = (128, 128)  # the blocks of fp8 experts quantized from other weights: the published checkpoints' size
 GROUP_SIZES = (32, 64, 128, 256)  # what both int4 kernels accept
 DENSE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 Weights = dict[str, torch.Tensor]  # a part's name -> a view into the expert's buffer
@@ -144,10 +149,11 @@ def swiglu(gate_up: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def grouped_kernels(cfg: ModelConfig, kind: str) -> ctypes.CDLL | None:
+def grouped_kernels(cfg: ModelConfig, kind: str, group: int = 0) -> ctypes.CDLL | None:
     """moe-local's kernels where their grouped SwiGLU kernel for `kind` takes `cfg`'s experts (no biases, SiLU,
     sizes; the CPU's instructions for int8 and int4), else None."""
     if (cfg.expert_bias or cfg.expert_act != "silu" or cfg.dim % 32 or cfg.ffn_dim % 32 or (kind == "int4" and (cfg.dim % 64 or cfg.ffn_dim % 64))
+            or (kind == "fp8" and group % 16)
             or (kind == "int4-cuda" and (cfg.dim % 128 or cfg.ffn_dim % 128))):  # fmt: skip
         return None
     lib = native.library()
@@ -163,23 +169,24 @@ class DecodeTable:
 
     class _Struct(ctypes.Structure):  # `ExpertTable` in cpu_kernels.c
         _fields_ = [*((name, ctypes.c_int) for name in ("kind", "dim", "ffn_dim", "group", "experts")),
-                    *((name, ctypes.c_void_p) for name in ("gate_up", "down", "gate_up_scale", "down_scale"))]  # fmt: skip
+                    *((name, ctypes.c_void_p) for name in ("gate_up", "down", "gate_up_scale", "down_scale")), ("block_rows", ctypes.c_int)]  # fmt: skip
 
-    PARTS = {"bf16": (None, None), "int8": ("gate_up.scale", "down.scale"), "int4": ("gate_up.scale_zero", "down.scale_zero")}
+    PARTS = {"bf16": (None, None), "int8": ("gate_up.scale", "down.scale"), "int4": ("gate_up.scale_zero", "down.scale_zero"),
+             "fp8": ("gate_up.scale", "down.scale")}  # fmt: skip
 
-    def __init__(self, lib: ctypes.CDLL, cfg: ModelConfig, kind: str, group: int, views: list[Weights]):
+    def __init__(self, lib: ctypes.CDLL, cfg: ModelConfig, kind: str, group: int, views: list[Weights], block_rows: int = 0):
         def table(name: str | None):
             return None if name is None else (ctypes.c_void_p * len(views))(*(v[name].data_ptr() for v in views))
 
         self.lib, self.tables = lib, [table(name) for name in ("gate_up", "down", *self.PARTS[kind])]
         kinds = list(self.PARTS)
         self.struct = self._Struct(kinds.index(kind), cfg.dim, cfg.ffn_dim, group, len(views),
-                                   *(None if t is None else ctypes.addressof(t) for t in self.tables))  # fmt: skip
+                                   *(None if t is None else ctypes.addressof(t) for t in self.tables), block_rows)  # fmt: skip
 
     @classmethod
-    def build(cls, cfg: ModelConfig, kind: str, group: int, views: list[Weights]) -> DecodeTable | None:
-        lib = grouped_kernels(cfg, kind)
-        return None if lib is None else cls(lib, cfg, kind, group, views)
+    def build(cls, cfg: ModelConfig, kind: str, group: int, views: list[Weights], block_rows: int = 0) -> DecodeTable | None:
+        lib = grouped_kernels(cfg, kind, group)
+        return None if lib is None else cls(lib, cfg, kind, group, views, block_rows)
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
         """x [1, D] bf16, weights [1, k] fp32, indices [1, k] -> the weighted sum [1, D] bf16; None for other dtypes."""
@@ -193,16 +200,17 @@ class DecodeTable:
         return y
 
 
-def swiglu_grouped(cfg: ModelConfig, xs: torch.Tensor, counts: list[int], weights: list[Weights], kind: str, group: int = 0) -> torch.Tensor | None:
+def swiglu_grouped(cfg: ModelConfig, xs: torch.Tensor, counts: list[int], weights: list[Weights], kind: str, group: int = 0,
+                   block_rows: int = 0) -> torch.Tensor | None:  # fmt: skip
     """`forward_grouped` for SwiGLU experts without biases whose weights are bf16, int8 with bf16 scales
     (`kind`; where the CPU has AVX512-VNNI) or int4 in groups of `group` (CPU layout; VNNI and VBMI), up to
     `GROUPED_MAX_ROWS` rows each: moe-local's CPU kernels (`native.py`), one call for a layer's experts
     instead of ~5 torch calls each (~50 us apiece for the demo model's small ones). Rounds where torch's
     bf16 path rounds; the order of the sums differs, int8 weights meet the activations as int16 (2^-15 of
     each row's largest value) and int4 weights as int8 (2^-8 of the largest of each 32). `int4-cuda`: int4
-    in CUDA's layout, from host buffers (the CPU channel beside a GPU), any number of rows. None where it does
-    not apply."""
-    lib = grouped_kernels(cfg, kind)
+    in CUDA's layout, from host buffers (the CPU channel beside a GPU), any number of rows. `fp8`: e4m3 in blocks of
+    `block_rows` x `group` with fp32 scales (`experts_swiglu_fp8`). None where it does not apply."""
+    lib = grouped_kernels(cfg, kind, group)
     if lib is None or xs.dtype != torch.bfloat16 or xs.is_cuda or (max(counts) > GROUPED_MAX_ROWS and kind != "int4-cuda"):
         return None
     xs, n = xs.contiguous(), len(counts)
@@ -212,7 +220,10 @@ def swiglu_grouped(cfg: ModelConfig, xs: torch.Tensor, counts: list[int], weight
 
     starts = (ctypes.c_int * (n + 1))(0, *itertools.accumulate(counts))
     y = torch.empty(xs.shape, dtype=torch.float32)
-    if kind in ("int4", "int4-cuda"):
+    if kind == "fp8":
+        code = lib.experts_swiglu_fp8(xs.data_ptr(), cfg.dim, cfg.ffn_dim, n, starts, pointers("gate_up"), pointers("down"), pointers("gate_up.scale"),
+                                      pointers("down.scale"), block_rows, group, y.data_ptr(), torch.get_num_threads())  # fmt: skip
+    elif kind in ("int4", "int4-cuda"):
         run = lib.experts_swiglu_int4 if kind == "int4" else lib.experts_swiglu_int4_tc
         code = run(xs.data_ptr(), cfg.dim, cfg.ffn_dim, n, starts, pointers("gate_up"), pointers("down"), pointers("gate_up.scale_zero"),
                    pointers("down.scale_zero"), group, y.data_ptr(), torch.get_num_threads())  # fmt: skip
@@ -310,6 +321,7 @@ class Int4(ExpertFormat):
 
     def __init__(self, cfg: ModelConfig, group_size: int, device_type: str):
         self.group_size, self.device_type = group_size, device_type
+        self.native = isinstance(cfg.quantization, PackedInt4) and cfg.quantization.group == group_size
         f, d = cfg.ffn_dim, cfg.dim
         super().__init__(cfg, [
             ("gate_up", *self._weight_part(2 * f, d)), ("gate_up.scale_zero", torch.bfloat16, (d // group_size, 2 * f, 2)),
@@ -329,6 +341,26 @@ class Int4(ExpertFormat):
     def encode(self, w: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
         packed, scale_zero = int4.quantize(w, self.group_size, self.device_type)
         return {name: packed, f"{name}.scale_zero": scale_zero}
+
+    def pack_native(self, read, out: torch.Tensor) -> bool:
+        """A checkpoint with compressed-tensors int4 experts in these groups (`Checkpoint.expert(..., "int4")`:
+        w -> (nibbles q + 8, scales)) gives them laid out for the kernel as they are: a symmetric q * scale is
+        torch's (nibble - 8) * scale + zero with zero 0, so with bf16 scales the values are the published ones."""
+        try:
+            parts = read("int4")
+        except KeyError:
+            return False
+        encoded = {}
+        for name, ws in (("gate_up", ("w1", "w3")), ("down", ("w2",))):
+            nibbles, scale = torch.cat([parts[w][0] for w in ws]), torch.cat([parts[w][1] for w in ws])
+            if scale.dtype != torch.bfloat16 and not torch.equal(scale.to(torch.bfloat16).to(scale.dtype), scale):
+                raise CheckpointError(f"the int4 experts' {scale.dtype} scales are not all bf16 values, and the int4 format keeps bf16 "
+                                      "scales; load them with --experts-dtype bf16 (or int8)")  # fmt: skip
+            scale = scale.to(torch.bfloat16)
+            packed, scale_zero = int4.pack(nibbles.to(torch.int32), scale, torch.zeros_like(scale), self.device_type)
+            encoded |= {name: packed, f"{name}.scale_zero": scale_zero}
+        self.write(encoded, out)
+        return True
 
     def linear(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
         return int4.linear(x, w[name], w[f"{name}.scale_zero"], self.group_size, self.device_type)
@@ -419,6 +451,63 @@ class Mxfp4(ExpertFormat):
         return y + bias("down.bias") if self.cfg.expert_bias else y
 
 
+class Fp8(ExpertFormat):
+    """FP8 e4m3 weights with one fp32 scale per block of `block` (rows x columns) of each matrix, as DeepSeek-V3,
+    Qwen3-FP8, GLM-4.5-FP8 and MiniMax-M2 publish their experts (`moe_local/weights/fp8.py` owns the numerics):
+    a byte a weight, half of bf16's. A checkpoint whose experts are FP8 gives its published bytes, copied as
+    they are (`pack_native`; UE8M0 scales become their fp32 values, exactly); other experts are quantized in
+    blocks of FP8_BLOCK. On the CPU `experts_swiglu_fp8` (bf16 activations, up to 16 rows an expert; a decode
+    token's experts by `DecodeTable`), elsewhere each matrix dequantized to the activations' dtype, then one
+    matmul (on CUDA a first, correct path: no kernel reads FP8 inside the matmul yet)."""
+
+    name = "fp8"
+    quantized = True
+
+    def __init__(self, cfg: ModelConfig, block: tuple[int, int]):
+        self.block = block
+        self.native = isinstance(cfg.quantization, Fp8Blocks) and cfg.quantization.block == block
+        f, d = cfg.ffn_dim, cfg.dim
+        (gf, gd), (sd, sf) = fp8.Fp8Blocks(block).scale_shape((f, d)), fp8.Fp8Blocks(block).scale_shape((d, f))
+        super().__init__(cfg, [
+            ("gate_up", fp8.E4M3, (2 * f, d)), ("gate_up.scale", torch.float32, (2 * gf, gd)),  # gate's blocks, then up's
+            ("down", fp8.E4M3, (d, f)), ("down.scale", torch.float32, (sd, sf)),
+        ])  # fmt: skip
+
+    @property
+    def key(self) -> str:
+        return f"fp8-b{self.block[0]}x{self.block[1]}"
+
+    def pack_native(self, read, out: torch.Tensor) -> bool:
+        """A checkpoint with FP8 experts in these blocks (`Checkpoint.expert(..., "fp8")`) gives its own bytes."""
+        try:
+            parts = read("fp8")
+        except KeyError:
+            return False
+        self.write(parts, out)
+        return True
+
+    def pack(self, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, out: torch.Tensor, biases: tuple | None = None) -> None:
+        (q1, s1), (q3, s3), (q2, s2) = (fp8.quantize(w, self.block) for w in (w1, w3, w2))  # gate and up in blocks of their own
+        self.write({"gate_up": torch.cat([q1, q3]), "gate_up.scale": torch.cat([s1, s3]), "down": q2, "down.scale": s2}, out)
+
+    def dequantize(self, w: Weights, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Matrix `name` of an expert's views as values [N, K] in `dtype` (gate_up: gate's rows, then up's)."""
+        q, scale = w[name], w[f"{name}.scale"]
+        if name == "down":
+            return fp8.dequantize(q, scale, self.block, dtype)
+        f, half = self.cfg.ffn_dim, scale.shape[0] // 2
+        return torch.cat([fp8.dequantize(q[:f], scale[:half], self.block, dtype), fp8.dequantize(q[f:], scale[half:], self.block, dtype)])
+
+    def linear(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
+        return F.linear(x, self.dequantize(w, name, x.dtype))
+
+    def forward_grouped(self, xs: torch.Tensor, counts: list[int], weights: list[Weights]) -> torch.Tensor | None:
+        return swiglu_grouped(self.cfg, xs, counts, weights, "fp8", self.block[1], self.block[0])
+
+    def decode_table(self, views: list[Weights]) -> DecodeTable | None:
+        return DecodeTable.build(self.cfg, "fp8", self.block[1], views, self.block[0])
+
+
 def default_group_size(cfg: ModelConfig) -> int:
     """128, or the largest smaller size that divides both matrix widths (hidden and expert FFN size)."""
     for g in (128, 64, 32):
@@ -439,6 +528,10 @@ def make_format(
         if cfg.dim % mxfp4.BLOCK or cfg.ffn_dim % mxfp4.BLOCK:
             raise ConfigError(f"mxfp4 needs the hidden size ({cfg.dim}) and the expert FFN size ({cfg.ffn_dim}) to be multiples of 32")
         return Mxfp4(cfg)
+    if name == "fp8":
+        if cfg.expert_bias or cfg.expert_act != "silu":
+            raise ConfigError("fp8 experts are SwiGLU experts without biases (this family's have biases or another activation)")
+        return Fp8(cfg, cfg.quantization.block if isinstance(cfg.quantization, Fp8Blocks) else FP8_BLOCK)
     if name == "int4":
         if group_size is None:
             group_size = default_group_size(cfg)
@@ -469,17 +562,23 @@ def choose_format(
 ) -> tuple[ExpertFormat, str]:
     """The format `--experts-dtype name` asks for, with a line saying what was chosen and why. `auto`
     keeps the compute dtype when the experts (plus `beside_bytes` of other host memory) fit in 85% of
-    the available RAM, else int8, else int4."""
+    the available RAM, else int8, else int4; a checkpoint's own formats first: MXFP4, compressed-tensors int4
+    (kept), FP8 (kept where it fits, else int4)."""
     if name != "auto":
         fmt = make_format(name, cfg, compute_dtype, device_type, group_size)
         return fmt, f"experts in {fmt.key} (--experts-dtype {name})"
     if cfg.mxfp4_experts:  # keep the published format: the smallest, and what the model was trained in
         fmt = make_format("mxfp4", cfg, compute_dtype, device_type)
         return fmt, "experts in mxfp4 (auto: the checkpoint's own format)"
+    if isinstance(cfg.quantization, PackedInt4):  # the published int4 experts, exactly: no smaller format to fall to
+        fmt = make_format("int4", cfg, compute_dtype, device_type, cfg.quantization.group)
+        return fmt, f"experts in {fmt.key} (auto: the checkpoint's own compressed-tensors int4)"
     available = psutil.virtual_memory().available if available is None else available
     dense = {v: k for k, v in DENSE.items()}[compute_dtype]
     too_big = []
-    for candidate in (dense, "int8", "int4"):
+    # an FP8 checkpoint's experts stay FP8 (its own bytes, half of bf16's) where they fit, else int4
+    candidates = ("fp8", "int4") if isinstance(cfg.quantization, Fp8Blocks) else (dense, "int8", "int4")
+    for candidate in candidates:
         fmt = make_format(candidate, cfg, compute_dtype, device_type, group_size)
         experts = cfg.n_moe_layers * cfg.n_experts * fmt.expert_bytes
         need = experts + beside_bytes
