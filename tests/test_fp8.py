@@ -258,3 +258,58 @@ def test_auto_keeps_fp8_experts_where_they_fit_and_else_takes_int4(fp8_family):
     one = cfg.n_moe_layers * cfg.n_experts * fmt.expert_bytes
     fmt, why = choose_format("auto", cfg, torch.bfloat16, "cpu", None, available=int(one / 0.85) - 1)
     assert fmt.name == "int4" and "fp8 would need" in why
+
+
+# ---- compressed-tensors int4 (Kimi-K2's routed experts) ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kimi(tmp_path_factory, tokenizer_dir):
+    """(folder, transformers on the dequantized weights): a tiny DeepSeek-V3 whose routed experts are
+    compressed-tensors int4 in groups of 32, as Kimi-K2-Thinking ships them."""
+    root = tmp_path_factory.mktemp("kimi")
+    build_family("deepseek_v3", root / "int4", tokenizer_dir, hidden_size=128, moe_intermediate_size=64)
+    to_compressed_int4(root / "int4", root / "dequantized")
+    return root / "int4", AutoModelForCausalLM.from_pretrained(root / "dequantized", dtype=torch.float32).eval()
+
+
+def test_compressed_int4_experts_become_the_int4_format_exactly(kimi):
+    folder, _ = kimi
+    engine = moe_local.load(folder, device="cpu")
+    fmt = engine.store.format
+    assert fmt.key == "int4-g32-cpu" and "compressed-tensors" in engine.notes[0]
+    ckpt = Checkpoint(folder)
+    for layer, expert in ((0, 1), (1, 7)):
+        views = fmt.unpack(engine.store.buffer((layer, expert)))
+        published = ckpt.expert(layer, expert, "int4")  # w -> (nibbles q + 8, bf16 scales)
+        for name, ws in (("gate_up", ("w1", "w3")), ("down", ("w2",))):
+            nibbles, scale = torch.cat([published[w][0] for w in ws]), torch.cat([published[w][1] for w in ws])
+            # the int4 format's w = (nibble - 8) * scale + zero: the published nibbles and scales, and zero 0,
+            # is the published q * scale, value for value
+            assert torch.equal(views[f"{name}.scale_zero"][..., 0], scale.T)
+            assert torch.equal(views[f"{name}.scale_zero"][..., 1], torch.zeros_like(scale.T))
+            assert torch.equal(views[name], torch._convert_weight_to_int4pack_for_cpu(nibbles.int(), 1))
+            values = compressed.dequantize(compressed.pack(nibbles.to(torch.int8) - 8), scale, tuple(nibbles.shape), 32)
+            assert torch.equal(values, torch.cat([ckpt.expert(layer, expert, w) for w in ws]))
+
+
+def test_compressed_int4_checkpoint_matches_transformers_on_the_dequantized_weights(kimi):
+    folder, reference = kimi
+    ids = prompt_ids(24)
+    with torch.no_grad():
+        want = reference(torch.tensor([ids])).logits[0]
+    dequantized = moe_local.load(folder, device="cpu", dtype="fp32", experts_dtype="fp32", expert_slots=4).logits(ids)
+    assert (dequantized - want).abs().max() <= 1e-4 * want.abs().max()
+    # as int4: the same weights; torch's int4 kernel takes the activations in bf16
+    got = moe_local.load(folder, device="cpu", dtype="fp32", expert_slots=4).logits(ids)
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True, reduction="batchmean")
+    assert kl <= 1e-3
+    assert torch.equal(got, moe_local.load(folder, device="cpu", dtype="fp32").logits(ids))  # in place as in slots
+
+
+def test_a_compressed_int4_matrix_without_its_scale_is_one_clear_line(kimi, tmp_path):
+    folder, _ = kimi
+    name = "model.layers.1.mlp.experts.3.up_proj.weight_scale"
+    copy = damaged(folder, tmp_path, lambda state: state.pop(name))
+    with pytest.raises(CheckpointError, match=f"has model.layers.1.mlp.experts.3.up_proj.weight_packed but lacks {name} beside it"):
+        Checkpoint(copy)
