@@ -578,6 +578,34 @@ class Checkpoint:
         return {"w1": gate_up[0::2].contiguous(), "w3": gate_up[1::2].contiguous(), "w2": down.contiguous(),
                 "b1": bias[0::2].contiguous(), "b3": bias[1::2].contiguous(), "b2": row("down_proj_bias")}
 
+    def stored_as(self, name: str) -> str:
+        """How matrix (or tensor) `name` is stored: "fp8 e4m3, 128 x 128 blocks, fp32 scales", "int4 ...", "bf16"."""
+        quant = self.config.quantization
+        if name in self.fp8_scales:
+            scales = "ue8m0" if self.tensors[self.fp8_scales[name]].dtype == torch.float8_e8m0fnu or quant.ue8m0 else "fp32"
+            return f"fp8 e4m3, {quant.block[0]} x {quant.block[1]} blocks, {scales} scales"
+        if name in self.packed:
+            return f"int4 (compressed-tensors, symmetric, groups of {quant.group})"
+        if name.endswith(("_blocks", "_scales")):
+            return "mxfp4"
+        return str(self.tensors[name].dtype).removeprefix("torch.")
+
+    def formats(self) -> dict[str, list[str]]:
+        """How the checkpoint stores each kind of tensor ("experts": the routed experts, "attention": the attention
+        projections, "other": the rest), the formats found, each once."""
+        kinds: dict[str, dict[str, None]] = {"experts": {}, "attention": {}, "other": {}}
+        for name, target in self.expected.items():
+            kind = "experts" if isinstance(target.ours, tuple) else "attention" if ".attention.w" in target.ours else "other"
+            kinds[kind][self.stored_as(name)] = None
+        return {kind: list(found) for kind, found in kinds.items()}
+
+    def expert_stored_bytes(self) -> int:
+        """One routed expert's bytes in the checkpoint (its matrices' quantized parts included)."""
+        names = [name for key, name in self._expert_names.items() if key[:2] == (0, 0)]
+        parts = [[self.fp8_scales[n]] if n in self.fp8_scales else [self.packed[n] + p for p in compressed.PARTS] if n in self.packed else []
+                 for n in names]  # fmt: skip
+        return sum(self.tensors[n].nbytes for n in names if n in self.tensors) + sum(self.tensors[p].nbytes for ps in parts for p in ps)
+
     def close(self) -> None:
         """Close the files the reads opened (a later read opens them again)."""
         for f in self._files.values():

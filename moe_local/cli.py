@@ -254,7 +254,7 @@ ExpertSlots = Annotated[Optional[int], typer.Option("--expert-slots", help="Numb
 Device = Annotated[Optional[str], typer.Option("--device", help="cuda or cpu. Default: cuda when available.")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="Compute dtype: bf16, fp16 or fp32. Default: the checkpoint's.")]
 Prefetch = Annotated[Optional[bool], typer.Option("--prefetch/--no-prefetch", metavar="", help="Predict and load the next layer's experts ahead of time. Default: on.")]
-ExpertsDtype = Annotated[Optional[str], typer.Option("--experts-dtype", help="How the experts are stored and copied: auto (the default), bf16, fp16, fp32, int8 (per-channel, 2x fewer bytes than bf16), int4 (group-wise, ~3.8x fewer) or mxfp4 (gpt-oss's 4.25-bit format, ~3.8x fewer). auto keeps a checkpoint's own MXFP4, else the checkpoint's dtype when the experts fit in RAM with room to spare, else int8, else int4. Quantized experts are cached on disk (MOE_LOCAL_CACHE, default ~/.cache/moe-local; see `moe-local cache`).")]
+ExpertsDtype = Annotated[Optional[str], typer.Option("--experts-dtype", help="How the experts are stored and copied: auto (the default), bf16, fp16, fp32, int8 (per-channel, 2x fewer bytes than bf16), int4 (group-wise, ~3.8x fewer), mxfp4 (gpt-oss's 4.25-bit format, ~3.8x fewer) or fp8 (e4m3 in blocks with fp32 scales, as the FP8 checkpoints publish them, 2x fewer). auto keeps a checkpoint's own MXFP4, compressed-tensors int4 or FP8 (FP8 where it fits in RAM, else int4), else the checkpoint's dtype when the experts fit in RAM with room to spare, else int8, else int4. Quantized experts are cached on disk (MOE_LOCAL_CACHE, default ~/.cache/moe-local; see `moe-local cache`).")]
 ResidentDtype = Annotated[Optional[str], typer.Option("--resident-dtype", help="The weights kept on the GPU: auto (the default: the compute dtype), int8 (the attention projections in int8, per-channel: about 45% less resident memory for Mixtral, so more expert slots; for 8 GB GPUs) or int4 (in groups of up to 128, as llama.cpp's Q4_0 files keep them: about two thirds less, and less accurate). On --device cpu, where every token reads them, both also keep lm_head in int8 (unless it is the embeddings' table), and int4 decodes fastest.")]
 CudaGraphs = Annotated[Optional[bool], typer.Option("--cuda-graphs/--no-cuda-graphs", metavar="", help="Replay each layer's resident work (norms, attention, router) of a decode step as a CUDA graph instead of launching its kernels one by one. Default: on where the device is CUDA (decode 1.3-2.4x faster on an H100).")]
 CpuExperts = Annotated[Optional[str], typer.Option("--cpu-experts", help="Where a missed expert runs: auto (the default: copied to the GPU or run on the CPU from host RAM, whichever a cost model measured at load says finishes first), never (always copied) or always (always on the CPU; the slots keep the hot experts). On --device cpu, auto is never.")]
@@ -510,9 +510,11 @@ def describe(ckpt: Checkpoint) -> dict:
         "model_type": cfg.model_type,
         "dtype": str(ckpt.dtype).removeprefix("torch."),
         "parameters": cfg.parameter_counts(),
-        # as stored in the checkpoint: MXFP4 experts (gpt-oss as published) take 4.25 bits a weight
-        "experts_format": "mxfp4" if cfg.mxfp4_experts else str(ckpt.dtype).removeprefix("torch."),
-        "expert_bytes": mxfp4_expert_bytes(cfg) if cfg.mxfp4_experts else cfg.expert_numel * itemsize,
+        # as stored in the checkpoint: MXFP4 experts (gpt-oss as published) take 4.25 bits a weight, FP8 ones 8 and
+        # their scales, compressed-tensors int4 4 and theirs
+        "experts_format": "mxfp4" if cfg.mxfp4_experts else " + ".join(ckpt.formats()["experts"]),
+        "expert_bytes": mxfp4_expert_bytes(cfg) if cfg.mxfp4_experts else ckpt.expert_stored_bytes() if cfg.quantization else cfg.expert_numel * itemsize,
+        "tensor_formats": tensor_formats(ckpt),
         "resident_bytes": resident * itemsize,
         "layers": cfg.n_layers,
         "moe_layers": cfg.n_moe_layers,
@@ -539,6 +541,29 @@ def describe(ckpt: Checkpoint) -> dict:
 
 
 STATE_NOTE = ", and the linear-attention layers' fixed state"
+
+
+def tensor_formats(ckpt: Checkpoint) -> dict[str, dict[str, str]]:
+    """Per kind of tensor (experts, attention, other): how the checkpoint stores it and what a load with the
+    default options makes of it on this machine."""
+    import torch
+
+    from moe_local.errors import BudgetError
+    from moe_local.experts.formats import choose_format
+
+    stored, compute = ckpt.formats(), str(ckpt.dtype).removeprefix("torch.")
+    try:
+        _, experts = choose_format("auto", ckpt.config, ckpt.dtype, "cuda" if torch.cuda.is_available() else "cpu", None)
+    except BudgetError as e:
+        experts = str(e)
+    out = {"experts": {"stored": " + ".join(stored["experts"]), "at_load": experts}}
+    for kind in ("attention", "other"):
+        quantized = [f for f in stored[kind] if f.startswith(("fp8", "int4"))]
+        becomes = f"{compute}, dequantized at load" if quantized else "as stored"
+        if kind == "attention":
+            becomes += " (or int8, int4 under --resident-dtype)"
+        out[kind] = {"stored": " + ".join(stored[kind]), "at_load": becomes}
+    return out
 
 
 def format_count(n: int) -> str:
@@ -575,6 +600,7 @@ def info(
              f"(ffn {d['expert_ffn_size']})"),
             ("resident size", format_bytes(d["resident_bytes"])),
             ("dtype", d["dtype"]),
+            *((f"{kind} stored as", f"{f['stored']} -> {f['at_load']}") for kind, f in d["tensor_formats"].items()),
             ("layers", f"{d['layers']}, {d['moe_layers']} with experts"
              + (f", {d['layers'] - d['moe_layers']} dense (ffn {d['dense_ffn_size']})" if d["dense_ffn_size"] else "")),
             ("shared expert", f"ffn {d['shared_expert_ffn_size']} in every MoE layer, resident" if d["shared_expert_ffn_size"] else "none"),
@@ -650,7 +676,7 @@ def plan(
         report = {"model": name, "experts_format": fmt.key, "why": why, "resident_dtype": options.resident_dtype,
                   "lm_head_int8": lm_head_quantized(cfg, target.type, options.attention_dtype),
                   **plan_report(cfg, plan_for(fmt), ctx), "formats": {}}
-        for other in dict.fromkeys((fmt.name, "bf16", "int8", "int4", "mxfp4")):
+        for other in dict.fromkeys((fmt.name, "bf16", "fp8", "int8", "int4", "mxfp4")):
             try:
                 report["formats"][other] = plan_report(cfg, plan_for(make_format(other, cfg, compute, target.type, group_size)), ctx)
             except MoeLocalError as e:
@@ -734,7 +760,7 @@ def bench(
     prompt_tokens: Optional[int] = typer.Option(None, "--prompt-tokens", min=1, help=f"Prompt length for prefill. Default 512 ({TINY_BENCH_TOKENS[0]} for tiny)."),
     new_tokens: Optional[int] = typer.Option(None, "--new-tokens", min=1, help=f"Decode steps (batch 1), each fed a random token so that routing stays close to uniform. Default 128 ({TINY_BENCH_TOKENS[1]} for tiny)."),
     dtype: str = typer.Option("bf16", "--dtype", help="Compute dtype: bf16, fp16 or fp32."),
-    experts_dtype: Optional[str] = typer.Option(None, "--experts-dtype", help="The experts' format: bf16, fp16, fp32, int8, int4, mxfp4 or auto (as in run). Default: mxfp4 for gpt-oss (as published), else bf16."),
+    experts_dtype: Optional[str] = typer.Option(None, "--experts-dtype", help="The experts' format: bf16, fp16, fp32, int8, int4, mxfp4, fp8 or auto (as in run). Default: mxfp4 for gpt-oss (as published), else bf16."),
     group_size: GroupSize = None,
     resident_dtype: ResidentDtype = None,
     cpu_experts: CpuExperts = None,

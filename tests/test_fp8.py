@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -313,3 +316,61 @@ def test_a_compressed_int4_matrix_without_its_scale_is_one_clear_line(kimi, tmp_
     copy = damaged(folder, tmp_path, lambda state: state.pop(name))
     with pytest.raises(CheckpointError, match=f"has model.layers.1.mlp.experts.3.up_proj.weight_packed but lacks {name} beside it"):
         Checkpoint(copy)
+
+
+def test_info_shows_each_kind_of_tensor_as_stored_and_as_loaded(fp8_family, kimi):
+    variant, folder, _ = fp8_family
+    (bn, bk), ue8m0, _ = FP8_VARIANTS[variant]
+    result = moe_local_cli("info", str(folder), "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    fp8_name = f"fp8 e4m3, {bn} x {bk} blocks, {'ue8m0' if ue8m0 else 'fp32'} scales"
+    formats = info["tensor_formats"]
+    assert formats["experts"]["stored"] == info["experts_format"] == fp8_name
+    assert formats["experts"]["at_load"].startswith(f"experts in fp8-b{bn}x{bk} (auto")
+    assert formats["attention"]["stored"] == f"{fp8_name} + float32"  # layer 0's o_proj was kept
+    assert formats["attention"]["at_load"].startswith("float32, dequantized at load")
+    cfg = Checkpoint(folder).config
+    scales = 2 * -(-cfg.ffn_dim // bn) * -(-cfg.dim // bk) + -(-cfg.dim // bn) * -(-cfg.ffn_dim // bk)
+    assert info["expert_bytes"] == cfg.expert_numel + scales * (1 if variant == "deepseek_v3" else 4)  # e4m3 and F8_E8M0 or F32 scales
+    result = moe_local_cli("info", str(kimi[0]))
+    assert result.returncode == 0, result.stderr
+    assert "experts stored as         int4 (compressed-tensors, symmetric, groups of 32) -> experts in int4-g32" in result.stdout
+
+
+TRITON_CHECK = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"  # Triton's interpreter: the kernel's arithmetic on the CPU
+import torch
+sys.path.insert(0, "tests")
+from test_fp8 import fp8_config
+from moe_local.experts import fp8_triton
+from moe_local.experts.formats import make_format
+for block in ((24, 32), (16, 48)):  # ragged row blocks; a block narrower than the kernel's lanes
+    cfg = fp8_config(block)
+    fmt = make_format("fp8", cfg, torch.float32, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    pool = torch.empty(3, fmt.expert_bytes, dtype=torch.uint8)
+    for slot in range(3):
+        w = {w: torch.randn(cfg.expert_shapes[w], generator=gen) * torch.logspace(-3, 0, cfg.expert_shapes[w][1]) for w in ("w1", "w2", "w3")}
+        fmt.pack(w["w1"], w["w2"], w["w3"], pool[slot])
+    part = {p.name: p for p in fmt.parts}
+    slots, f, d = [2, 0], cfg.ffn_dim, cfg.dim
+    x = torch.randn(2, d, generator=gen)
+    for name, n, rows, xs in (("gate_up", 2 * f, f, x), ("down", d, d, x[:1, :f])):
+        got = fp8_triton.linear_grouped(xs, pool.view(-1)[part[name].offset:], pool.view(-1)[part[name + ".scale"].offset:],
+                                        torch.tensor(slots), pool.stride(0), n, rows, fmt.block)
+        for i, slot in enumerate(slots):
+            want = xs[min(i, len(xs) - 1)].double() @ fmt.dequantize(fmt.unpack(pool[slot]), name, torch.float64).T
+            torch.testing.assert_close(got[i].double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+print("ok")
+"""
+
+
+def test_the_triton_kernel_reads_fp8_experts_from_their_slots_as_the_reference(tmp_path):
+    """CUDA's decode kernel for a token's FP8 experts, in Triton's interpreter (no GPU here): each expert's rows
+    against its own slot's matrix, fp32 sums within rounding of the float64 product on the dequantized weights."""
+    pytest.importorskip("triton")
+    result = subprocess.run([sys.executable, "-c", TRITON_CHECK], capture_output=True, text=True, timeout=600,
+                            cwd=Path(__file__).parent.parent)  # fmt: skip
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

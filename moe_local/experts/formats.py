@@ -504,6 +504,26 @@ class Fp8(ExpertFormat):
     def forward_grouped(self, xs: torch.Tensor, counts: list[int], weights: list[Weights]) -> torch.Tensor | None:
         return swiglu_grouped(self.cfg, xs, counts, weights, "fp8", self.block[1], self.block[0])
 
+    def groups_slots(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def forward_slots(self, x: torch.Tensor, pool: torch.Tensor, slots: list[int], views: list[Weights]) -> torch.Tensor:
+        """On CUDA, every expert of a decode token in one Triton launch per matrix (`fp8_triton.linear_grouped`:
+        the e4m3 bytes widened in registers, each block's sum scaled), not yet measured on a GPU."""
+        if not x.is_cuda:
+            return super().forward_slots(x, pool, slots, views)
+        from moe_local.experts import fp8_triton  # Triton is imported only where there is a GPU
+
+        index = torch.tensor(slots, dtype=torch.int64, pin_memory=True).to(x.device, non_blocking=True)  # [G]
+        flat, part = pool.view(-1), {p.name: p for p in self.parts}
+        f, d = self.cfg.ffn_dim, self.cfg.dim
+
+        def linear(xs: torch.Tensor, name: str, n: int, rows: int) -> torch.Tensor:
+            weights, scales = flat[part[name].offset :], flat[part[f"{name}.scale"].offset :]
+            return fp8_triton.linear_grouped(xs, weights, scales, index, pool.stride(0), n, rows, self.block)
+
+        return linear(self.activation(linear(x, "gate_up", 2 * f, f), self.cfg), "down", d, d)  # [G, D]
+
     def decode_table(self, views: list[Weights]) -> DecodeTable | None:
         return DecodeTable.build(self.cfg, "fp8", self.block[1], views, self.block[0])
 
