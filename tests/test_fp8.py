@@ -1,5 +1,5 @@
-"""Checkpoints as the big MoEs publish them: FP8 blocks with fp32 or UE8M0 scales (DeepSeek-V3, Qwen3-FP8,
-GLM-4.5-FP8, MiniMax-M2) and compressed-tensors int4 experts (Kimi-K2), each against transformers running the
+"""Checkpoints as the big MoEs publish them: FP8 blocks with fp32 or UE8M0 scales (Mixtral's layout, Qwen3-FP8,
+DeepSeek-V3, GLM-4.5-FP8, MiniMax-M2) and compressed-tensors int4 experts (Kimi-K2), each against transformers running the
 same weights dequantized; the numerics of `moe_local/weights/`; one clear line for a broken scale."""
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ FP8_VARIANTS = {
     "qwen3_moe": ((24, 32), False, False),
     "deepseek_v3": ((16, 32), True, True),
     "glm4_moe": ((24, 48), True, False),
+    "minimax_m2": ((32, 16), False, False),
 }
 
 
