@@ -20,6 +20,7 @@ from conftest import build_mixtral, moe_local_cli
 from families import build_family
 from moe_local import native
 from moe_local.checkpoint import Checkpoint
+from moe_local.cli import describe
 from moe_local.config import ModelConfig
 from moe_local.experts.formats import choose_format, make_format
 from moe_local.experts.store import ExpertStore
@@ -94,6 +95,25 @@ def test_which_matrices_are_fp8_follows_the_checkpoint(fp8_family):
     assert "model.layers.0.self_attn.o_proj.weight" not in ckpt.fp8_scales  # kept in fp32, as modules_to_not_convert says
     assert "model.layers.1.self_attn.o_proj.weight" in ckpt.fp8_scales
     assert ckpt.values("model.layers.0.self_attn.o_proj.weight").dtype == torch.float32
+
+
+def test_fp8_attention_under_resident_int8_is_quantized_from_the_fp8_values(fp8_mixtral):
+    """--resident-dtype int8: the attention projections in int8, quantized from the FP8 values the load dequantized
+    (no bf16 copy of the checkpoint needed), within half a step of them."""
+    from moe_local.int8 import Int8Linear
+
+    ids = prompt_ids(10)
+    dense = moe_local.load(fp8_mixtral, device="cpu", dtype="fp32")
+    engine = moe_local.load(fp8_mixtral, device="cpu", dtype="fp32", resident_dtype="int8")
+    wqkv = engine.model.layers[1].attention.wqkv
+    assert isinstance(wqkv, Int8Linear)
+    ckpt = Checkpoint(fp8_mixtral)
+    q = ckpt.values("model.layers.1.self_attn.q_proj.weight")  # the FP8 values, dequantized by the reference
+    assert torch.equal(dense.model.layers[1].attention.wqkv.weight[: q.shape[0]], q)
+    seen = wqkv.weight[: q.shape[0]].float() * wqkv.scale[: q.shape[0], None].float()
+    assert torch.all((seen - q).abs() <= wqkv.scale[: q.shape[0], None].float() / 2 + 1e-6)
+    want, got = dense.logits(ids), engine.logits(ids)
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
 
 
 # ---- the numerics ---------------------------------------------------------------------------------
@@ -319,24 +339,35 @@ def test_a_compressed_int4_matrix_without_its_scale_is_one_clear_line(kimi, tmp_
         Checkpoint(copy)
 
 
-def test_info_shows_each_kind_of_tensor_as_stored_and_as_loaded(fp8_family, kimi):
+def test_info_shows_each_kind_of_tensor_as_stored_and_as_loaded(fp8_family):
     variant, folder, _ = fp8_family
     (bn, bk), ue8m0, _ = FP8_VARIANTS[variant]
-    result = moe_local_cli("info", str(folder), "--json")
-    assert result.returncode == 0, result.stderr
-    info = json.loads(result.stdout)
+    ckpt = Checkpoint(folder)
+    info = describe(ckpt)
     fp8_name = f"fp8 e4m3, {bn} x {bk} blocks, {'ue8m0' if ue8m0 else 'fp32'} scales"
     formats = info["tensor_formats"]
     assert formats["experts"]["stored"] == info["experts_format"] == fp8_name
     assert formats["experts"]["at_load"].startswith(f"experts in fp8-b{bn}x{bk} (auto")
     assert formats["attention"]["stored"] == f"{fp8_name} + float32"  # layer 0's o_proj was kept
     assert formats["attention"]["at_load"].startswith("float32, dequantized at load")
-    cfg = Checkpoint(folder).config
+    cfg = ckpt.config
     scales = 2 * -(-cfg.ffn_dim // bn) * -(-cfg.dim // bk) + -(-cfg.dim // bn) * -(-cfg.ffn_dim // bk)
     assert info["expert_bytes"] == cfg.expert_numel + scales * (1 if variant == "deepseek_v3" else 4)  # e4m3 and F8_E8M0 or F32 scales
+
+
+def test_info_says_compressed_int4_experts_stay_int4(kimi):
     result = moe_local_cli("info", str(kimi[0]))
     assert result.returncode == 0, result.stderr
     assert "experts stored as         int4 (compressed-tensors, symmetric, groups of 32) -> experts in int4-g32" in result.stdout
+    assert "attention stored as       float32 -> as stored" in result.stdout
+
+
+def test_plan_takes_an_fp8_checkpoint_in_its_own_format(fp8_mixtral):
+    result = moe_local_cli("plan", str(fp8_mixtral), "--device", "cpu", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["experts_format"] == "fp8-b16x32" and plan["why"].startswith("experts in fp8-b16x32 (auto")
+    assert plan["formats"]["fp8"]["expert_bytes"] < plan["formats"]["bf16"]["expert_bytes"]
 
 
 TRITON_CHECK = """

@@ -346,6 +346,8 @@ class Int4(ExpertFormat):
         """A checkpoint with compressed-tensors int4 experts in these groups (`Checkpoint.expert(..., "int4")`:
         w -> (nibbles q + 8, scales)) gives them laid out for the kernel as they are: a symmetric q * scale is
         torch's (nibble - 8) * scale + zero with zero 0, so with bf16 scales the values are the published ones."""
+        if not self.native:  # other groups than the checkpoint's: quantized again from its values, as asked
+            return False
         try:
             parts = read("int4")
         except KeyError:
@@ -457,8 +459,9 @@ class Fp8(ExpertFormat):
     a byte a weight, half of bf16's. A checkpoint whose experts are FP8 gives its published bytes, copied as
     they are (`pack_native`; UE8M0 scales become their fp32 values, exactly); other experts are quantized in
     blocks of FP8_BLOCK. On the CPU `experts_swiglu_fp8` (bf16 activations, up to 16 rows an expert; a decode
-    token's experts by `DecodeTable`), elsewhere each matrix dequantized to the activations' dtype, then one
-    matmul (on CUDA a first, correct path: no kernel reads FP8 inside the matmul yet)."""
+    token's experts by `DecodeTable`); on CUDA a decode token's experts in slots by one Triton launch per matrix
+    (`forward_slots`; not yet run on a GPU); elsewhere (prefill, fp32, one expert at a time) each matrix
+    dequantized to the activations' dtype, then one matmul."""
 
     name = "fp8"
     quantized = True
@@ -479,6 +482,8 @@ class Fp8(ExpertFormat):
 
     def pack_native(self, read, out: torch.Tensor) -> bool:
         """A checkpoint with FP8 experts in these blocks (`Checkpoint.expert(..., "fp8")`) gives its own bytes."""
+        if not self.native:
+            return False
         try:
             parts = read("fp8")
         except KeyError:
