@@ -3,7 +3,9 @@
 # Usage (device tool): bash scripts/gpu_session.sh [STEP ...]   (default: every step). Output under $OUT (or
 # ./gpu-out), a file per step and steps.txt; DEADLINE=SECONDS ends it in time, cutting the step that runs
 # over; TESTS: which test files (default: tests/). Steps, in the order they run: machine tests mxfp4 qwen3
-# mixtral batch pageable mixtral_never gpt_oss_20b gpt_oss_120b gpt_oss_never mixtral_bf16
+# mixtral qwen36 qwen3_fp8 batch pageable mixtral_never mixtral_int4_attention gpt_oss_20b gpt_oss_120b
+# gpt_oss_never mixtral_bf16 deepseek_v3_fp8 minimax_m2_fp8 (more than 15 minutes in all: with a 15-minute
+# lease, name the steps that matter most, or let DEADLINE cut the last ones)
 # The H100 machine of 2026-11-26 had pytest and pytest-xdist. One without pytest: unpack its wheels (pytest,
 # pluggy, iniconfig, packaging: `pip download --no-deps --python-version 3.12 ...` then `python -m zipfile -e
 # WHEEL .gpu_deps/`) into .gpu_deps/ (git-ignored) and pass it to the device tool with carry: [".gpu_deps"].
@@ -11,7 +13,7 @@ set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH=".:.gpu_deps${PYTHONPATH:+:$PYTHONPATH}"
-STEPS=${*:-machine tests mxfp4 qwen3 mixtral batch pageable mixtral_never gpt_oss_20b gpt_oss_120b gpt_oss_never mixtral_bf16}
+STEPS=${*:-machine tests mxfp4 qwen3 mixtral qwen36 qwen3_fp8 batch pageable mixtral_never mixtral_int4_attention gpt_oss_20b gpt_oss_120b gpt_oss_never mixtral_bf16 deepseek_v3_fp8 minimax_m2_fp8}
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, output to $OUT/NAME.txt
     local name=$1 limit=$2; shift 2
     case " $STEPS " in *" $name "*) ;; *) return ;; esac
@@ -34,6 +36,11 @@ for n, k in ((2880, 2880), (5760, 2880)):
 # --cuda-graphs: one more run with each layer's resident work replayed as a CUDA graph (graphs.py)
 step qwen3 240 $BENCH --preset qwen3-30b-a3b --experts-dtype int4 --gpu-memory 8GiB --new-tokens 64 --cuda-graphs
 step mixtral 150 $BENCH --experts-dtype int4 --gpu-memory 12GiB --new-tokens 64 --cuda-graphs
+# issue 24's GPU target: the Qwen3.6 hybrid (3 of 4 layers Gated DeltaNet, 256 experts of 512, top 8) >= 60 tok/s
+step qwen36 240 $BENCH --preset qwen3.6-35b-a3b --experts-dtype int4 --gpu-memory 8GiB --new-tokens 64 --cuda-graphs
+# issue 26: fp8 experts (as FP8 checkpoints publish them; a token's experts in one Triton launch per matrix,
+# never run on a GPU) at Qwen3-30B-A3B's geometry @8GiB
+step qwen3_fp8 240 $BENCH --preset qwen3-30b-a3b --experts-dtype fp8 --gpu-memory 8GiB --new-tokens 64
 # issue 15's GPU target: 8 sequences decoded together >= 4x one, Mixtral int4 @ 12GiB
 step batch 150 $BENCH --experts-dtype int4 --gpu-memory 12GiB --new-tokens 32 --prompt-tokens 64 --batch 8
 # issue 13: a consumer link (pageable memory), the CPU channel against copies alone, Mixtral int4 (the CPU
@@ -49,3 +56,7 @@ step gpt_oss_120b 260 $BENCH --preset gpt-oss-120b --gpu-memory 24GiB --new-toke
 step gpt_oss_never 260 $BENCH --preset gpt-oss-120b --gpu-memory 24GiB --new-tokens 32 --cuda-graphs --cpu-experts never
 # issue 13's bf16 target: Mixtral at 24GiB; 8 layers at 6GiB (a quarter of each), ms/layer gives the 32-layer speed
 step mixtral_bf16 150 $BENCH --experts-dtype bf16 --gpu-memory 6GiB --layers 8 --new-tokens 32
+# issue 26's fp8 rows for the big presets, a slice of their layers (the whole models' fp8 experts would not fit
+# in 128 GB of RAM: DeepSeek-V3's are ~330 GB, MiniMax-M2's ~210 GB); ms a layer gives the whole model's
+step deepseek_v3_fp8 240 $BENCH --preset deepseek-v3 --experts-dtype fp8 --gpu-memory 24GiB --layers 8 --new-tokens 32
+step minimax_m2_fp8 240 $BENCH --preset minimax-m2 --experts-dtype fp8 --gpu-memory 24GiB --layers 16 --new-tokens 32
