@@ -18,6 +18,7 @@ from moe_local.errors import CheckpointError, ConfigError
 from moe_local.weights import compressed, fp8
 from moe_local.weights.compressed import PackedInt4
 from moe_local.weights.fp8 import Fp8Blocks
+from moe_local.weights.gguf import find_gguf
 
 # U8: MXFP4 blocks and scales (gpt-oss); F8_E4M3 with F32 or F8_E8M0 scales: FP8 blocks; I32 (I64): the
 # packed int4 of compressed-tensors and its shapes; every other tensor we read must be one of the float types
@@ -37,12 +38,12 @@ def hf_hub_cache() -> Path:
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:
-    """A folder as given, or a Hugging Face id (`org/name`) found offline in the hub cache."""
+    """A folder or a .gguf file as given, or a Hugging Face id (`org/name`) found offline in the hub cache."""
     path = Path(model).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
         return path
     if path.exists():
-        raise CheckpointError(f"{path} is a file; give the model's folder (the one with config.json)")
+        raise CheckpointError(f"{path} is a file; give the model's folder (the one with config.json) or a .gguf file")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)):
         repo = hf_hub_cache() / f"models--{str(model).replace('/', '--')}"
         snapshots = repo / "snapshots"
@@ -617,3 +618,14 @@ class Checkpoint:
         changes, what was derived from them (the quantized cache) is stale."""
         files = [self.folder / "config.json", *dict.fromkeys(info.shard for info in self.tensors.values())]
         return [{"file": f.name, "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    """The model at `path` (from `resolve_model_path`): a safetensors folder, or a GGUF file or folder of GGUF
+    files (`weights.gguf_model.GgufModel`, which answers the same questions)."""
+    files = find_gguf(path)
+    if files:
+        from moe_local.weights.gguf_model import GgufModel
+
+        return GgufModel(files)
+    return Checkpoint(path)

@@ -119,11 +119,11 @@ def open_model(model: Optional[str], options: Options) -> tuple[Path, Tokenizer,
     """What the small files say, before the slow read of the experts: the folder (its config.json and
     safetensors headers valid), its tokenizer and the context size, with a warning when --ctx-size goes
     past the positions the model was trained for."""
-    from moe_local.checkpoint import Checkpoint, resolve_model_path
+    from moe_local.checkpoint import open_checkpoint, resolve_model_path
     from moe_local.tokenizer import load_tokenizer
 
     folder = resolve_model_path(model_or_demo(model))
-    cfg = Checkpoint(folder).config
+    cfg = open_checkpoint(folder).config
     ctx_size = options.context_size(cfg)
     warn_past_trained_context(ctx_size, cfg.max_position_embeddings)
     return folder, load_tokenizer(folder), ctx_size
@@ -237,7 +237,7 @@ def sampling_overrides(**flags) -> dict:
 
 # Options that `run` and `chat` share. Their defaults live in `Options` (engine.py), the help only says them;
 # metavar="" shows a flag as a flag, not as `<bool>` (`--raw true` is not accepted).
-ModelArg = Annotated[Optional[str], typer.Argument(help="Model folder (config.json + safetensors + tokenizer) or a cached Hugging Face id such as mistralai/Mixtral-8x7B-v0.1. Default: the small demo model that ships with moe-local.")]
+ModelArg = Annotated[Optional[str], typer.Argument(help="Model folder (config.json + safetensors + tokenizer), a GGUF file (or the first of its split files) or a cached Hugging Face id such as mistralai/Mixtral-8x7B-v0.1. Default: the small demo model that ships with moe-local.")]
 Temperature = Annotated[Optional[float], typer.Option("--temperature", "--temp", help="0 is greedy. Default: the model's generation_config.json, else 0.8.")]
 TopK = Annotated[Optional[int], typer.Option("--top-k", help="Keep the k likeliest tokens (0: off). Default 40.")]
 TopP = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling threshold (1: off). Default 0.95.")]
@@ -502,8 +502,17 @@ def serve(
 
 def describe(ckpt: Checkpoint) -> dict:
     """What `info` shows: the config's geometry and the parameter counts its tensors imply."""
+    from moe_local.weights.gguf_model import GgufModel
+
     cfg, itemsize = ckpt.config, ckpt.dtype.itemsize
     resident = cfg.resident_numel()
+    if isinstance(ckpt, GgufModel):  # the experts as the file holds them; the rest is dequantized at load
+        types = ckpt.expert_types()
+        gguf = {"model": str(ckpt.files[0]), "architecture": ckpt.arch, "experts_format": "/".join(sorted({t.name for ts in types.values() for t in ts})),
+                "expert_bytes": sum(ckpt.expert_tensor(0, w).nbytes for w in types) // cfg.n_experts,
+                "files": {f.name: f.stat().st_size for f in ckpt.files}, "tensor_bytes_by_type": ckpt.bytes_by_type()}
+    else:
+        gguf = {}
     return {
         "model": str(ckpt.folder),
         "architecture": (ckpt.raw_config.get("architectures") or [cfg.model_type])[0],
@@ -537,7 +546,7 @@ def describe(ckpt: Checkpoint) -> dict:
         "rope_theta": cfg.rope.theta,
         "rope_scaling": cfg.rope.kind if cfg.rope.kind != "default" else None,
         "files": {f.name: f.stat().st_size for f in sorted(ckpt.folder.iterdir()) if f.is_file()},
-    }
+    } | gguf
 
 
 STATE_NOTE = ", and the linear-attention layers' fixed state"
@@ -581,10 +590,10 @@ def info(
 ) -> None:
     """Describe a model from its config.json and safetensors headers, without loading the weights."""
     from moe_local.budget import format_bytes
-    from moe_local.checkpoint import Checkpoint, resolve_model_path
+    from moe_local.checkpoint import open_checkpoint, resolve_model_path
 
     with clean_errors(debug):
-        d = describe(Checkpoint(resolve_model_path(model_or_demo(model))))
+        d = describe(open_checkpoint(resolve_model_path(model_or_demo(model))))
         if json_output:
             print(json.dumps(d))
             return
@@ -616,6 +625,8 @@ def info(
             ("files", ""),
         ]
         rows += [(f"  {name}", format_bytes(size)) for name, size in d["files"].items()]
+        if "tensor_bytes_by_type" in d:  # a GGUF
+            rows += [("tensor types", ""), *((f"  {name}", format_bytes(size)) for name, size in d["tensor_bytes_by_type"].items())]
         width = 2 + max(len(key) for key, _ in rows)
         for key, value in rows:
             print(f"{key:<{width}}{value}".rstrip())
@@ -641,10 +652,11 @@ def plan(
     import torch
 
     from moe_local.budget import lm_head_quantized, plan_memory, plan_report
-    from moe_local.checkpoint import Checkpoint, resolve_model_path
+    from moe_local.checkpoint import open_checkpoint, resolve_model_path
     from moe_local.config import preset_config
     from moe_local.errors import BudgetError
-    from moe_local.experts.formats import ExpertFormat, choose_format, make_format
+    from moe_local.experts.formats import ExpertFormat, choose_format, gguf_format, make_format
+    from moe_local.weights.gguf_model import GgufModel
 
     with clean_errors(debug):
         if preset and model:
@@ -652,8 +664,9 @@ def plan(
         if preset:
             cfg, name, checkpoint_dtype = preset_config(preset), preset, torch.bfloat16
         else:
-            ckpt = Checkpoint(resolve_model_path(model_or_demo(model)))
-            cfg, name, checkpoint_dtype = ckpt.config, str(ckpt.folder), ckpt.dtype
+            ckpt = open_checkpoint(resolve_model_path(model_or_demo(model)))
+            cfg, checkpoint_dtype = ckpt.config, ckpt.dtype
+            name = str(ckpt.files[0] if isinstance(ckpt, GgufModel) else ckpt.folder)
         target = torch.device(device or "cuda")
         if target.type == "cuda" and gpu_memory is None and expert_slots is None and not torch.cuda.is_available():
             raise MoeLocalError("this machine has no CUDA GPU to measure: give --gpu-memory SIZE to plan for one (or --device cpu)")
@@ -668,7 +681,10 @@ def plan(
         # on the CPU the rest of the model lives in host RAM beside the experts: count it as the load does
         beside = plan_for(None).beside_store_bytes if target.type == "cpu" else 0
         try:
-            fmt, why = choose_format(options.experts_dtype, cfg, compute, target.type, group_size, beside)
+            if not preset and isinstance(ckpt, GgufModel) and options.experts_dtype == "auto":
+                fmt, why = gguf_format(ckpt.expert_types(), cfg, compute, target.type)
+            else:
+                fmt, why = choose_format(options.experts_dtype, cfg, compute, target.type, group_size, beside)
         except BudgetError as e:  # plan may be for another machine: say so, and show the smallest format
             fmt = make_format("int4", cfg, compute, target.type, group_size)
             why = f"{fmt.key}, the smallest; but on this machine {e}"
@@ -678,7 +694,8 @@ def plan(
                   **plan_report(cfg, plan_for(fmt), ctx), "formats": {}}
         for other in dict.fromkeys((fmt.name, "bf16", "fp8", "int8", "int4", "mxfp4")):
             try:
-                report["formats"][other] = plan_report(cfg, plan_for(make_format(other, cfg, compute, target.type, group_size)), ctx)
+                f = fmt if other == fmt.name else make_format(other, cfg, compute, target.type, group_size)
+                report["formats"][other] = plan_report(cfg, plan_for(f), ctx)
             except MoeLocalError as e:
                 report["formats"][other] = {"error": str(e)}
         if json_output:

@@ -13,7 +13,7 @@ import torch
 
 from moe_local import native
 from moe_local.budget import MemoryPlan, embeddings_on_host, lm_head_quantized, plan_memory
-from moe_local.checkpoint import Checkpoint, resolve_model_path
+from moe_local.checkpoint import open_checkpoint, resolve_model_path
 from moe_local.config import DTYPES, ModelConfig
 from moe_local.cpu_matmul import matmuls_for_rows
 from moe_local.errors import ConfigError, MoeLocalError, TokenizerError
@@ -21,13 +21,14 @@ from moe_local.experts.cache import POLICIES, ExpertCache
 from moe_local.experts.prefetch import Prefetcher
 from moe_local.experts.cpu import AGREEMENT, CPU_EXPERTS, disagreement, measure_speeds
 from moe_local.experts.runtime import InPlaceExperts, OffloadedExperts, mix
-from moe_local.experts.formats import EXPERTS_DTYPES, ExpertFormat, choose_format
+from moe_local.experts.formats import EXPERTS_DTYPES, ExpertFormat, choose_format, gguf_format
 from moe_local.experts.qcache import fill_quantized
 from moe_local.experts.store import ExpertStore
 from moe_local.generate import GenerationStats, SamplingParams, generate
 from moe_local.graphs import StaticDecoder
 from moe_local.model import KVCache, KVPool, Transformer
 from moe_local.tokenizer import Tokenizer, load_tokenizer
+from moe_local.weights.gguf_model import GgufModel
 
 
 RESIDENT_DTYPES = ("auto", "int8", "int4")
@@ -195,7 +196,8 @@ class Engine:
     @classmethod
     def from_folder(cls, folder: Path, options: Options, progress: Callable[[int, int], None] | None = None) -> Engine:
         """progress(done_bytes, total_bytes) is called while the experts are read into host memory."""
-        ckpt = Checkpoint(folder)
+        ckpt = open_checkpoint(folder)
+        gguf = isinstance(ckpt, GgufModel)
         cfg = ckpt.config
         device = resolve_device(options.device)
         dtype = options.compute_dtype(ckpt.dtype)
@@ -203,15 +205,18 @@ class Engine:
         # on the CPU the resident part and the slots take host RAM too: `auto` counts them (slots as if bf16)
         attention = options.attention_dtype
         beside = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, attention=attention, sequences=options.sequences).beside_store_bytes if device.type == "cpu" else 0
-        fmt, why = choose_format(options.experts_dtype, cfg, dtype, device.type, options.group_size, beside)
+        if gguf and options.experts_dtype == "auto":
+            fmt, why = gguf_format(ckpt.expert_types(), cfg, dtype, device.type)
+        else:
+            fmt, why = choose_format(options.experts_dtype, cfg, dtype, device.type, options.group_size, beside)
         plan = plan_memory(
             cfg, dtype, device, ctx_size, options.prefill_chunk, options.gpu_memory, options.expert_slots,
             expert_bytes=fmt.expert_bytes, attention=attention, sequences=options.sequences,
         )
         notes = [why]
         # Read the small files first, so that a broken one fails before the slow part.
-        generation_config = read_json(folder / "generation_config.json")
-        has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
+        generation_config = {} if gguf else read_json(folder / "generation_config.json")
+        has_tokenizer = gguf or (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
         tokenizer = load_tokenizer(folder) if has_tokenizer else None
         store = ExpertStore(cfg, fmt, pin=device.type == "cuda", extra_host_bytes=plan.beside_store_bytes)
         try:

@@ -93,11 +93,14 @@ def replace_surrogates(text: str) -> str:
 class _TokenizersBackend:
     """tokenizer.json: the file itself says how to split special tokens and add the dummy prefix."""
 
-    def __init__(self, path: pathlib.Path):
-        try:
-            self._tok = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as e:  # the library raises a bare Exception for bad JSON
-            raise TokenizerError(f"cannot read {path}: {e}") from e
+    def __init__(self, path: pathlib.Path | tokenizers.Tokenizer):
+        if isinstance(path, tokenizers.Tokenizer):  # built from a GGUF's vocabulary
+            self._tok = path
+        else:
+            try:
+                self._tok = tokenizers.Tokenizer.from_file(str(path))
+            except Exception as e:  # the library raises a bare Exception for bad JSON
+                raise TokenizerError(f"cannot read {path}: {e}") from e
         self.size = self._tok.get_vocab_size(with_added_tokens=True)
         self.default_tokens = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
         self.added = {token.content: i for i, token in self._tok.get_added_tokens_decoder().items()}
@@ -202,8 +205,17 @@ def _chat_template(config: dict, folder: pathlib.Path) -> str | None:
 
 
 def load_tokenizer(folder: pathlib.Path) -> Tokenizer:
-    """The tokenizer of a model folder; tokenizer.json is preferred over tokenizer.model."""
+    """The tokenizer of a model folder (tokenizer.json is preferred over tokenizer.model) or of a GGUF model
+    (its `tokenizer.ggml.*` metadata and `tokenizer.chat_template`)."""
     folder = pathlib.Path(folder)
+    if folder.suffix == ".gguf" or not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()):
+        # only then: `moe_local.weights` imports torch, which the server's HTTP process otherwise never loads
+        from moe_local.weights import gguf, gguf_vocab
+
+        files = gguf.find_gguf(folder)
+        if files:
+            tokenizer, config, template = gguf_vocab.build(gguf_vocab.read_vocab_metadata(files[0]))
+            return Tokenizer(_TokenizersBackend(tokenizer), config, template)
     config = _read_config(folder / "tokenizer_config.json")
     if (folder / "tokenizer.json").is_file():
         backend = _TokenizersBackend(folder / "tokenizer.json")

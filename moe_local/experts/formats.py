@@ -17,10 +17,12 @@ from dataclasses import dataclass
 import psutil
 import torch
 import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from moe_local import int4, int8, native
 from moe_local.budget import format_bytes
 from moe_local.experts import mxfp4
+from moe_local.weights import ggml
 from moe_local.config import ModelConfig
 from moe_local.errors import BudgetError, CheckpointError, ConfigError
 from moe_local.weights import fp8
@@ -531,6 +533,56 @@ class Fp8(ExpertFormat):
 
     def decode_table(self, views: list[Weights]) -> DecodeTable | None:
         return DecodeTable.build(self.cfg, "fp8", self.block[1], views, self.block[0])
+
+
+class Ggml(ExpertFormat):
+    """A GGUF's experts in the file's own ggml blocks (Q8_0 or Q4_0; `weights/ggml.py` owns the numerics): gate
+    then up rows [2F, bytes of a row of D], down [D, bytes of a row of F], each row the file's blocks of 32.
+    The bytes the user chose are the bytes in RAM and in slots, copied as they are (`pack_native`); nothing is
+    quantized or cached. `linear` widens the matrix to the compute dtype, then one matmul."""
+
+    quantized = True
+    native = True
+    TYPES = (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0)
+
+    def __init__(self, cfg: ModelConfig, gate_up: GGMLQuantizationType, down: GGMLQuantizationType):
+        self.qtypes = {"gate_up": gate_up, "down": down}
+        self.name = f"gguf-{gate_up.name.lower()}" + ("" if down == gate_up else f"-{down.name.lower()}")
+        f, d = cfg.ffn_dim, cfg.dim
+        super().__init__(cfg, [("gate_up", torch.uint8, (2 * f, ggml.row_bytes(gate_up, d))), ("down", torch.uint8, (d, ggml.row_bytes(down, f)))])
+
+    def pack_native(self, read, out: torch.Tensor) -> bool:
+        """A GGUF (`GgufModel.expert(..., "ggml")`) gives the expert's block bytes: copied as they are."""
+        self.write(read("ggml"), out)
+        return True
+
+    def encode(self, w: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
+        raise ConfigError(f"{self.name} experts come only from a GGUF file in that type")
+
+    def linear(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
+        blocks = w[name]
+        n = self.cfg.dim if name == "gate_up" else self.cfg.ffn_dim
+        return F.linear(x, ggml.dequantize(blocks, self.qtypes[name], n).to(x.dtype))
+
+
+def gguf_format(types: dict[str, set], cfg: ModelConfig, compute_dtype: torch.dtype, device_type: str) -> tuple[ExpertFormat, str]:
+    """`auto` for a GGUF whose experts come in the ggml `types` (per matrix w1/w2/w3, over the MoE layers): the
+    file's own blocks where moe-local runs them (Q8_0, Q4_0: `Ggml`), a float file's experts in the compute
+    dtype, else the nearest format that runs (int8 for types of more than 4.5 bits a weight, int4 for the rest),
+    converted once and cached, with a line saying so."""
+    gate_up, down = types["w1"] | types["w3"], types["w2"]
+    if len(gate_up) == 1 and len(down) == 1 and gate_up <= set(Ggml.TYPES) and down <= set(Ggml.TYPES):
+        fmt = Ggml(cfg, next(iter(gate_up)), next(iter(down)))
+        return fmt, f"experts in {fmt.name} (auto: the file's own blocks)"
+    every = gate_up | down
+    names = "/".join(sorted(t.name for t in every))
+    if every <= set(ggml.FLOATS):
+        fmt = Dense(cfg, compute_dtype)
+        return fmt, f"experts in {fmt.name} (auto: the file's {names} experts in the compute dtype)"
+    bits = max(8 * size / values for values, size in (GGML_QUANT_SIZES[t] for t in every))
+    target = "int8" if bits > 4.5 else "int4"
+    fmt = make_format(target, cfg, compute_dtype, device_type, 32 if target == "int4" and cfg.dim % 32 == 0 and cfg.ffn_dim % 32 == 0 else None)
+    return fmt, f"experts in {fmt.key} (auto: moe-local has no kernel for {names} yet, so the file's experts are converted once to the nearest format that runs, and cached)"
 
 
 def default_group_size(cfg: ModelConfig) -> int:

@@ -35,6 +35,7 @@ import torch
 from moe_local.budget import format_bytes
 from moe_local.checkpoint import Checkpoint
 from moe_local.experts.store import ExpertStore
+from moe_local.weights.gguf_model import GgufModel
 
 VERSION = 2  # 2: keyed by content_fingerprint instead of the folder's path and its files' mtimes
 SAMPLES_PER_SHARD = 16  # blocks of each shard's data that the fingerprint reads, evenly spread, plus its end
@@ -55,6 +56,8 @@ def content_fingerprint(ckpt: Checkpoint) -> str:
     header and SAMPLES_PER_SHARD blocks of SAMPLE_BYTES spread over its data and its last block. About a
     MiB read per shard whatever its size; moving or touching the files does not change it, replacing the
     weights does (a change that misses every sampled block goes unseen: the price of not hashing 90 GB)."""
+    if isinstance(ckpt, GgufModel):  # a GGUF model says its own
+        return ckpt.content_fingerprint()
     digest = hashlib.sha256((ckpt.folder / "config.json").read_bytes())
     for shard in sorted(dict.fromkeys(info.shard for info in ckpt.tensors.values())):
         with open(shard, "rb") as f:
@@ -75,6 +78,12 @@ def cache_path(ckpt: Checkpoint, source: str, store: ExpertStore, root: Path | N
     """Named by the content fingerprint and the format alone, so that a renamed folder finds its file (the
     folder it was built from is in the metadata, which `moe-local cache list` shows)."""
     return (root or cache_root()) / f"{source[:16]}-{store.format.key}.safetensors"
+
+
+def source_path(ckpt: Checkpoint) -> Path:
+    """Where the experts come from: the model's folder, or a GGUF model's (first) file, since one folder often
+    holds several quantizations of a model, each a model of its own here."""
+    return (ckpt.files[0] if isinstance(ckpt, GgufModel) else ckpt.folder).resolve()
 
 
 def model_identity(folder: Path | str) -> Path:
@@ -172,7 +181,7 @@ def write_while_filling(path: Path, ident: dict, ckpt: Checkpoint, store: Expert
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         f = open(tmp, "wb")
-        f.write(header(store, ident, [0] * store.count, str(ckpt.folder.resolve())))  # checksums filled in at the end
+        f.write(header(store, ident, [0] * store.count, str(source_path(ckpt))))  # checksums filled in at the end
     except OSError as e:
         give_up(e)
 
@@ -197,7 +206,7 @@ def write_while_filling(path: Path, ident: dict, ckpt: Checkpoint, store: Expert
         return
     try:
         f.seek(0)
-        f.write(header(store, ident, crcs, str(ckpt.folder.resolve())))
+        f.write(header(store, ident, crcs, str(source_path(ckpt))))
         f.close()
         os.replace(tmp, path)
     except OSError as e:
@@ -288,7 +297,7 @@ def fill_quantized(ckpt: Checkpoint, store: ExpertStore, device: torch.device, p
     path, ident = cache_path(ckpt, source, store, root), identity(source, store)
     note = read_or_quantize(path, ident, ckpt, store, device, progress)
     if path.is_file():
-        remove_stale(path, ckpt.folder, store.format.key)
+        remove_stale(path, source_path(ckpt), store.format.key)
     return note
 
 

@@ -1,0 +1,288 @@
+"""GGUF models (`moe_local/weights/`): tiny checkpoints converted by llama.cpp's own converter and quantizer
+(from ../shared/tools/llama-cpp, as CI has it beside the repository), run by moe-local and by llama.cpp
+(llama-cpp-python's `Llama`) on the same file."""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer
+from conftest import build_mixtral, moe_local_cli
+from families import build_family
+
+TOOLS = Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "llama-cpp"
+pytestmark = pytest.mark.skipif(not TOOLS.is_dir(), reason=f"llama.cpp's converter is not at {TOOLS} (CI has ../shared beside the repository)")
+
+# widths of 256, so that llama.cpp's quantizer keeps Q4_0 and the K-quants (blocks of 256) where it is asked to
+WIDE = dict(hidden_size=256, intermediate_size=256)
+TEXT = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\nprint(fib(10))"
+MIXED = "Hello world! Grüße, 你好世界 — привет мир 123456 x</s>  double  spaces\n\ttab ελληνικά 🙂 <|im_end|>"
+
+
+def convert(folder: Path, out: Path, pre: str | None = None) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py, f32. `pre` names the BPE pre-tokenizer, which the converter otherwise
+    recognises only by a hash of published tokenizers (ours is trained in builders.py with Qwen2's split)."""
+    patch = f"from conversion import base; base.TextModel.get_vocab_base_pre = lambda self, tokenizer: {pre!r}; " if pre else ""
+    code = f"import sys; {patch}import convert_hf_to_gguf; sys.argv = ['convert', {str(folder)!r}, '--outtype', 'f32', '--outfile', {str(out)!r}]; convert_hf_to_gguf.main()"
+    env = {"PYTHONPATH": f"{TOOLS / 'gguf-py'}:{TOOLS}", "PATH": "/usr/bin:/bin", "OMP_WAIT_POLICY": "PASSIVE"}
+    subprocess.run([sys.executable, "-c", code], cwd=TOOLS, env=env, check=True, capture_output=True, timeout=300)
+    return out
+
+
+def quantize(src: Path, ftype: str) -> Path:
+    """llama.cpp's quantizer (llama_model_quantize), as `llama-quantize src dst ftype` does."""
+    import llama_cpp
+
+    dst = src.with_name(src.name.replace("-F32", f"-{ftype}"))
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+    return dst
+
+
+def rewrite(src: Path, dst: Path, dequantized: bool = False, split_max_tensors: int = 0, **metadata) -> Path:
+    """`src` written again by gguf-py's writer: every tensor as f32 of its dequantized values (`dequantized`: what
+    exact arithmetic on the file's weights is, for llama.cpp), in several files (`split_max_tensors`), or with
+    metadata values replaced (key=value, "." written as "__")."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    arch = metadata.get("general__architecture", reader.fields["general.architecture"].contents())
+    writer = gguf.GGUFWriter(dst, arch, split_max_tensors=split_max_tensors)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.alignment") or key.startswith("split."):
+            continue
+        value = metadata.get(key.replace(".", "__"), field.contents())
+        if dequantized and key == "general.file_type":
+            value = 0
+        writer.add_key_value(key, value, field.types[0], field.types[-1] if len(field.types) > 1 else None)
+    for t in reader.tensors:
+        if dequantized:
+            writer.add_tensor(t.name, gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
+        else:
+            writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+@pytest.fixture(scope="module")
+def ggufs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """Tiny Mixtral (llama.cpp's `llama` with experts; the SentencePiece vocabulary) and Qwen3-MoE (`qwen3moe`;
+    byte-level BPE with merges and a chat template) in f32, Q8_0 and Q4_0 (Mixtral also in Q4_K_M), with the
+    source folders."""
+    root = tmp_path_factory.mktemp("gguf")
+    build_mixtral(root / "mixtral", tokenizer_dir, **WIDE)
+    build_family("qwen3_moe", root / "qwen3", None, hidden_size=256, moe_intermediate_size=256, head_dim=64, vocab_size=512, mlp_only_layers=[])
+    train_bytelevel_tokenizer(root / "qwen3", **FAMILY_TOKENIZERS["qwen3_moe"])
+    files = {"mixtral": root / "mixtral", "qwen3": root / "qwen3"}
+    for name, pre in (("mixtral", None), ("qwen3", "qwen2")):
+        f32 = files[f"{name}-F32"] = convert(root / name, root / f"{name}-F32.gguf", pre)
+        for ftype in ("Q8_0", "Q4_0", *(("Q4_K_M",) if name == "mixtral" else ())):
+            files[f"{name}-{ftype}"] = quantize(f32, ftype)
+    return files
+
+
+def llama_cpp_logits(path: Path, ids: list[int]) -> torch.Tensor:
+    """llama.cpp's logits for every position of `ids`, with an f32 KV cache (its default f16 cache rounds keys
+    and values, which moves logits by ~1e-2)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False, type_k=0, type_v=0)
+    llm.eval(ids)
+    logits = torch.tensor(np.array(llm.scores[: len(ids)]))
+    llm.close()
+    return logits
+
+
+def llama_cpp_greedy(path: Path, ids: list[int], n: int) -> list[int]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, verbose=False, type_k=0, type_v=0)
+    out = []
+    for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        out.append(token)
+        if len(out) == n:
+            break
+    llm.close()
+    return out
+
+
+def moe_local_run(path: Path, ids: list[int], n: int) -> tuple[torch.Tensor, list[int], set[int]]:
+    """moe-local's logits for every position of `ids`, its greedy continuation (up to n tokens, ending early at an
+    end-of-generation id) and those ids."""
+    from moe_local.engine import load
+    from moe_local.params import SamplingParams
+
+    engine = load(path, device="cpu", dtype="fp32")
+    logits = engine.logits(ids)
+    greedy = list(engine.generate(ids, n, SamplingParams(temperature=0.0)))
+    return logits, greedy, engine.stop_ids
+
+
+def ids_of(path: Path) -> list[int]:
+    from moe_local.tokenizer import load_tokenizer
+
+    return load_tokenizer(path).encode(TEXT)
+
+
+def test_each_file_holds_the_types_it_is_named_for(ggufs):
+    """llama.cpp falls back to other types where a tensor does not suit the one asked for: the experts here do."""
+    from moe_local.weights.gguf_model import GgufModel
+
+    for name in ("mixtral", "qwen3"):
+        for ftype, expected in (("F32", {"F32"}), ("Q8_0", {"Q8_0"}), ("Q4_0", {"Q4_0"}), *((("Q4_K_M", {"Q4_K", "Q6_K"}),) if name == "mixtral" else ())):
+            types = GgufModel([ggufs[f"{name}-{ftype}"]]).expert_types()
+            held = {t.name for ts in types.values() for t in ts}
+            assert held <= expected and (ftype != "Q4_K_M" or "Q4_K" in held), (name, ftype, held)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3"])
+def test_f32_gguf_gives_llama_cpps_logits_and_tokens(ggufs, name):
+    """On f32 weights llama.cpp and moe-local differ only by the order of their fp32 sums."""
+    path = ggufs[f"{name}-F32"]
+    ids = ids_of(path)
+    ours, greedy, stop = moe_local_run(path, ids, 8)
+    reference = llama_cpp_logits(path, ids)
+    assert (ours - reference).abs().max() <= 1e-4 * reference.abs().max()
+    theirs = llama_cpp_greedy(path, ids, 8)
+    assert greedy == theirs[: len(greedy)] and (len(greedy) == 8 or theirs[len(greedy)] in stop)
+
+
+@pytest.mark.parametrize("file", ["mixtral-Q4_0", "qwen3-Q8_0"])
+def test_quantized_gguf_is_exact_arithmetic_on_its_weights_and_as_close_to_llama_cpp_as_llama_cpp_is(ggufs, file, tmp_path):
+    """The experts stay in the file's blocks; moe-local computes with exactly the values they hold (llama.cpp on an
+    f32 file of the dequantized weights, gguf-py's dequantization, gives the same logits within fp32 sums). llama.cpp
+    itself rounds each activation to Q8_0 before a Q8_0 or Q4_0 dot product: that is how far it is from exact
+    arithmetic, measured here on the same tokens (on these random models ~1-5% of the logit scale, more where a
+    rounding flips a near-tied routing choice), and moe-local is no farther from it than that."""
+    path = ggufs[file]
+    ids = ids_of(path)
+    ours, _, _ = moe_local_run(path, ids, 1)
+    exact = llama_cpp_logits(rewrite(path, tmp_path / "dequantized.gguf", dequantized=True), ids)
+    llama = llama_cpp_logits(path, ids)
+    scale = exact.abs().max()
+    assert (ours - exact).abs().max() <= 1e-4 * scale
+    llama_error = (llama - exact).abs().max()
+    assert (ours - llama).abs().max() <= llama_error + 1e-4 * scale
+
+
+def test_experts_in_ram_are_the_files_bytes(ggufs):
+    from moe_local.engine import load
+    from moe_local.weights.gguf_model import GgufModel
+
+    path = ggufs["qwen3-Q4_0"]
+    engine = load(path, device="cpu")
+    assert engine.store.format.name == "gguf-q4_0"
+    assert any("the file's own blocks" in note for note in engine.notes)
+    model = GgufModel([path])
+    for layer, expert in ((0, 0), (2, 7)):
+        views = engine.store.format.unpack(engine.store.buffer((layer, expert)))
+        gate, up, down = (model.expert_blocks(layer, expert, w) for w in ("w1", "w3", "w2"))
+        assert torch.equal(views["gate_up"], torch.cat([gate, up])) and torch.equal(views["down"], down)
+
+
+def test_experts_without_a_kernel_are_converted_once_and_cached(ggufs):
+    from moe_local.engine import load
+
+    path = ggufs["mixtral-Q4_K_M"]
+    first = load(path, device="cpu")
+    assert first.store.format.key == "int8-bf16"
+    assert any("no kernel for Q4_K/Q6_K" in note or "no kernel for Q4_K" in note for note in first.notes)
+    assert any("cached them" in note for note in first.notes)
+    again = load(path, device="cpu")
+    assert any("read the int8-bf16 experts from the cache" in note for note in again.notes)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3"])
+def test_tokenizer_matches_llama_cpps_on_mixed_scripts(ggufs, name):
+    import llama_cpp
+
+    from moe_local.tokenizer import load_tokenizer
+
+    path = ggufs[f"{name}-Q8_0"]
+    llm = llama_cpp.Llama(str(path), n_ctx=64, verbose=False, vocab_only=True)
+    ours = load_tokenizer(path)
+    assert ours.encode(MIXED) == llm.tokenize(MIXED.encode(), add_bos=ours.add_bos, special=True)
+    assert ours.encode(TEXT, bos=False) == llm.tokenize(TEXT.encode(), add_bos=False, special=True)
+    assert ours.decode(ours.encode(TEXT)) == TEXT
+
+
+def test_chat_template_renders_as_transformers_renders_it(ggufs):
+    from transformers import AutoTokenizer
+
+    from moe_local.tokenizer import load_tokenizer
+
+    ours = load_tokenizer(ggufs["qwen3-Q8_0"])
+    theirs = AutoTokenizer.from_pretrained(ggufs["qwen3"])
+    assert ours.chat_template == theirs.chat_template
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Grüße, 你好"},
+                {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "And?"}]  # fmt: skip
+    for think in (True, False):
+        text = ours.render_chat_text(messages, enable_thinking=think)
+        assert text == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=think)
+    assert ours.eos_token == "<|im_end|>"
+
+
+def test_split_files_read_as_one_model_from_any_part_or_the_folder(ggufs, tmp_path):
+    from moe_local.engine import load
+
+    whole = ggufs["qwen3-Q8_0"]
+    rewrite(whole, tmp_path / "split.gguf", split_max_tensors=12)
+    parts = sorted(tmp_path.glob("split-*-of-*.gguf"))
+    assert len(parts) == 4
+    ids = ids_of(whole)
+    expected = load(whole, device="cpu", dtype="fp32").logits(ids)
+    for given in (parts[0], parts[2], tmp_path):
+        assert torch.equal(load(given, device="cpu", dtype="fp32").logits(ids), expected)
+    parts[3].unlink()
+    result = moe_local_cli("info", str(parts[0]))
+    assert result.returncode == 1 and "lacks its part(s) split-00004-of-00004.gguf" in result.stderr
+
+
+def corrupt(src: Path, dst: Path, edit) -> Path:
+    data = bytearray(src.read_bytes())
+    edit(data)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def unknown_type(data: bytearray) -> None:
+    """Set output_norm.weight's ggml type (after its name, dimension count and dimensions) to 99."""
+    at = data.index(b"output_norm.weight") + len(b"output_norm.weight")
+    n_dims = int.from_bytes(data[at : at + 4], "little")
+    at += 4 + 8 * n_dims
+    data[at : at + 4] = (99).to_bytes(4, "little")
+
+
+@pytest.mark.parametrize("problem, edit, message", [
+    ("truncated", lambda d: d.__delitem__(slice(len(d) // 2, None)), "is truncated"),
+    ("magic", lambda d: d.__setitem__(slice(0, 4), b"GGUG"), "is not a GGUF file (it starts with b'GGUG'"),
+    ("architecture", lambda d: d.__setitem__(slice(None), d.replace(b"qwen3moe", b"qwen9moe")), "unsupported GGUF architecture 'qwen9moe'"),
+    ("tensor type", unknown_type, "holds a tensor of an unknown ggml type"),
+])  # fmt: skip
+def test_a_broken_file_is_one_clear_line(ggufs, tmp_path, problem, edit, message):
+    path = corrupt(ggufs["qwen3-Q4_0"], tmp_path / "broken.gguf", edit)
+    result = moe_local_cli("info", str(path))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_info_and_plan_read_a_gguf(ggufs):
+    import json
+
+    path = ggufs["mixtral-Q4_K_M"]
+    info = json.loads(moe_local_cli("info", str(path), "--json").stdout)
+    assert info["architecture"] == "llama" and info["model_type"] == "mixtral"
+    assert {"Q4_K", "F32"} <= set(info["tensor_bytes_by_type"]) and sum(info["tensor_bytes_by_type"].values()) < path.stat().st_size
+    plan = json.loads(moe_local_cli("plan", str(ggufs["qwen3-Q8_0"]), "--device", "cpu", "--json").stdout)
+    assert plan["experts_format"] == "gguf-q8_0" and plan["in_place"]
