@@ -19,7 +19,7 @@ import torch
 from moe_local.config import ModelConfig
 from moe_local.errors import CheckpointError
 from moe_local.weights import ggml
-from moe_local.weights.gguf import SPLIT, GgufTensor, hf_config, read_file
+from moe_local.weights.gguf import GgufTensor, hf_config, read_file
 
 
 # ---- tensor names -----------------------------------------------------------------------------------------
@@ -83,7 +83,6 @@ class GgufModel:
     def __init__(self, files: list[Path]):
         self.files = files
         self.folder = files[0].parent
-        self.name = SPLIT.sub(r"\g<stem>", files[0].name).removesuffix(".gguf")
         self.metadata, self.tensors = {}, {}
         for path in files:
             metadata, tensors = read_file(path)
@@ -190,9 +189,6 @@ class GgufModel:
         for f in self._files.values():
             f.close()
         self._files.clear()
-
-    def fingerprint(self) -> list[dict]:
-        return [{"file": f.name, "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in self.files]
 
     def content_fingerprint(self) -> str:
         """A hash of what the experts are built from: every tensor's name, type, shape and place, and 16 blocks
