@@ -1427,3 +1427,122 @@ int deltanet_block(const DeltaNetBlock* L, int R, const uint16_t* x, void* const
     free(mixed), free(o);
     return code;
 }
+
+/* experts_ggml: a layer's SwiGLU experts whose weights are a GGUF's own ggml blocks (`formats.Ggml`), with
+   llama.cpp's arithmetic (ggml's vec_dot_q8_0_q8_0 / vec_dot_q4_0_q8_0): each activation row is rounded to
+   Q8_0 blocks (32 values, d = max |x| / 127 kept as fp16, q = round(x / d)), each block's integer dot product
+   with the weight block's 32 values (Q8_0: int8; Q4_0: nibbles - 8) is scaled by the two fp16 scales and
+   summed in fp32. Expert e (of E) takes rows starts[e] .. starts[e + 1] - 1 of x [R, D] (fp32): gate_up[e] is
+   [2F rows of D] (gate's rows, then up's), down[e] [D rows of F], in ggml type gate_up_type / down_type (8:
+   Q8_0, 2: Q4_0); h = silu(gate) * up in fp32, rounded to Q8_0 again for down; y [R, D] fp32. Work items are
+   (expert, one weight row), each row read once for all of its expert's rows. D and F multiples of 32, at most
+   EXPERT_MAX_ROWS rows an expert; 0, 1 for what it cannot take (or a CPU without AVX2 and F16C), 2 out of memory. */
+#define GGML_Q4_0 2
+#define GGML_Q8_0 8
+
+#if defined(__AVX2__) && defined(__F16C__)
+static inline float half_to_float(const uint8_t* p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* a row [K] (fp32) -> K / 32 Q8_0 blocks: scales d[K / 32] (the fp16 value, as fp32) and q[K] */
+static void quantize_q8_0(const float* x, int K, float* d, int8_t* q) {
+    for (int b = 0; b < K / 32; b++) {
+        float top = 0.f;
+        for (int k = 0; k < 32; k++) top = fmaxf(top, fabsf(x[32 * b + k]));
+        const float scale = top / 127.f, inverse = scale != 0.f ? 1.f / scale : 0.f;
+        d[b] = _cvtsh_ss(_cvtss_sh(scale, 0)); /* ggml keeps the scale as fp16 (to nearest even) */
+        for (int k = 0; k < 32; k++) q[32 * b + k] = (int8_t)roundf(x[32 * b + k] * inverse);
+    }
+}
+
+/* the 32 weights of one block as int8 */
+static inline __m256i block_values(const uint8_t* block, int type) {
+    if (type == GGML_Q8_0) return _mm256_loadu_si256((const __m256i*)(block + 2));
+    const __m128i packed = _mm_loadu_si128((const __m128i*)(block + 2)), low4 = _mm_set1_epi8(15);
+    const __m256i nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low4), _mm_and_si128(packed, low4));
+    return _mm256_sub_epi8(nibbles, _mm256_set1_epi8(8)); /* the low nibbles are values 0..15, the high ones 16..31 */
+}
+
+/* sum of the 32 products of two int8 blocks, as llama.cpp's AVX2 path computes it (exact in int32) */
+static inline int dot32_i8(__m256i w, __m256i a) {
+    const __m256i products = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w)); /* |w| * (a signed as w) */
+    const __m256i sums = _mm256_madd_epi16(products, _mm256_set1_epi16(1));
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* out[r * stride] = weight row w (K values in ggml blocks of `type`) . activation row r (Q8_0: d, q), r < n */
+static inline void row_dot(const uint8_t* w, int type, int K, int n, const float* d, const int8_t* q, float* out, int stride) {
+    const int blocks = K / 32, bytes = type == GGML_Q8_0 ? 34 : 18;
+    float acc[EXPERT_MAX_ROWS] = {0};
+    for (int b = 0; b < blocks; b++) {
+        const uint8_t* block = w + (size_t)b * bytes;
+        const __m256i values = block_values(block, type);
+        const float dw = half_to_float(block);
+        for (int r = 0; r < n; r++)
+            acc[r] += dw * d[(size_t)r * blocks + b] * (float)dot32_i8(values, _mm256_loadu_si256((const __m256i*)(q + (size_t)r * K + 32 * b)));
+    }
+    for (int r = 0; r < n; r++) out[(size_t)r * stride] = acc[r];
+}
+#endif
+
+int experts_ggml(const float* x, int D, int F, int E, const int* starts, const uint8_t* const* gate_up, const uint8_t* const* down,
+                 int gate_up_type, int down_type, float* y, int threads) {
+#if defined(__AVX2__) && defined(__F16C__)
+    if (D % 32 || F % 32 || E < 1) return 1;
+    for (int t = 0; t < 2; t++)
+        if ((t ? down_type : gate_up_type) != GGML_Q8_0 && (t ? down_type : gate_up_type) != GGML_Q4_0) return 1;
+    for (int e = 0; e < E; e++)
+        if (starts[e + 1] < starts[e] || starts[e + 1] - starts[e] > EXPERT_MAX_ROWS) return 1;
+    const int R = starts[E], rows = R ? R : 1;
+    const size_t gu_row = (size_t)D / 32 * (gate_up_type == GGML_Q8_0 ? 34 : 18), d_row = (size_t)F / 32 * (down_type == GGML_Q8_0 ? 34 : 18);
+    int8_t *xq = malloc((size_t)rows * D), *hq = malloc((size_t)rows * F);
+    float *xd = malloc(sizeof(float) * rows * (D / 32)), *hd = malloc(sizeof(float) * rows * (F / 32));
+    float* gu = malloc(sizeof(float) * (size_t)rows * 2 * F); /* [R, 2F]: gate then up */
+    if (!xq || !hq || !xd || !hd || !gu) {
+        free(xq), free(hq), free(xd), free(hd), free(gu);
+        return 2;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int r = 0; r < R; r++) quantize_q8_0(x + (size_t)r * D, D, xd + (size_t)r * (D / 32), xq + (size_t)r * D);
+#pragma omp for schedule(static)
+        for (long item = 0; item < (long)E * 2 * F; item++) {
+            const int e = (int)(item / (2 * F)), n = (int)(item % (2 * F)), r0 = starts[e];
+            row_dot(gate_up[e] + n * gu_row, gate_up_type, D, starts[e + 1] - r0, xd + (size_t)r0 * (D / 32), xq + (size_t)r0 * D,
+                    gu + (size_t)r0 * 2 * F + n, 2 * F);
+        }
+#pragma omp for schedule(static)
+        for (int r = 0; r < R; r++) {
+            float* g = gu + (size_t)r * 2 * F;
+            for (int f = 0; f < F; f++) g[f] = g[f] / (1.f + expf(-g[f])) * g[F + f]; /* silu(gate) * up, over gate */
+            quantize_q8_0(g, F, hd + (size_t)r * (F / 32), hq + (size_t)r * F);
+        }
+#pragma omp for schedule(static)
+        for (long item = 0; item < (long)E * D; item++) {
+            const int e = (int)(item / D), n = (int)(item % D), r0 = starts[e];
+            row_dot(down[e] + n * d_row, down_type, F, starts[e + 1] - r0, hd + (size_t)r0 * (F / 32), hq + (size_t)r0 * F, y + (size_t)r0 * D + n, D);
+        }
+    }
+    free(xq), free(hq), free(xd), free(hd), free(gu);
+    return 0;
+#else
+    (void)x, (void)D, (void)F, (void)E, (void)starts, (void)gate_up, (void)down, (void)gate_up_type, (void)down_type, (void)y, (void)threads;
+    return 1;
+#endif
+}
+
+/* 1 where experts_ggml runs (AVX2 and F16C) */
+int experts_ggml_blocks(void) {
+#if defined(__AVX2__) && defined(__F16C__)
+    return 1;
+#else
+    return 0;
+#endif
+}

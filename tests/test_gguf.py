@@ -16,6 +16,7 @@ import torch
 from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer
 from conftest import build_mixtral, moe_local_cli
 from families import build_family
+from moe_local import native
 
 TOOLS = Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "llama-cpp"
 pytestmark = pytest.mark.skipif(not TOOLS.is_dir(), reason=f"llama.cpp's converter is not at {TOOLS} (CI has ../shared beside the repository)")
@@ -173,21 +174,25 @@ def test_f32_gguf_gives_llama_cpps_logits_and_tokens(f32_ggufs, name):
 
 
 @pytest.mark.parametrize("file", ["mixtral-Q4_0", "qwen3-Q8_0"])
-def test_quantized_gguf_is_exact_arithmetic_on_its_weights_and_as_close_to_llama_cpp_as_llama_cpp_is(ggufs, file, tmp_path):
-    """The experts stay in the file's blocks; moe-local computes with exactly the values they hold (llama.cpp on an
-    f32 file of the dequantized weights, gguf-py's dequantization, gives the same logits within fp32 sums). llama.cpp
-    itself rounds each activation to Q8_0 before a Q8_0 or Q4_0 dot product: that is how far it is from exact
-    arithmetic, measured here on the same tokens (on these random models ~1-5% of the logit scale, more where a
-    rounding flips a near-tied routing choice), and moe-local is no farther from it than that."""
+def test_quantized_gguf_is_as_close_to_llama_cpp_as_llama_cpp_is_to_exact_arithmetic(ggufs, file, tmp_path, monkeypatch, rebuilt):
+    """The reference for exact arithmetic on the file's weights: llama.cpp on an f32 file of them (gguf-py's
+    dequantization). llama.cpp itself rounds every activation to Q8_0 before a Q8_0 or Q4_0 dot product; that
+    is how far it is from exact arithmetic, measured here on the same tokens: on these random models 1-5% of the
+    logit scale at the first position, up to 60% later where such a rounding flips a near-tied routing choice
+    (greedy tokens then differ too, so they are compared only on f32 files). moe-local's experts do as llama.cpp
+    does (`experts_ggml`), its attention and lm_head compute exactly on the dequantized weights: it lands between
+    the two, within 1.5x llama.cpp's own distance from exact arithmetic of llama.cpp (measured 0.99-1.02x).
+    Without the kernels, moe-local is exact arithmetic on the file's values."""
     path = ggufs[file]
     ids = ids_of(path)
-    ours, _, _ = moe_local_run(path, ids, 1)
     exact = llama_cpp_logits(rewrite(path, tmp_path / "dequantized.gguf", dequantized=True), ids)
     llama = llama_cpp_logits(path, ids)
-    scale = exact.abs().max()
-    assert (ours - exact).abs().max() <= 1e-4 * scale
-    llama_error = (llama - exact).abs().max()
-    assert (ours - llama).abs().max() <= llama_error + 1e-4 * scale
+    ours, _, _ = moe_local_run(path, ids, 1)
+    assert (ours - llama).abs().max() <= 1.5 * (llama - exact).abs().max()
+    monkeypatch.setenv("MOE_LOCAL_KERNELS", "0")
+    native.library.cache_clear()
+    widened, _, _ = moe_local_run(path, ids, 1)
+    assert (widened - exact).abs().max() <= 1e-4 * exact.abs().max()
 
 
 def test_experts_in_ram_are_the_files_bytes(ggufs):

@@ -153,13 +153,14 @@ def swiglu(gate_up: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
 
 def grouped_kernels(cfg: ModelConfig, kind: str, group: int = 0) -> ctypes.CDLL | None:
     """moe-local's kernels where their grouped SwiGLU kernel for `kind` takes `cfg`'s experts (no biases, SiLU,
-    sizes; the CPU's instructions for int8 and int4), else None."""
+    sizes; the CPU's instructions for int8, int4 and a GGUF's blocks), else None."""
     if (cfg.expert_bias or cfg.expert_act != "silu" or cfg.dim % 32 or cfg.ffn_dim % 32 or (kind == "int4" and (cfg.dim % 64 or cfg.ffn_dim % 64))
             or (kind == "fp8" and group % 16)
             or (kind == "int4-cuda" and (cfg.dim % 128 or cfg.ffn_dim % 128))):  # fmt: skip
         return None
     lib = native.library()
-    if isinstance(lib, str) or (kind in ("int8", "int4-cuda") and not lib.experts_int8) or (kind == "int4" and not lib.experts_int4):
+    if (isinstance(lib, str) or (kind in ("int8", "int4-cuda") and not lib.experts_int8) or (kind == "int4" and not lib.experts_int4)
+            or (kind == "ggml" and not lib.experts_ggml_blocks)):  # fmt: skip
         return None
     return lib
 
@@ -539,7 +540,11 @@ class Ggml(ExpertFormat):
     """A GGUF's experts in the file's own ggml blocks (Q8_0 or Q4_0; `weights/ggml.py` owns the numerics): gate
     then up rows [2F, bytes of a row of D], down [D, bytes of a row of F], each row the file's blocks of 32.
     The bytes the user chose are the bytes in RAM and in slots, copied as they are (`pack_native`); nothing is
-    quantized or cached. `linear` widens the matrix to the compute dtype, then one matmul."""
+    quantized or cached. On the CPU they run through `experts_ggml` of `cpu_kernels.c` with llama.cpp's
+    arithmetic (each activation row rounded to Q8_0 blocks, integer block products, fp16 scales), for any
+    number of rows and whichever experts run together (rows are independent: the same bits either way);
+    elsewhere, or without the kernels, `linear` widens a matrix to the compute dtype and runs one matmul (exact
+    arithmetic on the file's values)."""
 
     quantized = True
     native = True
@@ -563,6 +568,25 @@ class Ggml(ExpertFormat):
         blocks = w[name]
         n = self.cfg.dim if name == "gate_up" else self.cfg.ffn_dim
         return F.linear(x, ggml.dequantize(blocks, self.qtypes[name], n).to(x.dtype))
+
+    def forward(self, x: torch.Tensor, w: Weights) -> torch.Tensor:
+        y = self.forward_grouped(x, [x.shape[0]], [w])
+        return super().forward(x, w) if y is None else y
+
+    def forward_grouped(self, xs: torch.Tensor, counts: list[int], weights: list[Weights]) -> torch.Tensor | None:
+        lib = grouped_kernels(self.cfg, "ggml")
+        if lib is None or xs.is_cuda:
+            return None
+        chunks = [(w, min(GROUPED_MAX_ROWS, c - start)) for w, c in zip(weights, counts) for start in range(0, c, GROUPED_MAX_ROWS)]
+        n = len(chunks)
+        starts = (ctypes.c_int * (n + 1))(0, *itertools.accumulate(rows for _, rows in chunks))
+        x = xs.float().contiguous()
+        y = torch.empty(x.shape, dtype=torch.float32)
+        gate_up, down = ((ctypes.c_void_p * n)(*(w[name].data_ptr() for w, _ in chunks)) for name in ("gate_up", "down"))
+        code = lib.experts_ggml(x.data_ptr(), self.cfg.dim, self.cfg.ffn_dim, n, starts, gate_up, down,
+                                int(self.qtypes["gate_up"]), int(self.qtypes["down"]), y.data_ptr(), torch.get_num_threads())  # fmt: skip
+        native.check(code, "experts")
+        return y.to(xs.dtype)
 
 
 def gguf_format(types: dict[str, set], cfg: ModelConfig, compute_dtype: torch.dtype, device_type: str) -> tuple[ExpertFormat, str]:
