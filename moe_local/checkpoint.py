@@ -7,7 +7,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 from pathlib import Path
 
 import torch
@@ -19,6 +19,9 @@ from moe_local.weights import compressed, fp8
 from moe_local.weights.compressed import PackedInt4
 from moe_local.weights.fp8 import Fp8Blocks
 from moe_local.weights.gguf import find_gguf
+
+if TYPE_CHECKING:
+    from moe_local.weights.gguf_model import GgufModel
 
 # U8: MXFP4 blocks and scales (gpt-oss); F8_E4M3 with F32 or F8_E8M0 scales: FP8 blocks; I32 (I64): the
 # packed int4 of compressed-tensors and its shapes; every other tensor we read must be one of the float types
@@ -620,7 +623,7 @@ class Checkpoint:
         return [{"file": f.name, "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
 
 
-def open_checkpoint(path: Path) -> Checkpoint:
+def open_checkpoint(path: Path) -> Checkpoint | GgufModel:
     """The model at `path` (from `resolve_model_path`): a safetensors folder, or a GGUF file or folder of GGUF
     files (`weights.gguf_model.GgufModel`, which answers the same questions)."""
     files = find_gguf(path)

@@ -1466,28 +1466,28 @@ static inline __m256i block_values(const uint8_t* block, int type) {
     return _mm256_sub_epi8(nibbles, _mm256_set1_epi8(8)); /* the low nibbles are values 0..15, the high ones 16..31 */
 }
 
-/* sum of the 32 products of two int8 blocks, as llama.cpp's AVX2 path computes it (exact in int32) */
-static inline int dot32_i8(__m256i w, __m256i a) {
+/* the 32 products of two int8 blocks, summed into 8 int32 lanes, as llama.cpp's AVX2 path forms them (exact) */
+static inline __m256i dot32_i8(__m256i w, __m256i a) {
     const __m256i products = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w)); /* |w| * (a signed as w) */
-    const __m256i sums = _mm256_madd_epi16(products, _mm256_set1_epi16(1));
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    return _mm_cvtsi128_si32(s);
+    return _mm256_madd_epi16(products, _mm256_set1_epi16(1));
 }
 
-/* out[r * stride] = weight row w (K values in ggml blocks of `type`) . activation row r (Q8_0: d, q), r < n */
+/* out[r * stride] = weight row w (K values in ggml blocks of `type`) . activation row r (Q8_0: d, q), r < n;
+   each block's 8 lanes scaled by the two scales and summed in fp32 lanes, as llama.cpp's ggml_vec_dot does */
 static inline void row_dot(const uint8_t* w, int type, int K, int n, const float* d, const int8_t* q, float* out, int stride) {
     const int blocks = K / 32, bytes = type == GGML_Q8_0 ? 34 : 18;
-    float acc[EXPERT_MAX_ROWS] = {0};
+    __m256 acc[EXPERT_MAX_ROWS];
+    for (int r = 0; r < n; r++) acc[r] = _mm256_setzero_ps();
     for (int b = 0; b < blocks; b++) {
         const uint8_t* block = w + (size_t)b * bytes;
         const __m256i values = block_values(block, type);
         const float dw = half_to_float(block);
-        for (int r = 0; r < n; r++)
-            acc[r] += dw * d[(size_t)r * blocks + b] * (float)dot32_i8(values, _mm256_loadu_si256((const __m256i*)(q + (size_t)r * K + 32 * b)));
+        for (int r = 0; r < n; r++) {
+            const __m256i sums = dot32_i8(values, _mm256_loadu_si256((const __m256i*)(q + (size_t)r * K + 32 * b)));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * d[(size_t)r * blocks + b]), _mm256_cvtepi32_ps(sums), acc[r]);
+        }
     }
-    for (int r = 0; r < n; r++) out[(size_t)r * stride] = acc[r];
+    for (int r = 0; r < n; r++) out[(size_t)r * stride] = hsum(acc[r]);
 }
 #endif
 

@@ -55,9 +55,10 @@ needs_kernel = pytest.mark.skipif(native.unavailable() is not None or not native
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0])
 def test_kernel_is_llama_cpps_arithmetic(qtype):
     """llama.cpp's vec_dot_q8_0_q8_0 / vec_dot_q4_0_q8_0: the weights' values (gguf-py's dequantization) times the
-    activations rounded to Q8_0, h = silu(gate) * up rounded to Q8_0 again for down. The kernel's sums run in
-    another order, so where a value of h lies within that rounding of a Q8_0 step's midpoint it rounds the other
-    way (one step of h times a column of down): nearly every output is within 1e-5 of the scale, all within 2%."""
+    activations rounded to Q8_0, h = silu(gate) * up rounded to Q8_0 again for down. The kernel's fp32 sums run
+    in another order than this float64 reference, so a value of h at a step's midpoint within that difference
+    rounds the other way, and its row of outputs moves by one step of h times a column of down (about one row in
+    ten at these widths): most rows are within 1e-5 of the scale, every row within 2%."""
     cfg, fmt, views = experts(qtype, 3)
     counts = [2, 0, 20]  # an expert with no rows, one with more than a kernel call takes at once
     xs = torch.randn(sum(counts), cfg.dim, generator=torch.Generator().manual_seed(1))
@@ -67,11 +68,11 @@ def test_kernel_is_llama_cpps_arithmetic(qtype):
         x, start = xs[start : start + count], start + count
         if count:
             gate_up = q8_0(x) @ ggml.dequantize(view["gate_up"], qtype, cfg.dim).double().T  # [n, 2F]
-            h = torch.nn.functional.silu(gate_up[:, : cfg.ffn_dim]) * gate_up[:, cfg.ffn_dim :]
+            h = torch.nn.functional.silu(gate_up[:, : cfg.ffn_dim]) * gate_up[:, cfg.ffn_dim :]  # [n, F]
             expected.append(q8_0(h.float()) @ ggml.dequantize(view["down"], qtype, cfg.ffn_dim).double().T)
     expected = torch.cat(expected)
-    error, scale = (y.double() - expected).abs(), expected.abs().max()
-    assert (error <= 1e-5 * scale).float().mean() >= 0.99 and error.max() <= 0.02 * scale
+    error, scale = (y.double() - expected).abs().amax(1), expected.abs().max()  # [R], per row
+    assert (error <= 1e-5 * scale).float().mean() >= 0.8 and (error <= 0.02 * scale).all()
 
 
 @needs_kernel
