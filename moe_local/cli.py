@@ -560,14 +560,18 @@ def tensor_formats(ckpt: Checkpoint) -> dict[str, dict[str, str]]:
     from moe_local.errors import BudgetError
     from moe_local.experts.formats import choose_format
 
+    from moe_local.experts.formats import gguf_format
+    from moe_local.weights.gguf_model import GgufModel
+
     stored, compute = ckpt.formats(), str(ckpt.dtype).removeprefix("torch.")
+    device, gguf = "cuda" if torch.cuda.is_available() else "cpu", isinstance(ckpt, GgufModel)
     try:
-        _, experts = choose_format("auto", ckpt.config, ckpt.dtype, "cuda" if torch.cuda.is_available() else "cpu", None)
+        _, experts = gguf_format(ckpt.expert_types(), ckpt.config, ckpt.dtype, device) if gguf else choose_format("auto", ckpt.config, ckpt.dtype, device, None)
     except BudgetError as e:
         experts = str(e)
     out = {"experts": {"stored": " + ".join(stored["experts"]), "at_load": experts}}
     for kind in ("attention", "other"):
-        quantized = [f for f in stored[kind] if f.startswith(("fp8", "int4"))]
+        quantized = [f for f in stored[kind] if (f not in ("F32", "F16", "BF16") if gguf else f.startswith(("fp8", "int4")))]
         becomes = f"{compute}, dequantized at load" if quantized else "as stored"
         if kind == "attention":
             becomes += " (or int8, int4 under --resident-dtype)"

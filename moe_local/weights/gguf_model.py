@@ -178,6 +178,14 @@ class GgufModel:
         """The ggml types the experts' matrices come in, per matrix ("w1", "w2", "w3"), over every MoE layer."""
         return {w: {self.expert_tensor(layer, w).qtype for layer in range(self.config.n_moe_layers)} for w in EXPERT_TENSORS}
 
+    def formats(self) -> dict[str, list[str]]:
+        """The ggml types each kind of tensor comes in ("experts", "attention": the attention projections, "other")."""
+        kinds: dict[str, dict[str, None]] = {"experts": {}, "attention": {}, "other": {}}
+        for t in self.tensors.values():
+            kind = "experts" if t.name.endswith("_exps.weight") else "attention" if ".attn_" in t.name and "norm" not in t.name else "other"
+            kinds[kind][t.qtype.name] = None
+        return {kind: sorted(found) for kind, found in kinds.items()}
+
     def bytes_by_type(self) -> dict[str, int]:
         """Bytes of tensor data per ggml type name (what `info` reports)."""
         sizes: dict[str, int] = {}
