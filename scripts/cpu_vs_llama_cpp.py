@@ -1,20 +1,26 @@
-"""`moe-local --device cpu` against llama.cpp's CPU backend on the same weights (Mixtral or Qwen3-MoE architecture).
+"""`moe-local --device cpu` against llama.cpp's CPU backend on the same weights (Mixtral, Qwen3-MoE or Qwen3.5-MoE architecture).
 
     python scripts/cpu_vs_llama_cpp.py make /tmp/cpu-peer          # checkpoint + bf16/q8_0/q4_0 GGUFs
     python scripts/cpu_vs_llama_cpp.py make /tmp/qwen-peer --family qwen3   # the same in Qwen3-MoE's layout
+    python scripts/cpu_vs_llama_cpp.py make /tmp/q35-peer --family qwen35 --pairs bf16,q4_0   # Qwen3.6-35B-A3B's widths, 4 layers
     python scripts/cpu_vs_llama_cpp.py run /tmp/cpu-peer --rounds 2 --tokens 64
     python scripts/cpu_vs_llama_cpp.py run /tmp/cpu-peer --rounds 2 --tokens 64 --prompt-tokens 900   # a chat's context
 
 `make` writes a random Mixtral checkpoint (dim 1024, 8 experts of 2816, 8 layers: 576 M parameters, bf16, the
 demo model's tokenizer), or with `--family qwen3` a Qwen3-MoE one (64 experts of 384, top 8, q/k norms: 630 M; a
-byte-level BPE tokenizer trained as the tests train it), and converts it with llama.cpp's converter
-(LLAMA_CPP_TOOLS, default /work/shared/tools/llama-cpp). `run` decodes `--tokens` greedy tokens after a prompt
-of `--prompt-tokens` with each engine and format pair (bf16 vs bf16, q8_0 vs int8, q4_0 vs int4; llama.cpp's
+byte-level BPE tokenizer trained as the tests train it), or with `--family qwen35` a text-only Qwen3.5-MoE one
+(`Qwen3_5MoeForCausalLM`, the hybrid: Qwen3.6-35B-A3B's widths, 256 experts of 512 top 8 with a shared expert,
+Gated DeltaNet with 16 key and 32 value heads, gated attention with 16 heads and 2 KV heads of 256, but 4
+layers, three linear and one full, and the tests' 2048-token vocabulary: 3.3 G parameters, 6.6 GB in bf16,
+drawn in bf16), and converts it with llama.cpp's converter (LLAMA_CPP_TOOLS, default
+/work/shared/tools/llama-cpp). `run` prefills a prompt of `--prompt-tokens`, then decodes `--tokens` greedy
+tokens, with each engine and format pair (bf16 vs bf16, q8_0 vs int8, q4_0 vs int4; llama.cpp's
 quantized files hold the attention projections quantized too, so those moe-local runs use `--resident-dtype
 int8` and `int4`), one after the other, `--rounds` times (interleaved, so that a noisy shared machine slows both
 alike), each in its own process with the same thread count; it prints one markdown row per pair with both speeds
-and their ratio. llama.cpp runs in the Python of LLAMA_PYTHON (default /tmp/llama/bin/python, the venv its
-README describes)."""
+and their ratio, for decode and for the prompt's prefill (a whole prompt's evaluation from an empty cache,
+llama.cpp's in batches of 512). `--pairs` picks some of the formats (make converts only those). llama.cpp runs
+in the Python of LLAMA_PYTHON (default /tmp/llama/bin/python, the venv its README describes)."""
 
 from __future__ import annotations
 
@@ -47,11 +53,16 @@ engine = moe_local.load(folder, device="cpu", dtype="bf16", experts_dtype=fmt, r
                       ctx_size=len(prompt) + n + 1, expert_slots=slots)
 token = int(engine.prefill(prompt)[0].argmax())
 for _ in range(4): engine.decode_one(token)  # warm-up, then start again from the prompt
-token = int(engine.prefill(prompt)[0].argmax())
+engine.tokens = []  # forget the cache: prefill would take the prompt from it (a recurrent state restarts at position 0)
+start = time.perf_counter()
+logits, evaluated = engine.prefill(prompt)
+prefill = evaluated / (time.perf_counter() - start)
+token = int(logits.argmax())
+assert evaluated == len(prompt)
 start = time.perf_counter()
 for _ in range(n):
     token = int(engine.decode_one(token).argmax())
-print(json.dumps({"tok_per_s": n / (time.perf_counter() - start), "bytes_copied": engine.experts.stats.total().bytes_copied}))
+print(json.dumps({"tok_per_s": n / (time.perf_counter() - start), "prefill_tok_per_s": prefill, "bytes_copied": engine.experts.stats.total().bytes_copied}))
 """
 
 LLAMA = """
@@ -63,11 +74,12 @@ def greedy():  # llm.scores holds nothing without logits_all: read the last posi
     return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))))
 llm.eval(prompt); token = greedy()
 for _ in range(4): llm.eval([token])  # warm-up, then start again from the prompt
-llm.reset(); llm.eval(prompt); token = greedy()
+llm.reset(); start = time.perf_counter(); llm.eval(prompt); token = greedy()
+prefill = len(prompt) / (time.perf_counter() - start)
 start = time.perf_counter()
 for _ in range(n):
     llm.eval([token]); token = greedy()
-print(json.dumps({"tok_per_s": n / (time.perf_counter() - start)}))
+print(json.dumps({"tok_per_s": n / (time.perf_counter() - start), "prefill_tok_per_s": prefill}))
 """
 
 
@@ -82,13 +94,17 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def make(out: Path, family: str) -> None:
+def make(out: Path, family: str, pairs: list[tuple[str, str, str]]) -> None:
     """A random checkpoint of `family` (mixtral: 8 experts of 2816, top 2; qwen3: Qwen3-MoE's layout, 64 experts of
-    384, top 8, q/k norms), its tokenizer, and its bf16, q8_0 and q4_0 GGUFs."""
+    384, top 8, q/k norms; qwen35: Qwen3.6-35B-A3B's widths in 4 layers), its tokenizer, and the GGUFs of `pairs`
+    (bf16 always: q4_0 is quantized from it)."""
     import shutil
 
     import torch
-    from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers import (MixtralConfig, MixtralForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig, Qwen3MoeConfig,
+                              Qwen3MoeForCausalLM)
+
+    from moe_local.config import PRESETS
 
     folder = out / "hf"
     folder.mkdir(parents=True, exist_ok=True)
@@ -100,22 +116,33 @@ def make(out: Path, family: str) -> None:
         MixtralForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder)
         for name in ("tokenizer.model", "tokenizer_config.json"):
             shutil.copy(DEMO / name, folder / name)
+    elif family == "qwen35":  # drawn in bf16: float32 would need twice the 6.6 GB
+        preset = {k: v for k, v in PRESETS["qwen3.6-35b-a3b"].items() if k not in ("model_type", "dtype")}
+        cfg = Qwen3_5MoeTextConfig(**{**preset, "vocab_size": 2048, "num_hidden_layers": 4, "max_position_embeddings": 1024,
+                                      "layer_types": ["linear_attention"] * 3 + ["full_attention"], "eos_token_id": 2})
+        torch.set_default_dtype(torch.bfloat16)
+        Qwen3_5MoeForCausalLM(cfg).save_pretrained(folder)
+        torch.set_default_dtype(torch.float32)
     else:
         cfg = Qwen3MoeConfig(**shared, intermediate_size=2816, moe_intermediate_size=384, num_key_value_heads=4, head_dim=64,
                              num_experts=64, num_experts_per_tok=8, norm_topk_prob=True, mlp_only_layers=[])
         Qwen3MoeForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder)
+    if family != "mixtral":
         sys.path.insert(0, str(DEMO.parent.parent / "tests"))  # the byte-level BPE tokenizer the tests train
         from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer
 
         train_bytelevel_tokenizer(folder, vocab_size=2048, **FAMILY_TOKENIZERS["qwen3_moe"])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TOOLS), str(TOOLS / "gguf-py")])}
     convert = [str(TOOLS / "convert_hf_to_gguf.py")] if family == "mixtral" else ["-c", CONVERT_QWEN, str(TOOLS / "convert_hf_to_gguf.py")]
-    for outtype in ("bf16", "q8_0"):
-        subprocess.run([sys.executable, *convert, str(folder), "--outtype", outtype, "--outfile", str(out / f"{outtype}.gguf")], check=True, env=env)
+    no_mtp = ["--no-mtp"] if family == "qwen35" else []  # the converter wants the MTP head's tensors unless told
+    for outtype in ["bf16"] + ["q8_0"] * any(gguf == "q8_0" for gguf, _, _ in pairs):
+        subprocess.run([sys.executable, *convert, str(folder), "--outtype", outtype, "--outfile", str(out / f"{outtype}.gguf"), *no_mtp],
+                       check=True, env=env)
     quantize = ("import llama_cpp, sys; p = llama_cpp.llama_model_quantize_default_params(); "
                 "p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0; "
                 "assert llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p) == 0")
-    subprocess.run([LLAMA_PYTHON, "-c", quantize, str(out / "bf16.gguf"), str(out / "q4_0.gguf")], check=True)
+    if any(gguf == "q4_0" for gguf, _, _ in pairs):
+        subprocess.run([LLAMA_PYTHON, "-c", quantize, str(out / "bf16.gguf"), str(out / "q4_0.gguf")], check=True)
 
 
 def one(command: list[str]) -> dict:
@@ -125,25 +152,31 @@ def one(command: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(out: Path, rounds: int, tokens: int, threads: int, slots: int | None, prompt_tokens: int) -> None:
+def run(out: Path, rounds: int, tokens: int, threads: int, slots: int | None, prompt_tokens: int, pairs: list[tuple[str, str, str]]) -> None:
     prompt = json.dumps(prompt_ids(prompt_tokens))
     speeds: dict[tuple[str, str], list[float]] = {}
+    prefills: dict[tuple[str, str], list[float]] = {}
     for r in range(rounds):
-        for gguf, fmt, resident in PAIRS:
+        for gguf, fmt, resident in pairs:
             ours = one([sys.executable, "-c", MOE_LOCAL, str(out / "hf"), fmt, resident, str(tokens), str(threads), prompt, json.dumps(slots)])
             theirs = one([LLAMA_PYTHON, "-c", LLAMA, str(out / f"{gguf}.gguf"), str(tokens), str(threads), prompt])
             speeds.setdefault(("moe-local", fmt), []).append(ours["tok_per_s"])
             speeds.setdefault(("llama.cpp", gguf), []).append(theirs["tok_per_s"])
-            print(f"round {r + 1}: {fmt} {ours['tok_per_s']:.1f} tok/s ({ours['bytes_copied'] / 1e9:.2f} GB copied), "
-                  f"llama.cpp {gguf} {theirs['tok_per_s']:.1f} tok/s",
+            prefills.setdefault(("moe-local", fmt), []).append(ours["prefill_tok_per_s"])
+            prefills.setdefault(("llama.cpp", gguf), []).append(theirs["prefill_tok_per_s"])
+            print(f"round {r + 1}: {fmt} {ours['tok_per_s']:.1f} tok/s, prefill {ours['prefill_tok_per_s']:.1f} tok/s "
+                  f"({ours['bytes_copied'] / 1e9:.2f} GB copied), llama.cpp {gguf} {theirs['tok_per_s']:.1f} tok/s, "
+                  f"prefill {theirs['prefill_tok_per_s']:.1f} tok/s",
                   file=sys.stderr, flush=True)
-    print(f"| llama.cpp | tok/s | moe-local | tok/s | ratio per round ({time.strftime('%Y-%m-%d')}, {threads} threads, {tokens} tokens after {prompt_tokens}) |")
-    print("| --- | --- | --- | --- | --- |")
-    for gguf, fmt, resident in PAIRS:
-        ours, theirs = speeds[("moe-local", fmt)], speeds[("llama.cpp", gguf)]
-        ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(ours, theirs))
-        name = fmt if resident == "auto" else f"{fmt}, attention {resident}"
-        print(f"| {gguf} | {' / '.join(f'{s:.1f}' for s in theirs)} | {name} | {' / '.join(f'{s:.1f}' for s in ours)} | {ratios} |")
+    for what, table in ((f"{tokens} tokens decoded after {prompt_tokens}", speeds), (f"prefill of {prompt_tokens}", prefills)):
+        print(f"| llama.cpp | tok/s | moe-local | tok/s | ratio per round ({time.strftime('%Y-%m-%d')}, {threads} threads, {what}) |")
+        print("| --- | --- | --- | --- | --- |")
+        for gguf, fmt, resident in pairs:
+            ours, theirs = table[("moe-local", fmt)], table[("llama.cpp", gguf)]
+            ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(ours, theirs))
+            name = fmt if resident == "auto" else f"{fmt}, attention {resident}"
+            print(f"| {gguf} | {' / '.join(f'{s:.1f}' for s in theirs)} | {name} | {' / '.join(f'{s:.1f}' for s in ours)} | {ratios} |")
+        print()
 
 
 def main() -> None:
@@ -155,14 +188,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--prompt-tokens", type=int, default=8, help="the context decoding starts from (the model holds 1,024)")
     parser.add_argument("--expert-slots", type=int, help="moe-local through a pool of this many slots (a memcpy per miss), not in place")
-    parser.add_argument("--family", choices=("mixtral", "qwen3"), default="mixtral", help="make: the model's architecture")
+    parser.add_argument("--family", choices=("mixtral", "qwen3", "qwen35"), default="mixtral", help="make: the model's architecture")
+    parser.add_argument("--pairs", default=",".join(gguf for gguf, _, _ in PAIRS),
+                        help="llama.cpp's formats to compare (make converts only these), from " + ", ".join(gguf for gguf, _, _ in PAIRS))
     args = parser.parse_args()
+    chosen = args.pairs.split(",")
+    if unknown := [name for name in chosen if name not in [gguf for gguf, _, _ in PAIRS]]:
+        parser.error(f"--pairs: unknown format {unknown[0]!r} (choose from {', '.join(gguf for gguf, _, _ in PAIRS)})")
+    pairs = [pair for pair in PAIRS if pair[0] in chosen]
     if args.command == "make":
-        make(args.folder, args.family)
+        make(args.folder, args.family, pairs)
     else:
         if not 1 <= args.prompt_tokens <= 1024 - args.tokens - 8:
             parser.error(f"--prompt-tokens must be from 1 to {1024 - args.tokens - 8}: the test model holds 1,024 positions")
-        run(args.folder, args.rounds, args.tokens, args.threads, args.expert_slots, args.prompt_tokens)
+        run(args.folder, args.rounds, args.tokens, args.threads, args.expert_slots, args.prompt_tokens, pairs)
 
 
 if __name__ == "__main__":
