@@ -20,7 +20,7 @@ import psutil
 import torch
 
 from moe_local import native
-from moe_local.budget import check_host_ram, embeddings_on_host, host_bytes_needed, plan_memory, plan_report
+from moe_local.budget import check_beside_experts, check_host_ram, embeddings_on_host, host_bytes_needed, plan_memory, plan_report
 from moe_local.config import DTYPES, PRESETS, ModelConfig, preset_config
 from moe_local.engine import Engine, Options, measure_workspace, resolve_device
 from moe_local.errors import ConfigError
@@ -355,7 +355,9 @@ def bench(
                       prefetch=config.prefetch, prefetch_top=config.prefetch_top, resident_dtype=config.resident_dtype,
                       cpu_experts=config.cpu_experts, cuda_graphs=False)  # --cuda-graphs: one more run with them
     attention = options.attention_dtype
-    beside = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, expert_slots=cfg.n_experts, attention=attention).beside_store_bytes
+    alone = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, expert_slots=cfg.n_experts, attention=attention)
+    check_beside_experts(alone, ctx_size, attention, context_flag="--prompt-tokens or --new-tokens")
+    beside = alone.beside_store_bytes
     experts_dtype = config.experts_dtype or ("mxfp4" if cfg.mxfp4_experts else "bf16")
     fmt, why = choose_format(experts_dtype, cfg, dtype, device.type, config.group_size, beside)
     say(why)

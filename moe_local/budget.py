@@ -11,7 +11,7 @@ import torch
 
 from moe_local import int4
 from moe_local.config import ModelConfig
-from moe_local.errors import BudgetError
+from moe_local.errors import BudgetError, MoeLocalError
 
 
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -176,11 +176,58 @@ def plan_memory(
                 raise BudgetError(
                     f"a {format_bytes(budget)} budget is too small: resident weights {format_bytes(resident)} + KV cache for "
                     f"{ctx_size} tokens{f' x {sequences} sequences' if sequences > 1 else ''} {format_bytes(kv)} + workspace {format_bytes(work)} + one expert slot {format_bytes(expert)} "
-                    f"need at least {format_bytes(fixed + expert)} (or lower --ctx-size)"
+                    f"need at least {format_bytes(fixed + expert)}{what_would_fit(cfg, dtype, device, budget, fixed - resident + expert, resident, attention, on_host)}"
                 )
             slots = min(total, (budget - fixed) // expert)
     host = embeddings_bytes(cfg, dtype) if on_host else 0
     return MemoryPlan(device.type, budget, resident, kv, work, workspace is not None, expert, slots, total, host)
+
+
+def what_would_fit(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, budget: int, rest: int, resident: int,
+                   attention: str | None, on_host: bool) -> str:
+    """The end of a too-small budget's message: the --resident-dtype that makes the plan fit as it is (the
+    resident part is what outgrows a small GPU: GLM-4.5-Air's 12.25 GiB in bf16 are 5.38 in int4), and
+    --ctx-size where a shorter context could (the KV cache and the workspace shrink with it; `rest` is them
+    and one expert slot)."""
+    fits, shorter = [], []  # smaller resident dtypes that fit as they are / with a shorter context
+    for smaller in ("int8", "int4")[("int8", "int4").index(attention) + 1 if attention else 0 :]:
+        try:
+            weights = resident_bytes(cfg, dtype, smaller, embeddings=not on_host, device_type=device.type)
+        except MoeLocalError:  # int4 cannot pack these shapes on this device
+            continue
+        if weights + rest <= budget:
+            fits.append(f"--resident-dtype {smaller} ({format_bytes(weights + rest)} in all)")
+        elif weights < budget:
+            shorter.append(smaller)
+    hints = [f"{' or '.join(fits)} would fit"] if fits else []
+    if resident < budget:
+        hints.append("lower --ctx-size")
+    elif shorter and not fits:
+        hints.append(f"--resident-dtype {shorter[0]} with a lower --ctx-size")
+    if hints:
+        return ": " + ", or ".join(hints)
+    return f": the resident weights alone take more{'' if attention == 'int4' else ', also in int4 (--resident-dtype int4)'}"
+
+
+def check_beside_experts(plan: MemoryPlan, ctx_size: int, attention: str | None, available: int | None = None,
+                         context_flag: str = "--ctx-size") -> None:
+    """On the CPU the resident part, the KV cache and the workspace live in host RAM beside the experts; when
+    they alone take more than is available, no format of the experts can help: say which of them is too large
+    and what shrinks it (`-c 100000000` is a 670 GiB KV cache, not experts that do not fit)."""
+    available = psutil.virtual_memory().available if available is None else available
+    if plan.device != "cpu" or plan.fixed_bytes <= available:
+        return
+    context = plan.kv_bytes + plan.workspace_bytes  # both grow with the context: a prefill chunk's attention scores span it
+    if context >= plan.resident_bytes:
+        what, size = (f"a context of {ctx_size} tokens needs {format_bytes(context)} of host RAM on the CPU (KV cache "
+                      f"{format_bytes(plan.kv_bytes)}, a prefill chunk's workspace {format_bytes(plan.workspace_bytes)})"), context
+        fix = f"lower {context_flag}"
+    else:
+        what, size = f"the resident weights need {format_bytes(plan.resident_bytes)} of host RAM on the CPU", plan.resident_bytes
+        fix = "--resident-dtype int8 or int4 makes them smaller" if attention is None else ""
+    if size <= available:  # the two together are what does not fit
+        what += f", {format_bytes(plan.fixed_bytes)} with the rest beside the experts"
+    raise BudgetError(f"{what}, more than the {format_bytes(available)} available" + (f": {fix}" if fix else ""))
 
 
 def host_bytes_needed(plan: MemoryPlan) -> int:

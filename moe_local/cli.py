@@ -12,7 +12,6 @@ import time
 import traceback
 import warnings
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Callable, Iterator, Optional
 
@@ -25,7 +24,7 @@ from moe_local.threads import set_openmp_defaults
 if TYPE_CHECKING:
     from moe_local.checkpoint import Checkpoint
     from moe_local.engine import Engine, Options
-    from moe_local.generate import GenerationStats
+    from moe_local.generate import GenerationStats, SamplingParams
     from moe_local.tokenizer import Tokenizer
 
 try:  # typer >= 0.26 ships its own copy of click
@@ -235,6 +234,15 @@ def sampling_overrides(**flags) -> dict:
     return given
 
 
+def model_sampling(folder: Path, overrides: dict, flags: bool = True) -> SamplingParams:
+    """The model's sampling defaults (its generation_config.json) with the flags given over them, read before the
+    load: a bad value in the file fails now, named, and a flag for it replaces it (`flags`: the command has them)."""
+    from moe_local.engine import read_json
+    from moe_local.generate import SamplingParams
+
+    return SamplingParams().from_generation_config(read_json(folder / "generation_config.json"), overrides, flags)
+
+
 # Options that `run` and `chat` share. Their defaults live in `Options` (engine.py), the help only says them;
 # metavar="" shows a flag as a flag, not as `<bool>` (`--raw true` is not accepted).
 ModelArg = Annotated[Optional[str], typer.Argument(help="Model folder (config.json + safetensors + tokenizer), a GGUF file (or the first of its split files) or a cached Hugging Face id such as mistralai/Mixtral-8x7B-v0.1. Default: the small demo model that ships with moe-local.")]
@@ -330,12 +338,12 @@ def run(
         if show_reasoning and not channels:
             raise MoeLocalError(NO_CHANNELS)
         check_fits(prompt_ids, ctx)
+        params = model_sampling(folder, sampling)
         set_threads(threads)
         start = time.perf_counter()
         engine = load_with_progress(folder, options, quiet, demo=model is None)
         load_seconds = time.perf_counter() - start
         limit = max_new_tokens if max_new_tokens is not None else max_new_tokens_default(engine.generation_config, DEFAULT_MAX_NEW_TOKENS)
-        params = replace(engine.sampling_defaults(), **sampling)
         stats, tokens, pieces = GenerationStats(), [], []
         decoder, stops = StreamDecoder(tokenizer), StopStrings(stop or [])
         if channels:  # the decoder then gives the answer's text; the reasoning is printed (or not) as it comes
@@ -427,12 +435,13 @@ def chat(
         )
         folder, tokenizer, _ = open_model(model, options)
         check_chat_template(tokenizer, system, think, reasoning_effort)
+        params = model_sampling(folder, sampling)
         if show_reasoning and not is_harmony(tokenizer):
             raise MoeLocalError(NO_CHANNELS)
         set_threads(threads)
         engine = load_with_progress(folder, options, quiet, demo=model is None)
         limit = max_new_tokens if max_new_tokens is not None else max_new_tokens_default(engine.generation_config, None)
-        session = ChatSession(engine, replace(engine.sampling_defaults(), **sampling), limit, system, think, verbose,
+        session = ChatSession(engine, params, limit, system, think, verbose,
                               reasoning_effort, show_reasoning)
         session.check_template()
         if not quiet:
@@ -493,6 +502,7 @@ def serve(
         if not loopback and api_key is None:
             stderr(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model")
         folder, _, _ = open_model(model, options)
+        model_sampling(folder, {}, flags=False)  # the server's defaults: a bad generation_config.json fails before the load
         set_threads(threads)
         engine = load_with_progress(folder, options, quiet, demo=model is None)
         model_id = model if model and not Path(model).exists() else folder.name  # a Hugging Face id as given
@@ -655,7 +665,7 @@ def plan(
     what to expect from it, without loading the weights (only config.json and the safetensors headers)."""
     import torch
 
-    from moe_local.budget import lm_head_quantized, plan_memory, plan_report
+    from moe_local.budget import check_beside_experts, lm_head_quantized, plan_memory, plan_report
     from moe_local.checkpoint import open_checkpoint, resolve_model_path
     from moe_local.config import preset_config
     from moe_local.errors import BudgetError
@@ -683,8 +693,11 @@ def plan(
                                expert_bytes=f.expert_bytes if f else None, attention=options.attention_dtype)
 
         # on the CPU the rest of the model lives in host RAM beside the experts: count it as the load does
-        beside = plan_for(None).beside_store_bytes if target.type == "cpu" else 0
+        alone = plan_for(None) if target.type == "cpu" else None
+        beside = alone.beside_store_bytes if alone else 0
         try:
+            if alone:
+                check_beside_experts(alone, ctx, options.attention_dtype)
             if not preset and isinstance(ckpt, GgufModel) and options.experts_dtype == "auto":
                 fmt, why = gguf_format(ckpt.expert_types(), cfg, compute, target.type)
             else:

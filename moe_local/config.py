@@ -246,12 +246,14 @@ class ModelConfig:
                 f"unsupported model_type {model_type!r} in config.json "
                 f"(supported: {', '.join(FAMILIES)})"
             )
+        fields = _Fields(raw)
         try:
-            cfg = family.config(raw)
+            cfg = family.config(fields)
         except KeyError as e:
             raise ConfigError(f"config.json lacks the field {e.args[0]!r}") from None
         except (TypeError, ValueError, ZeroDivisionError) as e:
-            raise ConfigError(f"config.json has a malformed field: {e}") from None
+            name = fields.culprit(e)
+            raise ConfigError(f"config.json has a malformed field{f' {name!r}' if name else ''}: {e}") from None
         if raw.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"unsupported hidden_act {raw['hidden_act']!r} (only silu)")
         if cfg.n_experts < 1 or not cfg.moe_layers:
@@ -508,6 +510,39 @@ def _windows(raw: dict, n_layers: int) -> tuple[int | None, ...]:
     return (int(window) if window else None,) * n_layers
 
 
+class _Fields(dict):
+    """config.json's fields, remembering which were read, so that a value int() or float() refuses (or a zero
+    that divides) can be named: the field read last whose value is the one the error quotes."""
+
+    def __init__(self, raw: dict):
+        super().__init__(raw)
+        self.read: list[str] = []
+
+    def __getitem__(self, key):
+        self.read.append(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.append(key)
+        return super().get(key, default)
+
+    def with_defaults(self, **defaults) -> _Fields:
+        """These fields with `defaults` for those they lack, recording into the same list."""
+        out = _Fields({**defaults, **self})
+        out.read = self.read
+        return out
+
+    def culprit(self, error: Exception) -> str | None:
+        def quoted(value) -> bool:
+            if isinstance(error, ZeroDivisionError):
+                return value == 0 and not isinstance(value, bool)
+            if isinstance(error, TypeError):  # "int() argument must be ..., not 'NoneType'"
+                return f"not '{type(value).__name__}'" in str(error)
+            return isinstance(value, str) and str(error).endswith(f": {value!r}")  # "invalid literal for int() ...: 'x'"
+
+        return next((key for key in reversed(self.read) if key in self and quoted(dict.__getitem__(self, key))), None)
+
+
 def _common(raw: dict, **fields) -> dict:
     """Fields read the same way by every family; a family's own fields come in `fields`."""
     dim, n_heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
@@ -555,7 +590,7 @@ def _first_k_dense(raw: dict) -> tuple[int, ...]:
 
 
 def mixtral(raw: dict) -> ModelConfig:
-    raw = {"rope_theta": 1e6, **raw}  # Mixtral's default
+    raw = raw.with_defaults(rope_theta=1e6) if isinstance(raw, _Fields) else {"rope_theta": 1e6, **raw}  # Mixtral's default
     return ModelConfig(**_common(
         raw, n_experts=int(raw["num_local_experts"]), ffn_dim=int(raw["intermediate_size"]),
         norm_eps=float(raw.get("rms_norm_eps", 1e-5)),

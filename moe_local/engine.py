@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import torch
 
 from moe_local import native
-from moe_local.budget import MemoryPlan, embeddings_on_host, lm_head_quantized, plan_memory
+from moe_local.budget import MemoryPlan, check_beside_experts, embeddings_on_host, lm_head_quantized, plan_memory
 from moe_local.checkpoint import open_checkpoint, resolve_model_path
 from moe_local.config import DTYPES, ModelConfig
 from moe_local.cpu_matmul import matmuls_for_rows
@@ -204,7 +204,11 @@ class Engine:
         ctx_size = options.context_size(cfg)
         # on the CPU the resident part and the slots take host RAM too: `auto` counts them (slots as if bf16)
         attention = options.attention_dtype
-        beside = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, attention=attention, sequences=options.sequences).beside_store_bytes if device.type == "cpu" else 0
+        beside = 0
+        if device.type == "cpu":
+            alone = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, attention=attention, sequences=options.sequences)
+            check_beside_experts(alone, ctx_size, attention)  # a context too long is its own error, not experts that do not fit
+            beside = alone.beside_store_bytes
         if gguf and options.experts_dtype == "auto":
             fmt, why = gguf_format(ckpt.expert_types(), cfg, dtype, device.type)
         else:
@@ -410,8 +414,9 @@ class Engine:
             s.tokens.append(token)
         return self._logits(hidden)
 
-    def sampling_defaults(self) -> SamplingParams:
-        return SamplingParams().from_generation_config(self.generation_config)
+    def sampling_defaults(self, overrides: dict | None = None, flags: bool = False) -> SamplingParams:
+        """The model's generation_config.json's sampling settings, `overrides` (the command line's) over them."""
+        return SamplingParams().from_generation_config(self.generation_config, overrides, flags)
 
     def generate(
         self, prompt: list[int], max_new_tokens: int, params: SamplingParams, stats: GenerationStats | None = None,

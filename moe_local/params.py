@@ -4,7 +4,10 @@ server's HTTP process (`server.front`) can check requests and read outputs witho
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
+
+from moe_local.errors import ConfigError
 
 
 MAX_SEED = 2**64 - 1
@@ -46,22 +49,30 @@ class SamplingParams:
             if not ok:
                 raise SamplingRangeError(name, rule)
 
-    def from_generation_config(self, gen: dict) -> SamplingParams:
-        """The model's own defaults, where it states them."""
-        updates = {}
-        if gen.get("do_sample") is False:
-            updates["temperature"] = 0.0
-        elif "temperature" in gen:
-            updates["temperature"] = float(gen["temperature"])
-        if "top_k" in gen:
-            updates["top_k"] = int(gen["top_k"])
-        if "top_p" in gen:
-            updates["top_p"] = float(gen["top_p"])
-        if gen.get("min_p") is not None:
-            updates["min_p"] = float(gen["min_p"])
-        if gen.get("repetition_penalty") is not None:
-            updates["repeat_penalty"] = float(gen["repetition_penalty"])
-        return replace(self, **updates)
+    def from_generation_config(self, gen: dict, overrides: dict | None = None, flags: bool = False) -> SamplingParams:
+        """The model's own defaults where its generation_config.json states them, then `overrides` (the command
+        line's flags, checked already). A value of the file's that is not a number or is out of range is an
+        error that names the file and the field, unless an override replaces it (`flags`: the error says so)."""
+        overrides = overrides or {}
+        updates = {"temperature": 0.0} if gen.get("do_sample") is False else {}
+        for theirs, ours in GENERATION_CONFIG.items():
+            value = gen.get(theirs)
+            if value is None or ours in overrides or ours in updates:
+                continue
+            hint = f" (fix the file, or override it with --{ours.replace('_', '-')})" if flags else " (fix the file)"
+            whole = ours == "top_k"
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (whole and value != int(value)):
+                raise ConfigError(f"generation_config.json: {theirs} must be {'an integer' if whole else 'a number'}, not {json.dumps(value)}{hint}")
+            try:
+                replace(self, **{ours: int(value) if whole else float(value)})
+            except SamplingRangeError as e:
+                raise ConfigError(f"generation_config.json: {theirs} {e.rule}, not {value}{hint}") from None
+            updates[ours] = int(value) if whole else float(value)
+        return replace(self, **updates, **overrides)
+
+
+# generation_config.json's sampling fields -> SamplingParams's (do_sample: false means temperature 0)
+GENERATION_CONFIG = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "repetition_penalty": "repeat_penalty"}
 
 
 def max_new_tokens_default(gen: dict, fallback: int | None) -> int | None:

@@ -1,0 +1,122 @@
+"""What a newcomer still tripped over (issue 25): errors that blame what is at fault and name the fix,
+numbers on `--device cpu` that agree with each other, and small things that should do what a user expects."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import moe_local
+from moe_local.budget import check_beside_experts, plan_memory
+from moe_local.config import ModelConfig, preset_config
+from moe_local.errors import BudgetError, ConfigError
+from moe_local.params import SamplingParams
+from test_cli import assert_one_line_error, cli_in_process
+
+DEMO = Path(moe_local.__file__).parent / "demo"
+CUDA = torch.device("cuda")
+GiB = 2**30
+
+
+@pytest.fixture
+def never_loads(monkeypatch):
+    """Loading the model fails the test: what is checked must fail before it."""
+    from moe_local.engine import Engine
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(Engine, "from_folder", load)
+
+
+# Point 5: an error blames what is at fault and names the fix.
+
+
+def test_a_context_too_long_for_host_ram_blames_the_context_not_the_experts():
+    with pytest.raises(BudgetError, match=r"^a context of 100000000 tokens needs [\d.]+ GiB of host RAM on the CPU \(KV cache "
+                                          r"[\d.]+ GiB, a prefill chunk's workspace [\d.]+ GiB\), more than the [\d.]+ GiB available: lower --ctx-size$"):
+        moe_local.load(DEMO, device="cpu", ctx_size=100_000_000)
+
+
+def test_resident_weights_too_large_for_host_ram_name_the_resident_dtype():
+    plan = plan_memory(preset_config("deepseek-v3"), torch.bfloat16, torch.device("cpu"), 4096, 512)
+    with pytest.raises(BudgetError, match=r"^the resident weights need 31\.88 GiB of host RAM on the CPU, more than the 16\.00 GiB "
+                                          r"available: --resident-dtype int8 or int4 makes them smaller$"):
+        check_beside_experts(plan, 4096, None, available=16 * GiB)
+    check_beside_experts(plan, 4096, None, available=40 * GiB)  # fits: no error
+
+
+N = r"\([\d.]+ GiB in all\)"
+
+
+@pytest.mark.parametrize("preset, budget, fix", [
+    ("glm-4.5-air", "8GiB", rf"--resident-dtype int4 {N} would fit$"),
+    ("deepseek-v3", "24GiB", rf"--resident-dtype int8 {N} or --resident-dtype int4 {N} would fit$"),
+    ("deepseek-v3", "17GiB", r"--resident-dtype int4 with a lower --ctx-size$"),
+    ("deepseek-v3", "12GiB", r"the resident weights alone take more, also in int4 \(--resident-dtype int4\)$"),
+    ("mixtral-8x7b", "3GiB", rf"--resident-dtype int8 {N} or --resident-dtype int4 {N} would fit, or lower --ctx-size$"),
+])
+def test_a_budget_too_small_for_the_resident_part_names_the_resident_dtype_that_fits(preset, budget, fix):
+    cfg = preset_config(preset)
+    with pytest.raises(BudgetError, match=fix):
+        plan_memory(cfg, torch.bfloat16, CUDA, 4096, 512, budget)
+    if "would fit" in fix:  # and it does
+        smallest = "int8" if "int8 (" in fix else "int4"
+        assert plan_memory(cfg, torch.bfloat16, CUDA, 4096, 512, budget, attention=smallest).expert_slots >= 1
+
+
+def test_plan_suggests_the_resident_dtype_in_one_line(monkeypatch, capsys):
+    result = cli_in_process(monkeypatch, capsys, "plan", "--preset", "glm-4.5-air", "--gpu-memory", "8GiB")
+    assert_one_line_error(result, r"a 8\.00 GiB budget is too small: resident weights 12\.25 GiB .* --resident-dtype int4 \(6\.80 GiB in all\) would fit$")
+
+
+def demo_with_generation_config(folder: Path, **fields) -> Path:
+    shutil.copytree(DEMO, folder)
+    path = folder / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+    return folder
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "serve"])
+def test_a_bad_generation_config_value_names_the_file_before_the_load(never_loads, monkeypatch, capsys, tmp_path, command):
+    folder = demo_with_generation_config(tmp_path / "m", top_p=2)
+    args = [command, str(folder), "--device", "cpu"] + (["-p", "hi"] if command == "run" else []) + (["--port", "0"] if command == "serve" else [])
+    hint = "fix the file" if command == "serve" else "fix the file, or override it with --top-p"  # serve has no sampling flags
+    assert_one_line_error(cli_in_process(monkeypatch, capsys, *args),
+                          rf"^error: generation_config.json: top_p must be in \(0, 1\], not 2 \({hint}\)$")
+
+
+def test_the_flag_replaces_a_bad_generation_config_value(monkeypatch, capsys, tmp_path):
+    folder = demo_with_generation_config(tmp_path / "m", top_p=2, temperature="warm")
+    result = cli_in_process(monkeypatch, capsys, "run", str(folder), "-p", "def f(", "-n", "2", "--top-p", "0.9", "--temp", "0.5",
+                            "--seed", "1", "--device", "cpu", "-q")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    gen = {"top_p": 2, "temperature": "warm", "top_k": 7}
+    params = SamplingParams().from_generation_config(gen, {"top_p": 0.9, "temperature": 0.5})
+    assert (params.top_p, params.temperature, params.top_k) == (0.9, 0.5, 7)  # the file's other values still count
+    with pytest.raises(ConfigError, match=r'^generation_config.json: temperature must be a number, not "warm" \(fix the file\)$'):
+        SamplingParams().from_generation_config(gen)
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("hidden_size", "big", "invalid literal for int()"),
+    ("num_attention_heads", 0, "division or modulo by zero"),
+    ("vocab_size", None, "not 'NoneType'"),
+    ("num_experts_per_tok", [2], "not 'list'"),
+    ("rms_norm_eps", "tiny", "could not convert string to float"),
+    ("sliding_window", "x", "invalid literal for int()"),
+])
+def test_a_malformed_config_field_is_named(field, value, says):
+    raw = json.loads((DEMO / "config.json").read_text())
+    with pytest.raises(ConfigError, match=rf"^config.json has a malformed field '{field}': .*{re_escape(says)}"):
+        ModelConfig.from_hf({**raw, field: value})
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
