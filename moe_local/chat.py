@@ -322,8 +322,10 @@ class ChatSession:
             f"parameters    {_count(counts['total'])} total, {_count(counts['active_per_token'])} active per token "
             f"({cfg.top_k} of {cfg.n_experts} experts in each of {cfg.n_moe_layers} MoE layers)",
             f"context       {engine.ctx_size} tokens (--ctx-size; the model's: {cfg.max_position_embeddings}), the KV cache holds {len(engine.tokens)}",
-            f"experts       {fmt.key}, {format_bytes(fmt.expert_bytes)} each; {engine.plan.expert_slots} of "
-            f"{engine.plan.total_experts} in slots on {engine.device.type}; compute in {str(engine.dtype).removeprefix('torch.')}",
+            f"experts       {fmt.key}, {format_bytes(fmt.expert_bytes)} each; "
+            + (f"all {engine.plan.total_experts} run in place from host RAM" if engine.plan.in_place
+               else f"{engine.plan.expert_slots} of {engine.plan.total_experts} in slots on {engine.device.type}")
+            + f"; compute in {str(engine.dtype).removeprefix('torch.')}",
         ]
         return "\n".join(lines)
 
@@ -345,14 +347,18 @@ class ChatSession:
         ended = {"stop": "the end of text", "interrupted": "Ctrl-C"}.get(s.finish_reason)
         ended = ended or ("a full context" if self.context_full else "max_new_tokens")
         recall = s.experts.get("prefetch_recall")
+        if engine.plan.in_place:  # no slots: nothing to hit, miss or copy
+            experts = f"expert cache  none: all {engine.plan.total_experts} experts run in place from host RAM, 0 bytes copied"
+        else:
+            experts = (f"expert cache  {100 * (s.experts.get('hit_rate') or 0):.1f} % hits, prefetch recall "
+                       + (f"{100 * recall:.1f} %" if recall is not None else "n/a")
+                       + f", {s.experts.get('bytes_copied', 0) / 1e9:.3f} GB copied; "
+                       f"{engine.plan.expert_slots} of {engine.plan.total_experts} experts fit in slots on {engine.device.type}")
         lines += [
             f"last prompt   {s.prompt_tokens} tokens: {s.prompt_tokens - s.prompt_tokens_evaluated} reused from the KV cache, "
             f"{s.prompt_tokens_evaluated} evaluated ({s.prompt_tok_per_s:.1f} tokens/s)",
             f"last answer   {s.generated_tokens} tokens ({s.decode_tok_per_s:.1f} tokens/s), ended by {ended}",
-            f"expert cache  {100 * s.experts.get('hit_rate', 0):.1f} % hits, prefetch recall "
-            + (f"{100 * recall:.1f} %" if recall is not None else "n/a")
-            + f", {s.experts.get('bytes_copied', 0) / 1e9:.3f} GB copied; "
-            f"{engine.plan.expert_slots} of {engine.plan.total_experts} experts fit in slots on {engine.device.type}",
+            experts,
         ]
         return "\n".join(lines)
 

@@ -860,10 +860,11 @@ def print_bench(r: dict) -> None:
         table.add_column(column, justify="right")
     for run in r["runs"]:
         recall = run["prefetch_recall"]
+        in_place = run["policy"] == "in place"  # no slots: nothing to evict, prefetch or hit
         table.add_row(
-            run["policy"] + (" + graphs" if run["cuda_graphs"] else ""), "on" if run["prefetch"] else "off", f"{run['prefill_tok_per_s']:.1f}",
-            f"{run['decode_tok_per_s']:.2f}", f"{run['decode_ms_per_layer']:.2f} ({run['wait_ms_per_layer']:.2f})",
-            f"{100 * run['hit_rate']:.1f} %",
+            run["policy"] + (" + graphs" if run["cuda_graphs"] else ""), "n/a" if in_place else "on" if run["prefetch"] else "off",
+            f"{run['prefill_tok_per_s']:.1f}", f"{run['decode_tok_per_s']:.2f}", f"{run['decode_ms_per_layer']:.2f} ({run['wait_ms_per_layer']:.2f})",
+            "n/a" if run["hit_rate"] is None else f"{100 * run['hit_rate']:.1f} %",
             "n/a" if recall is None else f"{100 * recall:.1f} %", f"{run['h2d_bytes_per_token'] / 1e9:.3f}",
             f"{run['experts_on_cpu_per_token']:.2f}",
             *("n/a" if run[key] is None else f"{run[key]:.2f}" for key in ("bound_tok_per_s", "efficiency")),
@@ -873,11 +874,13 @@ def print_bench(r: dict) -> None:
     console.print("a decode layer's time: the host's own work (Python, launches) + its waits for the device and the CPU channel; "
                   "meanwhile the device copies and computes experts (their bytes and runs at the channel speeds below):")
     for run in r["runs"]:
-        console.print(f"  {run['policy']}{' + graphs' if run['cuda_graphs'] else ''}, prefetch {'on' if run['prefetch'] else 'off'}: {run['decode_ms_per_layer']:.2f} ms = "
+        prefetch = "" if run["policy"] == "in place" else f", prefetch {'on' if run['prefetch'] else 'off'}"
+        console.print(f"  {run['policy']}{' + graphs' if run['cuda_graphs'] else ''}{prefetch}: {run['decode_ms_per_layer']:.2f} ms = "
                       f"host {run['host_ms_per_layer']:.2f} + wait {run['wait_ms_per_layer']:.2f}; "
                       f"copy {run['copy_ms_per_layer']:.2f}, compute {run['compute_ms_per_layer']:.2f}")
     if r["plan"]["device"] == "cpu":  # one processor: no copy to a device, no second channel
-        console.print(f"one expert {ch['cpu_expert_ms']:.2f} ms on the CPU ({ch['cpu_threads']} threads)")
+        console.print(f"one expert alone {ch['cpu_expert_ms']:.2f} ms on the CPU ({ch['cpu_threads']} threads, the median of 16 calls; "
+                      "a decode layer runs its top-k experts together in one call, beside its attention)")
     else:
         console.print(f"channels: {ch['h2d_gb_per_s']:.1f} GB/s host->{r['plan']['device']} ({'pinned' if ch['pinned'] else 'pageable'}), "
                       f"one expert {ch['device_expert_ms']:.2f} ms on the {r['plan']['device']}, {ch['cpu_expert_ms']:.2f} ms on the CPU "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterator
@@ -76,6 +77,11 @@ class Options:
             raise ConfigError(f"unknown --cpu-experts {self.cpu_experts!r} (choose from {', '.join(CPU_EXPERTS)})")
 
     @property
+    def gpu_flags(self) -> tuple[str, ...]:
+        """The flags given that size a GPU's expert slots."""
+        return tuple(flag for flag, value in (("--gpu-memory", self.gpu_memory), ("--expert-slots", self.expert_slots)) if value is not None)
+
+    @property
     def attention_dtype(self) -> str | None:
         """int8 or int4 where `resident_dtype` quantizes the attention projections, else None."""
         return None if self.resident_dtype == "auto" else self.resident_dtype
@@ -115,9 +121,18 @@ class Sequence:
     snapshots: list[Snapshot] = field(default_factory=list)
 
 
-def resolve_device(name: str | None) -> torch.device:
+def resolve_device(name: str | None, gpu_flags: tuple[str, ...] = ()) -> torch.device:
+    """The device `--device name` asks for; None: CUDA where there is one, else the CPU, said once in a warning
+    when `gpu_flags` (the GPU's flags that were given: --gpu-memory, --expert-slots) show that a GPU was expected."""
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if gpu_flags:
+            them = " and ".join(gpu_flags)
+            warnings.warn(f"no CUDA GPU was found (this PyTorch build sees none), so the model runs on the CPU, where {them} "
+                          f"make{'s' if len(gpu_flags) == 1 else ''} a pool of expert slots in host RAM that stands in for a GPU's: "
+                          f"slower than every expert in place, which is what the CPU runs without {'it' if len(gpu_flags) == 1 else 'them'}")
+        return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -199,7 +214,7 @@ class Engine:
         ckpt = open_checkpoint(folder)
         gguf = isinstance(ckpt, GgufModel)
         cfg = ckpt.config
-        device = resolve_device(options.device)
+        device = resolve_device(options.device, options.gpu_flags)
         dtype = options.compute_dtype(ckpt.dtype)
         ctx_size = options.context_size(cfg)
         # on the CPU the resident part and the slots take host RAM too: `auto` counts them (slots as if bf16)

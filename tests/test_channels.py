@@ -197,7 +197,8 @@ def test_cpu_device_runs_every_expert_in_place_without_copies(tiny):
     assert isinstance(engine.experts, InPlaceExperts)
     tokens = greedy_with(engine, [1, 10, 20, 30], 16)
     stats = engine.experts.stats.as_dict()
-    assert stats["bytes_copied"] == 0 and stats["misses"] == 0 and stats["hit_rate"] == 1
+    assert stats["bytes_copied"] == 0 and stats["misses"] == stats["hits"] == 0 and stats["in_place"] > 0
+    assert stats["hit_rate"] is None  # no slots: no cache to hit
     assert tokens == greedy_with(moe_local.load(folder, device="cpu", expert_slots=3), [1, 10, 20, 30], 16)
     view = engine.experts.views[1][3]["gate_up"]  # the expert's weights are the store's own bytes
     assert view.untyped_storage().data_ptr() == engine.store.buffer((1, 3)).untyped_storage().data_ptr()

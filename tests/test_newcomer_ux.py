@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,56 @@ def re_escape(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+# Point 6: on --device cpu the numbers agree with each other.
+
+
+@pytest.fixture(scope="module")
+def in_place():
+    return moe_local.load(DEMO, device="cpu", dtype="fp32", ctx_size=128)
+
+
+def test_experts_in_place_count_runs_not_hits(monkeypatch, capsys):
+    result = cli_in_process(monkeypatch, capsys, "run", "-p", "def f(", "-n", "4", "--temp", "0", "--device", "cpu", "--json")
+    experts = json.loads(result.stdout)["stats"]["experts"]
+    assert experts["hit_rate"] is None and experts["hits"] == experts["misses"] == experts["bytes_copied"] == 0
+    assert experts["in_place"] > 0
+    assert "expert cache  = none: every expert runs in place from host RAM, 0 bytes copied" in result.stderr
+
+
+def test_chats_stats_and_info_say_the_experts_run_in_place(in_place):
+    from moe_local.chat import ChatSession
+
+    chat = ChatSession(in_place, SamplingParams(temperature=0), max_new_tokens=4)
+    chat.ask("def f(")
+    list(chat.reply())
+    stats, info = chat.stats_text(), chat.info_text()
+    assert "expert cache  none: all 32 experts run in place from host RAM, 0 bytes copied" in stats
+    assert "% hits" not in stats and "fit in slots" not in stats
+    assert "all 32 run in place from host RAM" in info and "in slots" not in info
+
+
+def test_bench_in_place_is_one_run_without_a_policy_or_prefetch(capsys):
+    from moe_local.bench import BenchConfig, bench
+    from moe_local.cli import print_bench
+
+    result = bench(BenchConfig(preset="tiny", device="cpu", prompt_tokens=8, new_tokens=4, peer_layers=0))
+    [run] = result["runs"]
+    assert (run["policy"], run["prefetch"], run["hit_rate"]) == ("in place", False, None)
+    # the experts' compute is the runs (4 layers, top-2) at the speed measured for one alone
+    assert run["compute_ms_per_layer"] == pytest.approx(2 * result["channels"]["cpu_expert_ms"])
+    print_bench(result)
+    table = capsys.readouterr().err
+    assert "│ in place │      n/a │" in table and "layer-lru" not in table
+    assert "one expert alone" in table and "the median of 16 calls" in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="says what happens without a CUDA GPU")
+def test_gpu_flags_without_a_gpu_say_once_that_none_was_found():
+    with pytest.warns(UserWarning, match=r"^no CUDA GPU was found .* --expert-slots makes a pool of expert slots in host RAM") as said:
+        engine = moe_local.load(DEMO, expert_slots=4)
+    assert len(said) == 1 and engine.device.type == "cpu" and engine.plan.expert_slots == 4  # the pool still stands in for a GPU's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # --device cpu said so: nothing to warn about
+        moe_local.load(DEMO, device="cpu", expert_slots=4)

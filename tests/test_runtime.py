@@ -210,11 +210,11 @@ def test_a_decode_tokens_experts_in_one_call_are_the_grouped_kernel_and_weigh_bi
     x = torch.randn(1, cfg.dim, generator=gen).bfloat16()
     weights, indices = route(torch.randn(1, 8, generator=gen), 4)
     got = experts(1, x, weights, indices)
-    assert experts.stats.layers[1].hits == 4
+    assert experts.stats.layers[1].in_place == 4
     experts.tables = [None] * cfg.n_moe_layers  # the grouped kernel, then `weigh`
     assert torch.equal(got, experts(1, x, weights, indices))
     assert not torch.equal(got, experts(0, x, weights, indices))  # the layer's own experts
-    assert experts.stats.layers[1].hits == 8
+    assert experts.stats.layers[1].in_place == 8
 
 
 def tinygemm_layout(q: torch.Tensor) -> torch.Tensor:

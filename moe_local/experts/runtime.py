@@ -30,11 +30,13 @@ class LayerStats:
     predicted_of: int = 0  # ... out of the requested experts of layers that had a prediction
     bytes_copied: int = 0  # host -> device, misses and prefetches
     on_cpu: int = 0  # misses run on the CPU channel instead of copied
+    in_place: int = 0  # experts run where they lie in host RAM (`InPlaceExperts`): no slot was looked up, neither hit nor miss
 
 
 class ExpertStats:
-    def __init__(self, n_layers: int, host_memory: dict | None = None):
+    def __init__(self, n_layers: int, host_memory: dict | None = None, slots: bool = True):
         self.layers = [LayerStats() for _ in range(n_layers)]
+        self.slots = slots  # False: every expert runs in place, there is no cache and so no hit rate
         self.host_memory = host_memory or {}  # the store's pinned and pageable bytes
         # Host time spent blocked on the device at the layers' routing syncs: near 0 means the host (Python
         # and kernel launches) is what limits the speed, not the copies or the device.
@@ -57,7 +59,7 @@ class ExpertStats:
         t = self.total()
         return {
             **asdict(t),
-            "hit_rate": t.hits / max(1, t.hits + t.misses),
+            "hit_rate": t.hits / max(1, t.hits + t.misses) if self.slots else None,
             "prefetch_recall": t.predicted_right / t.predicted_of if t.predicted_of else None,
             "experts_on_cpu": t.on_cpu,
             "sync_wait_s": self.sync_wait_s,
@@ -266,7 +268,7 @@ class ResidentExperts:
 
     def __init__(self, store: ExpertStore, device: torch.device):
         self.cfg, self.format = store.cfg, store.format
-        self.stats = ExpertStats(store.cfg.n_moe_layers)  # stays at zero: nothing is cached or copied
+        self.stats = ExpertStats(store.cfg.n_moe_layers, slots=False)  # stays at zero: nothing is cached or copied
         experts = range(store.cfg.n_experts)
         self.layers = [
             torch.stack([store.buffer((layer, e)) for e in experts]).to(device) for layer in range(store.cfg.n_moe_layers)
@@ -281,11 +283,11 @@ class ResidentExperts:
 
 class InPlaceExperts:
     """`--device cpu`: every expert runs from its store buffer where it lies in host RAM: no slots, no copies.
-    Every requested expert counts as a hit; nothing is ever copied."""
+    Its stats count the experts run (`in_place`), not hits: there is no cache to hit (`hit_rate` is None)."""
 
     def __init__(self, store: ExpertStore):
         self.store, self.format = store, store.format
-        self.stats = ExpertStats(store.cfg.n_moe_layers, store.memory())
+        self.stats = ExpertStats(store.cfg.n_moe_layers, store.memory(), slots=False)
         experts = range(store.cfg.n_experts)
         self.views = [[self.format.unpack(store.buffer((layer, e))) for e in experts] for layer in range(store.cfg.n_moe_layers)]
         self.tables = [self.format.decode_table(views) for views in self.views]  # a decode token's experts in one call
@@ -293,11 +295,11 @@ class InPlaceExperts:
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         table = self.tables[layer]
         if x.shape[0] == 1 and table is not None and (y := table(x, weights, indices)) is not None:
-            self.stats.layers[layer].hits += indices.shape[1]
+            self.stats.layers[layer].in_place += indices.shape[1]
             return y
         chosen = indices.tolist()
         order = list(dict.fromkeys(e for row in chosen for e in row))
-        self.stats.layers[layer].hits += len(order)
+        self.stats.layers[layer].in_place += len(order)
 
         def run(e: int, xs: torch.Tensor) -> torch.Tensor:
             with matmuls_for_rows(xs.shape[0]):  # one token routed to it: torch's own matrix-vector kernel
