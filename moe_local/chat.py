@@ -270,8 +270,12 @@ class ChatSession:
 
     def save(self, path: Path) -> str:
         data = {"format": "moe-local chat", "version": 1, "model": str(self.engine.folder or ""), "system": self.system, "messages": self.messages}
+        if path.parent == chats_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)  # /save NAME's own folder, made on first use
+        elif not path.parent.is_dir():  # a path's folder is the user's: a typo in it must not become new folders
+            raise MoeLocalError(f"cannot save to {path}: the folder {path.parent} does not exist (create it first, "
+                                f"or /save NAME to keep it in {chats_dir()})")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         except OSError as e:
             raise MoeLocalError(f"cannot save to {path}: {e.strerror or e}") from None
@@ -320,7 +324,8 @@ class ChatSession:
             f"model         {engine.folder or '(built in memory)'}",
             f"architecture  {architecture}",
             f"parameters    {_count(counts['total'])} total, {_count(counts['active_per_token'])} active per token "
-            f"({cfg.top_k} of {cfg.n_experts} experts in each of {cfg.n_moe_layers} MoE layers)",
+            f"({cfg.top_k} of {cfg.n_experts} experts in each of {cfg.n_moe_layers} MoE layers; "
+            f"{_count(counts['active_without_embeddings'])} without the token embedding table)",
             f"context       {engine.ctx_size} tokens (--ctx-size; the model's: {cfg.max_position_embeddings}), the KV cache holds {len(engine.tokens)}",
             f"experts       {fmt.key}, {format_bytes(fmt.expert_bytes)} each; "
             + (f"all {engine.plan.total_experts} run in place from host RAM" if engine.plan.in_place
@@ -371,13 +376,27 @@ def _count(n: int) -> str:
 
 
 def read_message() -> str:
-    """One line, or the lines between \"\"\" and \"\"\" (as Ollama reads them)."""
+    """One line, or the lines between \"\"\" and \"\"\" (as Ollama reads them). A message of several lines is one
+    entry of readline's history, as it was typed (up-arrow brings back all of it, not its last line)."""
     line = input(">>> ")
     if not line.startswith('"""'):
         return line
+    readline = sys.modules.get("readline")  # chat_loop's, which makes input() add every line it reads to the history
     lines = [line[3:]]
-    while not lines[-1].endswith('"""'):
-        lines.append(input("... "))
+    several = readline is not None and not lines[-1].endswith('"""')
+    if several:
+        readline.set_auto_history(False)
+    try:
+        while not lines[-1].endswith('"""'):
+            lines.append(input("... "))
+    finally:
+        if several:
+            readline.set_auto_history(True)
+    if several:
+        last = readline.get_current_history_length()
+        if last and readline.get_history_item(last) == line:  # the first line, which input() added alone
+            readline.remove_history_item(last - 1)
+        readline.add_history('"""' + "\n".join(lines))
     return "\n".join(lines)[:-3]
 
 

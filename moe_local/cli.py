@@ -56,6 +56,21 @@ def commands(
     """Run Mixture-of-Experts language models on a GPU too small for them."""
 
 
+class FlagError(MoeLocalError):
+    """A command-line value, or a combination of flags, that the command cannot take. Exit status 2, as for
+    the parser's own errors (an unknown flag, a value out of a flag's range): the command line is wrong, where
+    status 1 says that what it named failed (a missing model, a budget too small for it)."""
+
+
+@contextmanager
+def checking_flags() -> Iterator[None]:
+    """Errors raised while only the flags are checked are FlagErrors."""
+    try:
+        yield
+    except (MoeLocalError, ValueError) as e:
+        raise FlagError(str(e)) from None
+
+
 def stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -83,7 +98,7 @@ def clean_errors(debug: bool) -> Iterator[None]:
             stderr(f"error: {e}")
         else:
             stderr(f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)")
-        raise typer.Exit(1) from None
+        raise typer.Exit(2 if isinstance(e, FlagError) else 1) from None
 
 
 @contextmanager
@@ -102,9 +117,13 @@ def progress_bar(label: str, quiet: bool) -> Iterator[Optional[Callable[[int, in
 
 def load_options(**flags) -> Options:
     """The load-time flags that were given (None: not given), checked now; their defaults live in `Options`."""
+    from moe_local.budget import parse_size
     from moe_local.engine import Options
 
-    return Options(**{name: value for name, value in flags.items() if value is not None})
+    with checking_flags():
+        if flags.get("gpu_memory") is not None:
+            parse_size(flags["gpu_memory"])  # `--gpu-memory 12` (no unit) is a usage error, said now
+        return Options(**{name: value for name, value in flags.items() if value is not None})
 
 
 def set_threads(threads: Optional[int]) -> None:
@@ -204,7 +223,7 @@ def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     from moe_local.tokenizer import replace_surrogates
 
     if prompt is not None and prompt_file is not None:
-        raise MoeLocalError("give -p/--prompt or -f/--file, not both")
+        raise FlagError("give -p/--prompt or -f/--file, not both")
     if prompt_file is not None:
         try:
             text = prompt_file.read_bytes().decode("utf-8", errors="replace")
@@ -213,11 +232,11 @@ def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     elif prompt == "-" or (prompt is None and not sys.stdin.isatty()):
         text = sys.stdin.buffer.read().decode("utf-8", errors="replace")
     elif prompt is None:
-        raise MoeLocalError("no prompt: pass -p/--prompt TEXT or -f/--file FILE, or pipe it on standard input")
+        raise FlagError("no prompt: pass -p/--prompt TEXT or -f/--file FILE, or pipe it on standard input")
     else:
         text = replace_surrogates(prompt)  # argv keeps such bytes as lone surrogates
     if not text.strip():
-        raise MoeLocalError("the prompt is empty: pass -p/--prompt TEXT or -f/--file FILE, or pipe text on standard input")
+        raise FlagError("the prompt is empty: pass -p/--prompt TEXT or -f/--file FILE, or pipe text on standard input")
     return text
 
 
@@ -230,7 +249,8 @@ def sampling_overrides(**flags) -> dict:
     from moe_local.generate import SamplingParams
 
     given = {name: value for name, value in flags.items() if value is not None}
-    SamplingParams(**given)
+    with checking_flags():
+        SamplingParams(**given)
     return given
 
 
@@ -279,7 +299,7 @@ def run(
     model: ModelArg = None,
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt; '-' or a pipe reads standard input."),
     prompt_file: Optional[Path] = typer.Option(None, "--file", "-f", help="Read the prompt from this file."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", min=0, help=f"Most tokens to generate. Default: the model's generation_config.json, else {DEFAULT_MAX_NEW_TOKENS}."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", min=1, help=f"Most tokens to generate. Default: the model's generation_config.json, else {DEFAULT_MAX_NEW_TOKENS}."),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="End the answer where this text appears (not printed); repeat the flag for several."),
     temperature: Temperature = None,
     top_k: TopK = None,
@@ -319,9 +339,9 @@ def run(
     with clean_errors(debug):
         sampling = sampling_overrides(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
         if raw and think is not None:
-            raise MoeLocalError("--think/--no-think set the chat template's enable_thinking, and --raw leaves the template out")
+            raise FlagError("--think/--no-think set the chat template's enable_thinking, and --raw leaves the template out")
         if raw and (reasoning_effort is not None or show_reasoning):
-            raise MoeLocalError("--reasoning-effort and --show-reasoning work through the chat template, and --raw leaves it out")
+            raise FlagError("--reasoning-effort and --show-reasoning work through the chat template, and --raw leaves it out")
         options = load_options(
             device=device, gpu_memory=gpu_memory, expert_slots=expert_slots, ctx_size=ctx_size, dtype=dtype, prefetch=prefetch,
             policy=policy, experts_dtype=experts_dtype, group_size=group_size, resident_dtype=resident_dtype,
@@ -488,7 +508,7 @@ def serve(
         except ImportError as e:
             raise MoeLocalError(f"moe-local serve needs the server extra ({e.name} is missing): pip install 'moe-local[server]'") from None
         if api_key is not None and not api_key.strip():
-            raise MoeLocalError("--api-key (or MOE_LOCAL_API_KEY) is empty")
+            raise FlagError("--api-key (or MOE_LOCAL_API_KEY) is empty")
         options = load_options(
             device=device, gpu_memory=gpu_memory, expert_slots=expert_slots, ctx_size=ctx_size, dtype=dtype, prefetch=prefetch,
             policy=policy, experts_dtype=experts_dtype, group_size=group_size, resident_dtype=resident_dtype, cpu_experts=cpu_experts,
@@ -617,7 +637,9 @@ def info(
             ("architecture", f"{d['architecture']} ({d['model_type']})"),
             ("parameters", f"{format_count(p['total'])} total"),
             ("active per token", f"{format_count(p['active_per_token'])}: resident {format_count(p['resident'])} + "
-             f"{d['experts_per_token']} of {d['experts_per_layer']} experts x {d['moe_layers']} MoE layers"),
+             f"{d['experts_per_token']} of {d['experts_per_layer']} experts x {d['moe_layers']} MoE layers; "
+             f"{format_count(p['active_without_embeddings'])} without the token embedding table (a token reads one row of it), "
+             "as some model cards count"),
             ("routed experts", f"{format_count(p['routed_experts'])} (offloaded to host RAM)"),
             ("expert size", f"{format_count(p['per_expert'])} parameters, {format_bytes(d['expert_bytes'])} in {d['experts_format']} "
              f"(ffn {d['expert_ffn_size']})"),
@@ -665,7 +687,7 @@ def plan(
     what to expect from it, without loading the weights (only config.json and the safetensors headers)."""
     import torch
 
-    from moe_local.budget import check_beside_experts, lm_head_quantized, plan_memory, plan_report
+    from moe_local.budget import check_beside_experts, embeddings_bytes, embeddings_on_host, lm_head_quantized, plan_memory, plan_report
     from moe_local.checkpoint import open_checkpoint, resolve_model_path
     from moe_local.config import preset_config
     from moe_local.errors import BudgetError
@@ -674,7 +696,7 @@ def plan(
 
     with clean_errors(debug):
         if preset and model:
-            raise MoeLocalError("give a MODEL or --preset, not both")
+            raise FlagError("give a MODEL or --preset, not both")
         if preset:
             cfg, name, checkpoint_dtype = preset_config(preset), preset, torch.bfloat16
         else:
@@ -683,7 +705,7 @@ def plan(
             name = str(ckpt.files[0] if isinstance(ckpt, GgufModel) else ckpt.folder)
         target = torch.device(device or "cuda")
         if target.type == "cuda" and gpu_memory is None and expert_slots is None and not torch.cuda.is_available():
-            raise MoeLocalError("this machine has no CUDA GPU to measure: give --gpu-memory SIZE to plan for one (or --device cpu)")
+            raise FlagError("this machine has no CUDA GPU to measure: give --gpu-memory SIZE to plan for one (or --device cpu)")
         options = load_options(device=target.type, dtype=dtype, ctx_size=ctx_size, experts_dtype=experts_dtype, resident_dtype=resident_dtype)
         ctx, compute = options.context_size(cfg), options.compute_dtype(checkpoint_dtype)
         warn_past_trained_context(ctx, cfg.max_position_embeddings)
@@ -693,8 +715,9 @@ def plan(
                                expert_bytes=f.expert_bytes if f else None, attention=options.attention_dtype)
 
         # on the CPU the rest of the model lives in host RAM beside the experts: count it as the load does
+        # what lives in host RAM beside the experts: on the CPU the rest of the model, beside a GPU the token embeddings
         alone = plan_for(None) if target.type == "cpu" else None
-        beside = alone.beside_store_bytes if alone else 0
+        beside = alone.beside_store_bytes if alone else embeddings_bytes(cfg, compute) if embeddings_on_host(cfg, target) else 0
         try:
             if alone:
                 check_beside_experts(alone, ctx, options.attention_dtype)
@@ -748,7 +771,7 @@ def print_plan(r: dict, cfg, slots_given: bool) -> None:
          else f"{r['expert_slots']} x {format_bytes(r['expert_bytes'])} = {format_bytes(r['slot_bytes'])}"),
         ("experts per layer that fit", f"all {cfg.n_experts}, in place" if in_place
          else f"{r['experts_per_layer']:.2f} of {cfg.n_experts} ({r['expert_slots']} of {r['total_experts']} in all)"),
-        ("host RAM for the experts" if on_gpu else "host RAM (experts + the rest)",
+        ("host RAM (experts + token embeddings)" if r["host_resident_bytes"] else "host RAM for the experts" if on_gpu else "host RAM (experts + the rest)",
          f"{format_bytes(r['host_bytes_needed'])} needed, {format_bytes(r['host_bytes_available'])} available now"),
         ("expected hit rate", "100 %: every expert runs where it lies" if in_place
          else f"{100 * r['expected_hit_rate_uniform']:.1f} % under uniform routing (the worst case)"),
@@ -826,14 +849,15 @@ def bench(
         tiny = preset == "tiny"
         given = dict(gpu_memory=gpu_memory, expert_slots=expert_slots, group_size=group_size, resident_dtype=resident_dtype, device=device,
                      cpu_experts=cpu_experts)
-        config = BenchConfig(
-            preset=preset, layers=layers, dtype=dtype, experts_dtype=experts_dtype, policies=tuple(policies), prefetch=prefetch,
-            prompt_tokens=prompt_tokens or (TINY_BENCH_TOKENS[0] if tiny else BenchConfig.prompt_tokens),
-            new_tokens=new_tokens or (TINY_BENCH_TOKENS[1] if tiny else BenchConfig.new_tokens),
-            prefetch_top=prefetch_top, compare_prefetch=compare_prefetch, peer_layers=peer_layers, peer_tokens=peer_tokens, seed=seed, pageable=pageable,
-            batch=batch, cuda_graphs=cuda_graphs,
-            **{name: value for name, value in given.items() if value is not None},
-        )
+        with checking_flags():
+            config = BenchConfig(
+                preset=preset, layers=layers, dtype=dtype, experts_dtype=experts_dtype, policies=tuple(policies), prefetch=prefetch,
+                prompt_tokens=prompt_tokens or (TINY_BENCH_TOKENS[0] if tiny else BenchConfig.prompt_tokens),
+                new_tokens=new_tokens or (TINY_BENCH_TOKENS[1] if tiny else BenchConfig.new_tokens),
+                prefetch_top=prefetch_top, compare_prefetch=compare_prefetch, peer_layers=peer_layers, peer_tokens=peer_tokens, seed=seed,
+                pageable=pageable, batch=batch, cuda_graphs=cuda_graphs,
+                **{name: value for name, value in given.items() if value is not None},
+            )
         say = (lambda message: None) if quiet else stderr
         # the peer runs transformers as its users do; its deprecation notices are about that code, not this run
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

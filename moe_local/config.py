@@ -440,12 +440,17 @@ class ModelConfig:
 
     def parameter_counts(self) -> dict[str, int]:
         """What `info` and `plan` report: all parameters, those one token uses (the resident part and top_k
-        routed experts per MoE layer), and where they are."""
+        routed experts per MoE layer), and where they are. Model cards count the active ones two ways: with the
+        token embedding table (Mixtral's 12.9 B, Qwen3-30B-A3B's 3.3 B, OLMoE's 1.3 B) or without it, since a
+        token reads one row of it (gpt-oss-20b's 3.6 B, gpt-oss-120b's 5.1 B); both are here. A table tied to
+        lm_head is read whole by every token, so it counts either way."""
         routed = self.n_moe_layers * self.n_experts * self.expert_numel
         resident = self.resident_numel()
+        active = resident + self.n_moe_layers * self.top_k * self.expert_numel
         return {
             "total": resident + routed,
-            "active_per_token": resident + self.n_moe_layers * self.top_k * self.expert_numel,
+            "active_per_token": active,
+            "active_without_embeddings": active - (0 if self.tie_word_embeddings else self.vocab_size * self.dim),
             "resident": resident,
             "routed_experts": routed,
             "per_expert": self.expert_numel,

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import torch
 
 from moe_local import native
-from moe_local.budget import MemoryPlan, check_beside_experts, embeddings_on_host, lm_head_quantized, plan_memory
+from moe_local.budget import MemoryPlan, check_beside_experts, embeddings_bytes, embeddings_on_host, lm_head_quantized, plan_memory
 from moe_local.checkpoint import open_checkpoint, resolve_model_path
 from moe_local.config import DTYPES, ModelConfig
 from moe_local.cpu_matmul import matmuls_for_rows
@@ -219,7 +219,7 @@ class Engine:
         ctx_size = options.context_size(cfg)
         # on the CPU the resident part and the slots take host RAM too: `auto` counts them (slots as if bf16)
         attention = options.attention_dtype
-        beside = 0
+        beside = embeddings_bytes(cfg, dtype) if embeddings_on_host(cfg, device) else 0  # beside a GPU: the token embeddings
         if device.type == "cpu":
             alone = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, attention=attention, sequences=options.sequences)
             check_beside_experts(alone, ctx_size, attention)  # a context too long is its own error, not experts that do not fit

@@ -148,14 +148,14 @@ def test_plan_on_the_cpu_without_a_budget_is_what_the_load_runs_every_expert_in_
 
 
 def test_plan_command_errors_are_one_line():
-    for args, message in [
-        (["--preset", "mixtral-8x7b", "--gpu-memory", "2GiB", "--experts-dtype", "bf16"], "need at least 3.82 GiB"),
-        (["--preset", "mixtral-8x7b", "--gpu-memory", "lots"], "cannot read memory size 'lots'"),
-        (["some/model", "--preset", "tiny"], "not both"),
-        (["--preset", "mixtral-8x7b", "--gpu-memory", "12GiB", "--resident-dtype", "int2"], "unknown resident dtype 'int2' (choose from auto, int8, int4)"),
+    for args, message, status in [
+        (["--preset", "mixtral-8x7b", "--gpu-memory", "2GiB", "--experts-dtype", "bf16"], "need at least 3.82 GiB", 1),
+        (["--preset", "mixtral-8x7b", "--gpu-memory", "lots"], "cannot read memory size 'lots'", 2),  # usage errors: 2
+        (["some/model", "--preset", "tiny"], "not both", 2),
+        (["--preset", "mixtral-8x7b", "--gpu-memory", "12GiB", "--resident-dtype", "int2"], "unknown resident dtype 'int2' (choose from auto, int8, int4)", 2),
     ]:
         result = moe_local_cli("plan", *args)
-        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+        assert result.returncode == status and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
     if not torch.cuda.is_available():
         result = moe_local_cli("plan", "--preset", "tiny")
-        assert result.returncode == 1 and "give --gpu-memory SIZE" in result.stderr
+        assert result.returncode == 2 and "give --gpu-memory SIZE" in result.stderr

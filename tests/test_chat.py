@@ -274,6 +274,10 @@ def test_save_and_load_a_conversation_by_name_or_path(endless, tmp_path, monkeyp
     saved = json.loads((chats / "work.json").read_text(encoding="utf-8"))
     assert saved["messages"] == chat.messages and saved["system"] == "Be brief."
     assert chat.command(f"/save {tmp_path}/other.json") == f"Saved 2 turns to {tmp_path / 'other.json'}."
+    # a path's folder must exist: a typo in it does not become new folders
+    with pytest.raises(MoeLocalError, match=rf"^cannot save to {tmp_path}/typo/x\.json: the folder {tmp_path}/typo does not exist \(create it"):
+        chat.command(f"/save {tmp_path}/typo/x.json")
+    assert not (tmp_path / "typo").exists()
 
     later = ChatSession(chat.engine, GREEDY, 4)
     assert later.command("/load work") == f"Loaded 2 turns from {chats / 'work.json'}."
@@ -433,7 +437,7 @@ def test_chat_in_a_terminal(endless, terminal):
     t.wait_for_text(r"^exit status 0$")
 
 
-def test_chat_with_the_demo_model_reads_multiline_messages_and_exits_on_ctrl_d(terminal):
+def test_chat_with_the_demo_model_reads_multiline_messages_and_exits_on_ctrl_d(terminal, tmp_path):
     message = 'def f(x):\n    """Twice x."""'
     engine = moe_local.load(DEMO, device="cpu")
     expected = ChatSession(engine, replace(engine.sampling_defaults(), temperature=0), max_new_tokens=12)
@@ -449,6 +453,13 @@ def test_chat_with_the_demo_model_reads_multiline_messages_and_exits_on_ctrl_d(t
     screen = t.wait_for_prompt(2)
     shown = screen.split('... ' + '    """Twice x."""' + '"""\n')[1]
     assert first_line in [line.rstrip() for line in shown.splitlines()]
+    t.send("Up")  # the whole message comes back, not its last line
+    t.send("Enter")
+    t.wait_for_prompt(3)
+    t.type(f"/save {tmp_path / 'talk.json'}")
+    t.wait_for_text(r"^Saved 2 turns to ")
+    saved = json.loads((tmp_path / "talk.json").read_text())["messages"]
+    assert [m["content"] for m in saved if m["role"] == "user"] == [message, message]
     t.send("C-d")
     t.wait_for_text(r"^exit status 0$")
 

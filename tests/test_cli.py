@@ -188,6 +188,7 @@ def cli_in_process(monkeypatch, capsys, *args: str) -> subprocess.CompletedProce
         (["chat", "--min-p", "1.5"], r"min-p must be in \[0, 1\]"),
         (["chat", "--repeat-penalty", "0"], "repeat-penalty must be > 0"),
         (["chat", "-n", "0"], "Invalid value for '--max-new-tokens'"),
+        (["run", "-n", "0"], "Invalid value for '--max-new-tokens'"),  # as chat's /set max_new_tokens 0: nothing to generate
         (["chat", "--dtype", "int4"], "unknown dtype 'int4'"),
         (["chat", "--resident-dtype", "int2"], r"unknown resident dtype 'int2' \(choose from auto, int8, int4\)"),
         (["info", "/no/such/model"], "does not exist"),
@@ -200,9 +201,21 @@ def test_bad_arguments_are_one_line(monkeypatch, capsys, args, pattern):
     assert result.stdout == ""
 
 
-def test_usage_errors_exit_2_and_other_errors_1(monkeypatch, capsys):
-    assert cli_in_process(monkeypatch, capsys, "run", "--bogus").returncode == 2
-    assert cli_in_process(monkeypatch, capsys, "run", "--temp", "-1").returncode == 1
+@pytest.mark.parametrize("args", [
+    ["run", "--bogus"],  # the parser's own
+    ["run", "-n", "0"],  # a flag's range, the parser's
+    ["run", "--temp", "-1"],  # a flag's range, moe-local's
+    ["chat", "--dtype", "int4"],
+    ["run", "--gpu-memory", "12"],
+    ["run", "-p", "hi", "-f", "x.txt"],
+    ["plan", "some/model", "--preset", "tiny"],
+])
+def test_every_usage_error_exits_2(monkeypatch, capsys, args):
+    assert cli_in_process(monkeypatch, capsys, *args).returncode == 2
+
+
+def test_a_failure_of_what_the_command_line_names_exits_1(monkeypatch, capsys, tmp_path):
+    assert cli_in_process(monkeypatch, capsys, "info", str(tmp_path / "nope")).returncode == 1
 
 
 @pytest.mark.parametrize("command, option", [("run", "--gpu-memory"), ("chat", "--system"), ("info", "--json")])

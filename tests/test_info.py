@@ -35,6 +35,7 @@ def expected_parameters(folder: Path, n_layers: int, top_k: int) -> dict[str, in
     return {
         "total": sum(sizes.values()),
         "active_per_token": resident + n_layers * top_k * one_expert,
+        "active_without_embeddings": resident + n_layers * top_k * one_expert - sizes["model.embed_tokens.weight"],
         "resident": resident,
         "routed_experts": sum(sizes.values()) - resident,
         "per_expert": one_expert,

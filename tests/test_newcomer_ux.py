@@ -174,3 +174,28 @@ def test_gpu_flags_without_a_gpu_say_once_that_none_was_found():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # --device cpu said so: nothing to warn about
         moe_local.load(DEMO, device="cpu", expert_slots=4)
+
+
+# Point 8: small things a user expects.
+
+
+@pytest.mark.parametrize("preset, published, counted", [
+    ("gpt-oss-20b", 3.6, "active_without_embeddings"), ("gpt-oss-120b", 5.1, "active_without_embeddings"),
+    ("mixtral-8x7b", 12.9, "active_per_token"), ("qwen3-30b-a3b", 3.3, "active_per_token"), ("olmoe-1b-7b", 1.3, "active_per_token"),
+])
+def test_active_parameters_are_counted_both_ways_the_model_cards_count_them(preset, published, counted):
+    counts = preset_config(preset).parameter_counts()
+    assert counts[counted] / 1e9 == pytest.approx(published, rel=0.02)
+    cfg = preset_config(preset)
+    assert counts["active_per_token"] - counts["active_without_embeddings"] == cfg.vocab_size * cfg.dim
+
+
+def test_plans_two_host_ram_figures_agree_beside_a_gpu(monkeypatch, capsys):
+    """The experts' line (from choosing their format) and the host RAM line both count the token embeddings,
+    which stay in host RAM beside a GPU (they said 22.31 and 22.56 GiB for Mixtral in int4)."""
+    result = cli_in_process(monkeypatch, capsys, "plan", "--preset", "mixtral-8x7b", "--gpu-memory", "12GiB", "--experts-dtype", "auto", "--json")
+    report = json.loads(result.stdout)
+    int4 = report["formats"]["int4"]["host_bytes_needed"]
+    assert report["host_resident_bytes"] == 32000 * 4096 * 2 and int4 == 256 * report["formats"]["int4"]["expert_bytes"] + 32000 * 4096 * 2
+    if "do not fit" in report["why"]:  # this machine's RAM: the figure the choice quotes is the table's
+        assert f"int4 would need {int4 / GiB:.2f} GiB" in report["why"]

@@ -690,6 +690,7 @@ def choose_format(
                 why = f"{'; '.join(too_big)}; {candidate} needs {why}"
             return fmt, f"experts in {fmt.key} (auto: {why})"
         too_big.append(f"{candidate} would need {format_bytes(need)}, over {AUTO_RAM_SHARE:.0%} of the {format_bytes(available)} available")
-    beside = (f" ({format_bytes(beside_bytes)} of each is the rest of the model, beside the experts on the CPU: resident weights, "
-              "KV cache, workspace; `moe-local plan --device cpu` shows them)") if beside_bytes else ""
+    what = ("the rest of the model, beside the experts on the CPU: resident weights, KV cache, workspace; `moe-local plan "
+            "--device cpu` shows them" if device_type == "cpu" else "the token embeddings, which stay in host RAM beside a GPU")
+    beside = f" ({format_bytes(beside_bytes)} of each is {what})" if beside_bytes else ""
     raise BudgetError(f"the experts do not fit in host RAM in any format: {'; '.join(too_big)}{beside}")
