@@ -706,7 +706,8 @@ def plan(
         target = torch.device(device or "cuda")
         if target.type == "cuda" and gpu_memory is None and expert_slots is None and not torch.cuda.is_available():
             raise FlagError("this machine has no CUDA GPU to measure: give --gpu-memory SIZE to plan for one (or --device cpu)")
-        options = load_options(device=target.type, dtype=dtype, ctx_size=ctx_size, experts_dtype=experts_dtype, resident_dtype=resident_dtype)
+        options = load_options(device=target.type, gpu_memory=gpu_memory, dtype=dtype, ctx_size=ctx_size, experts_dtype=experts_dtype,
+                               resident_dtype=resident_dtype)
         ctx, compute = options.context_size(cfg), options.compute_dtype(checkpoint_dtype)
         warn_past_trained_context(ctx, cfg.max_position_embeddings)
 
@@ -771,8 +772,10 @@ def print_plan(r: dict, cfg, slots_given: bool) -> None:
          else f"{r['expert_slots']} x {format_bytes(r['expert_bytes'])} = {format_bytes(r['slot_bytes'])}"),
         ("experts per layer that fit", f"all {cfg.n_experts}, in place" if in_place
          else f"{r['experts_per_layer']:.2f} of {cfg.n_experts} ({r['expert_slots']} of {r['total_experts']} in all)"),
-        ("host RAM (experts + token embeddings)" if r["host_resident_bytes"] else "host RAM for the experts" if on_gpu else "host RAM (experts + the rest)",
-         f"{format_bytes(r['host_bytes_needed'])} needed, {format_bytes(r['host_bytes_available'])} available now"),
+        ("host RAM for the experts" if on_gpu else "host RAM (experts + the rest)",
+         f"{format_bytes(r['host_bytes_needed'])} needed"
+         + (f" (with the token embeddings, {format_bytes(r['host_resident_bytes'])})" if r["host_resident_bytes"] else "")
+         + f", {format_bytes(r['host_bytes_available'])} available now"),
         ("expected hit rate", "100 %: every expert runs where it lies" if in_place
          else f"{100 * r['expected_hit_rate_uniform']:.1f} % under uniform routing (the worst case)"),
         ("expected copies per token", f"{r['expected_h2d_bytes_per_token_uniform'] / 1e9:.2f} GB"),
