@@ -429,9 +429,8 @@ class Engine:
             s.tokens.append(token)
         return self._logits(hidden)
 
-    def sampling_defaults(self, overrides: dict | None = None, flags: bool = False) -> SamplingParams:
-        """The model's generation_config.json's sampling settings, `overrides` (the command line's) over them."""
-        return SamplingParams().from_generation_config(self.generation_config, overrides, flags)
+    def sampling_defaults(self) -> SamplingParams:
+        return SamplingParams().from_generation_config(self.generation_config)
 
     def generate(
         self, prompt: list[int], max_new_tokens: int, params: SamplingParams, stats: GenerationStats | None = None,
