@@ -715,8 +715,7 @@ def plan(
             return plan_memory(cfg, compute, target, ctx, options.prefill_chunk, gpu_memory, expert_slots,
                                expert_bytes=f.expert_bytes if f else None, attention=options.attention_dtype)
 
-        # on the CPU the rest of the model lives in host RAM beside the experts: count it as the load does
-        # what lives in host RAM beside the experts: on the CPU the rest of the model, beside a GPU the token embeddings
+        # what lives in host RAM beside the experts, counted as the load counts it: on the CPU the rest of the model, beside a GPU the token embeddings
         alone = plan_for(None) if target.type == "cpu" else None
         beside = alone.beside_store_bytes if alone else embeddings_bytes(cfg, compute) if embeddings_on_host(cfg, target) else 0
         try:
