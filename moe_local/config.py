@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from moe_local import weights
+from moe_local.weights import schemes
 from moe_local.errors import ConfigError
 
 DTYPES = {
@@ -225,7 +225,7 @@ class ModelConfig:
     embed_scale: float = 1.0  # the embeddings times this (in their dtype)
     logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0: none
     # how the checkpoint's quantized matrices are stored (FP8 blocks, compressed-tensors int4), if any are
-    quantization: weights.Scheme | None = None
+    quantization: schemes.Scheme | None = None
 
     def __post_init__(self) -> None:
         # None, not an empty tuple, means "every layer": a family whose rule leaves no MoE layer (every Qwen
@@ -569,7 +569,7 @@ def _common(raw: dict, **fields) -> dict:
         eos_token_ids=_eos_ids(raw),
         dtype=DTYPES.get(raw.get("dtype") or raw.get("torch_dtype") or ""),
         layer_windows=_windows(raw, n_layers),
-        quantization=weights.scheme(raw.get("quantization_config")),
+        quantization=schemes.scheme(raw.get("quantization_config")),
     )
     out.update(fields)
     if "rope" not in out:

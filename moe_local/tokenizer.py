@@ -209,7 +209,7 @@ def load_tokenizer(folder: pathlib.Path) -> Tokenizer:
     (its `tokenizer.ggml.*` metadata and `tokenizer.chat_template`)."""
     folder = pathlib.Path(folder)
     if folder.suffix == ".gguf" or not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()):
-        # only then: `moe_local.weights` imports torch, which the server's HTTP process otherwise never loads
+        # only then: the gguf package is not needed for a safetensors folder (neither module imports torch)
         from moe_local.weights import gguf, gguf_vocab
 
         files = gguf.find_gguf(folder)

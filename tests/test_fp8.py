@@ -26,7 +26,8 @@ from moe_local.experts.formats import choose_format, make_format
 from moe_local.experts.store import ExpertStore
 from moe_local.errors import CheckpointError, ConfigError
 from moe_local.generate import GenerationStats, SamplingParams, generate
-from moe_local.weights import compressed, fp8, scheme
+from moe_local.weights import compressed, fp8
+from moe_local.weights.schemes import scheme
 from quantized import to_compressed_int4, to_fp8
 
 GREEDY = SamplingParams(temperature=0)

@@ -236,6 +236,16 @@ def test_tokenizer_matches_llama_cpps_on_mixed_scripts(ggufs, name):
     assert ours.decode(ours.encode(TEXT)) == TEXT
 
 
+def test_a_gguf_tokenizer_loads_without_torch(ggufs):
+    """The server's HTTP process loads the tokenizer and must not load torch, for a GGUF model too."""
+    code = (
+        "import sys; from moe_local.tokenizer import load_tokenizer; "
+        f"load_tokenizer({str(ggufs['qwen3-Q8_0'])!r}).encode('hi'); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == ["False"]
+
+
 def test_chat_template_renders_as_transformers_renders_it(ggufs):
     from transformers import AutoTokenizer
 
