@@ -17,6 +17,7 @@ import torch
 from moe_local.engine import Engine, Sequence
 from moe_local.errors import MoeLocalError
 from moe_local.generate import StopStrings, sample
+from moe_local.grammar import Constraint, vocabulary
 from moe_local.harmony import ChannelStream
 from moe_local.params import Output, SamplingParams
 from moe_local.tokenizer import StreamDecoder
@@ -34,22 +35,28 @@ class Request:
     cancelled: bool = False  # set by the requester (a client went away); the loop drops it at the next step
     channels: bool = False  # the answer is harmony's final channel (gpt-oss chat); the rest is reasoning
     marks: tuple[int, ...] = ()  # prompt lengths where a recurrent state is kept on the way (`Engine.prefill`)
+    special: bool = False  # the text has the special tokens written (a tool-call parser reads them)
+    grammar: str | None = None  # llguidance's Lark: only what it allows is generated (structured output, forced calls)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits of these ids before sampling
+    logprobs: int | None = None  # the model's logprob of each token, and of this many likeliest others
 
 
 class Running:
     """A request and its sequence: its prefill progress, sampler and detokenizer."""
 
-    def __init__(self, request: Request, seq: Sequence, engine: Engine):
-        self.request, self.seq = request, seq
+    def __init__(self, request: Request, seq: Sequence, engine: Engine, constraint: Constraint | None = None):
+        self.request, self.seq, self.constraint = request, seq, constraint
         self.evaluated = 0  # prompt tokens prefill evaluated; the others came from the sequence's KV cache
         self.history = list(request.prompt)  # what the repeat penalty looks at, as in generate()
         self.counts: dict[int, int] = {}  # generated token -> times, for the OpenAI penalties
         seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
         self.generator = torch.Generator().manual_seed(seed)
         self.reasoning: list[str] = []  # reasoning text not handed on yet
-        decoder = ChannelStream(engine.tokenizer, self.reasoning.append) if request.channels else StreamDecoder(engine.tokenizer)
+        decoder = ChannelStream(engine.tokenizer, self.reasoning.append) if request.channels else StreamDecoder(engine.tokenizer, request.special)
         self.decoder, self.stops = decoder, StopStrings(request.stop)
         self.token: int | None = None  # sampled, not yet fed to the model: the next decode step's input
+        self.logprobs: list[tuple] = []  # (token, logprob, [(id, logprob), ...]) not handed on yet
+        self._logprobs = None  # [V]: the last step's log-softmax of the model's logits
 
     @property
     def prefilled(self) -> bool:
@@ -57,19 +64,38 @@ class Running:
 
     def sample(self, logits: torch.Tensor) -> int:
         r = self.request
+        if r.logprobs is not None:  # the model's own distribution: before penalties, bias, grammar and temperature
+            self._logprobs = torch.log_softmax(logits.float().cpu(), -1)
         if self.counts and (r.presence_penalty or r.frequency_penalty):
             ids = torch.tensor(list(self.counts))
             counts = torch.tensor(list(self.counts.values()), dtype=torch.float32)
             logits = logits.clone()
             logits[ids] -= r.presence_penalty + r.frequency_penalty * counts
-        return sample(logits, self.history, r.params, self.generator)
+        if r.logit_bias:
+            logits = logits.clone()
+            logits[torch.tensor(list(r.logit_bias))] += torch.tensor(list(r.logit_bias.values()), dtype=logits.dtype)
+        allowed = self.constraint.allowed() if self.constraint is not None else None
+        return sample(logits, self.history, r.params, self.generator, allowed)
+
+    def note(self, token: int) -> None:
+        """Keeps the token's logprobs to hand on; moves the grammar on."""
+        if self._logprobs is not None:
+            top = torch.topk(self._logprobs, self.request.logprobs) if self.request.logprobs else None
+            others = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+            self.logprobs.append((token, float(self._logprobs[token]), others))
+        if self.constraint is not None:
+            self.constraint.accept(token)
+
+    def take_logprobs(self) -> list[tuple]:
+        taken, self.logprobs = self.logprobs, []
+        return taken
 
     def take_reasoning(self) -> str:
         text, self.reasoning[:] = "".join(self.reasoning), []
         return text
 
     def output(self, **fields) -> Output:
-        return Output(**fields, prompt_tokens=len(self.request.prompt), cached_tokens=len(self.request.prompt) - self.evaluated,
+        return Output(**fields, logprobs=self.take_logprobs(), prompt_tokens=len(self.request.prompt), cached_tokens=len(self.request.prompt) - self.evaluated,
                       completion_tokens=len(self.history) - len(self.request.prompt))
 
 
@@ -87,6 +113,8 @@ class Batcher:
         self.waiting: deque[Request] = deque()
         self.running: list[Running] = []
         self.cancelled = 0  # requests dropped unfinished because their requester went away
+        self._vocabulary = None  # llguidance's view of the vocabulary (`grammar.vocabulary`), for requests with a grammar
+        self._building: threading.Thread | None = None
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="moe-local engine", daemon=True)
 
@@ -160,9 +188,30 @@ class Batcher:
             self._guard(ready, lambda: self._decode(ready))
 
     def _admit(self, request: Request) -> None:
-        # the sequence that already holds most of this prompt (or a snapshot of it), else the least recently used
+        try:
+            constraint = self._constraint(request.grammar) if request.grammar is not None else None
+        except MoeLocalError as e:
+            return request.emit(Output(error=str(e)))
+                # the sequence that already holds most of this prompt (or a snapshot of it), else the least recently used
         best = max(range(len(self.free)), key=lambda i: (self.engine.reusable(request.prompt, self.free[i]), -i))
-        self.running.append(Running(request, self.free.pop(best), self.engine))
+        self.running.append(Running(request, self.free.pop(best), self.engine, constraint))
+
+    def prepare_grammars(self) -> None:
+        """Builds the vocabulary grammars need on a thread of its own (~7 s for Qwen3's 152k tokens on a busy 2-core
+        machine), so that the first request with one does not hold up the batch for it; the server calls it at start."""
+        if self._building is None and self.engine.has_tokenizer:
+            self._building = threading.Thread(target=self._build_vocabulary, name="moe-local grammar vocabulary", daemon=True)
+            self._building.start()
+
+    def _build_vocabulary(self) -> None:
+        self._vocabulary = vocabulary(self.engine.tokenizer, self.engine.cfg.vocab_size, sorted(self.engine.stop_ids))
+
+    def _constraint(self, grammar: str) -> Constraint:
+        if self._building is not None:
+            self._building.join()
+        if self._vocabulary is None:
+            self._build_vocabulary()
+        return Constraint(self._vocabulary, grammar)
 
     def _prefill_chunk(self, r: Running) -> None:
         prompt = r.request.prompt
@@ -185,15 +234,16 @@ class Batcher:
             return self._finish(r, "stop", "")
         r.history.append(token)
         r.counts[token] = r.counts.get(token, 0) + 1
+        r.note(token)
         text = r.stops.push(r.decoder.push(token))
-        if r.stops.stopped:
+        if r.stops.stopped or (r.constraint is not None and r.constraint.done):  # the grammar takes only an end of text now
             return self._finish(r, "stop", text)
         if generated + 1 == request.max_tokens or len(r.history) > self.engine.ctx_size:  # no position left to feed it at
             return self._finish(r, "length", text)
         r.token = token
         reasoning = r.take_reasoning()
         if text or reasoning:
-            request.emit(Output(text, reasoning))
+            request.emit(Output(text, reasoning, logprobs=r.take_logprobs()))
 
     def _finish(self, r: Running, reason: str, text: str) -> None:
         if not r.stops.stopped:  # what the detokenizer and the stop strings still hold back

@@ -314,6 +314,7 @@ def run(
     show_reasoning: ShowReasoning = False,
     raw: bool = typer.Option(False, "--raw", metavar="", help="Feed the prompt as is, without the chat template."),
     json_output: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object (text, prompt_tokens, tokens, stats; reasoning for models that answer in channels, as gpt-oss) instead of streaming."),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="The answer is JSON that validates against the JSON schema in this file (constrained decoding; needs the server extra's llguidance)."),
     gpu_memory: GpuMemory = None,
     expert_slots: ExpertSlots = None,
     device: Device = None,
@@ -359,6 +360,7 @@ def run(
             raise MoeLocalError(NO_CHANNELS)
         check_fits(prompt_ids, ctx)
         params = model_sampling(folder, sampling)
+        grammar = schema_grammar(json_schema, tokenizer) if json_schema is not None else None
         set_threads(threads)
         start = time.perf_counter()
         engine = load_with_progress(folder, options, quiet, demo=model is None)
@@ -368,7 +370,12 @@ def run(
         decoder, stops = StreamDecoder(tokenizer), StopStrings(stop or [])
         if channels:  # the decoder then gives the answer's text; the reasoning is printed (or not) as it comes
             decoder = ChannelStream(tokenizer, ReasoningPrinter(show_reasoning, quiet) if not json_output else lambda text: None)
-        for token in engine.generate(prompt_ids, limit, params, stats):
+        constraint = None
+        if grammar is not None:
+            from moe_local.grammar import Constraint, vocabulary
+
+            constraint = Constraint(vocabulary(tokenizer, engine.cfg.vocab_size, sorted(engine.stop_ids)), grammar)
+        for token in engine.generate(prompt_ids, limit, params, stats, constraint=constraint):
             tokens.append(token)
             pieces.append(stops.push(decoder.push(token)))
             if not json_output:
@@ -400,6 +407,24 @@ def run(
             if channels and stats.finish_reason == "length" and not decoder.answer and decoder.reasoning:
                 stderr("(stopped while the model was still reasoning, before its answer: raise -n/--max-new-tokens)")
             print_timings(engine, stats, load_seconds)
+
+
+def schema_grammar(path: Path, tokenizer: Tokenizer) -> str:
+    """--json-schema's file as the grammar of the answer, checked before the load."""
+    try:
+        from moe_local.grammar import answer_grammar
+    except ImportError as e:
+        raise MoeLocalError(f"--json-schema needs llguidance ({e.name} is missing): pip install 'moe-local[server]'") from None
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise MoeLocalError(f"--json-schema {path}: {e}") from None
+    if not isinstance(schema, dict):
+        raise MoeLocalError(f"--json-schema {path}: a JSON schema is an object, not {type(schema).__name__}")
+    try:
+        return answer_grammar(tokenizer, schema)
+    except MoeLocalError as e:
+        raise MoeLocalError(f"--json-schema {path}: {e}") from None
 
 
 def check_chat_template(tokenizer: Tokenizer, system: Optional[str], think: Optional[bool], reasoning_effort: Optional[str] = None) -> None:

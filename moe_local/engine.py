@@ -8,7 +8,7 @@ import os
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
@@ -30,6 +30,9 @@ from moe_local.graphs import StaticDecoder
 from moe_local.model import KVCache, KVPool, Transformer
 from moe_local.tokenizer import Tokenizer, load_tokenizer
 from moe_local.weights.gguf_model import GgufModel
+
+if TYPE_CHECKING:
+    from moe_local.grammar import Constraint
 
 
 RESIDENT_DTYPES = ("auto", "int8", "int4")
@@ -435,9 +438,10 @@ class Engine:
     def generate(
         self, prompt: list[int], max_new_tokens: int, params: SamplingParams, stats: GenerationStats | None = None,
         marks: tuple[int, ...] = (),
+        constraint: Constraint | None = None,
     ) -> Iterator[int]:
-        """`generate.generate` after prompt (`marks`: `prefill`'s)."""
-        return generate(self, prompt, max_new_tokens, params, self.stop_ids, stats or GenerationStats(), marks)
+        """`generate.generate` after prompt (`marks`: `prefill`'s; `constraint`: a grammar's, `run --json-schema`)."""
+        return generate(self, prompt, max_new_tokens, params, self.stop_ids, stats or GenerationStats(), marks, constraint)
 
 
 def shared_prefix(ids: list[int], cached: list[int]) -> int:

@@ -15,6 +15,7 @@ from moe_local.params import SamplingParams
 
 if TYPE_CHECKING:
     from moe_local.engine import Engine
+    from moe_local.grammar import Constraint
 
 
 class StopStrings:
@@ -70,7 +71,9 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return probs / probs.sum()
 
 
-def sample(logits: torch.Tensor, history: list[int], params: SamplingParams, generator: torch.Generator) -> int:
+def sample(logits: torch.Tensor, history: list[int], params: SamplingParams, generator: torch.Generator,
+           allowed: torch.Tensor | None = None) -> int:
+    """The next token; `allowed` [V] bool: only these (a grammar's, `grammar.Constraint`)."""
     logits = logits.float().cpu()  # [V]
     if not torch.isfinite(logits).all():  # else argmax picks a NaN and multinomial raises about "probability tensor"
         raise MoeLocalError(
@@ -78,6 +81,8 @@ def sample(logits: torch.Tensor, history: list[int], params: SamplingParams, gen
             "(try --dtype bf16 or fp32)"
         )
     logits = apply_repeat_penalty(logits, history, params)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if params.temperature == 0:
         return int(torch.argmax(logits))
     return int(torch.multinomial(logits_to_probs(logits, params), 1, generator=generator))
@@ -126,9 +131,11 @@ def generate(
     stop_ids: set[int],
     stats: GenerationStats,
     marks: tuple[int, ...] = (),
+    constraint: Constraint | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids one by one (EOS is not yielded); `stats` is filled as it goes. `marks`: where in
-    the prompt to keep a snapshot of a recurrent state on the way (`Engine.prefill`)."""
+    the prompt to keep a snapshot of a recurrent state on the way (`Engine.prefill`). With a `constraint` (`run
+    --json-schema`), only tokens its grammar allows, until it is complete."""
     # an unseeded run draws its seed here (not torch.seed(), which would reseed the global generator) and
     # reports it, so that `--seed` can repeat it
     stats.seed = params.seed if params.seed is not None else secrets.randbits(63)
@@ -138,7 +145,8 @@ def generate(
     history = list(prompt)
     start = time.perf_counter()
     logits, stats.prompt_tokens_evaluated = engine.prefill(prompt, marks=marks)
-    token = sample(logits, history, params, generator)  # the .cpu() in sample waits for the device
+    allowed = constraint.allowed if constraint is not None else lambda: None
+    token = sample(logits, history, params, generator, allowed())  # the .cpu() in sample waits for the device
     stats.prompt_seconds = time.perf_counter() - start
     start = time.perf_counter()
     stats.finish_reason = "length"
@@ -149,11 +157,16 @@ def generate(
         stats.generated_tokens += 1
         history.append(token)
         yield token
+        if constraint is not None:
+            constraint.accept(token)
+            if constraint.done:  # the grammar takes nothing more but an end of text
+                stats.finish_reason = "stop"
+                break
         if stats.generated_tokens == max_new_tokens:
             break
         if len(history) > engine.ctx_size:  # no position left in the KV cache to feed this token at
             stats.finish_reason = "context"
             break
-        token = sample(engine.decode_one(token), history, params, generator)
+        token = sample(engine.decode_one(token), history, params, generator, allowed())
         stats.decode_seconds = time.perf_counter() - start
     stats.experts = engine.experts.stats.as_dict()

@@ -5,7 +5,7 @@ server's HTTP process (`server.front`) can check requests and read outputs witho
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from moe_local.errors import ConfigError
 
@@ -94,3 +94,4 @@ class Output:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # of the prompt, whose keys and values a sequence's KV cache already held
     completion_tokens: int = 0
+    logprobs: list = field(default_factory=list)  # per generated token (its text in this or an earlier Output): (id, logprob, [(id, logprob), ...])

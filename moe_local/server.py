@@ -32,20 +32,24 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from moe_local.errors import MoeLocalError, TokenizerError
+from moe_local.grammar import GrammarError, answer_grammar, check, token_bytes
 from moe_local.harmony import is_harmony
 from moe_local.params import Output, SamplingParams, SamplingRangeError, max_new_tokens_default
+from moe_local import anthropic_api
+from moe_local.replies import Reply
 from moe_local.tokenizer import Tokenizer, load_tokenizer
+from moe_local.tools import ToolParser, ToolRequestError, call_grammar, template_message, tool_format, tool_request, with_text_arguments
 
 if TYPE_CHECKING:  # the engine's side only: the HTTP process imports neither these nor torch
     from moe_local.batch import Request
     from moe_local.engine import Engine
 
 MAX_BODY_BYTES = 4 * 2**20  # a request larger than this is refused (413): a full 128k-token prompt is ~0.5 MB
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 # Sampling fields a request may set: OpenAI's, and llama.cpp's extensions; SamplingParams checks the ranges
 SAMPLING = {"temperature": (int, float), "top_p": (int, float), "seed": (int,), "top_k": (int,), "min_p": (int, float),
             "repeat_penalty": (int, float)}
-UNSUPPORTED = ("logprobs", "top_logprobs", "tools", "functions", "logit_bias", "echo", "suffix")
+UNSUPPORTED = ("echo", "suffix")
 RETRY_AFTER_S = 1
 
 
@@ -93,24 +97,14 @@ def chat_messages(body: dict) -> list[dict]:
             raise ApiError(400, f"messages[{i}] must be an object with role and content", param="messages")
         if m.get("role") not in ROLES:
             raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, not {json.dumps(m.get('role'))}", param="messages")
-        out.append({"role": m["role"], "content": text_content(m.get("content"), f"messages[{i}]")})
+        content = m.get("content")
+        if content is None and m["role"] == "assistant" and m.get("tool_calls"):
+            content = ""  # an answer that was only calls
+        try:
+            out.append({**template_message(m, i), "content": text_content(content, f"messages[{i}]")})
+        except ToolRequestError as e:
+            raise ApiError(400, str(e), param=e.param) from None
     return out
-
-
-def chat_chunk(text: str | None, finish_reason: str | None, reasoning: str = "") -> dict:
-    delta = {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}
-    if reasoning:  # a harmony model's reasoning, under the name vLLM and DeepSeek's API give it
-        delta["reasoning_content"] = reasoning
-    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-
-
-def chat_message(text: str, finish_reason: str, reasoning: str = "") -> dict:
-    message = {"role": "assistant", "content": text} | ({"reasoning_content": reasoning} if reasoning else {})
-    return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
-
-
-def completion_choice(text: str | None, finish_reason: str | None, reasoning: str = "") -> dict:
-    return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
 
 
 def usage(last: Output) -> dict:
@@ -159,7 +153,8 @@ class Job:
             output = await self.outputs.get()
             while not (output.finish_reason or output.error) and not self.outputs.empty():
                 later = self.outputs.get_nowait()
-                output = replace(later, text=output.text + later.text, reasoning=output.reasoning + later.reasoning)
+                output = replace(later, text=output.text + later.text, reasoning=output.reasoning + later.reasoning,
+                                 logprobs=output.logprobs + later.logprobs)
             yield output
             if output.finish_reason or output.error:
                 return
@@ -256,6 +251,9 @@ class Server:
         self.settings, self._tokenizer, self.link = settings, tokenizer, link
         self.model_id, self.api_key = settings.model_id, settings.api_key
         self.capacity = settings.parallel + settings.queue  # requests running or waiting; past it, 503
+        self._pieces: list[bytes] | None = None
+        self._pieces_thread = threading.Thread(target=self._work_out_pieces, name="moe-local token pieces", daemon=True)
+        self._pieces_thread.start()
         self.created = int(time.time())
 
     @property
@@ -276,6 +274,8 @@ class Server:
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/messages", self.messages, methods=["POST"]),
+            Route("/v1/messages/count_tokens", self.count_tokens, methods=["POST"]),
         ]
         handlers = {ApiError: lambda request, e: e.response(),
                     HTTPException: lambda request, e: ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}").response(),
@@ -293,26 +293,144 @@ class Server:
     async def chat_completions(self, request: HttpRequest) -> Response:
         self.check_key(request)
         body = await read_body(request)
-        messages = chat_messages(body)
+        prompt, reply, extra = self.chat(body, chat_messages(body))
+        return await self.answer(request, body, prompt, "messages", "chat.completion", reply, extra)
+
+    async def messages(self, request: HttpRequest) -> Response:
+        """Anthropic's Messages API, translated to a chat request and back; errors in Anthropic's shape."""
+        try:
+            self.check_key(request)
+            body = await read_body(request)
+            prompt, reply, extra, asked = self.anthropic_chat(body)
+            job = self.submit(asked, prompt, "messages", extra)
+            message = anthropic_api.Message(self.model_id, len(prompt), reply.parser)
+            if body.get("stream"):
+                return StreamingResponse(self.anthropic_stream(job, message), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return JSONResponse(message.whole(await self.collect(request, job)))
+        except ApiError as e:
+            return anthropic_api.error_response(e.status, str(e), e.headers)
+
+    async def count_tokens(self, request: HttpRequest) -> Response:
+        try:
+            self.check_key(request)
+            prompt, _, _, _ = self.anthropic_chat({"max_tokens": 1, **await read_body(request)})
+            return JSONResponse({"input_tokens": len(prompt)})
+        except ApiError as e:
+            return anthropic_api.error_response(e.status, str(e), e.headers)
+
+    def anthropic_chat(self, body: dict) -> tuple[list[int], Reply, dict, dict]:
+        try:
+            asked, messages = anthropic_api.chat_request(body)
+        except anthropic_api.RequestError as e:
+            raise ApiError(400, str(e)) from None
+        thinking = asked.pop("thinking", None)
+        options = {"enable_thinking": thinking} if thinking is not None and self.tokenizer.template_reads("enable_thinking") else {}
+        prompt, reply, extra = self.chat(asked, chat_messages({"messages": messages}), options)
+        return prompt, reply, extra, asked
+
+    async def anthropic_stream(self, job: Job, message: anthropic_api.Message) -> AsyncIterator[str]:
+        try:
+            for event in message.start():
+                yield event
+            async for output in job:
+                for event in message.step(output):
+                    yield event
+                if output.error:
+                    return
+        finally:
+            self.link.cancel(job)
+
+    def chat(self, body: dict, messages: list[dict], options: dict | None = None) -> tuple[list[int], Reply, dict]:
+        """A chat request (OpenAI's fields; Anthropic's translated to them) as its prompt, its Reply and the Request
+        fields beside the sampling ones; `options`: the template's variables."""
         tokenizer = self.tokenizer
         effort = field(body, "reasoning_effort", (str,), "low, medium or high")
         try:
-            options = tokenizer.template_options(None, effort) if effort is not None else {}
+            options = (options or {}) | (tokenizer.template_options(None, effort) if effort is not None else {})
         except MoeLocalError as e:  # not a level, or a template without the switch
             raise ApiError(400, str(e), param="reasoning_effort") from None
+        parser, grammar = self.tools(body)
         try:
-            prompt = tokenizer.render_chat(messages, **options)
+            prompt = render_conversation(tokenizer, messages, parser.tools if parser else None, options)
         except MoeLocalError as e:  # the template refuses this conversation (roles out of order, ...)
             raise ApiError(400, str(e), param="messages") from None
         # where the conversation alone ends: the next turn repeats it, and a model with linear-attention layers keeps
         # its state there (`Engine.prefill`'s marks), which the answer's rendering may not leave intact
         try:
-            closed = tokenizer.render_chat(messages, add_generation_prompt=False, **options)
+            closed = render_conversation(tokenizer, messages, parser.tools if parser else None, options, add_generation_prompt=False)
         except MoeLocalError:  # a template that only renders a conversation with its generation prompt: no mark
             closed = []
         marks = (len(closed),) if 0 < len(closed) < len(prompt) and prompt[: len(closed)] == closed else ()
-        channels = is_harmony(tokenizer)  # gpt-oss: the final channel is the answer, the others reasoning_content
-        return await self.answer(request, body, prompt, "messages", "chat.completion", chat_chunk, chat_message, channels, marks)
+        grammar = grammar or self.answer_grammar(body)
+        # gpt-oss: the final channel is the answer, the others reasoning_content (with tools, the parser splits them)
+        channels = is_harmony(tokenizer) and parser is None
+        logprobs = field(body, "logprobs", (bool,), "true or false")
+        top = field(body, "top_logprobs", (int,), "an integer from 0 to 20")
+        if top is not None and not 0 <= top <= 20:
+            raise ApiError(400, f"'top_logprobs' must be from 0 to 20, not {top}", param="top_logprobs")
+        if top is not None and not logprobs:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        reply = Reply(True, parser, (top or 0) if logprobs else None, self.pieces if logprobs else None)
+        extra = {"channels": channels, "special": parser is not None, "grammar": grammar, "logprobs": reply.top, "marks": marks}
+        return prompt, reply, extra
+
+    def tools(self, body: dict) -> tuple[ToolParser | None, str | None]:
+        """The reader of the answer's calls, where the request offers tools, and the grammar that forces a call where
+        tool_choice asks for one."""
+        try:
+            asked = tool_request(body)
+        except ToolRequestError as e:
+            raise ApiError(400, str(e), param=e.param) from None
+        if asked is None:
+            return None, None
+        format = tool_format(self.tokenizer)
+        if format is None:
+            raise ApiError(400, f"{self.model_id}'s chat template takes no tools", param="tools")
+        parser = ToolParser(format, asked.tools, self.tokenizer.hidden_tokens, asked.parallel)
+        if asked.choice == "auto":
+            return parser, None
+        special = lambda text: self.tokenizer.token_id(text) if text in self.tokenizer.hidden_tokens else None  # noqa: E731
+        return parser, self.checked(call_grammar(format, asked.tools, asked.choice, asked.parallel, special), "tool_choice")
+
+    def answer_grammar(self, body: dict) -> str | None:
+        """response_format's grammar: any JSON object, or one that validates against the schema given; a harmony
+        model writes it as its final channel's message."""
+        asked = field(body, "response_format", (dict,), "an object")
+        if asked is None or asked.get("type") == "text":
+            return None
+        if asked.get("type") == "json_object":
+            schema = None
+        elif asked.get("type") == "json_schema" and isinstance(asked.get("json_schema"), dict):
+            schema = asked["json_schema"].get("schema", {})
+            if not isinstance(schema, dict):
+                raise ApiError(400, "response_format.json_schema.schema must be a JSON schema object", param="response_format")
+        else:
+            raise ApiError(400, "response_format must be {type: text}, {type: json_object} or {type: json_schema, json_schema: {name, schema}}",
+                           param="response_format")
+        try:
+            return answer_grammar(self.tokenizer, schema)
+        except GrammarError as e:
+            raise ApiError(400, str(e), param="response_format") from None
+
+    @staticmethod
+    def checked(grammar: str, param: str) -> str:
+        try:
+            check(grammar)
+        except GrammarError as e:
+            raise ApiError(400, str(e), param=param) from None
+        return grammar
+
+    @property
+    def pieces(self) -> list[bytes]:
+        """Each token's bytes (what logprobs name them by), worked out at start on a thread (~4 s for 152k tokens)."""
+        self._pieces_thread.join()
+        if self._pieces is None:
+            self._pieces = token_bytes(self.tokenizer)[0]
+        return self._pieces
+
+    def _work_out_pieces(self) -> None:
+        if self._tokenizer is not None:
+            self._pieces = token_bytes(self._tokenizer)[0]
 
     async def completions(self, request: HttpRequest) -> Response:
         self.check_key(request)
@@ -330,7 +448,11 @@ class Server:
                 raise ApiError(400, f"'prompt' has token ids outside the vocabulary (0..{self.settings.vocab_size - 1})", param="prompt")
         else:
             raise ApiError(400, "'prompt' must be a string, a list of one string or a list of token ids", param="prompt")
-        return await self.answer(request, body, ids, "prompt", "text_completion", completion_choice, completion_choice)
+        top = field(body, "logprobs", (int,), "an integer from 0 to 5")  # the legacy API's: how many alternatives
+        if top is not None and not 0 <= top <= 5:
+            raise ApiError(400, f"'logprobs' must be from 0 to 5, not {top}", param="logprobs")
+        reply = Reply(False, None, top, self.pieces if top is not None else None)
+        return await self.answer(request, body, ids, "prompt", "text_completion", reply, {"logprobs": top, "grammar": self.answer_grammar(body)})
 
     def shutting_down(self) -> None:
         """Ctrl-C or SIGTERM: end the running requests now (streams get an error event), so that uvicorn's
@@ -340,10 +462,14 @@ class Server:
     def check_key(self, request: HttpRequest) -> None:
         if self.api_key is None:
             return
-        scheme, _, key = request.headers.get("authorization", "").strip().partition(" ")
+        if "x-api-key" in request.headers:  # Anthropic's clients send the key so
+            scheme, key = "bearer", request.headers["x-api-key"]
+        else:
+            scheme, _, key = request.headers.get("authorization", "").strip().partition(" ")
         # the scheme is case-insensitive (RFC 9110 11.1: `bearer` is `Bearer`); the key is compared in constant time
         if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
-            raise ApiError(401, "a valid API key is required: send the header 'Authorization: Bearer KEY'", code="invalid_api_key")
+            raise ApiError(401, "a valid API key is required: send the header 'Authorization: Bearer KEY' (or 'x-api-key: KEY')",
+                           code="invalid_api_key")
 
     def generation(self, body: dict, prompt: list[int], prompt_field: str) -> dict:
         """The Request fields that `body` asks for, checked; `prompt_field` is where the prompt came from
@@ -380,55 +506,79 @@ class Server:
                            "(the server's --ctx-size)", param=prompt_field, code="context_length_exceeded")
         if not prompt:
             raise ApiError(400, "the prompt is empty", param=prompt_field)
-        return dict(prompt=prompt, max_tokens=max_tokens or self.settings.max_tokens_default, params=params, stop=stop, **penalties)
+        return dict(prompt=prompt, max_tokens=max_tokens or self.settings.max_tokens_default, params=params, stop=stop,
+                    logit_bias=self.logit_bias(body), **penalties)
 
-    async def answer(self, request: HttpRequest, body: dict, prompt: list[int], prompt_field: str, kind: str,
-                     chunk: Callable[..., dict], whole: Callable[..., dict], channels: bool = False, marks: tuple[int, ...] = ()) -> Response:
+    def logit_bias(self, body: dict) -> dict[int, float]:
+        """OpenAI's logit_bias: {"token id": bias from -100 to 100}, added to the logits before sampling."""
+        given = field(body, "logit_bias", (dict,), "an object of token ids and biases") or {}
+        bias = {}
+        for key, value in given.items():
+            if not (isinstance(key, str) and key.isdigit() and int(key) < self.settings.vocab_size):
+                raise ApiError(400, f"logit_bias: {json.dumps(key)} is not a token id (0..{self.settings.vocab_size - 1})", param="logit_bias")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+                raise ApiError(400, f"logit_bias: the bias of token {key} must be a number from -100 to 100", param="logit_bias")
+            bias[int(key)] = float(value)
+        return bias
+
+    async def answer(self, request: HttpRequest, body: dict, prompt: list[int], prompt_field: str, kind: str, reply: Reply,
+                     extra: dict) -> Response:
         stream = field(body, "stream", (bool,), "true or false")
         options = field(body, "stream_options", (dict,), "an object") or {}
         include_usage = field(options, "include_usage", (bool,), "true or false")
+        job = self.submit(body, prompt, prompt_field, extra)
+        head = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{secrets.token_hex(12)}",
+                "created": int(time.time()), "model": self.model_id}
+        if stream:
+            return StreamingResponse(self.stream(job, head, kind, reply, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        outputs = await self.collect(request, job)
+        last = outputs[-1]
+        return JSONResponse({**head, "object": kind, "choices": [reply.whole(outputs)], "usage": usage(last)})
+
+    def submit(self, body: dict, prompt: list[int], prompt_field: str, extra: dict) -> Job:
+        """Hands the request to the engine, if there is room."""
         fields = self.generation(body, prompt, prompt_field)
         if self.link.stopping:
             raise ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
         if self.link.load >= self.capacity:
             raise ApiError(503, f"the server is busy: {self.link.load} requests are running or waiting; retry later",
                            "server_error", code="overloaded", headers={"Retry-After": str(RETRY_AFTER_S)})
-        job = self.link.submit({**fields, "channels": channels, "marks": marks})
-        head = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{secrets.token_hex(12)}",
-                "created": int(time.time()), "model": self.model_id}
-        if stream:
-            return StreamingResponse(self.stream(job, head, kind, chunk, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+        return self.link.submit({**fields, **extra})
+
+    async def collect(self, request: HttpRequest, job: Job) -> list[Output]:
+        """Every output of a request answered whole (not streamed); dropped if the client leaves."""
         watcher = asyncio.create_task(self.cancel_on_disconnect(request, job))
         try:
             outputs = [o async for o in job]
         finally:
             watcher.cancel()
             self.link.cancel(job)  # if it is still running (the client left), the batcher drops it
-        last = outputs[-1]
-        if last.error:
-            raise ApiError(503 if self.link.stopping else 500, last.error, "server_error")
-        text, reasoning = "".join(o.text for o in outputs), "".join(o.reasoning for o in outputs)
-        return JSONResponse({**head, "object": kind, "choices": [whole(text, last.finish_reason, reasoning)], "usage": usage(last)})
+        if outputs[-1].error:
+            raise ApiError(503 if self.link.stopping else 500, outputs[-1].error, "server_error")
+        return outputs
 
-    async def stream(self, job: Job, head: dict, kind: str, chunk: Callable, include_usage: bool | None) -> AsyncIterator[str]:
+    async def stream(self, job: Job, head: dict, kind: str, reply: Reply, include_usage: bool | None) -> AsyncIterator[str]:
         """Server-sent events. With stream_options.include_usage the usage comes once, as OpenAI sends it: in
         one more chunk after the one with finish_reason, with no choices (a client that adds up the usage of
         every chunk counts it once); without it, on the chunk with finish_reason, as llama.cpp's server sends it."""
         head = {**head, "object": f"{kind}.chunk" if kind == "chat.completion" else kind}
         try:
-            if kind == "chat.completion":
-                yield sse({**head, "choices": [chunk(None, None)]})  # the role comes first
+            if kind == "chat.completion":  # the role comes first
+                yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
             async for output in job:
                 if output.error:
-                    if output.text:
-                        yield sse({**head, "choices": [chunk(output.text, None)]})
+                    choice = reply.step(replace(output, error=None))
+                    if choice is not None:
+                        yield sse({**head, "choices": [choice]})
                     yield sse({"error": {"message": output.error, "type": "server_error", "param": None, "code": None}})
                     return
+                choice = reply.step(output)
                 if output.finish_reason is None:
-                    yield sse({**head, "choices": [chunk(output.text, None, output.reasoning)]})
+                    if choice is not None:
+                        yield sse({**head, "choices": [choice]})
                     continue
-                last = {**head, "choices": [chunk(output.text, output.finish_reason, output.reasoning)]}
+                last = {**head, "choices": [choice]}
                 yield sse(last if include_usage else {**last, "usage": usage(output)})
                 if include_usage:
                     yield sse({**head, "choices": [], "usage": usage(output)})
@@ -441,6 +591,18 @@ class Server:
         while (await request.receive())["type"] != "http.disconnect":
             pass
         self.link.cancel(job)
+
+
+def render_conversation(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None, options: dict,
+                        add_generation_prompt: bool = True) -> list[int]:
+    """The prompt's ids; where the template refuses calls' arguments as objects, with them as JSON text (DeepSeek-V3's
+    joins them to strings)."""
+    try:
+        return tokenizer.render_chat(messages, add_generation_prompt, tools, **options)
+    except TokenizerError:
+        if not any(m.get("tool_calls") for m in messages):
+            raise
+    return tokenizer.render_chat(with_text_arguments(messages), add_generation_prompt, tools, **options)
 
 
 async def read_body(request: HttpRequest) -> dict:
@@ -599,6 +761,7 @@ def serve(engine: Engine, settings: Settings, sock: socket.socket, say: Callable
             http.join()
             raise MoeLocalError(value)
         if not stopped:
+            side.batcher.prepare_grammars()
             announce(f"serving {settings.model_id} on {url}/v1 (--parallel {settings.parallel}, {settings.queue} more may wait)")
             side.thread.start()
             side.batcher.start()

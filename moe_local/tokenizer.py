@@ -114,8 +114,8 @@ class _TokenizersBackend:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode([i for i in ids if 0 <= i < self.size], skip_special_tokens=True)
+    def decode(self, ids: list[int], special: bool = False) -> str:
+        return self._tok.decode([i for i in ids if 0 <= i < self.size], skip_special_tokens=not special)
 
 
 class _SentencePieceBackend:
@@ -164,10 +164,21 @@ class _SentencePieceBackend:
                 ids += self._sp.encode(part)
         return ids
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], special: bool = False) -> str:
         # A model's embedding table may be padded past the tokenizer's vocabulary: such
         # ids have no text, and dropping them beats crashing in the middle of a reply.
-        return self._sp.decode([i for i in ids if 0 <= i < self.size])
+        ids = [i for i in ids if 0 <= i < self.size]
+        if not special:
+            return self._sp.decode(ids)
+        # sentencepiece drops control pieces ([TOOL_CALLS], </s>) from its text: each one's piece is written in its place
+        parts, run = [], []
+        for i in ids:
+            if self._sp.is_control(i):
+                parts += [self._sp.decode(run), self._sp.id_to_piece(i)]
+                run = []
+            else:
+                run.append(i)
+        return "".join([*parts, self._sp.decode(run)])
 
 
 def _read_config(path: pathlib.Path) -> dict:
@@ -278,9 +289,10 @@ class Tokenizer:
             ids = [self.bos_id, *ids]
         return ids
 
-    def decode(self, ids: list[int]) -> str:
-        """The text of `ids`, leaving out special tokens such as BOS and EOS."""
-        return self._backend.decode([i for i in ids if i not in self._hidden])
+    def decode(self, ids: list[int], special: bool = False) -> str:
+        """The text of `ids`, leaving out special tokens such as BOS and EOS; with `special`, writing them (what a
+        tool-call parser reads: GLM-4.5's <arg_key>, DeepSeek's <｜tool▁call▁begin｜>, harmony's headers)."""
+        return self._backend.decode(ids if special else [i for i in ids if i not in self._hidden], special)
 
     @property
     def template_source(self) -> str:
@@ -317,20 +329,27 @@ class Tokenizer:
         """The template variables of --think/--no-think and --reasoning-effort; refuses a template without them."""
         return {**self.thinking_option(think), **self.reasoning_option(reasoning_effort)}
 
+    @property
+    def hidden_tokens(self) -> frozenset[str]:
+        """The text of each token `decode` leaves out (BOS, EOS, GLM-4.5's <think>, ...)."""
+        return frozenset(text for text, i in self._backend.added.items() if i in self._hidden)
+
     def token_id(self, text: str) -> int | None:
         """The id of an added token such as gpt-oss's <|channel|>, or None when the tokenizer has no such token."""
         return self._backend.added.get(text)
 
-    def render_chat_text(self, messages: list[dict], add_generation_prompt: bool = True, **options) -> str:
-        """The chat template (the model's, else Mixtral's) filled in with `messages`; `options` are passed to it
-        as variables (enable_thinking=False for Qwen3 and GLM-4.5), as transformers' apply_chat_template does."""
+    def render_chat_text(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+                         **options) -> str:
+        """The chat template (the model's, else Mixtral's) filled in with `messages` and `tools` (OpenAI's function
+        definitions); `options` are passed to it as variables (enable_thinking=False for Qwen3 and GLM-4.5), as
+        transformers' apply_chat_template does."""
         # As transformers: keys set to None are dropped (templates test `is defined`), tools and documents are
         # None, and the options override the special tokens.
         messages = [{key: value for key, value in m.items() if value is not None} for m in messages]
         variables = {**self.special_tokens, **options}
         try:
             return _JINJA.from_string(self.template_source).render(
-                messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables
+                messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt, **variables
             )
         except _TemplateRaised as e:
             problem = str(e)
@@ -340,9 +359,10 @@ class Tokenizer:
             problem = f"{type(e).__name__}: {e}"
         raise TokenizerError(f"chat template failed: {problem}")
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **options) -> list[int]:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+                    **options) -> list[int]:
         """Token ids of the rendered chat, with BOS exactly once when the template writes it."""
-        text = self.render_chat_text(messages, add_generation_prompt, **options)
+        text = self.render_chat_text(messages, add_generation_prompt, tools, **options)
         if self.bos_token and text.startswith(self.bos_token):
             return [self.bos_id, *self.encode(text[len(self.bos_token) :], bos=False)]
         return self.encode(text, bos=False)
@@ -356,8 +376,8 @@ class StreamDecoder:
     what the newest id added to it. The pieces joined equal decode(all ids).
     """
 
-    def __init__(self, tokenizer: Tokenizer):
-        self._tokenizer = tokenizer
+    def __init__(self, tokenizer: Tokenizer, special: bool = False):
+        self._tokenizer, self._special = tokenizer, special  # special: special tokens are written, see Tokenizer.decode
         self._ids: list[int] = []
         self._start = 0  # window start: ids before it are printed and never decoded again
         self._printed = 0  # ids[:_printed] have all their text printed
@@ -365,8 +385,8 @@ class StreamDecoder:
     def push(self, token_id: int) -> str:
         """Text completed by `token_id`; empty while it is held back."""
         self._ids.append(token_id)
-        done = self._tokenizer.decode(self._ids[self._start : self._printed])
-        text = self._tokenizer.decode(self._ids[self._start :])
+        done = self._tokenizer.decode(self._ids[self._start : self._printed], self._special)
+        text = self._tokenizer.decode(self._ids[self._start :], self._special)
         # U+FFFD at the end is a character whose remaining bytes are still to come.
         if len(text) <= len(done) or text.endswith("\ufffd"):
             return ""
@@ -375,7 +395,7 @@ class StreamDecoder:
 
     def flush(self) -> str:
         """Whatever is still held back, at the end of generation."""
-        done = self._tokenizer.decode(self._ids[self._start : self._printed])
-        text = self._tokenizer.decode(self._ids[self._start :])
+        done = self._tokenizer.decode(self._ids[self._start : self._printed], self._special)
+        text = self._tokenizer.decode(self._ids[self._start :], self._special)
         self._start = self._printed = len(self._ids)
         return text[len(done) :]

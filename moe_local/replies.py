@@ -1,0 +1,103 @@
+"""One OpenAI answer assembled from the `Batcher`'s Outputs (in the server's HTTP process, without torch): its text,
+reasoning, tool calls (read by a `tools.ToolParser`) and logprobs, as a stream's chunks (`Reply.step`) or as the
+whole choice (`Reply.whole`), for chat completions and for completions."""
+
+from __future__ import annotations
+
+import secrets
+import string
+
+from moe_local.params import Output
+from moe_local.tools import Call, ToolParser
+
+
+def call_id() -> str:
+    # nine letters and digits: what Mistral's templates require of a call's id, and any other client takes
+    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
+
+
+def openai_calls(calls: list[Call], first: int = 0, streamed: bool = False) -> list[dict]:
+    out = [{"id": call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+    return [{"index": first + i, **c} for i, c in enumerate(out)] if streamed else out
+
+
+class Reply:
+    """`chat`: a chat completion's choice (message / delta), else a completion's (text). `pieces[id]`: each token's
+    text, for logprobs; `top`: how many alternatives each token's logprobs list (None: no logprobs)."""
+
+    def __init__(self, chat: bool, parser: ToolParser | None = None, top: int | None = None, pieces: list[bytes] | None = None):
+        self.chat, self.parser, self.top, self.pieces = chat, parser, top, pieces
+        self.calls = 0  # calls streamed so far
+        self.offset = 0  # characters of text so far (a completion's logprobs give each token's offset)
+
+    # --- streamed ---------------------------------------------------------------------------------------------------
+
+    def step(self, output: Output) -> dict | None:
+        """The chunk's choice for `output` (the last one has finish_reason); None when it says nothing yet."""
+        text, reasoning, calls = output.text, output.reasoning, []
+        if self.parser is not None:
+            said = self.parser.push(output.text)
+            if output.finish_reason:
+                rest = self.parser.finish()
+                said.content, said.reasoning, said.calls = said.content + rest.content, said.reasoning + rest.reasoning, said.calls + rest.calls
+            text, reasoning = said.content, reasoning + said.reasoning
+            calls = openai_calls(said.calls, self.calls, streamed=True)
+            self.calls += len(calls)
+        reason = self.reason(output.finish_reason, self.calls)
+        logprobs = self.logprobs(output.logprobs)
+        if not (text or reasoning or calls or reason or logprobs):
+            return None
+        if not self.chat:
+            return self.completion(text, reason, logprobs)
+        delta = ({"content": text} if text else {}) | ({"reasoning_content": reasoning} if reasoning else {})
+        delta |= {"tool_calls": calls} if calls else {}
+        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+
+    # --- whole --------------------------------------------------------------------------------------------------------
+
+    def whole(self, outputs: list[Output]) -> dict:
+        last = outputs[-1]
+        text, reasoning = "".join(o.text for o in outputs), "".join(o.reasoning for o in outputs)
+        logprobs = self.logprobs([entry for o in outputs for entry in o.logprobs])
+        if not self.chat:
+            return self.completion(text, last.finish_reason, logprobs)
+        calls = []
+        if self.parser is not None:
+            said = self.parser.parse(text)
+            text, reasoning, calls = said.content, reasoning + said.reasoning, openai_calls(said.calls)
+        message = {"role": "assistant", "content": text or (None if calls else "")}
+        message |= ({"reasoning_content": reasoning} if reasoning else {}) | ({"tool_calls": calls} if calls else {})
+        return {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": self.reason(last.finish_reason, len(calls))}
+
+    # --- parts ----------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def reason(finish_reason: str | None, calls: int) -> str | None:
+        return "tool_calls" if calls and finish_reason == "stop" else finish_reason
+
+    def completion(self, text: str, reason: str | None, logprobs: dict | None) -> dict:
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+    def piece(self, token: int) -> tuple[str, list[int]]:
+        data = self.pieces[token] if 0 <= token < len(self.pieces) else b""
+        if data.startswith(b"\xff"):  # a special token: its text, as the tokenizer writes it
+            data = data[1:]
+        return data.decode("utf-8", "replace"), list(data)
+
+    def logprobs(self, entries: list[tuple]) -> dict | None:
+        """OpenAI's logprobs object of the tokens `entries` ((id, logprob, [(id, logprob), ...]) each)."""
+        if self.top is None or (not entries and self.chat):
+            return None
+        if self.chat:
+            def item(token, logprob):
+                text, data = self.piece(token)
+                return {"token": text, "logprob": logprob, "bytes": data}
+            return {"content": [item(t, lp) | {"top_logprobs": [item(i, v) for i, v in others]} for t, lp, others in entries],
+                    "refusal": None}
+        tokens, offsets = [], []
+        for t, _, _ in entries:
+            tokens.append(self.piece(t)[0])
+            offsets.append(self.offset)
+            self.offset += len(tokens[-1])
+        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [{self.piece(i)[0]: v for i, v in others} for _, _, others in entries], "text_offset": offsets}

@@ -1,0 +1,498 @@
+"""Tool calls in each family's own format: which format a model's chat template writes (`tool_format`), and
+`ToolParser`, which reads what the model generated (its text with the special tokens written, see
+`Tokenizer.decode(special=True)`) into the answer's text, its reasoning and its calls, whole or as it streams.
+A call the model wrote malformed (not JSON, no name, a function the request did not offer) stays text.
+Plain Python: the server's HTTP process imports it."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from moe_local.errors import MoeLocalError
+from moe_local.grammar import json_lark
+from moe_local.harmony import CHANNEL, CONSTRAIN, END, MESSAGE, START, is_harmony
+from moe_local.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Call:
+    name: str
+    arguments: str  # a JSON object's text, as OpenAI's `function.arguments`
+
+
+@dataclass
+class Parsed:
+    content: str = ""
+    reasoning: str = ""
+    calls: list[Call] = field(default_factory=list)
+
+
+class Format:
+    """One family's way of writing calls. `scan(text, final)`: what `text` says so far; before the end
+    (`final` False) only what no later text can change, so that each scan's content and reasoning start with the
+    previous scan's and its calls too (what a stream has sent stays true)."""
+
+    name = ""
+
+    def scan(self, text: str, final: bool, tools: dict[str, dict]) -> Parsed:
+        raise NotImplementedError
+
+    def call(self, name: str, parameters: dict, lit) -> str:
+        """The Lark (llguidance's) of one call of `name` whose arguments validate against `parameters`; `lit(text)`
+        is a literal, a special token where the vocabulary has one."""
+        raise NotImplementedError
+
+    separator = "\n"  # between calls, where there may be several
+    parallel = True  # whether the format writes several calls in one answer
+
+
+def _json(schema: dict) -> str:
+    return json_lark(schema or None)
+
+
+def _raw_string(schema: dict) -> str:
+    """A string parameter as these formats write it, unquoted: one of its enum, or up to maxLength characters but "<"."""
+    if isinstance(schema.get("enum"), list) and all(isinstance(v, str) for v in schema["enum"]):
+        return "(" + " | ".join(json.dumps(v, ensure_ascii=False) for v in schema["enum"]) + ")"
+    low, high = int(schema.get("minLength", 0)), schema.get("maxLength")
+    return f"/[^<]{{{low},{int(high)}}}/" if high is not None else f"/[^<]{{{low},}}/"
+
+
+def _text_parameters(parameters: dict, lit, before_name: tuple[str, ...], after_name: tuple[str, ...],
+                     after_value: tuple[str, ...]) -> str:
+    """Qwen3-Coder's and GLM-4.5's arguments, one by one between markers (each a sequence of literals): a string
+    as it is (without "<"), anything else as JSON of its schema; the required ones in the schema's order, then the
+    others, each optional."""
+    properties, required = parameters.get("properties") or {}, set(parameters.get("required") or ())
+    parts = []
+    for name in sorted(properties, key=lambda n: n not in required):
+        schema = properties[name] if isinstance(properties[name], dict) else {}
+        written = _raw_string(schema) if schema.get("type") == "string" else _json(schema)
+        part = " ".join([*map(lit, before_name), lit(name), *map(lit, after_name), written, *map(lit, after_value)])
+        parts.append(f"({part})" if name in required else f"({part})?")
+    return " ".join(parts) or '""'
+
+
+def _held(text: str, marker: str) -> int:
+    """How many characters at the end of `text` could be the start of `marker`."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
+def _object(text: str) -> dict | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _value(text: str, schema: dict | None):
+    """A parameter written as text (Qwen3-Coder's <parameter>, GLM-4.5's <arg_value>): a string where the tool's
+    schema says string (or says nothing and it is not JSON), else the JSON it spells."""
+    if (schema or {}).get("type") == "string":
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _call(name: str, arguments: dict | None, tools: dict[str, dict]) -> Call | None:
+    """The call, if `name` is offered and `arguments` has every argument its schema requires."""
+    if not isinstance(name, str) or name not in tools or not isinstance(arguments, dict):
+        return None
+    required = (tools[name].get("parameters") or {}).get("required") or []
+    if not all(key in arguments for key in required if isinstance(key, str)):
+        return None
+    return Call(name, json.dumps(arguments, ensure_ascii=False))
+
+
+class Delimited(Format):
+    """Calls in blocks between an opening and a closing marker (to the end of the text where there is no closing
+    one); text between blocks is the answer's."""
+
+    open: str
+    close: str | None
+
+    def parse(self, body: str, tools: dict[str, dict]) -> list[Call] | None:
+        raise NotImplementedError
+
+    def scan(self, text: str, final: bool, tools: dict[str, dict]) -> Parsed:
+        # Whitespace alone before or between calls (the templates' newlines) is no text of the answer: it is held
+        # until what follows shows whether it is (text, a malformed call, an answer without calls).
+        out, i = Parsed(), 0
+        while True:
+            j = text.find(self.open, i)
+            gap = text[i:j] if j >= 0 else text[i:]
+            if j < 0:
+                gap = gap if final else gap[: len(gap) - _held(gap, self.open)]
+                if gap.strip() or (final and not out.calls):
+                    out.content += gap
+                return out
+            if gap.strip():
+                out.content += gap
+            k = text.find(self.close, j + len(self.open)) if self.close else -1
+            if k < 0 and not final:
+                return out
+            body = text[j + len(self.open) : k if k >= 0 else len(text)]
+            end = k + len(self.close) if k >= 0 else len(text)
+            calls = self.parse(body, tools)
+            if calls:
+                out.calls += calls
+            else:  # malformed: the model's text, as it wrote it
+                out.content += ("" if gap.strip() else gap) + text[j:end]
+            i = end
+
+
+def _parameters(tool: dict | None) -> dict:
+    return ((tool or {}).get("parameters") or {}).get("properties") or {}
+
+
+CLOSE_BRACE_LINE = "}\n"
+
+
+class Hermes(Delimited):
+    """Qwen3's (and Hermes'): <tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>, one block per call."""
+
+    name, open, close = "qwen3", "<tool_call>", "</tool_call>"
+
+    def call(self, name, parameters, lit):
+        head = "\n" + json.dumps({"name": name})[:-1] + ', "arguments": '  # as the template writes a call
+        return f"{lit(self.open)} {lit(head)} {_json(parameters)} {lit(CLOSE_BRACE_LINE)} {lit(self.close)}"
+
+    def parse(self, body, tools):
+        call = _object(body.strip())
+        if call is None:
+            return None
+        arguments = call.get("arguments", call.get("parameters"))
+        if isinstance(arguments, str):  # some models write the arguments as a JSON string
+            arguments = _object(arguments)
+        call = _call(call.get("name"), arguments, tools)
+        return [call] if call else None
+
+
+class QwenXml(Delimited):
+    """Qwen3-Coder's and Qwen3.5's: <tool_call>\\n<function=NAME>\\n<parameter=KEY>\\nVALUE\\n</parameter>...
+    </function>\\n</tool_call>."""
+
+    name, open, close = "qwen3-coder", "<tool_call>", "</tool_call>"
+
+    def call(self, name, parameters, lit):
+        inner = _text_parameters(parameters, lit, ("<parameter=",), (">\n",), ("\n</parameter>\n",))
+        return f'{lit(self.open)} {lit(chr(10) + "<function=" + name + ">" + chr(10))} {inner} {lit("</function>" + chr(10))} {lit(self.close)}'
+    FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)</function>\s*", re.S)
+    PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.S)
+
+    def parse(self, body, tools):
+        match = self.FUNCTION.fullmatch(body)
+        if match is None:
+            return None
+        name, inner = match.group(1).strip(), match.group(2)
+        schema = _parameters(tools.get(name))
+        arguments = {k.strip(): _value(v, schema.get(k.strip())) for k, v in self.PARAMETER.findall(inner)}
+        if self.PARAMETER.sub("", inner).strip():  # text that is no parameter
+            return None
+        call = _call(name, arguments, tools)
+        return [call] if call else None
+
+
+class Glm(Delimited):
+    """GLM-4.5's: <tool_call>NAME\\n<arg_key>KEY</arg_key>\\n<arg_value>VALUE</arg_value>\\n...</tool_call>."""
+
+    name, open, close = "glm-4.5", "<tool_call>", "</tool_call>"
+
+    def call(self, name, parameters, lit):
+        inner = _text_parameters(parameters, lit, ("<arg_key>",), ("</arg_key>", "\n", "<arg_value>"), ("</arg_value>", "\n"))
+        return f'{lit(self.open)} {lit(name + chr(10))} {inner} {lit(self.close)}'
+    ARGUMENT = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
+
+    def parse(self, body, tools):
+        name, _, rest = body.partition("<arg_key>")
+        name, rest = name.strip(), "<arg_key>" + rest if rest else ""
+        schema = _parameters(tools.get(name))
+        arguments = {k.strip(): _value(v, schema.get(k.strip())) for k, v in self.ARGUMENT.findall(rest)}
+        if self.ARGUMENT.sub("", rest).strip():
+            return None
+        call = _call(name, arguments, tools)
+        return [call] if call else None
+
+
+class DeepSeek(Delimited):
+    """DeepSeek-V3's: <｜tool▁calls▁begin｜> then per call <｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\n
+    ARGS\\n```<｜tool▁call▁end｜> (V3.1 and later: <｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜>), then
+    <｜tool▁calls▁end｜>."""
+
+    name, open, close = "deepseek-v3", "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+    separator = ""
+
+    def call(self, name, parameters, lit):
+        # the whole block around each call: a forced answer is one block of calls (see `call_grammar`)
+        return (f'{lit("<｜tool▁call▁begin｜>")} {lit("function")} {lit("<｜tool▁sep｜>")} {lit(name + chr(10) + "```json" + chr(10))} '
+                f'{_json(parameters)} {lit(chr(10) + "```")} {lit("<｜tool▁call▁end｜>")}')
+    CALL = re.compile(r"\s*<｜tool▁call▁begin｜>(.*?)<｜tool▁sep｜>(.*?)<｜tool▁call▁end｜>\s*", re.S)
+    FENCED = re.compile(r"([^\n]+)\n```(?:json)?\n(.*)\n```\s*", re.S)
+
+    def parse(self, body, tools):
+        calls, i = [], 0
+        while i < len(body):
+            match = self.CALL.match(body, i)
+            if match is None:
+                return None
+            head, rest = match.group(1).strip(), match.group(2)
+            fenced = self.FENCED.fullmatch(rest)
+            name, arguments = (fenced.group(1).strip(), fenced.group(2)) if fenced and head == "function" else (head, rest)
+            call = _call(name, _object(arguments.strip()), tools)
+            if call is None:
+                return None
+            calls.append(call)
+            i = match.end()
+        return calls or None
+
+
+class Mistral(Delimited):
+    """Mistral's: [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...] (Mixtral-8x22B, v3), or
+    [TOOL_CALLS]NAME[ARGS]{...} per call (v11 and later); to the end of the answer."""
+
+    name, open, close = "mistral", "[TOOL_CALLS]", None
+    separator = ", "
+
+    def call(self, name, parameters, lit):
+        return f'{lit(json.dumps({"name": name})[:-1] + ", " + json.dumps("arguments") + ": ")} {_json(parameters)} {lit("}")}'
+
+    def parse(self, body, tools):
+        if "[ARGS]" in body:
+            calls = []
+            for part in body.split(self.open):
+                name, _, arguments = part.partition("[ARGS]")
+                call = _call(name.strip(), _object(arguments.strip()), tools)
+                if call is None:
+                    return None
+                calls.append(call)
+            return calls
+        try:
+            listed = json.loads(body.strip())
+        except ValueError:
+            return None
+        listed = listed if isinstance(listed, list) else [listed]
+        calls = [_call(c.get("name"), c.get("arguments"), tools) if isinstance(c, dict) else None for c in listed]
+        return calls if calls and all(calls) else None
+
+
+class Harmony(Format):
+    """gpt-oss's: messages of a header (`<|channel|>commentary to=functions.NAME <|constrain|>json`), `<|message|>`,
+    the text, and an end; a message addressed to=functions.NAME is a call (its text the arguments), the final
+    channel is the answer, the other channels reasoning (a newline after each message, as `ChannelStream`)."""
+
+    name = "harmony"
+    parallel = False  # a call ends the answer (<|call|>)
+
+    def call(self, name, parameters, lit):
+        return f'{lit(CHANNEL)} {lit("commentary to=functions." + name + " ")} {lit(CONSTRAIN)} {lit("json")} {lit(MESSAGE)} {_json(parameters)}'
+    ENDS = re.compile(re.escape(END) + "|<\\|call\\|>|<\\|return\\|>|" + re.escape(START))
+    RECIPIENT = re.compile(r"to=(\S+)")
+
+    def scan(self, text, final, tools):
+        out, i = Parsed(), 0
+        while i < len(text):
+            if text.startswith(START, i):
+                i += len(START)
+            m = text.find(MESSAGE, i)
+            if m < 0:
+                if final:  # a header never finished: its text is shown rather than lost
+                    out.content += text[i:]
+                return out
+            header = text[i:m]
+            end = self.ENDS.search(text, m + len(MESSAGE))
+            body = text[m + len(MESSAGE) : end.start() if end else len(text)]
+            closed = end is not None or final
+            if not closed:  # the end of the text may be the start of an end marker
+                body = body[: len(body) - max(_held(body, marker) for marker in (END, START, "<|call|>", "<|return|>"))]
+            recipient = self.RECIPIENT.search(header.replace(CONSTRAIN, " ").replace(CHANNEL, " "))
+            channel = header.split(CHANNEL)[-1].replace(CONSTRAIN, " ").split()[:1] if CHANNEL in header else ["final"]
+            if recipient and recipient.group(1).startswith("functions."):
+                if not closed:
+                    return out
+                call = _call(recipient.group(1)[len("functions."):], _object(body.strip()), tools)
+                if call:
+                    out.calls.append(call)
+                else:
+                    out.content += body
+            elif channel == ["final"]:
+                out.content += body
+            else:
+                out.reasoning += body + ("\n" if closed and body and not body.endswith("\n") else "")
+            if end is None:
+                return out
+            i = end.end() if end.group() != START else end.start()
+        return out
+
+
+def call_grammar(format: Format, tools: list[dict], choice: str, parallel: bool, special) -> str:
+    """The Lark grammar of an answer that is only calls, in `format`: of any of `tools` (choice "required") or of
+    the one named; several where `parallel` and the format allows. `special(text)`: the id of a special token
+    with that text, or None (then the literal is the text's bytes)."""
+    def lit(text: str) -> str:
+        token = special(text)
+        return f"<[{token}]>" if token is not None else json.dumps(text, ensure_ascii=False)
+
+    offered = [t["function"] for t in tools if choice == "required" or t["function"]["name"] == choice]
+    rules = [f"call_{i}: {format.call(f['name'], f.get('parameters') or {}, lit)}" for i, f in enumerate(offered)]
+    call = " | ".join(f"call_{i}" for i in range(len(offered)))
+    calls = f"call ({lit(format.separator) if format.separator else ''} call)*" if parallel and format.parallel else "call"
+    if isinstance(format, DeepSeek):
+        calls = f"{lit(format.open)} {calls} {lit(format.close)}"
+    elif isinstance(format, Mistral):
+        calls = f'{lit(format.open)} "[" {calls} "]"'
+    return "\n".join([f"start: {calls}", f"call: {call}", *rules])
+
+
+FORMATS = {f.name: f for f in (Hermes(), QwenXml(), Glm(), DeepSeek(), Mistral(), Harmony())}
+
+
+def tool_format(tokenizer: Tokenizer) -> Format | None:
+    """The format the model's chat template tells it to write calls in; None where the template takes no tools."""
+    source = tokenizer.template_source
+    if not tokenizer.template_reads("tools"):
+        return None
+    if is_harmony(tokenizer):
+        return FORMATS["harmony"]
+    for marker, name in (("<function=", "qwen3-coder"), ("<arg_key>", "glm-4.5"), ("tool▁calls▁begin", "deepseek-v3"),
+                         ("[TOOL_CALLS]", "mistral"), ("<tool_call>", "qwen3")):
+        if marker in source:
+            return FORMATS[name]
+    return None
+
+
+class ToolParser:
+    """What a request's answer says, as it streams: `push(text)` takes the next text the model generated and
+    returns what is now certain beyond what earlier pushes returned (answer text, reasoning, whole calls);
+    `finish()` returns the rest. The pieces together equal `parse` of the whole text."""
+
+    def __init__(self, format: Format, tools: list[dict], hidden: frozenset[str] = frozenset(), parallel: bool = True):
+        self.format, self.tools, self.parallel = format, tools, parallel  # not parallel: the first call only
+        self.functions = {t["function"]["name"]: t["function"] for t in tools}
+        self.hidden = sorted(hidden, key=len, reverse=True)  # special tokens not to show in the answer (GLM's <think>)
+        self.text = ""
+        self.sent = Parsed()
+
+    def push(self, text: str) -> Parsed:
+        self.text += text
+        return self._delta(self.format.scan(self.text, False, self.functions))
+
+    def finish(self) -> Parsed:
+        return self._delta(self.format.scan(self.text, True, self.functions))
+
+    def parse(self, text: str) -> Parsed:
+        whole = self.format.scan(text, True, self.functions)
+        return Parsed(self._shown(whole.content), whole.reasoning, whole.calls if self.parallel else whole.calls[:1])
+
+    def _shown(self, text: str) -> str:
+        for token in self.hidden:
+            text = text.replace(token, "")
+        return text
+
+    def _delta(self, now: Parsed) -> Parsed:
+        content, reasoning = self._shown(now.content), now.reasoning
+        now.calls = now.calls if self.parallel else now.calls[:1]
+        delta = Parsed(content[len(self.sent.content):], reasoning[len(self.sent.reasoning):], now.calls[len(self.sent.calls):])
+        self.sent = Parsed(content, reasoning, now.calls)
+        return delta
+
+
+# --- OpenAI's side: the request's tools and the conversation's calls, checked, for the chat template -----------------
+
+
+class ToolRequestError(MoeLocalError):
+    """A request's tools, tool_choice or tool messages that cannot be taken; `param` names the field."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ToolRequest:
+    tools: list[dict]  # OpenAI's [{"type": "function", "function": {"name", "description", "parameters"}}]
+    choice: str  # "auto", "required", or the name of the one function to call
+    parallel: bool  # whether the answer may hold more than one call
+
+
+def tool_request(body: dict) -> ToolRequest | None:
+    """The tools a chat request offers and how it asks for them to be used; None where it offers none or says
+    tool_choice "none" (then the model is not told of them: its answer is text)."""
+    tools, choice, parallel = body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls")
+    if body.get("functions") is not None or body.get("function_call") is not None:
+        raise ToolRequestError("'functions' and 'function_call' are OpenAI's old names: send 'tools' and 'tool_choice'", "functions")
+    if tools is None or tools == []:
+        if choice not in (None, "none", "auto"):
+            raise ToolRequestError("'tool_choice' asks for a tool, but the request has no 'tools'", "tool_choice")
+        return None
+    if not isinstance(tools, list):
+        raise ToolRequestError("'tools' must be a list of {type: function, function: {name, parameters}}", "tools")
+    names = []
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise ToolRequestError(f"tools[{i}] must be {{type: function, function: {{name, parameters}}}}", "tools")
+        if not isinstance(function.get("parameters", {}), dict):
+            raise ToolRequestError(f"tools[{i}].function.parameters must be a JSON schema object", "tools")
+        names.append(function["name"])
+    if len(set(names)) < len(names):
+        raise ToolRequestError("two of 'tools' have the same name", "tools")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise ToolRequestError("'parallel_tool_calls' must be true or false", "parallel_tool_calls")
+    if choice is None or choice in ("auto", "required"):
+        choice = choice or "auto"
+    elif choice == "none":
+        return None
+    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        choice = choice["function"].get("name")
+        if choice not in names:
+            raise ToolRequestError(f"tool_choice names {json.dumps(choice)}, which is not among 'tools'", "tool_choice")
+    else:
+        raise ToolRequestError("'tool_choice' must be none, auto, required or {type: function, function: {name}}", "tool_choice")
+    return ToolRequest(tools, choice, parallel is not False)
+
+
+def template_message(m: dict, i: int) -> dict:
+    """An assistant message's tool_calls and a tool message's fields as chat templates read them: each call's
+    arguments as an object (Qwen3, GLM-4.5 and gpt-oss write them out themselves), the call's id and name beside
+    a tool result."""
+    out = {"role": m["role"]}
+    if m["role"] == "tool":
+        if not isinstance(m.get("tool_call_id"), str):
+            raise ToolRequestError(f"messages[{i}] (a tool result) must have a tool_call_id", "messages")
+        return out | {"tool_call_id": m["tool_call_id"]} | ({"name": m["name"]} if isinstance(m.get("name"), str) else {})
+    calls = m.get("tool_calls")
+    if m["role"] != "assistant" or not calls:
+        return out
+    if not isinstance(calls, list):
+        raise ToolRequestError(f"messages[{i}].tool_calls must be a list", "messages")
+    out["tool_calls"] = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ToolRequestError(f"messages[{i}].tool_calls[{j}] must be {{id, type: function, function: {{name, arguments}}}}", "messages")
+        arguments = function.get("arguments") or "{}"
+        parsed = _object(arguments) if isinstance(arguments, str) else arguments if isinstance(arguments, dict) else None
+        if parsed is None:
+            raise ToolRequestError(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object's text", "messages")
+        out["tool_calls"].append({"id": call.get("id") or f"call_{i}_{j}", "type": "function",
+                                  "function": {"name": function["name"], "arguments": parsed}})
+    return out
+
+
+def with_text_arguments(messages: list[dict]) -> list[dict]:
+    """`messages` with each call's arguments as JSON text, for templates that join them to strings (DeepSeek-V3's)."""
+    def text(call: dict) -> dict:
+        return {**call, "function": {**call["function"], "arguments": json.dumps(call["function"]["arguments"], ensure_ascii=False)}}
+    return [{**m, "tool_calls": [text(c) for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
+
+
+def openai_calls(calls: list[Call], ids: list[str]) -> list[dict]:
+    return [{"id": id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c, id in zip(calls, ids)]

@@ -1,0 +1,256 @@
+"""`moe-local serve` for agents and apps, spoken to with the official `openai` client: tool calls in Qwen3's, GLM-4.5's
+and gpt-oss's own formats (forced by a grammar: request with tools -> tool_calls -> tool result -> answer, streamed
+and not), structured output that validates, logprobs equal to the log-softmax of the engine's logits, logit_bias.
+Tiny random checkpoints with each family's real tokenizer layout and chat template."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import anthropic
+import jsonschema
+import openai
+import pytest
+import torch
+
+import moe_local
+from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer
+from conftest import moe_local_cli
+from families import build_family
+from test_server import RunningServer
+
+transformers = pytest.importorskip("transformers")
+
+KEY = "agents-key"
+VOCAB = 512
+CTX = 1024
+FAMILIES = ["qwen3_moe", "glm4_moe", "gpt_oss"]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "minimum": 1, "maximum": 9}},
+    "required": ["city", "days"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "description": "The time now.", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False}}}
+ASK = [{"role": "system", "content": "You help."}, {"role": "user", "content": "Weather in Paris?"}]
+
+
+def model_folder(tmp_path_factory, family: str):
+    folder = tmp_path_factory.mktemp(family)
+    build_family(family, folder, vocab_size=VOCAB)
+    train_bytelevel_tokenizer(folder, vocab_size=VOCAB, **FAMILY_TOKENIZERS[family])
+    return folder
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    """(family, folder, server, client) for each family in turn: one server at a time."""
+    folder = model_folder(tmp_path_factory, request.param)
+    server = RunningServer(str(folder), "--parallel", "8", ctx=CTX, env={"MOE_LOCAL_API_KEY": KEY})
+    yield request.param, folder, server, openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    server.stop()
+
+
+def schema_of(tool: dict) -> dict:
+    return tool["function"]["parameters"]
+
+
+def streamed_calls(chunks) -> tuple[list[dict], str, str | None]:
+    """The calls a stream's deltas add up to (as the openai client's users join them), its text and finish_reason."""
+    calls: dict[int, dict] = {}
+    text, reason = "", None
+    for chunk in chunks:
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        text += choice.delta.content or ""
+        reason = choice.finish_reason or reason
+        for call in choice.delta.tool_calls or []:
+            into = calls.setdefault(call.index, {"name": "", "arguments": ""})
+            into["name"] += call.function.name or ""
+            into["arguments"] += call.function.arguments or ""
+    return [calls[i] for i in sorted(calls)], text, reason
+
+
+def test_a_forced_call_round_trips_and_streams_the_same(family):
+    name, folder, server, client = family
+    ask = dict(model="m", messages=ASK, tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+               parallel_tool_calls=False, max_tokens=80, temperature=0)
+    answer = client.chat.completions.create(**ask)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather" and len(call.id) == 9
+    jsonschema.validate(json.loads(call.function.arguments), schema_of(WEATHER))
+
+    calls, text, reason = streamed_calls(client.chat.completions.create(**ask, stream=True))
+    assert calls == [{"name": "get_weather", "arguments": call.function.arguments}] and reason == "tool_calls" and text == ""
+
+    # the call and its result go back; the prompt is the one transformers' apply_chat_template renders
+    turn = ASK + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                  {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "clear", "celsius": 21}'}]
+    then = client.chat.completions.create(model="m", messages=turn, tools=[WEATHER, TIME], max_tokens=4, temperature=0)
+    reference = transformers.AutoTokenizer.from_pretrained(folder)
+    as_template_reads = turn[:2] + [{"role": "assistant", "content": "", "tool_calls": [{"id": call.id, "type": "function", "function": {
+        "name": "get_weather", "arguments": json.loads(call.function.arguments)}}]}, turn[3]]
+    want = reference.apply_chat_template(as_template_reads, tools=[WEATHER, TIME], add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert then.usage.prompt_tokens == len(want)
+    assert then.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_tool_choice_required_may_call_several(family):
+    name, folder, server, client = family
+    if name == "gpt_oss":
+        pytest.skip("harmony ends the answer at a call (<|call|>): one call per answer")
+    stops = {str(i): -100 for i in range(VOCAB) if reference_token(folder, i) in ("<|im_end|>", "<|endoftext|>", "<|user|>", "<|observation|>")}
+    ask = dict(model="m", messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=120, temperature=0.7, seed=3,
+               logit_bias=stops)  # no end of text: calls until the length
+    choice = client.chat.completions.create(**ask).choices[0]
+    assert choice.finish_reason == "length" and len(choice.message.tool_calls) >= 2
+    for call in choice.message.tool_calls:
+        jsonschema.validate(json.loads(call.function.arguments), schema_of(WEATHER if call.function.name == "get_weather" else TIME))
+    calls, _, _ = streamed_calls(client.chat.completions.create(**ask, stream=True))
+    assert calls == [{"name": c.function.name, "arguments": c.function.arguments} for c in choice.message.tool_calls]
+
+
+def test_a_malformed_call_comes_back_as_text(family):
+    name, folder, server, client = family
+    if name != "qwen3_moe":
+        pytest.skip("once is enough")
+    # the stop string cuts the forced call before its arguments: what is left is no call
+    ask = dict(model="m", messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=60, temperature=0, stop=['"arguments"'])
+    choice = client.chat.completions.create(**ask).choices[0]
+    assert choice.message.tool_calls is None and choice.finish_reason == "stop"
+    assert choice.message.content == '<tool_call>\n{"name": "get_weather", '
+    calls, text, reason = streamed_calls(client.chat.completions.create(**ask, stream=True))
+    assert (calls, text, reason) == ([], choice.message.content, "stop")
+
+
+def reference_token(folder, i: int) -> str:
+    return transformers.AutoTokenizer.from_pretrained(folder).convert_ids_to_tokens(i)
+
+
+def test_a_json_schema_answer_always_validates(family):
+    name, folder, server, client = family
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                               "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+              "required": ["name", "age", "tags"], "additionalProperties": False}
+    answers = 50 if name == "qwen3_moe" else 8
+
+    def ask(seed: int):
+        return client.chat.completions.create(model="m", messages=ASK, max_tokens=60, temperature=1.0, seed=seed,
+                                              response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+
+    with ThreadPoolExecutor(8) as pool:
+        for answer in pool.map(ask, range(answers)):
+            assert answer.choices[0].finish_reason == "stop"
+            jsonschema.validate(json.loads(answer.choices[0].message.content), schema)
+
+
+def test_eight_concurrent_requests_each_follow_their_own_grammar(family):
+    name, folder, server, client = family
+    if name != "qwen3_moe":
+        pytest.skip("once is enough")
+    schemas = [{"type": "object", "properties": {f"k{i}": {"type": "integer", "minimum": i, "maximum": i + 3}}, "required": [f"k{i}"],
+                "additionalProperties": False} for i in range(6)] + [{"type": "array", "items": {"type": "boolean"}, "minItems": 2, "maxItems": 4},
+                                                                    {"enum": ["red", "green", "blue"]}]
+
+    def ask(i: int):
+        return client.chat.completions.create(model="m", messages=ASK, max_tokens=60, temperature=1.0, seed=i,
+                                              response_format={"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schemas[i]}})
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    for answer, schema in zip(answers, schemas):
+        jsonschema.validate(json.loads(answer.choices[0].message.content), schema)
+
+
+@pytest.fixture(scope="module")
+def reference_engine(family):
+    name, folder, _, _ = family
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield moe_local.load(folder, device="cpu", dtype="fp32", ctx_size=CTX)
+    torch.set_num_threads(threads)
+
+
+def test_logprobs_are_the_log_softmax_of_the_engines_logits(family, reference_engine):
+    name, folder, server, client = family
+    if name != "qwen3_moe":
+        pytest.skip("once is enough")
+    answer = client.chat.completions.create(model="m", messages=ASK, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    entries = answer.choices[0].logprobs.content
+    prompt = reference_engine.tokenizer.render_chat(ASK)
+    reference_engine.tokens = []
+    ids = list(reference_engine.generate(prompt, 6, moe_local.generate.SamplingParams(temperature=0)))
+    logits = reference_engine.logits(prompt + ids)[len(prompt) - 1 : len(prompt) - 1 + len(ids)]  # [n, V]
+    want = torch.log_softmax(logits.float(), -1)
+    assert len(entries) == len(ids)
+    for entry, token, row in zip(entries, ids, want):
+        assert entry.logprob == pytest.approx(float(row[token]), abs=1e-4)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(torch.topk(row, 3).values.tolist(), abs=1e-4)
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the likeliest
+    streamed = [c for c in client.chat.completions.create(model="m", messages=ASK, max_tokens=6, temperature=0, logprobs=True, stream=True)]
+    got = [e.logprob for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert got == pytest.approx([e.logprob for e in entries], abs=1e-4)
+    completion = client.completions.create(model="m", prompt="def f(", max_tokens=4, temperature=0, logprobs=2)
+    lp = completion.choices[0].logprobs
+    assert len(lp.token_logprobs) == 4 and "".join(lp.tokens) == completion.choices[0].text and lp.text_offset[0] == 0
+
+
+def test_logit_bias_decides_the_tokens(family):
+    name, folder, server, client = family
+    if name != "qwen3_moe":
+        pytest.skip("once is enough")
+    token = 300
+    answer = client.completions.create(model="m", prompt="x", max_tokens=5, temperature=0, logit_bias={str(token): 100}, logprobs=0)
+    assert answer.choices[0].logprobs.tokens == [reference_token(folder, token).replace("Ġ", " ")] * 5
+
+
+def test_run_json_schema_answers_json_that_validates(tmp_path):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "n": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["name", "n"],
+              "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    done = moe_local_cli("run", "-p", "def f(", "-n", "100", "--json-schema", str(tmp_path / "schema.json"), "--json", "--temperature", "1",
+                         "--seed", "2", "--dtype", "fp32", "--quiet")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    jsonschema.validate(json.loads(result["text"]), schema)
+    assert result["stats"]["finish_reason"] == "stop"
+    (tmp_path / "bad.json").write_text('{"type": "objec"}')
+    bad = moe_local_cli("run", "-p", "x", "--json-schema", str(tmp_path / "bad.json"))
+    assert bad.returncode != 0 and "--json-schema" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_anthropic_client_gets_messages_tool_use_and_its_stream_events(family):
+    name, folder, server, _ = family
+    if name == "glm4_moe":
+        pytest.skip("two families are enough")
+    client = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0, timeout=120)  # sends x-api-key
+    tools = [{"name": "get_weather", "description": "The weather in a city.", "input_schema": schema_of(WEATHER)}]
+    ask = dict(model="m", max_tokens=80, system="You help.", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=tools,
+               tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True}, extra_body={"temperature": 0})  # this client sends no temperature of its own
+    message = client.messages.create(**ask)
+    assert message.stop_reason == "tool_use" and message.usage.output_tokens > 0
+    [use] = [b for b in message.content if b.type == "tool_use"]
+    assert use.name == "get_weather"
+    jsonschema.validate(use.input, schema_of(WEATHER))
+
+    with client.messages.stream(**ask) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop" and "message_delta" in kinds
+    assert {"content_block_start", "content_block_delta", "content_block_stop"} <= set(kinds)
+    assert [(b.name, b.input) for b in final.content if b.type == "tool_use"] == [(use.name, use.input)] and final.stop_reason == "tool_use"
+
+    turn = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": [use.model_dump()]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny, 21 C"}]}]
+    then = client.messages.create(model="m", max_tokens=5, messages=turn, tools=tools, stop_sequences=["\n\n\n"])
+    assert then.stop_reason in ("end_turn", "max_tokens", "tool_use") and then.content
+    counted = client.messages.count_tokens(model="m", messages=turn, tools=tools)
+    assert counted.input_tokens == then.usage.input_tokens
+
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        client.messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": [{"type": "image", "source": {}}]}])
+    assert refused.value.body["type"] == "error" and refused.value.body["error"]["type"] == "invalid_request_error"
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=server.url, api_key="wrong", max_retries=0).messages.create(model="m", max_tokens=1, messages=turn[:1])
