@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from test_cpu_attention import greedy  # the logits of n greedy decode steps
 from moe_local import cpu_deltanet, native
 
 needs_kernel = pytest.mark.skipif(native.unavailable() is not None, reason=f"the kernel cannot be built here: {native.unavailable()}")
@@ -233,15 +234,6 @@ def hybrid(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     build_family(request.param, folder, **KERNEL_SIZES)
     return folder
-
-
-def greedy(engine, prompt: list[int], n: int) -> torch.Tensor:
-    """The logits [n, V] of n greedy decode steps after `prompt`."""
-    token, steps = int(engine.prefill(prompt)[0].argmax()), []
-    for _ in range(n):
-        steps.append(engine.decode_one(token))
-        token = int(steps[-1].argmax())
-    return torch.stack(steps)
 
 
 def linear_layers(engine) -> list:
