@@ -335,7 +335,7 @@ def run(
     from moe_local.generate import GenerationStats, StopStrings
     from moe_local.params import max_new_tokens_default
     from moe_local.harmony import ChannelStream, is_harmony
-    from moe_local.tokenizer import StreamDecoder
+    from moe_local.tokenizer import StreamDecoder, check_reasoning_effort
 
     with clean_errors(debug):
         sampling = sampling_overrides(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
@@ -343,6 +343,9 @@ def run(
             raise FlagError("--think/--no-think set the chat template's enable_thinking, and --raw leaves the template out")
         if raw and (reasoning_effort is not None or show_reasoning):
             raise FlagError("--reasoning-effort and --show-reasoning work through the chat template, and --raw leaves it out")
+        if reasoning_effort is not None:
+            with checking_flags():
+                check_reasoning_effort(reasoning_effort)
         options = load_options(
             device=device, gpu_memory=gpu_memory, expert_slots=expert_slots, ctx_size=ctx_size, dtype=dtype, prefetch=prefetch,
             policy=policy, experts_dtype=experts_dtype, group_size=group_size, resident_dtype=resident_dtype,
@@ -470,9 +473,13 @@ def chat(
     from moe_local.chat import NO_CHANNELS, ChatSession, chat_loop
     from moe_local.params import max_new_tokens_default
     from moe_local.harmony import is_harmony
+    from moe_local.tokenizer import check_reasoning_effort
 
     with clean_errors(debug):
         sampling = sampling_overrides(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
+        if reasoning_effort is not None:
+            with checking_flags():
+                check_reasoning_effort(reasoning_effort)
         options = load_options(
             device=device, gpu_memory=gpu_memory, expert_slots=expert_slots, ctx_size=ctx_size, dtype=dtype, prefetch=prefetch,
             policy=policy, experts_dtype=experts_dtype, group_size=group_size, resident_dtype=resident_dtype,

@@ -81,6 +81,12 @@ _JINJA.filters["tojson"] = _tojson
 
 REASONING_EFFORTS = ("low", "medium", "high")  # gpt-oss's reasoning_effort
 
+
+def check_reasoning_effort(effort: str) -> None:
+    """Refuse a reasoning effort that is none of REASONING_EFFORTS, whatever the model."""
+    if effort not in REASONING_EFFORTS:
+        raise TokenizerError(f"the reasoning effort is {', '.join(REASONING_EFFORTS[:-1])} or {REASONING_EFFORTS[-1]}, not {effort!r}")
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -319,8 +325,7 @@ class Tokenizer:
         default (effort=None)."""
         if effort is None:
             return {}
-        if effort not in REASONING_EFFORTS:
-            raise TokenizerError(f"the reasoning effort is {', '.join(REASONING_EFFORTS[:-1])} or {REASONING_EFFORTS[-1]}, not {effort!r}")
+        check_reasoning_effort(effort)
         if not self.template_reads("reasoning_effort"):
             raise TokenizerError("this model's chat template has no reasoning effort (reasoning_effort), so --reasoning-effort and /set reasoning do not apply")
         return {"reasoning_effort": effort}

@@ -276,12 +276,15 @@ def test_reasoning_options_are_refused_with_one_line_where_they_do_not_apply(ans
         (str(answers), "--raw", "--show-reasoning"): "error: --reasoning-effort and --show-reasoning work through the chat "
                                                      "template, and --raw leaves it out",
     }
-    usage = {(str(answers), "--raw", "--show-reasoning")}  # flags that cannot go together: status 2, as the parser's own errors
+    # a value no model takes, and flags that cannot go together: status 2, as the parser's own errors
+    usage = {(str(answers), "--reasoning-effort", "extreme"), (str(answers), "--raw", "--show-reasoning")}
     for args, message in refused.items():
         result = moe_local_cli("run", *args, "-p", "Hi", "--device", "cpu")
         assert (result.returncode, result.stderr.strip()) == (2 if args in usage else 1, message)
     chat = moe_local_cli("chat", str(tiny[0]), "--show-reasoning", "--device", "cpu", input="/bye\n")
     assert (chat.returncode, chat.stderr.strip()) == (1, refused[(str(tiny[0]), "--show-reasoning")])
+    chat = moe_local_cli("chat", str(answers), "--reasoning-effort", "extreme", "--device", "cpu", input="/bye\n")
+    assert (chat.returncode, chat.stderr.strip()) == (2, refused[(str(answers), "--reasoning-effort", "extreme")])
 
 
 # --- the server ----------------------------------------------------------------------------------------
