@@ -586,7 +586,8 @@ class Checkpoint:
         """How matrix (or tensor) `name` is stored: "fp8 e4m3, 128 x 128 blocks, fp32 scales", "int4 ...", "bf16"."""
         quant = self.config.quantization
         if name in self.fp8_scales:
-            scales = "ue8m0" if self.tensors[self.fp8_scales[name]].dtype == torch.float8_e8m0fnu or quant.ue8m0 else "fp32"
+            dtype = self.tensors[self.fp8_scales[name]].dtype
+            scales = "ue8m0" if dtype == torch.float8_e8m0fnu or quant.ue8m0 else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
             return f"fp8 e4m3, {quant.block[0]} x {quant.block[1]} blocks, {scales} scales"
         if name in self.packed:
             return f"int4 (compressed-tensors, symmetric, groups of {quant.group})"
@@ -599,7 +600,9 @@ class Checkpoint:
         projections, "other": the rest), the formats found, each once."""
         kinds: dict[str, dict[str, None]] = {"experts": {}, "attention": {}, "other": {}}
         for name, target in self.expected.items():
-            kind = "experts" if isinstance(target.ours, tuple) else "attention" if ".attention.w" in target.ours else "other"
+            # attention: the projections of full and of linear attention (not their norms, convolution, decays)
+            attention = isinstance(target.ours, str) and ".attention." in target.ours and len(target.shape) == 2
+            kind = "experts" if isinstance(target.ours, tuple) else "attention" if attention else "other"
             kinds[kind][self.stored_as(name)] = None
         return {kind: list(found) for kind, found in kinds.items()}
 

@@ -683,10 +683,10 @@ def qwen3_5_moe_text(raw: dict) -> ModelConfig:
 
 def qwen3_5_moe(raw: dict) -> ModelConfig:
     """The published multimodal checkpoint (`Qwen3_5MoeForConditionalGeneration`): the text model's fields
-    are in `text_config` (what the top level says of the word embeddings and dtype holds for it); the
-    vision tower is not read."""
+    are in `text_config` (what the top level says of the word embeddings, dtype and quantization holds for it:
+    the `-FP8` repos' quantization_config is at the top level); the vision tower is not read."""
     text = dict(raw["text_config"])
-    for name in ("tie_word_embeddings", "dtype", "torch_dtype"):
+    for name in ("tie_word_embeddings", "dtype", "torch_dtype", "quantization_config"):
         if name in raw:
             text[name] = raw[name]
     return qwen3_5_moe_text({**text, "model_type": raw["model_type"]})

@@ -1,13 +1,16 @@
-"""Checkpoints as the big MoEs publish them: FP8 blocks with fp32 or UE8M0 scales (Mixtral's layout, Qwen3-FP8,
-DeepSeek-V3, GLM-4.5-FP8, MiniMax-M2) and compressed-tensors int4 experts (Kimi-K2), each against transformers running the
-same weights dequantized; the numerics of `moe_local/weights/`; one clear line for a broken scale."""
+"""Checkpoints as the big MoEs publish them: FP8 blocks with fp32, UE8M0 or bf16 scales (Mixtral's layout, Qwen3-FP8,
+DeepSeek-V3, GLM-4.5-FP8, MiniMax-M2, the hybrids Qwen3-Next-FP8 and Qwen3.5/3.6-FP8) and compressed-tensors int4
+experts (Kimi-K2), each against transformers running the same weights dequantized; the numerics of
+`moe_local/weights/`; one clear line for a broken scale."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,31 +19,52 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import moe_local
-from conftest import build_mixtral, moe_local_cli
+from conftest import build_mixtral
 from families import build_family
 from moe_local import native
 from moe_local.checkpoint import Checkpoint
-from moe_local.cli import describe
-from moe_local.config import ModelConfig
+from moe_local.cli import describe, main
+from moe_local.config import FAMILIES, ModelConfig
 from moe_local.experts.formats import choose_format, make_format
 from moe_local.experts.store import ExpertStore
 from moe_local.errors import CheckpointError, ConfigError
 from moe_local.generate import GenerationStats, SamplingParams, generate
 from moe_local.weights import compressed, fp8
 from moe_local.weights.schemes import scheme
-from quantized import to_compressed_int4, to_fp8
+from quantized import add_fp8_extras, to_compressed_int4, to_fp8, to_qwen35_multimodal
 
 GREEDY = SamplingParams(temperature=0)
 
-# variant -> (FP8 blocks, UE8M0 scales, stored as F8_E8M0 bytes): blocks smaller than the matrices (hidden 64,
-# expert FFN 32), ragged where they do not divide them (48 columns of 64, 24 rows of 32 or 64)
+
+@dataclass(frozen=True)
+class Published:
+    """A family's FP8 repos shrunk: blocks smaller than the matrices (hidden 64, expert FFN 32), ragged where they
+    do not divide them; the scales' format (`to_fp8`'s `scales`); the modules kept unconverted beyond the
+    embeddings and lm_head (modules_to_not_convert, under the text model's names); FP8 tensors the model does not
+    read beside its own (multi-token prediction); `multimodal`: Qwen3.5's published wrapper around the text model."""
+
+    block: tuple[int, int]
+    scales: str
+    keep: tuple[str, ...] = ("model.layers.0.self_attn.o_proj",)
+    extras: tuple[tuple[str, tuple[int, int]], ...] = ()
+    multimodal: bool = False
+
+
+HYBRID_MTP = (("mtp.fc.weight", (64, 128)), ("mtp.layers.0.mlp.experts.0.gate_proj.weight", (32, 64)))
 FP8_VARIANTS = {
-    "mixtral": ((16, 48), False, False),
-    "qwen3_moe": ((24, 32), False, False),
-    "deepseek_v3": ((16, 32), True, True),
-    "glm4_moe": ((24, 48), True, False),
-    "minimax_m2": ((32, 16), False, False),
+    "mixtral": Published((16, 48), "fp32"),
+    "qwen3_moe": Published((24, 32), "fp32"),
+    "deepseek_v3": Published((16, 32), "e8m0"),
+    "glm4_moe": Published((24, 48), "ue8m0"),
+    "minimax_m2": Published((32, 16), "fp32"),
+    # Qwen3-Next-FP8: the fused in_proj_ba unconverted, per-expert FP8 experts, an FP8 MTP head beside the model
+    "qwen3_next": Published((24, 16), "fp32", tuple(f"model.layers.{i}.linear_attn.in_proj_ba" for i in (1, 2)), HYBRID_MTP),
+    # Qwen3.5/3.6-FP8: in_proj_a and _b unconverted, bf16 scales, per-expert FP8 experts (where the bf16 repos
+    # stack them), under model.language_model. beside a vision tower and an MTP head
+    "qwen3_5_moe": Published((16, 24), "bf16", tuple(f"model.layers.{i}.linear_attn.in_proj_{p}" for i in (0, 2) for p in "ab"),
+                             HYBRID_MTP, multimodal=True),
 }
+SCALE_BYTES = {"fp32": 4, "ue8m0": 4, "e8m0": 1, "bf16": 2}
 
 
 def prompt_ids(n: int, seed: int = 0) -> list[int]:
@@ -58,11 +82,14 @@ def build(variant: str, folder, tokenizer_dir) -> None:
 def fp8_family(request, tmp_path_factory, tokenizer_dir):
     """(variant, FP8 folder, transformers on the same weights dequantized)."""
     variant = request.param
-    block, ue8m0, e8m0_bytes = FP8_VARIANTS[variant]
+    published = FP8_VARIANTS[variant]
     root = tmp_path_factory.mktemp(f"fp8-{variant}")
     folder, reference = root / "fp8", root / "dequantized"
     build(variant, folder, tokenizer_dir)
-    to_fp8(folder, reference, block, ue8m0, e8m0_bytes, keep=("model.layers.0.self_attn.o_proj",))
+    to_fp8(folder, reference, published.block, published.scales, published.keep)
+    add_fp8_extras(folder, dict(published.extras), published.block)
+    if published.multimodal:
+        to_qwen35_multimodal(folder)
     return variant, folder, AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
 
 
@@ -93,9 +120,15 @@ def test_fp8_checkpoint_greedy_tokens_match_at_every_cache_budget(fp8_family, sl
 def test_which_matrices_are_fp8_follows_the_checkpoint(fp8_family):
     variant, folder, _ = fp8_family
     ckpt = Checkpoint(folder)
-    assert "model.layers.0.self_attn.o_proj.weight" not in ckpt.fp8_scales  # kept in fp32, as modules_to_not_convert says
-    assert "model.layers.1.self_attn.o_proj.weight" in ckpt.fp8_scales
-    assert ckpt.values("model.layers.0.self_attn.o_proj.weight").dtype == torch.float32
+    layers = FAMILIES[ckpt.config.model_type].prefix + "layers."
+    for module in FP8_VARIANTS[variant].keep:  # kept in fp32, as modules_to_not_convert says
+        name = module.replace("model.layers.", layers) + ".weight"
+        assert name not in ckpt.fp8_scales and ckpt.values(name).dtype == torch.float32
+    # every other matrix the decoder layers publish in FP8 is read as FP8 (the MTP head's and vision tower's are not read)
+    published = {name.removesuffix("_scale_inv") for name in ckpt.tensors if name.endswith("_scale_inv")}
+    assert set(ckpt.fp8_scales) == {name for name in published if name.startswith(layers)}
+    assert published - set(ckpt.fp8_scales) == {name for name, _ in FP8_VARIANTS[variant].extras} | (
+        {"model.visual.blocks.0.mlp.linear_fc1.weight"} if FP8_VARIANTS[variant].multimodal else set())
 
 
 def test_fp8_attention_under_resident_int8_is_quantized_from_the_fp8_values(fp8_mixtral):
@@ -183,19 +216,40 @@ def damaged(folder, tmp_path, change):
     return copy
 
 
-def test_a_missing_scale_is_one_clear_line(fp8_mixtral, tmp_path):
-    name = "model.layers.1.self_attn.q_proj.weight_scale_inv"
-    folder = damaged(fp8_mixtral, tmp_path, lambda state: state.pop(name))
-    result = moe_local_cli("info", str(folder))
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines() == [f"error: tensor model.layers.1.self_attn.q_proj.weight is float8 but the checkpoint has no {name} beside it"]
+def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """The command line's exit status, stdout and stderr for `args`, run in this process (the same `main` as
+    the installed command's; a subprocess would spend seconds importing torch)."""
+    monkeypatch.setattr(sys, "argv", ["moe-local", *args])
+    with pytest.raises(SystemExit) as exit:
+        main()
+    out, err = capsys.readouterr()
+    return exit.value.code or 0, out, err
 
 
-def test_a_misshaped_scale_is_one_clear_line(fp8_mixtral, tmp_path):
-    name = "model.layers.1.self_attn.q_proj.weight_scale_inv"
-    folder = damaged(fp8_mixtral, tmp_path, lambda state: state.__setitem__(name, state[name][:, :1].contiguous()))
-    with pytest.raises(CheckpointError, match=r"weight_scale_inv has shape \[4, 1\], but .* in blocks of \[16, 32\] .* needs \[4, 2\]"):
-        Checkpoint(folder)
+def test_a_missing_scale_is_one_clear_line(fp8_family, tmp_path, monkeypatch, capsys):
+    """In every family's published layout: an expert's scale gone (Qwen3.5's under model.language_model.)."""
+    _, folder, _ = fp8_family
+    matrix = next(name for name in Checkpoint(folder).fp8_scales if ".experts.3." in name)
+    copy = damaged(folder, tmp_path, lambda state: state.pop(matrix + "_scale_inv"))
+    line = f"tensor {matrix} is float8 but the checkpoint has no {matrix}_scale_inv beside it"
+    with pytest.raises(CheckpointError, match=re.escape(line)):
+        Checkpoint(copy)
+    code, _, err = cli(monkeypatch, capsys, "info", str(copy))
+    assert code == 1 and err.strip().splitlines() == [f"error: {line}"]
+
+
+def test_a_misshaped_scale_is_one_clear_line(fp8_family, tmp_path):
+    """A projection's scales a column short: the linear attention's where the family has it."""
+    _, folder, _ = fp8_family
+    names = list(Checkpoint(folder).fp8_scales)
+    matrix = next((n for n in names if "linear_attn." in n), next(n for n in names if "self_attn." in n))
+    block = list(Checkpoint(folder).config.quantization.block)
+    scale = load_file(folder / "model.safetensors")[matrix + "_scale_inv"]
+    copy = damaged(folder, tmp_path, lambda state: state.__setitem__(matrix + "_scale_inv", scale[:, :-1].contiguous()))
+    short, want = [scale.shape[0], scale.shape[1] - 1], list(scale.shape)
+    with pytest.raises(CheckpointError, match=re.escape(f"{matrix}_scale_inv has shape {short}, but {matrix} ") + rf"\[\d+, \d+\] in blocks of "
+                       + re.escape(f"{block} (weight_block_size) needs {want}")):  # fmt: skip
+        Checkpoint(copy)
 
 
 def test_an_fp8_tensor_without_an_fp8_config_is_refused(fp8_mixtral, tmp_path):
@@ -265,7 +319,7 @@ def test_fp8_experts_from_a_bf16_checkpoint_are_quantized_in_128_blocks_and_from
     variant, folder, _ = fp8_family
     ckpt = Checkpoint(folder)
     fmt = make_format("fp8", ckpt.config, torch.bfloat16, "cpu")
-    assert fmt.native and fmt.key == f"fp8-b{FP8_VARIANTS[variant][0][0]}x{FP8_VARIANTS[variant][0][1]}"
+    assert fmt.native and fmt.key == "fp8-b{}x{}".format(*FP8_VARIANTS[variant].block)
     buffer = torch.empty(fmt.expert_bytes, dtype=torch.uint8)
     assert fmt.pack_native(lambda w: ckpt.expert(0, 1, w), buffer)
     views = fmt.unpack(buffer)
@@ -342,31 +396,32 @@ def test_a_compressed_int4_matrix_without_its_scale_is_one_clear_line(kimi, tmp_
 
 def test_info_shows_each_kind_of_tensor_as_stored_and_as_loaded(fp8_family):
     variant, folder, _ = fp8_family
-    (bn, bk), ue8m0, _ = FP8_VARIANTS[variant]
+    published = FP8_VARIANTS[variant]
+    bn, bk = published.block
     ckpt = Checkpoint(folder)
     info = describe(ckpt)
-    fp8_name = f"fp8 e4m3, {bn} x {bk} blocks, {'ue8m0' if ue8m0 else 'fp32'} scales"
+    fp8_name = f"fp8 e4m3, {bn} x {bk} blocks, {'ue8m0' if published.scales in ('ue8m0', 'e8m0') else published.scales} scales"
     formats = info["tensor_formats"]
     assert formats["experts"]["stored"] == info["experts_format"] == fp8_name
     assert formats["experts"]["at_load"].startswith(f"experts in fp8-b{bn}x{bk} (auto")
-    assert formats["attention"]["stored"] == f"{fp8_name} + float32"  # layer 0's o_proj was kept
+    assert formats["attention"]["stored"] == f"{fp8_name} + float32"  # the kept projections
     assert formats["attention"]["at_load"].startswith("float32, dequantized at load")
     cfg = ckpt.config
     scales = 2 * -(-cfg.ffn_dim // bn) * -(-cfg.dim // bk) + -(-cfg.dim // bn) * -(-cfg.ffn_dim // bk)
-    assert info["expert_bytes"] == cfg.expert_numel + scales * (1 if variant == "deepseek_v3" else 4)  # e4m3 and F8_E8M0 or F32 scales
+    assert info["expert_bytes"] == cfg.expert_numel + scales * SCALE_BYTES[published.scales]  # e4m3 and the scales as stored
 
 
-def test_info_says_compressed_int4_experts_stay_int4(kimi):
-    result = moe_local_cli("info", str(kimi[0]))
-    assert result.returncode == 0, result.stderr
-    assert "experts stored as         int4 (compressed-tensors, symmetric, groups of 32) -> experts in int4-g32" in result.stdout
-    assert "attention stored as       float32 -> as stored" in result.stdout
+def test_info_says_compressed_int4_experts_stay_int4(kimi, monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, "info", str(kimi[0]))
+    assert code == 0, err
+    assert "experts stored as         int4 (compressed-tensors, symmetric, groups of 32) -> experts in int4-g32" in out
+    assert "attention stored as       float32 -> as stored" in out
 
 
-def test_plan_takes_an_fp8_checkpoint_in_its_own_format(fp8_mixtral):
-    result = moe_local_cli("plan", str(fp8_mixtral), "--device", "cpu", "--json")
-    assert result.returncode == 0, result.stderr
-    plan = json.loads(result.stdout)
+def test_plan_takes_an_fp8_checkpoint_in_its_own_format(fp8_mixtral, monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, "plan", str(fp8_mixtral), "--device", "cpu", "--json")
+    assert code == 0, err
+    plan = json.loads(out)
     assert plan["experts_format"] == "fp8-b16x32" and plan["why"].startswith("experts in fp8-b16x32 (auto")
     assert plan["formats"]["fp8"]["expert_bytes"] < plan["formats"]["bf16"]["expert_bytes"]
 
