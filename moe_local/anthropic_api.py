@@ -113,7 +113,7 @@ class Message:
         self.id, self.model, self.input_tokens, self.parser = f"msg_{secrets.token_hex(12)}", model, input_tokens, parser
         self.block: str | None = None  # the kind of the content block open in a stream
         self.index = -1
-        self.calls = 0
+        self.calls: dict[int, int] = {}  # a call's index among the calls -> its content block's
 
     def head(self) -> dict:
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
@@ -145,32 +145,31 @@ class Message:
 
     def step(self, output: Output) -> list[str]:
         """The events `output` adds; after the last one, the message's end (or an error event)."""
-        text, reasoning, calls = output.text, output.reasoning, []
+        text, reasoning, pieces = output.text, output.reasoning, []
         if self.parser is not None:
-            said = self.parser.push(output.text)
-            text, reasoning, calls = said.content, reasoning + said.reasoning, said.calls
-            if output.finish_reason or output.error:
-                rest = self.parser.finish()
-                text, reasoning, calls = text + rest.content, reasoning + rest.reasoning, calls + rest.calls
+            said = self.parser.push(output.text, final=bool(output.finish_reason or output.error))
+            text, reasoning, pieces = said.content, reasoning + said.reasoning, said.pieces
         events = []
         if reasoning:
             events += self._open("thinking", {"type": "thinking", "thinking": ""})
             events.append(_event("content_block_delta", {"index": self.index, "delta": {"type": "thinking_delta", "thinking": reasoning}}))
+        for piece in [p for p in pieces if p.name is None]:  # the arguments of a call begun, in its block
+            events.append(_event("content_block_delta", {"index": self.calls[piece.index], "delta": {"type": "input_json_delta", "partial_json": piece.arguments}}))
         if text:
             events += self._open("text", {"type": "text", "text": ""})
             events.append(_event("content_block_delta", {"index": self.index, "delta": {"type": "text_delta", "text": text}}))
-        for call in calls:
-            block = self.tool_use(call)
-            events += self._open("tool_use", {**block, "input": {}}, always=True)
-            events.append(_event("content_block_delta", {"index": self.index, "delta": {"type": "input_json_delta", "partial_json": call.arguments}}))
-            self.calls += 1
+        for piece in [p for p in pieces if p.name is not None]:
+            events += self._open("tool_use", {"type": "tool_use", "id": f"toolu_{call_id()}", "name": piece.name, "input": {}}, always=True)
+            self.calls[piece.index] = self.index
+            if piece.arguments:
+                events.append(_event("content_block_delta", {"index": self.index, "delta": {"type": "input_json_delta", "partial_json": piece.arguments}}))
         if output.error:
             return events + [_event("error", {"error": {"type": "api_error", "message": output.error}})]
         if output.finish_reason:
             if self.block is None:  # an empty answer still has its text block
                 events += self._open("text", {"type": "text", "text": ""})
             events += self._close()
-            events.append(_event("message_delta", {"delta": {"stop_reason": self.stop_reason(output.finish_reason, self.calls), "stop_sequence": None},
+            events.append(_event("message_delta", {"delta": {"stop_reason": self.stop_reason(output.finish_reason, len(self.calls)), "stop_sequence": None},
                                                    "usage": {"output_tokens": output.completion_tokens}}))
             events.append(_event("message_stop", {}))
         return events

@@ -8,7 +8,7 @@ import secrets
 import string
 
 from moe_local.params import Output
-from moe_local.tools import Call, ToolParser
+from moe_local.tools import Call, Piece, ToolParser
 
 
 def call_id() -> str:
@@ -16,9 +16,8 @@ def call_id() -> str:
     return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
 
 
-def openai_calls(calls: list[Call], first: int = 0, streamed: bool = False) -> list[dict]:
-    out = [{"id": call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
-    return [{"index": first + i, **c} for i, c in enumerate(out)] if streamed else out
+def openai_calls(calls: list[Call]) -> list[dict]:
+    return [{"id": call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
 
 
 class Reply:
@@ -27,7 +26,7 @@ class Reply:
 
     def __init__(self, chat: bool, parser: ToolParser | None = None, top: int | None = None, pieces: list[bytes] | None = None):
         self.chat, self.parser, self.top, self.pieces = chat, parser, top, pieces
-        self.calls = 0  # calls streamed so far
+        self.calls = 0  # calls begun in the stream so far
         self.offset = 0  # characters of text so far (a completion's logprobs give each token's offset)
 
     # --- streamed ---------------------------------------------------------------------------------------------------
@@ -36,13 +35,9 @@ class Reply:
         """The chunk's choice for `output` (the last one has finish_reason); None when it says nothing yet."""
         text, reasoning, calls = output.text, output.reasoning, []
         if self.parser is not None:
-            said = self.parser.push(output.text)
-            if output.finish_reason:
-                rest = self.parser.finish()
-                said.content, said.reasoning, said.calls = said.content + rest.content, said.reasoning + rest.reasoning, said.calls + rest.calls
+            said = self.parser.push(output.text, final=output.finish_reason is not None)
             text, reasoning = said.content, reasoning + said.reasoning
-            calls = openai_calls(said.calls, self.calls, streamed=True)
-            self.calls += len(calls)
+            calls = [self.tool_call(piece) for piece in said.pieces]
         reason = self.reason(output.finish_reason, self.calls)
         logprobs = self.logprobs(output.logprobs)
         if not (text or reasoning or calls or reason or logprobs):
@@ -52,6 +47,13 @@ class Reply:
         delta = ({"content": text} if text else {}) | ({"reasoning_content": reasoning} if reasoning else {})
         delta |= {"tool_calls": calls} if calls else {}
         return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+
+    def tool_call(self, piece: Piece) -> dict:
+        """OpenAI's delta of a call: the first with its id, type and name, then its arguments as they come."""
+        if piece.name is None:
+            return {"index": piece.index, "function": {"arguments": piece.arguments}}
+        self.calls += 1
+        return {"index": piece.index, "id": call_id(), "type": "function", "function": {"name": piece.name, "arguments": piece.arguments}}
 
     # --- whole --------------------------------------------------------------------------------------------------------
 

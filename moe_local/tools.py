@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from moe_local.errors import MoeLocalError
 from moe_local.grammar import json_lark
@@ -19,7 +19,8 @@ from moe_local.tokenizer import Tokenizer
 @dataclass(frozen=True)
 class Call:
     name: str
-    arguments: str  # a JSON object's text, as OpenAI's `function.arguments`
+    arguments: str  # a JSON object's text, as OpenAI's `function.arguments`: the model's own where it wrote JSON
+    at: tuple = field(default=(), compare=False)  # where the call is in the text: its identity while it streams
 
 
 @dataclass
@@ -27,12 +28,36 @@ class Parsed:
     content: str = ""
     reasoning: str = ""
     calls: list[Call] = field(default_factory=list)
+    # calls begun but not whole, their arguments as far as they read as JSON: the one still being written (a scan
+    # before the end) and those that broke off (malformed after their arguments began; their text is content)
+    unfinished: list[Call] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The next part of a call, as a stream sends it: the first piece of each call has its name, the others none;
+    `arguments` is the text its arguments go on with (the pieces of one call joined are its arguments)."""
+
+    index: int  # the call's place among the answer's calls
+    name: str | None
+    arguments: str
+
+
+@dataclass
+class Delta:
+    """What a stream says next: text, reasoning, and pieces of calls (those of calls already begun come before
+    the text, those that begin a call after it)."""
+
+    content: str = ""
+    reasoning: str = ""
+    pieces: list[Piece] = field(default_factory=list)
 
 
 class Format:
     """One family's way of writing calls. `scan(text, final)`: what `text` says so far; before the end
     (`final` False) only what no later text can change, so that each scan's content and reasoning start with the
-    previous scan's and its calls too (what a stream has sent stays true)."""
+    previous scan's and its calls too (what a stream has sent stays true), and each unfinished call's arguments
+    with what they were (the call's `at` says which it is)."""
 
     name = ""
 
@@ -91,6 +116,53 @@ def _object(text: str) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
+OUTSIDE_STRINGS = frozenset(" \t\n\r{}[],:-+.0123456789eEtrufalsn")
+
+
+def json_extent(text: str, i: int) -> tuple[int, bool]:
+    """From a "{" at text[i]: where the JSON object ends, as far as it is written (True), or where the text stops
+    being the start of one (a character no JSON has there, or the text's end; False). A lexical check: a whole
+    object's text is parsed after."""
+    depth, string, escape = 0, False, False
+    for j in range(i, len(text)):
+        c = text[j]
+        if string:
+            if escape:
+                escape = False
+            elif c == "\\":
+                escape = True
+            elif c == '"':
+                string = False
+            elif c < " ":  # a control character: not in a JSON string
+                return j, False
+        elif c == '"':
+            string = True
+        elif c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth == 0:
+                return j + 1, True
+        elif c not in OUTSIDE_STRINGS:
+            return j, False
+    return len(text), False
+
+
+def _arguments(body: str, i: int, name: str, tools: dict[str, dict]) -> tuple[Call | None, int, bool]:
+    """The call of `name` whose arguments' JSON starts at body[i], as far as it is written: (call, end, whether its
+    object closed); no call where `name` is not offered or no object starts there."""
+    if name not in tools or i >= len(body) or body[i] != "{":
+        return None, i, False
+    end, closed = json_extent(body, i)
+    return Call(name, body[i:end]), end, closed
+
+
+def _members(arguments: dict) -> str:
+    """A dict's JSON as json.dumps writes it, less its closing brace: the text parameters written one by one
+    (Qwen3-Coder's, GLM-4.5's) make as they come."""
+    return "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {json.dumps(v, ensure_ascii=False)}" for k, v in arguments.items())
+
+
 def _value(text: str, schema: dict | None):
     """A parameter written as text (Qwen3-Coder's <parameter>, GLM-4.5's <arg_value>): a string where the tool's
     schema says string (or says nothing and it is not JSON), else the JSON it spells."""
@@ -120,7 +192,26 @@ class Delimited(Format):
     close: str | None
 
     def parse(self, body: str, tools: dict[str, dict]) -> list[Call] | None:
+        """The calls of a whole block, or None where it is malformed."""
         raise NotImplementedError
+
+    def partial(self, body: str, tools: dict[str, dict]) -> list[Call]:
+        """The calls of a block as far as it is written (the last one's arguments so far): each call's arguments
+        start its arguments' text when the block is whole."""
+        raise NotImplementedError
+
+    def _calls(self, body: str, tools: dict[str, dict], at: int) -> list[Call] | None:
+        """`parse`'s calls, each with its arguments as the model wrote them where that is the JSON they read as."""
+        calls = self.parse(body, tools)
+        if not calls:
+            return calls
+        written = self.partial(body, tools)
+        out = []
+        for n, call in enumerate(calls):
+            if n < len(written) and written[n].name == call.name and _same(written[n].arguments, call.arguments):
+                call = written[n]
+            out.append(replace(call, at=(at, n)))
+        return out
 
     def scan(self, text: str, final: bool, tools: dict[str, dict]) -> Parsed:
         # Whitespace alone before or between calls (the templates' newlines) is no text of the answer: it is held
@@ -138,15 +229,36 @@ class Delimited(Format):
                 out.content += gap
             k = text.find(self.close, j + len(self.open)) if self.close else -1
             if k < 0 and not final:
+                out.unfinished += [replace(c, at=(j, n)) for n, c in enumerate(self.partial(text[j + len(self.open):], tools))]
                 return out
             body = text[j + len(self.open) : k if k >= 0 else len(text)]
             end = k + len(self.close) if k >= 0 else len(text)
-            calls = self.parse(body, tools)
+            calls = self._calls(body, tools, j)
             if calls:
                 out.calls += calls
             else:  # malformed: the model's text, as it wrote it
                 out.content += ("" if gap.strip() else gap) + text[j:end]
+                out.unfinished += [replace(c, at=(j, n)) for n, c in enumerate(self.partial(body, tools))]
             i = end
+
+
+def _same(written: str, arguments: str) -> bool:
+    try:
+        return json.loads(written) == json.loads(arguments)
+    except ValueError:
+        return False
+
+
+def _written_pairs(pattern: re.Pattern, body: str, i: int, schema: dict) -> dict:
+    """The parameters (key, value: `pattern`'s groups) written whole one after another from body[i], whitespace
+    between them."""
+    out = {}
+    for match in pattern.finditer(body, i):
+        if body[i : match.start()].strip():
+            break
+        out[match.group(1).strip()] = _value(match.group(2), schema.get(match.group(1).strip()))
+        i = match.end()
+    return out
 
 
 def _parameters(tool: dict | None) -> dict:
@@ -164,6 +276,13 @@ class Hermes(Delimited):
     def call(self, name, parameters, lit):
         head = "\n" + json.dumps({"name": name})[:-1] + ', "arguments": '  # as the template writes a call
         return f"{lit(self.open)} {lit(head)} {_json(parameters)} {lit(CLOSE_BRACE_LINE)} {lit(self.close)}"
+
+    HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]+)"\s*,\s*"arguments"\s*:\s*')
+
+    def partial(self, body, tools):
+        head = self.HEAD.match(body)
+        call = _arguments(body, head.end(), head.group(1), tools)[0] if head else None
+        return [call] if call else []
 
     def parse(self, body, tools):
         call = _object(body.strip())
@@ -187,6 +306,14 @@ class QwenXml(Delimited):
         return f'{lit(self.open)} {lit(chr(10) + "<function=" + name + ">" + chr(10))} {inner} {lit("</function>" + chr(10))} {lit(self.close)}'
     FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)</function>\s*", re.S)
     PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.S)
+    HEAD = re.compile(r"\s*<function=([^>\n]+)>")
+
+    def partial(self, body, tools):
+        head = self.HEAD.match(body)
+        if head is None or head.group(1).strip() not in tools:
+            return []
+        name = head.group(1).strip()
+        return [Call(name, _members(_written_pairs(self.PARAMETER, body, head.end(), _parameters(tools[name]))))]
 
     def parse(self, body, tools):
         match = self.FUNCTION.fullmatch(body)
@@ -210,6 +337,13 @@ class Glm(Delimited):
         inner = _text_parameters(parameters, lit, ("<arg_key>",), ("</arg_key>", "\n", "<arg_value>"), ("</arg_value>", "\n"))
         return f'{lit(self.open)} {lit(name + chr(10))} {inner} {lit(self.close)}'
     ARGUMENT = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
+
+    def partial(self, body, tools):
+        cut = min((i for i in (body.find("\n"), body.find("<arg_key>")) if i >= 0), default=-1)
+        name = body[:cut].strip()
+        if cut < 0 or name not in tools:
+            return []
+        return [Call(name, _members(_written_pairs(self.ARGUMENT, body, cut, _parameters(tools[name]))))]
 
     def parse(self, body, tools):
         name, _, rest = body.partition("<arg_key>")
@@ -236,6 +370,28 @@ class DeepSeek(Delimited):
                 f'{_json(parameters)} {lit(chr(10) + "```")} {lit("<｜tool▁call▁end｜>")}')
     CALL = re.compile(r"\s*<｜tool▁call▁begin｜>(.*?)<｜tool▁sep｜>(.*?)<｜tool▁call▁end｜>\s*", re.S)
     FENCED = re.compile(r"([^\n]+)\n```(?:json)?\n(.*)\n```\s*", re.S)
+    BEGIN = re.compile(r"\s*<｜tool▁call▁begin｜>(.*?)<｜tool▁sep｜>", re.S)
+    FENCE = re.compile(r"([^\n]+)\n```(?:json)?\n")
+    END = re.compile(r"(?:\n```)?\s*<｜tool▁call▁end｜>")
+
+    def partial(self, body, tools):
+        calls, i = [], 0
+        while (begin := self.BEGIN.match(body, i)) is not None:
+            name, i = begin.group(1).strip(), begin.end()
+            if name == "function":  # V3's: the name on its own line, then the arguments fenced
+                fence = self.FENCE.match(body, i)
+                if fence is None:
+                    break
+                name, i = fence.group(1).strip(), fence.end()
+            call, i, closed = _arguments(body, i, name, tools)
+            if call is None:
+                break
+            calls.append(call)
+            end = self.END.match(body, i)
+            if not closed or end is None:
+                break
+            i = end.end()
+        return calls
 
     def parse(self, body, tools):
         calls, i = [], 0
@@ -263,6 +419,30 @@ class Mistral(Delimited):
 
     def call(self, name, parameters, lit):
         return f'{lit(json.dumps({"name": name})[:-1] + ", " + json.dumps("arguments") + ": ")} {_json(parameters)} {lit("}")}'
+
+    LISTED = re.compile(r'\s*(?:\[|,)\s*\{\s*"name"\s*:\s*"([^"\\]+)"\s*,\s*"arguments"\s*:\s*')
+    LISTED_END = re.compile(r'\s*(?:,\s*"id"\s*:\s*"[^"\\]*"\s*)?\}')
+
+    def partial(self, body, tools):
+        calls, i = [], 0
+        if "[ARGS]" in body:
+            for part in body.split(self.open):
+                name, args, arguments = part.partition("[ARGS]")
+                call = _arguments(arguments, 0, name.strip(), tools)[0] if args else None
+                if call is None:
+                    break
+                calls.append(call)
+            return calls
+        while (head := self.LISTED.match(body, i)) is not None and (head.group().lstrip().startswith("[") == (not calls)):
+            call, i, closed = _arguments(body, head.end(), head.group(1), tools)
+            if call is None:
+                break
+            calls.append(call)
+            end = self.LISTED_END.match(body, i)
+            if not closed or end is None:
+                break
+            i = end.end()
+        return calls
 
     def parse(self, body, tools):
         if "[ARGS]" in body:
@@ -315,12 +495,15 @@ class Harmony(Format):
             recipient = self.RECIPIENT.search(header.replace(CONSTRAIN, " ").replace(CHANNEL, " "))
             channel = header.split(CHANNEL)[-1].replace(CONSTRAIN, " ").split()[:1] if CHANNEL in header else ["final"]
             if recipient and recipient.group(1).startswith("functions."):
-                if not closed:
-                    return out
-                call = _call(recipient.group(1)[len("functions."):], _object(body.strip()), tools)
+                name, written = recipient.group(1)[len("functions."):], body.strip()
+                call = _call(name, _object(written), tools) if closed else None
                 if call:
-                    out.calls.append(call)
+                    out.calls.append(replace(call, arguments=written, at=(i, 0)))
                 else:
+                    begun = _arguments(written, 0, name, tools)[0]
+                    out.unfinished += [replace(begun, at=(i, 0))] if begun else []
+                    if not closed:
+                        return out
                     out.content += body
             elif channel == ["final"]:
                 out.content += body
@@ -370,8 +553,14 @@ def tool_format(tokenizer: Tokenizer) -> Format | None:
 
 class ToolParser:
     """What a request's answer says, as it streams: `push(text)` takes the next text the model generated and
-    returns what is now certain beyond what earlier pushes returned (answer text, reasoning, whole calls);
-    `finish()` returns the rest. The pieces together equal `parse` of the whole text."""
+    returns what is now certain beyond what earlier pushes returned: answer text, reasoning, and the calls as the
+    model writes them (a call begins once its function's name is read and offered and its arguments have begun;
+    its arguments follow as they are written, while they read as JSON); `push(text, final=True)` the rest.
+
+    The pieces add up to `parse` of the whole text: the same text and reasoning, the same calls. But a stream cannot
+    take back a call it has begun: where a call turns out malformed after its arguments began (cut off by the end
+    of the answer, not JSON, a required argument missing), the whole answer has its text and no call, and the
+    stream has the call as far as it went and then the same text."""
 
     def __init__(self, format: Format, tools: list[dict], hidden: frozenset[str] = frozenset(), parallel: bool = True):
         self.format, self.tools, self.parallel = format, tools, parallel  # not parallel: the first call only
@@ -379,13 +568,11 @@ class ToolParser:
         self.hidden = sorted(hidden, key=len, reverse=True)  # special tokens not to show in the answer (GLM's <think>)
         self.text = ""
         self.sent = Parsed()
+        self.begun: dict[tuple, list] = {}  # a call's `at` -> [its index, the arguments sent]
 
-    def push(self, text: str) -> Parsed:
+    def push(self, text: str, final: bool = False) -> Delta:
         self.text += text
-        return self._delta(self.format.scan(self.text, False, self.functions))
-
-    def finish(self) -> Parsed:
-        return self._delta(self.format.scan(self.text, True, self.functions))
+        return self._delta(self.format.scan(self.text, final, self.functions))
 
     def parse(self, text: str) -> Parsed:
         whole = self.format.scan(text, True, self.functions)
@@ -396,11 +583,19 @@ class ToolParser:
             text = text.replace(token, "")
         return text
 
-    def _delta(self, now: Parsed) -> Parsed:
+    def _delta(self, now: Parsed) -> Delta:
         content, reasoning = self._shown(now.content), now.reasoning
-        now.calls = now.calls if self.parallel else now.calls[:1]
-        delta = Parsed(content[len(self.sent.content):], reasoning[len(self.sent.reasoning):], now.calls[len(self.sent.calls):])
-        self.sent = Parsed(content, reasoning, now.calls)
+        going_on, beginning = [], []
+        for call in sorted(now.calls + now.unfinished, key=lambda c: c.at):
+            begun = self.begun.get(call.at)
+            if begun is None and (self.parallel or not self.begun):
+                self.begun[call.at] = [len(self.begun), call.arguments]
+                beginning.append(Piece(len(self.begun) - 1, call.name, call.arguments))
+            elif begun is not None and len(call.arguments) > len(begun[1]) and call.arguments.startswith(begun[1]):
+                going_on.append(Piece(begun[0], None, call.arguments[len(begun[1]):]))
+                begun[1] = call.arguments
+        delta = Delta(content[len(self.sent.content):], reasoning[len(self.sent.reasoning):], going_on + beginning)
+        self.sent = Parsed(content, reasoning)
         return delta
 
 
@@ -493,6 +688,3 @@ def with_text_arguments(messages: list[dict]) -> list[dict]:
         return {**call, "function": {**call["function"], "arguments": json.dumps(call["function"]["arguments"], ensure_ascii=False)}}
     return [{**m, "tool_calls": [text(c) for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
 
-
-def openai_calls(calls: list[Call], ids: list[str]) -> list[dict]:
-    return [{"id": id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c, id in zip(calls, ids)]

@@ -54,8 +54,10 @@ def schema_of(tool: dict) -> dict:
     return tool["function"]["parameters"]
 
 
-def streamed_calls(chunks) -> tuple[list[dict], str, str | None]:
-    """The calls a stream's deltas add up to (as the openai client's users join them), its text and finish_reason."""
+def streamed_calls(chunks, pieces: list | None = None) -> tuple[list[dict], str, str | None]:
+    """The calls a stream's deltas add up to (as the openai client's users join them), its text and finish_reason;
+    each call's deltas go into `pieces`. The first delta of a call has its id, type and name, the others only
+    arguments."""
     calls: dict[int, dict] = {}
     text, reason = "", None
     for chunk in chunks:
@@ -65,9 +67,13 @@ def streamed_calls(chunks) -> tuple[list[dict], str, str | None]:
         text += choice.delta.content or ""
         reason = choice.finish_reason or reason
         for call in choice.delta.tool_calls or []:
+            first = call.index not in calls
+            assert (call.id is not None, call.type, call.function.name is not None) == ((True, "function", True) if first else (False, None, False))
             into = calls.setdefault(call.index, {"name": "", "arguments": ""})
             into["name"] += call.function.name or ""
             into["arguments"] += call.function.arguments or ""
+            if pieces is not None:
+                pieces.append(call.function.arguments)
     return [calls[i] for i in sorted(calls)], text, reason
 
 
@@ -82,8 +88,10 @@ def test_a_forced_call_round_trips_and_streams_the_same(family):
     assert call.type == "function" and call.function.name == "get_weather" and len(call.id) == 9
     jsonschema.validate(json.loads(call.function.arguments), schema_of(WEATHER))
 
-    calls, text, reason = streamed_calls(client.chat.completions.create(**ask, stream=True))
+    pieces = []
+    calls, text, reason = streamed_calls(client.chat.completions.create(**ask, stream=True), pieces)
     assert calls == [{"name": "get_weather", "arguments": call.function.arguments}] and reason == "tool_calls" and text == ""
+    assert len(pieces) > 3  # the arguments come as the model writes them
 
     # the call and its result go back; the prompt is the one transformers' apply_chat_template renders
     turn = ASK + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
@@ -108,8 +116,11 @@ def test_tool_choice_required_may_call_several(family):
     assert choice.finish_reason == "length" and len(choice.message.tool_calls) >= 2
     for call in choice.message.tool_calls:
         jsonschema.validate(json.loads(call.function.arguments), schema_of(WEATHER if call.function.name == "get_weather" else TIME))
-    calls, _, _ = streamed_calls(client.chat.completions.create(**ask, stream=True))
-    assert calls == [{"name": c.function.name, "arguments": c.function.arguments} for c in choice.message.tool_calls]
+    calls, text, _ = streamed_calls(client.chat.completions.create(**ask, stream=True))
+    whole = [{"name": c.function.name, "arguments": c.function.arguments} for c in choice.message.tool_calls]
+    assert calls[: len(whole)] == whole and text == (choice.message.content or "")
+    # a call that max_tokens cut off is the answer's text; a stream has begun it already (see tools.ToolParser)
+    assert len(whole) <= len(calls) <= len(whole) + bool(text)
 
 
 def test_a_malformed_call_comes_back_as_text(family):
@@ -236,8 +247,10 @@ def test_the_anthropic_client_gets_messages_tool_use_and_its_stream_events(famil
     jsonschema.validate(use.input, schema_of(WEATHER))
 
     with client.messages.stream(**ask) as stream:
-        kinds = [event.type for event in stream]
+        events = list(stream)
         final = stream.get_final_message()
+    kinds = [event.type for event in events]
+    assert sum(e.type == "content_block_delta" and e.delta.type == "input_json_delta" for e in events) > 3  # as it is written
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop" and "message_delta" in kinds
     assert {"content_block_start", "content_block_delta", "content_block_stop"} <= set(kinds)
     assert [(b.name, b.input) for b in final.content if b.type == "tool_use"] == [(use.name, use.input)] and final.stop_reason == "tool_use"

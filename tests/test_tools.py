@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from moe_local.tools import FORMATS, Call, Parsed, ToolParser
+from moe_local.tools import FORMATS, Call, Delta, Parsed, Piece, ToolParser
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
     "city": {"type": "string"}, "days": {"type": "integer"}, "zip": {"type": "string"}}}}}
@@ -84,23 +84,54 @@ def test_each_formats_calls_are_read_and_malformed_ones_stay_text(name, text, wa
     assert (got.content, got.reasoning, got.calls) == (want.content, want.reasoning, want.calls)
 
 
+def streamed(parser: ToolParser, text: str, size: int) -> tuple[Parsed, list[list]]:
+    """The stream's pieces of `text` pushed `size` characters at a time, joined: its text, reasoning and calls, and each
+    call's pieces ([name, fragment, fragment, ...])."""
+    got, pieces = Parsed(), {}
+    for i in range(0, len(text) + 1, size):
+        delta = parser.push(text[i : i + size], final=i + size > len(text))
+        got.content, got.reasoning = got.content + delta.content, got.reasoning + delta.reasoning
+        for piece in delta.pieces:
+            assert (piece.name is not None) == (piece.index not in pieces)  # the name comes once, first
+            pieces.setdefault(piece.index, [piece.name]).append(piece.arguments)
+    got.calls = [Call(p[0], "".join(p[1:])) for _, p in sorted(pieces.items())]
+    return got, [pieces[i] for i in sorted(pieces)]
+
+
 @pytest.mark.parametrize("name, text, want", ALL, ids=[f"{n}-{i}" for n, cases in CASES.items() for i in range(len(cases))])
-@pytest.mark.parametrize("piece", [1, 3, 7])
-def test_streamed_pieces_add_up_to_the_whole_parse(name, text, want, piece):
-    parser, got = ToolParser(FORMATS[name], TOOLS), Parsed()
-    for i in range(0, len(text), piece):
-        delta = parser.push(text[i : i + piece])
-        got.content, got.reasoning, got.calls = got.content + delta.content, got.reasoning + delta.reasoning, got.calls + delta.calls
-    delta = parser.finish()
-    got.content, got.reasoning, got.calls = got.content + delta.content, got.reasoning + delta.reasoning, got.calls + delta.calls
-    assert (got.content, got.reasoning, got.calls) == (want.content, want.reasoning, want.calls)
+@pytest.mark.parametrize("size", [1, 3, 7])
+def test_streamed_pieces_add_up_to_the_whole_parse(name, text, want, size):
+    got, pieces = streamed(ToolParser(FORMATS[name], TOOLS), text, size)
+    assert (got.content, got.reasoning) == (want.content, want.reasoning)
+    # where a call went wrong after its arguments began, the stream has it as far as it went (see ToolParser)
+    assert got.calls == MALFORMED.get((name, text), want.calls)
 
 
-def test_a_call_streams_only_once_it_is_whole():
+# the calls a stream has begun where the whole text has none (malformed after the arguments began)
+MALFORMED = {
+    ("qwen3", CASES["qwen3"][4][0]): [Call("get_weather", '{"city": "Par')],
+    ("qwen3-coder", CASES["qwen3-coder"][2][0]): [Call("get_weather", "{")],
+    ("glm-4.5", CASES["glm-4.5"][2][0]): [Call("get_weather", "{")],
+    ("deepseek-v3", CASES["deepseek-v3"][2][0]): [Call("get_weather", "{")],  # "{city}" stops being JSON after its "{"
+    ("mistral", CASES["mistral"][2][0]): [Call("get_weather", '{"city": ')],
+    ("harmony", CASES["harmony"][3][0]): [Call("get_weather", '{"city": ')],
+}
+
+
+@pytest.mark.parametrize("name, text", [(n, CASES[n][0][0]) for n in CASES])
+def test_a_calls_arguments_stream_as_the_model_writes_them(name, text):
+    _, pieces = streamed(ToolParser(FORMATS[name], TOOLS), text, 1)
+    first = pieces[0]
+    assert first[0] == "get_weather" and len([f for f in first[1:] if f]) > 2  # the name, then the arguments in several pieces
+
+
+def test_a_call_begins_once_its_name_is_read_and_its_arguments_begin():
     parser = ToolParser(FORMATS["qwen3"], TOOLS)
     assert parser.push("Looking <tool").content == "Looking "  # "<tool" may start a call: held back
-    assert parser.push('_call>\n{"name": "get_time", ').calls == []
-    assert parser.push('"arguments": {}}\n</tool_call>').calls == [NOW]
+    assert parser.push('_call>\n{"name": "get_time", ').pieces == []
+    assert parser.push('"arguments": {').pieces == [Piece(0, "get_time", "{")]
+    assert parser.push('}}\n</tool').pieces == [Piece(0, None, "}")]
+    assert parser.push("_call>", final=True) == Delta("", "", [])
 
 
 def test_special_tokens_not_part_of_a_call_are_not_shown():
