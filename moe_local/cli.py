@@ -628,7 +628,7 @@ def tensor_formats(ckpt: Checkpoint) -> dict[str, dict[str, str]]:
     stored, compute = ckpt.formats(), str(ckpt.dtype).removeprefix("torch.")
     device, gguf = "cuda" if torch.cuda.is_available() else "cpu", isinstance(ckpt, GgufModel)
     try:
-        _, experts = gguf_format(ckpt.expert_types(), ckpt.config, ckpt.dtype, device) if gguf else choose_format("auto", ckpt.config, ckpt.dtype, device, None)
+        _, experts = gguf_format(ckpt.layer_expert_types(), ckpt.config, ckpt.dtype, device) if gguf else choose_format("auto", ckpt.config, ckpt.dtype, device, None)
     except BudgetError as e:
         experts = str(e)
     out = {"experts": {"stored": " + ".join(stored["experts"]), "at_load": experts}}
@@ -754,7 +754,7 @@ def plan(
             if alone:
                 check_beside_experts(alone, ctx, options.attention_dtype)
             if not preset and isinstance(ckpt, GgufModel) and options.experts_dtype == "auto":
-                fmt, why = gguf_format(ckpt.expert_types(), cfg, compute, target.type)
+                fmt, why = gguf_format(ckpt.layer_expert_types(), cfg, compute, target.type)
             else:
                 fmt, why = choose_format(options.experts_dtype, cfg, compute, target.type, group_size, beside)
         except BudgetError as e:  # plan may be for another machine: say so, and show the smallest format

@@ -1429,16 +1429,24 @@ int deltanet_block(const DeltaNetBlock* L, int R, const uint16_t* x, void* const
 }
 
 /* experts_ggml: a layer's SwiGLU experts whose weights are a GGUF's own ggml blocks (`formats.Ggml`), with
-   llama.cpp's arithmetic (ggml's vec_dot_q8_0_q8_0 / vec_dot_q4_0_q8_0): each activation row is rounded to
-   Q8_0 blocks (32 values, d = max |x| / 127 kept as fp16, q = round(x / d)), each block's integer dot product
-   with the weight block's 32 values (Q8_0: int8; Q4_0: nibbles - 8) is scaled by the two fp16 scales and
-   summed in fp32. Expert e (of E) takes rows starts[e] .. starts[e + 1] - 1 of x [R, D] (fp32): gate_up[e] is
-   [2F rows of D] (gate's rows, then up's), down[e] [D rows of F], in ggml type gate_up_type / down_type (8:
-   Q8_0, 2: Q4_0); h = silu(gate) * up in fp32, rounded to Q8_0 again for down; y [R, D] fp32. Work items are
-   (expert, one weight row), each row read once for all of its expert's rows. D and F multiples of 32, at most
-   EXPERT_MAX_ROWS rows an expert; 0, 1 for what it cannot take (or a CPU without AVX2 and F16C), 2 out of memory. */
+   llama.cpp's arithmetic. Each activation row is rounded as llama.cpp rounds it for the weights' type (its
+   `vec_dot_type`): for Q8_0 and Q4_0 to Q8_0 blocks (32 values, d = max |x| / 127 kept as fp16, q = x * 127 /
+   max |x| rounded to nearest even, as its AVX2 quantize_row_q8_0), for the K-quants (Q4_K, Q5_K, Q6_K) to Q8_K
+   blocks (256 values, d = -max / 127 in fp32 for the value of largest magnitude, q = round(x / d) at most
+   127, the sums of each 16 q kept: quantize_row_q8_K_ref). Each block's integer dot products with the weights'
+   integer values are exact; the scales (fp16 in the weights, with 6- or 8-bit sub-block scales and minimums)
+   multiply them in fp32, as ggml's vec_dot_*_q8_* do, in another order of fp32 sums.
+   Expert e (of E) takes rows starts[e] .. starts[e + 1] - 1 of x [R, D] (fp32); types[e] is its two type codes
+   (gate_up's, down's: ggml's numbers, 8 Q8_0, 2 Q4_0, 12 Q4_K, 13 Q5_K, 14 Q6_K), gate_up[e] [2F rows of D]
+   (gate's rows, then up's), down[e] [D rows of F]; h = silu(gate) * up in fp32, rounded again for down; y [R, D]
+   fp32. Work items are (expert, one weight row), each row read once for all of its expert's rows. D and F
+   multiples of 32 (of 256 for a K-quant), at most EXPERT_MAX_ROWS rows an expert; 0, 1 for what it cannot take
+   (or a CPU without AVX2 and F16C), 2 out of memory. */
 #define GGML_Q4_0 2
 #define GGML_Q8_0 8
+#define GGML_Q4_K 12
+#define GGML_Q5_K 13
+#define GGML_Q6_K 14
 
 #if defined(__AVX2__) && defined(__F16C__)
 static inline float half_to_float(const uint8_t* p) {
@@ -1447,18 +1455,73 @@ static inline float half_to_float(const uint8_t* p) {
     return _cvtsh_ss(h);
 }
 
-/* a row [K] (fp32) -> K / 32 Q8_0 blocks: scales d[K / 32] (the fp16 value, as fp32) and q[K] */
-static void quantize_q8_0(const float* x, int K, float* d, int8_t* q) {
+static int ggml_block_values(int type) { return type == GGML_Q8_0 || type == GGML_Q4_0 ? 32 : 256; }
+static int ggml_block_bytes(int type) {
+    switch (type) {
+        case GGML_Q8_0: return 34;
+        case GGML_Q4_0: return 18;
+        case GGML_Q4_K: return 144;
+        case GGML_Q5_K: return 176;
+        case GGML_Q6_K: return 210;
+        default: return 0;
+    }
+}
+static inline int k_quant(int type) { return type >= GGML_Q4_K; }
+
+typedef struct {
+    int8_t* q;      /* [R, K] */
+    float* d;       /* [R, K / 32] (Q8_0) or [R, K / 256] (Q8_K) */
+    int16_t* sums;  /* [R, K / 16]: Q8_K's sums of each 16 q */
+} Q8Rows;
+
+static int q8_rows(Q8Rows* a, int R, int K) {
+    a->q = malloc((size_t)R * K), a->d = malloc(sizeof(float) * R * (K / 32)), a->sums = malloc(sizeof(int16_t) * R * (K / 16));
+    return a->q && a->d && a->sums;
+}
+static void free_q8_rows(Q8Rows* a) { free(a->q), free(a->d), free(a->sums); }
+
+/* a row [K] (fp32) -> row r of a as K / 32 Q8_0 blocks: scales d (the fp16 value, as fp32) and q */
+static void quantize_q8_0(const float* x, int K, Q8Rows* a, int r) {
+    float* d = a->d + (size_t)r * (K / 32);
+    int8_t* q = a->q + (size_t)r * K;
     for (int b = 0; b < K / 32; b++) {
         float top = 0.f;
         for (int k = 0; k < 32; k++) top = fmaxf(top, fabsf(x[32 * b + k]));
-        const float scale = top / 127.f, inverse = scale != 0.f ? 1.f / scale : 0.f;
-        d[b] = _cvtsh_ss(_cvtss_sh(scale, 0)); /* ggml keeps the scale as fp16 (to nearest even) */
-        for (int k = 0; k < 32; k++) q[32 * b + k] = (int8_t)roundf(x[32 * b + k] * inverse);
+        const float inverse = top != 0.f ? 127.f / top : 0.f;
+        d[b] = _cvtsh_ss(_cvtss_sh(top / 127.f, 0)); /* ggml keeps the scale as fp16 (to nearest even) */
+        for (int k = 0; k < 32; k++) q[32 * b + k] = (int8_t)lrintf(x[32 * b + k] * inverse); /* to nearest even */
     }
 }
 
-/* the 32 weights of one block as int8 */
+/* a row [K] (fp32) -> row r of a as K / 256 Q8_K blocks: d (fp32), q and the sums of each 16 q */
+static void quantize_q8_K(const float* x, int K, Q8Rows* a, int r) {
+    float* d = a->d + (size_t)r * (K / 32);
+    int8_t* q = a->q + (size_t)r * K;
+    int16_t* sums = a->sums + (size_t)r * (K / 16);
+    for (int b = 0; b < K / 256; b++) {
+        const float* v = x + 256 * b;
+        float top = 0.f, signed_top = 0.f;
+        for (int k = 0; k < 256; k++)
+            if (fabsf(v[k]) > top) top = fabsf(v[k]), signed_top = v[k];
+        if (top == 0.f) {
+            d[b] = 0.f, memset(q + 256 * b, 0, 256), memset(sums + 16 * b, 0, 32);
+            continue;
+        }
+        const float inverse = -127.f / signed_top;
+        for (int k = 0; k < 256; k++) {
+            const long n = lrintf(inverse * v[k]);
+            q[256 * b + k] = (int8_t)(n > 127 ? 127 : n);
+        }
+        for (int j = 0; j < 16; j++) {
+            int sum = 0;
+            for (int k = 0; k < 16; k++) sum += q[256 * b + 16 * j + k];
+            sums[16 * b + j] = (int16_t)sum;
+        }
+        d[b] = 1.f / inverse;
+    }
+}
+
+/* the 32 weights of one Q8_0 / Q4_0 block as int8 */
 static inline __m256i block_values(const uint8_t* block, int type) {
     if (type == GGML_Q8_0) return _mm256_loadu_si256((const __m256i*)(block + 2));
     const __m128i packed = _mm_loadu_si128((const __m128i*)(block + 2)), low4 = _mm_set1_epi8(15);
@@ -1472,10 +1535,10 @@ static inline __m256i dot32_i8(__m256i w, __m256i a) {
     return _mm256_madd_epi16(products, _mm256_set1_epi16(1));
 }
 
-/* out[r * stride] = weight row w (K values in ggml blocks of `type`) . activation row r (Q8_0: d, q), r < n;
-   each block's 8 lanes scaled by the two scales and summed in fp32 lanes, as llama.cpp's ggml_vec_dot does */
-static inline void row_dot(const uint8_t* w, int type, int K, int n, const float* d, const int8_t* q, float* out, int stride) {
-    const int blocks = K / 32, bytes = type == GGML_Q8_0 ? 34 : 18;
+/* out[r * stride] = weight row w (K values in Q8_0 or Q4_0 blocks) . row r of a (Q8_0), r < n; each block's 8
+   lanes scaled by the two scales and summed in fp32 lanes, as llama.cpp's ggml_vec_dot does */
+static inline void row_dot(const uint8_t* w, int type, int K, int n, const Q8Rows* a, int r0, float* out, int stride) {
+    const int blocks = K / 32, bytes = ggml_block_bytes(type);
     __m256 acc[EXPERT_MAX_ROWS];
     for (int r = 0; r < n; r++) acc[r] = _mm256_setzero_ps();
     for (int b = 0; b < blocks; b++) {
@@ -1483,57 +1546,164 @@ static inline void row_dot(const uint8_t* w, int type, int K, int n, const float
         const __m256i values = block_values(block, type);
         const float dw = half_to_float(block);
         for (int r = 0; r < n; r++) {
-            const __m256i sums = dot32_i8(values, _mm256_loadu_si256((const __m256i*)(q + (size_t)r * K + 32 * b)));
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * d[(size_t)r * blocks + b]), _mm256_cvtepi32_ps(sums), acc[r]);
+            const size_t row = (size_t)(r0 + r);
+            const __m256i sums = dot32_i8(values, _mm256_loadu_si256((const __m256i*)(a->q + row * K + 32 * b)));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a->d[row * blocks + b]), _mm256_cvtepi32_ps(sums), acc[r]);
         }
     }
     for (int r = 0; r < n; r++) out[(size_t)r * stride] = hsum(acc[r]);
 }
+
+/* one K-quant block of 256 weights in the form every K-quant's dot product takes: w = d * scale[k / 16] * v[k]
+   + dm * offset[k / 16] * (1 / ...): unsigned values v (0..63), a scale a 16 (int16; sc[i]'s halves: chunk i of
+   32 values), and the offsets, such that the block's product with a Q8_K block (d_a, q, sums) is
+   d_a * (d * sum_k scale * v * q + dm * sum_j offset[j] * sums[j]) */
+typedef struct {
+    uint8_t v[256];
+    __m256i sc[8];
+    __m256i offset; /* int16 [16] */
+    float d, dm;
+} KBlock;
+
+/* Q4_K's and Q5_K's 8 six-bit scales and minimums, packed in 12 bytes */
+static inline void k4_scales(const uint8_t* q, int* sc, int* m) {
+    for (int j = 0; j < 4; j++) sc[j] = q[j] & 63, m[j] = q[j + 4] & 63;
+    for (int j = 4; j < 8; j++) sc[j] = (q[j + 4] & 15) | ((q[j - 4] >> 6) << 4), m[j] = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+}
+
+static inline void decode_k(const uint8_t* b, int type, KBlock* k) {
+    const __m256i low4 = _mm256_set1_epi8(15);
+    if (type == GGML_Q6_K) { /* ql [128], qh [64], scales [16] int8, d: v = low 4 bits | 2 high bits << 4, w = d * scale * (v - 32) */
+        const uint8_t *ql = b, *qh = b + 128;
+        const int8_t* scales = (const int8_t*)(b + 192);
+        const __m256i high2 = _mm256_set1_epi8(0x30);
+        for (int half = 0; half < 2; half++) {
+            const __m256i l0 = _mm256_loadu_si256((const __m256i*)(ql + 64 * half)), l1 = _mm256_loadu_si256((const __m256i*)(ql + 64 * half + 32));
+            const __m256i h = _mm256_loadu_si256((const __m256i*)(qh + 32 * half));
+            uint8_t* v = k->v + 128 * half;
+            _mm256_storeu_si256((__m256i*)v, _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_and_si256(_mm256_slli_epi16(h, 4), high2)));
+            _mm256_storeu_si256((__m256i*)(v + 32), _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_and_si256(_mm256_slli_epi16(h, 2), high2)));
+            _mm256_storeu_si256((__m256i*)(v + 64), _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), _mm256_and_si256(h, high2)));
+            _mm256_storeu_si256((__m256i*)(v + 96), _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4), _mm256_and_si256(_mm256_srli_epi16(h, 2), high2)));
+        }
+        int16_t offset[16];
+        for (int j = 0; j < 16; j++) offset[j] = (int16_t)(-32 * scales[j]);
+        for (int i = 0; i < 8; i++) k->sc[i] = _mm256_set_m128i(_mm_set1_epi16(scales[2 * i + 1]), _mm_set1_epi16(scales[2 * i]));
+        k->offset = _mm256_loadu_si256((const __m256i*)offset);
+        k->d = k->dm = half_to_float(b + 208);
+        return;
+    }
+    /* Q4_K: d, dmin, scales [12], qs [128]; Q5_K: d, dmin, scales [12], qh [32], qs [128]. Chunk j of 64 values:
+       the low nibbles of qs[32j ..] are sub-block 2j, the high ones 2j + 1 (Q5_K: plus bit 2j or 2j + 1 of qh,
+       times 16); w = d * sc[s] * v - dmin * m[s] */
+    int sc[8], m[8];
+    k4_scales(b + 4, sc, m);
+    const uint8_t* qs = b + (type == GGML_Q5_K ? 48 : 16);
+    const __m256i qh = type == GGML_Q5_K ? _mm256_loadu_si256((const __m256i*)(b + 16)) : _mm256_setzero_si256(), one = _mm256_set1_epi8(1);
+    for (int j = 0; j < 4; j++) {
+        const __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * j));
+        __m256i lo = _mm256_and_si256(q, low4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+        if (type == GGML_Q5_K) {
+            lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), one), 4));
+            hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + 1), one), 4));
+        }
+        _mm256_storeu_si256((__m256i*)(k->v + 64 * j), lo);
+        _mm256_storeu_si256((__m256i*)(k->v + 64 * j + 32), hi);
+    }
+    int16_t offset[16];
+    for (int s = 0; s < 8; s++) k->sc[s] = _mm256_set1_epi16((int16_t)sc[s]), offset[2 * s] = offset[2 * s + 1] = (int16_t)m[s];
+    k->offset = _mm256_loadu_si256((const __m256i*)offset);
+    k->d = half_to_float(b), k->dm = -half_to_float(b + 2);
+}
+
+/* out[r * stride] = weight row w (K values in K-quant blocks of `type`) . row r0 + r of a (Q8_K), r < n */
+static inline void row_dot_k(const uint8_t* w, int type, int K, int n, const Q8Rows* a, int r0, float* out, int stride) {
+    const int blocks = K / 256, bytes = ggml_block_bytes(type);
+    __m256 acc[EXPERT_MAX_ROWS];
+    for (int r = 0; r < n; r++) acc[r] = _mm256_setzero_ps();
+    KBlock k;
+    for (int b = 0; b < blocks; b++) {
+        decode_k(w + (size_t)b * bytes, type, &k);
+        for (int r = 0; r < n; r++) {
+            const size_t row = (size_t)(r0 + r);
+            const int8_t* q = a->q + row * K + 256 * b;
+            __m256i sum = _mm256_setzero_si256();
+            for (int i = 0; i < 8; i++) {
+                const __m256i products = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i*)(k.v + 32 * i)), _mm256_loadu_si256((const __m256i*)(q + 32 * i)));
+                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(products, k.sc[i]));
+            }
+            const __m256i offsets = _mm256_madd_epi16(k.offset, _mm256_loadu_si256((const __m256i*)(a->sums + row * (K / 16) + 16 * b)));
+            const float da = a->d[row * (K / 32) + b];
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(k.d * da), _mm256_cvtepi32_ps(sum), acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(k.dm * da), _mm256_cvtepi32_ps(offsets), acc[r]);
+        }
+    }
+    for (int r = 0; r < n; r++) out[(size_t)r * stride] = hsum(acc[r]);
+}
+
+static inline void weight_row_dot(const uint8_t* w, int type, int K, int n, const Q8Rows* q0, const Q8Rows* qk, int r0, float* out, int stride) {
+    if (k_quant(type)) row_dot_k(w, type, K, n, qk, r0, out, stride);
+    else row_dot(w, type, K, n, q0, r0, out, stride);
+}
+
+static int ggml_takes(int type, int K) { return ggml_block_bytes(type) && K % ggml_block_values(type) == 0; }
 #endif
 
 int experts_ggml(const float* x, int D, int F, int E, const int* starts, const uint8_t* const* gate_up, const uint8_t* const* down,
-                 int gate_up_type, int down_type, float* y, int threads) {
+                 const uint8_t* const* types, float* y, int threads) {
 #if defined(__AVX2__) && defined(__F16C__)
     if (D % 32 || F % 32 || E < 1) return 1;
-    for (int t = 0; t < 2; t++)
-        if ((t ? down_type : gate_up_type) != GGML_Q8_0 && (t ? down_type : gate_up_type) != GGML_Q4_0) return 1;
-    for (int e = 0; e < E; e++)
+    int quant[2][2] = {{0, 0}, {0, 0}}; /* [matrix][K-quant]: which roundings of x (gate_up) and h (down) are needed */
+    for (int e = 0; e < E; e++) {
         if (starts[e + 1] < starts[e] || starts[e + 1] - starts[e] > EXPERT_MAX_ROWS) return 1;
+        if (!ggml_takes(types[e][0], D) || !ggml_takes(types[e][1], F)) return 1;
+        quant[0][k_quant(types[e][0])] = quant[1][k_quant(types[e][1])] = 1;
+    }
     const int R = starts[E], rows = R ? R : 1;
-    const size_t gu_row = (size_t)D / 32 * (gate_up_type == GGML_Q8_0 ? 34 : 18), d_row = (size_t)F / 32 * (down_type == GGML_Q8_0 ? 34 : 18);
-    int8_t *xq = malloc((size_t)rows * D), *hq = malloc((size_t)rows * F);
-    float *xd = malloc(sizeof(float) * rows * (D / 32)), *hd = malloc(sizeof(float) * rows * (F / 32));
+    Q8Rows a[2][2] = {{{0}}}; /* [matrix][K-quant] */
     float* gu = malloc(sizeof(float) * (size_t)rows * 2 * F); /* [R, 2F]: gate then up */
-    if (!xq || !hq || !xd || !hd || !gu) {
-        free(xq), free(hq), free(xd), free(hd), free(gu);
+    int ok = gu != NULL;
+    for (int t = 0; t < 2; t++)
+        for (int kq = 0; kq < 2; kq++) ok = ok && (!quant[t][kq] || q8_rows(&a[t][kq], rows, t ? F : D));
+    if (!ok) {
+        for (int t = 0; t < 2; t++)
+            for (int kq = 0; kq < 2; kq++) free_q8_rows(&a[t][kq]);
+        free(gu);
         return 2;
     }
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
-        for (int r = 0; r < R; r++) quantize_q8_0(x + (size_t)r * D, D, xd + (size_t)r * (D / 32), xq + (size_t)r * D);
+        for (int r = 0; r < R; r++) {
+            if (quant[0][0]) quantize_q8_0(x + (size_t)r * D, D, &a[0][0], r);
+            if (quant[0][1]) quantize_q8_K(x + (size_t)r * D, D, &a[0][1], r);
+        }
 #pragma omp for schedule(static)
         for (long item = 0; item < (long)E * 2 * F; item++) {
-            const int e = (int)(item / (2 * F)), n = (int)(item % (2 * F)), r0 = starts[e];
-            row_dot(gate_up[e] + n * gu_row, gate_up_type, D, starts[e + 1] - r0, xd + (size_t)r0 * (D / 32), xq + (size_t)r0 * D,
-                    gu + (size_t)r0 * 2 * F + n, 2 * F);
+            const int e = (int)(item / (2 * F)), n = (int)(item % (2 * F)), r0 = starts[e], type = types[e][0];
+            const size_t row_bytes = (size_t)D / ggml_block_values(type) * ggml_block_bytes(type);
+            weight_row_dot(gate_up[e] + n * row_bytes, type, D, starts[e + 1] - r0, &a[0][0], &a[0][1], r0, gu + (size_t)r0 * 2 * F + n, 2 * F);
         }
 #pragma omp for schedule(static)
         for (int r = 0; r < R; r++) {
             float* g = gu + (size_t)r * 2 * F;
             for (int f = 0; f < F; f++) g[f] = g[f] / (1.f + expf(-g[f])) * g[F + f]; /* silu(gate) * up, over gate */
-            quantize_q8_0(g, F, hd + (size_t)r * (F / 32), hq + (size_t)r * F);
+            if (quant[1][0]) quantize_q8_0(g, F, &a[1][0], r);
+            if (quant[1][1]) quantize_q8_K(g, F, &a[1][1], r);
         }
 #pragma omp for schedule(static)
         for (long item = 0; item < (long)E * D; item++) {
-            const int e = (int)(item / D), n = (int)(item % D), r0 = starts[e];
-            row_dot(down[e] + n * d_row, down_type, F, starts[e + 1] - r0, hd + (size_t)r0 * (F / 32), hq + (size_t)r0 * F, y + (size_t)r0 * D + n, D);
+            const int e = (int)(item / D), n = (int)(item % D), r0 = starts[e], type = types[e][1];
+            const size_t row_bytes = (size_t)F / ggml_block_values(type) * ggml_block_bytes(type);
+            weight_row_dot(down[e] + n * row_bytes, type, F, starts[e + 1] - r0, &a[1][0], &a[1][1], r0, y + (size_t)r0 * D + n, D);
         }
     }
-    free(xq), free(hq), free(xd), free(hd), free(gu);
+    for (int t = 0; t < 2; t++)
+        for (int kq = 0; kq < 2; kq++) free_q8_rows(&a[t][kq]);
+    free(gu);
     return 0;
 #else
-    (void)x, (void)D, (void)F, (void)E, (void)starts, (void)gate_up, (void)down, (void)gate_up_type, (void)down_type, (void)y, (void)threads;
+    (void)x, (void)D, (void)F, (void)E, (void)starts, (void)gate_up, (void)down, (void)types, (void)y, (void)threads;
     return 1;
 #endif
 }

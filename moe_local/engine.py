@@ -228,7 +228,7 @@ class Engine:
             check_beside_experts(alone, ctx_size, attention)  # a context too long is its own error, not experts that do not fit
             beside = alone.beside_store_bytes
         if gguf and options.experts_dtype == "auto":
-            fmt, why = gguf_format(ckpt.expert_types(), cfg, dtype, device.type)
+            fmt, why = gguf_format(ckpt.layer_expert_types(), cfg, dtype, device.type)
         else:
             fmt, why = choose_format(options.experts_dtype, cfg, dtype, device.type, options.group_size, beside)
         plan = plan_memory(
@@ -460,7 +460,7 @@ def measure_workspace(model: Transformer, fmt: ExpertFormat, ctx_size: int, chun
     cfg, weight = model.cfg, model.norm.weight  # the compute dtype, on the device
     T = min(chunk, ctx_size)
     kv = KVCache(cfg, ctx_size, weight.dtype, weight.device)
-    expert = fmt.unpack(torch.zeros(fmt.expert_bytes, dtype=torch.uint8, device=weight.device))
+    expert = fmt.blank(weight.device)
 
     def experts(layer: int, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         chosen = indices.tolist()

@@ -1,6 +1,8 @@
-"""ggml's block numerics (`moe_local/weights/ggml.py`) and the CPU kernel for a GGUF's Q8_0/Q4_0 experts
-(`experts_ggml` in cpu_kernels.c, through `formats.Ggml`), against gguf-py's own quantization and
-dequantization (`gguf.quants`, llama.cpp's reference code in numpy)."""
+"""ggml's block numerics (`moe_local/weights/ggml.py`) and the CPU kernel for a GGUF's Q8_0/Q4_0/Q4_K/Q5_K/Q6_K
+experts (`experts_ggml` in cpu_kernels.c, through `formats.Ggml`), against gguf-py's own quantization and
+dequantization (`gguf.quants`, llama.cpp's reference code in numpy). gguf-py cannot quantize to the K-quants,
+so their blocks are random bytes with scales of a sensible size: every bit pattern of the values is one a file
+may hold."""
 
 from __future__ import annotations
 
@@ -18,28 +20,51 @@ from moe_local.experts.formats import Ggml
 from moe_local.weights import ggml
 
 
+K_QUANTS = [T.Q4_K, T.Q5_K, T.Q6_K]
+
+
 def blocks(values: np.ndarray, qtype: T) -> torch.Tensor:
-    return torch.from_numpy(gguf.quants.quantize(values.astype(np.float32), qtype))
+    """values [rows, n] in `qtype`'s blocks, uint8 [rows, row bytes]: gguf-py's quantization, or for a K-quant
+    random blocks (with fp16 scales that keep the values near 1)."""
+    rows, n = values.shape
+    if qtype not in K_QUANTS:
+        return torch.from_numpy(gguf.quants.quantize(values.astype(np.float32), qtype)).view(torch.uint8).view(rows, -1)
+    rng, size = np.random.default_rng(int(values[0, 0] * 1e6) % 2**32), ggml.row_bytes(qtype, 256)
+    raw = rng.integers(0, 256, (rows, n // 256, size), dtype=np.uint8)
+    scales = slice(208, 210) if qtype == T.Q6_K else slice(0, 4)  # Q6_K: d at the end; Q4_K/Q5_K: d, dmin first
+    low, high = (-2e-3, 2e-3) if qtype == T.Q6_K else (1e-3, 4e-3)
+    raw[:, :, scales] = rng.uniform(low, high, raw[:, :, scales].shape[:2] + (raw[:, :, scales].shape[2] // 2,)).astype(np.float16).view(np.uint8)
+    return torch.from_numpy(raw.reshape(rows, -1))
 
 
-@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0])  # Q5_0: through gguf.quants itself
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, *K_QUANTS, T.Q5_0])  # Q5_0: through gguf.quants itself
 def test_dequantize_gives_gguf_pys_values(qtype):
     values = np.random.default_rng(0).standard_normal((6, 512)) * 3
-    raw = blocks(values, qtype).view(torch.uint8).view(6, -1)
+    raw = blocks(values, qtype)
     assert raw.shape[1] == ggml.row_bytes(qtype, 512)
     ours = ggml.dequantize(raw, qtype, 512)
     assert np.array_equal(ours.numpy(), gguf.quants.dequantize(raw.numpy(), qtype).reshape(6, 512))
 
 
-def experts(qtype: T, n: int, seed: int = 0):
-    """A Ggml format for a 256-wide model with FFN 512, and n random experts' views in it, quantized by gguf-py."""
+def experts(gate_up: T, n: int, seed: int = 0, down: T | None = None):
+    """A Ggml format for a 256-wide model with FFN 512 (one MoE layer), and n random experts' views in it."""
+    down = gate_up if down is None else down
     cfg = dataclasses.replace(preset_config("tiny"), dim=256, ffn_dim=512)
-    fmt, rng, views = Ggml(cfg, qtype, qtype), np.random.default_rng(seed), []
+    fmt, rng, views = Ggml(cfg, [(gate_up, down)]), np.random.default_rng(seed), []
     for _ in range(n):
         buffer = torch.empty(fmt.expert_bytes, dtype=torch.uint8)
-        fmt.write({"gate_up": blocks(rng.standard_normal((1024, 256)), qtype), "down": blocks(rng.standard_normal((256, 512)), qtype)}, buffer)
+        parts = {"gate_up": blocks(rng.standard_normal((1024, 256)), gate_up), "down": blocks(rng.standard_normal((256, 512)), down),
+                 "types": torch.tensor([gate_up, down], dtype=torch.uint8)}  # fmt: skip
+        fmt.pack_native(lambda name: parts, buffer)
         views.append(fmt.unpack(buffer))
     return cfg, fmt, views
+
+
+def matrix(view, name: str, qtype: T, cfg) -> torch.Tensor:
+    """An expert's matrix `name` as gguf-py's values, float64 [rows, K]."""
+    rows, k = (2 * cfg.ffn_dim, cfg.dim) if name == "gate_up" else (cfg.dim, cfg.ffn_dim)
+    raw = view[name][: rows * ggml.row_bytes(qtype, k)].view(rows, -1)
+    return torch.from_numpy(gguf.quants.dequantize(raw.numpy(), qtype)).double().view(rows, k)
 
 
 def q8_0(x: torch.Tensor) -> torch.Tensor:
@@ -47,19 +72,35 @@ def q8_0(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(x.numpy(), T.Q8_0), T.Q8_0)).double()
 
 
+def q8_k(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to Q8_K blocks as llama.cpp rounds an activation row before a K-quant dot product
+    (quantize_row_q8_K_ref: the value of largest magnitude is -127 steps of d, fp32 arithmetic), float64."""
+    v = x.numpy().astype(np.float32).reshape(-1, 256)
+    top = v[np.arange(len(v)), np.abs(v).argmax(1)]  # [B]: signed
+    inverse = np.float32(-127) / top
+    q = np.minimum(127, np.rint(inverse[:, None] * v))
+    return torch.from_numpy(q * (np.float32(1) / inverse)[:, None].astype(np.float64)).view(x.shape)
+
+
+def rounded(x: torch.Tensor, qtype: T) -> torch.Tensor:
+    return q8_k(x) if qtype in K_QUANTS else q8_0(x)
+
+
 needs_kernel = pytest.mark.skipif(native.unavailable() is not None or not native.library().experts_ggml_blocks,
                                   reason="moe-local's CPU kernels for a GGUF's blocks are not built here (x86 with AVX2 and F16C)")
 
 
 @needs_kernel
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0])
-def test_kernel_is_llama_cpps_arithmetic(qtype):
-    """llama.cpp's vec_dot_q8_0_q8_0 / vec_dot_q4_0_q8_0: the weights' values (gguf-py's dequantization) times the
-    activations rounded to Q8_0, h = silu(gate) * up rounded to Q8_0 again for down. The kernel's fp32 sums run
-    in another order than this float64 reference, so a value of h at a step's midpoint within that difference
+@pytest.mark.parametrize("gate_up,down", [(T.Q8_0, T.Q8_0), (T.Q4_0, T.Q4_0), (T.Q4_K, T.Q6_K), (T.Q5_K, T.Q5_K), (T.Q6_K, T.Q4_K),
+                                          (T.Q8_0, T.Q4_K)])  # fmt: skip
+def test_kernel_is_llama_cpps_arithmetic(gate_up, down):
+    """llama.cpp's vec_dot_*_q8_0 / vec_dot_*_q8_K: the weights' values (gguf-py's dequantization) times the
+    activations rounded as llama.cpp rounds them for the weights' type (Q8_0 blocks of 32 for Q8_0/Q4_0, Q8_K
+    blocks of 256 for the K-quants), h = silu(gate) * up rounded again for down. The kernel's fp32 sums run in
+    another order than this float64 reference, so a value of h at a step's midpoint within that difference
     rounds the other way, and its row of outputs moves by one step of h times a column of down (about one row in
     ten at these widths): most rows are within 1e-5 of the scale, every row within 2%."""
-    cfg, fmt, views = experts(qtype, 3)
+    cfg, fmt, views = experts(gate_up, 3, down=down)
     counts = [2, 0, 20]  # an expert with no rows, one with more than a kernel call takes at once
     xs = torch.randn(sum(counts), cfg.dim, generator=torch.Generator().manual_seed(1))
     y = fmt.forward_grouped(xs, counts, views)
@@ -67,9 +108,9 @@ def test_kernel_is_llama_cpps_arithmetic(qtype):
     for view, count in zip(views, counts):
         x, start = xs[start : start + count], start + count
         if count:
-            gate_up = q8_0(x) @ ggml.dequantize(view["gate_up"], qtype, cfg.dim).double().T  # [n, 2F]
-            h = torch.nn.functional.silu(gate_up[:, : cfg.ffn_dim]) * gate_up[:, cfg.ffn_dim :]  # [n, F]
-            expected.append(q8_0(h.float()) @ ggml.dequantize(view["down"], qtype, cfg.ffn_dim).double().T)
+            gu = rounded(x, gate_up) @ matrix(view, "gate_up", gate_up, cfg).T  # [n, 2F]
+            h = torch.nn.functional.silu(gu[:, : cfg.ffn_dim]) * gu[:, cfg.ffn_dim :]  # [n, F]
+            expected.append(rounded(h.float(), down) @ matrix(view, "down", down, cfg).T)
     expected = torch.cat(expected)
     error, scale = (y.double() - expected).abs().amax(1), expected.abs().max()  # [R], per row
     assert (error <= 1e-5 * scale).float().mean() >= 0.8 and (error <= 0.02 * scale).all()
@@ -77,7 +118,7 @@ def test_kernel_is_llama_cpps_arithmetic(qtype):
 
 @needs_kernel
 def test_kernel_gives_each_row_the_same_bits_alone_or_grouped():
-    cfg, fmt, views = experts(T.Q4_0, 2)
+    cfg, fmt, views = experts(T.Q4_K, 2, down=T.Q6_K)
     xs = torch.randn(19, cfg.dim, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(2))
     grouped = fmt.forward_grouped(xs, [1, 18], views)
     assert grouped.dtype == torch.bfloat16
@@ -85,13 +126,14 @@ def test_kernel_gives_each_row_the_same_bits_alone_or_grouped():
     assert torch.equal(torch.cat([fmt.forward(xs[i : i + 1], views[1]) for i in range(1, 19)]), grouped[1:])
 
 
-def test_without_the_kernels_experts_compute_exactly_on_the_files_values(monkeypatch, rebuilt):
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K])
+def test_without_the_kernels_experts_compute_exactly_on_the_files_values(monkeypatch, rebuilt, qtype):
     monkeypatch.setenv("MOE_LOCAL_KERNELS", "0")
     native.library.cache_clear()
-    cfg, fmt, views = experts(T.Q8_0, 1)
+    cfg, fmt, views = experts(qtype, 1, down=T.Q6_K)
     x = torch.randn(3, cfg.dim, generator=torch.Generator().manual_seed(3))
-    gate_up = x.double() @ torch.from_numpy(gguf.quants.dequantize(views[0]["gate_up"].numpy(), T.Q8_0)).double().T
+    gate_up = x.double() @ matrix(views[0], "gate_up", qtype, cfg).T
     h = torch.nn.functional.silu(gate_up[:, : cfg.ffn_dim]) * gate_up[:, cfg.ffn_dim :]
-    expected = h @ torch.from_numpy(gguf.quants.dequantize(views[0]["down"].numpy(), T.Q8_0)).double().T
+    expected = h @ matrix(views[0], "down", T.Q6_K, cfg).T
     assert fmt.forward_grouped(x, [3], views) is None
     assert (fmt.forward(x, views[0]).double() - expected).abs().max() <= 1e-5 * expected.abs().max()

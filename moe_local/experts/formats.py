@@ -125,6 +125,10 @@ class ExpertFormat:
         that order -> [R, D], or None where the format has no such kernel (then each runs its `forward`)."""
         return None
 
+    def blank(self, device: torch.device) -> Weights:
+        """The views of an expert of zeros on `device` (what measuring the workspace runs)."""
+        return self.unpack(torch.zeros(self.expert_bytes, dtype=torch.uint8, device=device))
+
     def cpu_unavailable(self) -> str | None:
         """Why these experts cannot run on the CPU from their host buffers (the CPU channel), or None."""
         return None
@@ -537,37 +541,62 @@ class Fp8(ExpertFormat):
 
 
 class Ggml(ExpertFormat):
-    """A GGUF's experts in the file's own ggml blocks (Q8_0 or Q4_0; `weights/ggml.py` owns the numerics): gate
-    then up rows [2F, bytes of a row of D], down [D, bytes of a row of F], each row the file's blocks of 32.
-    The bytes the user chose are the bytes in RAM and in slots, copied as they are (`pack_native`); nothing is
-    quantized or cached. On the CPU they run through `experts_ggml` of `cpu_kernels.c` with llama.cpp's
-    arithmetic (each activation row rounded to Q8_0 blocks, integer block products, fp16 scales), for any
-    number of rows and whichever experts run together (rows are independent: the same bits either way);
-    elsewhere, or without the kernels, `linear` widens a matrix to the compute dtype and runs one matmul (exact
-    arithmetic on the file's values)."""
+    """A GGUF's experts in the file's own ggml blocks (Q8_0, Q4_0, Q4_K, Q5_K or Q6_K; `weights/ggml.py` owns the
+    numerics), each MoE layer in its own types (`layer_types`: a Q4_K_M file keeps some layers' down in Q6_K,
+    Unsloth's dynamic quantizations mix more). An expert's buffer is self-describing: "types" holds its two ggml
+    type codes (gate_up's, down's), "gate_up" the gate rows then the up rows [2F rows of D], "down" [D rows of F],
+    each the file's bytes as they are (`pack_native`), at the start of a part sized for the widest type any
+    layer uses (in a mixed file the narrower layers leave the rest unused: `padding_bytes`). Nothing is quantized
+    or cached. On the CPU they run through `experts_ggml` of `cpu_kernels.c` with llama.cpp's arithmetic (each
+    activation row rounded to Q8_0 blocks for Q8_0/Q4_0 weights, to Q8_K for K-quants, integer block products,
+    the file's scales), for any number of rows and whichever experts run together (rows are independent: the
+    same bits either way); elsewhere (CUDA: no Triton kernel yet, unverified on a GPU), or without the kernels,
+    `linear` widens a matrix to the compute dtype in torch and runs one matmul (exact arithmetic on the file's
+    values)."""
 
     quantized = True
     native = True
-    TYPES = (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0)
+    TYPES = (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K,
+             GGMLQuantizationType.Q6_K)  # fmt: skip
+    K_QUANTS = (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K)  # blocks of 256
 
-    def __init__(self, cfg: ModelConfig, gate_up: GGMLQuantizationType, down: GGMLQuantizationType):
-        self.qtypes = {"gate_up": gate_up, "down": down}
-        self.name = f"gguf-{gate_up.name.lower()}" + ("" if down == gate_up else f"-{down.name.lower()}")
+    def __init__(self, cfg: ModelConfig, layer_types: list[tuple[GGMLQuantizationType, GGMLQuantizationType]]):
+        self.layer_types = list(layer_types)  # per MoE layer: (gate_up's type, down's type)
+        gate_up, down = ({t[i] for t in self.layer_types} for i in (0, 1))
+        self.name = "gguf-" + "-".join(dict.fromkeys("+".join(t.name.lower() for t in sorted(types)) for types in (gate_up, down)))
         f, d = cfg.ffn_dim, cfg.dim
-        super().__init__(cfg, [("gate_up", torch.uint8, (2 * f, ggml.row_bytes(gate_up, d))), ("down", torch.uint8, (d, ggml.row_bytes(down, f)))])
+        self.sizes = [(2 * f * ggml.row_bytes(a, d), d * ggml.row_bytes(b, f)) for a, b in self.layer_types]  # per layer
+        super().__init__(cfg, [("types", torch.uint8, (2,)), ("gate_up", torch.uint8, (max(s[0] for s in self.sizes),)),
+                               ("down", torch.uint8, (max(s[1] for s in self.sizes),))])  # fmt: skip
+
+    @property
+    def padding_bytes(self) -> int:
+        """Bytes of the store left unused: what each layer's experts take less than the widest layer's."""
+        part = {p.name: p.nbytes for p in self.parts}
+        return self.cfg.n_experts * sum(part["gate_up"] - a + part["down"] - b for a, b in self.sizes)
 
     def pack_native(self, read, out: torch.Tensor) -> bool:
-        """A GGUF (`GgufModel.expert(..., "ggml")`) gives the expert's block bytes: copied as they are."""
-        self.write(read("ggml"), out)
+        """A GGUF (`GgufModel.expert(..., "ggml")`) gives the expert's block bytes and types: copied as they are."""
+        parts, views = read("ggml"), self.unpack(out)
+        views["types"].copy_(parts["types"])
+        for name in ("gate_up", "down"):
+            data = parts[name].reshape(-1)
+            views[name][: data.numel()].copy_(data)
         return True
+
+    def blank(self, device: torch.device) -> Weights:
+        views = super().blank(device)
+        views["types"].copy_(torch.tensor([int(t) for t in self.layer_types[0]], dtype=torch.uint8))
+        return views
 
     def encode(self, w: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
         raise ConfigError(f"{self.name} experts come only from a GGUF file in that type")
 
     def linear(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
-        blocks = w[name]
-        n = self.cfg.dim if name == "gate_up" else self.cfg.ffn_dim
-        return F.linear(x, ggml.dequantize(blocks, self.qtypes[name], n).to(x.dtype))
+        qtype = GGMLQuantizationType(int(w["types"][0 if name == "gate_up" else 1]))
+        rows, n = (2 * self.cfg.ffn_dim, self.cfg.dim) if name == "gate_up" else (self.cfg.dim, self.cfg.ffn_dim)
+        blocks = w[name][: rows * ggml.row_bytes(qtype, n)].view(rows, -1)
+        return F.linear(x, ggml.dequantize(blocks, qtype, n).to(x.dtype))
 
     def forward(self, x: torch.Tensor, w: Weights) -> torch.Tensor:
         y = self.forward_grouped(x, [x.shape[0]], [w])
@@ -582,24 +611,31 @@ class Ggml(ExpertFormat):
         starts = (ctypes.c_int * (n + 1))(0, *itertools.accumulate(rows for _, rows in chunks))
         x = xs.float().contiguous()
         y = torch.empty(x.shape, dtype=torch.float32)
-        gate_up, down = ((ctypes.c_void_p * n)(*(w[name].data_ptr() for w, _ in chunks)) for name in ("gate_up", "down"))
-        code = lib.experts_ggml(x.data_ptr(), self.cfg.dim, self.cfg.ffn_dim, n, starts, gate_up, down,
-                                int(self.qtypes["gate_up"]), int(self.qtypes["down"]), y.data_ptr(), torch.get_num_threads())  # fmt: skip
+        gate_up, down, types = ((ctypes.c_void_p * n)(*(w[name].data_ptr() for w, _ in chunks)) for name in ("gate_up", "down", "types"))
+        code = lib.experts_ggml(x.data_ptr(), self.cfg.dim, self.cfg.ffn_dim, n, starts, gate_up, down, types, y.data_ptr(), torch.get_num_threads())
         native.check(code, "experts")
         return y.to(xs.dtype)
 
 
-def gguf_format(types: dict[str, set], cfg: ModelConfig, compute_dtype: torch.dtype, device_type: str) -> tuple[ExpertFormat, str]:
-    """`auto` for a GGUF whose experts come in the ggml `types` (per matrix w1/w2/w3, over the MoE layers): the
-    file's own blocks where moe-local runs them (Q8_0, Q4_0: `Ggml`), a float file's experts in the compute
-    dtype, else the nearest format that runs (int8 for types of more than 4.5 bits a weight, int4 for the rest),
-    converted once and cached, with a line saying so."""
-    gate_up, down = types["w1"] | types["w3"], types["w2"]
-    if len(gate_up) == 1 and len(down) == 1 and gate_up <= set(Ggml.TYPES) and down <= set(Ggml.TYPES):
-        fmt = Ggml(cfg, next(iter(gate_up)), next(iter(down)))
-        return fmt, f"experts in {fmt.name} (auto: the file's own blocks)"
-    every = gate_up | down
+def gguf_format(layer_types: list[dict[str, GGMLQuantizationType]], cfg: ModelConfig, compute_dtype: torch.dtype,
+                device_type: str) -> tuple[ExpertFormat, str]:  # fmt: skip
+    """`auto` for a GGUF whose MoE layers' experts come in the ggml types `layer_types` (per MoE layer, per matrix
+    w1/w2/w3): the file's own blocks where moe-local runs them (`Ggml`: each layer in its own types, gate and up
+    in the same one, widths whole blocks), a float file's experts in the compute dtype, else the nearest format
+    that runs (int8 for types of more than 4.5 bits a weight, int4 for the rest), converted once and cached, with
+    a line saying so."""
+    pairs = [(t["w1"], t["w2"]) for t in layer_types]
+    every = {t for layer in layer_types for t in layer.values()}
     names = "/".join(sorted(t.name for t in every))
+
+    def whole_blocks(t: GGMLQuantizationType, n: int) -> bool:
+        return n % GGML_QUANT_SIZES[t][0] == 0
+
+    if every <= set(Ggml.TYPES) and all(t["w1"] == t["w3"] and whole_blocks(t["w1"], cfg.dim) and whole_blocks(t["w2"], cfg.ffn_dim)
+                                        for t in layer_types):  # fmt: skip
+        fmt = Ggml(cfg, pairs)
+        mixed = f", {len(set(pairs))} combinations over the layers" if len(set(pairs)) > 1 else ""
+        return fmt, f"experts in {fmt.name} (auto: the file's own blocks{mixed})"
     if every <= set(ggml.FLOATS):
         fmt = Dense(cfg, compute_dtype)
         return fmt, f"experts in {fmt.name} (auto: the file's {names} experts in the compute dtype)"

@@ -1,10 +1,17 @@
 """ggml's block numerics: how many bytes a row of n values takes in each ggml type, and those bytes back to
-values (the reference dequantization). F32, F16, BF16, Q8_0 and Q4_0 are decoded here in torch (the formats
-moe-local keeps as they are: `experts/formats.py`'s `Ggml`); every other type by the `gguf` package's numpy
-code (`gguf.quants.dequantize`), the format's own library.
+values (the reference dequantization). The types moe-local keeps as they are (`experts/formats.py`'s `Ggml`:
+Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) and the float types are decoded here in torch, on any device, with the same fp32
+operations as gguf-py (so the same values, bit for bit); every other type by the `gguf` package's numpy code
+(`gguf.quants.dequantize`, the format's own library).
 
 Q8_0: blocks of 32 values along a row, each an fp16 scale d then 32 int8 q: x = d * q (34 bytes).
 Q4_0: blocks of 32, an fp16 scale d then 16 bytes: x[j] = d * ((byte[j] & 15) - 8), x[j + 16] = d * ((byte[j] >> 4) - 8) (18 bytes).
+Q4_K: blocks of 256 in 8 sub-blocks of 32: fp16 d and dmin, 12 bytes of 6-bit scales sc and minimums m (one each
+  a sub-block), 128 bytes of nibbles (chunk j of 64 values: the low nibbles of bytes 32j.. are sub-block 2j, the
+  high ones 2j + 1): x = d * sc * q - dmin * m (144 bytes).
+Q5_K: as Q4_K with a fifth bit: 32 bytes qh after the scales, bit s of qh[l] is value l of sub-block s's (176 bytes).
+Q6_K: blocks of 256 in 16 sub-blocks of 16: 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, fp16
+  d: x = d * scale * (q - 32), q of 6 bits (210 bytes).
 """
 
 from __future__ import annotations
@@ -18,6 +25,45 @@ from moe_local.weights.gguf import row_bytes  # noqa: F401  (a row's bytes, with
 
 FLOATS = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16, GGMLQuantizationType.BF16: torch.bfloat16}
 Q8_0, Q4_0 = GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0
+Q4_K, Q5_K, Q6_K = GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K
+
+
+def _half(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """The fp16 at byte `start` of each block [B, bytes] -> fp32 [B, 1]."""
+    return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
+
+
+def _bits(q: torch.Tensor, shifts: list[int], mask: int) -> torch.Tensor:
+    """uint8 [B, n, m] -> [B, n, len(shifts), m]: (q >> shift) & mask for each shift (gguf-py's broadcast)."""
+    return (q.unsqueeze(2) >> torch.tensor(shifts, dtype=torch.uint8, device=q.device).view(1, 1, -1, 1)) & mask
+
+
+def _k4_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K's / Q5_K's 12 bytes [B, 12] -> the 8 scales and 8 minimums [B, 8] each (6 bits)."""
+    d, m, m_d = scales.view(-1, 3, 4).unbind(1)  # [B, 4] each
+    sc = torch.cat([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], dim=1)
+    mins = torch.cat([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], dim=1)
+    return sc, mins
+
+
+def _k_quant(blocks: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
+    """K-quant blocks [B, bytes] -> values [B, 256] fp32."""
+    n = blocks.shape[0]
+    if qtype == Q6_K:
+        ql, qh, scales = blocks[:, :128], blocks[:, 128:192], blocks[:, 192:208].contiguous().view(torch.int8).float()
+        d = (_half(blocks, 208) * scales).view(n, 16, 1)
+        low = _bits(ql.reshape(n, 2, 64), [0, 4], 0x0F).reshape(n, 8, 32)
+        high = _bits(qh.reshape(n, 2, 32), [0, 2, 4, 6], 0x03).reshape(n, 8, 32)
+        q = ((low | (high << 4)).view(torch.int8) - 32).reshape(n, 16, 16).float()
+        return (d * q).view(n, 256)
+    sc, mins = _k4_scales(blocks[:, 4:16])
+    d = (_half(blocks, 0) * sc.float()).view(n, 8, 1)
+    dm = (_half(blocks, 2) * mins.float()).view(n, 8, 1)
+    qs = blocks[:, -128:]
+    q = _bits(qs.reshape(n, 4, 32), [0, 4], 0x0F).reshape(n, 8, 32)
+    if qtype == Q5_K:
+        q = q | (_bits(blocks[:, 16:48].reshape(n, 1, 32), list(range(8)), 0x01).reshape(n, 8, 32) << 4)
+    return (d * q.float() - dm).view(n, 256)
 
 
 def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType, n: int) -> torch.Tensor:
@@ -27,14 +73,14 @@ def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType, n: int) -> torch.
         return raw.contiguous().view(FLOATS[qtype]).float().view(*lead, n)
     if qtype == Q8_0:
         blocks = raw.contiguous().view(-1, 34)  # [B, 34]
-        d = blocks[:, :2].contiguous().view(torch.float16).float()  # [B, 1]
         q = blocks[:, 2:].contiguous().view(torch.int8).float()  # [B, 32]
-        return (d * q).view(*lead, n)
+        return (_half(blocks, 0) * q).view(*lead, n)
     if qtype == Q4_0:
         blocks = raw.contiguous().view(-1, 18)  # [B, 18]
-        d = blocks[:, :2].contiguous().view(torch.float16).float()  # [B, 1]
         q = blocks[:, 2:]  # [B, 16]
         values = torch.cat([q & 15, q >> 4], dim=1).float() - 8  # [B, 32]: low nibbles are the first 16
-        return (d * values).view(*lead, n)
+        return (_half(blocks, 0) * values).view(*lead, n)
+    if qtype in (Q4_K, Q5_K, Q6_K):
+        return _k_quant(raw.contiguous().view(-1, row_bytes(qtype, 256)), qtype).view(*lead, n)
     values = quants.dequantize(np.ascontiguousarray(raw.numpy()), qtype)
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).view(*lead, n)

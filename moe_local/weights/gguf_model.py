@@ -167,16 +167,22 @@ class GgufModel:
 
     def expert(self, layer: int, expert: int, w: str) -> torch.Tensor | dict[str, torch.Tensor]:
         """One routed expert's matrix dequantized to fp32: w1 gate [F, D], w2 down [D, F], w3 up [F, D]; or for
-        w="ggml" its block bytes as the `Ggml` format keeps them: gate then up rows, and down."""
+        w="ggml" its block bytes as the `Ggml` format keeps them: gate then up rows, and down, with their two
+        ggml type codes ("types": gate's, which up shares, and down's)."""
         if w == "ggml":
             gate, up, down = (self.expert_blocks(layer, expert, w) for w in ("w1", "w3", "w2"))
-            return {"gate_up": torch.cat([gate, up]), "down": down}
+            types = torch.tensor([int(self.expert_tensor(layer, w).qtype) for w in ("w1", "w2")], dtype=torch.uint8)
+            return {"gate_up": torch.cat([gate, up]), "down": down, "types": types}
         info = self.expert_tensor(layer, w)
         return ggml.dequantize(self.expert_blocks(layer, expert, w), info.qtype, info.shape[-1])
 
     def expert_types(self) -> dict[str, set[gguf.GGMLQuantizationType]]:
         """The ggml types the experts' matrices come in, per matrix ("w1", "w2", "w3"), over every MoE layer."""
         return {w: {self.expert_tensor(layer, w).qtype for layer in range(self.config.n_moe_layers)} for w in EXPERT_TENSORS}
+
+    def layer_expert_types(self) -> list[dict[str, gguf.GGMLQuantizationType]]:
+        """Each MoE layer's ggml types of its experts' matrices ("w1", "w2", "w3"): a file may mix them by layer."""
+        return [{w: self.expert_tensor(layer, w).qtype for w in EXPERT_TENSORS} for layer in range(self.config.n_moe_layers)]
 
     def formats(self) -> dict[str, list[str]]:
         """The ggml types each kind of tensor comes in ("experts", "attention": the attention projections, "other")."""
