@@ -130,12 +130,12 @@ def _mlp(names: dict, hf: str, ours: str, dim: int, hidden: int) -> None:
     _linear(names, hf + "down_proj", ours + "w2", (dim, hidden))
 
 
-def deinterleave_rope(rows: int, rope: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Reorder the last `rope` of every `rows` rows (or entries) from interleaved pairs (x0, x1), (x2, x3)
-    to halves (x0, x2, ...), (x1, x3, ...): DeepSeek's rotary layout becomes the one `apply_rope` rotates.
-    Queries and keys are reordered alike, so their dot products do not change."""
-    order = torch.arange(rows)
-    order[rows - rope :] = rows - rope + torch.cat([torch.arange(0, rope, 2), torch.arange(1, rope, 2)])
+def deinterleave_rope(rows: int, rope: int, first: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Reorder the last (or with `first`, the first) `rope` of every `rows` rows (or entries) from interleaved
+    pairs (x0, x1), (x2, x3) to halves (x0, x2, ...), (x1, x3, ...): DeepSeek's rotary layout becomes the one
+    `apply_rope` rotates. Queries and keys are reordered alike, so their dot products do not change."""
+    order, at = torch.arange(rows), 0 if first else rows - rope
+    order[at : at + rope] = at + torch.cat([torch.arange(0, rope, 2), torch.arange(1, rope, 2)])
 
     def transform(w: torch.Tensor) -> torch.Tensor:
         return w.view(-1, rows, *w.shape[1:])[:, order].reshape(w.shape)
@@ -160,10 +160,13 @@ def _attention(names: dict, cfg: ModelConfig, hf: str, ours: str, layer: int) ->
         names[hf + "kv_a_layernorm.weight"] = Target(ours + "kv_norm.weight", (m.kv_lora_rank,))
         _linear(names, hf + "kv_b_proj", ours + "wkv_b", (h * (m.nope_dim + m.v_dim), m.kv_lora_rank))
         _linear(names, hf + "o_proj", ours + "wo", (d, h * m.v_dim), cfg.o_bias)
-        if (ix := cfg.indexer) is not None:  # DeepSeek-V3.2's: its rotary in halves already, nothing to reorder
-            _linear(names, hf + "indexer.wq_b", ours + "indexer.wq", (ix.n_heads * ix.head_dim, m.q_lora_rank))
-            _linear(names, hf + "indexer.wk", ours + "indexer.wk", (ix.head_dim, d))
-            _linear(names, hf + "indexer.k_norm", ours + "indexer.k_norm", (ix.head_dim,), bias=True)
+        if (ix := cfg.indexer) is not None and ix.own(layer):
+            # DeepSeek-V3.2's rotary (the first rope_dim of each head) is in halves already; GLM-5's pairs are
+            # reordered like MLA's, in the query's and key's rows and in the key's LayerNorm, which follows wk
+            rows = deinterleave_rope(ix.head_dim, ix.rope_dim, first=True) if ix.interleaved else None
+            _linear(names, hf + "indexer.wq_b", ours + "indexer.wq", (ix.n_heads * ix.head_dim, m.q_lora_rank), transform=rows)
+            _linear(names, hf + "indexer.wk", ours + "indexer.wk", (ix.head_dim, d), transform=rows)
+            _linear(names, hf + "indexer.k_norm", ours + "indexer.k_norm", (ix.head_dim,), bias=True, transform=rows)
             _linear(names, hf + "indexer.weights_proj", ours + "indexer.weights", (ix.n_heads, d))
         return
     # q, k, v map to one matrix of ours (and one bias), concatenated in this order (no v where values are

@@ -140,15 +140,23 @@ class LinearAttentionConfig:
 
 @dataclass(frozen=True)
 class IndexerConfig:
-    """DeepSeek Sparse Attention's lightning indexer (DeepSeek-V3.2): `n_heads` heads of `head_dim` score each
-    query against one cached key per past token (its own projection, LayerNorm and rotary on the first
+    """DeepSeek Sparse Attention's lightning indexer (DeepSeek-V3.2, GLM-5): `n_heads` heads of `head_dim` score
+    each query against one cached key per past token (its own projection, LayerNorm and rotary on the first
     `rope_dim` dimensions), ReLU'd and summed with per-head weights; latent attention then sees only each
-    query's `topk` best-scored past tokens."""
+    query's `topk` best-scored past tokens. GLM-5's checkpoints rotate interleaved pairs (`interleaved`: read
+    into halves, as MLA's are), and GLM-5.2's `shared` layers have no indexer: they keep what the previous
+    layer with one kept."""
 
     n_heads: int
     head_dim: int
     topk: int
     rope_dim: int
+    interleaved: bool = False
+    shared: tuple[int, ...] = ()
+
+    def own(self, layer: int) -> bool:
+        """Whether layer `layer` runs (and caches keys for) an indexer of its own."""
+        return layer not in self.shared
 
 
 @dataclass(frozen=True)
@@ -380,7 +388,8 @@ class ModelConfig:
             m = self.mla
             biases = ((m.q_lora_rank or 0) + m.kv_lora_rank + m.rope_dim) * self.qkv_bias + d * self.o_bias
             ix = self.indexer  # its q, k and weights projections and its LayerNorm, unquantized
-            index = 0 if ix is None else ix.n_heads * ix.head_dim * (m.q_lora_rank or 0) + ix.head_dim * (d + 2) + ix.n_heads * d
+            own = ix is not None and ix.own(layer)
+            index = 0 if not own else ix.n_heads * ix.head_dim * (m.q_lora_rank or 0) + ix.head_dim * (d + 2) + ix.n_heads * d
             return (m.q_lora_rank or 0) + m.kv_lora_rank + m.kv_lora_rank * h * (m.nope_dim + m.v_dim) + biases + index
         n = (h * (1 + self.attn_gate) + hkv * (1 + (not self.values_from_keys(layer)))) * hd * self.qkv_bias + d * self.o_bias + h * self.attn_sinks
         if self.qk_norm == "head":
@@ -418,10 +427,12 @@ class ModelConfig:
     def kv_cache_numel(self, ctx_size: int) -> int:
         """Values the KV cache holds for `ctx_size` tokens: keys and values per KV head (a sliding layer
         only its window's), or with MLA the compressed latent and the shared rotary key (and DeepSeek-V3.2's
-        indexer key); linear-attention layers hold none (their fixed state is `sequence_state_bytes`)."""
+        indexer key, in the layers with an indexer of their own); linear-attention layers hold none (their
+        fixed state is `sequence_state_bytes`)."""
         if self.mla is not None:
-            index = self.indexer.head_dim if self.indexer is not None else 0
-            return self.n_layers * ctx_size * (self.mla.kv_lora_rank + self.mla.rope_dim + index)
+            ix = self.indexer
+            index = 0 if ix is None else ix.head_dim * sum(ix.own(i) for i in range(self.n_layers))
+            return ctx_size * (self.n_layers * (self.mla.kv_lora_rank + self.mla.rope_dim) + index)
         return sum(2 * self.cache_positions(i, ctx_size) * math.prod(self.layer_geometry(i)) for i in self.full_layers)
 
     def sequence_state_bytes(self, dtype: torch.dtype) -> int:
@@ -845,16 +856,66 @@ def gemma4(raw: dict) -> ModelConfig:
     return replace(gemma4_text({**text, **top}), model_type="gemma4")
 
 
+def _sparse(raw: dict, cfg: ModelConfig, n_heads: int, interleaved: bool = False, shared: tuple[int, ...] = ()) -> ModelConfig:
+    """`cfg` (MLA with a query latent) with the lightning indexer (`n_heads`: the family's default)."""
+    if cfg.mla.q_lora_rank is None:
+        raise ConfigError(f"{cfg.model_type} needs q_lora_rank: its indexer reads MLA's query latent")
+    indexer = IndexerConfig(int(raw.get("index_n_heads") or n_heads), int(raw.get("index_head_dim") or 128),
+                            int(raw.get("index_topk") or 2048), cfg.mla.rope_dim, interleaved, shared)
+    if not 0 < indexer.rope_dim <= indexer.head_dim or indexer.topk < 1:
+        raise ConfigError(f"index_head_dim={indexer.head_dim} / index_topk={indexer.topk} do not fit qk_rope_head_dim={indexer.rope_dim}")
+    return replace(cfg, indexer=indexer)
+
+
 def deepseek_v32(raw: dict) -> ModelConfig:
     """DeepSeek-V3.2: DeepSeek-V3 with the lightning indexer in every layer (its query from MLA's query latent)."""
     if not raw.get("q_lora_rank"):
         raise ConfigError("deepseek_v32 needs q_lora_rank: its indexer reads MLA's query latent")
-    cfg = deepseek_v3({"topk_method": "noaux_tc", **raw})
-    indexer = IndexerConfig(int(raw.get("index_n_heads") or 64), int(raw.get("index_head_dim") or 128),
-                            int(raw.get("index_topk") or 2048), cfg.mla.rope_dim)
-    if not 0 < indexer.rope_dim <= indexer.head_dim or indexer.topk < 1:
-        raise ConfigError(f"index_head_dim={indexer.head_dim} / index_topk={indexer.topk} do not fit qk_rope_head_dim={indexer.rope_dim}")
-    return replace(cfg, indexer=indexer)
+    return _sparse(raw, deepseek_v3({"topk_method": "noaux_tc", **raw}), 64)
+
+
+def _layer_kinds(raw: dict, name: str, kinds: tuple[str, str], n_layers: int) -> list[str] | None:
+    """A per-layer list of config.json (`mlp_layer_types`, `indexer_types`), checked; None where it is absent."""
+    types = raw.get(name)
+    if types is None:
+        return None
+    if not isinstance(types, list) or len(types) != n_layers or any(t not in kinds for t in types):
+        raise ConfigError(f"config.json's {name} must list {' or '.join(map(repr, kinds))} for each of the {n_layers} layers")
+    return types
+
+
+def _indexer_types(raw: dict, n_layers: int) -> list[str]:
+    """Which layers run their own indexer ("full") and which keep the previous full layer's choice ("shared"),
+    as transformers' GlmMoeDsaConfig reads it: `indexer_types`, else `index_topk_pattern` ("FSSS..."), else
+    `index_topk_freq` / `index_skip_topk_offset` (every layer full by default; GLM-5.2: 4 and 3, so layers 0-2
+    and every fourth from 6 are full)."""
+    types = _layer_kinds(raw, "indexer_types", ("full", "shared"), n_layers)
+    if types is None and (pattern := raw.get("index_topk_pattern")) is not None:
+        letters = {"F": "full", "S": "shared"}
+        types = _layer_kinds({"index_topk_pattern": [letters.get(c, c) for c in pattern]}, "index_topk_pattern", ("full", "shared"), n_layers)
+    if types is None:
+        freq, offset = max(int(raw.get("index_topk_freq") or 1), 1), int(raw.get("index_skip_topk_offset", 2))
+        types = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(n_layers)]
+    if types and types[0] != "full":
+        raise ConfigError("glm_moe_dsa's first layer must run its indexer (indexer_types[0] = 'full'): a shared layer reuses an earlier one's choice")
+    return types
+
+
+def glm_moe_dsa(raw: dict) -> ModelConfig:
+    """GLM-5, 5.1, 5.2 (`glm_moe_dsa`, transformers' modeling_glm_moe_dsa): DeepSeek-V3.2's sparse attention on
+    GLM's geometry, the indexer's rotary in interleaved pairs as MLA's (`indexer_rope_interleave`, which the
+    published files set and transformers always does), which layers are MoE from `mlp_layer_types` (else after
+    `first_k_dense_replace`, 3 by default), and shared indexer layers (`_indexer_types`)."""
+    n_layers = int(raw["num_hidden_layers"])
+    raw = {"topk_method": "noaux_tc", "first_k_dense_replace": 3, **raw}
+    if raw["topk_method"] != "noaux_tc":
+        raise ConfigError(f"unsupported topk_method {raw['topk_method']!r} for glm_moe_dsa (noaux_tc)")
+    cfg = _deepseek(raw, _sigmoid_router(raw), interleaved=True)
+    if (mlp := _layer_kinds(raw, "mlp_layer_types", ("dense", "sparse"), n_layers)) is not None:
+        cfg = replace(cfg, moe_layers=tuple(i for i, t in enumerate(mlp) if t == "sparse"))
+    types = _indexer_types(raw, n_layers)
+    shared = tuple(i for i, t in enumerate(types) if t == "shared")
+    return _sparse(raw, cfg, 32, interleaved=bool(raw.get("indexer_rope_interleave", True)), shared=shared)
 
 
 def gpt_oss(raw: dict) -> ModelConfig:
@@ -901,6 +962,7 @@ FAMILIES: dict[str, Family] = {
     "deepseek_v3": Family(deepseek_v3),
     "gpt_oss": Family(gpt_oss, router="router", fused_experts=True),
     "deepseek_v32": Family(deepseek_v32),
+    "glm_moe_dsa": Family(glm_moe_dsa),
     "gemma4_text": Family(gemma4_text, moe="", router="router", fused_experts=True, fused_layout="halves"),
     "gemma4": Family(gemma4, moe="", router="router", fused_experts=True, fused_layout="halves",
                      prefix="model.language_model.",
@@ -986,6 +1048,21 @@ PRESETS = {
                       "index_head_dim": 128, "index_topk": 2048,
                       "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
                                        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}},
+    # GLM-5 (zai-org/GLM-5, and 5.1: the same geometry): GLM-5.1's config.json as a public model report quotes it
+    # (found with the search tools; the Hub is not reachable here), whose figures are also transformers'
+    # GlmMoeDsaConfig defaults (its docstring names zai-org/GLM-5) but rope_theta (1e6 in the file); every
+    # layer runs its indexer (GLM-5.2 shares it: index_topk_freq 4, index_skip_topk_offset 3); the MTP layer
+    # (layers.78) is not counted. 744B total, 40B active as published (the file's 753.9B counts the MTP layer)
+    "glm-5": {"model_type": "glm_moe_dsa", "vocab_size": 154880, "hidden_size": 6144, "intermediate_size": 12288,
+              "moe_intermediate_size": 2048, "num_hidden_layers": 78, "num_attention_heads": 64,
+              "num_key_value_heads": 64, "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
+              "first_k_dense_replace": 3, "n_group": 1, "topk_group": 1, "topk_method": "noaux_tc",
+              "norm_topk_prob": True, "routed_scaling_factor": 2.5, "q_lora_rank": 2048, "kv_lora_rank": 512,
+              "qk_nope_head_dim": 192, "qk_rope_head_dim": 64, "v_head_dim": 256, "index_n_heads": 32,
+              "index_head_dim": 128, "index_topk": 2048, "indexer_rope_interleave": True, "rms_norm_eps": 1e-5,
+              "rope_parameters": {"rope_type": "default", "rope_theta": 1000000}, "max_position_embeddings": 202752,
+              "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": [154820, 154827, 154829],
+              "dtype": "bfloat16"},
     "olmoe-1b-7b": {"model_type": "olmoe", "vocab_size": 50304, "hidden_size": 2048, "intermediate_size": 1024,
                     "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 64,
                     "num_experts_per_tok": 8, "norm_topk_prob": False, "rms_norm_eps": 1e-5, "rope_theta": 10000,

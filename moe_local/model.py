@@ -322,10 +322,15 @@ class Indexer(nn.Module):
         self.k_norm = nn.LayerNorm(ix.head_dim, eps=1e-6)
         self.weights = nn.Linear(cfg.dim, ix.n_heads, bias=False)
         self.scale = ix.head_dim**-0.5
+        # GLM-5.2: the masks `select` returned in this forward, in order, for the shared layers after this one
+        # (`SharedIndexer`); kept only where there are such layers (`Transformer` links them)
+        self.followed, self.kept = False, []
 
     def project(self, x, q_latent, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, D], MLA's query latent [T, q_lora] -> queries [T, H, hd] fp32, head weights [T, H] fp32, keys [T, hd]."""
+        """x [T, D], MLA's query latent [T, q_lora] -> queries [T, H, hd] fp32, head weights [T, H] fp32, keys [T, hd].
+        Every forward of the layer calls it once, first: a new forward's selections start here."""
         T = x.shape[0]
+        self.kept = []
         q = apply_rope(self.wq(q_latent).view(T, self.n_heads, self.head_dim).transpose(0, 1), cos, sin).transpose(0, 1)
         k = apply_rope(self.k_norm(self.wk(x)), cos, sin)
         w = self.weights(x.to(self.weights.weight.dtype)).float() * self.n_heads**-0.5
@@ -337,17 +342,46 @@ class Indexer(nn.Module):
         per-head scores [T, H, S] fp32 are made for `SCORE_BYTES` worth of queries at a time (a 512-token chunk
         of DeepSeek-V3.2's 64 heads over 16k positions would be 2 GiB); each query's are its own matmul, so
         the slices change nothing."""
+        mask = self._select(q, w, keys, visible)
+        if self.followed:
+            self.kept.append(mask)
+        return mask
+
+    def _select(self, q, w, keys, visible: torch.Tensor) -> torch.Tensor:
         S, T = keys.shape[-2], q.shape[-3]
         if S <= self.topk:  # every key can be kept: nothing to score
             return visible
         rows = max(1, SCORE_BYTES // (4 * self.n_heads * S))
         if T > rows:
-            return torch.cat([self.select(q[..., i : i + rows, :, :], w[..., i : i + rows, :], keys, visible[..., i : i + rows, :])
+            return torch.cat([self._select(q[..., i : i + rows, :, :], w[..., i : i + rows, :], keys, visible[..., i : i + rows, :])
                               for i in range(0, T, rows)], dim=-2)  # fmt: skip
         scores = F.relu(torch.matmul(q, keys.float().transpose(-1, -2).unsqueeze(-3)) * self.scale)  # [..., T, H, S]
         index = torch.matmul(w.unsqueeze(-2), scores).squeeze(-2).masked_fill(~visible, float("-inf"))  # [..., T, S]
         chosen = index.topk(self.topk, dim=-1).indices
         return visible & torch.zeros_like(visible).scatter_(-1, chosen, True)
+
+
+class SharedIndexer:
+    """A layer without an indexer of its own (GLM-5.2's "shared" layers): each query keeps what it kept in the
+    last layer before with one (`source`, which `Transformer` links). It answers `Indexer`'s calls with
+    zero-width queries, weights and keys (its cache of them takes no bytes), and `select` with the source's
+    selections of this forward in the order the source made them: every path of `LatentAttention` selects
+    in the same order in every layer (the whole step, or sequence after sequence)."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.topk = cfg.indexer.topk
+        self.source: Indexer | None = None
+        self.taken = 0
+
+    def project(self, x, q_latent, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        T = x.shape[0]
+        self.taken = 0
+        return x.new_zeros(T, 0, 0, dtype=torch.float32), x.new_zeros(T, 0, dtype=torch.float32), x.new_zeros(T, 0)
+
+    def select(self, q, w, keys, visible: torch.Tensor) -> torch.Tensor:
+        mask = self.source.kept[self.taken]
+        self.taken += 1
+        return mask
 
 
 class LatentAttention(nn.Module):
@@ -373,14 +407,18 @@ class LatentAttention(nn.Module):
         self.wkv_b = nn.Linear(m.kv_lora_rank, cfg.n_heads * (m.nope_dim + m.v_dim), bias=False)
         self.wo = nn.Linear(cfg.n_heads * m.v_dim, cfg.dim, bias=cfg.o_bias)
         self.scale = cfg.attn_scale
-        self.indexer = Indexer(cfg) if cfg.indexer is not None else None  # DeepSeek Sparse Attention
+        # DeepSeek Sparse Attention: an indexer of this layer's own, or (GLM-5.2) an earlier layer's choice
+        ix = cfg.indexer
+        self.indexer = None if ix is None else Indexer(cfg) if ix.own(layer) else SharedIndexer(cfg)
 
     recurrent = False
 
     @staticmethod
     def cache_shapes(cfg: ModelConfig, ctx_size: int, layer: int) -> list[tuple[int, ...]]:
-        """The latent and rotary key [ctx, r + rope]; with an indexer, its keys [ctx, index head_dim] too."""
-        index = [(ctx_size, cfg.indexer.head_dim)] if cfg.indexer is not None else []
+        """The latent and rotary key [ctx, r + rope]; with an indexer, its keys [ctx, index head_dim] too (none,
+        [ctx, 0], in a layer that keeps an earlier one's choice)."""
+        ix = cfg.indexer
+        index = [] if ix is None else [(ctx_size, ix.head_dim if ix.own(layer) else 0)]
         return [(ctx_size, cfg.mla.kv_lora_rank + cfg.mla.rope_dim), *index]
 
     @staticmethod
@@ -942,6 +980,13 @@ class Transformer(nn.Module):
         self.rope_of = [self.ropes.index(cfg.layer_rope(i)) for i in range(cfg.n_layers)]
         self.register_buffer("inv_freq", cfg.rope.inv_freq(), persistent=False)
         self.inv_freqs = [rope.inv_freq() for rope in self.ropes]
+        source = None  # GLM-5.2: a shared indexer layer keeps what the last layer with an indexer kept
+        for layer in self.layers:
+            indexer = getattr(layer.attention, "indexer", None)
+            if isinstance(indexer, SharedIndexer):
+                indexer.source, source.followed = source, True
+            elif indexer is not None:
+                source = indexer
 
     @classmethod
     def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.device) -> Transformer:
@@ -952,7 +997,7 @@ class Transformer(nn.Module):
         model.inv_freq = cfg.rope.inv_freq().to(device)  # not in the state dict; computed on the CPU as the reference
         model.inv_freqs = [rope.inv_freq().to(device) for rope in model.ropes]
         for layer in model.layers:  # DeepSeek-V3.2's indexer weighs its heads in fp32, as transformers keeps it
-            if (indexer := getattr(layer.attention, "indexer", None)) is not None:
+            if isinstance(indexer := getattr(layer.attention, "indexer", None), Indexer):
                 indexer.weights.weight = nn.Parameter(indexer.weights.weight.float(), requires_grad=False)
         for router in model.routers():
             if router.spec.fp32:  # GLM and DeepSeek route in fp32, from fp32 router weights

@@ -59,6 +59,12 @@ VARIANTS = {
     "deepseek_v32": ("deepseek_v32", dict(**_MLA, q_lora_rank=24, first_k_dense_replace=1, n_shared_experts=1,
                                           n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
                                           index_n_heads=16, index_head_dim=16, index_topk=6)),
+    # GLM-5's DSA: the indexer's rotary in interleaved pairs, over the first 8 of its 16 dims; the MoE layers
+    # named by mlp_layer_types; GLM-5.2's shared indexer layers: the second keeps what the first kept
+    "glm_moe_dsa": ("glm_moe_dsa", dict(**_MLA, q_lora_rank=24, n_shared_experts=1, routed_scaling_factor=2.5,
+                                        norm_topk_prob=True, mlp_layer_types=["dense", "sparse", "sparse"],
+                                        index_n_heads=16, index_head_dim=16, index_topk=6,
+                                        indexer_types=["full", "shared", "full"])),
     # attention sinks, sliding windows (6 positions: every sequence in the tests is longer) alternating with
     # full attention, biases everywhere, YaRN (gpt-oss's defaults), router bias, clamped SwiGLU with biases,
     # gate and up interleaved in one fused tensor per layer

@@ -20,14 +20,14 @@ GREEDY = SamplingParams(temperature=0)
 RTOL = 1e-5
 
 
-@pytest.fixture(scope="module", params=["mixtral", "mixtral-window", "gpt_oss", "deepseek_v3", "minimax_m2", "qwen3_next", "gemma4", "deepseek_v32"])
+@pytest.fixture(scope="module", params=["mixtral", "mixtral-window", "gpt_oss", "deepseek_v3", "minimax_m2", "qwen3_next", "gemma4", "deepseek_v32", "glm_moe_dsa"])
 def engine(request, tmp_path_factory, tokenizer_dir):
     """Full attention (Mixtral); a sliding window of 6 in a ring (Mixtral); sliding windows of 6 in rings,
     with sinks (gpt-oss); latent attention (DeepSeek); q/k norms over the whole projections and a quarter of
     each head rotated (MiniMax-M2); linear attention's recurrent states beside gated full attention
     (Qwen3-Next), which a new prompt resumes only where it extends all a sequence holds; sliding and full
     layers of two geometries, sandwich norms, a dense MLP beside the experts (Gemma 4); the sparse attention's
-    indexer keeping 6 of the past tokens (DeepSeek-V3.2)."""
+    indexer keeping 6 of the past tokens (DeepSeek-V3.2), and a layer keeping what the layer before kept (GLM-5.2)."""
     folder = tmp_path_factory.mktemp(request.param)
     build_variant(request.param, folder, tokenizer_dir)
     return moe_local.load(folder, device="cpu", expert_slots=5)

@@ -180,10 +180,11 @@ def test_the_indexer_scores_a_long_chunk_in_slices_with_the_same_choice(monkeypa
     assert (whole.sum(-1) == visible.sum(-1).clamp(max=5)).all()
 
 
-def test_sparse_attention_really_drops_tokens(tmp_path):
+@pytest.mark.parametrize("variant", ["deepseek_v32", "glm_moe_dsa"])
+def test_sparse_attention_really_drops_tokens(variant, tmp_path):
     """With index_topk 6 below the prompt's 40 tokens, the logits (which match transformers') are not what
     dense latent attention over every token gives."""
-    build_family("deepseek_v32", tmp_path / "sparse")
+    build_family(variant, tmp_path / "sparse")
     dense = tmp_path / "dense"
     dense.mkdir()
     for f in (tmp_path / "sparse").iterdir():
@@ -198,11 +199,76 @@ def test_sparse_attention_really_drops_tokens(tmp_path):
     assert (sparse_logits[6:] - dense_logits[6:]).abs().max() > 0.05 * dense_logits.abs().max()
 
 
+@pytest.mark.parametrize("fields", [
+    {}, {"index_topk_freq": 4, "index_skip_topk_offset": 3}, {"index_topk_freq": 2}, {"index_topk_pattern": "FFSFSSFF"},
+    {"indexer_types": ["full", "shared"] * 4},
+])
+def test_glm_indexer_layers_are_read_as_transformers_reads_them(fields):
+    """Which layers run their own indexer: every one by default (GLM-5, 5.1), GLM-5.2's published schedule
+    (index_topk_freq 4, index_skip_topk_offset 3: layers 0-2, then every fourth from 6), a pattern, a list."""
+    from transformers import AutoConfig
+
+    raw = {**PRESETS["glm-5"], "num_hidden_layers": 8, **fields}
+    reference = AutoConfig.for_model(**raw).indexer_types
+    ix = ModelConfig.from_hf(raw).indexer
+    assert ["full" if ix.own(i) else "shared" for i in range(8)] == reference
+    if fields.get("index_topk_freq") == 4:
+        assert reference == ["full"] * 3 + ["shared"] * 3 + ["full", "shared"]
+
+
+def test_glm_5_2_caches_index_keys_only_in_its_21_indexer_layers():
+    """GLM-5.2's 78 layers: 21 with an indexer (57 shared ones: its files hold 285 = 57 x 5 tensors fewer than
+    GLM-5.1's), so its cache holds 21 index keys a token beside 78 latents."""
+    cfg = ModelConfig.from_hf({**PRESETS["glm-5"], "index_topk_freq": 4, "index_skip_topk_offset": 3})
+    assert sum(cfg.indexer.own(i) for i in range(78)) == 21
+    assert cfg.kv_cache_numel(1000) == 1000 * (78 * (512 + 64) + 21 * 128)
+    glm_5 = preset_config("glm-5").parameter_counts()["total"]
+    assert glm_5 - cfg.parameter_counts()["total"] == 57 * (32 * 128 * 2048 + 128 * (6144 + 2) + 32 * 6144)
+
+
 def test_the_indexers_keys_are_cached_and_planned(tmp_path):
     build_family("deepseek_v32", tmp_path)
     engine = moe_local.load(tmp_path, device="cpu", ctx_size=100, dtype="fp32")
     assert [tuple(t.shape) for t in engine.kv.layers[0]] == [(100, 32 + 8), (100, 16)]  # latent + rope key; index key
     assert engine.plan.kv_bytes == engine.kv.nbytes == engine.cfg.n_layers * 100 * (32 + 8 + 16) * 4
+
+
+def test_a_shared_indexer_layer_keeps_the_full_layers_choice_and_caches_no_keys(tmp_path):
+    """GLM-5.2's shared layers (here the second of full, shared, full) have no indexer weights in the checkpoint
+    and no index keys in the cache; each of their queries attends to the keys the layer before kept for it."""
+    build_family("glm_moe_dsa", tmp_path)
+    engine = moe_local.load(tmp_path, device="cpu", ctx_size=100, dtype="fp32", prefill_chunk=16)
+    assert [[tuple(t.shape) for t in layer] for layer in engine.kv.layers] == [[(100, 40), (100, 16)], [(100, 40), (100, 0)], [(100, 40), (100, 16)]]
+    assert engine.plan.kv_bytes == engine.kv.nbytes == 100 * (3 * 40 + 2 * 16) * 4
+    seen = {}
+
+    def watch(i, attend):  # the mask layer i's latent attention is given
+        def spy(query, entries, mask):
+            seen[i] = mask
+            return attend(query, entries, mask)
+        return spy
+
+    for i, layer in enumerate(engine.model.layers):
+        layer.attention._attend_latent = watch(i, layer.attention._attend_latent)
+    engine.logits(prompt_ids(40))  # the last chunk: 8 queries over 33..40 past tokens
+    assert engine.model.layers[1].attention.indexer.source is engine.model.layers[0].attention.indexer
+    assert (seen[0].sum(-1) == 6).all() and torch.equal(seen[1], seen[0]) and not torch.equal(seen[2], seen[0])
+
+
+@pytest.mark.parametrize("variant", ["deepseek_v32", "glm_moe_dsa"])
+def test_sparse_prefill_in_chunks_is_decode_token_by_token(variant, tmp_path):
+    """The indexer's keys written chunk by chunk (7 tokens) then one decode step at a time give the logits one
+    prefill of the whole sequence gives: each query keeps the same past tokens either way."""
+    build_family(variant, tmp_path)
+    engine = moe_local.load(tmp_path, device="cpu", dtype="fp32", prefill_chunk=7)
+    prompt = prompt_ids(17, seed=7)
+    logits, _ = engine.prefill(prompt)
+    steps, tokens = [logits], []
+    for _ in range(12):
+        tokens.append(int(steps[-1].argmax()))
+        steps.append(engine.decode_one(tokens[-1]))
+    full = moe_local.load(tmp_path, device="cpu", dtype="fp32", prefill_chunk=64).logits(prompt + tokens)
+    assert (torch.stack(steps) - full[16:]).abs().max() <= 1e-4 * full.abs().max()
 
 
 def test_gemma4_published_multimodal_layout_runs_its_text_model(tmp_path):
@@ -323,6 +389,7 @@ def test_presets_match_the_published_parameter_counts():
         "olmoe-1b-7b": (6.9, 1.3), "glm-4.5-air": (106, 12), "deepseek-v2-lite": (15.7, 2.4),
         "mixtral-8x7b": (46.7, 12.9), "minimax-m2": (230, 10), "gemma-4-26b-a4b": (25.2, 3.8),
         "deepseek-v3.2": (671, 37),  # the model card's 685B counts the multi-token-prediction layer
+        "glm-5": (744, 40),
     }
     for name, (total_b, active_b) in published.items():
         assert counts[name]["total"] / 1e9 == pytest.approx(total_b, rel=0.02), name
@@ -356,6 +423,10 @@ def test_published_rope_scaling_reads_like_rope_parameters():
     ({**PRESETS["qwen3-30b-a3b"], "rope_scaling": {"rope_type": "longrope", "factor": 4}}, "unsupported RoPE scaling 'longrope'"),
     ({**PRESETS["deepseek-v3"], "topk_method": "greedy"}, "unsupported topk_method 'greedy' for deepseek_v3"),
     ({**PRESETS["glm-4.5-air"], "n_group": 3}, "do not divide 128 experts into groups"),
+    ({**PRESETS["glm-5"], "num_hidden_layers": 2, "indexer_types": ["shared", "full"]}, "first layer must run its indexer"),
+    ({**PRESETS["glm-5"], "num_hidden_layers": 2, "indexer_types": ["full"]}, "indexer_types must list 'full' or 'shared' for each of the 2 layers"),
+    ({**PRESETS["glm-5"], "num_hidden_layers": 2, "mlp_layer_types": ["dense", "moe"]}, "mlp_layer_types must list 'dense' or 'sparse'"),
+    ({**PRESETS["glm-5"], "q_lora_rank": None}, "glm_moe_dsa needs q_lora_rank"),
     ([1, 2], "config.json is not a JSON object"),
 ])
 def test_unsupported_configs_get_one_clear_line(raw, message):
