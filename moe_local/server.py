@@ -100,8 +100,14 @@ def chat_messages(body: dict) -> list[dict]:
         content = m.get("content")
         if content is None and m["role"] == "assistant" and m.get("tool_calls"):
             content = ""  # an answer that was only calls
+        # an earlier answer's reasoning as vLLM, DeepSeek and llama.cpp send it back: templates that keep the reasoning of
+        # an agent's turn (Qwen3.5/3.6, GLM-4.5) render it from this field
+        reasoning = m.get("reasoning_content") if m["role"] == "assistant" else None
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise ApiError(400, f"messages[{i}].reasoning_content must be a string", param="messages")
         try:
-            out.append({**template_message(m, i), "content": text_content(content, f"messages[{i}]")})
+            out.append({**template_message(m, i), "content": text_content(content, f"messages[{i}]")}
+                       | ({"reasoning_content": reasoning} if reasoning is not None else {}))
         except ToolRequestError as e:
             raise ApiError(400, str(e), param=e.param) from None
     return out

@@ -193,6 +193,8 @@ def train_tokenizer(
 # Qwen2/Qwen3's pre-tokenizer split; GLM-4.5 and DeepSeek-V3 keep runs of up to 3 digits together.
 QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 DIGITS_BY_3_SPLIT = QWEN2_SPLIT.replace(r"\p{N}|", r"\p{N}{1,3}|")
+# Qwen3.5/3.6's: letters with their combining marks (transformers' Qwen3_5Tokenizer)
+QWEN35_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 # gpt-oss's o200k_harmony split: case-aware words with their contractions, up to 3 digits
 O200K_SPLIT = "|".join([
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
@@ -208,6 +210,15 @@ FAMILY_TOKENIZERS = {
         special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
         plain_tokens=("<tool_call>", "</tool_call>", "<think>", "</think>"),  # added, but "special": false
         eos_token="<|im_end|>", pad_token="<|endoftext|>", generation_eos=("<|im_end|>", "<|endoftext|>"),
+    ),
+    "qwen3_5_moe": dict(  # Qwen3.5 and Qwen3.6 (its vision tokens are special too)
+        chat_template=chat_templates.QWEN36,
+        template_file=True,
+        special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                        "<|video_pad|>"),
+        plain_tokens=("<tool_call>", "</tool_call>", "<think>", "</think>", "<tool_response>", "</tool_response>"),
+        eos_token="<|im_end|>", pad_token="<|endoftext|>", tokenizer_class="Qwen3_5Tokenizer", split=QWEN35_SPLIT,
+        generation_eos=("<|im_end|>", "<|endoftext|>"),
     ),
     "qwen2_moe": dict(
         chat_template=chat_templates.QWEN2,
@@ -357,3 +368,81 @@ def train_bytelevel_tokenizer(
             generation["bos_token_id"] = ids[bos_token]
         path.write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
     return ids
+
+
+# --- Gemma 4's BPE with byte fallback -------------------------------------------------------------------------
+
+GEMMA4_HEAD = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")  # ids 0-4, as in Gemma's files
+# the chat format's tokens (Gemma 4's template and the converter's list of them); the ids are ours, not Google's
+GEMMA4_SPECIAL = ("<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>", "<|tool>", "<tool|>", "<|tool_call>",
+                  "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>', "<|image|>", "<|audio|>", "<|video|>")
+GEMMA4_GENERATION_EOS = ("<eos>", "<turn|>")  # generation_config.json's eos_token_id: a turn ends at <turn|>
+
+
+@functools.cache
+def _train_gemma(n_pieces: int) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """The pieces (the alphabet first) and merges of a BPE trained on `corpus_text()` in Gemma's layout: spaces
+    written as "▁", no pre-tokenizer split, so pieces may span words."""
+    tokenizer = Tokenizer(BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    trainer = trainers.BpeTrainer(vocab_size=n_pieces, show_progress=False)
+    tokenizer.train_from_iterator(corpus_text().splitlines(keepends=True), trainer)
+    model = json.loads(tokenizer.to_str())["model"]
+    pieces = sorted(model["vocab"], key=model["vocab"].get)
+    return tuple(pieces), tuple(tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"])
+
+
+def train_gemma_tokenizer(folder: pathlib.Path, chat_template: str | None = chat_templates.GEMMA4, *, vocab_size: int = 512) -> dict[str, int]:
+    """Write a tokenizer in the layout of Gemma 4's checkpoints into `folder`: tokenizer.json (a BPE over "▁"-spaced
+    text with byte fallback to <0x00>..<0xFF>, <bos> added by the post-processor), tokenizer_config.json
+    (GemmaTokenizer, add_bos_token), chat_template.jinja, and generation_config.json's eos_token_id (<eos> and
+    <turn|>, merged into the file: call this after saving a model). Returns the id of every special token."""
+    tail = [*GEMMA4_HEAD, *GEMMA4_SPECIAL, *(f"<0x{b:02X}>" for b in range(256))]
+    pieces, merges = _train_gemma(vocab_size - len(tail))
+    vocab = {token: i for i, token in enumerate([*tail, *(p for p in pieces if p not in tail)])}
+    if len(vocab) != vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} is too small for {len(tail)} special and byte tokens and the alphabet")
+    specials = [*GEMMA4_HEAD, *GEMMA4_SPECIAL]
+    tokenizer = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [{"id": vocab[t], "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for t in specials],
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+        "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False},
+        "post_processor": {"type": "TemplateProcessing",
+                           "single": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                           "pair": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                                    {"SpecialToken": {"id": "<bos>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                           "special_tokens": {"<bos>": {"id": "<bos>", "ids": [vocab["<bos>"]], "tokens": ["<bos>"]}}},
+        "decoder": {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                                                     {"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": vocab, "merges": [list(m) for m in merges]},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    config = {
+        "tokenizer_class": "GemmaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "mask_token": "<mask>",
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 262144,
+        "added_tokens_decoder": {str(vocab[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                                 "single_word": False, "special": True} for t in specials},
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if chat_template is not None:
+        (folder / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+    path = folder / "generation_config.json"
+    generation = json.loads(path.read_text()) if path.is_file() else {}
+    generation.update(bos_token_id=vocab["<bos>"], eos_token_id=[vocab[t] for t in GEMMA4_GENERATION_EOS], pad_token_id=vocab["<pad>"])
+    path.write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    return {t: vocab[t] for t in specials}

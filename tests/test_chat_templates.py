@@ -1,5 +1,7 @@
-"""Byte-level BPE tokenizers and the chat templates of Qwen3, Qwen2-MoE, GLM-4.5, DeepSeek-V3 and OLMoE as their
-checkpoints ship them: our prompt ids are transformers' `apply_chat_template` ids."""
+"""Byte-level BPE tokenizers and the chat templates of Qwen3, Qwen3.5/3.6, Qwen2-MoE, GLM-4.5, DeepSeek-V3 and OLMoE,
+and Gemma 4's byte-fallback BPE and template, as their checkpoints ship them: our prompt ids are transformers'
+`apply_chat_template` ids, also for conversations with tools, calls, their results and earlier reasoning as the
+server receives them."""
 
 from __future__ import annotations
 
@@ -9,14 +11,15 @@ import json
 import pytest
 
 import chat_templates
-from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer
+from builders import FAMILY_TOKENIZERS, GEMMA4_GENERATION_EOS, train_bytelevel_tokenizer, train_gemma_tokenizer
 from moe_local.errors import TokenizerError
+from moe_local.server import chat_messages, render_conversation
 from moe_local.tokenizer import StreamDecoder, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
-FAMILIES = list(FAMILY_TOKENIZERS)
-THINKING_FAMILIES = ["qwen3_moe", "glm4_moe"]  # their templates read enable_thinking
+FAMILIES = [*FAMILY_TOKENIZERS, "gemma4"]
+THINKING_FAMILIES = ["qwen3_moe", "qwen3_5_moe", "glm4_moe", "gemma4"]  # their templates read enable_thinking
 
 CONVERSATIONS = {
     "one message": [{"role": "user", "content": "Why is the sky blue?"}],
@@ -57,6 +60,8 @@ def folders(tmp_path_factory):
     for family, arguments in FAMILY_TOKENIZERS.items():
         made[family] = tmp_path_factory.mktemp(family)
         train_bytelevel_tokenizer(made[family], **arguments)
+    made["gemma4"] = tmp_path_factory.mktemp("gemma4")
+    train_gemma_tokenizer(made["gemma4"])
     return made
 
 
@@ -124,6 +129,96 @@ def test_deepseek_v3_prompt_has_its_bos_once(folders, references):
     ids = tok.render_chat(messages)
     assert ids[0] == tok.bos_id == 0 and ids.count(tok.bos_id) == 1
     assert tok.encode("hi")[0] == tok.bos_id  # add_bos_token: a raw prompt starts with BOS too
+
+
+# --- conversations with tools, as the server receives them ------------------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "description": "Its name"}, "days": {"type": "integer"},
+                                     "units": {"type": "string", "enum": ["C", "F"]}}, "required": ["city"]}}}
+PARIS = {"id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 3}'}}
+LYON = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lyon", "units": "C"}'}}
+# OpenAI's wire format: calls' arguments as JSON text, reasoning_content beside content (vLLM's and DeepSeek's field)
+AGENT_CONVERSATIONS = {
+    "thinking, then a call and its result": [
+        {"role": "system", "content": "You help."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "reasoning_content": "The user wants the weather: ask the tool.", "tool_calls": [PARIS]},
+        {"role": "tool", "tool_call_id": "call_0", "name": "get_weather", "content": '{"sky": "clear", "high": 21}'},
+    ],
+    "two calls with text, two results, an answer, a new question": [
+        {"role": "user", "content": "Paris and Lyon?"},
+        {"role": "assistant", "content": "Looking both up.", "reasoning_content": "Two cities: two calls.", "tool_calls": [PARIS, LYON]},
+        {"role": "tool", "tool_call_id": "call_0", "content": "clear, 21"},
+        {"role": "tool", "tool_call_id": "call_1", "content": "rain, 17"},
+        {"role": "assistant", "content": "Paris is clear (21), Lyon rainy (17).", "reasoning_content": "Both answered."},
+        {"role": "user", "content": "And tomorrow?"},
+    ],
+    "reasoning of an earlier answer": [
+        {"role": "user", "content": "2 + 2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "Easy: four."},
+        {"role": "user", "content": "And 3 + 3?"},
+    ],
+}
+TOOL_FAMILIES = ["qwen3_moe", "qwen3_5_moe", "glm4_moe", "gemma4"]  # templates with tool and thinking sections
+
+
+def as_transformers_takes_it(messages: list[dict]) -> list[dict]:
+    """The conversation with each call's arguments as an object, as transformers' chat templates read them."""
+    def parsed(call):
+        return {**call, "function": {**call["function"], "arguments": json.loads(call["function"]["arguments"])}}
+    return [{**m, "tool_calls": [parsed(c) for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
+
+
+@pytest.mark.parametrize("options", [{}, {"enable_thinking": False}], ids=["default", "no thinking"])
+@pytest.mark.parametrize("conversation", AGENT_CONVERSATIONS)
+@pytest.mark.parametrize("family", TOOL_FAMILIES)
+def test_the_servers_prompt_for_tools_calls_and_results_is_transformers(folders, references, family, conversation, options):
+    messages = AGENT_CONVERSATIONS[conversation]
+    ours = load_tokenizer(folders[family])
+    got = render_conversation(ours, chat_messages({"messages": messages}), [WEATHER], options)
+    want = references[family].apply_chat_template(as_transformers_takes_it(messages), tools=[WEATHER], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False, **options)
+    assert got == want
+
+
+def test_qwen36_writes_calls_as_xml_and_keeps_the_reasoning_of_the_current_turn(folders):
+    tok = load_tokenizer(folders["qwen3_5_moe"])
+    text = tok.decode(render_conversation(tok, chat_messages({"messages": AGENT_CONVERSATIONS["thinking, then a call and its result"]}), [WEATHER], {}),
+                      special=True)
+    assert text.startswith("<|im_start|>system\n# Tools\n\nYou have access to the following functions:\n\n<tools>\n{")
+    assert text.endswith(
+        "You help.<|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\nThe user wants the weather: ask the tool.\n</think>\n\n"
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</parameter>\n"
+        "</function>\n</tool_call><|im_end|>\n"
+        '<|im_start|>user\n<tool_response>\n{"sky": "clear", "high": 21}\n</tool_response><|im_end|>\n'
+        "<|im_start|>assistant\n<think>\n"  # thinking is on unless enable_thinking is false
+    )
+    earlier = tok.render_chat_text(chat_messages({"messages": AGENT_CONVERSATIONS["reasoning of an earlier answer"]}), enable_thinking=False)
+    assert earlier.endswith("<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nAnd 3 + 3?<|im_end|>\n"
+                            "<|im_start|>assistant\n<think>\n\n</think>\n\n")  # reasoning before the last question is left out
+
+
+def test_qwen36_template_refuses_a_system_message_after_the_first_in_one_line(folders):
+    tok = load_tokenizer(folders["qwen3_5_moe"])
+    with pytest.raises(TokenizerError, match="chat template failed: System message must be at the beginning."):
+        tok.render_chat([{"role": "user", "content": "hi"}, {"role": "system", "content": "late"}])
+
+
+def test_gemma4_turns_end_at_turn_close_which_ends_generation(folders):
+    tok = load_tokenizer(folders["gemma4"])
+    generation = json.loads((folders["gemma4"] / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [tok.token_id(t) for t in GEMMA4_GENERATION_EOS] == [tok.eos_id, tok.token_id("<turn|>")]
+    messages = CONVERSATIONS["two turns"]
+    assert tok.render_chat_text(messages) == (
+        "<bos><|turn>user\ndef f(x):<turn|>\n<|turn>model\nreturn 2 * x<turn|>\n<|turn>user\nAnd in C?<turn|>\n"
+        "<|turn>model\n<|channel>thought\n<channel|>"  # an empty thought: thinking is off unless asked for
+    )
+    ids = tok.render_chat(messages)
+    assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1 and tok.encode("hi")[0] == tok.bos_id
+    assert tok.render_chat_text(messages, enable_thinking=True).startswith("<bos><|turn>system\n<|think|><turn|>\n")
+    assert tok.decode(tok.encode("<|turn>model\nHi there<turn|>", bos=False)) == "model\nHi there"  # the chat tokens are hidden
 
 
 # --- plain text ---------------------------------------------------------------------------------------------
@@ -245,5 +340,6 @@ def test_bytelevel_builder_writes_the_generation_eos_list(tmp_path):
 
 def test_every_family_template_is_in_the_builder():
     templates = {arguments["chat_template"] for arguments in FAMILY_TOKENIZERS.values()}
-    assert templates == {chat_templates.QWEN3, chat_templates.QWEN2, chat_templates.GLM45, chat_templates.DEEPSEEK_V3, chat_templates.OLMOE,
-                         chat_templates.GPT_OSS}
+    assert templates == {chat_templates.QWEN3, chat_templates.QWEN36, chat_templates.QWEN2, chat_templates.GLM45, chat_templates.DEEPSEEK_V3,
+                         chat_templates.OLMOE, chat_templates.GPT_OSS}
+    assert train_gemma_tokenizer.__defaults__[0] == chat_templates.GEMMA4

@@ -456,18 +456,22 @@ def test_int8_attention_works_with_biases_and_latent_attention(variant, tmp_path
     assert engine.plan.resident_bytes < moe_local.load(tmp_path, device="cpu", dtype="fp32").plan.resident_bytes
 
 
-@pytest.mark.parametrize("variant", ["qwen3_moe", "glm4_moe", "deepseek_v3"])
+@pytest.mark.parametrize("variant", ["qwen3_moe", "glm4_moe", "deepseek_v3", "gemma4"])
 def test_chat_through_a_family_checkpoint_with_its_own_tokenizer(variant, tmp_path):
-    """`run` with the chat template a real checkpoint of the family ships (byte-level BPE, no BOS for Qwen,
-    EOS ids from generation_config.json): the prompt is transformers' apply_chat_template, the answer its
-    greedy continuation up to an EOS."""
+    """`run` with the chat template a real checkpoint of the family ships (byte-level BPE, no BOS for Qwen; Gemma 4's
+    byte-fallback BPE with its BOS; EOS ids from generation_config.json): the prompt is transformers'
+    apply_chat_template, the answer its greedy continuation up to a stop id, which include the end of a turn."""
     from transformers import AutoTokenizer
 
-    from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer
+    from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer, train_gemma_tokenizer
 
-    model_type = VARIANTS[variant][0]
     reference = build_family(variant, tmp_path, vocab_size=512, bos_token_id=None, eos_token_id=None)
-    train_bytelevel_tokenizer(tmp_path, **FAMILY_TOKENIZERS[model_type])
+    if variant == "gemma4":
+        special = train_gemma_tokenizer(tmp_path)
+        turn_end = [special["<eos>"], special["<turn|>"]]
+    else:
+        special = train_bytelevel_tokenizer(tmp_path, **FAMILY_TOKENIZERS[variant])
+        turn_end = [special[t] for t in FAMILY_TOKENIZERS[variant]["generation_eos"]]
     messages = [{"role": "user", "content": "What does difflib do?"}]
     want_prompt = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     want_prompt = list(want_prompt) if isinstance(want_prompt, list) else list(want_prompt["input_ids"])
@@ -478,6 +482,7 @@ def test_chat_through_a_family_checkpoint_with_its_own_tokenizer(variant, tmp_pa
     assert out["prompt_tokens"] == want_prompt
     want = reference_greedy(reference, want_prompt, 6)
     assert out["tokens"] == want[: len(out["tokens"])] and out["tokens"]
+    assert moe_local.load(tmp_path, device="cpu", dtype="fp32").stop_ids == set(turn_end)
 
 
 # ---- gpt-oss: the published MXFP4 experts, the sliding layers' ring cache -----------------------------

@@ -193,6 +193,8 @@ BAD = [
     ({"messages": "hi"}, 400, "'messages' must be a non-empty list"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "role must be one of system, user, assistant"),
     ({"messages": [{"role": "user", "content": 5}]}, 400, "content must be a string"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "reasoning_content": ["hm"]},
+                   {"role": "user", "content": "so?"}]}, 400, "messages[1].reasoning_content must be a string"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "'temperature' must be a number"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "'max_tokens' must be at least 1"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, 400, "'max_tokens' must be at least 1"),
