@@ -207,7 +207,7 @@ def _qkvz_rows(lin) -> Callable[[torch.Tensor], torch.Tensor]:
     return transform
 
 
-def _ba_rows(lin) -> Callable[[torch.Tensor], torch.Tensor]:
+def ba_rows(lin) -> Callable[[torch.Tensor], torch.Tensor]:
     """Qwen3-Next's fused in_proj_ba: [Hk, (b g, a g)] -> b | a, each per value head."""
     g = lin.v_heads // lin.k_heads
 
@@ -235,7 +235,7 @@ def _linear_projections(names: dict, cfg: ModelConfig, hf: str, ours: str, fused
     lin, d = cfg.linear, cfg.dim
     if fused:
         _linear(names, hf + "in_proj_qkvz", ours + "in_proj", (lin.conv_dim + lin.value_dim, d), transform=_qkvz_rows(lin))
-        _linear(names, hf + "in_proj_ba", ours + "in_proj", (2 * lin.v_heads, d), transform=_ba_rows(lin))
+        _linear(names, hf + "in_proj_ba", ours + "in_proj", (2 * lin.v_heads, d), transform=ba_rows(lin))
         return
     _linear(names, hf + "in_proj_qkv", ours + "in_proj", (lin.conv_dim, d))
     _linear(names, hf + "in_proj_z", ours + "in_proj", (lin.value_dim, d))

@@ -15,7 +15,7 @@ import torch
 
 from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer
 from conftest import build_mixtral, moe_local_cli
-from families import build_family
+from families import VARIANTS, build_family
 from moe_local import native
 
 TOOLS = Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "llama-cpp"
@@ -27,14 +27,24 @@ TEXT = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\nprint(f
 MIXED = "Hello world! Grüße, 你好世界 — привет мир 123456 x</s>  double  spaces\n\ttab ελληνικά 🙂 <|im_end|>"
 
 
-def convert(folder: Path, out: Path, pre: str | None = None) -> Path:
-    """llama.cpp's convert_hf_to_gguf.py, f32. `pre` names the BPE pre-tokenizer, which the converter otherwise
-    recognises only by a hash of published tokenizers (ours is trained in builders.py with Qwen2's split)."""
-    patch = f"from conversion import base; base.TextModel.get_vocab_base_pre = lambda self, tokenizer: {pre!r}; " if pre else ""
-    code = f"import sys; {patch}import convert_hf_to_gguf; sys.argv = ['convert', {str(folder)!r}, '--outtype', 'f32', '--outfile', {str(out)!r}]; convert_hf_to_gguf.main()"
+def convert(jobs: list[tuple[Path, Path, str | None]]) -> None:
+    """llama.cpp's convert_hf_to_gguf.py, f32, over (folder, out, pre) jobs in one process (it imports torch and
+    transformers once). `pre` names the BPE pre-tokenizer, which the converter otherwise recognises only by a hash
+    of published tokenizers (ours are trained in builders.py with Qwen2's split). --no-mtp where the converter
+    asks for a multi-token-prediction head's tensors otherwise (Qwen3.5, Qwen3-Next)."""
+    calls = "".join(
+        f"base.TextModel.get_vocab_base_pre = lambda self, tokenizer: {pre!r}; "
+        f"sys.argv = ['convert', {str(folder)!r}, '--outtype', 'f32', *{NO_MTP if folder.name in NO_MTP_FAMILIES else []!r}, '--outfile', {str(out)!r}]; "
+        "convert_hf_to_gguf.main(); "
+        for folder, out, pre in jobs
+    )
+    code = f"import sys; from conversion import base; import convert_hf_to_gguf; {calls}"
     env = {"PYTHONPATH": f"{TOOLS / 'gguf-py'}:{TOOLS}", "PATH": "/usr/bin:/bin", "OMP_WAIT_POLICY": "PASSIVE"}
-    subprocess.run([sys.executable, "-c", code], cwd=TOOLS, env=env, check=True, capture_output=True, timeout=600)
-    return out
+    result = subprocess.run([sys.executable, "-c", code], cwd=TOOLS, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+NO_MTP, NO_MTP_FAMILIES = ["--no-mtp"], {"qwen35", "qwen3next"}
 
 
 def quantize(src: Path, ftype: str) -> Path:
@@ -76,35 +86,47 @@ def rewrite(src: Path, dst: Path, dequantized: bool = False, split_max_tensors: 
     return dst
 
 
+# llama.cpp's architecture -> (our variant in families.py, its options: what llama.cpp's build or converter needs)
+ARCHITECTURES = {
+    "qwen2": ("qwen2_moe", dict(hidden_size=256, moe_intermediate_size=256, decoder_sparse_step=1, shared_expert_intermediate_size=256)),
+    "olmoe": ("olmoe", dict(hidden_size=256, intermediate_size=256, num_key_value_heads=4)),  # llama.cpp's olmoe has no GQA
+    # llama.cpp's build wants the DeltaNet's value heads as wide as its key heads, and mrope sections within the
+    # rotated quarter of a head (Qwen3.5 always writes them)
+    "qwen35": ("qwen3_5_moe", dict(linear_value_head_dim=8, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                                   partial_rotary_factor=0.25, mrope_section=[1, 1, 0]))),
+    "qwen3next": ("qwen3_next", dict(linear_value_head_dim=8, mlp_only_layers=[])),  # the converter maps no dense layer of Qwen3-Next
+    "gpt-oss": ("gpt_oss", {}),
+    "glm4moe": ("glm4_moe", {}),
+    "minimax-m2": ("minimax_m2", dict(scoring_func="sigmoid")),  # as the published config.json says it (the converter reads it)
+    # DeepSeek-V3 as llama.cpp's deepseek2 with a sigmoid router; and DeepSeek-V2 (softmax), with a query latent (this
+    # llama.cpp requires q_lora_rank) and plain greedy routing: llama.cpp scores V2's groups by their best two, as
+    # V3's, where DeepSeek's group_limited_greedy (and moe-local, as transformers) takes their best one
+    "deepseek3": ("deepseek_v3", dict(scoring_func="sigmoid")),
+    "deepseek2": ("deepseek_v2", dict(q_lora_rank=24, topk_method="greedy", n_group=1, topk_group=1)),
+}
+PRE = {"olmoe": "olmo"}  # the pre-tokenizer each is converted with; Qwen2's split otherwise
+
+
 @pytest.fixture(scope="module")
 def ggufs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     """Tiny Mixtral (llama.cpp's `llama` with experts; the SentencePiece vocabulary) and Qwen3-MoE (`qwen3moe`;
     byte-level BPE with merges and a chat template) in f32, Q8_0 and Q4_0 (Mixtral also in Q4_K_M), with the
-    source folders."""
+    source folders; and every other architecture in f32 (`ARCHITECTURES`), all converted in one process."""
     root = tmp_path_factory.mktemp("gguf")
     build_mixtral(root / "mixtral", tokenizer_dir, **WIDE)
     build_family("qwen3_moe", root / "qwen3", None, hidden_size=256, moe_intermediate_size=256, head_dim=64, vocab_size=512, mlp_only_layers=[])
     train_bytelevel_tokenizer(root / "qwen3", **FAMILY_TOKENIZERS["qwen3_moe"])
-    files = {"mixtral": root / "mixtral", "qwen3": root / "qwen3"}
-    for name, pre in (("mixtral", None), ("qwen3", "qwen2")):
-        f32 = files[f"{name}-F32"] = convert(root / name, root / f"{name}-F32.gguf", pre)
+    for name, (variant, options) in ARCHITECTURES.items():
+        build_family(variant, root / name, None, **{"vocab_size": 512, **options})
+        model_type = VARIANTS[variant][0]
+        train_bytelevel_tokenizer(root / name, **FAMILY_TOKENIZERS.get(model_type, FAMILY_TOKENIZERS["qwen3_moe"]))
+    names = ["mixtral", "qwen3", *ARCHITECTURES]
+    files = {name: root / name for name in names} | {f"{name}-F32": root / f"{name}-F32.gguf" for name in names}
+    convert([(root / name, files[f"{name}-F32"], None if name == "mixtral" else PRE.get(name, "qwen2")) for name in names])
+    for name in ("mixtral", "qwen3"):
         for ftype in ("Q8_0", "Q4_0", *(("Q4_K_M",) if name == "mixtral" else ())):
-            files[f"{name}-{ftype}"] = quantize(f32, ftype)
+            files[f"{name}-{ftype}"] = quantize(files[f"{name}-F32"], ftype)
     return files
-
-
-@pytest.fixture(scope="module")
-def f32_ggufs(tmp_path_factory, ggufs) -> dict[str, Path]:
-    """Every family as llama.cpp names it, in f32: also Qwen2-MoE (`qwen2moe`: q/k/v biases, a gated shared
-    expert) and OLMoE (`olmoe`: q/k norms over the projection, clipping; llama.cpp takes it without GQA)."""
-    root = tmp_path_factory.mktemp("gguf-f32")
-    build_family("qwen2_moe", root / "qwen2", None, hidden_size=256, moe_intermediate_size=256, vocab_size=512,
-                 decoder_sparse_step=1, shared_expert_intermediate_size=256)  # fmt: skip
-    train_bytelevel_tokenizer(root / "qwen2", **FAMILY_TOKENIZERS["qwen2_moe"])
-    build_family("olmoe", root / "olmoe", None, hidden_size=256, intermediate_size=256, vocab_size=512, num_key_value_heads=4)
-    train_bytelevel_tokenizer(root / "olmoe", **FAMILY_TOKENIZERS["olmoe"])
-    return {"mixtral": ggufs["mixtral-F32"], "qwen3": ggufs["qwen3-F32"],
-            "qwen2": convert(root / "qwen2", root / "qwen2-F32.gguf", "qwen2"), "olmoe": convert(root / "olmoe", root / "olmoe-F32.gguf", "olmo")}  # fmt: skip
 
 
 def llama_cpp_logits(path: Path, ids: list[int]) -> torch.Tensor:
@@ -161,10 +183,11 @@ def test_each_file_holds_the_types_it_is_named_for(ggufs):
             assert held <= expected and (ftype != "Q4_K_M" or "Q4_K" in held), (name, ftype, held)
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3", "qwen2", "olmoe"])
-def test_f32_gguf_gives_llama_cpps_logits_and_tokens(f32_ggufs, name):
-    """On f32 weights llama.cpp and moe-local differ only by the order of their fp32 sums."""
-    path = f32_ggufs[name]
+@pytest.mark.parametrize("name", ["mixtral", "qwen3", *ARCHITECTURES])
+def test_f32_gguf_gives_llama_cpps_logits_and_tokens(ggufs, name):
+    """On f32 weights llama.cpp and moe-local differ only by the order of their fp32 sums (measured 3e-7 to 1e-5 of
+    the logit scale)."""
+    path = ggufs[f"{name}-F32"]
     ids = ids_of(path)
     ours, greedy, stop = moe_local_run(path, ids, 8)
     reference = llama_cpp_logits(path, ids)

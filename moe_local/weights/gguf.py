@@ -10,16 +10,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import gguf
 
 from moe_local.errors import CheckpointError, ConfigError
 
 SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-
-# llama.cpp's architecture name -> transformers' model_type (what `FAMILIES` is keyed by), for MoE models
-ARCHITECTURES = {"llama": "mixtral", "qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe", "olmoe": "olmoe"}
-
 
 def find_gguf(path: str | os.PathLike) -> list[Path] | None:
     """The GGUF file(s) of a model given as a `.gguf` path (any part of a split model) or as a folder holding
@@ -116,61 +113,186 @@ def _version() -> str:
 # ---- metadata -> config.json's fields ---------------------------------------------------------------------
 
 
-def hf_config(metadata: dict, tensors: dict[str, GgufTensor]) -> dict:
-    """The config.json fields `ModelConfig.from_hf` reads, from the GGUF's metadata (`{arch}.*`, `tokenizer.ggml.*`)
-    and what the tensors show (a tied output, biases, a shared expert's gate)."""
-    arch = metadata.get("general.architecture")
-    model_type = ARCHITECTURES.get(arch)
-    if model_type is None:
-        raise ConfigError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
+class Metadata:
+    """One architecture's `{arch}.*` keys, read by their short names; a missing key without a default is one line."""
 
-    def get(key: str, default=None):
-        value = metadata.get(f"{arch}.{key}", default)
-        if value is None:
-            raise ConfigError(f"the GGUF's metadata lacks {arch}.{key}")
+    def __init__(self, metadata: dict, tensors: dict[str, GgufTensor]):
+        self.all, self.tensors = metadata, tensors
+        self.arch = metadata.get("general.architecture")
+
+    def __call__(self, key: str, default=...):
+        value = self.all.get(f"{self.arch}.{key}", None if default is ... else default)
+        if value is None and default is ...:
+            raise ConfigError(f"the GGUF's metadata lacks {self.arch}.{key}")
         return value
 
-    heads = int(get("attention.head_count"))
-    dim = int(get("embedding_length"))
-    n_experts = int(get("expert_count", 0))
-    if n_experts == 0:
-        raise ConfigError(f"this GGUF ({arch}) is a dense model with no routed experts; moe-local runs MoE models")
-    vocab = metadata.get(f"{arch}.vocab_size") or len(metadata.get("tokenizer.ggml.tokens") or ()) or tensors["token_embd.weight"].shape[0]
+    def has(self, tensor: str) -> bool:
+        return tensor in self.tensors
+
+    @property
+    def head_dim(self) -> int:
+        return int(self("attention.key_length", int(self("embedding_length")) // int(self("attention.head_count"))))
+
+    def rotary_factor(self) -> dict:
+        """`partial_rotary_factor` where the rotated part of a head (`rope.dimension_count`) is not all of it."""
+        rotated = self("rope.dimension_count", None)
+        return {} if rotated is None or int(rotated) == self.head_dim else {"partial_rotary_factor": int(rotated) / self.head_dim}
+
+
+def _mixtral(m: Metadata) -> dict:
+    return {"num_local_experts": m("expert_count"), "intermediate_size": m("expert_feed_forward_length", None) or m("feed_forward_length")}
+
+
+def _qwen3_moe(m: Metadata) -> dict:
+    # llama.cpp's qwen3moe renormalises the chosen weights, its qwen2moe does not (whatever the source said)
+    return {"num_experts": m("expert_count"), "moe_intermediate_size": m("expert_feed_forward_length"), "norm_topk_prob": True,
+            "mlp_only_layers": [], "decoder_sparse_step": 1, "attention_bias": m.has("blk.0.attn_q.bias")}  # fmt: skip
+
+
+def _qwen2_moe(m: Metadata) -> dict:
+    return {"num_experts": m("expert_count"), "moe_intermediate_size": m("expert_feed_forward_length"), "norm_topk_prob": False,
+            "mlp_only_layers": [], "decoder_sparse_step": 1, "qkv_bias": m.has("blk.0.attn_q.bias"),
+            "shared_expert_intermediate_size": m("expert_shared_feed_forward_length")}  # fmt: skip
+
+
+def _olmoe(m: Metadata) -> dict:
+    return {"num_experts": m("expert_count"), "intermediate_size": m("expert_feed_forward_length", None) or m("feed_forward_length"),
+            "norm_topk_prob": False, "clip_qkv": m("attention.clamp_kqv", None)}  # fmt: skip
+
+
+def _hybrid(m: Metadata) -> dict:
+    """Qwen3-Next and Qwen3.5-MoE: the DeltaNet's geometry in llama.cpp's `ssm.*` keys (a Mamba's names)."""
+    v_heads = int(m("ssm.time_step_rank"))
+    recurrent = m("attention.recurrent_layers", None)
+    fields = {"num_experts": m("expert_count"), "moe_intermediate_size": m("expert_feed_forward_length"),
+              "shared_expert_intermediate_size": m("expert_shared_feed_forward_length"), "norm_topk_prob": True,
+              "linear_num_key_heads": m("ssm.group_count"), "linear_num_value_heads": v_heads,
+              "linear_key_head_dim": m("ssm.state_size"), "linear_value_head_dim": int(m("ssm.inner_size")) // v_heads,
+              "linear_conv_kernel_dim": m("ssm.conv_kernel"), "full_attention_interval": m("full_attention_interval", 4),
+              "attention_bias": m.has("blk.0.attn_output.bias") or m.has("blk.0.attn_q.bias"),
+              "mlp_only_layers": [], "decoder_sparse_step": 1, "partial_rotary_factor": 1.0, **m.rotary_factor()}  # fmt: skip
+    if recurrent is not None:
+        fields["layer_types"] = ["linear_attention" if r else "full_attention" for r in recurrent]
+    return fields
+
+
+def _gpt_oss(m: Metadata) -> dict:
+    return {"num_local_experts": m("expert_count"), "intermediate_size": m("expert_feed_forward_length"),
+            "sliding_window": m("attention.sliding_window"),  # llama.cpp's gpt-oss: every even layer sliding
+            "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(int(m("block_count")))]}  # fmt: skip
+
+
+def _glm4_moe(m: Metadata) -> dict:
+    if int(m("expert_gating_func", 2)) != 2:
+        raise ConfigError(f"unsupported {m.arch}.expert_gating_func {m('expert_gating_func')} (2: sigmoid)")
+    return {"n_routed_experts": m("expert_count"), "moe_intermediate_size": m("expert_feed_forward_length"),
+            "intermediate_size": m("feed_forward_length"), "first_k_dense_replace": m("leading_dense_block_count", 0),
+            "n_shared_experts": m("expert_shared_count", 0), "routed_scaling_factor": m("expert_weights_scale", 1.0),
+            "norm_topk_prob": bool(m("expert_weights_norm", True)), "n_group": m("expert_group_count", 1),
+            "topk_group": m("expert_group_used_count", 1), "use_qk_norm": m.has("blk.0.attn_q_norm.weight"),
+            "attention_bias": m.has("blk.0.attn_q.bias"), "partial_rotary_factor": 1.0, **m.rotary_factor()}  # fmt: skip
+
+
+def _minimax_m2(m: Metadata) -> dict:
+    return {"num_local_experts": m("expert_count"), "intermediate_size": m("expert_feed_forward_length"),
+            "rotary_dim": m("rope.dimension_count", m.head_dim)}  # fmt: skip
+
+
+def _deepseek2(m: Metadata) -> dict:
+    """DeepSeek-V2 (softmax router) and V3/R1/Kimi K2 (sigmoid with a selection bias): one llama.cpp architecture,
+    told apart by `expert_gating_func`."""
+    gating = int(m("expert_gating_func", 1))
+    if gating not in (1, 2):
+        raise ConfigError(f"unsupported {m.arch}.expert_gating_func {gating} (1: softmax, 2: sigmoid)")
+    rope = int(m("rope.dimension_count"))
+    fields = {"model_type": "deepseek_v3" if gating == 2 else "deepseek_v2", "num_key_value_heads": m("attention.head_count"),
+              "n_routed_experts": m("expert_count"), "moe_intermediate_size": m("expert_feed_forward_length"),
+              "intermediate_size": m("feed_forward_length"), "first_k_dense_replace": m("leading_dense_block_count", 0),
+              "n_shared_experts": m("expert_shared_count", 0), "routed_scaling_factor": m("expert_weights_scale", 1.0),
+              "norm_topk_prob": bool(m("expert_weights_norm", False)), "n_group": m("expert_group_count", 1),
+              "topk_group": m("expert_group_used_count", 1), "kv_lora_rank": m("attention.kv_lora_rank"),
+              "q_lora_rank": m("attention.q_lora_rank", None), "qk_rope_head_dim": rope,
+              "qk_nope_head_dim": int(m("attention.key_length_mla")) - rope, "v_head_dim": m("attention.value_length_mla")}  # fmt: skip
+    if gating == 1:
+        if fields["norm_topk_prob"]:
+            raise ConfigError(f"unsupported {m.arch} with a softmax router that renormalises (expert_weights_norm)")
+        fields["topk_method"] = "group_limited_greedy" if int(fields["n_group"]) > 1 else "greedy"
+    return fields
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What one llama.cpp architecture is to us: the model_type (`FAMILIES`' key) it runs as, its config.json
+    fields from the metadata (beyond the common ones `hf_config` reads), and the layouts its converter changed,
+    undone when the tensors are read (`gguf_model.resident_names`)."""
+
+    model_type: str
+    fields: Callable[[Metadata], dict]
+    ffn_norm: str = "ffn_norm"  # the norm before the feed-forward (llama.cpp names it after attention in some)
+    permuted_qk: bool = False  # `llama`: q/k rows permuted per head so that rotary pairs are adjacent
+    norm_plus_one: bool = False  # zero-centred RMSNorms stored as 1 + w (but the DeltaNet's gated one)
+    tiled_v_heads: bool = False  # Qwen3.5: the DeltaNet's value heads reordered from grouped by key head to tiled
+    nextn_layers: bool = False  # block_count counts the multi-token-prediction layers (`nextn_predict_layers`)
+
+
+# llama.cpp's architecture name -> what it is to us
+ARCHITECTURES = {
+    "llama": Architecture("mixtral", _mixtral, permuted_qk=True),
+    "qwen3moe": Architecture("qwen3_moe", _qwen3_moe),
+    "qwen2moe": Architecture("qwen2_moe", _qwen2_moe),
+    "olmoe": Architecture("olmoe", _olmoe),
+    "qwen35moe": Architecture("qwen3_5_moe_text", _hybrid, "post_attention_norm", norm_plus_one=True, tiled_v_heads=True),
+    "qwen3next": Architecture("qwen3_next", _hybrid, "post_attention_norm", norm_plus_one=True),
+    "gpt-oss": Architecture("gpt_oss", _gpt_oss, "post_attention_norm"),
+    "glm4moe": Architecture("glm4_moe", _glm4_moe, "post_attention_norm", nextn_layers=True),
+    "minimax-m2": Architecture("minimax_m2", _minimax_m2),
+    "deepseek2": Architecture("deepseek_v2", _deepseek2, nextn_layers=True),  # model_type deepseek_v3 with a sigmoid router
+}
+
+
+def architecture(metadata: dict) -> Architecture:
+    arch = metadata.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
+    return ARCHITECTURES[arch]
+
+
+def hf_config(metadata: dict, tensors: dict[str, GgufTensor]) -> dict:
+    """The config.json fields `ModelConfig.from_hf` reads, from the GGUF's metadata (`{arch}.*`, `tokenizer.ggml.*`)
+    and what the tensors show (a tied output, biases, q/k norms)."""
+    record, m = architecture(metadata), Metadata(metadata, tensors)
+    heads = int(m("attention.head_count"))
+    if int(m("expert_count", 0)) == 0:
+        raise ConfigError(f"this GGUF ({m.arch}) is a dense model with no routed experts; moe-local runs MoE models")
+    vocab = m("vocab_size", None) or len(metadata.get("tokenizer.ggml.tokens") or ()) or tensors["token_embd.weight"].shape[0]
+    kv_heads = m("attention.head_count_kv", heads)
+    if isinstance(kv_heads, list):  # per layer (Gemma 4); the families here have one count
+        kv_heads = max(kv_heads)
+    n_layers = int(m("block_count")) - (int(m("nextn_predict_layers", 0)) if record.nextn_layers else 0)
     raw = {
-        "model_type": model_type,
+        "model_type": record.model_type,
         "vocab_size": int(vocab),
-        "hidden_size": dim,
-        "num_hidden_layers": int(get("block_count")),
+        "hidden_size": int(m("embedding_length")),
+        "num_hidden_layers": n_layers,
         "num_attention_heads": heads,
-        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
-        "head_dim": int(get("attention.key_length", dim // heads)),
-        "num_experts_per_tok": int(get("expert_used_count")),
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(get("rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(get("context_length")),
+        "num_key_value_heads": int(kv_heads),
+        "head_dim": m.head_dim,
+        "num_experts_per_tok": int(m("expert_used_count")),
+        "rms_norm_eps": float(m("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(m("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(m("context_length")),
         "tie_word_embeddings": "output.weight" not in tensors,
         "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
     }
-    scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
+    scaling = m("rope.scaling.type", "none")
     if scaling == "yarn":
-        raw["rope_scaling"] = {"rope_type": "yarn", "factor": float(get("rope.scaling.factor")),
-                               "original_max_position_embeddings": int(get("rope.scaling.original_context_length"))}  # fmt: skip
+        raw["rope_scaling"] = {"rope_type": "yarn", "factor": float(m("rope.scaling.factor")),
+                               "original_max_position_embeddings": int(m("rope.scaling.original_context_length")),
+                               "beta_fast": float(m("rope.scaling.yarn_beta_fast", 32.0)), "beta_slow": float(m("rope.scaling.yarn_beta_slow", 1.0))}  # fmt: skip
+        if (log_mul := m("rope.scaling.yarn_log_multiplier", None)) is not None:
+            # llama.cpp keeps 0.1 * mscale_all_dim and takes mscale to equal it (as DeepSeek's published configs have it)
+            raw["rope_scaling"] |= {"mscale": float(log_mul) / 0.1, "mscale_all_dim": float(log_mul) / 0.1}
     elif scaling != "none":
         raise ConfigError(f"unsupported RoPE scaling {scaling!r} in the GGUF's metadata (supported: none, yarn)")
-    ffn = int(metadata.get(f"{arch}.expert_feed_forward_length") or get("feed_forward_length"))
-    if model_type == "mixtral":
-        raw |= {"num_local_experts": n_experts, "intermediate_size": ffn}
-    elif model_type == "olmoe":
-        clamp = metadata.get(f"{arch}.attention.clamp_kqv")
-        raw |= {"num_experts": n_experts, "intermediate_size": ffn, "norm_topk_prob": False, "clip_qkv": clamp}
-    else:
-        # llama.cpp's qwen3moe renormalises the chosen weights, its qwen2moe does not (whatever the source said)
-        raw |= {"num_experts": n_experts, "moe_intermediate_size": ffn, "norm_topk_prob": model_type == "qwen3_moe",
-                "mlp_only_layers": [], "decoder_sparse_step": 1}  # fmt: skip
-        if model_type == "qwen3_moe":
-            raw["attention_bias"] = "blk.0.attn_q.bias" in tensors
-        else:
-            raw["qkv_bias"] = "blk.0.attn_q.bias" in tensors
-            raw["shared_expert_intermediate_size"] = int(get("expert_shared_feed_forward_length"))
-    return raw
+    return raw | record.fields(m)

@@ -3,29 +3,34 @@ safetensors folder): resident tensors dequantized (`ggml.py`), routed experts on
 block bytes (`expert_blocks`) or dequantized (`expert`). Bytes are read with plain file reads at their offsets,
 as `checkpoint.py` reads safetensors (no memory map of the weights).
 
-llama.cpp's converter changes some layouts, undone here: the `llama` architecture's q and k rows are permuted
-so that rotary pairs are adjacent (we rotate halves, as transformers does), and a layer's routed experts are
-stacked into one tensor per matrix (`blk.N.ffn_{gate,up,down}_exps`, expert e's rows contiguous)."""
+llama.cpp's converter changes some layouts, undone here as each architecture's record (`gguf.ARCHITECTURES`)
+says: the `llama` architecture's q and k rows are permuted so that rotary pairs are adjacent (we rotate halves,
+as transformers does), Qwen3-Next's and Qwen3.5's zero-centred norms are stored as 1 + w and Qwen3.5's DeltaNet
+value heads tiled, MLA's kv_b is split in two; and a layer's routed experts are stacked into one tensor per
+matrix (`blk.N.ffn_{gate,up,down}_exps`, expert e's rows contiguous)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
+from typing import Callable
 
 import gguf
 import torch
 
-from moe_local.config import ModelConfig
+from moe_local.checkpoint import ba_rows, deinterleave_rope, ungate_rows
+from moe_local.config import FAMILIES, ModelConfig
 from moe_local.errors import CheckpointError
 from moe_local.weights import ggml
-from moe_local.weights.gguf import GgufTensor, hf_config, read_file
+from moe_local.weights.gguf import Architecture, GgufTensor, architecture, hf_config, read_file
 
 
 # ---- tensor names -----------------------------------------------------------------------------------------
 
 
-def _rows_unpermuted(heads: int) -> callable:
+def _rows_unpermuted(heads: int) -> Callable:
     """Undo the `llama` converter's permutation of q or k rows (per head, halves -> adjacent rotary pairs)."""
 
     def transform(w: torch.Tensor) -> torch.Tensor:
@@ -35,39 +40,145 @@ def _rows_unpermuted(heads: int) -> callable:
     return transform
 
 
-def resident_names(cfg: ModelConfig, arch: str) -> dict[str, list[tuple[str, tuple[int, ...], callable]]]:
-    """Our name -> the GGUF tensors it is made of, in order (concatenated along the first dimension), each with
-    its shape as we use it and a transform after dequantizing."""
+def _minus_one(w: torch.Tensor) -> torch.Tensor:
+    """A zero-centred norm's weight from the 1 + w the converter stored (our norms add the 1 back)."""
+    return w - 1
+
+
+def _v_heads_grouped(k_heads: int, v_heads: int, head_dim: int, dim: int = 0) -> Callable:
+    """Undo Qwen3.5's converter reordering the DeltaNet's value heads from grouped by key head [Hk, g] to tiled
+    [g, Hk] (rows of `head_dim` along `dim`)."""
+    g = v_heads // k_heads
+
+    def transform(w: torch.Tensor) -> torch.Tensor:
+        w = w.movedim(dim, 0)
+        w = w.reshape(g, k_heads, head_dim, *w.shape[1:]).transpose(0, 1).reshape(w.shape)  # [Hk, g, hd, ...]
+        return w.movedim(0, dim).contiguous()
+
+    return transform
+
+
+def _qkv_v_grouped(lin) -> Callable:
+    """The DeltaNet's q | k | v rows (or conv channels) with the v rows' heads grouped back by key head."""
+    v_rows = _v_heads_grouped(lin.k_heads, lin.v_heads, lin.v_head_dim)
+    qk = 2 * lin.k_heads * lin.k_head_dim
+
+    def transform(w: torch.Tensor) -> torch.Tensor:
+        return torch.cat([w[:qk], v_rows(w[qk:])])
+
+    return transform
+
+
+class Joined(list):
+    """Pieces put together otherwise than end to end along the first dimension (`join`, on the transformed pieces)."""
+
+    def __init__(self, pieces: list, join: Callable):
+        super().__init__(pieces)
+        self.join = join
+
+
+Pieces = dict[str, list[tuple[str, tuple[int, ...], Callable | None]]]
+
+
+def _latent_attention(names: Pieces, cfg: ModelConfig, blk: str, a: str) -> None:
+    """MLA: llama.cpp splits kv_b per head into k_b [H, r, nope] (transposed) and v_b [H, v, r]; our wkv_b is
+    [H (nope + v), r]. Rotary pairs stay interleaved in the file, as DeepSeek's own files have them."""
+    m, d, h = cfg.mla, cfg.dim, cfg.n_heads
+    q_rows = deinterleave_rope(m.qk_dim, m.rope_dim) if cfg.rope.interleaved else None
+    kv_rows = deinterleave_rope(m.kv_lora_rank + m.rope_dim, m.rope_dim) if cfg.rope.interleaved else None
+    if m.q_lora_rank is None:
+        names[a + "wq.weight"] = [(blk + "attn_q.weight", (h * m.qk_dim, d), q_rows)]
+    else:
+        names[a + "wq.0.weight"] = [(blk + "attn_q_a.weight", (m.q_lora_rank, d), None)]
+        names[a + "wq.1.weight"] = [(blk + "attn_q_a_norm.weight", (m.q_lora_rank,), None)]
+        names[a + "wq.2.weight"] = [(blk + "attn_q_b.weight", (h * m.qk_dim, m.q_lora_rank), q_rows)]
+    names[a + "wkv_a.weight"] = [(blk + "attn_kv_a_mqa.weight", (m.kv_lora_rank + m.rope_dim, d), kv_rows)]
+    names[a + "kv_norm.weight"] = [(blk + "attn_kv_a_norm.weight", (m.kv_lora_rank,), None)]
+    names[a + "wkv_b.weight"] = Joined([(blk + "attn_k_b.weight", (h, m.kv_lora_rank, m.nope_dim), lambda w: w.transpose(1, 2)),
+                                        (blk + "attn_v_b.weight", (h, m.v_dim, m.kv_lora_rank), None)],
+                                       lambda k, v: torch.cat([k, v], dim=1).reshape(-1, m.kv_lora_rank))  # [H, nope + v, r]  # fmt: skip
+    names[a + "wo.weight"] = [(blk + "attn_output.weight", (d, h * m.v_dim), None)]
+
+
+def _attention(names: Pieces, cfg: ModelConfig, record: Architecture, blk: str, a: str) -> None:
+    """GQA: q, k (v) rows into our wqkv, o; biases, sinks and q/k norms where the config has them."""
     d, hd, h, hkv = cfg.dim, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-    permuted = arch == "llama"
-    q_rows = _rows_unpermuted(h) if permuted else None
-    k_rows = _rows_unpermuted(hkv) if permuted else None
-    names = {"tok_embeddings.weight": [("token_embd.weight", (cfg.vocab_size, d), None)],
-             "norm.weight": [("output_norm.weight", (d,), None)]}  # fmt: skip
+    q_rows = _rows_unpermuted(h) if record.permuted_qk else ungate_rows(h, hd) if cfg.attn_gate else None
+    k_rows = _rows_unpermuted(hkv) if record.permuted_qk else None
+    q = (blk + "attn_q", (h * hd * (1 + cfg.attn_gate),), q_rows)
+    kv = [(blk + "attn_k", (hkv * hd,), k_rows), (blk + "attn_v", (hkv * hd,), None)]
+    names[a + "wqkv.weight"] = [(name + ".weight", (*rows, d), t) for name, rows, t in (q, *kv)]
+    if cfg.qkv_bias:
+        names[a + "wqkv.bias"] = [(name + ".bias", rows, t) for name, rows, t in (q, *kv)]
+    names[a + "wo.weight"] = [(blk + "attn_output.weight", (d, h * hd), None)]
+    if cfg.o_bias:
+        names[a + "wo.bias"] = [(blk + "attn_output.bias", (d,), None)]
+    if cfg.attn_sinks:
+        names[a + "sinks"] = [(blk + "attn_sinks.weight", (h,), None)]
+    if cfg.qk_norm:
+        per_head, norm = cfg.qk_norm == "head", _minus_one if record.norm_plus_one else None
+        names[a + "qk_norm.q_norm.weight"] = [(blk + "attn_q_norm.weight", (hd if per_head else h * hd,), norm)]
+        names[a + "qk_norm.k_norm.weight"] = [(blk + "attn_k_norm.weight", (hd if per_head else hkv * hd,), norm)]
+
+
+def _linear_attention(names: Pieces, cfg: ModelConfig, record: Architecture, blk: str, a: str) -> None:
+    """A Gated DeltaNet layer: q | k | v (attn_qkv), z (attn_gate), b and a (ssm_beta, ssm_alpha: Qwen3.5; or
+    ssm_ba, per key head: Qwen3-Next) into our in_proj; A from llama.cpp's -exp(A_log)."""
+    lin, d = cfg.linear, cfg.dim
+    tiled = record.tiled_v_heads
+    v_heads = _v_heads_grouped(lin.k_heads, lin.v_heads, 1) if tiled else None
+    in_proj = [(blk + "attn_qkv.weight", (lin.conv_dim, d), _qkv_v_grouped(lin) if tiled else None),
+               (blk + "attn_gate.weight", (lin.value_dim, d), _v_heads_grouped(lin.k_heads, lin.v_heads, lin.v_head_dim) if tiled else None)]  # fmt: skip
+    if FAMILIES[cfg.model_type].fused_linear_projections:  # Qwen3-Next's in_proj_ba, kept as it is
+        in_proj.append((blk + "ssm_ba.weight", (2 * lin.v_heads, d), ba_rows(lin)))
+    else:
+        in_proj += [(blk + "ssm_beta.weight", (lin.v_heads, d), v_heads), (blk + "ssm_alpha.weight", (lin.v_heads, d), v_heads)]
+    names[a + "in_proj.weight"] = in_proj
+    names[a + "conv"] = [(blk + "ssm_conv1d.weight", (lin.conv_dim, lin.conv_kernel), _qkv_v_grouped(lin) if tiled else None)]
+    a_log = (lambda w: torch.log(-w)) if v_heads is None else (lambda w: torch.log(-v_heads(w)))
+    names[a + "A_log"] = [(blk + "ssm_a", (lin.v_heads,), a_log)]
+    names[a + "dt_bias"] = [(blk + "ssm_dt.bias", (lin.v_heads,), v_heads)]
+    names[a + "norm.weight"] = [(blk + "ssm_norm.weight", (lin.v_head_dim,), None)]
+    out = _v_heads_grouped(lin.k_heads, lin.v_heads, lin.v_head_dim, dim=1) if tiled else None
+    names[a + "out_proj.weight"] = [(blk + "ssm_out.weight", (d, lin.value_dim), out)]
+
+
+def _mlp(names: Pieces, ours: str, blk: str, suffix: str, dim: int, hidden: int) -> None:
+    """A resident SwiGLU MLP (dense layer or shared expert): gate and up rows into our w13, down is w2."""
+    names[ours + "w13.weight"] = [(f"{blk}ffn_gate{suffix}.weight", (hidden, dim), None), (f"{blk}ffn_up{suffix}.weight", (hidden, dim), None)]
+    names[ours + "w2.weight"] = [(f"{blk}ffn_down{suffix}.weight", (dim, hidden), None)]
+
+
+def resident_names(cfg: ModelConfig, record: Architecture) -> Pieces:
+    """Our name -> the GGUF tensors it is made of, in order (concatenated along the first dimension), each with
+    its shape as we use it and a transform after dequantizing; the pieces are chosen by the config, as the
+    model's are, and the converter's layout changes by the architecture's record."""
+    d = cfg.dim
+    norm = _minus_one if record.norm_plus_one else None
+    names: Pieces = {"tok_embeddings.weight": [("token_embd.weight", (cfg.vocab_size, d), None)],
+                     "norm.weight": [("output_norm.weight", (d,), norm)]}  # fmt: skip
     if not cfg.tie_word_embeddings:
         names["output.weight"] = [("output.weight", (cfg.vocab_size, d), None)]
     for i in range(cfg.n_layers):
         blk, ours = f"blk.{i}.", f"layers.{i}."
-        a = ours + "attention."
-        names[a + "wqkv.weight"] = [(blk + "attn_q.weight", (h * hd, d), q_rows), (blk + "attn_k.weight", (hkv * hd, d), k_rows),
-                                    (blk + "attn_v.weight", (hkv * hd, d), None)]  # fmt: skip
-        if cfg.qkv_bias:
-            names[a + "wqkv.bias"] = [(blk + "attn_q.bias", (h * hd,), q_rows), (blk + "attn_k.bias", (hkv * hd,), k_rows),
-                                      (blk + "attn_v.bias", (hkv * hd,), None)]  # fmt: skip
-        names[a + "wo.weight"] = [(blk + "attn_output.weight", (d, h * hd), None)]
-        if cfg.o_bias:
-            names[a + "wo.bias"] = [(blk + "attn_output.bias", (d,), None)]
-        if cfg.qk_norm:
-            per_head = cfg.qk_norm == "head"
-            names[a + "qk_norm.q_norm.weight"] = [(blk + "attn_q_norm.weight", (hd if per_head else h * hd,), None)]
-            names[a + "qk_norm.k_norm.weight"] = [(blk + "attn_k_norm.weight", (hd if per_head else hkv * hd,), None)]
-        names[ours + "attention_norm.weight"] = [(blk + "attn_norm.weight", (d,), None)]
-        names[ours + "ffn_norm.weight"] = [(blk + "ffn_norm.weight", (d,), None)]
+        if i in cfg.linear_layers:
+            _linear_attention(names, cfg, record, blk, ours + "attention.")
+        elif cfg.mla is not None:
+            _latent_attention(names, cfg, blk, ours + "attention.")
+        else:
+            _attention(names, cfg, record, blk, ours + "attention.")
+        names[ours + "attention_norm.weight"] = [(blk + "attn_norm.weight", (d,), norm)]
+        names[ours + "ffn_norm.weight"] = [(f"{blk}{record.ffn_norm}.weight", (d,), norm)]
+        if i not in cfg.moe_layers:
+            _mlp(names, ours + "ffn.", blk, "", d, cfg.dense_ffn_dim)
+            continue
         names[ours + "ffn.router.weight"] = [(blk + "ffn_gate_inp.weight", (cfg.n_experts, d), None)]
+        if cfg.router_bias:
+            names[ours + "ffn.router.bias"] = [(blk + "ffn_gate_inp.bias", (cfg.n_experts,), None)]
+        if cfg.router.correction_bias:
+            names[ours + "ffn.router.correction_bias"] = [(blk + "exp_probs_b.bias", (cfg.n_experts,), None)]
         if cfg.shared_ffn_dim:
-            s = cfg.shared_ffn_dim
-            names[ours + "ffn.shared.w13.weight"] = [(blk + "ffn_gate_shexp.weight", (s, d), None), (blk + "ffn_up_shexp.weight", (s, d), None)]
-            names[ours + "ffn.shared.w2.weight"] = [(blk + "ffn_down_shexp.weight", (d, s), None)]
+            _mlp(names, ours + "ffn.shared.", blk, "_shexp", d, cfg.shared_ffn_dim)
             if cfg.shared_gate:
                 names[ours + "ffn.shared_gate.weight"] = [(blk + "ffn_gate_inp_shexp.weight", (1, d), None)]
     return names
@@ -92,7 +203,7 @@ class GgufModel:
         self.arch = self.metadata.get("general.architecture")
         self.raw_config = hf_config(self.metadata, self.tensors)
         self.config = ModelConfig.from_hf(self.raw_config)
-        self.expected = resident_names(self.config, self.arch)
+        self.expected = resident_names(self.config, architecture(self.metadata))
         self._check()
         embed = self.tensors["token_embd.weight"].qtype
         self.dtype = ggml.FLOATS.get(embed, torch.bfloat16)  # the compute dtype by default: a float file's own, else bf16
@@ -104,12 +215,17 @@ class GgufModel:
             for name, shape, _ in pieces:
                 self._check_tensor(name, shape)
                 known.add(name)
-        for i in range(cfg.n_layers):
+        for i in cfg.moe_layers:
             for w, stem in EXPERT_TENSORS.items():
-                name = f"blk.{i}.{stem}.weight"
-                self._check_tensor(name, (cfg.n_experts, *cfg.expert_shapes[w]))
-                known.add(name)
+                self._check_tensor(f"blk.{i}.{stem}.weight", (cfg.n_experts, *cfg.expert_shapes[w]))
+                known.add(f"blk.{i}.{stem}.weight")
+                if cfg.expert_bias:
+                    self._check_tensor(f"blk.{i}.{stem}.bias", (cfg.n_experts, cfg.expert_shapes[w][0]))
+                    known.add(f"blk.{i}.{stem}.bias")
         for name in self.tensors:
+            layer = re.match(r"blk\.(\d+)\.", name)
+            if layer is not None and int(layer.group(1)) >= cfg.n_layers:  # a multi-token-prediction layer (GLM-4.5's nextn)
+                continue
             if name not in known and name != "rope_freqs.weight":
                 raise CheckpointError(f"unknown tensor {name} in the GGUF for architecture {self.arch}")
 
@@ -150,7 +266,8 @@ class GgufModel:
                 t = self.get(name).reshape(shape)
                 tensors.append(t if transform is None else transform(t))
             where = "cpu" if ours in host else device
-            state[ours] = (tensors[0] if len(tensors) == 1 else torch.cat(tensors)).to(device=where, dtype=dtype)
+            joined = pieces.join(*tensors) if isinstance(pieces, Joined) else tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+            state[ours] = joined.to(device=where, dtype=dtype)
         if self.config.tie_word_embeddings:
             state["output.weight"] = state["tok_embeddings.weight"]
         return state
@@ -166,13 +283,22 @@ class GgufModel:
         return self.read_bytes(info, expert * rows * info.row_bytes, rows * info.row_bytes).view(rows, info.row_bytes)
 
     def expert(self, layer: int, expert: int, w: str) -> torch.Tensor | dict[str, torch.Tensor]:
-        """One routed expert's matrix dequantized to fp32: w1 gate [F, D], w2 down [D, F], w3 up [F, D]; or for
-        w="ggml" its block bytes as the `Ggml` format keeps them: gate then up rows, and down, with their two
-        ggml type codes ("types": gate's, which up shares, and down's)."""
+        """One routed expert's matrix dequantized to fp32: w1 gate [F, D], w2 down [D, F], w3 up [F, D], their
+        biases b1, b2, b3 where the family has them; or for w="ggml" its block bytes as the `Ggml` format keeps
+        them: gate then up rows, and down, with their two ggml type codes ("types": gate's, which up shares, and
+        down's)."""
         if w == "ggml":
             gate, up, down = (self.expert_blocks(layer, expert, w) for w in ("w1", "w3", "w2"))
             types = torch.tensor([int(self.expert_tensor(layer, w).qtype) for w in ("w1", "w2")], dtype=torch.uint8)
             return {"gate_up": torch.cat([gate, up]), "down": down, "types": types}
+        if w in ("b1", "b2", "b3"):
+            if not self.config.expert_bias:
+                raise KeyError(w)
+            info = self.tensors[f"blk.{self.config.moe_layers[layer]}.{EXPERT_TENSORS['w' + w[1]]}.bias"]
+            row = self.read_bytes(info, expert * info.row_bytes, info.row_bytes).view(1, info.row_bytes)
+            return ggml.dequantize(row, info.qtype, info.shape[-1])[0]
+        if w not in EXPERT_TENSORS:  # another format's own bytes ("mxfp4", "fp8", "int4"): not in this file
+            raise KeyError(w)
         info = self.expert_tensor(layer, w)
         return ggml.dequantize(self.expert_blocks(layer, expert, w), info.qtype, info.shape[-1])
 
