@@ -13,8 +13,8 @@ from starlette.responses import JSONResponse
 
 from moe_local.errors import MoeLocalError
 from moe_local.params import Output
-from moe_local.replies import call_id
-from moe_local.tools import Call, ToolParser
+from moe_local.replies import Thinking, call_id
+from moe_local.tools import Call, Piece, ToolParser
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
@@ -106,14 +106,32 @@ def _event(kind: str, data: dict) -> str:
 
 
 class Message:
-    """One answer in Anthropic's shape, from the Batcher's Outputs (the calls read by `parser`, where tools were
-    offered)."""
+    """One answer in Anthropic's shape, from the Batcher's Outputs: the calls read by `parser` (where tools were
+    offered), the reasoning split off by `thinking` (`<think>...</think>`; a harmony model's comes apart already)
+    and shown as thinking blocks only where the request asked for them (`show`), as Anthropic's API does;
+    `hidden`: special tokens not to show (the text has them written where `thinking` or `parser` reads it)."""
 
-    def __init__(self, model: str, input_tokens: int, parser: ToolParser | None):
+    def __init__(self, model: str, input_tokens: int, parser: ToolParser | None, thinking: Thinking | None = None,
+                 show: bool = False, hidden: frozenset[str] = frozenset()):
         self.id, self.model, self.input_tokens, self.parser = f"msg_{secrets.token_hex(12)}", model, input_tokens, parser
+        self.thinking, self.show, self.hidden = thinking, show, hidden
         self.block: str | None = None  # the kind of the content block open in a stream
         self.index = -1
         self.calls: dict[int, int] = {}  # a call's index among the calls -> its content block's
+
+    def said(self, text: str, reasoning: str, final: bool) -> tuple[str, str, list[Piece]]:
+        """(answer text, reasoning to show, pieces of calls) of the next text, streamed (or whole: `final`)."""
+        pieces = []
+        if self.thinking is not None:
+            thought, text = self.thinking.push(text, final)
+            reasoning += thought
+        if self.parser is not None:
+            said = self.parser.push(text, final)
+            text, reasoning, pieces = said.content, reasoning + said.reasoning, said.pieces
+        elif self.thinking is not None:
+            for token in self.hidden:
+                text = text.replace(token, "")
+        return text, reasoning if self.show else "", pieces
 
     def head(self) -> dict:
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
@@ -121,13 +139,20 @@ class Message:
 
     def whole(self, outputs: list[Output]) -> dict:
         text, reasoning, calls = "".join(o.text for o in outputs), "".join(o.reasoning for o in outputs), []
+        if self.thinking is not None:
+            thought, text = self.thinking.push(text, final=True)
+            reasoning += thought
         if self.parser is not None:
             said = self.parser.parse(text)
             text, reasoning, calls = said.content, reasoning + said.reasoning, said.calls
+        elif self.thinking is not None:
+            for token in self.hidden:
+                text = text.replace(token, "")
+        reasoning = reasoning if self.show else ""
         content = ([{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning else []) + \
                   ([{"type": "text", "text": text}] if text or not calls else []) + [self.tool_use(c) for c in calls]
         last = outputs[-1]
-        return {**self.head(), "content": content, "stop_reason": self.stop_reason(last.finish_reason, len(calls)),
+        return {**self.head(), "content": content, **self.stop(last, len(calls)),
                 "usage": {"input_tokens": last.prompt_tokens, "output_tokens": last.completion_tokens}}
 
     @staticmethod
@@ -135,8 +160,14 @@ class Message:
         return {"type": "tool_use", "id": f"toolu_{call_id()}", "name": call.name, "input": json.loads(call.arguments)}
 
     @staticmethod
-    def stop_reason(finish_reason: str | None, calls: int) -> str:
-        return "tool_use" if calls and finish_reason == "stop" else STOP_REASONS.get(finish_reason, "end_turn")
+    def stop(last: Output, calls: int) -> dict:
+        """stop_reason and stop_sequence: tool_use where the answer has calls, stop_sequence where one of the request's
+        ended it."""
+        if calls and last.finish_reason == "stop":
+            return {"stop_reason": "tool_use", "stop_sequence": None}
+        if last.stop_sequence is not None:
+            return {"stop_reason": "stop_sequence", "stop_sequence": last.stop_sequence}
+        return {"stop_reason": STOP_REASONS.get(last.finish_reason, "end_turn"), "stop_sequence": None}
 
     # --- streamed ---------------------------------------------------------------------------------------------------
 
@@ -145,10 +176,7 @@ class Message:
 
     def step(self, output: Output) -> list[str]:
         """The events `output` adds; after the last one, the message's end (or an error event)."""
-        text, reasoning, pieces = output.text, output.reasoning, []
-        if self.parser is not None:
-            said = self.parser.push(output.text, final=bool(output.finish_reason or output.error))
-            text, reasoning, pieces = said.content, reasoning + said.reasoning, said.pieces
+        text, reasoning, pieces = self.said(output.text, output.reasoning, final=bool(output.finish_reason or output.error))
         events = []
         if reasoning:
             events += self._open("thinking", {"type": "thinking", "thinking": ""})
@@ -169,7 +197,7 @@ class Message:
             if self.block is None:  # an empty answer still has its text block
                 events += self._open("text", {"type": "text", "text": ""})
             events += self._close()
-            events.append(_event("message_delta", {"delta": {"stop_reason": self.stop_reason(output.finish_reason, len(self.calls)), "stop_sequence": None},
+            events.append(_event("message_delta", {"delta": self.stop(output, len(self.calls)),
                                                    "usage": {"output_tokens": output.completion_tokens}}))
             events.append(_event("message_stop", {}))
         return events

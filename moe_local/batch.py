@@ -251,7 +251,7 @@ class Batcher:
             if r.stops.stopped:  # the held-back end completed a stop string: the text ends there, as stopped
                 reason = "stop"
             text += r.stops.flush()
-        r.request.emit(r.output(text=text, reasoning=r.take_reasoning(), finish_reason=reason))
+        r.request.emit(r.output(text=text, reasoning=r.take_reasoning(), finish_reason=reason, stop_sequence=r.stops.stopped))
         self._leave(r)
 
     def _leave(self, r: Running) -> None:

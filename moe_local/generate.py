@@ -24,15 +24,16 @@ class StopStrings:
 
     def __init__(self, strings: list[str]):
         self.strings = [s for s in strings if s]
-        self.stopped = False
+        self.stopped: str | None = None  # the string that ended the text
         self._held = ""
 
     def push(self, text: str) -> str:
         held = self._held + text
-        found = [i for i in (held.find(s) for s in self.strings) if i >= 0]
+        found = [(i, s) for s in self.strings if (i := held.find(s)) >= 0]
         if found:
-            self.stopped, self._held = True, ""
-            return held[: min(found)]
+            at, self.stopped = min(found, key=lambda f: f[0])
+            self._held = ""
+            return held[:at]
         # the longest end of `held` that begins some stop string stays held back
         keep = max((n for s in self.strings for n in range(1, len(s)) if held.endswith(s[:n])), default=0)
         self._held = held[len(held) - keep :]

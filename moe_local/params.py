@@ -90,6 +90,7 @@ class Output:
     text: str = ""
     reasoning: str = ""  # a harmony model's (gpt-oss) other channels: its reasoning, not its answer
     finish_reason: str | None = None
+    stop_sequence: str | None = None  # the stop string that ended it (finish_reason "stop"), if one did
     error: str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0  # of the prompt, whose keys and values a sequence's KV cache already held

@@ -8,7 +8,45 @@ import secrets
 import string
 
 from moe_local.params import Output
-from moe_local.tools import Call, Piece, ToolParser
+from moe_local.tools import Call, Piece, ToolParser, held_back
+
+THINK, UNTHINK = "<think>", "</think>"
+
+
+class Thinking:
+    """A reasoning model's `<think>...</think>` (Qwen3, GLM-4.5, DeepSeek-V3.1) split off the answer as it streams:
+    `push(text)` returns (reasoning, answer) now certain. `opened`: the prompt ended in <think> (the template opened
+    the reasoning); else the answer may begin with it. The newlines around the answer's start are not the answer's."""
+
+    def __init__(self, opened: bool):
+        self.state = "thinking" if opened else "start"  # -> "answer"
+        self.held = ""
+
+    def push(self, text: str, final: bool = False) -> tuple[str, str]:
+        text, self.held = self.held + text, ""
+        reasoning = ""
+        if self.state == "start":
+            begun = text.lstrip()
+            if begun.startswith(THINK):
+                self.state, text = "thinking", begun[len(THINK):]
+            elif THINK.startswith(begun) and not final:  # may be the start of <think>
+                self.held = text
+                return "", ""
+            else:
+                self.state = "answer"
+        if self.state == "thinking":
+            end = text.find(UNTHINK)
+            if end < 0:
+                keep = 0 if final else held_back(text, UNTHINK)
+                self.held = text[len(text) - keep:]
+                return text[: len(text) - keep], ""
+            reasoning, text, self.state = text[:end], text[end + len(UNTHINK):], "after"
+        if self.state == "after":  # the newlines between </think> and the answer
+            text = text.lstrip("\n")
+            if not text:
+                return reasoning, ""
+            self.state = "answer"
+        return reasoning, text
 
 
 def call_id() -> str:

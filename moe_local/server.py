@@ -36,7 +36,7 @@ from moe_local.grammar import GrammarError, answer_grammar, check, token_bytes
 from moe_local.harmony import is_harmony
 from moe_local.params import Output, SamplingParams, SamplingRangeError, max_new_tokens_default
 from moe_local import anthropic_api
-from moe_local.replies import Reply
+from moe_local.replies import THINK, UNTHINK, Reply, Thinking
 from moe_local.tokenizer import Tokenizer, load_tokenizer
 from moe_local.tools import ToolParser, ToolRequestError, call_grammar, template_message, tool_format, tool_request, with_text_arguments
 
@@ -307,9 +307,8 @@ class Server:
         try:
             self.check_key(request)
             body = await read_body(request)
-            prompt, reply, extra, asked = self.anthropic_chat(body)
+            prompt, message, extra, asked = self.anthropic_chat(body)
             job = self.submit(asked, prompt, "messages", extra)
-            message = anthropic_api.Message(self.model_id, len(prompt), reply.parser)
             if body.get("stream"):
                 return StreamingResponse(self.anthropic_stream(job, message), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             return JSONResponse(message.whole(await self.collect(request, job)))
@@ -324,15 +323,25 @@ class Server:
         except ApiError as e:
             return anthropic_api.error_response(e.status, str(e), e.headers)
 
-    def anthropic_chat(self, body: dict) -> tuple[list[int], Reply, dict, dict]:
+    def anthropic_chat(self, body: dict) -> tuple[list[int], anthropic_api.Message, dict, dict]:
+        """(prompt, the answer's Message, the Request's fields beside the sampling ones, the chat request). Thinking
+        as Anthropic's API has it: off unless the request turns it on. Off, the model is told not to think where its
+        template has the switch (enable_thinking), and what it reasons anyway is left out; on, it comes back as
+        thinking blocks (Qwen3's, GLM-4.5's, DeepSeek-V3.1's <think>...</think>, gpt-oss's analysis channel)."""
         try:
             asked, messages = anthropic_api.chat_request(body)
         except anthropic_api.RequestError as e:
             raise ApiError(400, str(e)) from None
-        thinking = asked.pop("thinking", None)
-        options = {"enable_thinking": thinking} if thinking is not None and self.tokenizer.template_reads("enable_thinking") else {}
+        tokenizer = self.tokenizer
+        thinking = bool(asked.pop("thinking", False))
+        options = {"enable_thinking": thinking} if tokenizer.template_reads("enable_thinking") else {}
         prompt, reply, extra = self.chat(asked, chat_messages({"messages": messages}), options)
-        return prompt, reply, extra, asked
+        split = None
+        if UNTHINK in tokenizer.template_source and not is_harmony(tokenizer):
+            split = Thinking(opened=tokenizer.decode(prompt[-4:], special=True).rstrip().endswith(THINK))
+            extra["special"] = True  # GLM-4.5's <think> is a special token
+        message = anthropic_api.Message(self.model_id, len(prompt), reply.parser, split, thinking, tokenizer.hidden_tokens)
+        return prompt, message, extra, asked
 
     async def anthropic_stream(self, job: Job, message: anthropic_api.Message) -> AsyncIterator[str]:
         try:

@@ -100,7 +100,7 @@ def _text_parameters(parameters: dict, lit, before_name: tuple[str, ...], after_
     return " ".join(parts) or '""'
 
 
-def _held(text: str, marker: str) -> int:
+def held_back(text: str, marker: str) -> int:
     """How many characters at the end of `text` could be the start of `marker`."""
     for n in range(min(len(marker) - 1, len(text)), 0, -1):
         if marker.startswith(text[-n:]):
@@ -221,7 +221,7 @@ class Delimited(Format):
             j = text.find(self.open, i)
             gap = text[i:j] if j >= 0 else text[i:]
             if j < 0:
-                gap = gap if final else gap[: len(gap) - _held(gap, self.open)]
+                gap = gap if final else gap[: len(gap) - held_back(gap, self.open)]
                 if gap.strip() or (final and not out.calls):
                     out.content += gap
                 return out
@@ -491,7 +491,7 @@ class Harmony(Format):
             body = text[m + len(MESSAGE) : end.start() if end else len(text)]
             closed = end is not None or final
             if not closed:  # the end of the text may be the start of an end marker
-                body = body[: len(body) - max(_held(body, marker) for marker in (END, START, "<|call|>", "<|return|>"))]
+                body = body[: len(body) - max(held_back(body, marker) for marker in (END, START, "<|call|>", "<|return|>"))]
             recipient = self.RECIPIENT.search(header.replace(CONSTRAIN, " ").replace(CHANNEL, " "))
             channel = header.split(CHANNEL)[-1].replace(CONSTRAIN, " ").split()[:1] if CHANNEL in header else ["final"]
             if recipient and recipient.group(1).startswith("functions."):

@@ -15,6 +15,9 @@ import pytest
 import torch
 
 import moe_local
+from moe_local import anthropic_api
+from moe_local.params import Output
+from moe_local.replies import Thinking
 from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer
 from conftest import moe_local_cli
 from families import build_family
@@ -136,8 +139,12 @@ def test_a_malformed_call_comes_back_as_text(family):
     assert (calls, text, reason) == ([], choice.message.content, "stop")
 
 
+def reference_tokenizer(folder):
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
 def reference_token(folder, i: int) -> str:
-    return transformers.AutoTokenizer.from_pretrained(folder).convert_ids_to_tokens(i)
+    return reference_tokenizer(folder).convert_ids_to_tokens(i)
 
 
 def test_a_json_schema_answer_always_validates(family):
@@ -267,3 +274,45 @@ def test_the_anthropic_client_gets_messages_tool_use_and_its_stream_events(famil
     assert refused.value.body["type"] == "error" and refused.value.body["error"]["type"] == "invalid_request_error"
     with pytest.raises(anthropic.AuthenticationError):
         anthropic.Anthropic(base_url=server.url, api_key="wrong", max_retries=0).messages.create(model="m", max_tokens=1, messages=turn[:1])
+
+
+def test_anthropic_stop_sequence_and_thinking_as_anthropics_api_has_them(family):
+    name, folder, server, _ = family
+    if name != "qwen3_moe":
+        pytest.skip("once is enough")
+    client = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0, timeout=120)
+    tools = [{"name": "get_weather", "description": "The weather in a city.", "input_schema": schema_of(WEATHER)}]
+    ask = dict(model="m", max_tokens=40, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=tools,
+               tool_choice={"type": "tool", "name": "get_weather"}, stop_sequences=["zzz", '"name"'])  # the forced call writes "name"
+    message = client.messages.create(**ask)
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", '"name"')
+    with client.messages.stream(**ask) as stream:
+        final = stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", '"name"')
+    # thinking is off unless asked: Qwen3's template then writes an empty <think></think> for the model
+    turn = [{"role": "user", "content": "Why?"}]
+    off = client.messages.count_tokens(model="m", messages=turn).input_tokens
+    on = client.messages.count_tokens(model="m", messages=turn, thinking={"type": "enabled", "budget_tokens": 1024}).input_tokens
+    assert off == on + len(reference_tokenizer(folder).encode("<think>\n\n</think>\n\n"))
+
+
+def anthropic_events(message: anthropic_api.Message, outputs: list[Output]) -> list[dict]:
+    return [json.loads(event.split("data: ", 1)[1]) for output in outputs for event in message.step(output)]
+
+
+def test_thinking_comes_back_as_thinking_blocks_only_when_asked():
+    outputs = [Output("<think>\nWhy"), Output(" not.\n</th"), Output("ink>\n\nBecause."), Output("", finish_reason="stop", completion_tokens=9)]
+    whole = anthropic_api.Message("m", 5, None, Thinking(opened=False), show=True).whole(outputs)
+    assert whole["content"] == [{"type": "thinking", "thinking": "\nWhy not.\n", "signature": ""}, {"type": "text", "text": "Because."}]
+    events = anthropic_events(anthropic_api.Message("m", 5, None, Thinking(opened=False), show=True), outputs)
+    deltas = [e["delta"] for e in events if e["type"] == "content_block_delta"]
+    assert "".join(d["thinking"] for d in deltas if d["type"] == "thinking_delta") == "\nWhy not.\n"
+    assert "".join(d["text"] for d in deltas if d["type"] == "text_delta") == "Because."
+    assert [e["content_block"]["type"] for e in events if e["type"] == "content_block_start"] == ["thinking", "text"]
+    # not asked for: no thinking blocks, as Anthropic's API
+    assert anthropic_api.Message("m", 5, None, Thinking(opened=False)).whole(outputs)["content"] == [{"type": "text", "text": "Because."}]
+    hidden = anthropic_events(anthropic_api.Message("m", 5, None, Thinking(opened=False)), outputs)
+    assert [e["content_block"]["type"] for e in hidden if e["type"] == "content_block_start"] == ["text"]
+    # the template opened the reasoning (DeepSeek-V3.1's, Qwen3.5's): the answer starts inside it
+    opened = anthropic_api.Message("m", 5, None, Thinking(opened=True), show=True).whole([Output("Hm.</think>Yes.", finish_reason="stop")])
+    assert opened["content"] == [{"type": "thinking", "thinking": "Hm.", "signature": ""}, {"type": "text", "text": "Yes."}]
