@@ -610,14 +610,16 @@ class Server:
 
 def render_conversation(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None, options: dict,
                         add_generation_prompt: bool = True) -> list[int]:
-    """The prompt's ids; where the template refuses calls' arguments as objects, with them as JSON text (DeepSeek-V3's
-    joins them to strings)."""
+    """The prompt's ids. Where the template refuses what OpenAI allows, it gets them as it takes them: calls'
+    arguments as JSON text (DeepSeek-V3's joins them to strings), an empty description for a tool without one
+    (gpt-oss's adds it to a string)."""
     try:
         return tokenizer.render_chat(messages, add_generation_prompt, tools, **options)
     except TokenizerError:
-        if not any(m.get("tool_calls") for m in messages):
+        described = [{**t, "function": {"description": "", **t["function"]}} for t in tools] if tools else tools
+        if not any(m.get("tool_calls") for m in messages) and described == tools:
             raise
-    return tokenizer.render_chat(with_text_arguments(messages), add_generation_prompt, tools, **options)
+    return tokenizer.render_chat(with_text_arguments(messages), add_generation_prompt, described, **options)
 
 
 async def read_body(request: HttpRequest) -> dict:

@@ -3,6 +3,7 @@ batching changes a greedy token in the model's own dtype (in fp32 it must never;
 
     python scripts/bench_server.py                       # the demo model, its own dtype (bf16)
     python scripts/bench_server.py /models/Mixtral-8x7B-Instruct-v0.1 --serve-args "--gpu-memory 12GiB"
+    python scripts/bench_server.py --json-schema --streams 1 8   # every answer constrained by a JSON schema's grammar
 
 Starts the server as a subprocess on a free loopback port and streams greedy completions to it from
 threads, each request asking for --max-tokens tokens; prints one JSON object."""
@@ -54,11 +55,19 @@ def start(model: str | None, threads: int | None, extra: list[str], parallel: in
     sys.exit(f"the server did not start: {process.communicate()[1]}")
 
 
-def stream(url: str, prompt: str, max_tokens: int) -> int:
+# --json-schema: a list of people no answer can finish before max_tokens, so that every stream stays constrained
+PEOPLE = {"type": "array", "minItems": 1000, "items": {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0, "maximum": 120}}, "required": ["name", "age"],
+    "additionalProperties": False}}
+
+
+def stream(url: str, prompt: str, max_tokens: int, schema: dict | None = None) -> int:
     """Stream one completion; its completion_tokens. The client does as little as it can per event (it
     shares this machine's cores with the server): it keeps the stream's last bytes and reads only the final
     chunk, the one with the usage."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    if schema is not None:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "people", "schema": schema}}
     tail = b""
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
         for chunk in response.iter_raw():
@@ -67,12 +76,12 @@ def stream(url: str, prompt: str, max_tokens: int) -> int:
     return json.loads(usage[-1][6:])["usage"]["completion_tokens"]
 
 
-def aggregate(url: str, streams: int, max_tokens: int, rounds: int) -> dict:
+def aggregate(url: str, streams: int, max_tokens: int, rounds: int, schema: dict | None = None) -> dict:
     """`streams` clients at once, each streaming `rounds` requests one after the other."""
     def client(i: int) -> int:
-        return sum(stream(url, PROMPTS[(i + r) % len(PROMPTS)], max_tokens) for r in range(rounds))
+        return sum(stream(url, PROMPTS[(i + r) % len(PROMPTS)], max_tokens, schema) for r in range(rounds))
 
-    stream(url, PROMPTS[0], 4)  # warm-up
+    stream(url, PROMPTS[0], 4, schema)  # warm-up
     start = time.perf_counter()
     with ThreadPoolExecutor(streams) as pool:
         tokens = sum(pool.map(client, range(streams)))
@@ -107,18 +116,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads in the server (default: torch's)")
     parser.add_argument("--serve-args", default="", help="more `moe-local serve` options, e.g. '--gpu-memory 12GiB'")
     parser.add_argument("--dtype", help="compute dtype of the batching-changes check (default: the model's)")
+    parser.add_argument("--json-schema", action="store_true", help="every request asks for JSON of a schema (PEOPLE): constrained decoding")
+    parser.add_argument("--no-batching-check", action="store_true", help="leave out the batching-changes check")
     args = parser.parse_args()
     process, url = start(args.model, args.threads, shlex.split(args.serve_args), max(args.streams))
     try:
-        runs = [aggregate(url, n, args.max_tokens, args.rounds) for n in args.streams]
+        runs = [aggregate(url, n, args.max_tokens, args.rounds, PEOPLE if args.json_schema else None) for n in args.streams]
     finally:
         process.terminate()
         process.communicate(timeout=60)
     if args.threads:
         torch.set_num_threads(args.threads)
     result = {"model": args.model or "demo", "threads": args.threads or torch.get_num_threads(), "max_tokens": args.max_tokens,
-              "runs": runs, "speedup": {r["streams"]: round(r["tok_per_s"] / runs[0]["tok_per_s"], 2) for r in runs},
-              "batching_changes": batching_changes(args.model, args.dtype, args.max_tokens, len(PROMPTS))}
+              "json_schema": args.json_schema, "runs": runs, "speedup": {r["streams"]: round(r["tok_per_s"] / runs[0]["tok_per_s"], 2) for r in runs}}
+    if not args.no_batching_check:
+        result["batching_changes"] = batching_changes(args.model, args.dtype, args.max_tokens, len(PROMPTS))
     print(json.dumps(result, indent=2))
 
 

@@ -176,6 +176,9 @@ def test_a_forced_call_round_trips_and_streams_the_same(family):
     want = reference.apply_chat_template(as_template_reads, tools=[WEATHER, TIME], add_generation_prompt=True, tokenize=True, return_dict=False)
     assert then.usage.prompt_tokens == len(want)
     assert then.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # OpenAI's tools need no description (gpt-oss's template adds it to a string: it gets an empty one)
+    bare = {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}
+    assert client.chat.completions.create(model="m", messages=ASK, tools=[bare], max_tokens=1).usage.completion_tokens == 1
 
 
 def test_tool_choice_required_may_call_several(family):
