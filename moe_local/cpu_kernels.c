@@ -12,7 +12,8 @@
    (its comment is below).
 
    experts_swiglu, experts_swiglu_int4(_tc), experts_swiglu_fp8: a decode step's SwiGLU experts of one layer (bf16,
-   int8, int4 in the CPU's or CUDA's layout, or FP8 blocks) in one call, for `moe_local/experts/formats.py` (their comments are below). */
+   int8, int4 in the CPU's or CUDA's layout, or FP8 blocks) in one call, for `moe_local/experts/formats.py` (their comments are below);
+   the first three take GeGLU experts too (`act`: Gemma 4's). */
 
 #include <immintrin.h>
 #include <math.h>
@@ -422,8 +423,9 @@ int mxfp4_linear(const uint16_t* x, int M, int K, const uint8_t* blocks, const u
    that the int8 weights need one instruction to widen. Each product, silu's result and h round to bf16
    where torch's bf16 path rounds them, so the order of the sums (and for int8, the int16 activations) is
    all that differs from it. Work items are (expert, 8 outputs) in both passes; each reads its weight rows
-   once for all of its expert's rows. D and F multiples of 32, at most 16 rows an expert; 0, or 1 for sizes
-   it cannot take (or int8 without AVX512-VNNI), 2 out of memory. */
+   once for all of its expert's rows. D and F multiples of 32, at most 16 rows an expert; `act` ACT_GELU_TANH
+   for GeGLU experts (h = gelu_tanh(x Wg.T) * (x Wu.T), Gemma 4's); 0, or 1 for sizes or an `act` it cannot take
+   (or int8 without AVX512-VNNI), 2 out of memory. */
 #define EXPERT_MAX_ROWS 16
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define INT8_PAIRS 1
@@ -437,16 +439,30 @@ static inline __m256 round_bf16_8(__m256 x) {
     return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u)));
 }
 
-/* h[0..7] = silu(g) * u (bf16) from 8 gate and up products, each rounded to bf16 where torch's bf16 path
-   rounds: the products, silu's result and h */
-static inline void swiglu8(__m256 g, __m256 u, uint16_t* h) {
+/* the experts' activation of the gate: SwiGLU's silu (Mixtral's, Qwen3's, ...) or GeGLU's GELU in its tanh form (Gemma 4's) */
+enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
+
+/* h[0..7] = act(g) * u (bf16) from 8 gate and up products, each rounded to bf16 where torch's bf16 path
+   rounds: the products, the activation's result and h */
+static inline void glu8(int act, __m256 g, __m256 u, uint16_t* h) {
     g = round_bf16_8(g), u = round_bf16_8(u);
-    /* silu(g) = g sigmoid(g); with z = e^-|g|, sigmoid(g) is 1 / (1 + z) for g >= 0, z / (1 + z) below */
-    const __m256 one = _mm256_set1_ps(1.f), z = exp8(_mm256_or_ps(g, _mm256_set1_ps(-0.f)));
-    const __m256 below = _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ);
-    const __m256 sigmoid = _mm256_div_ps(_mm256_blendv_ps(one, z, below), _mm256_add_ps(one, z));
+    const __m256 one = _mm256_set1_ps(1.f), sign_bit = _mm256_set1_ps(-0.f);
+    __m256 a;
+    if (act == ACT_GELU_TANH) {
+        /* gelu(g) = g (1 + tanh(y)) / 2 with y = sqrt(2 / pi) (g + 0.044715 g^3), as torch computes it in fp32;
+           tanh(y) = sign(y) (1 - z) / (1 + z) with z = e^-2|y| */
+        const __m256 y = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f), _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), g), _mm256_mul_ps(g, g), g));
+        const __m256 z = exp8(_mm256_mul_ps(_mm256_set1_ps(-2.f), _mm256_andnot_ps(sign_bit, y)));
+        const __m256 tanh_y = _mm256_or_ps(_mm256_and_ps(y, sign_bit), _mm256_div_ps(_mm256_sub_ps(one, z), _mm256_add_ps(one, z)));
+        a = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), g), _mm256_add_ps(one, tanh_y));
+    } else {
+        /* silu(g) = g sigmoid(g); with z = e^-|g|, sigmoid(g) is 1 / (1 + z) for g >= 0, z / (1 + z) below */
+        const __m256 z = exp8(_mm256_or_ps(g, sign_bit));
+        const __m256 below = _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ);
+        a = _mm256_mul_ps(g, _mm256_div_ps(_mm256_blendv_ps(one, z, below), _mm256_add_ps(one, z)));
+    }
     float hv[8];
-    _mm256_storeu_ps(hv, _mm256_mul_ps(round_bf16_8(_mm256_mul_ps(g, sigmoid)), u));
+    _mm256_storeu_ps(hv, _mm256_mul_ps(round_bf16_8(a), u));
     for (int j = 0; j < 8; j++) h[j] = to_bf16(hv[j]);
 }
 
@@ -522,12 +538,12 @@ static inline __m256 product8(const void* w, const uint16_t* scale, int n, int K
 
 int experts_swiglu(const uint16_t* x, int D, int F, int E, const int* starts, const void* const* gate_up,
                    const void* const* down, const uint16_t* const* gate_up_scale, const uint16_t* const* down_scale,
-                   float* y, int threads) {
+                   float* y, int threads, int act) {
     const int int8 = gate_up_scale != NULL;
 #ifndef INT8_PAIRS
     if (int8) return 1;
 #endif
-    if (D % 32 || F % 32 || E < 1) return 1;
+    if (D % 32 || F % 32 || E < 1 || (act != ACT_SILU && act != ACT_GELU_TANH)) return 1;
     for (int e = 0; e < E; e++)
         if (starts[e + 1] < starts[e] || starts[e + 1] - starts[e] > EXPERT_MAX_ROWS) return 1;
     const int R = starts[E], rows = R ? R : 1;
@@ -559,7 +575,7 @@ int experts_swiglu(const uint16_t* x, int D, int F, int E, const int* starts, co
                 const uint16_t* a = x + (size_t)r * D;
                 const int16_t* aq = int8 ? xq + (size_t)r * D : NULL;
                 const float as = int8 ? xs[r] : 0.f;
-                swiglu8(product8(gate_up[e], scale, n, D, a, aq, as), product8(gate_up[e], scale, F + n, D, a, aq, as), h + (size_t)r * F + n);
+                glu8(act, product8(gate_up[e], scale, n, D, a, aq, as), product8(gate_up[e], scale, F + n, D, a, aq, as), h + (size_t)r * F + n);
             }
         }
 #ifdef INT8_PAIRS
@@ -814,9 +830,9 @@ static inline void int4_rows(int cuda, const uint8_t* w, const uint16_t* sz, int
 /* experts_swiglu_int4 (cuda 0) and experts_swiglu_int4_tc (cuda 1), as their comments above say */
 static int int4_swiglu(int cuda, const uint16_t* x, int D, int F, int E, const int* starts, const uint8_t* const* gate_up,
                        const uint8_t* const* down, const uint16_t* const* gate_up_sz, const uint16_t* const* down_sz, int G,
-                       float* y, int threads) {
+                       float* y, int threads, int act) {
     const int W = cuda ? 8 : 64, multiple = cuda ? 128 : 64; /* rows a work item; D and F are multiples of this */
-    if (D % multiple || F % multiple || G < 32 || G % 32 || D % G || F % G || E < 1) return 1;
+    if (D % multiple || F % multiple || G < 32 || G % 32 || D % G || F % G || E < 1 || (act != ACT_SILU && act != ACT_GELU_TANH)) return 1;
     for (int e = 0; e < E; e++)
         if (starts[e + 1] < starts[e] || (!cuda && starts[e + 1] - starts[e] > EXPERT_MAX_ROWS)) return 1;
     const int R = starts[E], rows = R ? R : 1;
@@ -844,7 +860,7 @@ static int int4_swiglu(int cuda, const uint16_t* x, int D, int F, int E, const i
                 float g[64], u[64];
                 int4_rows(cuda, gate_up[e], gate_up_sz[e], n, 2 * F, D, G, &xq, &xt, r, g);
                 int4_rows(cuda, gate_up[e], gate_up_sz[e], F + n, 2 * F, D, G, &xq, &xt, r, u);
-                for (int j = 0; j < W; j += 8) swiglu8(_mm256_loadu_ps(g + j), _mm256_loadu_ps(u + j), h + (size_t)r * F + n + j);
+                for (int j = 0; j < W; j += 8) glu8(act, _mm256_loadu_ps(g + j), _mm256_loadu_ps(u + j), h + (size_t)r * F + n + j);
             }
         }
 #pragma omp for schedule(static)
@@ -865,23 +881,23 @@ static int int4_swiglu(int cuda, const uint16_t* x, int D, int F, int E, const i
 
 int experts_swiglu_int4(const uint16_t* x, int D, int F, int E, const int* starts, const uint8_t* const* gate_up,
                         const uint8_t* const* down, const uint16_t* const* gate_up_sz, const uint16_t* const* down_sz, int G,
-                        float* y, int threads) {
+                        float* y, int threads, int act) {
 #ifndef INT4_BYTES
-    (void)x, (void)D, (void)F, (void)E, (void)starts, (void)gate_up, (void)down, (void)gate_up_sz, (void)down_sz, (void)G, (void)y, (void)threads;
+    (void)x, (void)D, (void)F, (void)E, (void)starts, (void)gate_up, (void)down, (void)gate_up_sz, (void)down_sz, (void)G, (void)y, (void)threads, (void)act;
     return 1;
 #else
-    return int4_swiglu(0, x, D, F, E, starts, gate_up, down, gate_up_sz, down_sz, G, y, threads);
+    return int4_swiglu(0, x, D, F, E, starts, gate_up, down, gate_up_sz, down_sz, G, y, threads, act);
 #endif
 }
 
 int experts_swiglu_int4_tc(const uint16_t* x, int D, int F, int E, const int* starts, const uint8_t* const* gate_up,
                            const uint8_t* const* down, const uint16_t* const* gate_up_sz, const uint16_t* const* down_sz, int G,
-                           float* y, int threads) {
+                           float* y, int threads, int act) {
 #ifndef INT8_PAIRS
-    (void)x, (void)D, (void)F, (void)E, (void)starts, (void)gate_up, (void)down, (void)gate_up_sz, (void)down_sz, (void)G, (void)y, (void)threads;
+    (void)x, (void)D, (void)F, (void)E, (void)starts, (void)gate_up, (void)down, (void)gate_up_sz, (void)down_sz, (void)G, (void)y, (void)threads, (void)act;
     return 1;
 #else
-    return int4_swiglu(1, x, D, F, E, starts, gate_up, down, gate_up_sz, down_sz, G, y, threads);
+    return int4_swiglu(1, x, D, F, E, starts, gate_up, down, gate_up_sz, down_sz, G, y, threads, act);
 #endif
 }
 
@@ -969,7 +985,7 @@ int experts_swiglu_fp8(const uint16_t* x, int D, int F, int E, const int* starts
             const int e = (int)(item / fb), n = (int)(item % fb) * 8;
             for (int r = starts[e]; r < starts[e + 1]; r++) {
                 const float* a = xf + (size_t)r * D;
-                swiglu8(product8_fp8(gate_up[e], gate_up_scale[e], n, D, F, BN, BK, a),
+                glu8(ACT_SILU, product8_fp8(gate_up[e], gate_up_scale[e], n, D, F, BN, BK, a),
                         product8_fp8(gate_up[e], gate_up_scale[e], F + n, D, F, BN, BK, a), h + (size_t)r * F + n);
             }
         }
@@ -986,7 +1002,7 @@ int experts_swiglu_fp8(const uint16_t* x, int D, int F, int E, const int* starts
     return 0;
 }
 
-/* experts_decode: one decode token through k of a layer's SwiGLU experts (ids [k], routing weights w [k] fp32)
+/* experts_decode: one decode token through k of a layer's SwiGLU (or GeGLU: `act`) experts (ids [k], routing weights w [k] fp32)
    by experts_swiglu or experts_swiglu_int4, mixed as `runtime.weigh` mixes them: each expert's output rounded to
    bf16, times its weight, rounded, the k summed in fp32 and rounded: y [D] bf16. For `InPlaceExperts`
    (`formats.DecodeTable`), where building the k experts' pointer arrays in Python and mixing their outputs by
@@ -998,6 +1014,7 @@ typedef struct {
     const uint16_t* const* gate_up_scale;  /* [E]: int8, the rows' scales; int4, the (scale, zero) pairs; fp8, the blocks' fp32 scales; bf16, NULL */
     const uint16_t* const* down_scale;
     int BN;                                /* fp8: the rows of a block */
+    int act;                               /* ACT_SILU, or ACT_GELU_TANH (not fp8) */
 } ExpertTable;
 
 #define DECODE_MAX_K 64
@@ -1005,7 +1022,7 @@ typedef struct {
 /* 0, 1 for sizes, ids or a kind it cannot take (as its kernel), 2 out of memory */
 int experts_decode(const ExpertTable* t, const uint16_t* x, const int64_t* ids, const float* w, int k, uint16_t* y, int threads) {
     const int D = t->D;
-    if (k < 1 || k > DECODE_MAX_K || t->kind < 0 || t->kind > 3) return 1;
+    if (k < 1 || k > DECODE_MAX_K || t->kind < 0 || t->kind > 3 || (t->kind == 3 && t->act != ACT_SILU)) return 1;
     const void *gate_up[DECODE_MAX_K], *down[DECODE_MAX_K];
     const uint16_t *gate_up_scale[DECODE_MAX_K], *down_scale[DECODE_MAX_K];
     int starts[DECODE_MAX_K + 1];
@@ -1023,9 +1040,9 @@ int experts_decode(const ExpertTable* t, const uint16_t* x, const int64_t* ids, 
     int code = t->kind == 3 ? experts_swiglu_fp8(xs, D, t->F, k, starts, (const uint8_t* const*)gate_up, (const uint8_t* const*)down,
                                                  (const float* const*)gate_up_scale, (const float* const*)down_scale, t->BN, t->G, out, threads)
              : t->kind == 2 ? experts_swiglu_int4(xs, D, t->F, k, starts, (const uint8_t* const*)gate_up, (const uint8_t* const*)down,
-                                                  gate_up_scale, down_scale, t->G, out, threads)
+                                                  gate_up_scale, down_scale, t->G, out, threads, t->act)
                             : experts_swiglu(xs, D, t->F, k, starts, gate_up, down, t->kind ? gate_up_scale : NULL,
-                                             t->kind ? down_scale : NULL, out, threads);
+                                             t->kind ? down_scale : NULL, out, threads, t->act);
     if (!code)
         for (int d = 0; d < D; d++) {
             float sum = 0.f;

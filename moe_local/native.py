@@ -65,10 +65,10 @@ def library() -> ctypes.CDLL | str:
     lib.bf16_pairs = bool(lib.attend_bf16_pairs())  # AVX512-BF16
     lib.mxfp4_linear.argtypes = [c_void_p, c_int, c_int, c_void_p, c_void_p, c_int, c_void_p, c_int]
     lib.mxfp4_linear.restype = c_int
-    lib.experts_swiglu.argtypes = [c_void_p, c_int, c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_int]
+    lib.experts_swiglu.argtypes = [c_void_p, c_int, c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_int, c_int]
     lib.experts_swiglu.restype = c_int
     lib.experts_int8 = bool(lib.experts_int8())  # int8 experts too (AVX512-VNNI)
-    lib.experts_swiglu_int4.argtypes = [c_void_p, c_int, c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_int, c_void_p, c_int]
+    lib.experts_swiglu_int4.argtypes = [c_void_p, c_int, c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_int, c_void_p, c_int, c_int]
     lib.experts_swiglu_int4.restype = c_int
     lib.experts_int4 = bool(lib.experts_int4())  # int4 experts (AVX512-VNNI and VBMI)
     lib.experts_swiglu_int4_tc.argtypes = lib.experts_swiglu_int4.argtypes  # int4 in CUDA's layout (VNNI)

@@ -309,20 +309,24 @@ def test_gemma4_options_the_moe_model_does_not_use_are_refused(overrides, messag
         ModelConfig.from_hf({**PRESETS["gemma-4-26b-a4b"], **overrides})
 
 
-def test_gemma4_experts_decline_the_swiglu_kernels_and_run_their_geglu():
-    """The grouped CPU kernels compute SwiGLU only: Gemma 4's GeGLU experts are declined (torch runs them)."""
+def test_gemma4_experts_are_geglu_and_the_cpu_kernels_take_them_but_for_fp8_and_gguf_blocks():
+    """Gemma 4's experts: GELU's tanh form of the gate times up; the grouped CPU kernels take them (their
+    agreement with torch is test_runtime's) where they take SwiGLU's, but not FP8's or a GGUF's blocks."""
+    from moe_local import native
     from moe_local.experts.formats import Dense, geglu_tanh, grouped_kernels
 
     cfg = preset_config("gemma-4-26b-a4b", 2)
-    assert grouped_kernels(cfg, "bf16") is None and grouped_kernels(cfg, "int8") is None
     fmt = Dense(cfg, torch.bfloat16)
     views = [fmt.unpack(torch.randn(fmt.expert_bytes // 2).bfloat16().view(torch.uint8)) for _ in range(2)]
     xs = torch.randn(3, cfg.dim).bfloat16()
-    assert fmt.forward_grouped(xs, [2, 1], views) is None and fmt.decode_table(views) is None
     gate, up = (xs.float() @ views[0]["gate_up"].float().T).chunk(2, dim=-1)
     want = (torch.nn.functional.gelu(gate, approximate="tanh") * up) @ views[0]["down"].float().T
     assert torch.allclose(fmt.forward(xs.float(), {k: v.float() for k, v in views[0].items()}), want, rtol=1e-4, atol=1e-3)
     assert fmt.activation is geglu_tanh
+    assert grouped_kernels(cfg, "fp8", 128) is None and grouped_kernels(cfg, "ggml") is None
+    if native.unavailable() is None:
+        assert grouped_kernels(cfg, "bf16") is not None and fmt.decode_table(views) is not None
+        assert fmt.forward_grouped(xs, [2, 1], views).shape == (3, cfg.dim)
 
 
 # ---- routers, each against the transformers module that defines it ----------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,9 +163,10 @@ def kernel_format(weights: str, cfg: ModelConfig, wide: bool = False):
 # bf16 pairs and VNNI where the CPU has them; without: bf16 widened to fp32, and no int8 or int4 (torch's kernels run them)
 @pytest.mark.parametrize("flags", ["", "-mno-avx512bf16 -mno-avx512vnni"])
 @pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
-def test_the_cpu_kernel_runs_a_layers_experts_as_torch_does_but_for_the_order_of_sums(rebuilt, monkeypatch, flags, weights):
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])  # SwiGLU experts, and GeGLU's (Gemma 4's)
+def test_the_cpu_kernel_runs_a_layers_experts_as_torch_does_but_for_the_order_of_sums(rebuilt, monkeypatch, flags, weights, act):
     monkeypatch.setenv("MOE_LOCAL_KERNEL_FLAGS", flags)
-    cfg = small_config(hidden_size=64, intermediate_size=128 if weights == "int4" else 96)  # int4: blocks of 64 rows
+    cfg = replace(small_config(hidden_size=64, intermediate_size=128 if weights == "int4" else 96), expert_act=act)  # int4: blocks of 64 rows
     fmt = kernel_format(weights, cfg)
     store = ExpertStore(cfg, fmt, pin=False)
     gen = torch.Generator().manual_seed(0)

@@ -155,10 +155,15 @@ def swiglu(gate_up: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+# the activations the grouped kernels take (`act` in cpu_kernels.c): SwiGLU's, and GeGLU's but not for fp8 or a GGUF's blocks
+KERNEL_ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
+
+
 def grouped_kernels(cfg: ModelConfig, kind: str, group: int = 0) -> ctypes.CDLL | None:
-    """moe-local's kernels where their grouped SwiGLU kernel for `kind` takes `cfg`'s experts (no biases, SiLU,
-    sizes; the CPU's instructions for int8, int4 and a GGUF's blocks), else None."""
-    if (cfg.expert_bias or cfg.expert_act != "silu" or cfg.dim % 32 or cfg.ffn_dim % 32 or (kind == "int4" and (cfg.dim % 64 or cfg.ffn_dim % 64))
+    """moe-local's kernels where their grouped SwiGLU (or GeGLU) kernel for `kind` takes `cfg`'s experts (no biases,
+    SiLU or GELU's tanh form, sizes; the CPU's instructions for int8, int4 and a GGUF's blocks), else None."""
+    act_taken = cfg.expert_act == "silu" or (cfg.expert_act == "gelu_tanh" and kind not in ("fp8", "ggml"))
+    if (cfg.expert_bias or not act_taken or cfg.dim % 32 or cfg.ffn_dim % 32 or (kind == "int4" and (cfg.dim % 64 or cfg.ffn_dim % 64))
             or (kind == "fp8" and group % 16)
             or (kind == "int4-cuda" and (cfg.dim % 128 or cfg.ffn_dim % 128))):  # fmt: skip
         return None
@@ -176,7 +181,8 @@ class DecodeTable:
 
     class _Struct(ctypes.Structure):  # `ExpertTable` in cpu_kernels.c
         _fields_ = [*((name, ctypes.c_int) for name in ("kind", "dim", "ffn_dim", "group", "experts")),
-                    *((name, ctypes.c_void_p) for name in ("gate_up", "down", "gate_up_scale", "down_scale")), ("block_rows", ctypes.c_int)]  # fmt: skip
+                    *((name, ctypes.c_void_p) for name in ("gate_up", "down", "gate_up_scale", "down_scale")), ("block_rows", ctypes.c_int),
+                    ("act", ctypes.c_int)]  # fmt: skip
 
     PARTS = {"bf16": (None, None), "int8": ("gate_up.scale", "down.scale"), "int4": ("gate_up.scale_zero", "down.scale_zero"),
              "fp8": ("gate_up.scale", "down.scale")}  # fmt: skip
@@ -188,7 +194,8 @@ class DecodeTable:
         self.lib, self.tables = lib, [table(name) for name in ("gate_up", "down", *self.PARTS[kind])]
         kinds = list(self.PARTS)
         self.struct = self._Struct(kinds.index(kind), cfg.dim, cfg.ffn_dim, group, len(views),
-                                   *(None if t is None else ctypes.addressof(t) for t in self.tables), block_rows)  # fmt: skip
+                                   *(None if t is None else ctypes.addressof(t) for t in self.tables), block_rows,
+                                   KERNEL_ACTIVATIONS[cfg.expert_act])  # fmt: skip
 
     @classmethod
     def build(cls, cfg: ModelConfig, kind: str, group: int, views: list[Weights], block_rows: int = 0) -> DecodeTable | None:
@@ -209,7 +216,7 @@ class DecodeTable:
 
 def swiglu_grouped(cfg: ModelConfig, xs: torch.Tensor, counts: list[int], weights: list[Weights], kind: str, group: int = 0,
                    block_rows: int = 0) -> torch.Tensor | None:  # fmt: skip
-    """`forward_grouped` for SwiGLU experts without biases whose weights are bf16, int8 with bf16 scales
+    """`forward_grouped` for SwiGLU (or GeGLU, not fp8) experts without biases whose weights are bf16, int8 with bf16 scales
     (`kind`; where the CPU has AVX512-VNNI) or int4 in groups of `group` (CPU layout; VNNI and VBMI), up to
     `GROUPED_MAX_ROWS` rows each: moe-local's CPU kernels (`native.py`), one call for a layer's experts
     instead of ~5 torch calls each (~50 us apiece for the demo model's small ones). Rounds where torch's
@@ -220,7 +227,7 @@ def swiglu_grouped(cfg: ModelConfig, xs: torch.Tensor, counts: list[int], weight
     lib = grouped_kernels(cfg, kind, group)
     if lib is None or xs.dtype != torch.bfloat16 or xs.is_cuda or (max(counts) > GROUPED_MAX_ROWS and kind != "int4-cuda"):
         return None
-    xs, n = xs.contiguous(), len(counts)
+    xs, n, act = xs.contiguous(), len(counts), KERNEL_ACTIVATIONS[cfg.expert_act]
 
     def pointers(name: str):
         return (ctypes.c_void_p * n)(*(w[name].data_ptr() for w in weights))
@@ -233,11 +240,11 @@ def swiglu_grouped(cfg: ModelConfig, xs: torch.Tensor, counts: list[int], weight
     elif kind in ("int4", "int4-cuda"):
         run = lib.experts_swiglu_int4 if kind == "int4" else lib.experts_swiglu_int4_tc
         code = run(xs.data_ptr(), cfg.dim, cfg.ffn_dim, n, starts, pointers("gate_up"), pointers("down"), pointers("gate_up.scale_zero"),
-                   pointers("down.scale_zero"), group, y.data_ptr(), torch.get_num_threads())  # fmt: skip
+                   pointers("down.scale_zero"), group, y.data_ptr(), torch.get_num_threads(), act)  # fmt: skip
     else:
         scales = (pointers("gate_up.scale"), pointers("down.scale")) if kind == "int8" else (None, None)
         code = lib.experts_swiglu(xs.data_ptr(), cfg.dim, cfg.ffn_dim, n, starts, pointers("gate_up"), pointers("down"), *scales,
-                                  y.data_ptr(), torch.get_num_threads())  # fmt: skip
+                                  y.data_ptr(), torch.get_num_threads(), act)  # fmt: skip
     native.check(code, "experts")
     return y.to(torch.bfloat16)
 
@@ -252,8 +259,7 @@ def swiglu_oai(gate_up: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
 
 
 def geglu_tanh(gate_up: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """Gemma 4's: GELU's tanh approximation of the gate, times up (the grouped CPU kernels are SwiGLU's only:
-    `grouped_kernels` declines these experts, torch runs them)."""
+    """Gemma 4's: GELU's tanh approximation of the gate, times up (the grouped CPU kernels take it too, `act`)."""
     gate, up = gate_up.chunk(2, dim=-1)  # [N, F] each
     return F.gelu(gate, approximate="tanh") * up
 
@@ -391,8 +397,8 @@ class Int4(ExpertFormat):
         if why is None and not native.library().experts_int8:
             why = "it needs AVX512-VNNI"
         cfg = self.cfg
-        if why is None and (cfg.expert_bias or cfg.expert_act != "silu" or cfg.dim % 128 or cfg.ffn_dim % 128):
-            why = "it takes SwiGLU experts without biases whose hidden and FFN sizes are multiples of 128"
+        if why is None and (cfg.expert_bias or cfg.expert_act not in KERNEL_ACTIVATIONS or cfg.dim % 128 or cfg.ffn_dim % 128):
+            why = "it takes SwiGLU or GeGLU experts without biases whose hidden and FFN sizes are multiples of 128"
         return None if why is None else f"experts in {self.key} run on the CPU only through moe-local's kernel, and {why}"
 
 
