@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 from moe_local.budget import format_bytes
 from moe_local.engine import Engine, read_json
 from moe_local.errors import MoeLocalError
-from moe_local.experts.qcache import cache_root
+from moe_local.paths import cache_root
 from moe_local.generate import GenerationStats, SamplingParams
 from moe_local.harmony import ChannelStream, is_harmony, split_channels
 from moe_local.tokenizer import StreamDecoder, replace_surrogates

@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 
 from moe_local.config import FAMILIES, ModelConfig
-from moe_local.experts import mxfp4
 from moe_local.errors import CheckpointError, ConfigError
-from moe_local.weights import compressed, fp8
+from moe_local.weights import compressed, fp8, mxfp4
 from moe_local.weights.compressed import PackedInt4
 from moe_local.weights.fp8 import Fp8Blocks
 from moe_local.weights.gguf import find_gguf

@@ -969,9 +969,10 @@ def cache_list(json_output: JsonOutput = False, debug: Debug = False) -> None:
     """List the cached quantized experts: file, format, size and the model folder they were built from."""
     from moe_local.budget import format_bytes
     from moe_local.experts import qcache
+    from moe_local.paths import cache_root
 
     with clean_errors(debug):
-        found, root = qcache.entries(), qcache.cache_root()
+        found, root = qcache.entries(), cache_root()
         if json_output:
             print(json.dumps({"folder": str(root), "entries": found}))
             return
@@ -985,10 +986,11 @@ def cache_clear(debug: Debug = False) -> None:
     """Delete every cached quantization (the next load that needs one quantizes again)."""
     from moe_local.budget import format_bytes
     from moe_local.experts import qcache
+    from moe_local.paths import cache_root
 
     with clean_errors(debug):
         removed, freed, busy = qcache.clear()
-        print(f"removed {removed} files, {format_bytes(freed)} freed in {qcache.cache_root()}")
+        print(f"removed {removed} files, {format_bytes(freed)} freed in {cache_root()}")
         for name in busy:
             stderr(f"kept {name}: a process is building it")
 

@@ -18,6 +18,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from moe_local.paths import cache_root
+
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
@@ -35,7 +37,6 @@ def library() -> ctypes.CDLL | str:
         return "MOE_LOCAL_KERNELS=0"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"moe-local's CPU kernels are for x86 CPUs, not {platform.machine()}"
-    from moe_local.experts.qcache import cache_root  # (its imports reach the model, which imports this)
 
     cc, flags = os.environ.get("CC") or "cc", (*FLAGS, *os.environ.get("MOE_LOCAL_KERNEL_FLAGS", "").split())
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc, *flags, _cpu())).encode()).hexdigest()[:16]

@@ -97,7 +97,7 @@ def to_mxfp4(folder: Path) -> None:
     quantization_config.quant_method "mxfp4"), as OpenAI ships gpt-oss-20b and -120b."""
     from safetensors.torch import load_file, save_file
 
-    from moe_local.experts import mxfp4
+    from moe_local.weights import mxfp4
 
     state = load_file(folder / "model.safetensors")
     out = {}

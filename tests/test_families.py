@@ -499,7 +499,7 @@ def gpt_oss_mxfp4(tmp_path_factory, tokenizer_dir):
     conversion: test_mxfp4.py). Not transformers' loading of the MXFP4 file itself: where a GPU is present
     and its `kernels` package is not, it widens them to bf16 whatever dtype is asked for."""
     from families import to_mxfp4
-    from moe_local.experts import mxfp4
+    from moe_local.weights import mxfp4
 
     folder = tmp_path_factory.mktemp("gpt_oss_mxfp4")
     reference = build_family("gpt_oss", folder, tokenizer_dir)
@@ -552,7 +552,7 @@ def test_mxfp4_token_experts_in_one_launch_give_each_experts_bits(gpt_oss_mxfp4,
 
 
 def test_mxfp4_experts_take_four_and_a_quarter_bits_a_weight_plus_biases(gpt_oss_mxfp4):
-    from moe_local.experts import mxfp4
+    from moe_local.weights import mxfp4
 
     folder, _ = gpt_oss_mxfp4
     engine = moe_local.load(folder, device="cpu", dtype="fp32")

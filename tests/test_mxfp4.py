@@ -1,5 +1,5 @@
-"""MXFP4 numerics (`moe_local/experts/mxfp4.py`): the checkpoint layout as transformers reads it, quantizing,
-and the matmuls on the CPU and (marked gpu) CUDA."""
+"""MXFP4: the numerics (`moe_local/weights/mxfp4.py`: the checkpoint layout as transformers reads it, quantizing)
+and the matmuls on the CPU and (marked gpu) CUDA (`moe_local/experts/mxfp4.py`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from moe_local import native
-from moe_local.experts import mxfp4
+from moe_local.experts import mxfp4 as matmuls
+from moe_local.experts.mxfp4 import NATIVE_MAX_ROWS, linear, linear_cpu
+from moe_local.weights import mxfp4
 
 GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # E2M1 magnitudes
 BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
@@ -59,7 +61,7 @@ def test_checkpoint_rows_are_outputs_with_gate_and_up_interleaved():
     blocks, scales = mxfp4.quantize(torch.stack([gate, up], dim=1).view(2 * f, d))  # rows gate0, up0, gate1, ...
     gate_up = convert_moe_packed_tensors(blocks[None], scales[None], dtype=torch.float32)[0]  # [D, 2F]
     x = torch.randn(3, d)
-    ours = mxfp4.linear_cpu(x, blocks, scales)  # [3, 2F]
+    ours = linear_cpu(x, blocks, scales)  # [3, 2F]
     torch.testing.assert_close(ours, x @ gate_up, rtol=1e-5, atol=1e-5)
     w = mxfp4.dequantize(blocks, scales, torch.float32)
     assert torch.equal(gate_up[:, 0::2].T, w[0::2]) and torch.equal(gate_up[:, 1::2].T, w[1::2])
@@ -114,15 +116,15 @@ def test_quantize_names_a_width_that_is_not_a_multiple_of_32():
 @pytest.mark.parametrize("chunk_rows", [1024, 32])
 @pytest.mark.parametrize("m", [1, 5])
 def test_linear_cpu_equals_dequantize_then_linear(m, chunk_rows, monkeypatch):
-    monkeypatch.setattr(mxfp4, "CPU_CHUNK_ROWS", chunk_rows)  # 32: W is widened in 3 chunks
+    monkeypatch.setattr(matmuls, "CPU_CHUNK_ROWS", chunk_rows)  # 32: W is widened in 3 chunks
     blocks, scales = random_mxfp4(96, 160, scales=(115, 130))
     x = torch.randn(m, 160)
     want = F.linear(x, mxfp4.dequantize(blocks, scales, torch.float32))
-    torch.testing.assert_close(mxfp4.linear_cpu(x, blocks, scales), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    torch.testing.assert_close(linear_cpu(x, blocks, scales), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     # bf16: the widened weights are exact; only x and the output are rounded to bf16's 8 bits, and
     # the matmul accumulates in fp32, so the error is that of x's and y's rounding: within 2**-7 of |y|max
     xb = x.bfloat16()
-    got = mxfp4.linear_cpu(xb, blocks, scales)
+    got = linear_cpu(xb, blocks, scales)
     assert got.dtype == torch.bfloat16
     want_b = F.linear(xb.float(), mxfp4.dequantize(blocks, scales, torch.float32))
     torch.testing.assert_close(got.float(), want_b, rtol=2**-7, atol=2**-7 * want_b.abs().max().item())
@@ -137,20 +139,20 @@ def test_the_cpu_kernel_takes_a_bf16_tokens_product_and_reads_nibbles_and_scales
     w = mxfp4.dequantize(blocks, scales, torch.float32)
     # one-hot rows pick columns of W: every widened weight, exactly (bf16 holds each E2M1 value times a power of 2)
     for rows in (torch.eye(256)[i : i + 4] for i in range(0, 256, 4)):
-        got = mxfp4.linear_cpu(rows.bfloat16(), blocks, scales)
+        got = linear_cpu(rows.bfloat16(), blocks, scales)
         assert torch.equal(got, (rows @ w.T).bfloat16())
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(mxfp4.NATIVE_MAX_ROWS, 256, generator=gen).bfloat16()
-    together = mxfp4.linear_cpu(x, blocks, scales)
+    x = torch.randn(NATIVE_MAX_ROWS, 256, generator=gen).bfloat16()
+    together = linear_cpu(x, blocks, scales)
     want = x.double() @ w.double().T  # fp32 sums of exact products: only the output's bf16 rounding is left
     torch.testing.assert_close(together.double(), want, rtol=2**-8, atol=2**-8 * want.abs().max().item())
     for m in (1, 2, 3, 5):  # a row's result does not depend on the rows beside it
-        assert torch.equal(mxfp4.linear_cpu(x[m : m + m], blocks, scales), together[m : m + m])
+        assert torch.equal(linear_cpu(x[m : m + m], blocks, scales), together[m : m + m])
     # more rows, or an odd number of blocks: widened by torch, as before
-    many = torch.randn(mxfp4.NATIVE_MAX_ROWS + 1, 256, generator=gen).bfloat16()
-    assert torch.equal(mxfp4.linear_cpu(many, blocks, scales), F.linear(many, mxfp4.dequantize_fast(blocks, scales, torch.bfloat16)))
+    many = torch.randn(NATIVE_MAX_ROWS + 1, 256, generator=gen).bfloat16()
+    assert torch.equal(linear_cpu(many, blocks, scales), F.linear(many, mxfp4.dequantize_fast(blocks, scales, torch.bfloat16)))
     odd, odd_scales = random_mxfp4(16, 160, scales=(115, 130))
-    assert torch.equal(mxfp4.linear_cpu(x[:1, :160], odd, odd_scales), F.linear(x[:1, :160], mxfp4.dequantize_fast(odd, odd_scales, torch.bfloat16)))
+    assert torch.equal(linear_cpu(x[:1, :160], odd, odd_scales), F.linear(x[:1, :160], mxfp4.dequantize_fast(odd, odd_scales, torch.bfloat16)))
 
 
 # --- CUDA (skipped without a GPU): python -m pytest -q -m gpu tests/test_mxfp4.py -s
@@ -166,7 +168,7 @@ def test_cuda_linear_equals_dequantize_then_linear(n, k, m, dtype):
     blocks, scales = mxfp4.quantize(weights(n, k) * 0.01)
     x = torch.randn(m, k, dtype=dtype)
     want = F.linear(x.float(), mxfp4.dequantize(blocks, scales, torch.float32))  # CPU fp32 reference
-    got = mxfp4.linear(x.cuda(), blocks.cuda(), scales.cuda()).cpu()
+    got = linear(x.cuda(), blocks.cuda(), scales.cuda()).cpu()
     assert got.dtype == dtype and got.shape == (m, n)
     tol = 1e-5 if dtype == torch.float32 else 2**-7  # fp32 sums in another order; bf16 rounds y (and x)
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
@@ -179,7 +181,7 @@ def test_cuda_kernel_reads_scales_and_nibbles_like_the_reference():
     blocks, scales = random_mxfp4(256, 512, scales=(100, 140))
     x = torch.randn(3, 512)
     want = F.linear(x, mxfp4.dequantize(blocks, scales, torch.float32))
-    got = mxfp4.linear(x.cuda(), blocks.cuda(), scales.cuda()).cpu()
+    got = linear(x.cuda(), blocks.cuda(), scales.cuda()).cpu()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     assert torch.equal(mxfp4.dequantize_fast(blocks.cuda(), scales.cuda(), torch.bfloat16).cpu(), mxfp4.dequantize(blocks, scales))
 

@@ -21,8 +21,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from moe_local import int4, int8, native
 from moe_local.budget import format_bytes
-from moe_local.experts import mxfp4
-from moe_local.weights import ggml
+from moe_local.experts.mxfp4 import linear as mxfp4_linear
+from moe_local.weights import ggml, mxfp4
 from moe_local.config import ModelConfig
 from moe_local.errors import BudgetError, CheckpointError, ConfigError
 from moe_local.weights import fp8
@@ -404,7 +404,7 @@ class Int4(ExpertFormat):
 
 class Mxfp4(ExpertFormat):
     """MXFP4 (gpt-oss's published format): E2M1 values, two per byte, one E8M0 scale per 32 along the input
-    dimension, 4.25 bits a weight (`moe_local/experts/mxfp4.py` owns the numerics; on CUDA a Triton kernel
+    dimension, 4.25 bits a weight (`moe_local/weights/mxfp4.py` owns the numerics, `experts/mxfp4.py` the matmuls; on CUDA a Triton kernel
     for a few tokens, a widened matmul for prefill). The same bytes on every device. A checkpoint already in
     MXFP4 gives its published bytes, copied as they are (`pack_native`); other experts are quantized."""
 
@@ -434,7 +434,7 @@ class Mxfp4(ExpertFormat):
         return {f"{name}.blocks": blocks, f"{name}.scales": scales}
 
     def linear(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
-        return mxfp4.linear(x, w[f"{name}.blocks"], w[f"{name}.scales"])
+        return mxfp4_linear(x, w[f"{name}.blocks"], w[f"{name}.scales"])
 
     def groups_slots(self, device: torch.device) -> bool:
         return device.type == "cuda"

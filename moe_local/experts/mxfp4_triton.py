@@ -1,4 +1,4 @@
-"""The CUDA decode matmul for MXFP4 (`mxfp4.py` owns the layout): a Triton kernel that reads the 4-bit
+"""The CUDA decode matmul for MXFP4 (`weights/mxfp4.py` owns the layout): a Triton kernel that reads the 4-bit
 blocks and the E8M0 scales straight from device memory, widens them in registers and accumulates x @ W.T
 in fp32, for the few rows of a decode step; and `benchmark_decode`, its time against the time to read its
 bytes. Imported only when a CUDA tensor needs it: Triton is not a dependency of the CPU runtime."""
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_local.experts.mxfp4 import BLOCK, _check, dequantize_fast, mxfp4_bytes, quantize
+from moe_local.weights.mxfp4 import BLOCK, _check, dequantize_fast, mxfp4_bytes, quantize
 
 
 @triton.jit

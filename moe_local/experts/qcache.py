@@ -35,6 +35,7 @@ import torch
 from moe_local.budget import format_bytes
 from moe_local.checkpoint import Checkpoint
 from moe_local.experts.store import ExpertStore
+from moe_local.paths import cache_root
 from moe_local.weights.gguf_model import GgufModel
 
 VERSION = 2  # 2: keyed by content_fingerprint instead of the folder's path and its files' mtimes
@@ -45,10 +46,6 @@ Progress = Callable[[int, int], None]
 
 class StaleOrCorrupt(Exception):
     """The cache file cannot be used; the message says why."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MOE_LOCAL_CACHE") or Path.home() / ".cache" / "moe-local")
 
 
 def content_fingerprint(ckpt: Checkpoint) -> str:
