@@ -15,7 +15,7 @@ import torch
 
 from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer
 from conftest import build_mixtral, moe_local_cli
-from families import VARIANTS, build_family
+from families import VARIANTS, build_family, to_mxfp4
 from moe_local import native
 
 TOOLS = Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "llama-cpp"
@@ -120,7 +120,10 @@ def ggufs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
         build_family(variant, root / name, None, **{"vocab_size": 512, **options})
         model_type = VARIANTS[variant][0]
         train_bytelevel_tokenizer(root / name, **FAMILY_TOKENIZERS.get(model_type, FAMILY_TOKENIZERS["qwen3_moe"]))
-    names = ["mixtral", "qwen3", *ARCHITECTURES]
+    build_family("gpt_oss", root / "gpt-oss-mxfp4", None, vocab_size=512)
+    train_bytelevel_tokenizer(root / "gpt-oss-mxfp4", **FAMILY_TOKENIZERS["gpt_oss"])
+    to_mxfp4(root / "gpt-oss-mxfp4")  # the experts as OpenAI publishes them: the converter keeps them MXFP4
+    names = ["mixtral", "qwen3", *ARCHITECTURES, "gpt-oss-mxfp4"]
     files = {name: root / name for name in names} | {f"{name}-F32": root / f"{name}-F32.gguf" for name in names}
     convert([(root / name, files[f"{name}-F32"], None if name == "mixtral" else PRE.get(name, "qwen2")) for name in names])
     for name in ("mixtral", "qwen3"):

@@ -642,6 +642,9 @@ def gguf_format(layer_types: list[dict[str, GGMLQuantizationType]], cfg: ModelCo
         fmt = Ggml(cfg, pairs)
         mixed = f", {len(set(pairs))} combinations over the layers" if len(set(pairs)) > 1 else ""
         return fmt, f"experts in {fmt.name} (auto: the file's own blocks{mixed})"
+    if every == {GGMLQuantizationType.MXFP4} and cfg.mxfp4_experts:  # gpt-oss as published: our MXFP4 holds the same codes
+        fmt = Mxfp4(cfg)
+        return fmt, f"experts in {fmt.name} (auto: the file's MXFP4 blocks, regrouped into moe-local's layout without loss)"
     if every <= set(ggml.FLOATS):
         fmt = Dense(cfg, compute_dtype)
         return fmt, f"experts in {fmt.name} (auto: the file's {names} experts in the compute dtype)"

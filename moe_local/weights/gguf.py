@@ -177,9 +177,13 @@ def _hybrid(m: Metadata) -> dict:
 
 
 def _gpt_oss(m: Metadata) -> dict:
-    return {"num_local_experts": m("expert_count"), "intermediate_size": m("expert_feed_forward_length"),
-            "sliding_window": m("attention.sliding_window"),  # llama.cpp's gpt-oss: every even layer sliding
-            "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(int(m("block_count")))]}  # fmt: skip
+    fields = {"num_local_experts": m("expert_count"), "intermediate_size": m("expert_feed_forward_length"),
+              "sliding_window": m("attention.sliding_window"),  # llama.cpp's gpt-oss: every even layer sliding
+              "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(int(m("block_count")))]}  # fmt: skip
+    experts = [t for name, t in m.tensors.items() if name.endswith("_exps.weight")]
+    if experts and all(t.qtype == gguf.GGMLQuantizationType.MXFP4 for t in experts):  # as OpenAI published them
+        fields["quantization_config"] = {"quant_method": "mxfp4"}
+    return fields
 
 
 def _glm4_moe(m: Metadata) -> dict:

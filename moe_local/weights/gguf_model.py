@@ -184,6 +184,17 @@ def resident_names(cfg: ModelConfig, record: Architecture) -> Pieces:
     return names
 
 
+def mxfp4_parts(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's MXFP4 rows, uint8 [N, K/32 * 17] (each block an E8M0 scale byte, then 16 bytes: value j in the low
+    nibble of byte j, value j + 16 in its high nibble) -> our MXFP4 blocks [N, K/32, 16] (values 2j and 2j + 1 in
+    byte j's low and high nibbles) and scales [N, K/32]. ggml's values are twice the E2M1 codes' times half the
+    scale, so codes and scale bytes carry over as they are."""
+    blocks = raw.view(raw.shape[0], -1, 17)  # [N, G, 17]
+    q = blocks[..., 1:]  # [N, G, 16]
+    codes = torch.cat([q & 15, q >> 4], dim=-1)  # [N, G, 32]: value order
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous(), blocks[..., 0].contiguous()
+
+
 EXPERT_TENSORS = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}
 
 
@@ -297,10 +308,24 @@ class GgufModel:
             info = self.tensors[f"blk.{self.config.moe_layers[layer]}.{EXPERT_TENSORS['w' + w[1]]}.bias"]
             row = self.read_bytes(info, expert * info.row_bytes, info.row_bytes).view(1, info.row_bytes)
             return ggml.dequantize(row, info.qtype, info.shape[-1])[0]
-        if w not in EXPERT_TENSORS:  # another format's own bytes ("mxfp4", "fp8", "int4"): not in this file
+        if w == "mxfp4":
+            return self._mxfp4_expert(layer, expert)
+        if w not in EXPERT_TENSORS:  # another format's own bytes ("fp8", "int4"): not in this file
             raise KeyError(w)
         info = self.expert_tensor(layer, w)
         return ggml.dequantize(self.expert_blocks(layer, expert, w), info.qtype, info.shape[-1])
+
+    def _mxfp4_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """One expert's MXFP4 matrices in the `Mxfp4` format's layout (gpt-oss's published one), from the file's
+        ggml blocks: the same E2M1 codes and E8M0 scales, regrouped without loss (`mxfp4_parts`); and its biases."""
+        if not self.config.mxfp4_experts:
+            raise KeyError("mxfp4")
+        parts = {}
+        for name, ws in (("gate_up", ("w1", "w3")), ("down", ("w2",))):
+            blocks, scales = mxfp4_parts(torch.cat([self.expert_blocks(layer, expert, w) for w in ws]))
+            parts |= {f"{name}.blocks": blocks, f"{name}.scales": scales}
+        return parts | {"gate_up.bias": torch.cat([self.expert(layer, expert, "b1"), self.expert(layer, expert, "b3")]),
+                        "down.bias": self.expert(layer, expert, "b2")}  # fmt: skip
 
     def expert_types(self) -> dict[str, set[gguf.GGMLQuantizationType]]:
         """The ggml types the experts' matrices come in, per matrix ("w1", "w2", "w3"), over every MoE layer."""
