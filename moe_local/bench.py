@@ -38,6 +38,7 @@ CPU = torch.device("cpu")
 class BenchConfig:
     preset: str = "mixtral-8x7b"
     layers: int | None = None  # default: the preset's
+    model: str | None = None  # a model's own weights (a folder, a GGUF file or an HF id) instead of the preset's random ones
     gpu_memory: str | None = None  # default: 12GiB on CUDA; on the CPU, every expert in place
     expert_slots: int | None = None  # overrides what gpu_memory implies
     prompt_tokens: int = 512
@@ -66,6 +67,8 @@ class BenchConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.peer_layers < 0 or self.peer_tokens < 1:
             raise ConfigError("--peer-layers must be >= 0 and --peer-tokens >= 1")
+        if self.model is not None and (self.layers is not None or self.pageable):
+            raise ConfigError(f"{'--layers' if self.layers is not None else '--pageable'} applies to a preset's random weights, not to --model's")
         if self.cpu_experts not in CPU_EXPERTS:
             raise ConfigError(f"unknown --cpu-experts {self.cpu_experts!r} (choose from {', '.join(CPU_EXPERTS)})")
         unknown = [p for p in self.policies if p not in POLICIES]
@@ -351,39 +354,31 @@ def free_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def bench(
-    config: BenchConfig,
-    progress: Callable[[int, int], None] | None = None,
-    say: Callable[[str], None] = lambda message: None,
-) -> dict:
-    """Run the whole benchmark; every figure in the result was measured in this call."""
-    started = time.perf_counter()
-    cfg = preset_config(config.preset, config.layers)
-    given = (("--gpu-memory", config.gpu_memory), ("--expert-slots", config.expert_slots))
-    device, dtype = resolve_device(config.device, tuple(flag for flag, value in given if value is not None)), DTYPES[config.dtype]
-    if config.cuda_graphs and device.type != "cuda":
-        raise ConfigError("--cuda-graphs needs a CUDA device")
-    ctx_size = config.prompt_tokens + config.new_tokens
-    gpu_memory = config.gpu_memory
-    if gpu_memory is None and config.expert_slots is None and device.type == "cuda":
-        gpu_memory = "12GiB"
-    options = Options(device=device.type, gpu_memory=gpu_memory, expert_slots=config.expert_slots, ctx_size=ctx_size,
-                      prefetch=config.prefetch, prefetch_top=config.prefetch_top, resident_dtype=config.resident_dtype,
-                      cpu_experts=config.cpu_experts, cuda_graphs=False)  # --cuda-graphs: one more run with them
-    attention = options.attention_dtype
+def loaded_model(config: BenchConfig, options: Options, progress) -> tuple:
+    """A model's own weights, loaded as `run` loads them (the experts' format `auto` unless asked: a GGUF's own
+    blocks where moe-local has kernels for them)."""
+    from moe_local.checkpoint import resolve_model_path
+
+    setup = time.perf_counter()
+    asked = replace(options, dtype=config.dtype, experts_dtype=config.experts_dtype or "auto", group_size=config.group_size)
+    loaded = Engine.from_folder(resolve_model_path(config.model), asked, progress)
+    why = "; ".join(loaded.notes)
+    return loaded.cfg, loaded.store, loaded.model, loaded.plan, why, time.perf_counter() - setup
+
+
+def random_weights(config: BenchConfig, options: Options, device: torch.device, dtype: torch.dtype, progress, say) -> tuple:
+    """The preset's geometry with random weights drawn on the device, and the peer measured on it (before the
+    experts take the host's memory)."""
+    cfg, ctx_size, attention = preset_config(config.preset, config.layers), options.ctx_size, options.attention_dtype
     alone = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, expert_slots=cfg.n_experts, attention=attention)
     check_beside_experts(alone, ctx_size, attention, context_flag="--prompt-tokens or --new-tokens")
     beside = alone.beside_store_bytes
     experts_dtype = config.experts_dtype or ("mxfp4" if cfg.mxfp4_experts else "bf16")
     fmt, why = choose_format(experts_dtype, cfg, dtype, device.type, config.group_size, beside)
     say(why)
-    plan = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, gpu_memory, config.expert_slots,
+    plan = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, options.gpu_memory, config.expert_slots,
                        expert_bytes=fmt.expert_bytes, attention=attention)
     check_host_ram(host_bytes_needed(plan), f"{plan.total_experts} experts of this geometry")  # before the peer's wait
-    result: dict = {"machine": machine(device), "config": {**asdict(config), "n_layers": cfg.n_layers}}
-    if result["machine"]["cpu_kernels"] != "built":
-        say(f"moe-local's CPU kernels are not built, torch's run instead: {result['machine']['cpu_kernels']}")
-
     peer = None
     if config.peer_layers:
         say(f"peer: transformers + accelerate offload, {config.peer_layers} layers, {config.peer_tokens} tokens")
@@ -397,13 +392,47 @@ def bench(
     model = random_model(cfg, dtype, device, gen)
     if attention:
         model.quantize_resident(attention)
-    result["setup_s"] = time.perf_counter() - setup
+    setup_s = time.perf_counter() - setup
     if device.type == "cuda":  # as Engine.from_folder does
         workspace = measure_workspace(model, fmt, ctx_size, options.prefill_chunk)
         plan = plan_memory(
             cfg, dtype, device, ctx_size, options.prefill_chunk, plan.budget_bytes, config.expert_slots, workspace, fmt.expert_bytes,
             attention,
         )
+    return cfg, store, model, plan, why, setup_s, peer
+
+
+def bench(
+    config: BenchConfig,
+    progress: Callable[[int, int], None] | None = None,
+    say: Callable[[str], None] = lambda message: None,
+) -> dict:
+    """Run the whole benchmark; every figure in the result was measured in this call."""
+    started = time.perf_counter()
+    given = (("--gpu-memory", config.gpu_memory), ("--expert-slots", config.expert_slots))
+    device, dtype = resolve_device(config.device, tuple(flag for flag, value in given if value is not None)), DTYPES[config.dtype]
+    if config.cuda_graphs and device.type != "cuda":
+        raise ConfigError("--cuda-graphs needs a CUDA device")
+    ctx_size = config.prompt_tokens + config.new_tokens
+    gpu_memory = config.gpu_memory
+    if gpu_memory is None and config.expert_slots is None and device.type == "cuda":
+        gpu_memory = "12GiB"
+    options = Options(device=device.type, gpu_memory=gpu_memory, expert_slots=config.expert_slots, ctx_size=ctx_size,
+                      prefetch=config.prefetch, prefetch_top=config.prefetch_top, resident_dtype=config.resident_dtype,
+                      cpu_experts=config.cpu_experts, cuda_graphs=False)  # --cuda-graphs: one more run with them
+    attention = options.attention_dtype
+    if config.model is not None:
+        cfg, store, model, plan, why, setup_s = loaded_model(config, options, progress)
+        say(why)
+        peer = None
+        if config.peer_layers:
+            say("peer: skipped (it draws a preset's random weights; --model runs the model's own)")
+    else:
+        cfg, store, model, plan, why, setup_s, peer = random_weights(config, options, device, dtype, progress, say)
+    fmt = store.format
+    result: dict = {"machine": machine(device), "config": {**asdict(config), "n_layers": cfg.n_layers}, "setup_s": setup_s}
+    if result["machine"]["cpu_kernels"] != "built":
+        say(f"moe-local's CPU kernels are not built, torch's run instead: {result['machine']['cpu_kernels']}")
     result["experts_format"] = {"key": fmt.key, "expert_bytes": fmt.expert_bytes, "why": why}
     result["plan"] = plan_report(cfg, plan, ctx_size)
     result["host_memory"] = store.memory()

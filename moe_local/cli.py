@@ -846,6 +846,7 @@ TINY_BENCH_TOKENS = (64, 32)
 def bench(
     preset: str = typer.Option("mixtral-8x7b", "--preset", help="Geometry: a published one such as mixtral-8x7b (a wrong name lists them all), or tiny: a CPU smoke test."),
     layers: Optional[int] = typer.Option(None, "--layers", help="Layers to build. Default: the preset's (32 for Mixtral-8x7B)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Measure this model's own weights (a folder, a .gguf file or a Hugging Face id), loaded as run loads them, instead of a preset's random ones; no peer."),
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Device budget, with a unit. Default: 12GiB on CUDA; on the CPU every expert runs in place."),
     expert_slots: ExpertSlots = None,
     prompt_tokens: Optional[int] = typer.Option(None, "--prompt-tokens", min=1, help=f"Prompt length for prefill. Default 512 ({TINY_BENCH_TOKENS[0]} for tiny)."),
@@ -877,7 +878,7 @@ def bench(
     from moe_local.bench import bench as run_benchmark
 
     with clean_errors(debug):
-        if device is None and preset != "tiny" and not torch.cuda.is_available():
+        if device is None and preset != "tiny" and model is None and not torch.cuda.is_available():
             raise MoeLocalError(f"this machine has no CUDA GPU for the {preset} geometry; "
                                 "`moe-local bench --preset tiny --device cpu` is a quick smoke test on the CPU")
         tiny = preset == "tiny"
@@ -885,7 +886,7 @@ def bench(
                      cpu_experts=cpu_experts)
         with checking_flags():
             config = BenchConfig(
-                preset=preset, layers=layers, dtype=dtype, experts_dtype=experts_dtype, policies=tuple(policies), prefetch=prefetch,
+                preset=preset, layers=layers, model=model, dtype=dtype, experts_dtype=experts_dtype, policies=tuple(policies), prefetch=prefetch,
                 prompt_tokens=prompt_tokens or (TINY_BENCH_TOKENS[0] if tiny else BenchConfig.prompt_tokens),
                 new_tokens=new_tokens or (TINY_BENCH_TOKENS[1] if tiny else BenchConfig.new_tokens),
                 prefetch_top=prefetch_top, compare_prefetch=compare_prefetch, peer_layers=peer_layers, peer_tokens=peer_tokens, seed=seed,
@@ -911,7 +912,7 @@ def print_bench(r: dict) -> None:
     ch = r["channels"]
     where = (f"all {r['plan']['total_experts']} experts in place" if r["plan"]["in_place"]
              else f"{r['plan']['expert_slots']} of {r['plan']['total_experts']} experts in slots")
-    table = Table(title=f"{r['config']['preset']}, {r['config']['n_layers']} layers, {where} on {r['machine']['device']}")
+    table = Table(title=f"{r['config']['model'] or r['config']['preset']}, {r['config']['n_layers']} layers, {where} on {r['machine']['device']}")
     columns = ("policy", "prefetch", "prefill tok/s", "decode tok/s", "ms/layer (wait)", "hits", "recall", "GB/token", "CPU experts/token",
                "bound tok/s", "efficiency")
     for column in columns:

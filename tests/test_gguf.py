@@ -358,3 +358,63 @@ def test_info_and_plan_read_a_gguf(ggufs):
     assert {"Q4_K", "F32"} <= set(info["tensor_bytes_by_type"]) and sum(info["tensor_bytes_by_type"].values()) < path.stat().st_size
     plan = json.loads(moe_local_cli("plan", str(ggufs["qwen3-Q8_0"]), "--device", "cpu", "--json").stdout)
     assert plan["experts_format"] == "gguf-q8_0" and plan["in_place"]
+
+
+# ---- a GGUF model has every feature a safetensors checkpoint has ------------------------------------------
+
+
+def test_sequences_decoded_together_on_a_gguf_match_each_alone(ggufs):
+    """Rows of one KV pool decoded together, joining and leaving, give what each gives alone (test_batch's
+    protocol: fp32 logits within 1e-5, the same greedy tokens), on an f32 file. On a Q8_0 file the experts' rows
+    are computed alone either way (`experts_ggml`), but the resident matmuls' fp32 rounding over a batch (3e-7 of
+    the logit scale) can move an activation across a Q8_0 rounding step, which llama.cpp's arithmetic amplifies to
+    ~1% of the logit scale: not within that protocol's tolerance, as for llama.cpp itself."""
+    from moe_local.engine import load
+    from test_batch import join_and_leave, pool_rows
+
+    join_and_leave(load(ggufs["qwen3-F32"], device="cpu", dtype="fp32"), pool_rows)
+
+
+def test_the_cpu_channel_runs_a_ggufs_experts_as_they_run_in_place(ggufs):
+    """Misses of a few slots run on the CPU channel from the store's buffer (the file's blocks): the same logits,
+    bit for bit, as every expert in place."""
+    from moe_local.engine import load
+
+    path = ggufs["qwen3-Q4_0"]
+    ids = ids_of(path)
+    in_place = load(path, device="cpu", dtype="fp32").logits(ids)
+    channel = load(path, device="cpu", dtype="fp32", expert_slots=4, cpu_experts="always")
+    assert channel.experts.cpu_experts == "always"
+    assert torch.equal(channel.logits(ids), in_place) and channel.experts.stats.as_dict()["experts_on_cpu"] > 0
+
+
+def test_bench_measures_a_ggufs_own_weights(ggufs):
+    """`bench --model FILE`: the file loaded as `run` loads it (its Q8_0 blocks), every policy giving the same
+    tokens, and a batch run; the peer, which draws a preset's random weights, is skipped."""
+    from moe_local.bench import BenchConfig, bench
+    from moe_local.errors import ConfigError
+
+    path = str(ggufs["qwen3-Q8_0"])
+    said = []
+    result = bench(BenchConfig(model=path, device="cpu", expert_slots=6, prompt_tokens=8, new_tokens=3, batch=2), say=said.append)
+    assert result["experts_format"]["key"] == "gguf-q8_0" and "the file's own blocks" in result["experts_format"]["why"]
+    assert result["config"]["n_layers"] == 3 and len(result["runs"]) == 3 and result["same_tokens_in_every_run"]
+    assert result["batch"]["sequences"] == 2 and result["peer"] is None and any("peer: skipped" in s for s in said)
+    with pytest.raises(ConfigError, match="--layers applies to a preset's random weights"):
+        BenchConfig(model=path, layers=2)
+
+
+def test_chat_answers_with_the_ggufs_template(ggufs):
+    """A chat's prompt is the GGUF's template rendered (Qwen3's ChatML), and its answer is the model's greedy one."""
+    from moe_local.chat import ChatSession
+    from moe_local.engine import load
+    from moe_local.params import SamplingParams
+
+    engine = load(ggufs["qwen3-Q8_0"], device="cpu", dtype="fp32")
+    chat = ChatSession(engine, SamplingParams(temperature=0.0), max_new_tokens=4)
+    chat.ask("Grüße")
+    answer = list(chat.reply())
+    text, ids = chat.render([{"role": "user", "content": "Grüße"}])
+    assert text.startswith("<|im_start|>user\nGrüße<|im_end|>\n<|im_start|>assistant\n") and chat.prompt == ids, text
+    expected = list(load(ggufs["qwen3-Q8_0"], device="cpu", dtype="fp32").generate(chat.prompt, 4, SamplingParams(temperature=0.0)))
+    assert answer == expected
