@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer
-from conftest import build_mixtral, moe_local_cli
+from conftest import build_mixtral
 from families import VARIANTS, build_family, to_mxfp4
+from test_fp8 import cli  # the command line in this process (a subprocess spends seconds importing torch)
 from moe_local import native
 
 TOOLS = Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "llama-cpp"
@@ -299,7 +300,7 @@ def test_chat_template_renders_as_transformers_renders_it(ggufs):
     assert ours.eos_token == "<|im_end|>"
 
 
-def test_split_files_read_as_one_model_from_any_part_or_the_folder(ggufs, tmp_path):
+def test_split_files_read_as_one_model_from_any_part_or_the_folder(ggufs, tmp_path, monkeypatch, capsys):
     from moe_local.engine import load
 
     whole = ggufs["qwen3-Q8_0"]
@@ -311,8 +312,8 @@ def test_split_files_read_as_one_model_from_any_part_or_the_folder(ggufs, tmp_pa
     for given in (parts[0], parts[2], tmp_path):
         assert torch.equal(load(given, device="cpu", dtype="fp32").logits(ids), expected)
     parts[3].unlink()
-    result = moe_local_cli("info", str(parts[0]))
-    assert result.returncode == 1 and "lacks its part(s) split-00004-of-00004.gguf" in result.stderr
+    code, _, err = cli(monkeypatch, capsys, "info", str(parts[0]))
+    assert code == 1 and "lacks its part(s) split-00004-of-00004.gguf" in err
 
 
 def corrupt(src: Path, dst: Path, edit) -> Path:
@@ -336,7 +337,7 @@ def unknown_type(data: bytearray) -> None:
     ("architecture", lambda d: d.__setitem__(slice(None), d.replace(b"qwen3moe", b"qwen9moe")), "unsupported GGUF architecture 'qwen9moe'"),
     ("tensor type", unknown_type, "holds a tensor of an unknown ggml type"),
 ])  # fmt: skip
-def test_a_broken_file_is_one_clear_line(ggufs, tmp_path, problem, edit, message):
+def test_a_broken_file_is_one_clear_line(ggufs, tmp_path, monkeypatch, capsys, problem, edit, message):
     from moe_local.checkpoint import open_checkpoint
     from moe_local.errors import MoeLocalError
 
@@ -345,18 +346,18 @@ def test_a_broken_file_is_one_clear_line(ggufs, tmp_path, problem, edit, message
         open_checkpoint(path)
     assert message in str(raised.value) and "\n" not in str(raised.value)
     if problem == "magic":  # and the command line prints it as that one line (any MoeLocalError, `clean_errors`)
-        result = moe_local_cli("info", str(path))
-        assert result.returncode == 1 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+        code, _, err = cli(monkeypatch, capsys, "info", str(path))
+        assert code == 1 and err.count("\n") == 1 and message in err, err
 
 
-def test_info_and_plan_read_a_gguf(ggufs):
+def test_info_and_plan_read_a_gguf(ggufs, monkeypatch, capsys):
     import json
 
     path = ggufs["mixtral-Q4_K_M"]
-    info = json.loads(moe_local_cli("info", str(path), "--json").stdout)
+    info = json.loads(cli(monkeypatch, capsys, "info", str(path), "--json")[1])
     assert info["architecture"] == "llama" and info["model_type"] == "mixtral"
     assert {"Q4_K", "F32"} <= set(info["tensor_bytes_by_type"]) and sum(info["tensor_bytes_by_type"].values()) < path.stat().st_size
-    plan = json.loads(moe_local_cli("plan", str(ggufs["qwen3-Q8_0"]), "--device", "cpu", "--json").stdout)
+    plan = json.loads(cli(monkeypatch, capsys, "plan", str(ggufs["qwen3-Q8_0"]), "--device", "cpu", "--json")[1])
     assert plan["experts_format"] == "gguf-q8_0" and plan["in_place"]
 
 
