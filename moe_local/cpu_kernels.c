@@ -1008,36 +1008,48 @@ int experts_swiglu_fp8(const uint16_t* x, int D, int F, int E, const int* starts
    (`formats.DecodeTable`), where building the k experts' pointer arrays in Python and mixing their outputs by
    torch operations took ~35 us a layer. The layer's experts are a table by expert id. */
 typedef struct {
-    int kind, D, F, G, E;                  /* kind: 0 bf16, 1 int8, 2 int4 in the CPU's layout (groups of G), 3 fp8 (blocks of BN x G) */
+    int kind, D, F, G, E;                  /* kind: 0 bf16, 1 int8, 2 int4 in the CPU's layout (groups of G), 3 fp8 (blocks of BN x G),
+                                              4 a GGUF's ggml blocks (experts_ggml) */
     const void* const* gate_up;            /* [E] */
     const void* const* down;               /* [E] */
     const uint16_t* const* gate_up_scale;  /* [E]: int8, the rows' scales; int4, the (scale, zero) pairs; fp8, the blocks' fp32 scales; bf16, NULL */
     const uint16_t* const* down_scale;
     int BN;                                /* fp8: the rows of a block */
     int act;                               /* ACT_SILU, or ACT_GELU_TANH (not fp8) */
+    const uint8_t* const* types;           /* [E]: ggml, each expert's two type codes */
 } ExpertTable;
+
+int experts_ggml(const float* x, int D, int F, int E, const int* starts, const uint8_t* const* gate_up, const uint8_t* const* down,
+                 const uint8_t* const* types, float* y, int threads);
 
 #define DECODE_MAX_K 64
 
 /* 0, 1 for sizes, ids or a kind it cannot take (as its kernel), 2 out of memory */
 int experts_decode(const ExpertTable* t, const uint16_t* x, const int64_t* ids, const float* w, int k, uint16_t* y, int threads) {
     const int D = t->D;
-    if (k < 1 || k > DECODE_MAX_K || t->kind < 0 || t->kind > 3 || (t->kind == 3 && t->act != ACT_SILU)) return 1;
+    if (k < 1 || k > DECODE_MAX_K || t->kind < 0 || t->kind > 4 || (t->kind >= 3 && t->act != ACT_SILU)) return 1;
     const void *gate_up[DECODE_MAX_K], *down[DECODE_MAX_K];
     const uint16_t *gate_up_scale[DECODE_MAX_K], *down_scale[DECODE_MAX_K];
+    const uint8_t* types[DECODE_MAX_K];
     int starts[DECODE_MAX_K + 1];
     for (int j = 0; j < k; j++) {
         if (ids[j] < 0 || ids[j] >= t->E) return 1;
         gate_up[j] = t->gate_up[ids[j]], down[j] = t->down[ids[j]], starts[j] = j;
         gate_up_scale[j] = t->gate_up_scale ? t->gate_up_scale[ids[j]] : NULL;
         down_scale[j] = t->down_scale ? t->down_scale[ids[j]] : NULL;
+        types[j] = t->types ? t->types[ids[j]] : NULL;
     }
     starts[k] = k;
     uint16_t* xs = malloc(sizeof(uint16_t) * (size_t)k * D); /* the token's row once for each expert */
     float* out = malloc(sizeof(float) * (size_t)k * D);
     if (!xs || !out) return free(xs), free(out), 2;
     for (int j = 0; j < k; j++) memcpy(xs + (size_t)j * D, x, sizeof(uint16_t) * D);
-    int code = t->kind == 3 ? experts_swiglu_fp8(xs, D, t->F, k, starts, (const uint8_t* const*)gate_up, (const uint8_t* const*)down,
+    float* xf = t->kind == 4 ? malloc(sizeof(float) * (size_t)k * D) : NULL; /* ggml: the rows in fp32 */
+    if (t->kind == 4 && !xf) return free(xs), free(out), 2;
+    if (xf)
+        for (size_t i = 0; i < (size_t)k * D; i++) xf[i] = from_bf16(xs[i]);
+    int code = t->kind == 4 ? experts_ggml(xf, D, t->F, k, starts, (const uint8_t* const*)gate_up, (const uint8_t* const*)down, types, out, threads)
+             : t->kind == 3 ? experts_swiglu_fp8(xs, D, t->F, k, starts, (const uint8_t* const*)gate_up, (const uint8_t* const*)down,
                                                  (const float* const*)gate_up_scale, (const float* const*)down_scale, t->BN, t->G, out, threads)
              : t->kind == 2 ? experts_swiglu_int4(xs, D, t->F, k, starts, (const uint8_t* const*)gate_up, (const uint8_t* const*)down,
                                                   gate_up_scale, down_scale, t->G, out, threads, t->act)
@@ -1049,7 +1061,7 @@ int experts_decode(const ExpertTable* t, const uint16_t* x, const int64_t* ids, 
             for (int j = 0; j < k; j++) sum += from_bf16(to_bf16(from_bf16(to_bf16(out[(size_t)j * D + d])) * w[j]));
             y[d] = to_bf16(sum);
         }
-    free(xs), free(out);
+    free(xs), free(out), free(xf);
     return code;
 }
 
@@ -1447,19 +1459,20 @@ int deltanet_block(const DeltaNetBlock* L, int R, const uint16_t* x, void* const
 
 /* experts_ggml: a layer's SwiGLU experts whose weights are a GGUF's own ggml blocks (`formats.Ggml`), with
    llama.cpp's arithmetic. Each activation row is rounded as llama.cpp rounds it for the weights' type (its
-   `vec_dot_type`): for Q8_0 and Q4_0 to Q8_0 blocks (32 values, d = max |x| / 127 kept as fp16, q = x * 127 /
+   `vec_dot_type`): for Q8_0, Q4_0 and Q5_0 to Q8_0 blocks (32 values, d = max |x| / 127 kept as fp16, q = x * 127 /
    max |x| rounded to nearest even, as its AVX2 quantize_row_q8_0), for the K-quants (Q4_K, Q5_K, Q6_K) to Q8_K
    blocks (256 values, d = -max / 127 in fp32 for the value of largest magnitude, q = round(x / d) at most
    127, the sums of each 16 q kept: quantize_row_q8_K_ref). Each block's integer dot products with the weights'
    integer values are exact; the scales (fp16 in the weights, with 6- or 8-bit sub-block scales and minimums)
    multiply them in fp32, as ggml's vec_dot_*_q8_* do, in another order of fp32 sums.
    Expert e (of E) takes rows starts[e] .. starts[e + 1] - 1 of x [R, D] (fp32); types[e] is its two type codes
-   (gate_up's, down's: ggml's numbers, 8 Q8_0, 2 Q4_0, 12 Q4_K, 13 Q5_K, 14 Q6_K), gate_up[e] [2F rows of D]
+   (gate_up's, down's: ggml's numbers, 8 Q8_0, 2 Q4_0, 6 Q5_0, 12 Q4_K, 13 Q5_K, 14 Q6_K), gate_up[e] [2F rows of D]
    (gate's rows, then up's), down[e] [D rows of F]; h = silu(gate) * up in fp32, rounded again for down; y [R, D]
    fp32. Work items are (expert, one weight row), each row read once for all of its expert's rows. D and F
    multiples of 32 (of 256 for a K-quant), at most EXPERT_MAX_ROWS rows an expert; 0, 1 for what it cannot take
    (or a CPU without AVX2 and F16C), 2 out of memory. */
 #define GGML_Q4_0 2
+#define GGML_Q5_0 6
 #define GGML_Q8_0 8
 #define GGML_Q4_K 12
 #define GGML_Q5_K 13
@@ -1472,11 +1485,12 @@ static inline float half_to_float(const uint8_t* p) {
     return _cvtsh_ss(h);
 }
 
-static int ggml_block_values(int type) { return type == GGML_Q8_0 || type == GGML_Q4_0 ? 32 : 256; }
+static int ggml_block_values(int type) { return type == GGML_Q8_0 || type == GGML_Q4_0 || type == GGML_Q5_0 ? 32 : 256; }
 static int ggml_block_bytes(int type) {
     switch (type) {
         case GGML_Q8_0: return 34;
         case GGML_Q4_0: return 18;
+        case GGML_Q5_0: return 22;
         case GGML_Q4_K: return 144;
         case GGML_Q5_K: return 176;
         case GGML_Q6_K: return 210;
@@ -1538,12 +1552,21 @@ static void quantize_q8_K(const float* x, int K, Q8Rows* a, int r) {
     }
 }
 
-/* the 32 weights of one Q8_0 / Q4_0 block as int8 */
+/* the 32 weights of one Q8_0 / Q4_0 / Q5_0 block as int8 (Q5_0: d, 4 bytes whose bit i is value i's fifth
+   bit, 16 bytes of nibbles as Q4_0's; values - 16) */
 static inline __m256i block_values(const uint8_t* block, int type) {
     if (type == GGML_Q8_0) return _mm256_loadu_si256((const __m256i*)(block + 2));
-    const __m128i packed = _mm_loadu_si128((const __m128i*)(block + 2)), low4 = _mm_set1_epi8(15);
-    const __m256i nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low4), _mm_and_si128(packed, low4));
-    return _mm256_sub_epi8(nibbles, _mm256_set1_epi8(8)); /* the low nibbles are values 0..15, the high ones 16..31 */
+    const int q5 = type == GGML_Q5_0;
+    const __m128i packed = _mm_loadu_si128((const __m128i*)(block + (q5 ? 6 : 2))), low4 = _mm_set1_epi8(15);
+    __m256i values = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low4), _mm_and_si128(packed, low4));
+    if (!q5) return _mm256_sub_epi8(values, _mm256_set1_epi8(8)); /* the low nibbles are values 0..15, the high ones 16..31 */
+    uint32_t bits;
+    memcpy(&bits, block + 2, 4);
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), /* byte i: the byte holding bit i */
+                                               _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i fifth = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16));
+    return _mm256_sub_epi8(_mm256_or_si256(values, fifth), _mm256_set1_epi8(16));
 }
 
 /* the 32 products of two int8 blocks, summed into 8 int32 lanes, as llama.cpp's AVX2 path forms them (exact) */
@@ -1552,7 +1575,7 @@ static inline __m256i dot32_i8(__m256i w, __m256i a) {
     return _mm256_madd_epi16(products, _mm256_set1_epi16(1));
 }
 
-/* out[r * stride] = weight row w (K values in Q8_0 or Q4_0 blocks) . row r of a (Q8_0), r < n; each block's 8
+/* out[r * stride] = weight row w (K values in Q8_0, Q4_0 or Q5_0 blocks) . row r of a (Q8_0), r < n; each block's 8
    lanes scaled by the two scales and summed in fp32 lanes, as llama.cpp's ggml_vec_dot does */
 static inline void row_dot(const uint8_t* w, int type, int K, int n, const Q8Rows* a, int r0, float* out, int stride) {
     const int blocks = K / 32, bytes = ggml_block_bytes(type);

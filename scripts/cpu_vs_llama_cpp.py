@@ -19,7 +19,12 @@ quantized files hold the attention projections quantized too, so those moe-local
 int8` and `int4`), one after the other, `--rounds` times (interleaved, so that a noisy shared machine slows both
 alike), each in its own process with the same thread count; it prints one markdown row per pair with both speeds
 and their ratio, for decode and for the prompt's prefill (a whole prompt's evaluation from an empty cache,
-llama.cpp's in batches of 512). `--pairs` picks some of the formats (make converts only those). llama.cpp runs
+llama.cpp's in batches of 512). `--pairs` picks some of the formats (make converts only those); the pairs
+`q8_0-gguf`, `q4_0-gguf` and `q4_k_m-gguf` run moe-local on the GGUF file itself (its experts in the file's own
+blocks, the attention as int8 or int4), the same file llama.cpp runs:
+
+    python scripts/cpu_vs_llama_cpp.py make /tmp/cpu-peer --pairs q8_0-gguf,q4_k_m-gguf
+    python scripts/cpu_vs_llama_cpp.py run /tmp/cpu-peer --pairs q8_0-gguf,q4_k_m-gguf --prompt-tokens 512 llama.cpp runs
 in the Python of LLAMA_PYTHON (default /tmp/llama/bin/python, the venv its README describes)."""
 
 from __future__ import annotations
@@ -35,9 +40,17 @@ from pathlib import Path
 TOOLS = Path(os.environ.get("LLAMA_CPP_TOOLS", "/work/shared/tools/llama-cpp"))
 LLAMA_PYTHON = os.environ.get("LLAMA_PYTHON", "/tmp/llama/bin/python")
 DEMO = Path(__file__).resolve().parent.parent / "moe_local" / "demo"
-# llama.cpp's file; moe-local's --experts-dtype and --resident-dtype. llama.cpp's q8_0 and q4_0 files quantize
-# the attention projections too, so the nearest moe-local runs do as well.
-PAIRS = [("bf16", "bf16", "auto"), ("q8_0", "int8", "int8"), ("q4_0", "int4", "int4")]
+# llama.cpp's file; moe-local's --experts-dtype (or "gguf": moe-local runs the same GGUF file, its experts in the
+# file's own blocks) and --resident-dtype. llama.cpp's quantized files quantize the attention projections too, so
+# the nearest moe-local runs do as well.
+PAIRS = [("bf16", "bf16", "auto"), ("q8_0", "int8", "int8"), ("q4_0", "int4", "int4"),
+         ("q8_0", "gguf", "int8"), ("q4_0", "gguf", "int4"), ("q4_k_m", "gguf", "int4")]  # fmt: skip
+QUANTIZED = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}  # made from bf16.gguf by llama.cpp's quantizer
+
+
+def pair_name(pair: tuple[str, str, str]) -> str:
+    gguf, fmt, _ = pair
+    return f"{gguf}-gguf" if fmt == "gguf" else gguf
 
 
 def prompt_ids(n: int) -> list[int]:
@@ -49,8 +62,10 @@ MOE_LOCAL = """
 import json, sys, time, torch, moe_local
 folder, fmt, resident, n, threads, prompt, slots = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), json.loads(sys.argv[6]), json.loads(sys.argv[7])
 torch.set_num_threads(threads)
-engine = moe_local.load(folder, device="cpu", dtype="bf16", experts_dtype=fmt, resident_dtype=resident,
+start = time.perf_counter()
+engine = moe_local.load(folder, device="cpu", dtype="bf16", experts_dtype="auto" if fmt == "gguf" else fmt, resident_dtype=resident,
                       ctx_size=len(prompt) + n + 1, expert_slots=slots)
+load_s = time.perf_counter() - start
 token = int(engine.prefill(prompt)[0].argmax())
 for _ in range(4): engine.decode_one(token)  # warm-up, then start again from the prompt
 engine.tokens = []  # forget the cache: prefill would take the prompt from it (a recurrent state restarts at position 0)
@@ -62,7 +77,8 @@ assert evaluated == len(prompt)
 start = time.perf_counter()
 for _ in range(n):
     token = int(engine.decode_one(token).argmax())
-print(json.dumps({"tok_per_s": n / (time.perf_counter() - start), "prefill_tok_per_s": prefill, "bytes_copied": engine.experts.stats.total().bytes_copied}))
+print(json.dumps({"tok_per_s": n / (time.perf_counter() - start), "prefill_tok_per_s": prefill, "bytes_copied": engine.experts.stats.total().bytes_copied,
+                  "load_s": load_s, "experts": engine.store.format.key}))
 """
 
 LLAMA = """
@@ -139,10 +155,11 @@ def make(out: Path, family: str, pairs: list[tuple[str, str, str]]) -> None:
         subprocess.run([sys.executable, *convert, str(folder), "--outtype", outtype, "--outfile", str(out / f"{outtype}.gguf"), *no_mtp],
                        check=True, env=env)
     quantize = ("import llama_cpp, sys; p = llama_cpp.llama_model_quantize_default_params(); "
-                "p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0; "
+                "p.ftype = getattr(llama_cpp, sys.argv[3]); "
                 "assert llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p) == 0")
-    if any(gguf == "q4_0" for gguf, _, _ in pairs):
-        subprocess.run([LLAMA_PYTHON, "-c", quantize, str(out / "bf16.gguf"), str(out / "q4_0.gguf")], check=True)
+    for name, ftype in QUANTIZED.items():
+        if any(gguf == name for gguf, _, _ in pairs):
+            subprocess.run([LLAMA_PYTHON, "-c", quantize, str(out / "bf16.gguf"), str(out / f"{name}.gguf"), ftype], check=True)
 
 
 def one(command: list[str]) -> dict:
@@ -158,13 +175,16 @@ def run(out: Path, rounds: int, tokens: int, threads: int, slots: int | None, pr
     prefills: dict[tuple[str, str], list[float]] = {}
     for r in range(rounds):
         for gguf, fmt, resident in pairs:
-            ours = one([sys.executable, "-c", MOE_LOCAL, str(out / "hf"), fmt, resident, str(tokens), str(threads), prompt, json.dumps(slots)])
+            model = out / f"{gguf}.gguf" if fmt == "gguf" else out / "hf"
+            ours = one([sys.executable, "-c", MOE_LOCAL, str(model), fmt, resident, str(tokens), str(threads), prompt, json.dumps(slots)])
             theirs = one([LLAMA_PYTHON, "-c", LLAMA, str(out / f"{gguf}.gguf"), str(tokens), str(threads), prompt])
-            speeds.setdefault(("moe-local", fmt), []).append(ours["tok_per_s"])
-            speeds.setdefault(("llama.cpp", gguf), []).append(theirs["tok_per_s"])
-            prefills.setdefault(("moe-local", fmt), []).append(ours["prefill_tok_per_s"])
-            prefills.setdefault(("llama.cpp", gguf), []).append(theirs["prefill_tok_per_s"])
-            print(f"round {r + 1}: {fmt} {ours['tok_per_s']:.1f} tok/s, prefill {ours['prefill_tok_per_s']:.1f} tok/s "
+            key = pair_name((gguf, fmt, resident))
+            speeds.setdefault(("moe-local", key), []).append(ours["tok_per_s"])
+            speeds.setdefault(("llama.cpp", key), []).append(theirs["tok_per_s"])
+            prefills.setdefault(("moe-local", key), []).append(ours["prefill_tok_per_s"])
+            prefills.setdefault(("llama.cpp", key), []).append(theirs["prefill_tok_per_s"])
+            print(f"round {r + 1}: {fmt} ({ours['experts']}, loaded in {ours['load_s']:.1f} s) {ours['tok_per_s']:.1f} tok/s, "
+                  f"prefill {ours['prefill_tok_per_s']:.1f} tok/s "
                   f"({ours['bytes_copied'] / 1e9:.2f} GB copied), llama.cpp {gguf} {theirs['tok_per_s']:.1f} tok/s, "
                   f"prefill {theirs['prefill_tok_per_s']:.1f} tok/s",
                   file=sys.stderr, flush=True)
@@ -172,9 +192,11 @@ def run(out: Path, rounds: int, tokens: int, threads: int, slots: int | None, pr
         print(f"| llama.cpp | tok/s | moe-local | tok/s | ratio per round ({time.strftime('%Y-%m-%d')}, {threads} threads, {what}) |")
         print("| --- | --- | --- | --- | --- |")
         for gguf, fmt, resident in pairs:
-            ours, theirs = table[("moe-local", fmt)], table[("llama.cpp", gguf)]
+            key = pair_name((gguf, fmt, resident))
+            ours, theirs = table[("moe-local", key)], table[("llama.cpp", key)]
             ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(ours, theirs))
-            name = fmt if resident == "auto" else f"{fmt}, attention {resident}"
+            what = f"{gguf}.gguf itself" if fmt == "gguf" else fmt
+            name = what if resident == "auto" else f"{what}, attention {resident}"
             print(f"| {gguf} | {' / '.join(f'{s:.1f}' for s in theirs)} | {name} | {' / '.join(f'{s:.1f}' for s in ours)} | {ratios} |")
         print()
 
@@ -189,13 +211,14 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=8, help="the context decoding starts from (the model holds 1,024)")
     parser.add_argument("--expert-slots", type=int, help="moe-local through a pool of this many slots (a memcpy per miss), not in place")
     parser.add_argument("--family", choices=("mixtral", "qwen3", "qwen35"), default="mixtral", help="make: the model's architecture")
-    parser.add_argument("--pairs", default=",".join(gguf for gguf, _, _ in PAIRS),
-                        help="llama.cpp's formats to compare (make converts only these), from " + ", ".join(gguf for gguf, _, _ in PAIRS))
+    names = [pair_name(pair) for pair in PAIRS]
+    parser.add_argument("--pairs", default="bf16,q8_0,q4_0",
+                        help="what to compare (make converts only what these need), from " + ", ".join(names) + " (NAME-gguf: moe-local runs the GGUF file itself)")
     args = parser.parse_args()
     chosen = args.pairs.split(",")
-    if unknown := [name for name in chosen if name not in [gguf for gguf, _, _ in PAIRS]]:
-        parser.error(f"--pairs: unknown format {unknown[0]!r} (choose from {', '.join(gguf for gguf, _, _ in PAIRS)})")
-    pairs = [pair for pair in PAIRS if pair[0] in chosen]
+    if unknown := [name for name in chosen if name not in names]:
+        parser.error(f"--pairs: unknown pair {unknown[0]!r} (choose from {', '.join(names)})")
+    pairs = [pair for pair in PAIRS if pair_name(pair) in chosen]
     if args.command == "make":
         make(args.folder, args.family, pairs)
     else:

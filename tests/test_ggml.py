@@ -37,7 +37,7 @@ def blocks(values: np.ndarray, qtype: T) -> torch.Tensor:
     return torch.from_numpy(raw.reshape(rows, -1))
 
 
-@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, *K_QUANTS, T.Q5_0])  # Q5_0: through gguf.quants itself
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, *K_QUANTS, T.Q5_1])  # Q5_1: through gguf.quants itself
 def test_dequantize_gives_gguf_pys_values(qtype):
     values = np.random.default_rng(0).standard_normal((6, 512)) * 3
     raw = blocks(values, qtype)
@@ -92,7 +92,7 @@ needs_kernel = pytest.mark.skipif(native.unavailable() is not None or not native
 
 @needs_kernel
 @pytest.mark.parametrize("gate_up,down", [(T.Q8_0, T.Q8_0), (T.Q4_0, T.Q4_0), (T.Q4_K, T.Q6_K), (T.Q5_K, T.Q5_K), (T.Q6_K, T.Q4_K),
-                                          (T.Q8_0, T.Q4_K)])  # fmt: skip
+                                          (T.Q4_K, T.Q5_0)])  # fmt: skip
 def test_kernel_is_llama_cpps_arithmetic(gate_up, down):
     """llama.cpp's vec_dot_*_q8_0 / vec_dot_*_q8_K: the weights' values (gguf-py's dequantization) times the
     activations rounded as llama.cpp rounds them for the weights' type (Q8_0 blocks of 32 for Q8_0/Q4_0, Q8_K
@@ -124,6 +124,18 @@ def test_kernel_gives_each_row_the_same_bits_alone_or_grouped():
     assert grouped.dtype == torch.bfloat16
     assert torch.equal(fmt.forward(xs[:1], views[0]), grouped[:1])
     assert torch.equal(torch.cat([fmt.forward(xs[i : i + 1], views[1]) for i in range(1, 19)]), grouped[1:])
+
+
+@needs_kernel
+def test_a_decode_tokens_experts_in_one_call_give_the_grouped_kernels_bits_mixed_as_the_runtime_mixes():
+    from moe_local.experts.runtime import weigh
+
+    cfg, fmt, views = experts(T.Q4_K, 4, down=T.Q6_K)
+    table = fmt.decode_table(views)
+    x = torch.randn(1, cfg.dim, generator=torch.Generator().manual_seed(4)).bfloat16()
+    weights, indices = torch.tensor([[0.7, 0.3]]), torch.tensor([[3, 1]])
+    ys = fmt.forward_grouped(torch.cat([x, x]), [1, 1], [views[3], views[1]])  # [2, D] bf16
+    assert torch.equal(table(x, weights, indices), weigh(ys, weights, torch.bfloat16))
 
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K])

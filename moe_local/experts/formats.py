@@ -182,10 +182,11 @@ class DecodeTable:
     class _Struct(ctypes.Structure):  # `ExpertTable` in cpu_kernels.c
         _fields_ = [*((name, ctypes.c_int) for name in ("kind", "dim", "ffn_dim", "group", "experts")),
                     *((name, ctypes.c_void_p) for name in ("gate_up", "down", "gate_up_scale", "down_scale")), ("block_rows", ctypes.c_int),
-                    ("act", ctypes.c_int)]  # fmt: skip
+                    ("act", ctypes.c_int), ("types", ctypes.c_void_p)]  # fmt: skip
 
-    PARTS = {"bf16": (None, None), "int8": ("gate_up.scale", "down.scale"), "int4": ("gate_up.scale_zero", "down.scale_zero"),
-             "fp8": ("gate_up.scale", "down.scale")}  # fmt: skip
+    # each kind's parts beside gate_up and down: the two scales' and the ggml types'
+    PARTS = {"bf16": (None, None, None), "int8": ("gate_up.scale", "down.scale", None), "int4": ("gate_up.scale_zero", "down.scale_zero", None),
+             "fp8": ("gate_up.scale", "down.scale", None), "ggml": (None, None, "types")}  # fmt: skip
 
     def __init__(self, lib: ctypes.CDLL, cfg: ModelConfig, kind: str, group: int, views: list[Weights], block_rows: int = 0):
         def table(name: str | None):
@@ -193,9 +194,9 @@ class DecodeTable:
 
         self.lib, self.tables = lib, [table(name) for name in ("gate_up", "down", *self.PARTS[kind])]
         kinds = list(self.PARTS)
-        self.struct = self._Struct(kinds.index(kind), cfg.dim, cfg.ffn_dim, group, len(views),
-                                   *(None if t is None else ctypes.addressof(t) for t in self.tables), block_rows,
-                                   KERNEL_ACTIVATIONS[cfg.expert_act])  # fmt: skip
+        pointers = [None if t is None else ctypes.addressof(t) for t in self.tables]
+        self.struct = self._Struct(kinds.index(kind), cfg.dim, cfg.ffn_dim, group, len(views), *pointers[:4], block_rows,
+                                   KERNEL_ACTIVATIONS[cfg.expert_act], pointers[4])  # fmt: skip
 
     @classmethod
     def build(cls, cfg: ModelConfig, kind: str, group: int, views: list[Weights], block_rows: int = 0) -> DecodeTable | None:
@@ -547,14 +548,15 @@ class Fp8(ExpertFormat):
 
 
 class Ggml(ExpertFormat):
-    """A GGUF's experts in the file's own ggml blocks (Q8_0, Q4_0, Q4_K, Q5_K or Q6_K; `weights/ggml.py` owns the
-    numerics), each MoE layer in its own types (`layer_types`: a Q4_K_M file keeps some layers' down in Q6_K,
-    Unsloth's dynamic quantizations mix more). An expert's buffer is self-describing: "types" holds its two ggml
+    """A GGUF's experts in the file's own ggml blocks (Q8_0, Q4_0, Q5_0, Q4_K, Q5_K or Q6_K; `weights/ggml.py` owns
+    the numerics), each MoE layer in its own types (`layer_types`: a Q4_K_M file keeps some layers' down in Q6_K,
+    and where a width is not a whole number of K-quant blocks llama.cpp writes Q5_0 or Q8_0 instead; Unsloth's
+    dynamic quantizations mix more). An expert's buffer is self-describing: "types" holds its two ggml
     type codes (gate_up's, down's), "gate_up" the gate rows then the up rows [2F rows of D], "down" [D rows of F],
     each the file's bytes as they are (`pack_native`), at the start of a part sized for the widest type any
     layer uses (in a mixed file the narrower layers leave the rest unused: `padding_bytes`). Nothing is quantized
     or cached. On the CPU they run through `experts_ggml` of `cpu_kernels.c` with llama.cpp's arithmetic (each
-    activation row rounded to Q8_0 blocks for Q8_0/Q4_0 weights, to Q8_K for K-quants, integer block products,
+    activation row rounded to Q8_0 blocks for Q8_0/Q4_0/Q5_0 weights, to Q8_K for K-quants, integer block products,
     the file's scales), for any number of rows and whichever experts run together (rows are independent: the
     same bits either way); elsewhere (CUDA: no Triton kernel yet, unverified on a GPU), or without the kernels,
     `linear` widens a matrix to the compute dtype in torch and runs one matmul (exact arithmetic on the file's
@@ -562,8 +564,8 @@ class Ggml(ExpertFormat):
 
     quantized = True
     native = True
-    TYPES = (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K,
-             GGMLQuantizationType.Q6_K)  # fmt: skip
+    TYPES = (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q4_K,
+             GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K)  # fmt: skip
     K_QUANTS = (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K)  # blocks of 256
 
     def __init__(self, cfg: ModelConfig, layer_types: list[tuple[GGMLQuantizationType, GGMLQuantizationType]]):
@@ -621,6 +623,9 @@ class Ggml(ExpertFormat):
         code = lib.experts_ggml(x.data_ptr(), self.cfg.dim, self.cfg.ffn_dim, n, starts, gate_up, down, types, y.data_ptr(), torch.get_num_threads())
         native.check(code, "experts")
         return y.to(xs.dtype)
+
+    def decode_table(self, views: list[Weights]) -> DecodeTable | None:
+        return DecodeTable.build(self.cfg, "ggml", 0, views)
 
 
 def gguf_format(layer_types: list[dict[str, GGMLQuantizationType]], cfg: ModelConfig, compute_dtype: torch.dtype,

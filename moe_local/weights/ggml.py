@@ -1,11 +1,13 @@
 """ggml's block numerics: how many bytes a row of n values takes in each ggml type, and those bytes back to
 values (the reference dequantization). The types moe-local keeps as they are (`experts/formats.py`'s `Ggml`:
-Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) and the float types are decoded here in torch, on any device, with the same fp32
+Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K) and the float types are decoded here in torch, on any device, with the same fp32
 operations as gguf-py (so the same values, bit for bit); every other type by the `gguf` package's numpy code
 (`gguf.quants.dequantize`, the format's own library).
 
 Q8_0: blocks of 32 values along a row, each an fp16 scale d then 32 int8 q: x = d * q (34 bytes).
 Q4_0: blocks of 32, an fp16 scale d then 16 bytes: x[j] = d * ((byte[j] & 15) - 8), x[j + 16] = d * ((byte[j] >> 4) - 8) (18 bytes).
+Q5_0: blocks of 32, an fp16 scale d, 4 bytes whose bit i is value i's fifth bit, 16 bytes of nibbles as Q4_0's:
+  x = d * (q - 16) (22 bytes).
 Q4_K: blocks of 256 in 8 sub-blocks of 32: fp16 d and dmin, 12 bytes of 6-bit scales sc and minimums m (one each
   a sub-block), 128 bytes of nibbles (chunk j of 64 values: the low nibbles of bytes 32j.. are sub-block 2j, the
   high ones 2j + 1): x = d * sc * q - dmin * m (144 bytes).
@@ -24,7 +26,7 @@ from gguf import quants
 from moe_local.weights.gguf import row_bytes  # noqa: F401  (a row's bytes, with the numerics)
 
 FLOATS = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16, GGMLQuantizationType.BF16: torch.bfloat16}
-Q8_0, Q4_0 = GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0
+Q8_0, Q4_0, Q5_0 = GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q5_0
 Q4_K, Q5_K, Q6_K = GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K
 
 
@@ -80,6 +82,12 @@ def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType, n: int) -> torch.
         q = blocks[:, 2:]  # [B, 16]
         values = torch.cat([q & 15, q >> 4], dim=1).float() - 8  # [B, 32]: low nibbles are the first 16
         return (_half(blocks, 0) * values).view(*lead, n)
+    if qtype == Q5_0:
+        blocks = raw.contiguous().view(-1, 22)  # [B, 22]
+        q = blocks[:, 6:]  # [B, 16]
+        fifth = _bits(blocks[:, 2:6].unsqueeze(1), list(range(8)), 0x01).transpose(2, 3).reshape(-1, 32)  # [B, 32]: bit i of the 4 bytes
+        values = (torch.cat([q & 15, q >> 4], dim=1) | (fifth << 4)).view(torch.int8) - 16  # [B, 32]
+        return (_half(blocks, 0) * values.float()).view(*lead, n)
     if qtype in (Q4_K, Q5_K, Q6_K):
         return _k_quant(raw.contiguous().view(-1, row_bytes(qtype, 256)), qtype).view(*lead, n)
     values = quants.dequantize(np.ascontiguousarray(raw.numpy()), qtype)
