@@ -1468,8 +1468,9 @@ int deltanet_block(const DeltaNetBlock* L, int R, const uint16_t* x, void* const
    Expert e (of E) takes rows starts[e] .. starts[e + 1] - 1 of x [R, D] (fp32); types[e] is its two type codes
    (gate_up's, down's: ggml's numbers, 8 Q8_0, 2 Q4_0, 6 Q5_0, 12 Q4_K, 13 Q5_K, 14 Q6_K), gate_up[e] [2F rows of D]
    (gate's rows, then up's), down[e] [D rows of F]; h = silu(gate) * up in fp32, rounded again for down; y [R, D]
-   fp32. Work items are (expert, one weight row), each row read once for all of its expert's rows. D and F
-   multiples of 32 (of 256 for a K-quant), at most EXPERT_MAX_ROWS rows an expert; 0, 1 for what it cannot take
+   fp32. Work items are (expert, one weight row), each row read once for all of its expert's rows (any number:
+   a prefill chunk's, EXPERT_MAX_ROWS at a time from the core's cache). D and F multiples of 32 (of 256 for a
+   K-quant); 0, 1 for what it cannot take
    (or a CPU without AVX2 and F16C), 2 out of memory. */
 #define GGML_Q4_0 2
 #define GGML_Q5_0 6
@@ -1571,14 +1572,30 @@ static inline __m256i block_values(const uint8_t* block, int type) {
 
 /* the 32 products of two int8 blocks, summed into 8 int32 lanes, as llama.cpp's AVX2 path forms them (exact) */
 static inline __m256i dot32_i8(__m256i w, __m256i a) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) /* the same sums in one instruction (no pair of products reaches int16's limit) */
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+#else
     const __m256i products = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w)); /* |w| * (a signed as w) */
     return _mm256_madd_epi16(products, _mm256_set1_epi16(1));
+#endif
 }
 
 /* out[r * stride] = weight row w (K values in Q8_0, Q4_0 or Q5_0 blocks) . row r of a (Q8_0), r < n; each block's 8
    lanes scaled by the two scales and summed in fp32 lanes, as llama.cpp's ggml_vec_dot does */
 static inline void row_dot(const uint8_t* w, int type, int K, int n, const Q8Rows* a, int r0, float* out, int stride) {
     const int blocks = K / 32, bytes = ggml_block_bytes(type);
+    if (n == 1) { /* a decode step's row: the sum in a register (in the same order as below: the same bits) */
+        const int8_t* q = a->q + (size_t)r0 * K;
+        const float* d = a->d + (size_t)r0 * blocks;
+        __m256 acc = _mm256_setzero_ps();
+        for (int b = 0; b < blocks; b++) {
+            const uint8_t* block = w + (size_t)b * bytes;
+            const __m256i sums = dot32_i8(block_values(block, type), _mm256_loadu_si256((const __m256i*)(q + 32 * b)));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(block) * d[b]), _mm256_cvtepi32_ps(sums), acc);
+        }
+        out[0] = hsum(acc);
+        return;
+    }
     __m256 acc[EXPERT_MAX_ROWS];
     for (int r = 0; r < n; r++) acc[r] = _mm256_setzero_ps();
     for (int b = 0; b < blocks; b++) {
@@ -1656,9 +1673,79 @@ static inline void decode_k(const uint8_t* b, int type, KBlock* k) {
     k->d = half_to_float(b), k->dm = -half_to_float(b + 2);
 }
 
+/* chunk c's scales as madd takes them: a 16-lane int16 vector whose lanes 0-7 are byte 2c of s (as int16) and
+   lanes 8-15 byte 2c + 1, for 16 scales a block (Q6_K: int8, signed); k4: 8 scales, each for 32 values (both halves
+   byte c) */
+static inline __m256i chunk_scales(__m128i s, int c, int k4) {
+    const __m128i pick = k4 ? _mm_set1_epi8((char)c) : _mm_set_epi64x(0x0101010101010101LL * (2 * c + 1), 0x0101010101010101LL * (2 * c));
+    const __m128i bytes = _mm_shuffle_epi8(s, pick);
+    return k4 ? _mm256_cvtepu8_epi16(bytes) : _mm256_cvtepi8_epi16(bytes);
+}
+
+/* acc + one K-quant block (b, `type`) times one Q8_K block (q [256], sums [16], da), decoded in registers (the
+   decode step's one row: nothing to share the decoding with) */
+static inline __m256 dot_k_block(const uint8_t* b, int type, const int8_t* q, const int16_t* sums, float da, __m256 acc) {
+    const __m256i low4 = _mm256_set1_epi8(15);
+    __m256i sum = _mm256_setzero_si256(), offset;
+    float d, dm;
+#define DOT_CHUNK(c, v, scales) sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_loadu_si256((const __m256i*)(q + 32 * (c)))), scales))
+    if (type == GGML_Q6_K) {
+        const uint8_t *ql = b, *qh = b + 128;
+        const __m128i s = _mm_loadu_si128((const __m128i*)(b + 192));
+        const __m256i high2 = _mm256_set1_epi8(0x30);
+        for (int half = 0; half < 2; half++) {
+            const __m256i l0 = _mm256_loadu_si256((const __m256i*)(ql + 64 * half)), l1 = _mm256_loadu_si256((const __m256i*)(ql + 64 * half + 32));
+            const __m256i h = _mm256_loadu_si256((const __m256i*)(qh + 32 * half));
+            DOT_CHUNK(4 * half, _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_and_si256(_mm256_slli_epi16(h, 4), high2)), chunk_scales(s, 4 * half, 0));
+            DOT_CHUNK(4 * half + 1, _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_and_si256(_mm256_slli_epi16(h, 2), high2)), chunk_scales(s, 4 * half + 1, 0));
+            DOT_CHUNK(4 * half + 2, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), _mm256_and_si256(h, high2)), chunk_scales(s, 4 * half + 2, 0));
+            DOT_CHUNK(4 * half + 3, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4), _mm256_and_si256(_mm256_srli_epi16(h, 2), high2)), chunk_scales(s, 4 * half + 3, 0));
+        }
+        offset = _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_slli_epi16(_mm256_cvtepi8_epi16(s), 5)); /* -32 * scale */
+        d = dm = half_to_float(b + 208);
+    } else {
+        uint32_t u[4]; /* the 12 bytes of 6-bit scales and minimums -> bytes 0-7 the scales, 8-15 the minimums */
+        memcpy(u, b + 4, 12);
+        const uint32_t six = 0x3f3f3f3f, four = 0x0f0f0f0f, two = 0x03030303;
+        u[3] = ((u[2] >> 4) & four) | (((u[1] >> 6) & two) << 4);
+        const uint32_t mins = u[1] & six;
+        u[1] = (u[2] & four) | (((u[0] >> 6) & two) << 4);
+        u[2] = mins, u[0] &= six;
+        const __m128i s = _mm_loadu_si128((const __m128i*)u);
+        const int q5 = type == GGML_Q5_K;
+        const uint8_t* qs = b + (q5 ? 48 : 16);
+        const __m256i qh = q5 ? _mm256_loadu_si256((const __m256i*)(b + 16)) : _mm256_setzero_si256(), one = _mm256_set1_epi8(1);
+        for (int j = 0; j < 4; j++) {
+            const __m256i bits = _mm256_loadu_si256((const __m256i*)(qs + 32 * j));
+            __m256i lo = _mm256_and_si256(bits, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), low4);
+            if (q5) {
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), one), 4));
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + 1), one), 4));
+            }
+            DOT_CHUNK(2 * j, lo, chunk_scales(s, 2 * j, 1));
+            DOT_CHUNK(2 * j + 1, hi, chunk_scales(s, 2 * j + 1, 1));
+        }
+        /* each minimum twice, one a 16 values: bytes 8, 8, 9, 9, ... */
+        offset = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(s, _mm_set_epi8(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8)));
+        d = half_to_float(b), dm = -half_to_float(b + 2);
+    }
+#undef DOT_CHUNK
+    const __m256i offsets = _mm256_madd_epi16(offset, _mm256_loadu_si256((const __m256i*)sums));
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * da), _mm256_cvtepi32_ps(sum), acc);
+    return _mm256_fmadd_ps(_mm256_set1_ps(dm * da), _mm256_cvtepi32_ps(offsets), acc);
+}
+
 /* out[r * stride] = weight row w (K values in K-quant blocks of `type`) . row r0 + r of a (Q8_K), r < n */
 static inline void row_dot_k(const uint8_t* w, int type, int K, int n, const Q8Rows* a, int r0, float* out, int stride) {
     const int blocks = K / 256, bytes = ggml_block_bytes(type);
+    if (n == 1) {
+        const size_t row = (size_t)r0;
+        __m256 acc = _mm256_setzero_ps();
+        for (int b = 0; b < blocks; b++)
+            acc = dot_k_block(w + (size_t)b * bytes, type, a->q + row * K + 256 * b, a->sums + row * (K / 16) + 16 * b, a->d[row * (K / 32) + b], acc);
+        out[0] = hsum(acc);
+        return;
+    }
     __m256 acc[EXPERT_MAX_ROWS];
     for (int r = 0; r < n; r++) acc[r] = _mm256_setzero_ps();
     KBlock k;
@@ -1681,9 +1768,13 @@ static inline void row_dot_k(const uint8_t* w, int type, int K, int n, const Q8R
     for (int r = 0; r < n; r++) out[(size_t)r * stride] = hsum(acc[r]);
 }
 
+/* rows r0 .. r0 + n - 1 (any number: EXPERT_MAX_ROWS at a time, the weight row staying in the core's cache) */
 static inline void weight_row_dot(const uint8_t* w, int type, int K, int n, const Q8Rows* q0, const Q8Rows* qk, int r0, float* out, int stride) {
-    if (k_quant(type)) row_dot_k(w, type, K, n, qk, r0, out, stride);
-    else row_dot(w, type, K, n, q0, r0, out, stride);
+    for (int start = 0; start < n; start += EXPERT_MAX_ROWS) {
+        const int m = n - start < EXPERT_MAX_ROWS ? n - start : EXPERT_MAX_ROWS;
+        if (k_quant(type)) row_dot_k(w, type, K, m, qk, r0 + start, out + (size_t)start * stride, stride);
+        else row_dot(w, type, K, m, q0, r0 + start, out + (size_t)start * stride, stride);
+    }
 }
 
 static int ggml_takes(int type, int K) { return ggml_block_bytes(type) && K % ggml_block_values(type) == 0; }
@@ -1695,7 +1786,7 @@ int experts_ggml(const float* x, int D, int F, int E, const int* starts, const u
     if (D % 32 || F % 32 || E < 1) return 1;
     int quant[2][2] = {{0, 0}, {0, 0}}; /* [matrix][K-quant]: which roundings of x (gate_up) and h (down) are needed */
     for (int e = 0; e < E; e++) {
-        if (starts[e + 1] < starts[e] || starts[e + 1] - starts[e] > EXPERT_MAX_ROWS) return 1;
+        if (starts[e + 1] < starts[e]) return 1;
         if (!ggml_takes(types[e][0], D) || !ggml_takes(types[e][1], F)) return 1;
         quant[0][k_quant(types[e][0])] = quant[1][k_quant(types[e][1])] = 1;
     }

@@ -117,8 +117,9 @@ def test_kernel_is_llama_cpps_arithmetic(gate_up, down):
 
 
 @needs_kernel
-def test_kernel_gives_each_row_the_same_bits_alone_or_grouped():
-    cfg, fmt, views = experts(T.Q4_K, 2, down=T.Q6_K)
+@pytest.mark.parametrize("gate_up,down", [(T.Q4_K, T.Q6_K), (T.Q8_0, T.Q5_0)])
+def test_kernel_gives_each_row_the_same_bits_alone_or_grouped(gate_up, down):
+    cfg, fmt, views = experts(gate_up, 2, down=down)
     xs = torch.randn(19, cfg.dim, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(2))
     grouped = fmt.forward_grouped(xs, [1, 18], views)
     assert grouped.dtype == torch.bfloat16

@@ -614,12 +614,11 @@ class Ggml(ExpertFormat):
         lib = grouped_kernels(self.cfg, "ggml")
         if lib is None or xs.is_cuda:
             return None
-        chunks = [(w, min(GROUPED_MAX_ROWS, c - start)) for w, c in zip(weights, counts) for start in range(0, c, GROUPED_MAX_ROWS)]
-        n = len(chunks)
-        starts = (ctypes.c_int * (n + 1))(0, *itertools.accumulate(rows for _, rows in chunks))
+        n = len(weights)
+        starts = (ctypes.c_int * (n + 1))(0, *itertools.accumulate(counts))
         x = xs.float().contiguous()
         y = torch.empty(x.shape, dtype=torch.float32)
-        gate_up, down, types = ((ctypes.c_void_p * n)(*(w[name].data_ptr() for w, _ in chunks)) for name in ("gate_up", "down", "types"))
+        gate_up, down, types = ((ctypes.c_void_p * n)(*(w[name].data_ptr() for w in weights)) for name in ("gate_up", "down", "types"))
         code = lib.experts_ggml(x.data_ptr(), self.cfg.dim, self.cfg.ffn_dim, n, starts, gate_up, down, types, y.data_ptr(), torch.get_num_threads())
         native.check(code, "experts")
         return y.to(xs.dtype)
