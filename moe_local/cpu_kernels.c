@@ -1683,12 +1683,36 @@ static inline __m256i chunk_scales(__m128i s, int c, int k4) {
 }
 
 /* acc + one K-quant block (b, `type`) times one Q8_K block (q [256], sums [16], da), decoded in registers (the
-   decode step's one row: nothing to share the decoding with) */
+   decode step's one row: nothing to share the decoding with). The integer sums are exact, so the same as
+   row_dot_k's for several rows; with AVX512BW two chunks of 32 a vector. */
+#ifdef __AVX512BW__
+typedef __m512i KSum;
+#define KSUM_ZERO _mm512_setzero_si512()
+/* sum + chunks c and c + 1 (their 64 values v0, v1) times q's, scaled by chunk_scales(c), chunk_scales(c + 1) */
+static inline KSum dot_pair(KSum sum, __m256i v0, __m256i v1, const int8_t* q, __m512i scales) {
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(v0), v1, 1);
+    return _mm512_add_epi32(sum, _mm512_madd_epi16(_mm512_maddubs_epi16(v, _mm512_loadu_si512(q)), scales));
+}
+static inline __m512i pair_scales(__m128i s, int c, int k4) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(chunk_scales(s, c, k4)), chunk_scales(s, c + 1, k4), 1);
+}
+static inline __m256i ksum_256(KSum sum) { return _mm256_add_epi32(_mm512_castsi512_si256(sum), _mm512_extracti64x4_epi64(sum, 1)); }
+#else
+typedef __m256i KSum;
+#define KSUM_ZERO _mm256_setzero_si256()
+static inline KSum dot_pair(KSum sum, __m256i v0, __m256i v1, const int8_t* q, __m256i scales[2]) {
+    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(v0, _mm256_loadu_si256((const __m256i*)q)), scales[0]));
+    return _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(v1, _mm256_loadu_si256((const __m256i*)(q + 32))), scales[1]));
+}
+#define pair_scales(s, c, k4) ((__m256i[2]){chunk_scales(s, c, k4), chunk_scales(s, (c) + 1, k4)})
+static inline __m256i ksum_256(KSum sum) { return sum; }
+#endif
+
 static inline __m256 dot_k_block(const uint8_t* b, int type, const int8_t* q, const int16_t* sums, float da, __m256 acc) {
     const __m256i low4 = _mm256_set1_epi8(15);
-    __m256i sum = _mm256_setzero_si256(), offset;
+    KSum sum = KSUM_ZERO;
+    __m256i offset;
     float d, dm;
-#define DOT_CHUNK(c, v, scales) sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_loadu_si256((const __m256i*)(q + 32 * (c)))), scales))
     if (type == GGML_Q6_K) {
         const uint8_t *ql = b, *qh = b + 128;
         const __m128i s = _mm_loadu_si128((const __m128i*)(b + 192));
@@ -1696,22 +1720,22 @@ static inline __m256 dot_k_block(const uint8_t* b, int type, const int8_t* q, co
         for (int half = 0; half < 2; half++) {
             const __m256i l0 = _mm256_loadu_si256((const __m256i*)(ql + 64 * half)), l1 = _mm256_loadu_si256((const __m256i*)(ql + 64 * half + 32));
             const __m256i h = _mm256_loadu_si256((const __m256i*)(qh + 32 * half));
-            DOT_CHUNK(4 * half, _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_and_si256(_mm256_slli_epi16(h, 4), high2)), chunk_scales(s, 4 * half, 0));
-            DOT_CHUNK(4 * half + 1, _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_and_si256(_mm256_slli_epi16(h, 2), high2)), chunk_scales(s, 4 * half + 1, 0));
-            DOT_CHUNK(4 * half + 2, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), _mm256_and_si256(h, high2)), chunk_scales(s, 4 * half + 2, 0));
-            DOT_CHUNK(4 * half + 3, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4), _mm256_and_si256(_mm256_srli_epi16(h, 2), high2)), chunk_scales(s, 4 * half + 3, 0));
+            const int c = 4 * half;
+            sum = dot_pair(sum, _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_and_si256(_mm256_slli_epi16(h, 4), high2)),
+                           _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_and_si256(_mm256_slli_epi16(h, 2), high2)), q + 32 * c, pair_scales(s, c, 0));
+            sum = dot_pair(sum, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), _mm256_and_si256(h, high2)),
+                           _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4), _mm256_and_si256(_mm256_srli_epi16(h, 2), high2)),
+                           q + 32 * (c + 2), pair_scales(s, c + 2, 0));
         }
         offset = _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_slli_epi16(_mm256_cvtepi8_epi16(s), 5)); /* -32 * scale */
         d = dm = half_to_float(b + 208);
     } else {
-        uint32_t u[4]; /* the 12 bytes of 6-bit scales and minimums -> bytes 0-7 the scales, 8-15 the minimums */
+        uint32_t u[3]; /* the 12 bytes of 6-bit scales and minimums -> bytes 0-7 the scales, 8-15 the minimums */
         memcpy(u, b + 4, 12);
         const uint32_t six = 0x3f3f3f3f, four = 0x0f0f0f0f, two = 0x03030303;
-        u[3] = ((u[2] >> 4) & four) | (((u[1] >> 6) & two) << 4);
-        const uint32_t mins = u[1] & six;
-        u[1] = (u[2] & four) | (((u[0] >> 6) & two) << 4);
-        u[2] = mins, u[0] &= six;
-        const __m128i s = _mm_loadu_si128((const __m128i*)u);
+        /* built in registers: 16 bytes loaded over four 4-byte stores would stall on store forwarding */
+        const __m128i s = _mm_set_epi32((int)(((u[2] >> 4) & four) | (((u[1] >> 6) & two) << 4)), (int)(u[1] & six),
+                                        (int)((u[2] & four) | (((u[0] >> 6) & two) << 4)), (int)(u[0] & six));
         const int q5 = type == GGML_Q5_K;
         const uint8_t* qs = b + (q5 ? 48 : 16);
         const __m256i qh = q5 ? _mm256_loadu_si256((const __m256i*)(b + 16)) : _mm256_setzero_si256(), one = _mm256_set1_epi8(1);
@@ -1722,16 +1746,14 @@ static inline __m256 dot_k_block(const uint8_t* b, int type, const int8_t* q, co
                 lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), one), 4));
                 hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + 1), one), 4));
             }
-            DOT_CHUNK(2 * j, lo, chunk_scales(s, 2 * j, 1));
-            DOT_CHUNK(2 * j + 1, hi, chunk_scales(s, 2 * j + 1, 1));
+            sum = dot_pair(sum, lo, hi, q + 64 * j, pair_scales(s, 2 * j, 1));
         }
         /* each minimum twice, one a 16 values: bytes 8, 8, 9, 9, ... */
         offset = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(s, _mm_set_epi8(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8)));
         d = half_to_float(b), dm = -half_to_float(b + 2);
     }
-#undef DOT_CHUNK
     const __m256i offsets = _mm256_madd_epi16(offset, _mm256_loadu_si256((const __m256i*)sums));
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * da), _mm256_cvtepi32_ps(sum), acc);
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * da), _mm256_cvtepi32_ps(ksum_256(sum)), acc);
     return _mm256_fmadd_ps(_mm256_set1_ps(dm * da), _mm256_cvtepi32_ps(offsets), acc);
 }
 
