@@ -139,6 +139,22 @@ def test_a_decode_tokens_experts_in_one_call_give_the_grouped_kernels_bits_mixed
     assert torch.equal(table(x, weights, indices), weigh(ys, weights, torch.bfloat16))
 
 
+def test_a_family_with_expert_biases_keeps_them_beside_the_blocks():
+    """gpt-oss's experts have biases and the clamped SwiGLU: the kernel declines them, torch runs the file's values."""
+    cfg = dataclasses.replace(preset_config("tiny"), dim=256, ffn_dim=512, expert_bias=True, expert_act="swiglu_oai")
+    fmt, rng = Ggml(cfg, [(T.Q8_0, T.Q8_0)]), np.random.default_rng(5)
+    parts = {"gate_up": blocks(rng.standard_normal((1024, 256)), T.Q8_0), "down": blocks(rng.standard_normal((256, 512)), T.Q8_0),
+             "types": torch.tensor([T.Q8_0, T.Q8_0], dtype=torch.uint8)}  # fmt: skip
+    biases = {name: torch.randn(n) for name, n in (("b1", 512), ("b2", 256), ("b3", 512))}
+    buffer = torch.empty(fmt.expert_bytes, dtype=torch.uint8)
+    fmt.pack_native(lambda name: parts if name == "ggml" else biases[name], buffer)
+    view, x = fmt.unpack(buffer), torch.randn(2, 256)
+    gate_up = x @ matrix(view, "gate_up", T.Q8_0, cfg).float().T + torch.cat([biases["b1"], biases["b3"]]).bfloat16().float()
+    h = fmt.activation(gate_up, cfg)
+    expected = h @ matrix(view, "down", T.Q8_0, cfg).float().T + biases["b2"].bfloat16().float()
+    torch.testing.assert_close(fmt.forward(x, view), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K])
 def test_without_the_kernels_experts_compute_exactly_on_the_files_values(monkeypatch, rebuilt, qtype):
     monkeypatch.setenv("MOE_LOCAL_KERNELS", "0")

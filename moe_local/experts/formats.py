@@ -590,6 +590,8 @@ class Ggml(ExpertFormat):
         for name in ("gate_up", "down"):
             data = parts[name].reshape(-1)
             views[name][: data.numel()].copy_(data)
+        if self.cfg.expert_bias:  # gpt-oss's: b1 [F], b2 [D], b3 [F], as the file holds them (f32), in bias_dtype
+            self.write({"gate_up.bias": torch.cat([read("b1"), read("b3")]), "down.bias": read("b2")}, out)
         return True
 
     def blank(self, device: torch.device) -> Weights:
