@@ -1,8 +1,10 @@
-"""`moe-local --device cpu` against llama.cpp's CPU backend on the same weights (Mixtral, Qwen3-MoE or Qwen3.5-MoE architecture).
+"""`moe-local --device cpu` against llama.cpp's CPU backend on the same weights (Mixtral, Qwen3-MoE, Qwen3.5-MoE, Gemma 4 or MiniMax-M2 architecture).
 
     python scripts/cpu_vs_llama_cpp.py make /tmp/cpu-peer          # checkpoint + bf16/q8_0/q4_0 GGUFs
     python scripts/cpu_vs_llama_cpp.py make /tmp/qwen-peer --family qwen3   # the same in Qwen3-MoE's layout
     python scripts/cpu_vs_llama_cpp.py make /tmp/q35-peer --family qwen35 --pairs bf16,q4_0   # Qwen3.6-35B-A3B's widths, 4 layers
+    python scripts/cpu_vs_llama_cpp.py make /tmp/g4-peer --family gemma4 --pairs bf16,q4_0    # Gemma-4-26B-A4B's widths, 4 layers
+    python scripts/cpu_vs_llama_cpp.py make /tmp/mm-peer --family minimax --pairs bf16,q4_0   # MiniMax-M2's widths, 3 layers
     python scripts/cpu_vs_llama_cpp.py run /tmp/cpu-peer --rounds 2 --tokens 64
     python scripts/cpu_vs_llama_cpp.py run /tmp/cpu-peer --rounds 2 --tokens 64 --prompt-tokens 900   # a chat's context
 
@@ -12,7 +14,13 @@ byte-level BPE tokenizer trained as the tests train it), or with `--family qwen3
 (`Qwen3_5MoeForCausalLM`, the hybrid: Qwen3.6-35B-A3B's widths, 256 experts of 512 top 8 with a shared expert,
 Gated DeltaNet with 16 key and 32 value heads, gated attention with 16 heads and 2 KV heads of 256, but 4
 layers, three linear and one full, and the tests' 2048-token vocabulary: 3.3 G parameters, 6.6 GB in bf16,
-drawn in bf16), and converts it with llama.cpp's converter (LLAMA_CPP_TOOLS, default
+drawn in bf16), or with `--family gemma4` a text-only Gemma 4 one (`Gemma4ForCausalLM`, Gemma-4-26B-A4B's widths: the
+dense GeGLU MLP of 2112 beside experts of 704, top 8, sliding layers with 8 KV heads of 256 and a full one with 2 of
+512 whose values are the keys' projection; 4 layers, three sliding and one full, 64 of its 128 experts, a 2048-token
+Gemma-layout tokenizer: 1.6 G parameters, 3.3 GB), or with `--family minimax` a MiniMax-M2 one (its widths: 48 heads
+and 8 KV heads of 128, q/k norms over the whole projections, 64 of 128 dimensions rotated, sigmoid router with
+selection bias, experts of 1536, top 8; 3 layers and 32 of its 256 experts: 1.5 G parameters, 3.0 GB). Fewer experts
+than published keep the files small; a token's work is the same (top 8 at the real width). `make` converts it with llama.cpp's converter (LLAMA_CPP_TOOLS, default
 /work/shared/tools/llama-cpp). `run` prefills a prompt of `--prompt-tokens`, then decodes `--tokens` greedy
 tokens, with each engine and format pair (bf16 vs bf16, q8_0 vs int8, q4_0 vs int4; llama.cpp's
 quantized files hold the attention projections quantized too, so those moe-local runs use `--resident-dtype
@@ -112,13 +120,14 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def make(out: Path, family: str, pairs: list[tuple[str, str, str]]) -> None:
     """A random checkpoint of `family` (mixtral: 8 experts of 2816, top 2; qwen3: Qwen3-MoE's layout, 64 experts of
-    384, top 8, q/k norms; qwen35: Qwen3.6-35B-A3B's widths in 4 layers), its tokenizer, and the GGUFs of `pairs`
+    384, top 8, q/k norms; qwen35: Qwen3.6-35B-A3B's widths in 4 layers; gemma4, minimax: their widths, fewer layers
+    and experts), its tokenizer, and the GGUFs of `pairs`
     (bf16 always: q4_0 is quantized from it)."""
     import shutil
 
     import torch
-    from transformers import (MixtralConfig, MixtralForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig, Qwen3MoeConfig,
-                              Qwen3MoeForCausalLM)
+    from transformers import (Gemma4ForCausalLM, Gemma4TextConfig, MiniMaxM2Config, MiniMaxM2ForCausalLM, MixtralConfig,
+                              MixtralForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
     from moe_local.config import PRESETS
 
@@ -139,17 +148,42 @@ def make(out: Path, family: str, pairs: list[tuple[str, str, str]]) -> None:
         torch.set_default_dtype(torch.bfloat16)
         Qwen3_5MoeForCausalLM(cfg).save_pretrained(folder)
         torch.set_default_dtype(torch.float32)
+    elif family == "gemma4":  # drawn in bf16 as qwen35
+        preset = {k: v for k, v in PRESETS["gemma-4-26b-a4b"].items() if k not in ("model_type", "dtype")}
+        cfg = Gemma4TextConfig(**{**preset, "vocab_size": 2048, "num_hidden_layers": 4, "max_position_embeddings": 1024,
+                                  "num_experts": 64, "layer_types": ["sliding_attention"] * 3 + ["full_attention"]})
+        torch.set_default_dtype(torch.bfloat16)
+        Gemma4ForCausalLM(cfg).save_pretrained(folder)
+        torch.set_default_dtype(torch.float32)
+    elif family == "minimax":
+        preset = {k: v for k, v in PRESETS["minimax-m2"].items() if k not in ("model_type", "dtype")}
+        cfg = MiniMaxM2Config(**{**preset, "vocab_size": 2048, "num_hidden_layers": 3, "max_position_embeddings": 1024,
+                                 "num_local_experts": 32, "bos_token_id": 1, "eos_token_id": 2})
+        torch.set_default_dtype(torch.bfloat16)
+        model = MiniMaxM2ForCausalLM(cfg)
+        with torch.no_grad():  # transformers starts the selection bias at 0: give it something to select by
+            for name, buffer in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    buffer.copy_(torch.randn(buffer.shape) * 0.1)
+        model.save_pretrained(folder)
+        del model
+        torch.set_default_dtype(torch.float32)
     else:
         cfg = Qwen3MoeConfig(**shared, intermediate_size=2816, moe_intermediate_size=384, num_key_value_heads=4, head_dim=64,
                              num_experts=64, num_experts_per_tok=8, norm_topk_prob=True, mlp_only_layers=[])
         Qwen3MoeForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder)
-    if family != "mixtral":
-        sys.path.insert(0, str(DEMO.parent.parent / "tests"))  # the byte-level BPE tokenizer the tests train
+    sys.path.insert(0, str(DEMO.parent.parent / "tests"))  # the tokenizers the tests train
+    if family == "gemma4":
+        from builders import train_gemma_tokenizer
+
+        train_gemma_tokenizer(folder, vocab_size=2048)
+    elif family != "mixtral":
         from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer
 
         train_bytelevel_tokenizer(folder, vocab_size=2048, **FAMILY_TOKENIZERS["qwen3_moe"])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TOOLS), str(TOOLS / "gguf-py")])}
-    convert = [str(TOOLS / "convert_hf_to_gguf.py")] if family == "mixtral" else ["-c", CONVERT_QWEN, str(TOOLS / "convert_hf_to_gguf.py")]
+    # Mixtral's tokenizer.model and Gemma's byte-fallback BPE need no pre-tokenizer name
+    convert = [str(TOOLS / "convert_hf_to_gguf.py")] if family in ("mixtral", "gemma4") else ["-c", CONVERT_QWEN, str(TOOLS / "convert_hf_to_gguf.py")]
     no_mtp = ["--no-mtp"] if family == "qwen35" else []  # the converter wants the MTP head's tensors unless told
     for outtype in ["bf16"] + ["q8_0"] * any(gguf == "q8_0" for gguf, _, _ in pairs):
         subprocess.run([sys.executable, *convert, str(folder), "--outtype", outtype, "--outfile", str(out / f"{outtype}.gguf"), *no_mtp],
@@ -210,7 +244,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--prompt-tokens", type=int, default=8, help="the context decoding starts from (the model holds 1,024)")
     parser.add_argument("--expert-slots", type=int, help="moe-local through a pool of this many slots (a memcpy per miss), not in place")
-    parser.add_argument("--family", choices=("mixtral", "qwen3", "qwen35"), default="mixtral", help="make: the model's architecture")
+    parser.add_argument("--family", choices=("mixtral", "qwen3", "qwen35", "gemma4", "minimax"), default="mixtral", help="make: the model's architecture")
     names = [pair_name(pair) for pair in PAIRS]
     parser.add_argument("--pairs", default="bf16,q8_0,q4_0",
                         help="what to compare (make converts only what these need), from " + ", ".join(names) + " (NAME-gguf: moe-local runs the GGUF file itself)")
