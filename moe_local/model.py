@@ -970,7 +970,9 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # given its (uninitialised) weight: Embedding's own init, normal_ on the meta device, imports torch._dynamo
+        # (3-4 s of every load on a busy 2-core machine; nothing else here needs it)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim))
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -978,8 +980,9 @@ class Transformer(nn.Module):
         # `rope_of[i]` layer i's; a decode step computes each table once
         self.ropes = list(dict.fromkeys(cfg.layer_rope(i) for i in range(cfg.n_layers)))
         self.rope_of = [self.ropes.index(cfg.layer_rope(i)) for i in range(cfg.n_layers)]
-        self.register_buffer("inv_freq", cfg.rope.inv_freq(), persistent=False)
-        self.inv_freqs = [rope.inv_freq() for rope in self.ropes]
+        with torch.device("cpu"):  # also when the model is built on the meta device, where arange imports torch._dynamo
+            self.register_buffer("inv_freq", cfg.rope.inv_freq(), persistent=False)
+            self.inv_freqs = [rope.inv_freq() for rope in self.ropes]
         source = None  # GLM-5.2: a shared indexer layer keeps what the last layer with an indexer kept
         for layer in self.layers:
             indexer = getattr(layer.attention, "indexer", None)
