@@ -189,9 +189,11 @@ def test_the_cpu_kernel_runs_a_layers_experts_as_torch_does_but_for_the_order_of
     # each row's result is its own: it does not depend on the rows beside it (so batching changes nothing)
     assert torch.equal(fmt.forward_grouped(xs[1:2], [1], experts[1:2]), got[1:2])
     assert torch.equal(fmt.forward_grouped(xs[4:20], [16], experts[3:]), got[4:20])
-    # what it does not take: more than 16 rows an expert, fp32, fp32 weights or scales (int4: CUDA's layout),
-    # widths not multiples of 32 (int4: of 64)
-    assert fmt.forward_grouped(torch.zeros(17, cfg.dim).bfloat16(), [17], experts[:1]) is None
+    # an expert of more than 16 rows (a prefill's) runs them 16 at a time: the same bits
+    more = fmt.forward_grouped(torch.cat([xs[4:20], xs[:5]]), [21], experts[3:])
+    assert torch.equal(more, torch.cat([got[4:20], fmt.forward_grouped(xs[:5], [5], experts[3:])]))
+    # what it does not take: fp32, fp32 weights or scales (int4: CUDA's layout), widths not multiples of 32
+    # (int4: of 64)
     assert fmt.forward_grouped(xs.float(), counts, experts) is None
     wide = kernel_format(weights, cfg, wide=True)
     assert wide.forward_grouped(xs, counts, [wide.unpack(torch.zeros(wide.expert_bytes, dtype=torch.uint8))] * 4) is None
