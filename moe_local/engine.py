@@ -176,6 +176,7 @@ class Engine:
         self.sequence = self.new_sequence()
         self.experts = self._expert_runtime(model, store, plan, options)
         if self.device.type == "cpu":
+            model.widen_prefill()
             model.fuse_decode()
         # the engine's own sequence decodes through it (`decode_one`); the server's batches do not
         graphs = options.cuda_graphs if options.cuda_graphs is not None else self.device.type == "cuda"

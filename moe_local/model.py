@@ -17,7 +17,7 @@ from torch import nn
 from moe_local import cpu_attention, cpu_deltanet, int4
 from moe_local.budget import lm_head_quantized
 from moe_local.config import ModelConfig
-from moe_local.cpu_matmul import onednn
+from moe_local.cpu_matmul import WideLinear, onednn
 from moe_local.int4 import Int4Linear
 from moe_local.int8 import Int8Linear
 from moe_local.routing import route
@@ -1026,6 +1026,17 @@ class Transformer(nn.Module):
             layer.attention.quantize(make)
         if lm_head_quantized(self.cfg, self.norm.weight.device.type, dtype):
             self.output = Int8Linear.from_linear(self.output)
+
+    def widen_prefill(self) -> int:
+        """On the CPU: each bf16 `nn.Linear` left (projections, dense and shared MLPs, lm_head) as a
+        `cpu_matmul.WideLinear`, whose prefill products run in fp32; how many."""
+        wide = 0
+        for module in list(self.modules()):
+            for name, child in list(module.named_children()):
+                if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16:
+                    setattr(module, name, WideLinear.of(child))
+                    wide += 1
+        return wide
 
     def fuse_decode(self) -> int:
         """On the CPU, after any quantization: each layer's attention block as one kernel call for a decode

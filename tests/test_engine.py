@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import moe_local
-from moe_local import native
+from moe_local import cpu_matmul, native
 from conftest import build_mixtral, reference_model
 from moe_local.experts.cache import POLICIES
 from moe_local.experts.runtime import ResidentExperts
@@ -145,6 +145,27 @@ def test_one_token_steps_run_without_onednn_and_restore_it(tiny_bf16):
     with pytest.raises(ZeroDivisionError):
         engine.decode_one(token)
     assert torch.backends.mkldnn.enabled
+
+
+def test_a_bf16_product_of_many_rows_runs_in_fp32_and_one_of_few_rows_as_before(tiny_bf16, monkeypatch):
+    """On the CPU every bf16 `nn.Linear` is a `WideLinear` (the same weight): a product of WIDEN_MIN_ROWS rows or
+    more, a prefill's, is the fp32 product of the same bf16 numbers rounded once (the weight widened a tile at a
+    time), a decode step's is nn.Linear's own."""
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(shape, generator=gen).bfloat16() for shape in ((2, 20, 64), (40, 64), (40,)))
+    monkeypatch.setattr(cpu_matmul, "WIDEN_TILE_BYTES", 16 * 4 * 64)  # tiles of 16 rows: 40 is three of them
+    want = (x.float() @ w.float().T + b.float()).bfloat16()
+    torch.testing.assert_close(cpu_matmul.widened_linear(x, w, b), want, rtol=2**-8, atol=0)
+    engine = moe_local.load(tiny_bf16[0], device="cpu")
+    linears = [m for m in engine.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is cpu_matmul.WideLinear for m in linears)
+    widened = []
+    monkeypatch.setattr(cpu_matmul, "widened_linear", lambda *args: widened.append(args[0].shape[0]) or x.new_zeros(args[0].shape[0], args[1].shape[0]))
+    token = int(engine.prefill(prompt_ids(cpu_matmul.WIDEN_MIN_ROWS))[0].argmax())
+    assert widened and set(widened) == {cpu_matmul.WIDEN_MIN_ROWS}
+    widened.clear()
+    engine.decode_one(token)
+    assert widened == []
 
 
 def test_in_place_an_expert_one_token_was_routed_to_runs_without_onednn_in_a_larger_step(tiny_bf16, monkeypatch):
