@@ -29,15 +29,22 @@ def chat_hybrid(variant: str, folder):
     return folder
 
 
-@pytest.fixture(scope="module", params=["qwen3_5_moe", "qwen3_next"])
-def hybrid(request, tmp_path_factory):
-    return chat_hybrid(request.param, tmp_path_factory.mktemp(request.param))
-
-
 @pytest.fixture(scope="module")
-def qwen3_5(tmp_path_factory):
-    """One family for the server, whose part is the same for both (and whose start is slow on a busy machine)."""
-    return chat_hybrid("qwen3_5_moe", tmp_path_factory.mktemp("qwen3_5_server"))
+def built(tmp_path_factory):
+    """The tiny hybrids by family, each built once for the module."""
+    folders = {}
+
+    def folder(variant: str):
+        if variant not in folders:
+            folders[variant] = chat_hybrid(variant, tmp_path_factory.mktemp(variant))
+        return folders[variant]
+
+    return folder
+
+
+@pytest.fixture(scope="module", params=["qwen3_5_moe", "qwen3_next"])
+def hybrid(request, built):
+    return built(request.param)
 
 
 def load(folder, **options):
@@ -118,10 +125,11 @@ def test_a_chats_second_turn_evaluates_from_where_the_first_conversation_ended(h
     assert second == list(reference.generate(chat.prompt, 5, GREEDY))
 
 
-def test_a_servers_second_chat_request_resumes_from_the_first_prompts_end(qwen3_5):
+def test_a_servers_second_chat_request_resumes_from_the_first_prompts_end(built):
     """The client sends the first answer back otherwise than it was generated (edited, or its reasoning
     stripped): the second request resumes at the first prompt's end, kept at its prefill's end, and answers as
-    the library does on the whole prompt."""
+    the library does on the whole prompt. One family: the server's part is the same for both."""
+    qwen3_5 = built("qwen3_5_moe")
     server = RunningServer(str(qwen3_5), "--parallel", "2", ctx=256)
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
