@@ -7,6 +7,7 @@
     python scripts/cpu_vs_llama_cpp.py make /tmp/mm-peer --family minimax --pairs bf16,q4_0   # MiniMax-M2's widths, 3 layers
     python scripts/cpu_vs_llama_cpp.py run /tmp/cpu-peer --rounds 2 --tokens 64
     python scripts/cpu_vs_llama_cpp.py run /tmp/cpu-peer --rounds 2 --tokens 64 --prompt-tokens 900   # a chat's context
+    python scripts/cpu_vs_llama_cpp.py run /tmp/q35-peer --pairs bf16,q4_0 --tokens 16 --prompt-tokens 512 --second-turn 32
 
 `make` writes a random Mixtral checkpoint (dim 1024, 8 experts of 2816, 8 layers: 576 M parameters, bf16, the
 demo model's tokenizer), or with `--family qwen3` a Qwen3-MoE one (64 experts of 384, top 8, q/k norms: 630 M; a
@@ -27,7 +28,9 @@ quantized files hold the attention projections quantized too, so those moe-local
 int8` and `int4`), one after the other, `--rounds` times (interleaved, so that a noisy shared machine slows both
 alike), each in its own process with the same thread count; it prints one markdown row per pair with both speeds
 and their ratio, for decode and for the prompt's prefill (a whole prompt's evaluation from an empty cache,
-llama.cpp's in batches of 512). `--pairs` picks some of the formats (make converts only those); the pairs
+llama.cpp's in batches of 512); with `--second-turn U`, a chat's second turn too (the answer and U new ids after
+the prompt, which leaves the first prompt before its generation prompt: see GENERATION_PROMPT), its time to the
+first token and to the last of `--tokens`, moe-local resuming from its snapshot, llama.cpp evaluating it all. `--pairs` picks some of the formats (make converts only those); the pairs
 `q8_0-gguf`, `q4_0-gguf` and `q4_k_m-gguf` run moe-local on the GGUF file itself (its experts in the file's own
 blocks, the attention as int8 or int4), the same file llama.cpp runs:
 
@@ -66,44 +69,77 @@ def prompt_ids(n: int) -> list[int]:
     return [1] + [100 * (i + 1) % 2000 + 3 for i in range(n - 1)]
 
 
+# A chat's second turn (--second-turn U): the first prompt ends with a generation prompt of GENERATION_PROMPT ids
+# that the next prompt renders otherwise (Qwen3.5's template drops the empty thinking block of earlier answers), so
+# the second prompt leaves the first one there: first[:-4] + the answer (the n tokens decoded) + U new ids + the
+# generation prompt again. moe-local resumes from the snapshot it kept at that mark (as `chat` marks it);
+# llama.cpp (llama-cpp-python's `generate`) finds the shared prefix, cannot cut a recurrent state back to it
+# (`kv_cache_seq_rm` refuses, which the run checks) and evaluates the whole second prompt again.
+GENERATION_PROMPT = 4
+
 MOE_LOCAL = """
 import json, sys, time, torch, moe_local
-folder, fmt, resident, n, threads, prompt, slots = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), json.loads(sys.argv[6]), json.loads(sys.argv[7])
+folder, fmt, resident, n, threads, prompt, slots, second = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), json.loads(sys.argv[6]), json.loads(sys.argv[7]), json.loads(sys.argv[8])
 torch.set_num_threads(threads)
 start = time.perf_counter()
 engine = moe_local.load(folder, device="cpu", dtype="bf16", experts_dtype="auto" if fmt == "gguf" else fmt, resident_dtype=resident,
-                      ctx_size=len(prompt) + n + 1, expert_slots=slots)
+                      ctx_size=len(prompt) + (2 * n + len(second) if second else n) + 1, expert_slots=slots)
 load_s = time.perf_counter() - start
 token = int(engine.prefill(prompt)[0].argmax())
 for _ in range(4): engine.decode_one(token)  # warm-up, then start again from the prompt
 engine.tokens = []  # forget the cache: prefill would take the prompt from it (a recurrent state restarts at position 0)
+marks = (len(prompt) - 4,) if second else ()  # where the second prompt leaves this one, as `chat` marks it
 start = time.perf_counter()
-logits, evaluated = engine.prefill(prompt)
+logits, evaluated = engine.prefill(prompt, marks=marks)
 prefill = evaluated / (time.perf_counter() - start)
 token = int(logits.argmax())
 assert evaluated == len(prompt)
-start = time.perf_counter()
+answer, start = [token], time.perf_counter()
 for _ in range(n):
     token = int(engine.decode_one(token).argmax())
-print(json.dumps({"tok_per_s": n / (time.perf_counter() - start), "prefill_tok_per_s": prefill, "bytes_copied": engine.experts.stats.total().bytes_copied,
-                  "load_s": load_s, "experts": engine.store.format.key}))
+    answer.append(token)
+out = {"tok_per_s": n / (time.perf_counter() - start), "prefill_tok_per_s": prefill, "bytes_copied": engine.experts.stats.total().bytes_copied,
+       "load_s": load_s, "experts": engine.store.format.key}
+if second:
+    turn = prompt[:-4] + answer[:n] + second + prompt[-4:]
+    start = time.perf_counter()
+    logits, evaluated = engine.prefill(turn)
+    token = int(logits.argmax())
+    first_token = time.perf_counter() - start
+    for _ in range(n - 1):
+        token = int(engine.decode_one(token).argmax())
+    out.update(turn_tokens=len(turn), turn_evaluated=evaluated, turn_first_s=first_token, turn_total_s=time.perf_counter() - start)
+print(json.dumps(out))
 """
 
 LLAMA = """
 import json, sys, time, numpy as np
 from llama_cpp import Llama
-path, n, threads, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
-llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, n_ctx=len(prompt) + n + 8, verbose=False, logits_all=False)
+path, n, threads, prompt, second = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]), json.loads(sys.argv[5])
+llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, n_ctx=len(prompt) + (2 * n + len(second) if second else n) + 8,
+            verbose=False, logits_all=False)
 def greedy():  # llm.scores holds nothing without logits_all: read the last position's logits from the context
     return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))))
 llm.eval(prompt); token = greedy()
 for _ in range(4): llm.eval([token])  # warm-up, then start again from the prompt
 llm.reset(); start = time.perf_counter(); llm.eval(prompt); token = greedy()
 prefill = len(prompt) / (time.perf_counter() - start)
-start = time.perf_counter()
+answer, start = [token], time.perf_counter()
 for _ in range(n):
-    llm.eval([token]); token = greedy()
-print(json.dumps({"tok_per_s": n / (time.perf_counter() - start), "prefill_tok_per_s": prefill}))
+    llm.eval([token]); token = greedy(); answer.append(token)
+out = {"tok_per_s": n / (time.perf_counter() - start), "prefill_tok_per_s": prefill}
+if second:
+    turn = prompt[:-4] + answer[:n] + second + prompt[-4:]
+    # what generate() tries first: cut the cache back to the shared prefix; a recurrent state refuses
+    assert not llm._ctx.kv_cache_seq_rm(-1, len(prompt) - 4, -1), "llama.cpp cut its state back: not the re-evaluation measured here"
+    start = time.perf_counter()
+    tokens = llm.generate(turn, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0)  # reset=True: re-evaluates the prompt
+    next(tokens)
+    first_token = time.perf_counter() - start
+    for _ in range(n - 1):
+        next(tokens)
+    out.update(turn_tokens=len(turn), turn_evaluated=len(turn), turn_first_s=first_token, turn_total_s=time.perf_counter() - start)
+print(json.dumps(out))
 """
 
 
@@ -203,25 +239,44 @@ def one(command: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(out: Path, rounds: int, tokens: int, threads: int, slots: int | None, prompt_tokens: int, pairs: list[tuple[str, str, str]]) -> None:
+def run(out: Path, rounds: int, tokens: int, threads: int, slots: int | None, prompt_tokens: int, pairs: list[tuple[str, str, str]],
+        second_turn: int) -> None:  # fmt: skip
     prompt = json.dumps(prompt_ids(prompt_tokens))
+    second = json.dumps([7 * (i + 3) % 2000 + 3 for i in range(second_turn)] if second_turn else None)  # the next message's ids
     speeds: dict[tuple[str, str], list[float]] = {}
     prefills: dict[tuple[str, str], list[float]] = {}
+    turns: dict[tuple[str, str], list[dict]] = {}
     for r in range(rounds):
         for gguf, fmt, resident in pairs:
             model = out / f"{gguf}.gguf" if fmt == "gguf" else out / "hf"
-            ours = one([sys.executable, "-c", MOE_LOCAL, str(model), fmt, resident, str(tokens), str(threads), prompt, json.dumps(slots)])
-            theirs = one([LLAMA_PYTHON, "-c", LLAMA, str(out / f"{gguf}.gguf"), str(tokens), str(threads), prompt])
+            ours = one([sys.executable, "-c", MOE_LOCAL, str(model), fmt, resident, str(tokens), str(threads), prompt, json.dumps(slots), second])
+            theirs = one([LLAMA_PYTHON, "-c", LLAMA, str(out / f"{gguf}.gguf"), str(tokens), str(threads), prompt, second])
             key = pair_name((gguf, fmt, resident))
             speeds.setdefault(("moe-local", key), []).append(ours["tok_per_s"])
             speeds.setdefault(("llama.cpp", key), []).append(theirs["tok_per_s"])
             prefills.setdefault(("moe-local", key), []).append(ours["prefill_tok_per_s"])
             prefills.setdefault(("llama.cpp", key), []).append(theirs["prefill_tok_per_s"])
+            turns.setdefault(("moe-local", key), []).append(ours)
+            turns.setdefault(("llama.cpp", key), []).append(theirs)
+            turn = "".join(f", second turn: first token {run['turn_first_s']:.2f} s ({run['turn_evaluated']} of {run['turn_tokens']} evaluated), "
+                           f"all {tokens} {run['turn_total_s']:.2f} s" for run in (ours, theirs) if second_turn)  # fmt: skip
             print(f"round {r + 1}: {fmt} ({ours['experts']}, loaded in {ours['load_s']:.1f} s) {ours['tok_per_s']:.1f} tok/s, "
                   f"prefill {ours['prefill_tok_per_s']:.1f} tok/s "
                   f"({ours['bytes_copied'] / 1e9:.2f} GB copied), llama.cpp {gguf} {theirs['tok_per_s']:.1f} tok/s, "
-                  f"prefill {theirs['prefill_tok_per_s']:.1f} tok/s",
+                  f"prefill {theirs['prefill_tok_per_s']:.1f} tok/s{turn}",
                   file=sys.stderr, flush=True)
+    if second_turn:
+        print(f"| llama.cpp | first token / all {tokens}, s | moe-local | first token / all {tokens}, s | speed-up per round, first token / all "
+              f"({time.strftime('%Y-%m-%d')}, {threads} threads, second turn: the answer and {second_turn} new ids after a {prompt_tokens}-id prompt) |")
+        print("| --- | --- | --- | --- | --- |")
+        for gguf, fmt, resident in pairs:
+            key = pair_name((gguf, fmt, resident))
+            ours, theirs = turns[("moe-local", key)], turns[("llama.cpp", key)]
+            name = fmt if resident == "auto" else f"{fmt}, attention {resident}"
+            cells = [" / ".join(f"{t['turn_first_s']:.2f}, {t['turn_total_s']:.2f}" for t in runs) for runs in (theirs, ours)]
+            ratios = ", ".join(f"{b['turn_first_s'] / a['turn_first_s']:.1f}x / {b['turn_total_s'] / a['turn_total_s']:.1f}x" for a, b in zip(ours, theirs))
+            print(f"| {gguf} ({theirs[0]['turn_evaluated']} evaluated) | {cells[0]} | {name} ({ours[0]['turn_evaluated']} evaluated) | {cells[1]} | {ratios} |")
+        print()
     for what, table in ((f"{tokens} tokens decoded after {prompt_tokens}", speeds), (f"prefill of {prompt_tokens}", prefills)):
         print(f"| llama.cpp | tok/s | moe-local | tok/s | ratio per round ({time.strftime('%Y-%m-%d')}, {threads} threads, {what}) |")
         print("| --- | --- | --- | --- | --- |")
@@ -243,6 +298,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--prompt-tokens", type=int, default=8, help="the context decoding starts from (the model holds 1,024)")
+    parser.add_argument("--second-turn", type=int, default=0, metavar="U",
+                        help="also time a chat's second turn: the answer and U new ids after the prompt (see GENERATION_PROMPT)")
     parser.add_argument("--expert-slots", type=int, help="moe-local through a pool of this many slots (a memcpy per miss), not in place")
     parser.add_argument("--family", choices=("mixtral", "qwen3", "qwen35", "gemma4", "minimax"), default="mixtral", help="make: the model's architecture")
     names = [pair_name(pair) for pair in PAIRS]
@@ -256,9 +313,12 @@ def main() -> None:
     if args.command == "make":
         make(args.folder, args.family, pairs)
     else:
-        if not 1 <= args.prompt_tokens <= 1024 - args.tokens - 8:
-            parser.error(f"--prompt-tokens must be from 1 to {1024 - args.tokens - 8}: the test model holds 1,024 positions")
-        run(args.folder, args.rounds, args.tokens, args.threads, args.expert_slots, args.prompt_tokens, pairs)
+        room = 1024 - 8 - (2 * args.tokens + args.second_turn if args.second_turn else args.tokens)
+        if not 1 <= args.prompt_tokens <= room:
+            parser.error(f"--prompt-tokens must be from 1 to {room}: the test model holds 1,024 positions")
+        if args.second_turn and (args.prompt_tokens <= GENERATION_PROMPT or args.tokens < 1):
+            parser.error(f"--second-turn needs a prompt of more than {GENERATION_PROMPT} ids and --tokens of 1 or more")
+        run(args.folder, args.rounds, args.tokens, args.threads, args.expert_slots, args.prompt_tokens, pairs, args.second_turn)
 
 
 if __name__ == "__main__":
