@@ -345,8 +345,10 @@ def test_the_int4_linear_kernel_gives_torchs_product_for_a_decode_steps_rows(reb
     assert (got.float() - want.float()).norm() <= 0.02 * want.float().norm()
     assert torch.equal(layer(x), got)  # what Int4Linear runs for a decode step's rows
     assert torch.equal(int4.linear_kernel(x[3:4], layer.weight, layer.scale_zero, group), got[3:4])  # a row's result is its own
-    # what it does not take: more than 16 rows, fp32, output widths not multiples of 64
-    assert int4.linear_kernel(torch.zeros(17, 256).bfloat16(), layer.weight, layer.scale_zero, group) is None
+    # more than 16 rows (a prefill's) run 16 at a time: the same bits
+    more = torch.cat([x, x[:5]])
+    assert torch.equal(layer(more), torch.cat([got, got[:5]]))
+    # what it does not take: fp32, output widths not multiples of 64
     assert int4.linear_kernel(x.float(), layer.weight, layer.scale_zero, group) is None
     narrow = int4.Int4Linear(torch.randn(48, 256, generator=gen).bfloat16(), None, group)
     assert int4.linear_kernel(x, narrow.weight, narrow.scale_zero, group) is None
