@@ -479,6 +479,10 @@ class LatentAttention(nn.Module):
             queries, weights = q.new_zeros(p.n, 1, *q.shape[1:]), w.new_zeros(p.n, 1, w.shape[1])
             queries[p.rows - p.lo, 0], weights[p.rows - p.lo, 0] = q, w
             mask = self.indexer.select(queries, weights, index_pool[0][p.lo : p.lo + p.n, :S], mask[:, None, :])[:, 0]
+            if S > self.indexer.topk:  # each row reads the topk latents it keeps (a row that sees fewer: masked)
+                kept = mask.to(torch.uint8).topk(self.indexer.topk, dim=-1).indices  # [n, topk]
+                keys = keys.gather(2, kept[:, None, :, None].expand(-1, 1, -1, keys.shape[-1]))  # [n, 1, topk, r + rope]
+                mask = mask.gather(-1, kept)
         queries = query.new_zeros(p.n, 1, H, query.shape[-1])  # each row's H queries of its one latent (see _attend_latent)
         queries[p.rows - p.lo] = query.transpose(0, 1)[:, None]
         y = attend(queries, keys, keys[..., :r], mask[:, None, None, :], self.scale, None)  # [n, 1, H, r]
@@ -515,6 +519,8 @@ class LatentAttention(nn.Module):
             if pos + T > self.indexer.topk:  # else every query keeps every key it sees
                 visible = mask if mask is not None else torch.ones(1, pos + T, dtype=torch.bool, device=query.device)
                 mask = self.indexer.select(q, w, index_keys[0][: pos + T], visible)
+                if T == 1:  # a decode step reads only the topk latents it keeps, not every cached one under a mask
+                    return self._attend_latent(query, latents[mask[0].nonzero()[:, 0]], None)
         return self._attend_latent(query, latents[: pos + T], mask)
 
     def _attend_latent(self, query, entries, mask) -> torch.Tensor:

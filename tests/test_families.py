@@ -255,6 +255,20 @@ def test_a_shared_indexer_layer_keeps_the_full_layers_choice_and_caches_no_keys(
     assert (seen[0].sum(-1) == 6).all() and torch.equal(seen[1], seen[0]) and not torch.equal(seen[2], seen[0])
 
 
+def test_a_sparse_decode_step_reads_only_the_latents_it_keeps(tmp_path):
+    """Past index_topk (6) positions a decode step's latent attention is given the 6 kept latents, no mask: its
+    work stops growing with the context (a prefill chunk's queries each keep their own, under a mask)."""
+    build_family("deepseek_v32", tmp_path)
+    engine = moe_local.load(tmp_path, device="cpu", dtype="fp32")
+    engine.prefill(prompt_ids(17))
+    given = []
+    for layer in engine.model.layers:
+        attend = layer.attention._attend_latent
+        layer.attention._attend_latent = lambda query, entries, mask, attend=attend: given.append((entries.shape[0], mask)) or attend(query, entries, mask)
+    engine.decode_one(5)
+    assert given == [(6, None)] * engine.cfg.n_layers
+
+
 @pytest.mark.parametrize("variant", ["deepseek_v32", "glm_moe_dsa"])
 def test_sparse_prefill_in_chunks_is_decode_token_by_token(variant, tmp_path):
     """The indexer's keys written chunk by chunk (7 tokens) then one decode step at a time give the logits one
