@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer
+from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer, train_gemma_tokenizer
 from conftest import build_mixtral
 from families import VARIANTS, build_family, to_mxfp4
 from test_fp8 import cli  # the command line in this process (a subprocess spends seconds importing torch)
@@ -104,6 +104,7 @@ ARCHITECTURES = {
     # V3's, where DeepSeek's group_limited_greedy (and moe-local, as transformers) takes their best one
     "deepseek3": ("deepseek_v3", dict(scoring_func="sigmoid")),
     "deepseek2": ("deepseek_v2", dict(q_lora_rank=24, topk_method="greedy", n_group=1, topk_group=1)),
+    "gemma4": ("gemma4", {}),  # with Gemma 4's tokenizer layout (builders.train_gemma_tokenizer)
 }
 PRE = {"olmoe": "olmo"}  # the pre-tokenizer each is converted with; Qwen2's split otherwise
 
@@ -120,7 +121,10 @@ def ggufs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     for name, (variant, options) in ARCHITECTURES.items():
         build_family(variant, root / name, None, **{"vocab_size": 512, **options})
         model_type = VARIANTS[variant][0]
-        train_bytelevel_tokenizer(root / name, **FAMILY_TOKENIZERS.get(model_type, FAMILY_TOKENIZERS["qwen3_moe"]))
+        if model_type == "gemma4_text":
+            train_gemma_tokenizer(root / name)
+        else:
+            train_bytelevel_tokenizer(root / name, **FAMILY_TOKENIZERS.get(model_type, FAMILY_TOKENIZERS["qwen3_moe"]))
     build_family("gpt_oss", root / "gpt-oss-mxfp4", None, vocab_size=512)
     train_bytelevel_tokenizer(root / "gpt-oss-mxfp4", **FAMILY_TOKENIZERS["gpt_oss"])
     to_mxfp4(root / "gpt-oss-mxfp4")  # the experts as OpenAI publishes them: the converter keeps them MXFP4
@@ -187,7 +191,7 @@ def test_each_file_holds_the_types_it_is_named_for(ggufs):
             assert held <= expected and (ftype != "Q4_K_M" or "Q4_K" in held), (name, ftype, held)
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3", *ARCHITECTURES])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3", *(name for name in ARCHITECTURES if name != "gemma4")])
 def test_f32_gguf_gives_llama_cpps_logits_and_tokens(ggufs, name):
     """On f32 weights llama.cpp and moe-local differ only by the order of their fp32 sums (measured 3e-7 to 1e-5 of
     the logit scale)."""
@@ -196,6 +200,24 @@ def test_f32_gguf_gives_llama_cpps_logits_and_tokens(ggufs, name):
     ours, greedy, stop = moe_local_run(path, ids, 8)
     reference = llama_cpp_logits(path, ids)
     assert (ours - reference).abs().max() <= 1e-4 * reference.abs().max()
+    theirs = llama_cpp_greedy(path, ids, 8)
+    assert greedy == theirs[: len(greedy)] and (len(greedy) == 8 or theirs[len(greedy)] in stop)
+
+
+def test_gemma4_gguf_gives_transformers_logits_on_its_weights_and_llama_cpps_tokens(ggufs):
+    """On Gemma 4's f32 file moe-local gives transformers' logits on the source checkpoint (3e-7 to 7e-7 of the
+    logit scale: the file's weights are the checkpoint's), where llama.cpp is 7e-4 away from both, from its
+    first position on (consistent with ggml's GELU, computed through an fp16 table); the greedy tokens are
+    llama.cpp's."""
+    from transformers import AutoModelForCausalLM
+
+    path = ggufs["gemma4-F32"]
+    ids = ids_of(path)
+    ours, greedy, stop = moe_local_run(path, ids, 8)
+    with torch.no_grad():
+        exact = AutoModelForCausalLM.from_pretrained(ggufs["gemma4"], dtype=torch.float32).eval()(torch.tensor([ids])).logits[0]
+    assert (ours - exact).abs().max() <= 1e-5 * exact.abs().max()
+    assert (ours - llama_cpp_logits(path, ids)).abs().max() <= 2e-3 * exact.abs().max()
     theirs = llama_cpp_greedy(path, ids, 8)
     assert greedy == theirs[: len(greedy)] and (len(greedy) == 8 or theirs[len(greedy)] in stop)
 
@@ -258,6 +280,24 @@ def test_experts_without_a_kernel_are_converted_once_and_cached(ggufs):
     assert any("cached them" in note for note in first.notes)
     again = load(path, device="cpu")
     assert any("read the int8-bf16 experts from the cache" in note for note in again.notes)
+
+
+def test_gemma4_tokenizer_matches_its_checkpoints_and_llama_cpps_on_mixed_scripts(ggufs):
+    """Gemma 4's `gemma4` vocabulary tokenizes as the checkpoint's tokenizer.json does; llama.cpp agrees on the
+    mixed-script text, and splits a newline off a piece that holds one ("):\n" in the code) where the checkpoint's
+    BPE does not."""
+    import llama_cpp
+    from tokenizers import Tokenizer
+
+    from moe_local.tokenizer import load_tokenizer
+
+    path = ggufs["gemma4-F32"]
+    ours, source = load_tokenizer(path), Tokenizer.from_file(str(ggufs["gemma4"] / "tokenizer.json"))
+    for text in (MIXED, TEXT):
+        assert ours.encode(text) == source.encode(text).ids
+    llm = llama_cpp.Llama(str(path), n_ctx=64, verbose=False, vocab_only=True)
+    assert ours.encode(MIXED) == llm.tokenize(MIXED.encode(), add_bos=True, special=True)
+    assert ours.decode(ours.encode(TEXT)) == TEXT
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen3"])

@@ -133,6 +133,15 @@ class Metadata:
     def head_dim(self) -> int:
         return int(self("attention.key_length", int(self("embedding_length")) // int(self("attention.head_count"))))
 
+    def values(self, tensor: str) -> list[float]:
+        """A small F32 tensor's values, read from the file (no torch: numpy)."""
+        import numpy as np
+
+        info = self.tensors[tensor]
+        if info.qtype != gguf.GGMLQuantizationType.F32:
+            raise ConfigError(f"the GGUF's {tensor} is {info.qtype.name}, not F32")
+        return np.fromfile(info.file, dtype=np.float32, count=info.nbytes // 4, offset=info.start).tolist()
+
     def rotary_factor(self) -> dict:
         """`partial_rotary_factor` where the rotated part of a head (`rope.dimension_count`) is not all of it."""
         rotated = self("rope.dimension_count", None)
@@ -224,6 +233,32 @@ def _deepseek2(m: Metadata) -> dict:
     return fields
 
 
+def _gemma4(m: Metadata) -> dict:
+    """Gemma 4 (26B-A4B): sliding and full layers with their own head size (`key_length_swa`, `key_length`) and KV
+    heads (a count per layer), values from the keys' projection where a full layer has no attn_v; the full layers'
+    proportional rotary as llama.cpp's `rope_freqs` (factor 1 for a turning pair, 1e30 for a still one)."""
+    sliding = [bool(s) for s in m("attention.sliding_window_pattern")]
+    kv = m("attention.head_count_kv")
+    kv = kv if isinstance(kv, list) else [kv] * len(sliding)
+    full = [i for i, s in enumerate(sliding) if not s]
+    if not full:
+        raise ConfigError(f"the GGUF's {m.arch}.attention.sliding_window_pattern has no full-attention layer")
+    full_dim, swa_dim = int(m("attention.key_length")), int(m("attention.key_length_swa"))
+    turning = sum(1 for f in m.values("rope_freqs.weight") if f == 1.0) if m.has("rope_freqs.weight") else full_dim // 2
+    swa_rotated = int(m("rope.dimension_count_swa", swa_dim))
+    return {"enable_moe_block": True, "num_experts": m("expert_count"), "top_k_experts": m("expert_used_count"),
+            "moe_intermediate_size": m("expert_feed_forward_length"), "intermediate_size": m("feed_forward_length"),
+            "head_dim": swa_dim, "global_head_dim": full_dim, "num_key_value_heads": kv[sliding.index(True)] if True in sliding else kv[0],
+            "num_global_key_value_heads": kv[full[0]], "attention_k_eq_v": not m.has(f"blk.{full[0]}.attn_v.weight"),
+            "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+            "sliding_window": m("attention.sliding_window"), "final_logit_softcapping": m("final_logit_softcapping", None),
+            "hidden_size_per_layer_input": m("embedding_length_per_layer_input", 0), "num_kv_shared_layers": m("attention.shared_kv_layers", 0),
+            "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": float(m("rope.freq_base_swa")),
+                                                      **({"partial_rotary_factor": swa_rotated / swa_dim} if swa_rotated != swa_dim else {})},
+                                "full_attention": {"rope_type": "proportional", "rope_theta": float(m("rope.freq_base")),
+                                                   "partial_rotary_factor": 2 * turning / full_dim}}}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Architecture:
     """What one llama.cpp architecture is to us: the model_type (`FAMILIES`' key) it runs as, its config.json
@@ -237,6 +272,7 @@ class Architecture:
     norm_plus_one: bool = False  # zero-centred RMSNorms stored as 1 + w (but the DeltaNet's gated one)
     tiled_v_heads: bool = False  # Qwen3.5: the DeltaNet's value heads reordered from grouped by key head to tiled
     nextn_layers: bool = False  # block_count counts the multi-token-prediction layers (`nextn_predict_layers`)
+    fused_gate_up: bool = False  # the routed experts' gate and up rows in one tensor (`ffn_gate_up_exps`, gate first)
 
 
 # llama.cpp's architecture name -> what it is to us
@@ -251,6 +287,7 @@ ARCHITECTURES = {
     "glm4moe": Architecture("glm4_moe", _glm4_moe, "post_attention_norm", nextn_layers=True),
     "minimax-m2": Architecture("minimax_m2", _minimax_m2),
     "deepseek2": Architecture("deepseek_v2", _deepseek2, nextn_layers=True),  # model_type deepseek_v3 with a sigmoid router
+    "gemma4": Architecture("gemma4_text", _gemma4, fused_gate_up=True),
 }
 
 

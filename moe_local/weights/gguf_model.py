@@ -100,13 +100,14 @@ def _latent_attention(names: Pieces, cfg: ModelConfig, blk: str, a: str) -> None
     names[a + "wo.weight"] = [(blk + "attn_output.weight", (d, h * m.v_dim), None)]
 
 
-def _attention(names: Pieces, cfg: ModelConfig, record: Architecture, blk: str, a: str) -> None:
+def _attention(names: Pieces, cfg: ModelConfig, record: Architecture, blk: str, a: str, layer: int) -> None:
     """GQA: q, k (v) rows into our wqkv, o; biases, sinks and q/k norms where the config has them."""
-    d, hd, h, hkv = cfg.dim, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    d, h = cfg.dim, cfg.n_heads
+    hd, hkv = cfg.layer_geometry(layer)
     q_rows = _rows_unpermuted(h) if record.permuted_qk else ungate_rows(h, hd) if cfg.attn_gate else None
     k_rows = _rows_unpermuted(hkv) if record.permuted_qk else None
     q = (blk + "attn_q", (h * hd * (1 + cfg.attn_gate),), q_rows)
-    kv = [(blk + "attn_k", (hkv * hd,), k_rows), (blk + "attn_v", (hkv * hd,), None)]
+    kv = [(blk + "attn_k", (hkv * hd,), k_rows), *([] if cfg.values_from_keys(layer) else [(blk + "attn_v", (hkv * hd,), None)])]
     names[a + "wqkv.weight"] = [(name + ".weight", (*rows, d), t) for name, rows, t in (q, *kv)]
     if cfg.qkv_bias:
         names[a + "wqkv.bias"] = [(name + ".bias", rows, t) for name, rows, t in (q, *kv)]
@@ -149,6 +150,22 @@ def _mlp(names: Pieces, ours: str, blk: str, suffix: str, dim: int, hidden: int)
     names[ours + "w2.weight"] = [(f"{blk}ffn_down{suffix}.weight", (dim, hidden), None)]
 
 
+def _gemma4_layer(names: Pieces, cfg: ModelConfig, blk: str, ours: str) -> None:
+    """Gemma 4's layer beside its attention: the sandwich norms and scalar, the dense MLP between its norms (our
+    shared expert), the router's input scale and the experts' scales (llama.cpp's scale of their down output,
+    which is the same product)."""
+    d, e = cfg.dim, cfg.n_experts
+    for gguf_name, our_name, shape in (
+        ("post_attention_norm.weight", "attention_out_norm.weight", (d,)), ("ffn_norm.weight", "ffn.shared.norm.weight", (d,)),
+        ("post_ffw_norm_1.weight", "ffn.shared.out_norm.weight", (d,)), ("pre_ffw_norm_2.weight", "ffn.expert_norm.weight", (d,)),
+        ("post_ffw_norm_2.weight", "ffn.expert_out_norm.weight", (d,)), ("post_ffw_norm.weight", "ffn_out_norm.weight", (d,)),
+        ("layer_output_scale.weight", "rescale.weight", (1,)), ("ffn_gate_inp.weight", "ffn.router.weight", (e, d)),
+        ("ffn_gate_inp.scale", "ffn.router.input_scale", (d,)), ("ffn_down_exps.scale", "ffn.router.expert_scale", (e,)),
+    ):  # fmt: skip
+        names[ours + our_name] = [(blk + gguf_name, shape, None)]
+    _mlp(names, ours + "ffn.shared.mlp.", blk, "", d, cfg.shared_ffn_dim)
+
+
 def resident_names(cfg: ModelConfig, record: Architecture) -> Pieces:
     """Our name -> the GGUF tensors it is made of, in order (concatenated along the first dimension), each with
     its shape as we use it and a transform after dequantizing; the pieces are chosen by the config, as the
@@ -166,8 +183,11 @@ def resident_names(cfg: ModelConfig, record: Architecture) -> Pieces:
         elif cfg.mla is not None:
             _latent_attention(names, cfg, blk, ours + "attention.")
         else:
-            _attention(names, cfg, record, blk, ours + "attention.")
+            _attention(names, cfg, record, blk, ours + "attention.", i)
         names[ours + "attention_norm.weight"] = [(blk + "attn_norm.weight", (d,), norm)]
+        if cfg.sandwich_norms:
+            _gemma4_layer(names, cfg, blk, ours)
+            continue
         names[ours + "ffn_norm.weight"] = [(f"{blk}{record.ffn_norm}.weight", (d,), norm)]
         if i not in cfg.moe_layers:
             _mlp(names, ours + "ffn.", blk, "", d, cfg.dense_ffn_dim)
@@ -214,7 +234,8 @@ class GgufModel:
         self.arch = self.metadata.get("general.architecture")
         self.raw_config = hf_config(self.metadata, self.tensors)
         self.config = ModelConfig.from_hf(self.raw_config)
-        self.expected = resident_names(self.config, architecture(self.metadata))
+        self.record = architecture(self.metadata)
+        self.expected = resident_names(self.config, self.record)
         self._check()
         embed = self.tensors["token_embd.weight"].qtype
         self.dtype = ggml.FLOATS.get(embed, torch.bfloat16)  # the compute dtype by default: a float file's own, else bf16
@@ -227,7 +248,13 @@ class GgufModel:
                 self._check_tensor(name, shape)
                 known.add(name)
         for i in cfg.moe_layers:
-            for w, stem in EXPERT_TENSORS.items():
+            stems = dict(EXPERT_TENSORS)
+            if self.record.fused_gate_up:
+                f, d = cfg.expert_shapes["w1"]
+                self._check_tensor(f"blk.{i}.ffn_gate_up_exps.weight", (cfg.n_experts, 2 * f, d))
+                known.add(f"blk.{i}.ffn_gate_up_exps.weight")
+                stems = {"w2": stems["w2"]}
+            for w, stem in stems.items():
                 self._check_tensor(f"blk.{i}.{stem}.weight", (cfg.n_experts, *cfg.expert_shapes[w]))
                 known.add(f"blk.{i}.{stem}.weight")
                 if cfg.expert_bias:
@@ -284,14 +311,17 @@ class GgufModel:
         return state
 
     def expert_tensor(self, layer: int, w: str) -> GgufTensor:
-        """MoE layer `layer`'s (ordinal) stacked tensor of matrix w ("w1" gate, "w2" down, "w3" up)."""
-        return self.tensors[f"blk.{self.config.moe_layers[layer]}.{EXPERT_TENSORS[w]}.weight"]
+        """MoE layer `layer`'s (ordinal) stacked tensor of matrix w ("w1" gate, "w2" down, "w3" up; gate and up are
+        one tensor where the architecture fuses them)."""
+        stem = "ffn_gate_up_exps" if self.record.fused_gate_up and w != "w2" else EXPERT_TENSORS[w]
+        return self.tensors[f"blk.{self.config.moe_layers[layer]}.{stem}.weight"]
 
     def expert_blocks(self, layer: int, expert: int, w: str) -> torch.Tensor:
         """One expert's matrix as the file holds it: uint8 [rows, row_bytes] in its ggml type."""
         info = self.expert_tensor(layer, w)
-        rows = info.shape[1]
-        return self.read_bytes(info, expert * rows * info.row_bytes, rows * info.row_bytes).view(rows, info.row_bytes)
+        rows = self.config.expert_shapes[w][0]
+        start = expert * info.shape[1] * info.row_bytes + (rows * info.row_bytes if w == "w3" and self.record.fused_gate_up else 0)
+        return self.read_bytes(info, start, rows * info.row_bytes).view(rows, info.row_bytes)
 
     def expert(self, layer: int, expert: int, w: str) -> torch.Tensor | dict[str, torch.Tensor]:
         """One routed expert's matrix dequantized to fp32: w1 gate [F, D], w2 down [D, F], w3 up [F, D], their

@@ -2,8 +2,8 @@
 fields `tokenizer.Tokenizer` reads (special tokens, whether to add BOS, the chat template), built to tokenize
 as llama.cpp does: the SentencePiece-style `llama` vocabulary (pieces with scores, merged best score first,
 a space before each stretch of text, bytes as <0xNN> for what no piece covers) and the byte-level BPE `gpt2`
-vocabulary (merges in rank order, split first by the pre-tokenizer `tokenizer.ggml.pre` names). No torch: the
-server's HTTP process builds it."""
+vocabulary (merges in rank order, split first by the pre-tokenizer `tokenizer.ggml.pre` names), and Gemma 4's
+`gemma4` (a BPE with merges over "▁"-spaced text, byte fallback). No torch: the server's HTTP process builds it."""
 
 from __future__ import annotations
 
@@ -45,8 +45,11 @@ def build(metadata: dict) -> tuple[Tokenizer, dict, str | None]:
     elif kind == "gpt2":
         tokenizer = _bytelevel_bpe(tokens, metadata.get("tokenizer.ggml.merges") or [], metadata.get("tokenizer.ggml.pre", "default"))
         add_bos_default = False
+    elif kind == "gemma4":
+        tokenizer = _spaced_bpe(tokens, metadata.get("tokenizer.ggml.merges") or [], types)
+        add_bos_default = True
     else:
-        raise TokenizerError(f"unsupported GGUF tokenizer model {kind!r} (supported: llama, gpt2)")
+        raise TokenizerError(f"unsupported GGUF tokenizer model {kind!r} (supported: llama, gpt2, gemma4)")
     # control tokens are special (matched in text, hidden when decoding); user-defined ones are matched, shown
     tokenizer.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == CONTROL])
     tokenizer.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == USER_DEFINED])
@@ -100,4 +103,17 @@ def _bytelevel_bpe(tokens: list[str], merges: list[str], pre: str) -> Tokenizer:
             [pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
     tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _spaced_bpe(tokens: list[str], merges: list[str], types: list[int]) -> Tokenizer:
+    """Gemma 4's vocabulary: a BPE with merges over text whose spaces are written "▁", split after each space,
+    bytes as <0xNN> for what no piece covers (its tokenizer.json's layout)."""
+    vocab = {piece: i for i, piece in enumerate(tokens)}
+    unk = next((tokens[i] for i, t in enumerate(types) if t == UNKNOWN), None)
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tokenizer = Tokenizer(models.BPE(vocab, pairs, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     return tokenizer
