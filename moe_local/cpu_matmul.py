@@ -56,6 +56,11 @@ def _mkldnn(enabled: bool) -> Iterator[None]:
         torch.backends.mkldnn.enabled = before
 
 
+def widens_bf16() -> bool:
+    """Whether this CPU lacks bf16 arithmetic (AVX512-BF16, AMX), so that oneDNN widens bf16 as it goes and a
+    prefill's bf16 products are faster widened first (`WideLinear`); where it has it, oneDNN's bf16 is kept."""
+    return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
 
 def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T (+ bias) -> [..., N] in x's dtype, as fp32 products (sgemm) of x widened and the

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_local import cpu_attention, cpu_deltanet, int4
+from moe_local import cpu_attention, cpu_deltanet, cpu_matmul, int4
 from moe_local.budget import lm_head_quantized
 from moe_local.config import ModelConfig
 from moe_local.cpu_matmul import WideLinear, onednn
@@ -1034,8 +1034,11 @@ class Transformer(nn.Module):
             self.output = Int8Linear.from_linear(self.output)
 
     def widen_prefill(self) -> int:
-        """On the CPU: each bf16 `nn.Linear` left (projections, dense and shared MLPs, lm_head) as a
-        `cpu_matmul.WideLinear`, whose prefill products run in fp32; how many."""
+        """On the CPU, where it lacks bf16 arithmetic (`cpu_matmul.widens_bf16`): each bf16 `nn.Linear` left
+        (projections, dense and shared MLPs, lm_head) as a `cpu_matmul.WideLinear`, whose prefill products run in
+        fp32; how many."""
+        if not cpu_matmul.widens_bf16():
+            return 0
         wide = 0
         for module in list(self.modules()):
             for name, child in list(module.named_children()):

@@ -148,14 +148,17 @@ def test_one_token_steps_run_without_onednn_and_restore_it(tiny_bf16):
 
 
 def test_a_bf16_product_of_many_rows_runs_in_fp32_and_one_of_few_rows_as_before(tiny_bf16, monkeypatch):
-    """On the CPU every bf16 `nn.Linear` is a `WideLinear` (the same weight): a product of WIDEN_MIN_ROWS rows or
-    more, a prefill's, is the fp32 product of the same bf16 numbers rounded once (the weight widened a tile at a
-    time), a decode step's is nn.Linear's own."""
+    """On a CPU without bf16 arithmetic (this one's AVX-512 without AVX512-BF16) every bf16 `nn.Linear` is a
+    `WideLinear` (the same weight): a product of WIDEN_MIN_ROWS rows or more, a prefill's, is the fp32 product of
+    the same bf16 numbers rounded once (the weight widened a tile at a time), a decode step's is nn.Linear's own."""
     gen = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(shape, generator=gen).bfloat16() for shape in ((2, 20, 64), (40, 64), (40,)))
     monkeypatch.setattr(cpu_matmul, "WIDEN_TILE_BYTES", 16 * 4 * 64)  # tiles of 16 rows: 40 is three of them
     want = (x.float() @ w.float().T + b.float()).bfloat16()
     torch.testing.assert_close(cpu_matmul.widened_linear(x, w, b), want, rtol=2**-8, atol=0)
+    monkeypatch.setattr(cpu_matmul, "widens_bf16", lambda: False)  # a CPU with AVX512-BF16 or AMX keeps oneDNN's bf16
+    assert not any(isinstance(m, cpu_matmul.WideLinear) for m in moe_local.load(tiny_bf16[0], device="cpu").model.modules())
+    monkeypatch.setattr(cpu_matmul, "widens_bf16", lambda: True)  # as on this machine, whatever the CPU
     engine = moe_local.load(tiny_bf16[0], device="cpu")
     linears = [m for m in engine.model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(type(m) is cpu_matmul.WideLinear for m in linears)
