@@ -1,6 +1,7 @@
-"""A GGUF's Q8_0/Q4_0 experts through moe-local's `experts_ggml` against the same shapes in moe-local's own int8
-and int4 formats (`experts_swiglu*`): one MoE layer's k experts for a decode step (1 row each) and a few rows
-each (a batch), interleaved rounds, the best of each. Random weights quantized by gguf-py.
+"""A GGUF's Q8_0/Q4_0/Q4_K/Q6_K experts through moe-local's `experts_ggml` against the same shapes in moe-local's
+own int8 and int4 formats (`experts_swiglu*`): one MoE layer's k experts for a decode step (1 row each) and a few
+rows each (a batch), interleaved rounds, the best of each. Random weights quantized by gguf-py (Q8_0, Q4_0), or
+random K-quant blocks with scales of a sensible size (gguf-py cannot quantize to those).
 
     python scripts/ggml_experts_ab.py --dim 2048 --ffn 768 --experts 8 --rounds 5   # Qwen3-30B-A3B's widths
 """
@@ -30,9 +31,22 @@ def experts(fmt, qtype, cfg, n: int, rng) -> list:
             f = cfg.ffn_dim
             fmt.pack(*(torch.from_numpy(w).bfloat16() for w in (gate_up[:f], down, gate_up[f:])), buffer)
         else:
-            fmt.write({"gate_up": torch.from_numpy(gguf.quants.quantize(gate_up, qtype)), "down": torch.from_numpy(gguf.quants.quantize(down, qtype))}, buffer)
+            parts = {"gate_up": blocks(gate_up, qtype, rng), "down": blocks(down, qtype, rng), "types": torch.tensor([qtype, qtype], dtype=torch.uint8)}
+            fmt.pack_native(lambda name: parts, buffer)
         views.append(fmt.unpack(buffer))
     return views
+
+
+def blocks(values: np.ndarray, qtype: T, rng) -> torch.Tensor:
+    """values [rows, n] as `qtype`'s blocks: gguf-py's quantization, or random K-quant blocks."""
+    if qtype not in (T.Q4_K, T.Q5_K, T.Q6_K):
+        return torch.from_numpy(gguf.quants.quantize(values, qtype))
+    rows, n = values.shape
+    size = gguf.GGML_QUANT_SIZES[qtype][1]
+    raw = rng.integers(0, 256, (rows, n // 256, size), dtype=np.uint8)
+    scales = slice(208, 210) if qtype == T.Q6_K else slice(0, 4)
+    raw[:, :, scales] = rng.uniform(1e-3, 4e-3, (rows, n // 256, (scales.stop - scales.start) // 2)).astype(np.float16).view(np.uint8)
+    return torch.from_numpy(raw.reshape(rows, -1))
 
 
 def main() -> None:
@@ -46,8 +60,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = dataclasses.replace(preset_config("tiny"), dim=args.dim, ffn_dim=args.ffn)
     rng = np.random.default_rng(0)
-    formats = {"gguf-q8_0": (Ggml(cfg, T.Q8_0, T.Q8_0), T.Q8_0), "int8": (Int8(cfg, torch.bfloat16), None),
-               "gguf-q4_0": (Ggml(cfg, T.Q4_0, T.Q4_0), T.Q4_0), "int4": (Int4(cfg, 32, "cpu"), None)}  # fmt: skip
+    formats = {"gguf-q8_0": (Ggml(cfg, [(T.Q8_0, T.Q8_0)]), T.Q8_0), "int8": (Int8(cfg, torch.bfloat16), None),
+               "gguf-q4_0": (Ggml(cfg, [(T.Q4_0, T.Q4_0)]), T.Q4_0), "int4": (Int4(cfg, 32, "cpu"), None),
+               "gguf-q4_k": (Ggml(cfg, [(T.Q4_K, T.Q4_K)]), T.Q4_K), "gguf-q6_k": (Ggml(cfg, [(T.Q6_K, T.Q6_K)]), T.Q6_K)}  # fmt: skip
     views = {name: experts(fmt, qtype, cfg, args.experts, rng) for name, (fmt, qtype) in formats.items()}
     print(f"| rows per expert | {' | '.join(formats)} | (ms for one layer's {args.experts} experts, best of {args.rounds}) |")
     for rows in (1, 4):
