@@ -1461,12 +1461,12 @@ int deltanet_block(const DeltaNetBlock* L, int R, const uint16_t* x, void* const
    llama.cpp's arithmetic. Each activation row is rounded as llama.cpp rounds it for the weights' type (its
    `vec_dot_type`): for Q8_0, Q4_0 and Q5_0 to Q8_0 blocks (32 values, d = max |x| / 127 kept as fp16, q = x * 127 /
    max |x| rounded to nearest even, as its AVX2 quantize_row_q8_0), for the K-quants (Q4_K, Q5_K, Q6_K) to Q8_K
-   blocks for the K-quants (Q2_K, Q4_K, Q5_K, Q6_K: 256 values, d = -max / 127 in fp32 for the value of largest magnitude, q = round(x / d) at most
+   blocks for the K-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K: 256 values, d = -max / 127 in fp32 for the value of largest magnitude, q = round(x / d) at most
    127, the sums of each 16 q kept: quantize_row_q8_K_ref). Each block's integer dot products with the weights'
    integer values are exact; the scales (fp16 in the weights, with 6- or 8-bit sub-block scales and minimums)
    multiply them in fp32, as ggml's vec_dot_*_q8_* do, in another order of fp32 sums.
    Expert e (of E) takes rows starts[e] .. starts[e + 1] - 1 of x [R, D] (fp32); types[e] is its two type codes
-   (gate_up's, down's: ggml's numbers, 8 Q8_0, 2 Q4_0, 6 Q5_0, 10 Q2_K, 12 Q4_K, 13 Q5_K, 14 Q6_K), gate_up[e] [2F rows of D]
+   (gate_up's, down's: ggml's numbers, 8 Q8_0, 2 Q4_0, 6 Q5_0, 10 Q2_K, 11 Q3_K, 12 Q4_K, 13 Q5_K, 14 Q6_K), gate_up[e] [2F rows of D]
    (gate's rows, then up's), down[e] [D rows of F]; h = silu(gate) * up in fp32, rounded again for down; y [R, D]
    fp32. Work items are (expert, one weight row), each row read once for all of its expert's rows (any number:
    a prefill chunk's, EXPERT_MAX_ROWS at a time from the core's cache). D and F multiples of 32 (of 256 for a
@@ -1476,6 +1476,7 @@ int deltanet_block(const DeltaNetBlock* L, int R, const uint16_t* x, void* const
 #define GGML_Q5_0 6
 #define GGML_Q8_0 8
 #define GGML_Q2_K 10
+#define GGML_Q3_K 11
 #define GGML_Q4_K 12
 #define GGML_Q5_K 13
 #define GGML_Q6_K 14
@@ -1494,13 +1495,14 @@ static int ggml_block_bytes(int type) {
         case GGML_Q4_0: return 18;
         case GGML_Q5_0: return 22;
         case GGML_Q2_K: return 84;
+        case GGML_Q3_K: return 110;
         case GGML_Q4_K: return 144;
         case GGML_Q5_K: return 176;
         case GGML_Q6_K: return 210;
         default: return 0;
     }
 }
-static inline int k_quant(int type) { return type == GGML_Q2_K || type >= GGML_Q4_K; }
+static inline int k_quant(int type) { return type >= GGML_Q2_K; }
 
 typedef struct {
     int8_t* q;      /* [R, K] */
@@ -1646,6 +1648,27 @@ static inline void decode_k(const uint8_t* b, int type, KBlock* k) {
         k->d = half_to_float(b + 80), k->dm = -half_to_float(b + 82);
         return;
     }
+    if (type == GGML_Q3_K) { /* hmask [32] (bit 4h + j of byte l: value 128h + 32j + l's third bit), qs [64] (2 bits as
+                                Q2_K's), 12 bytes of 16 six-bit scales (stored + 32), d: w = d * scale * (v - 4) */
+        const __m256i hmask = _mm256_loadu_si256((const __m256i*)b), one = _mm256_set1_epi8(1);
+        for (int half = 0; half < 2; half++) {
+            const __m256i bits = _mm256_loadu_si256((const __m256i*)(b + 32 + 32 * half));
+            for (int j = 0; j < 4; j++) {
+                const __m256i third = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hmask, 4 * half + j), one), 2);
+                _mm256_storeu_si256((__m256i*)(k->v + 128 * half + 32 * j), _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 2 * j), _mm256_set1_epi8(3)), third));
+            }
+        }
+        const uint8_t* packed = b + 96;
+        int16_t scale[16], offset[16];
+        for (int j = 0; j < 16; j++) {
+            scale[j] = (int16_t)((((packed[j % 8] >> (4 * (j / 8))) & 15) | (((packed[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32);
+            offset[j] = (int16_t)(-4 * scale[j]);
+        }
+        for (int i = 0; i < 8; i++) k->sc[i] = _mm256_set_m128i(_mm_set1_epi16(scale[2 * i + 1]), _mm_set1_epi16(scale[2 * i]));
+        k->offset = _mm256_loadu_si256((const __m256i*)offset);
+        k->d = k->dm = half_to_float(b + 108);
+        return;
+    }
     if (type == GGML_Q6_K) { /* ql [128], qh [64], scales [16] int8, d: v = low 4 bits | 2 high bits << 4, w = d * scale * (v - 32) */
         const uint8_t *ql = b, *qh = b + 128;
         const int8_t* scales = (const int8_t*)(b + 192);
@@ -1776,7 +1799,7 @@ static inline __m256 dot_k_block(const uint8_t* b, int type, const int8_t* q, co
 /* out[r * stride] = weight row w (K values in K-quant blocks of `type`) . row r0 + r of a (Q8_K), r < n */
 static inline void row_dot_k(const uint8_t* w, int type, int K, int n, const Q8Rows* a, int r0, float* out, int stride) {
     const int blocks = K / 256, bytes = ggml_block_bytes(type);
-    if (n == 1 && type != GGML_Q2_K) { /* (Q2_K: decoded as for several rows, below) */
+    if (n == 1 && type >= GGML_Q4_K) { /* (Q2_K, Q3_K: decoded as for several rows, below) */
         const size_t row = (size_t)r0;
         __m256 acc = _mm256_setzero_ps();
         for (int b = 0; b < blocks; b++)

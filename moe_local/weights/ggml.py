@@ -1,6 +1,6 @@
 """ggml's block numerics: how many bytes a row of n values takes in each ggml type, and those bytes back to
 values (the reference dequantization). The types moe-local keeps as they are (`experts/formats.py`'s `Ggml`:
-Q8_0, Q4_0, Q5_0, Q2_K, Q4_K, Q5_K, Q6_K) and the float types are decoded here in torch, on any device, with the same fp32
+Q8_0, Q4_0, Q5_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) and the float types are decoded here in torch, on any device, with the same fp32
 operations as gguf-py (so the same values, bit for bit); every other type by the `gguf` package's numpy code
 (`gguf.quants.dequantize`, the format's own library).
 
@@ -10,6 +10,8 @@ Q5_0: blocks of 32, an fp16 scale d, 4 bytes whose bit i is value i's fifth bit,
   x = d * (q - 16) (22 bytes).
 Q2_K: blocks of 256 in 16 sub-blocks of 16: 16 bytes of a 4-bit scale sc and a 4-bit minimum m each, 64 bytes of
   2-bit q (half h's bits 2j of byte l: value 128h + 32j + l), fp16 d and dmin: x = d * sc * q - dmin * m (84 bytes).
+Q3_K: blocks of 256 in 16 sub-blocks of 16: 32 bytes of third bits, 64 of 2-bit q (as Q2_K's), 12 bytes of 6-bit
+  scales (+ 32), fp16 d: x = d * (scale - 32) * (q + 4 * third - 4) (110 bytes).
 Q4_K: blocks of 256 in 8 sub-blocks of 32: fp16 d and dmin, 12 bytes of 6-bit scales sc and minimums m (one each
   a sub-block), 128 bytes of nibbles (chunk j of 64 values: the low nibbles of bytes 32j.. are sub-block 2j, the
   high ones 2j + 1): x = d * sc * q - dmin * m (144 bytes).
@@ -29,7 +31,7 @@ from moe_local.weights.gguf import row_bytes  # noqa: F401  (a row's bytes, with
 
 FLOATS = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16, GGMLQuantizationType.BF16: torch.bfloat16}
 Q8_0, Q4_0, Q5_0 = GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q5_0
-Q2_K, Q4_K, Q5_K, Q6_K = GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K
 
 
 def _half(blocks: torch.Tensor, start: int) -> torch.Tensor:
@@ -59,6 +61,13 @@ def _k_quant(blocks: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
         ml = (_half(blocks, 82) * (scales >> 4).float()).view(n, 16, 1)
         q = _bits(blocks[:, 16:80].reshape(n, 2, 32), [0, 2, 4, 6], 0x03).reshape(n, 16, 16).float()
         return (dl * q - ml).view(n, 256)
+    if qtype == Q3_K:
+        low = _bits(blocks[:, 96:104].reshape(n, 1, 8), [0, 4], 0x0F).reshape(n, 16)
+        high = _bits(blocks[:, 104:108].reshape(n, 1, 4), [0, 2, 4, 6], 0x03).reshape(n, 16)
+        dl = (_half(blocks, 108) * ((low | (high << 4)).view(torch.int8) - 32).float()).view(n, 16, 1)
+        q = _bits(blocks[:, 32:96].reshape(n, 2, 32), [0, 2, 4, 6], 0x03).reshape(n, 16, 16)
+        third = _bits(blocks[:, :32].reshape(n, 1, 32), list(range(8)), 0x01).reshape(n, 16, 16)
+        return (dl * (q.view(torch.int8) - ((third ^ 1) << 2).view(torch.int8)).float()).view(n, 256)
     if qtype == Q6_K:
         ql, qh, scales = blocks[:, :128], blocks[:, 128:192], blocks[:, 192:208].contiguous().view(torch.int8).float()
         d = (_half(blocks, 208) * scales).view(n, 16, 1)
@@ -96,7 +105,7 @@ def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType, n: int) -> torch.
         fifth = _bits(blocks[:, 2:6].unsqueeze(1), list(range(8)), 0x01).transpose(2, 3).reshape(-1, 32)  # [B, 32]: bit i of the 4 bytes
         values = (torch.cat([q & 15, q >> 4], dim=1) | (fifth << 4)).view(torch.int8) - 16  # [B, 32]
         return (_half(blocks, 0) * values.float()).view(*lead, n)
-    if qtype in (Q2_K, Q4_K, Q5_K, Q6_K):
+    if qtype in (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K):
         return _k_quant(raw.contiguous().view(-1, row_bytes(qtype, 256)), qtype).view(*lead, n)
     values = quants.dequantize(np.ascontiguousarray(raw.numpy()), qtype)
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).view(*lead, n)
