@@ -1461,12 +1461,12 @@ int deltanet_block(const DeltaNetBlock* L, int R, const uint16_t* x, void* const
    llama.cpp's arithmetic. Each activation row is rounded as llama.cpp rounds it for the weights' type (its
    `vec_dot_type`): for Q8_0, Q4_0 and Q5_0 to Q8_0 blocks (32 values, d = max |x| / 127 kept as fp16, q = x * 127 /
    max |x| rounded to nearest even, as its AVX2 quantize_row_q8_0), for the K-quants (Q4_K, Q5_K, Q6_K) to Q8_K
-   blocks for the K-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K: 256 values, d = -max / 127 in fp32 for the value of largest magnitude, q = round(x / d) at most
+   blocks for the K-quants and IQ4_XS (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS: 256 values, d = -max / 127 in fp32 for the value of largest magnitude, q = round(x / d) at most
    127, the sums of each 16 q kept: quantize_row_q8_K_ref). Each block's integer dot products with the weights'
    integer values are exact; the scales (fp16 in the weights, with 6- or 8-bit sub-block scales and minimums)
    multiply them in fp32, as ggml's vec_dot_*_q8_* do, in another order of fp32 sums.
    Expert e (of E) takes rows starts[e] .. starts[e + 1] - 1 of x [R, D] (fp32); types[e] is its two type codes
-   (gate_up's, down's: ggml's numbers, 8 Q8_0, 2 Q4_0, 6 Q5_0, 10 Q2_K, 11 Q3_K, 12 Q4_K, 13 Q5_K, 14 Q6_K), gate_up[e] [2F rows of D]
+   (gate_up's, down's: ggml's numbers, 8 Q8_0, 2 Q4_0, 6 Q5_0, 10 Q2_K, 11 Q3_K, 12 Q4_K, 13 Q5_K, 14 Q6_K, 23 IQ4_XS), gate_up[e] [2F rows of D]
    (gate's rows, then up's), down[e] [D rows of F]; h = silu(gate) * up in fp32, rounded again for down; y [R, D]
    fp32. Work items are (expert, one weight row), each row read once for all of its expert's rows (any number:
    a prefill chunk's, EXPERT_MAX_ROWS at a time from the core's cache). D and F multiples of 32 (of 256 for a
@@ -1480,6 +1480,7 @@ int deltanet_block(const DeltaNetBlock* L, int R, const uint16_t* x, void* const
 #define GGML_Q4_K 12
 #define GGML_Q5_K 13
 #define GGML_Q6_K 14
+#define GGML_IQ4_XS 23
 
 #if defined(__AVX2__) && defined(__F16C__)
 static inline float half_to_float(const uint8_t* p) {
@@ -1499,10 +1500,11 @@ static int ggml_block_bytes(int type) {
         case GGML_Q4_K: return 144;
         case GGML_Q5_K: return 176;
         case GGML_Q6_K: return 210;
+        case GGML_IQ4_XS: return 136;
         default: return 0;
     }
 }
-static inline int k_quant(int type) { return type >= GGML_Q2_K; }
+static inline int k_quant(int type) { return type >= GGML_Q2_K; } /* rounded to Q8_K: the K-quants and IQ4_XS */
 
 typedef struct {
     int8_t* q;      /* [R, K] */
@@ -1624,6 +1626,7 @@ typedef struct {
     __m256i sc[8];
     __m256i offset; /* int16 [16] */
     float d, dm;
+    int sign;       /* IQ4_XS: v are signed (int8 values of its table), met by the sign trick, no offsets */
 } KBlock;
 
 /* Q4_K's and Q5_K's 8 six-bit scales and minimums, packed in 12 bytes */
@@ -1634,6 +1637,24 @@ static inline void k4_scales(const uint8_t* q, int* sc, int* m) {
 
 static inline void decode_k(const uint8_t* b, int type, KBlock* k) {
     const __m256i low4 = _mm256_set1_epi8(15);
+    k->sign = type == GGML_IQ4_XS;
+    if (type == GGML_IQ4_XS) { /* d, scales_h (2 bits a sub-block of 32), scales_l [4] (4 bits one), qs [128]: sub-block i's 16
+                                  bytes, low nibbles its first 16 values, high ones the rest, each an index into the
+                                  non-linear table; w = d * (scale - 32) * table[index] */
+        const __m128i table = _mm_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113), low = _mm_set1_epi8(15);
+        uint16_t high;
+        memcpy(&high, b + 2, 2);
+        for (int i = 0; i < 8; i++) {
+            const __m128i q = _mm_loadu_si128((const __m128i*)(b + 8 + 16 * i));
+            _mm_storeu_si128((__m128i*)(k->v + 32 * i), _mm_shuffle_epi8(table, _mm_and_si128(q, low)));
+            _mm_storeu_si128((__m128i*)(k->v + 32 * i + 16), _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(q, 4), low)));
+            const int scale = (((b[4 + i / 2] >> (4 * (i % 2))) & 15) | (((high >> (2 * i)) & 3) << 4)) - 32;
+            k->sc[i] = _mm256_set1_epi16((int16_t)scale);
+        }
+        k->offset = _mm256_setzero_si256();
+        k->d = half_to_float(b), k->dm = 0.f;
+        return;
+    }
     if (type == GGML_Q2_K) { /* scales [16] (low 4 bits the scale, high 4 the minimum, one a 16 values), qs [64] (2 bits
                                 a value: half h's bits 2j..2j+1 of byte l are value 128h + 32j + l), d, dmin */
         for (int half = 0; half < 2; half++) {
@@ -1799,7 +1820,7 @@ static inline __m256 dot_k_block(const uint8_t* b, int type, const int8_t* q, co
 /* out[r * stride] = weight row w (K values in K-quant blocks of `type`) . row r0 + r of a (Q8_K), r < n */
 static inline void row_dot_k(const uint8_t* w, int type, int K, int n, const Q8Rows* a, int r0, float* out, int stride) {
     const int blocks = K / 256, bytes = ggml_block_bytes(type);
-    if (n == 1 && type >= GGML_Q4_K) { /* (Q2_K, Q3_K: decoded as for several rows, below) */
+    if (n == 1 && type >= GGML_Q4_K && type <= GGML_Q6_K) { /* (Q2_K, Q3_K, IQ4_XS: decoded as for several rows, below) */
         const size_t row = (size_t)r0;
         __m256 acc = _mm256_setzero_ps();
         for (int b = 0; b < blocks; b++)
@@ -1817,7 +1838,8 @@ static inline void row_dot_k(const uint8_t* w, int type, int K, int n, const Q8R
             const int8_t* q = a->q + row * K + 256 * b;
             __m256i sum = _mm256_setzero_si256();
             for (int i = 0; i < 8; i++) {
-                const __m256i products = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i*)(k.v + 32 * i)), _mm256_loadu_si256((const __m256i*)(q + 32 * i)));
+                const __m256i v = _mm256_loadu_si256((const __m256i*)(k.v + 32 * i)), x = _mm256_loadu_si256((const __m256i*)(q + 32 * i));
+                const __m256i products = k.sign ? _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(x, v)) : _mm256_maddubs_epi16(v, x);
                 sum = _mm256_add_epi32(sum, _mm256_madd_epi16(products, k.sc[i]));
             }
             const __m256i offsets = _mm256_madd_epi16(k.offset, _mm256_loadu_si256((const __m256i*)(a->sums + row * (K / 16) + 16 * b)));

@@ -555,7 +555,8 @@ class Fp8(ExpertFormat):
 
 
 class Ggml(ExpertFormat):
-    """A GGUF's experts in the file's own ggml blocks (Q8_0, Q4_0, Q5_0, Q2_K, Q3_K, Q4_K, Q5_K or Q6_K; `weights/ggml.py`
+    """A GGUF's experts in the file's own ggml blocks (Q8_0, Q4_0, Q5_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K or IQ4_XS;
+    `weights/ggml.py`
     owns the numerics), each MoE layer in its own types (`layer_types`: a Q4_K_M file keeps some layers' down in Q6_K,
     and where a width is not a whole number of K-quant blocks llama.cpp writes Q5_0 or Q8_0 instead; Unsloth's
     dynamic quantizations mix more). An expert's buffer is self-describing: "types" holds its two ggml
@@ -571,8 +572,7 @@ class Ggml(ExpertFormat):
 
     quantized = True
     native = True
-    TYPES = (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q2_K,
-             GGMLQuantizationType.Q3_K, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K)  # fmt: skip
+    TYPES = tuple(GGMLQuantizationType[name] for name in ("Q8_0", "Q4_0", "Q5_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"))
 
     def __init__(self, cfg: ModelConfig, layer_types: list[tuple[GGMLQuantizationType, GGMLQuantizationType]]):
         self.layer_types = list(layer_types)  # per MoE layer: (gate_up's type, down's type)

@@ -1,6 +1,6 @@
 """ggml's block numerics: how many bytes a row of n values takes in each ggml type, and those bytes back to
 values (the reference dequantization). The types moe-local keeps as they are (`experts/formats.py`'s `Ggml`:
-Q8_0, Q4_0, Q5_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) and the float types are decoded here in torch, on any device, with the same fp32
+Q8_0, Q4_0, Q5_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS) and the float types are decoded here in torch, on any device, with the same fp32
 operations as gguf-py (so the same values, bit for bit); every other type by the `gguf` package's numpy code
 (`gguf.quants.dequantize`, the format's own library).
 
@@ -18,6 +18,9 @@ Q4_K: blocks of 256 in 8 sub-blocks of 32: fp16 d and dmin, 12 bytes of 6-bit sc
 Q5_K: as Q4_K with a fifth bit: 32 bytes qh after the scales, bit s of qh[l] is value l of sub-block s's (176 bytes).
 Q6_K: blocks of 256 in 16 sub-blocks of 16: 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, fp16
   d: x = d * scale * (q - 32), q of 6 bits (210 bytes).
+IQ4_XS: blocks of 256 in 8 sub-blocks of 32: fp16 d, 2 bytes of each sub-block's high 2 scale bits, 4 bytes of their
+  low 4, 128 bytes of 4-bit indices (a sub-block's 16 bytes: low nibbles its first 16 values) into IQ4_TABLE:
+  x = d * (scale - 32) * IQ4_TABLE[index] (136 bytes).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from gguf import quants
 from moe_local.weights.gguf import row_bytes  # noqa: F401  (a row's bytes, with the numerics)
 
 FLOATS = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16, GGMLQuantizationType.BF16: torch.bfloat16}
-Q8_0, Q4_0, Q5_0 = GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q5_0
+Q8_0, Q4_0, Q5_0, IQ4_XS = GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q5_0, GGMLQuantizationType.IQ4_XS
+IQ4_TABLE = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # IQ4_NL's and IQ4_XS's values
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K
 
 
@@ -55,6 +59,14 @@ def _k4_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _k_quant(blocks: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
     """K-quant blocks [B, bytes] -> values [B, 256] fp32."""
     n = blocks.shape[0]
+    if qtype == IQ4_XS:
+        high = blocks[:, 2:4].contiguous().view(torch.int16).int()  # [B, 1]: 2 bits a sub-block of 32
+        shifts = torch.arange(0, 16, 2, device=blocks.device, dtype=torch.int32)
+        scales = (_bits(blocks[:, 4:8].unsqueeze(1), [0, 4], 0x0F).transpose(2, 3).reshape(n, 8).int() | (((high >> shifts) & 3) << 4)) - 32
+        dl = (_half(blocks, 0) * scales.float()).view(n, 8, 1)
+        index = _bits(blocks[:, 8:].reshape(n, 8, 16), [0, 4], 0x0F).reshape(n, 8, 32).long()
+        table = torch.tensor(IQ4_TABLE, dtype=torch.float32, device=blocks.device)
+        return (dl * table[index]).view(n, 256)
     if qtype == Q2_K:
         scales = blocks[:, :16]
         dl = (_half(blocks, 80) * (scales & 0xF).float()).view(n, 16, 1)
@@ -105,7 +117,7 @@ def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType, n: int) -> torch.
         fifth = _bits(blocks[:, 2:6].unsqueeze(1), list(range(8)), 0x01).transpose(2, 3).reshape(-1, 32)  # [B, 32]: bit i of the 4 bytes
         values = (torch.cat([q & 15, q >> 4], dim=1) | (fifth << 4)).view(torch.int8) - 16  # [B, 32]
         return (_half(blocks, 0) * values.float()).view(*lead, n)
-    if qtype in (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K):
+    if qtype in (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS):
         return _k_quant(raw.contiguous().view(-1, row_bytes(qtype, 256)), qtype).view(*lead, n)
     values = quants.dequantize(np.ascontiguousarray(raw.numpy()), qtype)
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).view(*lead, n)
