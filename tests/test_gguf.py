@@ -222,7 +222,7 @@ def test_gemma4_gguf_gives_transformers_logits_on_its_weights_and_llama_cpps_tok
     assert greedy == theirs[: len(greedy)] and (len(greedy) == 8 or theirs[len(greedy)] in stop)
 
 
-@pytest.mark.parametrize("file", ["mixtral-Q4_0", "qwen3-Q8_0", "mixtral-Q4_K_M"])
+@pytest.mark.parametrize("file", ["mixtral-Q4_0", "qwen3-Q8_0", "mixtral-Q4_K_M", "mixtral-Q2_K", "mixtral-IQ4_XS"])
 def test_quantized_gguf_is_as_close_to_llama_cpp_as_llama_cpp_is_to_exact_arithmetic(ggufs, file, tmp_path, monkeypatch, rebuilt):
     """The reference for exact arithmetic on the file's weights: llama.cpp on an f32 file of them (gguf-py's
     dequantization). llama.cpp itself rounds every activation to Q8_0 before a Q8_0 or Q4_0 dot product; that
@@ -232,8 +232,15 @@ def test_quantized_gguf_is_as_close_to_llama_cpp_as_llama_cpp_is_to_exact_arithm
     (greedy tokens then differ too, so they are compared only on f32 files). moe-local's experts do as llama.cpp
     does (`experts_ggml`), its attention and lm_head compute exactly on the dequantized weights: it lands between
     the two, within 1.5x llama.cpp's own distance from exact arithmetic of llama.cpp (measured 0.99-1.02x).
-    Without the kernels, moe-local is exact arithmetic on the file's values."""
-    path = ggufs[file]
+    Without the kernels, moe-local is exact arithmetic on the file's values. (Q2_K and IQ4_XS files are made here,
+    for this test alone: llama.cpp's Q2_K keeps the experts' down in Q3_K.)"""
+    from moe_local.experts.formats import Ggml, gguf_format
+    from moe_local.weights.gguf_model import GgufModel
+
+    name, ftype = file.split("-", 1)
+    path = ggufs[file] if file in ggufs else quantize(ggufs[f"{name}-F32"], ftype)
+    model = GgufModel([path])
+    assert isinstance(gguf_format(model.layer_expert_types(), model.config, torch.bfloat16, "cpu")[0], Ggml)  # the file's own blocks
     ids = ids_of(path)
     exact = llama_cpp_logits(rewrite(path, tmp_path / "dequantized.gguf", dequantized=True), ids)
     llama = llama_cpp_logits(path, ids)
