@@ -1020,14 +1020,14 @@ typedef struct {
 } ExpertTable;
 
 int experts_ggml(const float* x, int D, int F, int E, const int* starts, const uint8_t* const* gate_up, const uint8_t* const* down,
-                 const uint8_t* const* types, float* y, int threads);
+                 const uint8_t* const* types, float* y, int threads, int act);
 
 #define DECODE_MAX_K 64
 
 /* 0, 1 for sizes, ids or a kind it cannot take (as its kernel), 2 out of memory */
 int experts_decode(const ExpertTable* t, const uint16_t* x, const int64_t* ids, const float* w, int k, uint16_t* y, int threads) {
     const int D = t->D;
-    if (k < 1 || k > DECODE_MAX_K || t->kind < 0 || t->kind > 4 || (t->kind >= 3 && t->act != ACT_SILU)) return 1;
+    if (k < 1 || k > DECODE_MAX_K || t->kind < 0 || t->kind > 4 || (t->kind == 3 && t->act != ACT_SILU)) return 1;
     const void *gate_up[DECODE_MAX_K], *down[DECODE_MAX_K];
     const uint16_t *gate_up_scale[DECODE_MAX_K], *down_scale[DECODE_MAX_K];
     const uint8_t* types[DECODE_MAX_K];
@@ -1048,7 +1048,7 @@ int experts_decode(const ExpertTable* t, const uint16_t* x, const int64_t* ids, 
     if (t->kind == 4 && !xf) return free(xs), free(out), 2;
     if (xf)
         for (size_t i = 0; i < (size_t)k * D; i++) xf[i] = from_bf16(xs[i]);
-    int code = t->kind == 4 ? experts_ggml(xf, D, t->F, k, starts, (const uint8_t* const*)gate_up, (const uint8_t* const*)down, types, out, threads)
+    int code = t->kind == 4 ? experts_ggml(xf, D, t->F, k, starts, (const uint8_t* const*)gate_up, (const uint8_t* const*)down, types, out, threads, t->act)
              : t->kind == 3 ? experts_swiglu_fp8(xs, D, t->F, k, starts, (const uint8_t* const*)gate_up, (const uint8_t* const*)down,
                                                  (const float* const*)gate_up_scale, (const float* const*)down_scale, t->BN, t->G, out, threads)
              : t->kind == 2 ? experts_swiglu_int4(xs, D, t->F, k, starts, (const uint8_t* const*)gate_up, (const uint8_t* const*)down,
@@ -1467,7 +1467,8 @@ int deltanet_block(const DeltaNetBlock* L, int R, const uint16_t* x, void* const
    multiply them in fp32, as ggml's vec_dot_*_q8_* do, in another order of fp32 sums.
    Expert e (of E) takes rows starts[e] .. starts[e + 1] - 1 of x [R, D] (fp32); types[e] is its two type codes
    (gate_up's, down's: ggml's numbers, 8 Q8_0, 2 Q4_0, 6 Q5_0, 10 Q2_K, 11 Q3_K, 12 Q4_K, 13 Q5_K, 14 Q6_K, 23 IQ4_XS), gate_up[e] [2F rows of D]
-   (gate's rows, then up's), down[e] [D rows of F]; h = silu(gate) * up in fp32, rounded again for down; y [R, D]
+   (gate's rows, then up's), down[e] [D rows of F]; h = silu(gate) * up in fp32 (act ACT_GELU_TANH: GELU's tanh form,
+   Gemma 4's), rounded again for down; y [R, D]
    fp32. Work items are (expert, one weight row), each row read once for all of its expert's rows (any number:
    a prefill chunk's, EXPERT_MAX_ROWS at a time from the core's cache). D and F multiples of 32 (of 256 for a
    K-quant); 0, 1 for what it cannot take
@@ -1864,9 +1865,9 @@ static int ggml_takes(int type, int K) { return ggml_block_bytes(type) && K % gg
 #endif
 
 int experts_ggml(const float* x, int D, int F, int E, const int* starts, const uint8_t* const* gate_up, const uint8_t* const* down,
-                 const uint8_t* const* types, float* y, int threads) {
+                 const uint8_t* const* types, float* y, int threads, int act) {
 #if defined(__AVX2__) && defined(__F16C__)
-    if (D % 32 || F % 32 || E < 1) return 1;
+    if (D % 32 || F % 32 || E < 1 || (act != ACT_SILU && act != ACT_GELU_TANH)) return 1;
     int quant[2][2] = {{0, 0}, {0, 0}}; /* [matrix][K-quant]: which roundings of x (gate_up) and h (down) are needed */
     for (int e = 0; e < E; e++) {
         if (starts[e + 1] < starts[e]) return 1;
@@ -1901,7 +1902,10 @@ int experts_ggml(const float* x, int D, int F, int E, const int* starts, const u
 #pragma omp for schedule(static)
         for (int r = 0; r < R; r++) {
             float* g = gu + (size_t)r * 2 * F;
-            for (int f = 0; f < F; f++) g[f] = g[f] / (1.f + expf(-g[f])) * g[F + f]; /* silu(gate) * up, over gate */
+            if (act == ACT_GELU_TANH) /* gelu_tanh(gate) * up (Gemma 4's), over gate */
+                for (int f = 0; f < F; f++) g[f] = 0.5f * g[f] * (1.f + tanhf(0.7978845608028654f * (g[f] + 0.044715f * g[f] * g[f] * g[f]))) * g[F + f];
+            else
+                for (int f = 0; f < F; f++) g[f] = g[f] / (1.f + expf(-g[f])) * g[F + f]; /* silu(gate) * up, over gate */
             if (quant[1][0]) quantize_q8_0(g, F, &a[1][0], r);
             if (quant[1][1]) quantize_q8_K(g, F, &a[1][1], r);
         }
@@ -1917,7 +1921,7 @@ int experts_ggml(const float* x, int D, int F, int E, const int* starts, const u
     free(gu);
     return 0;
 #else
-    (void)x, (void)D, (void)F, (void)E, (void)starts, (void)gate_up, (void)down, (void)types, (void)y, (void)threads;
+    (void)x, (void)D, (void)F, (void)E, (void)starts, (void)gate_up, (void)down, (void)types, (void)y, (void)threads, (void)act;
     return 1;
 #endif
 }

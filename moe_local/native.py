@@ -80,7 +80,7 @@ def library() -> ctypes.CDLL | str:
     lib.int8_linear.restype = c_int
     lib.int4_linear.argtypes = [c_void_p, c_int, c_int, c_void_p, c_void_p, c_int, c_int, c_void_p, c_int]
     lib.int4_linear.restype = c_int
-    lib.experts_ggml.argtypes = [c_void_p, c_int, c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_int]
+    lib.experts_ggml.argtypes = [c_void_p, c_int, c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_int, c_int]
     lib.experts_ggml.restype = c_int
     lib.experts_ggml_blocks = bool(lib.experts_ggml_blocks())  # a GGUF's Q8_0/Q4_0/Q4_K/Q5_K/Q6_K experts (AVX2, F16C)
     lib.experts_decode.argtypes = [c_void_p, c_void_p, c_void_p, c_void_p, c_int, c_void_p, c_int]

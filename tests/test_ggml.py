@@ -46,10 +46,10 @@ def test_dequantize_gives_gguf_pys_values(qtype):
     assert np.array_equal(ours.numpy(), gguf.quants.dequantize(raw.numpy(), qtype).reshape(6, 512))
 
 
-def experts(gate_up: T, n: int, seed: int = 0, down: T | None = None):
+def experts(gate_up: T, n: int, seed: int = 0, down: T | None = None, act: str = "silu"):
     """A Ggml format for a 256-wide model with FFN 512 (one MoE layer), and n random experts' views in it."""
     down = gate_up if down is None else down
-    cfg = dataclasses.replace(preset_config("tiny"), dim=256, ffn_dim=512)
+    cfg = dataclasses.replace(preset_config("tiny"), dim=256, ffn_dim=512, expert_act=act)
     fmt, rng, views = Ggml(cfg, [(gate_up, down)]), np.random.default_rng(seed), []
     for _ in range(n):
         buffer = torch.empty(fmt.expert_bytes, dtype=torch.uint8)
@@ -93,14 +93,16 @@ needs_kernel = pytest.mark.skipif(native.unavailable() is not None or not native
 @needs_kernel
 @pytest.mark.parametrize("gate_up,down", [(T.Q8_0, T.Q8_0), (T.Q4_0, T.Q4_0), (T.Q4_K, T.Q6_K), (T.Q5_K, T.Q5_K), (T.Q6_K, T.Q4_K),
                                           (T.Q4_K, T.Q5_0), (T.Q2_K, T.Q3_K), (T.IQ4_XS, T.Q6_K)])  # fmt: skip
-def test_kernel_is_llama_cpps_arithmetic(gate_up, down):
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_kernel_is_llama_cpps_arithmetic(gate_up, down, act):
     """llama.cpp's vec_dot_*_q8_0 / vec_dot_*_q8_K: the weights' values (gguf-py's dequantization) times the
     activations rounded as llama.cpp rounds them for the weights' type (Q8_0 blocks of 32 for Q8_0/Q4_0, Q8_K
     blocks of 256 for the K-quants), h = silu(gate) * up rounded again for down. The kernel's fp32 sums run in
     another order than this float64 reference, so a value of h at a step's midpoint within that difference
     rounds the other way, and its row of outputs moves by one step of h times a column of down (about one row in
-    ten at these widths): most rows are within 1e-5 of the scale, every row within 2%."""
-    cfg, fmt, views = experts(gate_up, 3, down=down)
+    ten at these widths): most rows are within 1e-5 of the scale, every row within 2%. Gemma 4's experts are GeGLU's
+    (GELU's tanh form in place of SiLU)."""
+    cfg, fmt, views = experts(gate_up, 3, down=down, act=act)
     counts = [2, 0, 20]  # an expert with no rows, one with more than a kernel call takes at once
     xs = torch.randn(sum(counts), cfg.dim, generator=torch.Generator().manual_seed(1))
     y = fmt.forward_grouped(xs, counts, views)
@@ -109,7 +111,7 @@ def test_kernel_is_llama_cpps_arithmetic(gate_up, down):
         x, start = xs[start : start + count], start + count
         if count:
             gu = rounded(x, gate_up) @ matrix(view, "gate_up", gate_up, cfg).T  # [n, 2F]
-            h = torch.nn.functional.silu(gu[:, : cfg.ffn_dim]) * gu[:, cfg.ffn_dim :]  # [n, F]
+            h = fmt.activation(gu, cfg)  # [n, F]
             expected.append(rounded(h.float(), down) @ matrix(view, "down", down, cfg).T)
     expected = torch.cat(expected)
     error, scale = (y.double() - expected).abs().amax(1), expected.abs().max()  # [R], per row

@@ -155,14 +155,14 @@ def swiglu(gate_up: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-# the activations the grouped kernels take (`act` in cpu_kernels.c): SwiGLU's, and GeGLU's but not for fp8 or a GGUF's blocks
+# the activations the grouped kernels take (`act` in cpu_kernels.c): SwiGLU's, and GeGLU's but not for fp8
 KERNEL_ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 
 
 def grouped_kernels(cfg: ModelConfig, kind: str, group: int = 0) -> ctypes.CDLL | None:
     """moe-local's kernels where their grouped SwiGLU (or GeGLU) kernel for `kind` takes `cfg`'s experts (no biases,
     SiLU or GELU's tanh form, sizes; the CPU's instructions for int8, int4 and a GGUF's blocks), else None."""
-    act_taken = cfg.expert_act == "silu" or (cfg.expert_act == "gelu_tanh" and kind not in ("fp8", "ggml"))
+    act_taken = cfg.expert_act == "silu" or (cfg.expert_act == "gelu_tanh" and kind != "fp8")
     if (cfg.expert_bias or not act_taken or cfg.dim % 32 or cfg.ffn_dim % 32 or (kind == "int4" and (cfg.dim % 64 or cfg.ffn_dim % 64))
             or (kind == "fp8" and group % 16)
             or (kind == "int4-cuda" and (cfg.dim % 128 or cfg.ffn_dim % 128))):  # fmt: skip
@@ -627,7 +627,8 @@ class Ggml(ExpertFormat):
         x = xs.float().contiguous()
         y = torch.empty(x.shape, dtype=torch.float32)
         gate_up, down, types = ((ctypes.c_void_p * n)(*(w[name].data_ptr() for w in weights)) for name in ("gate_up", "down", "types"))
-        code = lib.experts_ggml(x.data_ptr(), self.cfg.dim, self.cfg.ffn_dim, n, starts, gate_up, down, types, y.data_ptr(), torch.get_num_threads())
+        code = lib.experts_ggml(x.data_ptr(), self.cfg.dim, self.cfg.ffn_dim, n, starts, gate_up, down, types, y.data_ptr(), torch.get_num_threads(),
+                                KERNEL_ACTIVATIONS[self.cfg.expert_act])  # fmt: skip
         native.check(code, "experts")
         return y.to(xs.dtype)
 
