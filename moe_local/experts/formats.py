@@ -556,10 +556,9 @@ class Fp8(ExpertFormat):
 
 class Ggml(ExpertFormat):
     """A GGUF's experts in the file's own ggml blocks (Q8_0, Q4_0, Q5_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K or IQ4_XS;
-    `weights/ggml.py`
-    owns the numerics), each MoE layer in its own types (`layer_types`: a Q4_K_M file keeps some layers' down in Q6_K,
-    and where a width is not a whole number of K-quant blocks llama.cpp writes Q5_0 or Q8_0 instead; Unsloth's
-    dynamic quantizations mix more). An expert's buffer is self-describing: "types" holds its two ggml
+    `weights/ggml.py` owns the numerics), each MoE layer in its own types (`layer_types`: a Q4_K_M file keeps some
+    layers' down in Q6_K, and where a width is not a whole number of K-quant blocks llama.cpp writes Q5_0 or Q8_0
+    instead; Unsloth's dynamic quantizations mix more). An expert's buffer is self-describing: "types" holds its two ggml
     type codes (gate_up's, down's), "gate_up" the gate rows then the up rows [2F rows of D], "down" [D rows of F],
     each the file's bytes as they are (`pack_native`), at the start of a part sized for the widest type any
     layer uses (in a mixed file the narrower layers leave the rest unused: `padding_bytes`). Nothing is quantized
