@@ -126,13 +126,6 @@ def load_options(**flags) -> Options:
         return Options(**{name: value for name, value in flags.items() if value is not None})
 
 
-def set_threads(threads: Optional[int]) -> None:
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
 def open_model(model: Optional[str], options: Options) -> tuple[Path, Tokenizer, int]:
     """What the small files say, before the slow read of the experts: the folder (its config.json and
     safetensors headers valid), its tokenizer and the context size, with a warning when --ctx-size goes
@@ -288,7 +281,7 @@ CudaGraphs = Annotated[Optional[bool], typer.Option("--cuda-graphs/--no-cuda-gra
 CpuExperts = Annotated[Optional[str], typer.Option("--cpu-experts", help="Where a missed expert runs: auto (the default: copied to the GPU or run on the CPU from host RAM, whichever a cost model measured at load says finishes first), never (always copied) or always (always on the CPU; the slots keep the hot experts). On --device cpu, auto is never.")]
 GroupSize = Annotated[Optional[int], typer.Option("--group-size", help="int4 group size: 32, 64, 128 or 256. Default 128, or the largest the model's sizes allow.")]
 Policy = Annotated[Optional[str], typer.Option("--policy", help="Expert slot eviction policy: layer-lru (the default: each layer keeps an even share of the slots) or lru (see docs/measurements.md).")]
-Threads = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads for torch and moe-local's kernels. Default: every core. With another program busy on a core of a small machine, 1 can be faster.")]
+Threads = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads for torch and moe-local's kernels, fixed. Default: torch's count (every core, or OMP_NUM_THREADS), on the CPU device lowered while other programs keep cores busy (Linux).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress bar, notes or timings on stderr.")]
 Debug = Annotated[bool, typer.Option("--debug", metavar="", help="Show the traceback of an error.")]
 JsonOutput = Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON object.")]
@@ -349,7 +342,7 @@ def run(
         options = load_options(
             device=device, gpu_memory=gpu_memory, expert_slots=expert_slots, ctx_size=ctx_size, dtype=dtype, prefetch=prefetch,
             policy=policy, experts_dtype=experts_dtype, group_size=group_size, resident_dtype=resident_dtype,
-            cpu_experts=cpu_experts, cuda_graphs=cuda_graphs,
+            cpu_experts=cpu_experts, cuda_graphs=cuda_graphs, threads=threads,
         )
         text = read_prompt(prompt, prompt_file)
         # everything the tokenizer and the prompt can tell fails here, before the experts are read
@@ -364,7 +357,6 @@ def run(
         check_fits(prompt_ids, ctx)
         params = model_sampling(folder, sampling)
         grammar = schema_grammar(json_schema, tokenizer) if json_schema is not None else None
-        set_threads(threads)
         start = time.perf_counter()
         engine = load_with_progress(folder, options, quiet, demo=model is None)
         load_seconds = time.perf_counter() - start
@@ -483,14 +475,13 @@ def chat(
         options = load_options(
             device=device, gpu_memory=gpu_memory, expert_slots=expert_slots, ctx_size=ctx_size, dtype=dtype, prefetch=prefetch,
             policy=policy, experts_dtype=experts_dtype, group_size=group_size, resident_dtype=resident_dtype,
-            cpu_experts=cpu_experts, cuda_graphs=cuda_graphs,
+            cpu_experts=cpu_experts, cuda_graphs=cuda_graphs, threads=threads,
         )
         folder, tokenizer, _ = open_model(model, options)
         check_chat_template(tokenizer, system, think, reasoning_effort)
         params = model_sampling(folder, sampling)
         if show_reasoning and not is_harmony(tokenizer):
             raise MoeLocalError(NO_CHANNELS)
-        set_threads(threads)
         engine = load_with_progress(folder, options, quiet, demo=model is None)
         limit = max_new_tokens if max_new_tokens is not None else max_new_tokens_default(engine.generation_config, None)
         session = ChatSession(engine, params, limit, system, think, verbose,
@@ -545,6 +536,7 @@ def serve(
             device=device, gpu_memory=gpu_memory, expert_slots=expert_slots, ctx_size=ctx_size, dtype=dtype, prefetch=prefetch,
             policy=policy, experts_dtype=experts_dtype, group_size=group_size, resident_dtype=resident_dtype, cpu_experts=cpu_experts,
             sequences=parallel,  # each request decoded together has a KV cache: the budget counts them all
+            threads=threads,
         )
         sock = listen(host, port)  # a port in use fails now, not after the load
         try:
@@ -555,7 +547,6 @@ def serve(
             stderr(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model")
         folder, _, _ = open_model(model, options)
         model_sampling(folder, {}, flags=False)  # the server's defaults: a bad generation_config.json fails before the load
-        set_threads(threads)
         engine = load_with_progress(folder, options, quiet, demo=model is None)
         model_id = model if model and not Path(model).exists() else folder.name  # a Hugging Face id as given
         settings = Settings.of(engine, model_id, parallel, queue, api_key)

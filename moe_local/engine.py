@@ -28,6 +28,7 @@ from moe_local.experts.store import ExpertStore
 from moe_local.generate import GenerationStats, SamplingParams, generate
 from moe_local.graphs import StaticDecoder
 from moe_local.model import KVCache, KVPool, Transformer
+from moe_local.threads import thread_count
 from moe_local.tokenizer import Tokenizer, load_tokenizer
 from moe_local.weights.gguf_model import GgufModel
 
@@ -60,6 +61,9 @@ class Options:
     # one-token steps replay a CUDA graph per layer for its resident work (graphs.py); None: where the device is
     # CUDA (H100, 2026-11-26: decode 1.3-2.4x, docs/measurements.md)
     cuda_graphs: bool | None = None
+    # CPU threads for torch and moe-local's kernels, fixed; None: torch's count, on the CPU device re-chosen from
+    # the idle cores as the engine works (threads.py)
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -78,6 +82,8 @@ class Options:
             raise ConfigError(f"unknown resident dtype {self.resident_dtype!r} (choose from {', '.join(RESIDENT_DTYPES)})")
         if self.cpu_experts not in CPU_EXPERTS:
             raise ConfigError(f"unknown --cpu-experts {self.cpu_experts!r} (choose from {', '.join(CPU_EXPERTS)})")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, not {self.threads}")
 
     @property
     def gpu_flags(self) -> tuple[str, ...]:
@@ -181,6 +187,7 @@ class Engine:
         # the engine's own sequence decodes through it (`decode_one`); the server's batches do not
         graphs = options.cuda_graphs if options.cuda_graphs is not None else self.device.type == "cuda"
         self.static = StaticDecoder(model, self.sequence.kv, capture=True) if graphs else None
+        self.threads = thread_count(options.threads, self.device.type)  # None: the count is fixed
 
     def _expert_runtime(self, model: Transformer, store: ExpertStore, plan: MemoryPlan, options: Options):
         """On the CPU with no slot count or budget given: every expert in place (no slots, no copies). Otherwise
@@ -215,6 +222,8 @@ class Engine:
     @classmethod
     def from_folder(cls, folder: Path, options: Options, progress: Callable[[int, int], None] | None = None) -> Engine:
         """progress(done_bytes, total_bytes) is called while the experts are read into host memory."""
+        if options.threads is not None:
+            torch.set_num_threads(options.threads)  # for the load's work too
         ckpt = open_checkpoint(folder)
         gguf = isinstance(ckpt, GgufModel)
         cfg = ckpt.config
@@ -324,6 +333,8 @@ class Engine:
         fp32 on the CPU."""
         seq, chunk, out = seq or self.sequence, self.options.prefill_chunk, []
         for start in range(0, len(ids), chunk):
+            if self.threads:
+                self.threads.check()
             tokens = torch.tensor(ids[start : start + chunk])  # on the CPU: `Transformer.embed` places them
             with matmuls_for_rows(len(tokens)):
                 hidden = self.model(tokens, pos + start, seq.kv, self.experts)  # [t, D]
@@ -427,6 +438,8 @@ class Engine:
         if max(positions) >= self.ctx_size:
             raise MoeLocalError(f"a sequence is full: the context holds {self.ctx_size} tokens")
         caches = [s.kv for s in seqs]
+        if self.threads:
+            self.threads.check()
         with matmuls_for_rows(len(seqs)):
             hidden = self.model.forward_batch(torch.tensor(tokens), positions, caches, self.experts)  # [B, D]
         for s, token in zip(seqs, tokens):

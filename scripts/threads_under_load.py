@@ -3,11 +3,13 @@ taken by another process.
 
     python scripts/threads_under_load.py                                  # the demo model
     python scripts/threads_under_load.py --model /tmp/peer/hf --experts-dtype int4 --resident-dtype int4
-    python scripts/threads_under_load.py --runs default@default libgomp@default spin:3000@default libgomp@1
+    python scripts/threads_under_load.py --runs default@auto libgomp@2 spin:3000@2 default@1
 
 Each run (POLICY@THREADS) is an engine in a process of its own, since libgomp reads OMP_WAIT_POLICY and
 GOMP_SPINCOUNT once, when torch loads it; each is made with moe-local's kernels and with torch's alone
-(`MOE_LOCAL_KERNELS=0`). All load first; then, round after round, each decodes `--tokens` greedy tokens in
+(`MOE_LOCAL_KERNELS=0`). THREADS is `-t` (`threads=` of `load`), or `auto`: none given, so that moe-local
+re-chooses the count from the idle cores as it decodes (moe_local/threads.py); the log on stderr says the count
+each turn ended on. All load first; then, round after round, each decodes `--tokens` greedy tokens in
 turn (the others wait on a pipe), first as the machine is ("as-is") and then with a busy loop (a Python
 process spinning, started and stopped here) on one core ("busy"), so that a shared machine's drift slows
 all alike. It prints one markdown row per run with the median decode tok/s of each condition and its ratio
@@ -31,16 +33,14 @@ import json, sys
 import torch, moe_local
 from moe_local.generate import GenerationStats, SamplingParams
 threads, model, options, prompt = json.loads(sys.argv[1])
-if threads:
-    torch.set_num_threads(threads)
-engine = moe_local.load(model, device="cpu", **options)
+engine = moe_local.load(model, device="cpu", threads=threads, **options)  # threads None: chosen as it runs
 ids, greedy = engine.tokenizer.encode(prompt), SamplingParams(temperature=0)
 print("ready", flush=True)
 for line in sys.stdin:
     stats = GenerationStats()
     for _ in engine.generate(ids, int(line), greedy, stats):
         pass
-    print(stats.decode_tok_per_s, flush=True)
+    print(stats.decode_tok_per_s, torch.get_num_threads(), flush=True)
 """
 
 
@@ -69,8 +69,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(os.path.join(os.path.dirname(moe_local.__file__), "demo")))
-    parser.add_argument("--runs", nargs="+", default=["default@default", "libgomp@default", "passive@default", "libgomp@1"],
-                        help="POLICY@THREADS: a policy (default, libgomp, passive, spin:N) and a thread count (default: none given)")
+    parser.add_argument("--runs", nargs="+", default=["default@auto", "default@2", "default@1"],
+                        help="POLICY@THREADS: a policy (default, libgomp, passive, spin:N) and a thread count (`-t`; auto: none "
+                        "given, moe-local chooses it as it runs)")
     parser.add_argument("--kernels", nargs="+", default=["on", "off"], help="on: moe-local's kernels, off: MOE_LOCAL_KERNELS=0")
     parser.add_argument("--conditions", nargs="+", default=["as-is", "busy"])
     parser.add_argument("--rounds", type=int, default=3)
@@ -90,7 +91,7 @@ def main() -> None:
             raise SystemExit("--nice sets this session's autogroup: start the script with `setsid`")
         with open("/proc/self/autogroup", "w") as f:
             f.write(str(args.nice))
-    configs = [(k, p, None if t == "default" else int(t)) for k in args.kernels for p, t in (run.split("@") for run in args.runs)]
+    configs = [(k, p, None if t == "auto" else int(t)) for k in args.kernels for p, t in (run.split("@") for run in args.runs)]
     engines, busy, speeds = {}, None, {}
     try:
         for config in configs:  # one at a time: loading is the slow part, and they would only slow each other
@@ -104,11 +105,11 @@ def main() -> None:
                 for config, engine in engines.items():
                     engine.stdin.write(f"{args.tokens}\n")
                     engine.stdin.flush()
-                    speed = float(engine.stdout.readline())
-                    speeds.setdefault((condition, *config), []).append(speed)
+                    speed, ended = engine.stdout.readline().split()
+                    speeds.setdefault((condition, *config), []).append(float(speed))
                     kernels, policy, threads = config
-                    print(f"round {round_ + 1} {condition} kernels {kernels} {policy} -t {threads or 'default'}: {speed:.1f} tok/s",
-                          file=sys.stderr, flush=True)
+                    print(f"round {round_ + 1} {condition} kernels {kernels} {policy} -t {threads or 'auto'}: {float(speed):.1f} tok/s, "
+                          f"{ended} threads at the end", file=sys.stderr, flush=True)
                 if busy is not None:
                     busy.kill()
                     busy.wait()
@@ -127,7 +128,7 @@ def main() -> None:
             runs = ", ".join(f"{v:.0f}" for v in speeds[(condition, kernels, policy, threads)])
             median = medians[(condition, kernels, policy, threads)]
             cells.append(f"{median:.0f} ({runs}) | {median / best:.2f}")
-        print(f"| {kernels} | {policy} | {threads or 'default'} | " + " | ".join(cells) + " |")
+        print(f"| {kernels} | {policy} | {threads or 'auto'} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

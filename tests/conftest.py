@@ -15,6 +15,11 @@ from transformers import MixtralConfig, MixtralForCausalLM
 from builders import train_tokenizer
 from moe_local import native
 
+# A fixed thread count (torch's, for the subprocesses too), where moe-local would re-choose it from the machine's
+# load as an engine works (moe_local/threads.py): fp32 sums can round otherwise on another count, and tests compare
+# runs bit for bit. tests/test_threads.py unsets it where it tests the choice.
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
 # Small, but with every feature that matters: GQA, several layers, 8 experts with top-2 routing.
 TINY = dict(
     vocab_size=320,
