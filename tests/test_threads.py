@@ -120,6 +120,18 @@ class Machine:
     def read(self) -> CpuSample:
         return CpuSample(self.ticks, round(self.now * TICKS_PER_S) * self.cpus, self.cpus, own_s=0.0)
 
+    def started(self) -> ThreadCount:
+        """A ThreadCount on this machine after the engine's first step, which starts the first window."""
+        count = ThreadCount(self.read, lambda: self.now)
+        count.check()
+        return count
+
+    def step(self, count: ThreadCount, after_s: float) -> int:
+        """The engine's next step `after_s` later: the thread count it runs on."""
+        self.wait(after_s)
+        count.check()
+        return torch.get_num_threads()
+
 
 @pytest.fixture
 def torch_threads():
@@ -133,47 +145,33 @@ def torch_threads():
 
 def test_the_count_follows_the_machine_as_the_engine_steps(torch_threads):
     machine = Machine()
-    count = ThreadCount(machine.read, lambda: machine.now)
-    count.check()  # the first step: the first window starts
+    count = machine.started()
     machine.others_cores = 1.0  # a program starts on one core
-    machine.wait(INTERVAL_S / 2)
-    count.check()
-    assert torch.get_num_threads() == 2  # not read yet: once every INTERVAL_S
-    machine.wait(INTERVAL_S)
-    count.check()
-    assert torch.get_num_threads() == 1
+    assert machine.step(count, INTERVAL_S / 2) == 2  # not read yet: once every INTERVAL_S
+    assert machine.step(count, INTERVAL_S) == 1
     machine.others_cores = 0.0  # it ends
-    machine.wait(INTERVAL_S)
-    count.check()
-    assert torch.get_num_threads() == 2
+    assert machine.step(count, INTERVAL_S) == 2
 
 
 def test_a_pause_between_steps_is_not_a_window_to_choose_from(torch_threads):
     machine = Machine()
-    count = ThreadCount(machine.read, lambda: machine.now)
-    count.check()
+    count = machine.started()
     machine.others_cores = 2.0  # other work while the engine waits (a chat's user typing)
     machine.wait(10.0)
     machine.others_cores = 0.0
-    count.check()  # the window restarts here
-    assert torch.get_num_threads() == 2
-    machine.wait(INTERVAL_S)
-    count.check()
-    assert torch.get_num_threads() == 2
+    assert machine.step(count, 0.0) == 2  # the window restarts here
+    assert machine.step(count, INTERVAL_S) == 2
 
 
 def test_an_engine_built_after_another_lowered_the_count_may_use_every_core_again(torch_threads):
     machine = Machine()
-    first = ThreadCount(machine.read, lambda: machine.now)
-    first.check()
+    first = machine.started()
     machine.others_cores = 1.0
-    machine.wait(INTERVAL_S)
-    first.check()
-    assert torch.get_num_threads() == 1
-    assert ThreadCount(machine.read, lambda: machine.now).most == 2
+    assert machine.step(first, INTERVAL_S) == 1
+    assert ThreadCount(machine.read).most == 2
     torch.set_num_threads(1)  # a program's own choice after that is its ceiling again
     threads._changed = (2, 3)
-    assert ThreadCount(machine.read, lambda: machine.now).most == 1
+    assert ThreadCount(machine.read).most == 1
 
 
 def test_threads_given_are_fixed_and_otherwise_chosen_on_the_cpu(tiny, torch_threads, monkeypatch):
