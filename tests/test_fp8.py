@@ -117,6 +117,20 @@ def test_fp8_checkpoint_greedy_tokens_match_at_every_cache_budget(fp8_family, sl
     assert list(generate(engine, ids, 16, GREEDY, set(), GenerationStats())) == reference_greedy(reference, ids, 16)
 
 
+@pytest.mark.gpu
+def test_fp8_experts_on_cuda_match_transformers(fp8_family):
+    """CUDA's fp8 experts: prefill's dequantized matmuls, and each decode token's experts read from their slots by
+    the Triton kernel (`fp8_triton`, which no GPU has run yet), against the reference as on the CPU."""
+    variant, folder, reference = fp8_family
+    ids = prompt_ids(10, seed=3)
+    with torch.no_grad():
+        want = reference(torch.tensor([ids])).logits[0]
+    engine = moe_local.load(folder, device="cuda", dtype="fp32", experts_dtype="fp8", expert_slots=3)
+    assert engine.store.format.name == "fp8"
+    assert (engine.logits(ids).cpu() - want).abs().max() <= 1e-3 * want.abs().max()
+    assert list(generate(engine, ids, 16, GREEDY, set(), GenerationStats())) == reference_greedy(reference, ids, 16)
+
+
 def test_which_matrices_are_fp8_follows_the_checkpoint(fp8_family):
     variant, folder, _ = fp8_family
     ckpt = Checkpoint(folder)
@@ -281,17 +295,22 @@ def swiglu64(x, gate, up, down):
 
 @pytest.mark.skipif(native.unavailable() is not None, reason=f"moe-local's CPU kernels: {native.unavailable()}")
 @pytest.mark.parametrize("flags", ["", "-mno-avx512f"])  # AVX512F's 16 lanes, and AVX2's 8
-def test_the_fp8_kernel_runs_a_layers_experts_within_bf16_rounding_of_the_exact_result(rebuilt, monkeypatch, flags):
+# ragged row blocks (24 of 64 and of 96) and several column blocks in each row: of 32 columns, narrower than the 64
+# weights AVX512's path takes at a time; of 64, where it takes a row's 64 at once, apart from zeros and subnormals
+@pytest.mark.parametrize("block", [(24, 32), (24, 64)])
+def test_the_fp8_kernel_runs_a_layers_experts_within_bf16_rounding_of_the_exact_result(rebuilt, monkeypatch, flags, block):
     monkeypatch.setenv("MOE_LOCAL_KERNEL_FLAGS", flags)
-    cfg = fp8_config((24, 32))  # ragged row blocks (24 of 64 and of 96), several column blocks in each row
+    cfg = fp8_config(block)
     fmt = make_format("fp8", cfg, torch.bfloat16, "cpu")
     store = ExpertStore(cfg, fmt, pin=False)
     gen = torch.Generator().manual_seed(0)
-    # a wide range of magnitudes, so that scales differ between blocks and e4m3's subnormals occur
-    store.fill_from(lambda layer, expert, w: torch.randn(cfg.expert_shapes[w], generator=gen) * torch.logspace(-4, 0, cfg.expert_shapes[w][1]),
-                    torch.device("cpu"))  # fmt: skip
+    # odd experts: a wide range of magnitudes, so that scales differ between blocks and e4m3's zeros and subnormals
+    # are many; even ones: a trained matrix's range, where few rows of 64 weights have one
+    store.fill_from(lambda layer, expert, w: torch.randn(cfg.expert_shapes[w], generator=gen)
+                    * (torch.logspace(-4, 0, cfg.expert_shapes[w][1]) if expert % 2 else 1), torch.device("cpu"))  # fmt: skip
     experts = [fmt.unpack(store.buffer((0, e))) for e in (2, 0, 3, 1)]
-    assert any(((w["gate_up"].view(torch.uint8) & 0x78) == 0).any() for w in experts)  # subnormals
+    exponent_0 = torch.cat([(w["gate_up"].view(torch.uint8)[:, :64] & 0x78 == 0).any(1) for w in experts])
+    assert exponent_0.any() and not exponent_0.all()  # rows of 64 with and without zeros or subnormals
     counts = [1, 3, 0, 16]
     xs = torch.randn(sum(counts), cfg.dim, generator=gen).bfloat16()
     got = fmt.forward_grouped(xs, counts, experts)
