@@ -18,6 +18,7 @@ from moe_local.weights import compressed, fp8, mxfp4
 from moe_local.weights.compressed import PackedInt4
 from moe_local.weights.fp8 import Fp8Blocks
 from moe_local.weights.gguf import find_gguf
+from moe_local.weights.rows import ba_rows, deinterleave_rope, qkvz_rows, ungate_rows
 
 if TYPE_CHECKING:
     from moe_local.weights.gguf_model import GgufModel
@@ -129,19 +130,6 @@ def _mlp(names: dict, hf: str, ours: str, dim: int, hidden: int) -> None:
     _linear(names, hf + "down_proj", ours + "w2", (dim, hidden))
 
 
-def deinterleave_rope(rows: int, rope: int, first: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Reorder the last (or with `first`, the first) `rope` of every `rows` rows (or entries) from interleaved
-    pairs (x0, x1), (x2, x3) to halves (x0, x2, ...), (x1, x3, ...): DeepSeek's rotary layout becomes the one
-    `apply_rope` rotates. Queries and keys are reordered alike, so their dot products do not change."""
-    order, at = torch.arange(rows), 0 if first else rows - rope
-    order[at : at + rope] = at + torch.cat([torch.arange(0, rope, 2), torch.arange(1, rope, 2)])
-
-    def transform(w: torch.Tensor) -> torch.Tensor:
-        return w.view(-1, rows, *w.shape[1:])[:, order].reshape(w.shape)
-
-    return transform
-
-
 def _attention(names: dict, cfg: ModelConfig, hf: str, ours: str, layer: int) -> None:
     d, h = cfg.dim, cfg.n_heads
     hd, hkv = cfg.layer_geometry(layer)
@@ -185,38 +173,6 @@ def _attention(names: dict, cfg: ModelConfig, hf: str, ours: str, layer: int) ->
         names[hf + "k_norm.weight"] = Target(ours + "qk_norm.k_norm.weight", (hd if per_head else hkv * hd,))
 
 
-def ungate_rows(heads: int, head_dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A gated q projection's rows (or bias) from per head [query, gate] to all queries, then all gates."""
-    def transform(w: torch.Tensor) -> torch.Tensor:
-        return w.view(heads, 2, head_dim, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
-
-    return transform
-
-
-def _qkvz_rows(lin) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Qwen3-Next's fused in_proj_qkvz groups its rows by key head: [Hk, (q dk, k dk, v g dv, z g dv)] with
-    g = Hv / Hk value heads a key head; ours are q | k | v | z, each head-major (Qwen3.5's split layout)."""
-    g = lin.v_heads // lin.k_heads
-    sizes = [lin.k_head_dim, lin.k_head_dim, g * lin.v_head_dim, g * lin.v_head_dim]
-
-    def transform(w: torch.Tensor) -> torch.Tensor:
-        parts = w.view(lin.k_heads, sum(sizes), -1).split(sizes, dim=1)
-        return torch.cat([p.reshape(-1, w.shape[1]) for p in parts])
-
-    return transform
-
-
-def ba_rows(lin) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Qwen3-Next's fused in_proj_ba: [Hk, (b g, a g)] -> b | a, each per value head."""
-    g = lin.v_heads // lin.k_heads
-
-    def transform(w: torch.Tensor) -> torch.Tensor:
-        b, a = w.view(lin.k_heads, 2 * g, -1).split([g, g], dim=1)
-        return torch.cat([b.reshape(-1, w.shape[1]), a.reshape(-1, w.shape[1])])
-
-    return transform
-
-
 def _linear_attention(names: dict, cfg: ModelConfig, hf: str, ours: str, fused: bool) -> None:
     """A Gated DeltaNet layer: its input projections concatenated into our in_proj (q | k | v | z | b | a),
     from Qwen3.5's four (in_proj_qkv, _z, _b, _a) or Qwen3-Next's two fused ones (in_proj_qkvz, _ba: `fused`),
@@ -233,7 +189,7 @@ def _linear_attention(names: dict, cfg: ModelConfig, hf: str, ours: str, fused: 
 def _linear_projections(names: dict, cfg: ModelConfig, hf: str, ours: str, fused: bool) -> None:
     lin, d = cfg.linear, cfg.dim
     if fused:
-        _linear(names, hf + "in_proj_qkvz", ours + "in_proj", (lin.conv_dim + lin.value_dim, d), transform=_qkvz_rows(lin))
+        _linear(names, hf + "in_proj_qkvz", ours + "in_proj", (lin.conv_dim + lin.value_dim, d), transform=qkvz_rows(lin))
         _linear(names, hf + "in_proj_ba", ours + "in_proj", (2 * lin.v_heads, d), transform=ba_rows(lin))
         return
     _linear(names, hf + "in_proj_qkv", ours + "in_proj", (lin.conv_dim, d))

@@ -20,11 +20,11 @@ from typing import Callable
 import gguf
 import torch
 
-from moe_local.checkpoint import ba_rows, deinterleave_rope, ungate_rows
 from moe_local.config import FAMILIES, ModelConfig
 from moe_local.errors import CheckpointError
 from moe_local.weights import ggml
 from moe_local.weights.gguf import Architecture, GgufTensor, architecture, hf_config, read_file
+from moe_local.weights.rows import ba_rows, deinterleave_rope, ungate_rows
 
 
 # ---- tensor names -----------------------------------------------------------------------------------------
