@@ -323,9 +323,9 @@ def test_gemma4_options_the_moe_model_does_not_use_are_refused(overrides, messag
         ModelConfig.from_hf({**PRESETS["gemma-4-26b-a4b"], **overrides})
 
 
-def test_gemma4_experts_are_geglu_and_the_cpu_kernels_take_them_but_for_fp8_and_gguf_blocks():
+def test_gemma4_experts_are_geglu_and_the_cpu_kernels_take_them_but_for_fp8():
     """Gemma 4's experts: GELU's tanh form of the gate times up; the grouped CPU kernels take them (their
-    agreement with torch is test_runtime's) where they take SwiGLU's, but not FP8's or a GGUF's blocks."""
+    agreement with torch is test_runtime's and test_ggml's) where they take SwiGLU's, but not FP8's."""
     from moe_local import native
     from moe_local.experts.formats import Dense, geglu_tanh, grouped_kernels
 
@@ -337,7 +337,7 @@ def test_gemma4_experts_are_geglu_and_the_cpu_kernels_take_them_but_for_fp8_and_
     want = (torch.nn.functional.gelu(gate, approximate="tanh") * up) @ views[0]["down"].float().T
     assert torch.allclose(fmt.forward(xs.float(), {k: v.float() for k, v in views[0].items()}), want, rtol=1e-4, atol=1e-3)
     assert fmt.activation is geglu_tanh
-    assert grouped_kernels(cfg, "fp8", 128) is None and grouped_kernels(cfg, "ggml") is None
+    assert grouped_kernels(cfg, "fp8", 128) is None
     if native.unavailable() is None:
         assert grouped_kernels(cfg, "bf16") is not None and fmt.decode_table(views) is not None
         assert fmt.forward_grouped(xs, [2, 1], views).shape == (3, cfg.dim)
