@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -157,6 +160,15 @@ def kernel_format(weights: str, cfg: ModelConfig, wide: bool = False):
     if weights == "int8":
         return Int8(cfg, torch.float32 if wide else torch.bfloat16)
     return Int4(cfg, 32, "cuda" if wide else "cpu")
+
+
+def test_the_kernels_build_wherever_a_c_compiler_runs_on_x86():
+    """The kernel tests skip where the kernels cannot be built (no compiler, another CPU): an error in
+    cpu_kernels.c must fail here, not pass the suite as those skips."""
+    compiler = shutil.which(os.environ.get("CC") or "cc")
+    if platform.machine().lower() not in ("x86_64", "amd64") or compiler is None or os.environ.get("MOE_LOCAL_KERNELS") == "0":
+        pytest.skip("no C compiler on an x86 CPU here, or the kernels turned off")
+    assert native.unavailable() is None
 
 
 @pytest.mark.skipif(native.unavailable() is not None, reason=f"moe-local's CPU kernels: {native.unavailable()}")
