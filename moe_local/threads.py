@@ -34,7 +34,6 @@ from typing import Callable, Collection
 SPIN_COUNT = "300"
 
 INTERVAL_S = 0.25  # how often the count is re-chosen while the engine works: one read of /proc/stat (~0.1 ms)
-IDLE_S = 3.0  # a longer pause between steps starts a new window: the last one showed the machine without the engine
 # A core counts as free while the others use less than this share of it (summed over all cores): a thread on a core
 # a busy program also wants stalls each parallel region, where one thread fewer costs 1/threads.
 BUSY_SHARE = 0.35
@@ -119,19 +118,18 @@ class ThreadCount:
         self._torch, self.read, self.clock = torch, read or read_sample, clock
         current = torch.get_num_threads()
         self.most = _changed[0] if _changed and _changed[1] == current else current
-        self.read()  # where /proc cannot tell, OSError now
-        self.last: CpuSample | None = None  # the window's start, read at the engine's first step
-        self.last_at = self.stepped_at = 0.0
+        # The window's start (where /proc cannot tell, OSError now). The first window is the engine's load, a later
+        # one may be a pause between requests: this process's own time is left out of each, so what the others did
+        # while it waited chooses the first step's count. Guessing too many threads costs that step far more than
+        # too few (a thread sharing a busy core stalls every parallel region: 0.1x; one thread fewer: 0.5x at worst).
+        self.last, self.last_at = self.read(), clock()
 
     def check(self) -> None:
         now = self.clock()
-        fresh = self.last is None or now - self.stepped_at > IDLE_S
-        self.stepped_at = now
-        if now - self.last_at < INTERVAL_S and not fresh:
+        if now - self.last_at < INTERVAL_S:
             return
         sample = self.read()
-        if not fresh:
-            self.set(choose_threads(self.last, sample, self.most))
+        self.set(choose_threads(self.last, sample, self.most))
         self.last, self.last_at = sample, now
 
     def set(self, threads: int) -> None:
