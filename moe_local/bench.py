@@ -47,7 +47,7 @@ class BenchConfig:
     experts_dtype: str | None = None  # the experts' format (see experts/formats.py); None: mxfp4 for a
     # preset published in MXFP4 (gpt-oss), else bf16
     group_size: int | None = None  # int4 only
-    resident_dtype: str = "auto"  # int8, int4: the attention projections in int8 or int4 (see Options)
+    resident_dtype: str = "auto"  # int8, int4: the attention projections and MLPs in int8 or int4 (see Options)
     device: str | None = None
     policies: tuple[str, ...] = ("layer-lru", "lru")  # the first is the one reported at the top
     prefetch: bool = True

@@ -117,19 +117,23 @@ def lm_head_quantized(cfg: ModelConfig, device_type: str, attention: str | None)
 
 def resident_bytes(cfg: ModelConfig, dtype: torch.dtype, attention: str | None = None, embeddings: bool = True, device_type: str = "cuda") -> int:
     """Bytes of everything but the experts (without the token embeddings unless `embeddings`); with `attention`
-    "int8" the attention projections take one byte per weight and a scale (in `dtype`) per output channel, with
-    "int4" half a byte per weight and a bf16 scale and zero per group (`int4.group_for`, which refuses shapes
-    `device_type`'s int4 packing cannot take); lm_head in int8 where `lm_head_quantized`."""
+    (the resident dtype) "int8" the attention projections and the dense and shared MLPs take one byte per weight
+    and a scale (in `dtype`) per output channel, with "int4" half a byte per weight and a bf16 scale and zero per
+    group (`int4.group_for` each kind's shapes, which refuses shapes `device_type`'s int4 packing cannot take);
+    lm_head in int8 where `lm_head_quantized`."""
     total = cfg.resident_numel() * dtype.itemsize - (0 if embeddings else embeddings_bytes(cfg, dtype))
     if attention is None:
         return total
     if lm_head_quantized(cfg, device_type, attention):  # one byte a weight and a scale a row, for `dtype`'s itemsize each
         total -= cfg.vocab_size * (cfg.dim * (dtype.itemsize - 1) - dtype.itemsize)
-    full = cfg.projection_numel * dtype.itemsize
-    if attention == "int8":
-        return total - full + cfg.projection_numel + cfg.projection_rows * dtype.itemsize
-    group = int4.group_for(cfg.projection_shapes, device_type)
-    return total - full + cfg.projection_numel // 2 + cfg.projection_numel // group * 4
+    mlp_numel, mlp_rows = sum(n * k for n, k in cfg.mlp_matrices), sum(n for n, _ in cfg.mlp_matrices)
+    for numel, rows, shapes in ((cfg.projection_numel, cfg.projection_rows, cfg.projection_shapes), (mlp_numel, mlp_rows, cfg.mlp_shapes)):
+        total -= numel * dtype.itemsize
+        if attention == "int8":
+            total += numel + rows * dtype.itemsize
+        elif numel:
+            total += numel // 2 + numel // int4.group_for(shapes, device_type) * 4
+    return total
 
 
 def plan_memory(
@@ -186,7 +190,7 @@ def plan_memory(
 def what_would_fit(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, budget: int, rest: int, resident: int,
                    attention: str | None, on_host: bool) -> str:
     """The end of a too-small budget's message: the --resident-dtype that makes the plan fit as it is (the
-    resident part is what outgrows a small GPU: GLM-4.5-Air's 12.25 GiB in bf16 are 5.38 in int4), and
+    resident part is what outgrows a small GPU: GLM-4.5-Air's 12.25 GiB in bf16 are 4.16 in int4), and
     --ctx-size where a shorter context could (the KV cache and the workspace shrink with it; `rest` is them
     and one expert slot)."""
     fits, shorter = [], []  # smaller resident dtypes that fit as they are / with a shorter context

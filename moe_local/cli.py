@@ -276,7 +276,7 @@ Device = Annotated[Optional[str], typer.Option("--device", help="cuda or cpu. De
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="Compute dtype: bf16, fp16 or fp32. Default: the checkpoint's.")]
 Prefetch = Annotated[Optional[bool], typer.Option("--prefetch/--no-prefetch", metavar="", help="Predict and load the next layer's experts ahead of time. Default: on.")]
 ExpertsDtype = Annotated[Optional[str], typer.Option("--experts-dtype", help="How the experts are stored and copied: auto (the default), bf16, fp16, fp32, int8 (per-channel, 2x fewer bytes than bf16), int4 (group-wise, ~3.8x fewer), mxfp4 (gpt-oss's 4.25-bit format, ~3.8x fewer) or fp8 (e4m3 in blocks with fp32 scales, as the FP8 checkpoints publish them, 2x fewer). auto keeps a checkpoint's own MXFP4, compressed-tensors int4 or FP8 (FP8 where it fits in RAM, else int4), else the checkpoint's dtype when the experts fit in RAM with room to spare, else int8, else int4. Quantized experts are cached on disk (MOE_LOCAL_CACHE, default ~/.cache/moe-local; see `moe-local cache`).")]
-ResidentDtype = Annotated[Optional[str], typer.Option("--resident-dtype", help="The weights kept on the GPU: auto (the default: the compute dtype), int8 (the attention projections in int8, per-channel: about 45% less resident memory for Mixtral, so more expert slots; for 8 GB GPUs) or int4 (in groups of up to 128, as llama.cpp's Q4_0 files keep them: about two thirds less, and less accurate). On --device cpu, where every token reads them, both also keep lm_head in int8 (unless it is the embeddings' table), and int4 decodes fastest.")]
+ResidentDtype = Annotated[Optional[str], typer.Option("--resident-dtype", help="The weights kept on the GPU: auto (the default: the compute dtype), int8 (the attention projections, the dense MLPs and the shared experts in int8, per-channel: about 45% less resident memory for Mixtral, so more expert slots; for 8 GB GPUs) or int4 (in groups of up to 128, as llama.cpp's Q4_0 files keep them: about two thirds less, and less accurate). Routers, norms and the shared experts' gates stay as they are. On --device cpu, where every token reads them, both also keep lm_head in int8 (unless it is the embeddings' table), and int4 decodes fastest.")]
 CudaGraphs = Annotated[Optional[bool], typer.Option("--cuda-graphs/--no-cuda-graphs", metavar="", help="Replay each layer's resident work (norms, attention, router) of a decode step as a CUDA graph instead of launching its kernels one by one. Default: on where the device is CUDA (decode 1.3-2.4x faster on an H100).")]
 CpuExperts = Annotated[Optional[str], typer.Option("--cpu-experts", help="Where a missed expert runs: auto (the default: copied to the GPU or run on the CPU from host RAM, whichever a cost model measured at load says finishes first), never (always copied) or always (always on the CPU; the slots keep the hot experts). On --device cpu, auto is never.")]
 GroupSize = Annotated[Optional[int], typer.Option("--group-size", help="int4 group size: 32, 64, 128 or 256. Default 128, or the largest the model's sizes allow.")]
@@ -628,6 +628,8 @@ def tensor_formats(ckpt: Checkpoint) -> dict[str, dict[str, str]]:
         becomes = f"{compute}, dequantized at load" if quantized else "as stored"
         if kind == "attention":
             becomes += " (or int8, int4 under --resident-dtype)"
+        elif ckpt.config.mlp_matrices:
+            becomes += " (the dense and shared MLPs: or int8, int4 under --resident-dtype)"
         out[kind] = {"stored": " + ".join(stored[kind]), "at_load": becomes}
     return out
 
@@ -785,7 +787,8 @@ def print_plan(r: dict, cfg, slots_given: bool) -> None:
     rows = [
         ("budget", budget_text),
         ("experts", r["why"]),
-        ("resident weights", format_bytes(r["resident_bytes"]) + (f" (attention in {r['resident_dtype']}{', lm_head in int8' if r['lm_head_int8'] else ''})"
+        ("resident weights", format_bytes(r["resident_bytes"]) + (f" (attention{' and MLPs' if cfg.mlp_matrices else ''} in {r['resident_dtype']}"
+                                                                  f"{', lm_head in int8' if r['lm_head_int8'] else ''})"
                                                                   if r["resident_dtype"] != "auto" else "")),
         *([("token embeddings", f"{format_bytes(r['host_resident_bytes'])}, in host RAM")] if r["host_resident_bytes"] else []),
         (f"KV cache ({r['ctx_size']} tokens{STATE_NOTE if cfg.linear_layers else ''})", format_bytes(r["kv_bytes"])),

@@ -316,7 +316,7 @@ class ModelConfig:
         return shapes | ({"b1": (f,), "b2": (d,), "b3": (f,)} if self.expert_bias else {})
 
     def layer_attention_shapes(self, layer: int) -> list[tuple[int, int]]:
-        """[N, K] of each of layer `layer`'s attention projections (the matrices `--resident-dtype` quantizes).
+        """[N, K] of each of layer `layer`'s attention projections (matrices `--resident-dtype` quantizes).
         Where values are the keys' projection (Gemma 4's full layers, `k_eq_v`), q|k has no value rows."""
         d, h = self.dim, self.n_heads
         if self.mla is None:
@@ -359,7 +359,8 @@ class ModelConfig:
 
     @property
     def projection_shapes(self) -> list[tuple[int, int]]:
-        """The [N, K] shapes among all layers' attention projections (what `--resident-dtype` quantizes)."""
+        """The [N, K] shapes among all layers' attention projections (what `--resident-dtype` quantizes, with the
+        MLPs' `mlp_matrices`)."""
         return (self.attention_shapes if self.n_full_layers else []) + (self.linear_shapes if self.linear_layers else [])
 
     @property
@@ -398,11 +399,24 @@ class ModelConfig:
             n += (h + hkv) * hd
         return n
 
+    @property
+    def mlp_matrices(self) -> list[tuple[int, int]]:
+        """[N, K] of every resident MLP matrix, one entry each: the dense layers' and the shared experts' (Gemma 4's
+        dense MLP beside its experts) w13 [2F, D] and w2 [D, F], what `--resident-dtype` quantizes beside the
+        attention projections (not the shared experts' one-row gates)."""
+        d = self.dim
+        dense = (self.n_layers - self.n_moe_layers) * [(2 * self.dense_ffn_dim, d), (d, self.dense_ffn_dim)]
+        shared = self.n_moe_layers * [(2 * self.shared_ffn_dim, d), (d, self.shared_ffn_dim)]
+        return [(n, k) for n, k in dense + shared if n * k]
+
+    @property
+    def mlp_shapes(self) -> list[tuple[int, int]]:
+        """Every distinct [N, K] of `mlp_matrices`."""
+        return list(dict.fromkeys(self.mlp_matrices))
+
     def dense_numel(self) -> int:
         """Resident feed-forward parameters: the dense MLP layers and every shared expert (with its gate)."""
-        dense = (self.n_layers - self.n_moe_layers) * 3 * self.dim * self.dense_ffn_dim
-        shared = self.n_moe_layers * (3 * self.dim * self.shared_ffn_dim + self.dim * self.shared_gate)
-        return dense + shared
+        return sum(n * k for n, k in self.mlp_matrices) + self.n_moe_layers * self.dim * self.shared_gate
 
     def resident_numel(self) -> int:
         """Parameters that stay on the device: everything except the routed experts."""

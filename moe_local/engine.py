@@ -55,7 +55,7 @@ class Options:
     prefill_chunk: int = 512  # tokens per prefill step: bounds the workspace
     experts_dtype: str = "auto"  # see experts/formats.py: auto, bf16, fp16, fp32, int8, int4
     group_size: int | None = None  # int4 group size; default 128 (or the largest of 64, 32 the model allows)
-    resident_dtype: str = "auto"  # auto: the compute dtype; int8, int4: the attention projections in int8 or int4
+    resident_dtype: str = "auto"  # auto: the compute dtype; int8, int4: the attention projections and MLPs in int8 or int4
     sequences: int = 1  # KV caches to plan for: one per request decoded together (`serve --parallel`)
     cpu_experts: str = "auto"  # where misses run: auto (experts/cpu.py's cost model), never (copied), always (CPU)
     # one-token steps replay a CUDA graph per layer for its resident work (graphs.py); None: where the device is
@@ -92,7 +92,7 @@ class Options:
 
     @property
     def attention_dtype(self) -> str | None:
-        """int8 or int4 where `resident_dtype` quantizes the attention projections, else None."""
+        """int8 or int4 where `resident_dtype` quantizes the attention projections and MLPs, else None."""
         return None if self.resident_dtype == "auto" else self.resident_dtype
 
     def compute_dtype(self, checkpoint_dtype: torch.dtype) -> torch.dtype:
@@ -264,7 +264,8 @@ class Engine:
         if attention:
             model.quantize_resident(attention)
             head = ", lm_head in int8" if lm_head_quantized(cfg, device.type, attention) else ""
-            notes.append(f"attention weights in {attention}{head} (--resident-dtype {attention})")
+            mlps = " and MLP" if cfg.mlp_matrices else ""  # the dense layers' and the shared experts'
+            notes.append(f"attention{mlps} weights in {attention}{head} (--resident-dtype {attention})")
         if device.type == "cpu" and (why_not := native.unavailable()):
             notes.append(f"moe-local's CPU kernels are not built, torch's are slower (decode attention ~1.5x, MXFP4 experts ~18x): {why_not}")
         if device.type == "cuda":  # replace the estimated workspace by a measured one before sizing the pool

@@ -747,6 +747,9 @@ class DenseMLP(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.gate = GATES[act]
 
+    def quantize(self, make: Callable[[nn.Linear], nn.Module]) -> None:
+        self.w13, self.w2 = make(self.w13), make(self.w2)
+
     def forward(self, x: torch.Tensor, experts: Experts | None = None) -> torch.Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)  # [T, F] each
         return self.w2(self.gate(gate) * up)
@@ -1020,17 +1023,23 @@ class Transformer(nn.Module):
         return [layer.ffn.router for layer in self.layers if isinstance(layer.ffn, MoE)]
 
     def quantize_resident(self, dtype: str) -> None:
-        """`--resident-dtype int8` or `int4`: the attention projections (most of the resident weights) as int8
-        with one scale per output channel, or int4 in groups (`int4.group_for` the model's shapes), and on the
-        CPU lm_head in int8 (`budget.lm_head_quantized`), quantized on their device, one matrix at a time."""
+        """`--resident-dtype int8` or `int4`: the attention projections and the dense MLPs and shared experts
+        (most of the resident weights; not routers, norms or the shared experts' gates) as int8 with one scale
+        per output channel, or int4 in groups (`int4.group_for` the attention's shapes, and the MLPs' apart: a
+        dense MLP's width may take only smaller groups), and on the CPU lm_head in int8
+        (`budget.lm_head_quantized`), quantized on their device, one matrix at a time."""
+        device_type = self.norm.weight.device.type
         if dtype == "int4":
-            group = int4.group_for(self.cfg.projection_shapes, self.norm.weight.device.type)
-            make = functools.partial(Int4Linear.from_linear, group=group)
+            attention = functools.partial(Int4Linear.from_linear, group=int4.group_for(self.cfg.projection_shapes, device_type))
+            mlp = functools.partial(Int4Linear.from_linear, group=int4.group_for(self.cfg.mlp_shapes, device_type))
         else:
-            make = Int8Linear.from_linear
+            attention = mlp = Int8Linear.from_linear
         for layer in self.layers:
-            layer.attention.quantize(make)
-        if lm_head_quantized(self.cfg, self.norm.weight.device.type, dtype):
+            layer.attention.quantize(attention)
+        for module in list(self.modules()):
+            if isinstance(module, DenseMLP):  # a dense layer's, a shared expert, Gemma 4's inside its NormedMLP
+                module.quantize(mlp)
+        if lm_head_quantized(self.cfg, device_type, dtype):
             self.output = Int8Linear.from_linear(self.output)
 
     def widen_prefill(self) -> int:

@@ -61,6 +61,24 @@ def test_int8_and_int4_attention_take_fewer_attention_bytes_and_buy_slots():
     assert (dense.expert_slots, int8.expert_slots, int4.expert_slots) == (25, 29, 31)  # bf16 experts of 336 MiB
 
 
+def test_int8_and_int4_take_the_dense_mlps_and_shared_experts_too():
+    cfg = preset_config("gemma-4-26b-a4b")  # a dense GeGLU MLP of 2112 beside the experts in each of 30 layers
+    mlp, rows = 30 * 3 * 2816 * 2112, 30 * (2 * 2112 + 2816)  # w13 [2 x 2112, 2816] and w2 [2816, 2112] per layer
+    attention, attention_rows = cfg.projection_numel, cfg.projection_rows
+    dense = resident_bytes(cfg, torch.bfloat16)
+    int8, int4 = (resident_bytes(cfg, torch.bfloat16, dtype) for dtype in ("int8", "int4"))
+    assert dense - int8 == (attention + mlp) - 2 * (attention_rows + rows)  # a byte a weight and a bf16 scale a row
+    # groups of 128 for the attention, of 64 for the MLPs (2112 = 33 x 64), a bf16 scale and zero each
+    assert dense - int4 == 2 * (attention + mlp) - (attention + mlp) // 2 - attention // 128 * 4 - mlp // 64 * 4
+    assert (round(dense / GiB, 2), round(int8 / GiB, 2), round(int4 / GiB, 2)) == (4.46, 2.93, 2.23)  # attention alone: 3.43, 2.94
+    qwen = preset_config("qwen3.6-35b-a3b")  # a shared expert of 512 in each of 40 layers, beside its sigmoid gate
+    assert qwen.mlp_matrices == 40 * [(1024, 2048), (2048, 512)]
+    # the gate, one row, stays bf16: what int8 takes off is the attention's and the shared experts' matrices
+    shared = 40 * 3 * 2048 * 512
+    assert resident_bytes(qwen, torch.bfloat16) - resident_bytes(qwen, torch.bfloat16, "int8") == (
+        qwen.projection_numel + shared - 2 * (qwen.projection_rows + 40 * (1024 + 2048)))
+
+
 def test_on_the_cpu_quantized_attention_brings_lm_head_to_int8_unless_it_is_the_embeddings_table():
     cfg = preset_config("gpt-oss-20b")  # a 201,088-token vocabulary: lm_head is 1.2 GB in bf16
     head = cfg.vocab_size * cfg.dim * 2
@@ -133,6 +151,8 @@ def test_plan_command_shows_the_table_and_json_without_loading(tiny):
     assert "(attention in int8)" in moe_local_cli(*args).stdout
     cpu = ("plan", "--preset", "gpt-oss-20b", "--device", "cpu", "--resident-dtype", "int4")
     assert json.loads(moe_local_cli(*cpu, "--json").stdout)["lm_head_int8"] and "(attention in int4, lm_head in" in moe_local_cli(*cpu).stdout
+    gemma = ("plan", "--preset", "gemma-4-26b-a4b", "--device", "cpu", "--resident-dtype", "int4")  # its dense MLPs too; lm_head is tied
+    assert "2.23 GiB (attention and MLPs in int4)" in moe_local_cli(*gemma).stdout
 
 
 def test_plan_on_the_cpu_without_a_budget_is_what_the_load_runs_every_expert_in_place(tiny):

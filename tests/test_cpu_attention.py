@@ -110,10 +110,12 @@ def test_without_the_kernels_attention_stays_on_sdpa_and_the_load_says_why(rebui
     assert f"moe-local's CPU kernels are not built, torch's are slower (decode attention ~1.5x, MXFP4 experts ~18x): {why}" in " ".join(engine.notes)
 
 
-FUSED_VARIANTS = {  # what each adds to the fused block: (variant, overrides), the layers it fuses
+# what each adds to the fused block: (variant, overrides), the layers it fuses; MLPs 64 wide, which int4's packing
+# takes (`--resident-dtype int4` quantizes them too)
+FUSED_VARIANTS = {
     "mixtral": (("mixtral", {}), [0, 1, 2]),
     "qwen3_moe": (("qwen3_moe", {}), [0, 1, 2]),  # q/k norms per head, head_dim 24
-    "qwen2_moe": (("qwen2_moe", {}), [0, 1, 2]),  # q/k/v biases
+    "qwen2_moe": (("qwen2_moe", {"shared_expert_intermediate_size": 64}), [0, 1, 2]),  # q/k/v biases
     "glm4_moe": (("glm4_moe", {}), [0, 1, 2]),  # partial rotary, biases, q/k norms
     "olmoe": (("olmoe", {"clip_qkv": None}), [0, 1, 2]),  # q/k norms over the whole projection
     "olmoe-clip": (("olmoe", {}), []),  # clipping: not the kernel's
@@ -121,7 +123,7 @@ FUSED_VARIANTS = {  # what each adds to the fused block: (variant, overrides), t
     "mixtral-window": (("mixtral", {"sliding_window": 6}), [0, 1, 2]),  # every layer a ring
     "deepseek_v2": (("deepseek_v2", {}), []),  # latent attention
     "minimax_m2": (("minimax_m2", {}), [0, 1, 2]),  # q/k norms over the whole projection, a quarter of each head rotated
-    "gemma4": (("gemma4", {}), []),  # norms after attention, v norms, values from keys: not the kernel's
+    "gemma4": (("gemma4", {"intermediate_size": 64}), []),  # norms after attention, v norms, values from keys: not the kernel's
 }
 
 

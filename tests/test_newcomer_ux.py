@@ -57,8 +57,8 @@ N = r"\([\d.]+ GiB in all\)"
 @pytest.mark.parametrize("preset, budget, fix", [
     ("glm-4.5-air", "8GiB", rf"--resident-dtype int4 {N} would fit$"),
     ("deepseek-v3", "24GiB", rf"--resident-dtype int8 {N} or --resident-dtype int4 {N} would fit$"),
-    ("deepseek-v3", "17GiB", r"--resident-dtype int4 with a lower --ctx-size$"),
-    ("deepseek-v3", "12GiB", r"the resident weights alone take more, also in int4 \(--resident-dtype int4\)$"),
+    ("deepseek-v3", "11GiB", r"--resident-dtype int4 with a lower --ctx-size$"),
+    ("deepseek-v3", "10GiB", r"the resident weights alone take more, also in int4 \(--resident-dtype int4\)$"),
     ("mixtral-8x7b", "3GiB", rf"--resident-dtype int8 {N} or --resident-dtype int4 {N} would fit, or lower --ctx-size$"),
 ])
 def test_a_budget_too_small_for_the_resident_part_names_the_resident_dtype_that_fits(preset, budget, fix):
@@ -72,7 +72,7 @@ def test_a_budget_too_small_for_the_resident_part_names_the_resident_dtype_that_
 
 def test_plan_suggests_the_resident_dtype_in_one_line(monkeypatch, capsys):
     result = cli_in_process(monkeypatch, capsys, "plan", "--preset", "glm-4.5-air", "--gpu-memory", "8GiB")
-    assert_one_line_error(result, r"a 8\.00 GiB budget is too small: resident weights 12\.25 GiB .* --resident-dtype int4 \(6\.80 GiB in all\) would fit$")
+    assert_one_line_error(result, r"a 8\.00 GiB budget is too small: resident weights 12\.25 GiB .* --resident-dtype int4 \(5\.57 GiB in all\) would fit$")
 
 
 def demo_with_generation_config(folder: Path, **fields) -> Path:
