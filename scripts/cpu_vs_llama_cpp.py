@@ -24,8 +24,8 @@ selection bias, experts of 1536, top 8; 3 layers and 32 of its 256 experts: 1.5 
 than published keep the files small; a token's work is the same (top 8 at the real width). `make` converts it with llama.cpp's converter (LLAMA_CPP_TOOLS, default
 /work/shared/tools/llama-cpp). `run` prefills a prompt of `--prompt-tokens`, then decodes `--tokens` greedy
 tokens, with each engine and format pair (bf16 vs bf16, q8_0 vs int8, q4_0 vs int4; llama.cpp's
-quantized files hold the attention projections quantized too, so those moe-local runs use `--resident-dtype
-int8` and `int4`), one after the other, `--rounds` times (interleaved, so that a noisy shared machine slows both
+quantized files hold the attention projections and the dense and shared MLPs quantized too, so those moe-local
+runs use `--resident-dtype int8` and `int4`, which quantize the same), one after the other, `--rounds` times (interleaved, so that a noisy shared machine slows both
 alike), each in its own process with the same thread count; it prints one markdown row per pair with both speeds
 and their ratio, for decode and for the prompt's prefill (a whole prompt's evaluation from an empty cache,
 llama.cpp's in batches of 512); with `--second-turn U`, a chat's second turn too (the answer and U new ids after
@@ -52,8 +52,8 @@ TOOLS = Path(os.environ.get("LLAMA_CPP_TOOLS", "/work/shared/tools/llama-cpp"))
 LLAMA_PYTHON = os.environ.get("LLAMA_PYTHON", "/tmp/llama/bin/python")
 DEMO = Path(__file__).resolve().parent.parent / "moe_local" / "demo"
 # llama.cpp's file; moe-local's --experts-dtype (or "gguf": moe-local runs the same GGUF file, its experts in the
-# file's own blocks) and --resident-dtype. llama.cpp's quantized files quantize the attention projections too, so
-# the nearest moe-local runs do as well.
+# file's own blocks) and --resident-dtype. llama.cpp's quantized files quantize the attention projections and the
+# dense and shared MLPs too, so the nearest moe-local runs do as well.
 PAIRS = [("bf16", "bf16", "auto"), ("q8_0", "int8", "int8"), ("q4_0", "int4", "int4"),
          ("q8_0", "gguf", "int8"), ("q4_0", "gguf", "int4"), ("q4_k_m", "gguf", "int4")]  # fmt: skip
 QUANTIZED = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}  # made from bf16.gguf by llama.cpp's quantizer
@@ -272,7 +272,7 @@ def run(out: Path, rounds: int, tokens: int, threads: int, slots: int | None, pr
         for gguf, fmt, resident in pairs:
             key = pair_name((gguf, fmt, resident))
             ours, theirs = turns[("moe-local", key)], turns[("llama.cpp", key)]
-            name = fmt if resident == "auto" else f"{fmt}, attention {resident}"
+            name = fmt if resident == "auto" else f"{fmt}, resident {resident}"
             cells = [" / ".join(f"{t['turn_first_s']:.2f}, {t['turn_total_s']:.2f}" for t in runs) for runs in (theirs, ours)]
             ratios = ", ".join(f"{b['turn_first_s'] / a['turn_first_s']:.1f}x / {b['turn_total_s'] / a['turn_total_s']:.1f}x" for a, b in zip(ours, theirs))
             print(f"| {gguf} ({theirs[0]['turn_evaluated']} evaluated) | {cells[0]} | {name} ({ours[0]['turn_evaluated']} evaluated) | {cells[1]} | {ratios} |")
@@ -285,7 +285,7 @@ def run(out: Path, rounds: int, tokens: int, threads: int, slots: int | None, pr
             ours, theirs = table[("moe-local", key)], table[("llama.cpp", key)]
             ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(ours, theirs))
             what = f"{gguf}.gguf itself" if fmt == "gguf" else fmt
-            name = what if resident == "auto" else f"{what}, attention {resident}"
+            name = what if resident == "auto" else f"{what}, resident {resident}"
             print(f"| {gguf} | {' / '.join(f'{s:.1f}' for s in theirs)} | {name} | {' / '.join(f'{s:.1f}' for s in ours)} | {ratios} |")
         print()
 
