@@ -201,6 +201,7 @@ def test_resident_dtype_quantizes_the_dense_mlps_and_shared_experts_too(mlp_fami
     assert all(type(m.w13) is torch.nn.Linear for m in floats)  # auto keeps them exact
     # routers, norms and the shared expert's one-row gate stay in full precision
     gates = [m.shared_gate for m in engine.model.modules() if isinstance(m, MoE) and m.shared_gate is not None]
+    assert len(gates) == engine.cfg.n_moe_layers * engine.cfg.shared_gate  # Qwen2-MoE's, one a MoE layer
     assert all(type(g) is torch.nn.Linear and g.weight.dtype == torch.float32 for g in gates)
     assert all(p.dtype == torch.float32 for name, p in engine.model.named_parameters() if name.endswith(("router.weight", "norm.weight")))
     assert engine.notes[-1].startswith(f"attention and MLP weights in {dtype}")
