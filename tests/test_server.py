@@ -43,12 +43,18 @@ def free_port() -> int:
 
 
 class RunningServer:
-    def __init__(self, *args: str, ctx: int = CTX, env: dict | None = None):
+    """`moe-local serve ARGS` on a free loopback port; ready when made, or with wait=False when `ready()` returns."""
+
+    def __init__(self, *args: str, ctx: int = CTX, env: dict | None = None, threads: int = THREADS, wait: bool = True):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "moe_local", "serve", "--port", str(self.port), "--dtype", "fp32", "--ctx-size", str(ctx), "--threads", str(THREADS), *args]
+        command = [sys.executable, "-m", "moe_local", "serve", "--port", str(self.port), "--dtype", "fp32", "--ctx-size", str(ctx), "--threads", str(threads), *args]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                         env={**os.environ, **(env or {})})
+        if wait:
+            self.ready()
+
+    def ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline and self.process.poll() is None:
             try:

@@ -6,10 +6,6 @@ Tiny random checkpoints with each family's real tokenizer layout and chat templa
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import anthropic
@@ -27,7 +23,7 @@ import chat_templates
 from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer
 from conftest import build_mixtral, moe_local_cli
 from families import build_family
-from test_server import START_TIMEOUT_S, RunningServer, free_port
+from test_server import RunningServer
 
 transformers = pytest.importorskip("transformers")
 
@@ -61,29 +57,6 @@ def model_folder(tmp_path_factory, family: str):
     return folder
 
 
-class Server(RunningServer):
-    """A RunningServer started without waiting for it: `ready()` waits."""
-
-    def __init__(self, folder):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "moe_local", "serve", str(folder), "--port", str(self.port), "--dtype", "fp32", "--ctx-size", str(CTX),
-                   "--threads", "1", "--parallel", "8"]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        env={**os.environ, "MOE_LOCAL_API_KEY": KEY})
-
-    def ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.1)  # polling with a deadline, not a wait for an event
-        self.stop()
-        raise AssertionError(f"the server did not start: {self.process.stderr.read()}")
-
-
 class Families:
     """Each family's checkpoint and server, one ahead: the next family's server loads while this one's tests run."""
 
@@ -93,7 +66,7 @@ class Families:
     def start(self, name: str):
         if name not in self.started:
             folder = model_folder(self.tmp, name)
-            self.started[name] = folder, Server(folder)
+            self.started[name] = folder, RunningServer(str(folder), "--parallel", "8", ctx=CTX, env={"MOE_LOCAL_API_KEY": KEY}, threads=1, wait=False)
         return self.started[name]
 
     def take(self, name: str):
