@@ -157,6 +157,17 @@ def _arguments(body: str, i: int, name: str, tools: dict[str, dict]) -> tuple[Ca
     return Call(name, body[i:end]), end, closed
 
 
+def _take_call(body: str, i: int, name: str, tools: dict[str, dict], end: re.Pattern, calls: list[Call]) -> int | None:
+    """Append to `calls` the call of `name` whose arguments start at body[i], as far as it is written; the index
+    after the `end` that closes it, or None where the answer stops before that (no more calls can follow)."""
+    call, i, closed = _arguments(body, i, name, tools)
+    if call is None:
+        return None
+    calls.append(call)
+    after = end.match(body, i)
+    return after.end() if closed and after is not None else None
+
+
 def _members(arguments: dict) -> str:
     """A dict's JSON as json.dumps writes it, less its closing brace: the text parameters written one by one
     (Qwen3-Coder's, GLM-4.5's) make as they come."""
@@ -383,14 +394,9 @@ class DeepSeek(Delimited):
                 if fence is None:
                     break
                 name, i = fence.group(1).strip(), fence.end()
-            call, i, closed = _arguments(body, i, name, tools)
-            if call is None:
+            i = _take_call(body, i, name, tools, self.END, calls)
+            if i is None:
                 break
-            calls.append(call)
-            end = self.END.match(body, i)
-            if not closed or end is None:
-                break
-            i = end.end()
         return calls
 
     def parse(self, body, tools):
@@ -434,14 +440,9 @@ class Mistral(Delimited):
                 calls.append(call)
             return calls
         while (head := self.LISTED.match(body, i)) is not None and (head.group().lstrip().startswith("[") == (not calls)):
-            call, i, closed = _arguments(body, head.end(), head.group(1), tools)
-            if call is None:
+            i = _take_call(body, head.end(), head.group(1), tools, self.LISTED_END, calls)
+            if i is None:
                 break
-            calls.append(call)
-            end = self.LISTED_END.match(body, i)
-            if not closed or end is None:
-                break
-            i = end.end()
         return calls
 
     def parse(self, body, tools):
