@@ -17,7 +17,7 @@ import torch
 from moe_local.engine import Engine, Sequence
 from moe_local.errors import MoeLocalError
 from moe_local.generate import StopStrings, sample
-from moe_local.grammar import Constraint, vocabulary
+from moe_local.grammar import Constraint, Grammars, vocabulary
 from moe_local.harmony import ChannelStream
 from moe_local.params import Output, SamplingParams
 from moe_local.tokenizer import StreamDecoder
@@ -113,7 +113,7 @@ class Batcher:
         self.waiting: deque[Request] = deque()
         self.running: list[Running] = []
         self.cancelled = 0  # requests dropped unfinished because their requester went away
-        self._vocabulary = None  # llguidance's view of the vocabulary (`grammar.vocabulary`), for requests with a grammar
+        self.grammars: Grammars | None = None  # compiled against llguidance's view of the vocabulary, for requests with a grammar
         self._building: threading.Thread | None = None
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="moe-local engine", daemon=True)
@@ -204,14 +204,14 @@ class Batcher:
             self._building.start()
 
     def _build_vocabulary(self) -> None:
-        self._vocabulary = vocabulary(self.engine.tokenizer, self.engine.cfg.vocab_size, sorted(self.engine.stop_ids))
+        self.grammars = Grammars(vocabulary(self.engine.tokenizer, self.engine.cfg.vocab_size, sorted(self.engine.stop_ids)))
 
     def _constraint(self, grammar: str) -> Constraint:
         if self._building is not None:
             self._building.join()
-        if self._vocabulary is None:
+        if self.grammars is None:
             self._build_vocabulary()
-        return Constraint(self._vocabulary, grammar)
+        return self.grammars.constraint(grammar)
 
     def _prefill_chunk(self, r: Running) -> None:
         prompt = r.request.prompt

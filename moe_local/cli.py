@@ -367,9 +367,9 @@ def run(
             decoder = ChannelStream(tokenizer, ReasoningPrinter(show_reasoning, quiet) if not json_output else lambda text: None)
         constraint = None
         if grammar is not None:
-            from moe_local.grammar import Constraint, vocabulary
+            from moe_local.grammar import Grammars, vocabulary
 
-            constraint = Constraint(vocabulary(tokenizer, engine.cfg.vocab_size, sorted(engine.stop_ids)), grammar)
+            constraint = Grammars(vocabulary(tokenizer, engine.cfg.vocab_size, sorted(engine.stop_ids))).constraint(grammar)
         for token in engine.generate(prompt_ids, limit, params, stats, constraint=constraint):
             tokens.append(token)
             pieces.append(stops.push(decoder.push(token)))

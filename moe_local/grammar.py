@@ -1,12 +1,13 @@
 """Constrained decoding with llguidance: a request's grammar (a JSON schema, any JSON object, or a tool call in the
-model's own format, written as llguidance's Lark) compiled against the model's vocabulary; `Constraint.mask`
-puts -inf on the logits of every token the grammar does not allow next, `accept` moves it on by the token
-sampled. Built in the engine's process (the Batcher applies each running request's mask in its step); the HTTP
+model's own format, written as llguidance's Lark) compiled against the model's vocabulary (`Grammars`, which keeps
+the recently compiled ones); `Constraint.allowed` is what the grammar allows next, `accept` moves it on by the
+token sampled. Built in the engine's process (the Batcher applies each running request's mask in its step); the HTTP
 process only writes and checks grammars (`json_grammar`, `check`), which needs llguidance but not torch."""
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 
 import llguidance
 
@@ -134,19 +135,44 @@ def vocabulary(tokenizer, n_vocab: int, eos_ids: list[int]) -> llguidance.LLToke
     return llguidance.LLTokenizer(llguidance.TokenizerWrapper(wrapper), n_vocab=n_vocab, eos_token=list(eos_ids))
 
 
-class Constraint:
-    """One request's grammar as it decodes: `mask` the logits of a step (in place), then `accept` the token
-    sampled. Engine side (torch)."""
+class Grammars:
+    """The grammars compiled against one vocabulary, the CACHED most recently used kept: a request whose grammar was
+    compiled before (a client's one response_format, an agent's tools sent again with every request) starts from a
+    copy of its matcher (~10 us) where compiling takes 1-7 ms, more for large schemas and tool lists. Engine side,
+    on one thread (the Batcher's)."""
 
-    def __init__(self, vocab: llguidance.LLTokenizer, grammar: str):
+    CACHED = 32
+
+    def __init__(self, vocab: llguidance.LLTokenizer):
+        self.vocab = vocab
+        self.compiled = 0  # grammars compiled (not taken from the cache), failed ones too
+        self._matchers: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()  # grammar -> a matcher before any token
+
+    def constraint(self, grammar: str) -> Constraint:
+        """A new request's Constraint of `grammar`; GrammarError where llguidance cannot take it."""
+        matcher = self._matchers.get(grammar)
+        if matcher is None:
+            self.compiled += 1
+            matcher = llguidance.LLMatcher(self.vocab, llguidance.grammar_from("lark", grammar), log_level=0)
+            if matcher.is_error():
+                raise GrammarError(f"the grammar cannot be used: {matcher.get_error()}")
+            self._matchers[grammar] = matcher
+            if len(self._matchers) > self.CACHED:
+                self._matchers.popitem(last=False)
+        self._matchers.move_to_end(grammar)
+        return Constraint(matcher.deep_copy(), self.vocab.vocab_size)
+
+
+class Constraint:
+    """One request's grammar as it decodes (a matcher of its own, from `Grammars.constraint`): `mask` the logits of
+    a step (in place), then `accept` the token sampled. Engine side (torch)."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int):
         import torch
 
-        self.matcher = llguidance.LLMatcher(vocab, llguidance.grammar_from("lark", grammar), log_level=0)
-        if self.matcher.is_error():
-            raise GrammarError(f"the grammar cannot be used: {self.matcher.get_error()}")
-        self.bits = torch.full(((vocab.vocab_size + 31) // 32,), -1, dtype=torch.int32)
+        self.matcher, self.vocab_size = matcher, vocab_size
+        self.bits = torch.full(((vocab_size + 31) // 32,), -1, dtype=torch.int32)
         self.shifts = torch.arange(32, dtype=torch.int32)
-        self.vocab_size = vocab.vocab_size
 
     def allowed(self):
         """[V] bool: the tokens the grammar allows next."""

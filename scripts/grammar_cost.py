@@ -75,12 +75,13 @@ def measure(folder: Path, tokens: int = 64, rounds: int = 3) -> None:
 
     import moe_local
     from moe_local.generate import GenerationStats, SamplingParams, generate
-    from moe_local.grammar import Constraint, json_grammar, vocabulary
+    from moe_local.grammar import Grammars, json_grammar, vocabulary
 
     engine = moe_local.load(folder, device="cpu")
     prompt = engine.tokenizer.encode("A person as JSON: ")
     start = time.perf_counter()
     vocab = vocabulary(engine.tokenizer, engine.cfg.vocab_size, sorted(engine.stop_ids))
+    grammars = Grammars(vocab)
     print(f"{folder.name}: {vocab.vocab_size} ids; vocabulary for llguidance built in {time.perf_counter() - start:.2f} s; "
           f"torch threads {torch.get_num_threads()}")
     params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
@@ -88,7 +89,7 @@ def measure(folder: Path, tokens: int = 64, rounds: int = 3) -> None:
         free = GenerationStats()
         engine.tokens = []
         list(generate(engine, prompt, tokens, params, engine.stop_ids, free))
-        constraint = Constraint(vocab, json_grammar(SCHEMA))
+        constraint = grammars.constraint(json_grammar(SCHEMA))
         spent: list[float] = []
         allowed, accept = constraint.allowed, constraint.accept
 

@@ -4,6 +4,9 @@ prefills, decodes and retires requests between steps and reuses a cached prefix.
 
 from __future__ import annotations
 
+import json
+
+import jsonschema
 import pytest
 import torch
 
@@ -11,6 +14,7 @@ import moe_local
 from moe_local.batch import Batcher, Output, Request
 from moe_local.engine import Sequence
 from moe_local.generate import SamplingParams
+from moe_local.grammar import GrammarError, Grammars, json_grammar, vocabulary
 from moe_local.model import KVCache, KVPool
 
 from families import build_variant
@@ -211,3 +215,40 @@ def test_the_memory_plan_counts_a_kv_cache_per_parallel_sequence(tiny):
     one = moe_local.load(folder, device="cpu", ctx_size=64)
     four = moe_local.load(folder, device="cpu", ctx_size=64, sequences=4)
     assert four.plan.kv_bytes == 4 * one.plan.kv_bytes == 4 * one.kv.nbytes
+
+
+def test_requests_with_one_grammar_compile_it_once_and_answer_as_a_fresh_compile_would(tiny):
+    folder, _ = tiny
+    engine = moe_local.load(folder, device="cpu", ctx_size=64, sequences=2)
+    batcher = Batcher(engine, parallel=2)
+    schemas = [{"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["n"], "additionalProperties": False},
+               {"enum": ["red", "green", "blue"]}]
+    grammars = [json_grammar(s) for s in schemas]
+    sampled = SamplingParams(temperature=1.0, seed=3)
+    answers = [[] for _ in range(4)]
+    run_requests(batcher, [Request(prompt(5, 20), 30, sampled, collect(answers[0]), grammar=grammars[0])])
+    run_requests(batcher, [Request(prompt(5, 20), 30, sampled, collect(answers[1]), grammar=grammars[0])])  # from the cache
+    run_requests(batcher, [Request(prompt(6, 21), 30, sampled, collect(answers[2]), grammar=grammars[0]),
+                           Request(prompt(6, 22), 30, sampled, collect(answers[3]), grammar=grammars[1])])
+    assert batcher.grammars.compiled == 2
+    assert text_of(answers[1]) == text_of(answers[0])
+    for outs, schema in zip(answers, [schemas[0]] * 3 + [schemas[1]]):
+        assert outs[-1].finish_reason == "stop"
+        jsonschema.validate(json.loads(text_of(outs)), schema)
+
+
+def test_the_grammar_cache_keeps_the_most_recently_used(tiny, monkeypatch):
+    folder, _ = tiny
+    engine = moe_local.load(folder, device="cpu", ctx_size=64)
+    grammars = Grammars(vocabulary(engine.tokenizer, engine.cfg.vocab_size, sorted(engine.stop_ids)))
+    monkeypatch.setattr(Grammars, "CACHED", 2)
+    a, b, c = (json_grammar({"enum": [word]}) for word in ("a", "b", "c"))
+    for grammar in (a, b, a, c):  # c pushes out b, the least recently used
+        grammars.constraint(grammar)
+    assert grammars.compiled == 3
+    grammars.constraint(a)
+    assert grammars.compiled == 3
+    grammars.constraint(b)
+    assert grammars.compiled == 4
+    with pytest.raises(GrammarError, match="cannot be used"):
+        grammars.constraint('start: <[99999]>')
