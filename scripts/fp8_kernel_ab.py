@@ -73,9 +73,9 @@ def main() -> None:
         block, block, P(y.ctypes.data), args.threads)) for name, lib in libs.items()}  # fmt: skip
     this = libs["fp8"]
     cases["int8"] = lambda ids: this.experts_swiglu(P(x.ctypes.data), D, F, k, starts, table(int8, ids, 0), table(int8, ids, 1),
-                                                    table(int8, ids, 2), table(int8, ids, 3), P(y.ctypes.data), args.threads)  # fmt: skip
+                                                    table(int8, ids, 2), table(int8, ids, 3), P(y.ctypes.data), args.threads, 0)  # fmt: skip
     cases["bf16"] = lambda ids: this.experts_swiglu(P(x.ctypes.data), D, F, k, starts, table(bf, ids, 0), table(bf, ids, 1),
-                                                    None, None, P(y.ctypes.data), args.threads)  # fmt: skip
+                                                    None, None, P(y.ctypes.data), args.threads, 0)  # fmt: skip
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.rounds):
         for name, call in cases.items():
