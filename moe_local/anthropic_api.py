@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse
 
 from moe_local.errors import MoeLocalError
 from moe_local.params import Output
-from moe_local.replies import Thinking, call_id
+from moe_local.replies import Reader, Thinking, call_id
 from moe_local.tools import Call, Piece, ToolParser
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
@@ -114,41 +114,24 @@ class Message:
     def __init__(self, model: str, input_tokens: int, parser: ToolParser | None, thinking: Thinking | None = None,
                  show: bool = False, hidden: frozenset[str] = frozenset()):
         self.id, self.model, self.input_tokens, self.parser = f"msg_{secrets.token_hex(12)}", model, input_tokens, parser
-        self.thinking, self.show, self.hidden = thinking, show, hidden
+        self.reader, self.show = Reader(parser, thinking, hidden), show
         self.block: str | None = None  # the kind of the content block open in a stream
         self.index = -1
         self.calls: dict[int, int] = {}  # a call's index among the calls -> its content block's
 
     def said(self, text: str, reasoning: str, final: bool) -> tuple[str, str, list[Piece]]:
         """(answer text, reasoning to show, pieces of calls) of the next text, streamed (or whole: `final`)."""
-        pieces = []
-        if self.thinking is not None:
-            thought, text = self.thinking.push(text, final)
-            reasoning += thought
-        if self.parser is not None:
-            said = self.parser.push(text, final)
-            text, reasoning, pieces = said.content, reasoning + said.reasoning, said.pieces
-        elif self.thinking is not None:
-            for token in self.hidden:
-                text = text.replace(token, "")
-        return text, reasoning if self.show else "", pieces
+        said = self.reader.push(text, final)
+        return said.content, reasoning + said.reasoning if self.show else "", said.pieces
 
     def head(self) -> dict:
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
                 "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": self.input_tokens, "output_tokens": 0}}
 
     def whole(self, outputs: list[Output]) -> dict:
-        text, reasoning, calls = "".join(o.text for o in outputs), "".join(o.reasoning for o in outputs), []
-        if self.thinking is not None:
-            thought, text = self.thinking.push(text, final=True)
-            reasoning += thought
-        if self.parser is not None:
-            said = self.parser.parse(text)
-            text, reasoning, calls = said.content, reasoning + said.reasoning, said.calls
-        elif self.thinking is not None:
-            for token in self.hidden:
-                text = text.replace(token, "")
-        reasoning = reasoning if self.show else ""
+        said = self.reader.whole("".join(o.text for o in outputs))
+        text, calls = said.content, said.calls
+        reasoning = "".join(o.reasoning for o in outputs) + said.reasoning if self.show else ""
         content = ([{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning else []) + \
                   ([{"type": "text", "text": text}] if text or not calls else []) + [self.tool_use(c) for c in calls]
         last = outputs[-1]

@@ -36,9 +36,10 @@ from moe_local.grammar import GrammarError, answer_grammar, check, token_bytes
 from moe_local.harmony import is_harmony
 from moe_local.params import Output, SamplingParams, SamplingRangeError, max_new_tokens_default
 from moe_local import anthropic_api
-from moe_local.replies import THINK, UNTHINK, Reply, Thinking
+from moe_local.replies import Reply, Thinking, thought_markers
 from moe_local.tokenizer import Tokenizer, load_tokenizer
-from moe_local.tools import ToolParser, ToolRequestError, call_grammar, template_message, tool_format, tool_request, with_text_arguments
+from moe_local.tools import (ToolParser, ToolRequestError, call_grammar, template_message, tool_format, tool_request, with_results_in_calls,
+                             with_text_arguments)
 
 if TYPE_CHECKING:  # the engine's side only: the HTTP process imports neither these nor torch
     from moe_local.batch import Request
@@ -336,10 +337,8 @@ class Server:
         thinking = bool(asked.pop("thinking", False))
         options = {"enable_thinking": thinking} if tokenizer.template_reads("enable_thinking") else {}
         prompt, reply, extra = self.chat(asked, chat_messages({"messages": messages}), options)
-        split = None
-        if UNTHINK in tokenizer.template_source and not is_harmony(tokenizer):
-            split = Thinking(opened=tokenizer.decode(prompt[-4:], special=True).rstrip().endswith(THINK))
-            extra["special"] = True  # GLM-4.5's <think> is a special token
+        split = self.thinking(prompt)
+        extra["special"] |= split is not None  # GLM-4.5's <think> and Gemma 4's channel are special tokens
         message = anthropic_api.Message(self.model_id, len(prompt), reply.parser, split, thinking, tokenizer.hidden_tokens)
         return prompt, message, extra, asked
 
@@ -385,9 +384,22 @@ class Server:
             raise ApiError(400, f"'top_logprobs' must be from 0 to 20, not {top}", param="top_logprobs")
         if top is not None and not logprobs:
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-        reply = Reply(True, parser, (top or 0) if logprobs else None, self.pieces if logprobs else None)
-        extra = {"channels": channels, "special": parser is not None, "grammar": grammar, "logprobs": reply.top, "marks": marks}
+        # the reasoning as reasoning_content where its markers are special tokens, which the answer's text would lose
+        # (Gemma 4's thought channel, GLM-4.5's <think>); Qwen3's <think> tags stay in the text, as it writes them
+        split = self.thinking(prompt)
+        split = split if split is not None and any(token in split.open for token in tokenizer.hidden_tokens) else None
+        reply = Reply(True, parser, (top or 0) if logprobs else None, self.pieces if logprobs else None, split, tokenizer.hidden_tokens)
+        extra = {"channels": channels, "special": parser is not None or split is not None, "grammar": grammar, "logprobs": reply.top,
+                 "marks": marks}
         return prompt, reply, extra
+
+    def thinking(self, prompt: list[int]) -> Thinking | None:
+        """The reader of the answer's reasoning where the chat template marks it (not a harmony model's: its channels
+        come apart in the engine); opened where the prompt ends in the opening marker."""
+        markers = thought_markers(self.tokenizer.template_source)
+        if markers is None or is_harmony(self.tokenizer):
+            return None
+        return Thinking(self.tokenizer.decode(prompt[-4:], special=True).rstrip().endswith(markers[0].rstrip()), markers)
 
     def tools(self, body: dict) -> tuple[ToolParser | None, str | None]:
         """The reader of the answer's calls, where the request offers tools, and the grammar that forces a call where
@@ -610,9 +622,13 @@ class Server:
 
 def render_conversation(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None, options: dict,
                         add_generation_prompt: bool = True) -> list[int]:
-    """The prompt's ids. Where the template refuses what OpenAI allows, it gets them as it takes them: calls'
-    arguments as JSON text (DeepSeek-V3's joins them to strings), an empty description for a tool without one
-    (gpt-oss's adds it to a string)."""
+    """The prompt's ids. Tool results go in the calling message where the template reads them there (Gemma 4's).
+    Where the template refuses what OpenAI allows, it gets them as it takes them: calls' arguments as JSON text
+    (DeepSeek-V3's joins them to strings), an empty description for a tool without one (gpt-oss's adds it to a
+    string)."""
+    format = tool_format(tokenizer)
+    if format is not None and format.results_in_call:
+        messages = with_results_in_calls(messages)
     try:
         return tokenizer.render_chat(messages, add_generation_prompt, tools, **options)
     except TokenizerError:

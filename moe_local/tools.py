@@ -71,6 +71,11 @@ class Format:
 
     separator = "\n"  # between calls, where there may be several
     parallel = True  # whether the format writes several calls in one answer
+    results_in_call = False  # whether the template reads tool results as the calling message's tool_responses
+
+    def rules(self, lit) -> list[str]:
+        """Lark rules the calls' grammar refers to, beside its own."""
+        return []
 
 
 def _json(schema: dict) -> str:
@@ -464,6 +469,147 @@ class Mistral(Delimited):
         return calls if calls and all(calls) else None
 
 
+QUOTE = '<|"|>'  # Gemma 4's string delimiter, one special token
+BARE_KEY = re.compile(r"\s*([^\s:{}\[\],<]+)\s*:")
+BARE_LITERAL = re.compile(r"[-+.0-9eEtrufalsn]*")  # a number, true, false or null, as JSON writes them
+
+
+def gemma_json(text: str, i: int) -> tuple[str, int, bool]:
+    """From a "{" at text[i]: the object Gemma 4 writes (keys bare, strings between <|"|>, numbers, true, false and
+    null as JSON writes them) as JSON text, as far as it is written: (its JSON, where it ends, whether it closed).
+    It stops where the text stops being such an object; what it returns of a text starts what it returns of any
+    longer text (a key is written once its ":" is read, a string as its characters come)."""
+    out, stack, expect, j = [], [], "value", i  # expect: "value", "key", "colon", "after" (a value: "," or a close)
+    while j < len(text):
+        c = text[j]
+        if c in " \t\r\n":
+            j += 1
+        elif text.startswith(QUOTE, j) and expect in ("value", "key") and stack:
+            k = text.find(QUOTE, j + len(QUOTE))
+            if k < 0:  # a string still being written: its characters so far (a key's once it is whole)
+                body = text[j + len(QUOTE):]
+                body = body[: len(body) - held_back(body, QUOTE)]
+                return "".join(out) + (json.dumps(body, ensure_ascii=False)[:-1] if expect == "value" else ""), len(text), False
+            out.append(json.dumps(text[j + len(QUOTE) : k], ensure_ascii=False))
+            expect, j = ("colon" if expect == "key" else "after"), k + len(QUOTE)
+        elif QUOTE.startswith(text[j:]):  # the start of a <|"|>
+            break
+        elif c in "{[" and expect == "value":
+            stack.append(c)
+            out.append(c)
+            expect, j = ("key" if c == "{" else "value"), j + 1
+        elif c in "}]" and stack and "{[".index(stack[-1]) == "}]".index(c) and (expect == "after" or out[-1] == stack[-1]):
+            stack.pop()
+            out.append(c)
+            expect, j = "after", j + 1
+            if not stack:
+                return "".join(out), j, True
+        elif c == "," and expect == "after":
+            out.append(", ")
+            expect, j = ("key" if stack[-1] == "{" else "value"), j + 1
+        elif c == ":" and expect == "colon":
+            out.append(": ")
+            expect, j = "value", j + 1
+        elif expect == "key":
+            key = BARE_KEY.match(text, j)
+            if key is None:
+                break
+            out.append(json.dumps(key.group(1), ensure_ascii=False) + ": ")
+            expect, j = "value", key.end()
+        elif expect == "value" and stack:
+            literal = BARE_LITERAL.match(text, j).group()
+            if not literal:
+                break
+            out.append(literal)
+            expect, j = "after", j + len(literal)
+        else:
+            break
+    return "".join(out), j, False
+
+
+def _gemma_string(schema: dict, lit) -> str:
+    if isinstance(schema.get("enum"), list) and all(isinstance(v, str) for v in schema["enum"]):
+        return "(" + " | ".join(f"{lit(QUOTE)} {json.dumps(v, ensure_ascii=False)} {lit(QUOTE)}" for v in schema["enum"]) + ")"
+    return f"{lit(QUOTE)} {_raw_string(schema)} {lit(QUOTE)}"
+
+
+def _gemma_members(properties: dict, required: set, lit) -> str:
+    """The members of an object in Gemma 4's notation, as its template writes them (sorted by name, no spaces), each
+    optional but the required ones: commas only between members written."""
+    names = sorted(properties)
+    members = [f'{lit(name + ":")} {_gemma_value(properties[name] if isinstance(properties[name], dict) else {}, lit)}' for name in names]
+    after, first = '""', '""'  # the members from the n-th on, after one was written / with none written before
+    for n in range(len(names) - 1, -1, -1):
+        if names[n] in required:
+            first, after = f"{members[n]} {after}", f'"," {members[n]} {after}'
+        else:
+            first, after = f"(({members[n]} {after}) | {first})", f'("," {members[n]})? {after}'
+    return first
+
+
+def _gemma_value(schema: dict, lit) -> str:
+    """The Lark of a value in Gemma 4's notation that follows `schema`: strings (enums, lengths), numbers, booleans
+    and null (as JSON, with their bounds), objects with their properties (the required ones), arrays of their items.
+    An object without properties takes any members; what the notation's grammar here does not follow (a schema with
+    no type or several, anyOf and the like) takes any value of the notation (`gemma_any`)."""
+    kind = schema.get("type")
+    if kind == "string" or (kind is None and isinstance(schema.get("enum"), list) and all(isinstance(v, str) for v in schema["enum"])):
+        return _gemma_string(schema, lit)
+    if kind in ("integer", "number", "boolean", "null"):
+        return _json(schema)
+    if kind == "object":
+        if not isinstance(schema.get("properties"), dict) or not schema["properties"]:
+            return "gemma_object"
+        return f'"{{" {_gemma_members(schema["properties"], set(schema.get("required") or ()), lit)} "}}"'
+    if kind == "array" and isinstance(schema.get("items"), dict):
+        item, low, high = _gemma_value(schema["items"], lit), int(schema.get("minItems", 0)), schema.get("maxItems")
+        if high is not None and int(high) == 0:
+            return '"[" "]"'
+        more = f'("," {item}){{{max(low - 1, 0)},{"" if high is None else int(high) - 1}}}'
+        return f'"[" {item} {more} "]"' if low > 0 else f'"[" ({item} {more})? "]"'
+    return "gemma_any"
+
+
+def gemma_any_rules(lit) -> list[str]:
+    """Lark rules of any value in Gemma 4's notation."""
+    return [f"gemma_any: {lit(QUOTE)} /[^<]*/ {lit(QUOTE)} | gemma_object | gemma_list | " + _json({"type": ["number", "boolean", "null"]}),
+            'gemma_object: "{" (/[^\\s:{}\\[\\],<"]+/ ":" gemma_any ("," /[^\\s:{}\\[\\],<"]+/ ":" gemma_any)*)? "}"',
+            'gemma_list: "[" (gemma_any ("," gemma_any)*)? "]"']
+
+
+class Gemma4(Delimited):
+    """Gemma 4's: <|tool_call>call:NAME{KEY:VALUE,...}<tool_call|> per call, one after another, the arguments in
+    Gemma's notation (`gemma_json`), sorted by name as the template writes them; the results go back in the calling
+    turn (`results_in_call`)."""
+
+    name, open, close = "gemma4", "<|tool_call>", "<tool_call|>"
+    separator = ""
+    results_in_call = True
+    HEAD = re.compile(r"\s*call:([^{\s<]+)(?=\{)")
+
+    def call(self, name, parameters, lit):
+        return f'{lit(self.open)} {lit("call:" + name)} {_gemma_value({**parameters, "type": "object"}, lit)} {lit(self.close)}'
+
+    def rules(self, lit):
+        return gemma_any_rules(lit)
+
+    def partial(self, body, tools):
+        head = self.HEAD.match(body)
+        if head is None or head.group(1) not in tools:
+            return []
+        return [Call(head.group(1), gemma_json(body, head.end())[0])]
+
+    def parse(self, body, tools):
+        head = self.HEAD.match(body)
+        if head is None:
+            return None
+        arguments, end, closed = gemma_json(body, head.end())
+        if not closed or body[end:].strip():
+            return None
+        call = _call(head.group(1), _object(arguments), tools)
+        return [call] if call else None
+
+
 class Harmony(Format):
     """gpt-oss's: messages of a header (`<|channel|>commentary to=functions.NAME <|constrain|>json`), `<|message|>`,
     the text, and an end; a message addressed to=functions.NAME is a call (its text the arguments), the final
@@ -532,10 +678,10 @@ def call_grammar(format: Format, tools: list[dict], choice: str, parallel: bool,
         calls = f"{lit(format.open)} {calls} {lit(format.close)}"
     elif isinstance(format, Mistral):
         calls = f'{lit(format.open)} "[" {calls} "]"'
-    return "\n".join([f"start: {calls}", f"call: {call}", *rules])
+    return "\n".join([f"start: {calls}", f"call: {call}", *rules, *format.rules(lit)])
 
 
-FORMATS = {f.name: f for f in (Hermes(), QwenXml(), Glm(), DeepSeek(), Mistral(), Harmony())}
+FORMATS = {f.name: f for f in (Hermes(), QwenXml(), Glm(), DeepSeek(), Mistral(), Harmony(), Gemma4())}
 
 
 def tool_format(tokenizer: Tokenizer) -> Format | None:
@@ -546,7 +692,7 @@ def tool_format(tokenizer: Tokenizer) -> Format | None:
     if is_harmony(tokenizer):
         return FORMATS["harmony"]
     for marker, name in (("<function=", "qwen3-coder"), ("<arg_key>", "glm-4.5"), ("tool▁calls▁begin", "deepseek-v3"),
-                         ("[TOOL_CALLS]", "mistral"), ("<tool_call>", "qwen3")):
+                         ("[TOOL_CALLS]", "mistral"), ("<|tool_call>", "gemma4"), ("<tool_call>", "qwen3")):
         if marker in source:
             return FORMATS[name]
     return None
@@ -689,3 +835,22 @@ def with_text_arguments(messages: list[dict]) -> list[dict]:
         return {**call, "function": {**call["function"], "arguments": json.dumps(call["function"]["arguments"], ensure_ascii=False)}}
     return [{**m, "tool_calls": [text(c) for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
 
+
+
+def with_results_in_calls(messages: list[dict]) -> list[dict]:
+    """`messages` with the tool results that follow an assistant's calls in its message, as `tool_responses`
+    ({name: the called function's, found by tool_call_id; response: the result's text}), where Gemma 4's template
+    reads them (Google's later revision of it writes an OpenAI tool message the same way)."""
+    out = []
+    for i, m in enumerate(messages):
+        if m["role"] != "tool":
+            out.append(m)
+            continue
+        calling = out[-1] if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls") else None
+        if calling is None:
+            raise ToolRequestError(f"messages[{i}] (a tool result) must follow the assistant message whose call it answers", "messages")
+        name = {c["id"]: c["function"]["name"] for c in calling["tool_calls"]}.get(m["tool_call_id"], m.get("name"))
+        if name is None:
+            raise ToolRequestError(f"messages[{i}].tool_call_id {json.dumps(m['tool_call_id'])} is none of the calls before it", "messages")
+        out[-1] = {**calling, "tool_responses": [*calling.get("tool_responses", ()), {"name": name, "response": m["content"]}]}
+    return out

@@ -376,7 +376,9 @@ GEMMA4_HEAD = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")  # ids 0-4, as in G
 # the chat format's tokens (Gemma 4's template and the converter's list of them); the ids are ours, not Google's
 GEMMA4_SPECIAL = ("<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>", "<|tool>", "<tool|>", "<|tool_call>",
                   "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>', "<|image|>", "<|audio|>", "<|video|>")
-GEMMA4_GENERATION_EOS = ("<eos>", "<turn|>")  # generation_config.json's eos_token_id: a turn ends at <turn|>
+# generation_config.json's eos_token_id ([1, 106, 50] in Google's files): a turn ends at <turn|>, and an answer that
+# called tools at <|tool_response>, where the results go
+GEMMA4_GENERATION_EOS = ("<eos>", "<turn|>", "<|tool_response>")
 
 
 @functools.cache

@@ -14,6 +14,7 @@ import chat_templates
 from builders import FAMILY_TOKENIZERS, GEMMA4_GENERATION_EOS, train_bytelevel_tokenizer, train_gemma_tokenizer
 from moe_local.errors import TokenizerError
 from moe_local.server import chat_messages, render_conversation
+from moe_local.tools import ToolRequestError
 from moe_local.tokenizer import StreamDecoder, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -170,6 +171,19 @@ def as_transformers_takes_it(messages: list[dict]) -> list[dict]:
     return [{**m, "tool_calls": [parsed(c) for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
 
 
+def as_gemma4_takes_it(messages: list[dict]) -> list[dict]:
+    """As Google's documentation gives Gemma 4's template a conversation: the results of an answer's calls in its
+    own message, as tool_responses of {name, response}, after its tool_calls."""
+    out = []
+    for m in as_transformers_takes_it(messages):
+        if m["role"] == "tool":
+            [name] = [c["function"]["name"] for c in out[-1]["tool_calls"] if c["id"] == m["tool_call_id"]]
+            out[-1] = {**out[-1], "tool_responses": out[-1].get("tool_responses", []) + [{"name": name, "response": m["content"]}]}
+        else:
+            out.append(m)
+    return out
+
+
 @pytest.mark.parametrize("options", [{}, {"enable_thinking": False}], ids=["default", "no thinking"])
 @pytest.mark.parametrize("conversation", AGENT_CONVERSATIONS)
 @pytest.mark.parametrize("family", TOOL_FAMILIES)
@@ -177,9 +191,25 @@ def test_the_servers_prompt_for_tools_calls_and_results_is_transformers(folders,
     messages = AGENT_CONVERSATIONS[conversation]
     ours = load_tokenizer(folders[family])
     got = render_conversation(ours, chat_messages({"messages": messages}), [WEATHER], options)
-    want = references[family].apply_chat_template(as_transformers_takes_it(messages), tools=[WEATHER], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=False, **options)
+    taken = as_gemma4_takes_it(messages) if family == "gemma4" else as_transformers_takes_it(messages)
+    want = references[family].apply_chat_template(taken, tools=[WEATHER], add_generation_prompt=True, tokenize=True, return_dict=False, **options)
     assert got == want
+
+
+def test_gemma4_writes_calls_in_its_notation_and_their_results_in_the_calling_turn(folders):
+    tok = load_tokenizer(folders["gemma4"])
+    text = tok.decode(render_conversation(tok, chat_messages({"messages": AGENT_CONVERSATIONS["thinking, then a call and its result"]}), [WEATHER], {}),
+                      special=True)
+    assert text.startswith('<bos><|turn>system\nYou help.<|tool>declaration:get_weather{description:<|"|>The weather in a city.<|"|>')
+    assert text.endswith(
+        "<|turn>user\nWeather in Paris?<turn|>\n"
+        '<|turn>model\n<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:3}<tool_call|>'
+        '<|tool_response>response:get_weather{value:<|"|>{"sky": "clear", "high": 21}<|"|>}<tool_response|>'
+        "<|channel>thought\n<channel|>"  # the answer goes on in the same turn, after an empty thought
+    )
+    orphan = [{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "call_0", "content": "21"}]
+    with pytest.raises(ToolRequestError, match=r"messages\[1\] \(a tool result\) must follow the assistant message whose call it answers"):
+        render_conversation(tok, chat_messages({"messages": orphan}), None, {})
 
 
 def test_qwen36_writes_calls_as_xml_and_keeps_the_reasoning_of_the_current_turn(folders):
@@ -209,7 +239,8 @@ def test_qwen36_template_refuses_a_system_message_after_the_first_in_one_line(fo
 def test_gemma4_turns_end_at_turn_close_which_ends_generation(folders):
     tok = load_tokenizer(folders["gemma4"])
     generation = json.loads((folders["gemma4"] / "generation_config.json").read_text())
-    assert generation["eos_token_id"] == [tok.token_id(t) for t in GEMMA4_GENERATION_EOS] == [tok.eos_id, tok.token_id("<turn|>")]
+    assert generation["eos_token_id"] == [tok.token_id(t) for t in GEMMA4_GENERATION_EOS] == [tok.eos_id, tok.token_id("<turn|>"),
+                                                                                              tok.token_id("<|tool_response>")]
     messages = CONVERSATIONS["two turns"]
     assert tok.render_chat_text(messages) == (
         "<bos><|turn>user\ndef f(x):<turn|>\n<|turn>model\nreturn 2 * x<turn|>\n<|turn>user\nAnd in C?<turn|>\n"

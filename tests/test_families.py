@@ -481,12 +481,12 @@ def test_chat_through_a_family_checkpoint_with_its_own_tokenizer(variant, tmp_pa
     apply_chat_template, the answer its greedy continuation up to a stop id, which include the end of a turn."""
     from transformers import AutoTokenizer
 
-    from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer, train_gemma_tokenizer
+    from builders import FAMILY_TOKENIZERS, GEMMA4_GENERATION_EOS, train_bytelevel_tokenizer, train_gemma_tokenizer
 
     reference = build_family(variant, tmp_path, vocab_size=512, bos_token_id=None, eos_token_id=None)
     if variant == "gemma4":
         special = train_gemma_tokenizer(tmp_path)
-        turn_end = [special["<eos>"], special["<turn|>"]]
+        turn_end = [special[t] for t in GEMMA4_GENERATION_EOS]
     else:
         special = train_bytelevel_tokenizer(tmp_path, **FAMILY_TOKENIZERS[variant])
         turn_end = [special[t] for t in FAMILY_TOKENIZERS[variant]["generation_eos"]]

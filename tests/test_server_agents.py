@@ -1,5 +1,5 @@
 """`moe-local serve` for agents and apps, spoken to with the official `openai` and `anthropic` clients: tool calls in
-Qwen3's, GLM-4.5's, gpt-oss's and Mistral's own formats (forced by a grammar: request with tools -> tool_calls -> tool result -> answer, streamed
+Qwen3's, GLM-4.5's, gpt-oss's, Mistral's and Gemma 4's own formats (forced by a grammar: request with tools -> tool_calls -> tool result -> answer, streamed
 and not), structured output that validates, logprobs equal to the log-softmax of the engine's logits, logit_bias.
 Tiny random checkpoints with each family's real tokenizer layout and chat template."""
 
@@ -20,7 +20,7 @@ from moe_local import anthropic_api
 from moe_local.params import Output
 from moe_local.replies import Thinking
 import chat_templates
-from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer
+from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer, train_gemma_tokenizer
 from conftest import build_mixtral, moe_local_cli
 from families import build_family
 from test_server import RunningServer
@@ -30,7 +30,7 @@ transformers = pytest.importorskip("transformers")
 KEY = "agents-key"
 VOCAB = 512
 CTX = 1024
-FAMILIES = ["qwen3_moe", "glm4_moe", "gpt_oss", "mixtral"]
+FAMILIES = ["qwen3_moe", "glm4_moe", "gpt_oss", "mixtral", "gemma4"]
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.", "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "minimum": 1, "maximum": 9}},
     "required": ["city", "days"], "additionalProperties": False}}}
@@ -53,7 +53,10 @@ def model_folder(tmp_path_factory, family: str):
         build_mixtral(folder, None, vocab_size=VOCAB)
     else:
         build_family(family, folder, vocab_size=VOCAB)
-    train_bytelevel_tokenizer(folder, vocab_size=VOCAB, **(MISTRAL if family == "mixtral" else FAMILY_TOKENIZERS[family]))
+    if family == "gemma4":
+        train_gemma_tokenizer(folder, vocab_size=VOCAB)
+    else:
+        train_bytelevel_tokenizer(folder, vocab_size=VOCAB, **(MISTRAL if family == "mixtral" else FAMILY_TOKENIZERS[family]))
     return folder
 
 
@@ -146,6 +149,8 @@ def test_a_forced_call_round_trips_and_streams_the_same(family):
     reference = transformers.AutoTokenizer.from_pretrained(folder)
     as_template_reads = turn[:2] + [{"role": "assistant", "content": "", "tool_calls": [{"id": call.id, "type": "function", "function": {
         "name": "get_weather", "arguments": json.loads(call.function.arguments)}}]}, turn[3]]
+    if name == "gemma4":  # the result in the calling turn, as Google's documentation passes it to the template
+        as_template_reads = as_template_reads[:2] + [{**as_template_reads[2], "tool_responses": [{"name": "get_weather", "response": turn[3]["content"]}]}]
     want = reference.apply_chat_template(as_template_reads, tools=[WEATHER, TIME], add_generation_prompt=True, tokenize=True, return_dict=False)
     assert then.usage.prompt_tokens == len(want)
     assert then.choices[0].finish_reason in ("stop", "length", "tool_calls")
@@ -161,7 +166,8 @@ def test_tool_choice_required_may_call_several(family):
     if name == "mixtral":
         pytest.skip("Mistral's calls are one JSON list: cut by max_tokens, it is no call (several are read in test_tools)")
     tokens = reference_tokenizer(folder).convert_ids_to_tokens(list(range(VOCAB)))
-    stops = {str(i): -100 for i, token in enumerate(tokens) if token in ("<|im_end|>", "<|endoftext|>", "<|user|>", "<|observation|>")}
+    stops = {str(i): -100 for i, token in enumerate(tokens) if token in ("<|im_end|>", "<|endoftext|>", "<|user|>", "<|observation|>",
+                                                                        "<eos>", "<turn|>", "<|tool_response>")}
     ask = dict(model="m", messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=100, temperature=0.7, seed=3,
                logit_bias=stops)  # no end of text: calls until the length
     choice = client.chat.completions.create(**ask).choices[0]
@@ -365,3 +371,32 @@ def test_thinking_comes_back_as_thinking_blocks_only_when_asked():
     # the template opened the reasoning (DeepSeek-V3.1's, Qwen3.5's): the answer starts inside it
     opened = anthropic_api.Message("m", 5, None, Thinking(opened=True), show=True).whole([Output("Hm.</think>Yes.", finish_reason="stop")])
     assert opened["content"] == [{"type": "thinking", "thinking": "Hm.", "signature": ""}, {"type": "text", "text": "Yes."}]
+
+
+def test_gemma4s_thought_channel_is_reasoning_content_and_thinking_blocks():
+    from moe_local.replies import GEMMA4_THOUGHT, Reply
+    from moe_local.tools import FORMATS, ToolParser
+
+    hidden = frozenset({"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", '<|"|>', "<eos>"})
+    # as the server decodes Gemma 4's answer (special tokens written), cut anywhere
+    text = '<|channel>thought\nParis, so ask.<channel|><|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:3}<tool_call|>'
+    outputs = [Output(text[i : i + 5]) for i in range(0, len(text), 5)] + [Output("", finish_reason="stop", completion_tokens=30)]
+
+    def reply(tools: bool) -> Reply:
+        return Reply(True, ToolParser(FORMATS["gemma4"], [WEATHER], hidden) if tools else None, thinking=Thinking(False, GEMMA4_THOUGHT), hidden=hidden)
+
+    whole = reply(True).whole(outputs)
+    assert whole["message"]["reasoning_content"] == "Paris, so ask." and whole["message"]["content"] is None
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole["message"]["tool_calls"]] == [("get_weather", {"city": "Paris", "days": 3})]
+    assert whole["finish_reason"] == "tool_calls"
+    streamed = [c for c in map(reply(True).step, outputs) if c]
+    assert "".join(c["delta"].get("reasoning_content", "") for c in streamed) == "Paris, so ask."
+    assert "".join(call["function"]["arguments"] for c in streamed for call in c["delta"].get("tool_calls", [])) == '{"city": "Paris", "days": 3}'
+    # no tools: the answer after the thought, its special tokens not shown
+    plain = [Output("<|channel>thought\nHm.<channel|>"), Output("Sunny<eos>", finish_reason="stop")]
+    assert reply(False).whole(plain)["message"] == {"role": "assistant", "content": "Sunny", "reasoning_content": "Hm."}
+    # Anthropic's: a thinking block where asked for, then the call
+    message = anthropic_api.Message("m", 5, ToolParser(FORMATS["gemma4"], [WEATHER], hidden), Thinking(False, GEMMA4_THOUGHT), show=True, hidden=hidden)
+    content = message.whole(outputs)["content"]
+    assert [b["type"] for b in content] == ["thinking", "tool_use"] and content[0]["thinking"] == "Paris, so ask."
+    assert content[1]["input"] == {"city": "Paris", "days": 3}

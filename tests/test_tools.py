@@ -66,6 +66,15 @@ CASES = {
         ('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "days": 3}[TOOL_CALLS]get_time[ARGS]{}', Parsed("", "", [PARIS, NOW])),
         ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": ', Parsed('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": ', "", [])),
     ],
+    "gemma4": [
+        ('Let me look.<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:3}<tool_call|>', Parsed("Let me look.", "", [PARIS])),
+        ('<|tool_call>call:get_weather{city:<|"|>Lyon<|"|>,zip:<|"|>69001<|"|>}<tool_call|><|tool_call>call:get_time{}<tool_call|>',
+         Parsed("", "", [LYON, NOW])),  # one after another, no separator
+        ('<|tool_call>call:get_weather{city:Paris}<tool_call|>',  # a string not between <|"|>
+         Parsed('<|tool_call>call:get_weather{city:Paris}<tool_call|>', "", [])),
+        ("<|tool_call>call:launch_missiles{}<tool_call|>", Parsed("<|tool_call>call:launch_missiles{}<tool_call|>", "", [])),
+        ("<|tool_call>call:get_time{}", Parsed("", "", [NOW])),  # unclosed at the end
+    ],
     "harmony": [
         ('<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather '
          '<|constrain|>json<|message|>{"city": "Paris", "days": 3}', Parsed("", "Need weather.\n", [PARIS])),
@@ -115,6 +124,7 @@ MALFORMED = {
     ("deepseek-v3", CASES["deepseek-v3"][2][0]): [Call("get_weather", "{")],  # "{city}" stops being JSON after its "{"
     ("mistral", CASES["mistral"][2][0]): [Call("get_weather", '{"city": ')],
     ("harmony", CASES["harmony"][3][0]): [Call("get_weather", '{"city": ')],
+    ("gemma4", CASES["gemma4"][2][0]): [Call("get_weather", '{"city": ')],
 }
 
 
@@ -144,3 +154,40 @@ def test_a_call_without_a_required_argument_is_no_call():
                                                                                        "required": ["city"]}}}]
     text = "<tool_call>get_weather\n</tool_call>"  # cut before its arguments
     assert ToolParser(FORMATS["glm-4.5"], strict).parse(text) == Parsed(text, "", [])
+
+
+def test_gemma4_forced_calls_grammar_takes_what_its_template_writes_and_nothing_malformed(tmp_path):
+    from builders import train_gemma_tokenizer
+    from moe_local.grammar import Constraint, vocabulary
+    from moe_local.tokenizer import load_tokenizer
+    from moe_local.tools import call_grammar
+
+    train_gemma_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    vocab = vocabulary(tok, tok.vocab_size, [tok.eos_id])
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "minimum": 1, "maximum": 9},
+                                               "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b"]}},
+                                               "filter": {"type": "object", "properties": {"wet": {"type": "boolean"}, "max": {"type": "number"}}}},
+              "required": ["city", "days"]}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": schema}}, {"type": "function", "function": {"name": "get_time"}}]
+    grammar = call_grammar(FORMATS["gemma4"], tools, "required", True, lambda text: tok.token_id(text) if text in tok.hidden_tokens else None)
+
+    def takes(text: str) -> bool:
+        constraint = Constraint(vocab, grammar)
+        return all(constraint.matcher.consume_token(t) for t in tok.encode(text, bos=False)) and constraint.matcher.is_accepting()
+
+    calls = [{"function": {"name": "get_weather", "arguments": {"days": 3, "city": "Paris", "tags": ["b", "a"], "filter": {"wet": False, "max": 2.5}}}},
+             {"function": {"name": "get_time", "arguments": {"zone": "UTC", "n": [1, -2.5]}}},
+             {"function": {"name": "get_weather", "arguments": {"city": "", "days": 9}}}]
+    written = tok.render_chat_text([{"role": "assistant", "content": "", "tool_calls": calls}], add_generation_prompt=False)
+    written = written[written.index("<|tool_call>") : written.rindex("<tool_call|>") + len("<tool_call|>")]
+    assert written.startswith('<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:3,filter:{max:2.5,wet:false},tags:[<|"|>b<|"|>,<|"|>a<|"|>]}')
+    assert takes(written)
+    assert ToolParser(FORMATS["gemma4"], tools).parse(written).calls == [Call(c["function"]["name"], json.dumps(c["function"]["arguments"], sort_keys=True))
+                                                                         for c in calls]
+    for wrong in ['<|tool_call>call:get_weather{days:3}<tool_call|>',  # city is required
+                  '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:10}<tool_call|>',  # days at most 9
+                  '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:3,tags:[<|"|>c<|"|>]}<tool_call|>',  # not in the enum
+                  '<|tool_call>call:get_weather{days:3,city:<|"|>Paris<|"|>}<tool_call|>',  # not in the template's order
+                  '<|tool_call>call:launch{}<tool_call|>']:
+        assert not takes(wrong), wrong
