@@ -158,13 +158,13 @@ def test_a_call_without_a_required_argument_is_no_call():
 
 def test_gemma4_forced_calls_grammar_takes_what_its_template_writes_and_nothing_malformed(tmp_path):
     from builders import train_gemma_tokenizer
-    from moe_local.grammar import Constraint, vocabulary
+    from moe_local.grammar import Grammars, vocabulary
     from moe_local.tokenizer import load_tokenizer
     from moe_local.tools import call_grammar
 
     train_gemma_tokenizer(tmp_path)
     tok = load_tokenizer(tmp_path)
-    vocab = vocabulary(tok, tok.vocab_size, [tok.eos_id])
+    grammars = Grammars(vocabulary(tok, tok.vocab_size, [tok.eos_id]))
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "minimum": 1, "maximum": 9},
                                                "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b"]}},
                                                "filter": {"type": "object", "properties": {"wet": {"type": "boolean"}, "max": {"type": "number"}}}},
@@ -173,7 +173,7 @@ def test_gemma4_forced_calls_grammar_takes_what_its_template_writes_and_nothing_
     grammar = call_grammar(FORMATS["gemma4"], tools, "required", True, lambda text: tok.token_id(text) if text in tok.hidden_tokens else None)
 
     def takes(text: str) -> bool:
-        constraint = Constraint(vocab, grammar)
+        constraint = grammars.constraint(grammar)
         return all(constraint.matcher.consume_token(t) for t in tok.encode(text, bos=False)) and constraint.matcher.is_accepting()
 
     calls = [{"function": {"name": "get_weather", "arguments": {"days": 3, "city": "Paris", "tags": ["b", "a"], "filter": {"wet": False, "max": 2.5}}}},
