@@ -82,9 +82,9 @@ class _Proj(ctypes.Structure):  # `Proj` in cpu_kernels.c
 
 class _Layer(ctypes.Structure):  # `AttentionLayer` in cpu_kernels.c
     _fields_ = [
-        *((name, ctypes.c_int) for name in ("dim", "heads", "kv_heads", "head_dim", "rot_dim", "qk_norm", "window")),
+        *((name, ctypes.c_int) for name in ("dim", "heads", "kv_heads", "head_dim", "rot_dim", "qk_norm", "window", "v_norm", "values_from_keys")),
         ("eps", ctypes.c_float), ("scale", ctypes.c_float),
-        *((name, ctypes.c_void_p) for name in ("attention_norm", "ffn_norm", "q_norm", "k_norm", "sinks")),
+        *((name, ctypes.c_void_p) for name in ("attention_norm", "ffn_norm", "q_norm", "k_norm", "out_norm", "sinks")),
         ("qkv", _Proj), ("o", _Proj),
     ]  # fmt: skip
 
@@ -92,30 +92,33 @@ class _Layer(ctypes.Structure):  # `AttentionLayer` in cpu_kernels.c
 class Fused:
     """A decode step's way through a layer's resident attention block in one kernel call (`attention_step` in
     `cpu_kernels.c`): the attention norm, the q|k|v projection (bf16, or `--resident-dtype` int8 or int4), the
-    q/k norms, rope, the cache write, attention, the output projection, the residual sum and the MoE's norm,
-    for one token (`Block.forward`) or one of each sequence of a batch step (`Block.forward_batch`), on the CPU
-    in bf16, where the same steps as torch operations cost ~25 interpreter round trips a layer. It rounds where
-    they do (see the kernel's comment); the order of the norms' sums and of the bf16 projections' differs, so
-    logits agree within bf16's rounding (the tests)."""
+    q/k norms (and Gemma 4's v norm), rope, the cache write, attention, the output projection (and Gemma 4's norm
+    after it), the residual sum and the MoE's norm where it has one, for one token (`Block.forward`) or one of each
+    sequence of a batch step (`Block.forward_batch`), on the CPU in bf16, where the same steps as torch operations
+    cost ~25 interpreter round trips a layer. It rounds where they do (see the kernel's comment); the order of the
+    norms' sums and of the bf16 projections' differs, so logits agree within bf16's rounding (the tests)."""
 
     def __init__(self, layer: _Layer, keep: list[torch.Tensor]):
         self.layer, self.keep = layer, keep  # keep: the tensors whose memory the struct points into
 
     @classmethod
-    def build(cls, attention_norm, attention, ffn_norm, rot_dim: int) -> Fused | None:
-        """For `model.Attention` `attention` between its block's two norms (RMSNorm), with rot_dim rotated
-        dimensions a head; None where the kernel does not apply: no kernels, not bf16, clipped q/k/v, a gated
-        attention or zero-centred norms (Qwen3-Next, Qwen3.5: the kernel computes neither), sizes it
-        does not take, int8 or int4 projections on a CPU without their kernels, or more queries per KV head
-        than `attend` takes (then the torch operations run, with the same results)."""
+    def build(cls, attention_norm, attention, out_norm, ffn_norm, rot_dim: int) -> Fused | None:
+        """For `model.Attention` `attention` between its block's norms (RMSNorm): before it, after its output
+        projection (out_norm: Gemma 4's, or None) and before the MoE (ffn_norm, or None where the MoE takes x
+        itself: Gemma 4), with rot_dim rotated dimensions a head; None where the kernel does not apply: no
+        kernels, not bf16, clipped q/k/v, a gated attention or zero-centred norms (Qwen3-Next, Qwen3.5: the
+        kernel computes neither), sizes it does not take, int8 or int4 projections on a CPU without their
+        kernels, or more queries per KV head than `attend` takes (then the torch operations run, with the same
+        results)."""
         lib = native.library()
         if isinstance(lib, str) or attention.clip is not None or attention.gated:
             return None
         H, Hkv, hd = attention.n_heads, attention.n_kv_heads, attention.head_dim
         D, qk = attention_norm.weight.shape[0], attention.qk_norm
-        norms = [attention_norm, ffn_norm] + ([qk.q_norm, qk.k_norm] if qk is not None else [])
+        norms = [n for n in (attention_norm, ffn_norm, out_norm) if n is not None] + ([qk.q_norm, qk.k_norm] if qk is not None else [])
         projections = [_projection(attention.wqkv, lib), _projection(attention.wo, lib)]
         if (any(n.weight.dtype != torch.bfloat16 or n.eps != attention_norm.eps or n.offset for n in norms) or None in projections
+                or (qk is not None and qk.v_norm and qk.eps != attention_norm.eps)
                 or D % 32 or hd % 8 or (H * hd) % 32 or rot_dim % 2 or rot_dim > hd
                 or H // Hkv > MAX_QUERIES[lib.bf16_pairs][hd >= 256]):  # fmt: skip
             return None
@@ -123,9 +126,10 @@ class Fused:
         keep = [n.weight for n in norms] + [t for _, t in projections for t in t] + ([sinks] if sinks is not None else [])
         (qkv, _), (o, _) = projections
         layer = _Layer(
-            D, H, Hkv, hd, rot_dim, 0 if qk is None else 1 if qk.per_head else 2, attention.window or 0, attention_norm.eps,
-            hd**-0.5 if attention.scale is None else attention.scale, *(n.weight.data_ptr() for n in norms[:2]),
-            *((n.weight.data_ptr() for n in norms[2:]) if qk is not None else (None, None)),
+            D, H, Hkv, hd, rot_dim, 0 if qk is None else 1 if qk.per_head else 2, attention.window or 0,
+            int(qk is not None and qk.v_norm), int(attention.values_from_keys), attention_norm.eps,
+            hd**-0.5 if attention.scale is None else attention.scale, _weight(attention_norm), _weight(ffn_norm),
+            _weight(None if qk is None else qk.q_norm), _weight(None if qk is None else qk.k_norm), _weight(out_norm),
             None if sinks is None else sinks.data_ptr(), qkv, o,
         )  # fmt: skip
         return cls(layer, keep)
@@ -133,8 +137,8 @@ class Fused:
     def __call__(self, x, cos, sin, caches: list[tuple[torch.Tensor, ...]], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """x [B, D] bf16: one token of each of B sequences, row b at positions[b] of caches[b] (keys and values
         [Hkv, C, hd], as `KVCache` rows hold them); cos and sin [B, rot_dim] -> (x after the attention block,
-        the MoE's input), or None where these are not the kernel's (then the torch operations run). The
-        projections read their weights once for the B rows."""
+        the MoE's input: the same tensor where the block has no ffn_norm), or None where these are not the
+        kernel's (then the torch operations run). The projections read their weights once for the B rows."""
         keys = caches[0][0]
         if (len(caches) != x.shape[0] or len(positions) != x.shape[0] or x.dtype != torch.bfloat16 or keys.dtype != torch.bfloat16 or not 0 < x.shape[0] <= MAX_ROWS or cos.shape != (x.shape[0], self.layer.rot_dim)
                 or not x.is_contiguous() or not cos.is_contiguous() or not sin.is_contiguous()
@@ -142,7 +146,8 @@ class Fused:
                 or keys.stride()[1:] != (self.layer.head_dim, 1)):  # fmt: skip
             return None
         B = x.shape[0]
-        x_out, h = torch.empty_like(x), torch.empty_like(x)
+        x_out = torch.empty_like(x)
+        h = x_out if self.layer.ffn_norm is None else torch.empty_like(x)
         code = native.library().attention_step(
             ctypes.byref(self.layer), B, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), (ctypes.c_void_p * B)(*(k.data_ptr() for k, _ in caches)),
             (ctypes.c_void_p * B)(*(v.data_ptr() for _, v in caches)), keys.stride(0), keys.shape[1], (ctypes.c_int * B)(*positions),
@@ -150,6 +155,11 @@ class Fused:
         )  # fmt: skip
         native.check(code, "attention step")
         return x_out, h
+
+
+def _weight(norm) -> int | None:
+    """A norm's weight as the kernel's pointer, or NULL for no norm."""
+    return None if norm is None else norm.weight.data_ptr()
 
 
 def _projection(linear, lib) -> tuple[_Proj, list[torch.Tensor]] | None:

@@ -1128,7 +1128,11 @@ int experts_decode(const ExpertTable* t, const uint16_t* x, const int64_t* ids, 
    attends to their positions 0 .. pos[r]; a sliding layer's cache of `positions` < its context is a ring
    (`model.Attention._ring`): position p in slot p % positions, and the token attends to every slot written,
    its window (in the slots' order, where the torch operations take the positions' order: the order of the
-   attention's sums differs). */
+   attention's sums differs). Gemma 4's block (`model.QKNorm`'s v norm, `model.Attention.values_from_keys`, `Block`'s
+   sandwich norms) as the layer's record says: the values RMS-normalised per head without a weight (v_norm); no value
+   rows in the projection, the values the keys' projection before their norm and rope (values_from_keys); the
+   output projection normalised (out_norm) before the residual sum; no ffn_norm: the MoE takes x' itself (h_out
+   is not written). */
 typedef struct {
     const void* w;         /* [N, K]: bf16; int8 with one bf16 scale per row (scale [N]); int4 in groups of `group`
                               in the CPU's layout (scale: the (scale, zero) pairs [K / group, N, 2], as int4_linear) */
@@ -1140,13 +1144,16 @@ typedef struct {
 typedef struct {
     int dim, heads, kv_heads, head_dim, rot_dim, qk_norm; /* qk_norm: 0 none, 1 per head, 2 over the whole q and k */
     int window;                                           /* a sliding layer's window, or 0 */
+    int v_norm, values_from_keys;                         /* Gemma 4's: 1 where the layer has them */
     float eps, scale;
-    const uint16_t *attention_norm, *ffn_norm, *q_norm, *k_norm;
-    const float* sinks; /* [heads] (gpt-oss), or NULL */
+    const uint16_t *attention_norm, *ffn_norm, *q_norm, *k_norm; /* ffn_norm NULL: the MoE takes x' (Gemma 4) */
+    const uint16_t* out_norm;                                    /* the output projection's norm (Gemma 4), or NULL */
+    const float* sinks;                                          /* [heads] (gpt-oss), or NULL */
     Proj qkv, o;
 } AttentionLayer;
 
-/* out [n] = w * rms_norm(x [n]) as `RMSNorm` computes it: in fp32, rounded to bf16, then times w (rounded) */
+/* out [n] = w * rms_norm(x [n]) as `RMSNorm` computes it: in fp32, rounded to bf16, then times w (rounded); w NULL:
+   rms_norm(x) rounded once (Gemma 4's v norm, `F.rms_norm` without a weight). out may be x */
 static void rms_norm(const uint16_t* x, int n, const uint16_t* w, float eps, uint16_t* out) {
     __m256 acc = _mm256_setzero_ps();
     for (int i = 0; i < n; i += 8) {
@@ -1154,7 +1161,10 @@ static void rms_norm(const uint16_t* x, int n, const uint16_t* w, float eps, uin
         acc = _mm256_fmadd_ps(v, v, acc);
     }
     const float r = 1.f / sqrtf(hsum(acc) / (float)n + eps);
-    for (int i = 0; i < n; i++) out[i] = to_bf16(from_bf16(to_bf16(from_bf16(x[i]) * r)) * from_bf16(w[i]));
+    if (!w)
+        for (int i = 0; i < n; i++) out[i] = to_bf16(from_bf16(x[i]) * r);
+    else
+        for (int i = 0; i < n; i++) out[i] = to_bf16(from_bf16(to_bf16(from_bf16(x[i]) * r)) * from_bf16(w[i]));
 }
 
 /* what a projection's kernel takes of activation rows a [R, K]: a itself (bf16 weights), their int16 forms q
@@ -1295,8 +1305,9 @@ static void rope(uint16_t* v, int rd, const uint16_t* cos, const uint16_t* sin) 
 int attention_step(const AttentionLayer* L, int R, const uint16_t* x, const uint16_t* cos, const uint16_t* sin, uint16_t* const* k_cache,
                    uint16_t* const* v_cache, long head, int positions, const int* pos, uint16_t* x_out, uint16_t* h_out, int threads) {
     const int D = L->dim, H = L->heads, Hkv = L->kv_heads, hd = L->head_dim, rd = L->rot_dim, Nq = H * hd, N = L->qkv.N;
+    const int shared = L->values_from_keys; /* no value rows: the values are the keys before their norm and rope */
     if (R < 1 || D % 32 || hd % 8 || rd % 2 || rd > hd || H % Hkv || unusable(&L->qkv) || unusable(&L->o) ||
-        N != (H + 2 * Hkv) * hd || L->qkv.K != D || L->o.N != D || L->o.K != Nq)
+        N != (H + (2 - shared) * Hkv) * hd || L->qkv.K != D || L->o.N != D || L->o.K != Nq)
         return 1;
     for (int r = 0; r < R; r++)
         if (pos[r] < 0 || (pos[r] >= positions && !L->window)) return 1;
@@ -1307,11 +1318,14 @@ int attention_step(const AttentionLayer* L, int R, const uint16_t* x, const uint
         code = linear_rows(&L->qkv, a, R, qkv, threads);
     }
     for (int r = 0; r < R && !code; r++) {
-        uint16_t *q = qkv + r * N, *k = q + Nq, *v = k + Hkv * hd;
+        uint16_t *q = qkv + r * N, *k = q + Nq, *v = k + Hkv * hd, keys[shared ? Hkv * hd : 1];
+        if (shared) v = memcpy(keys, k, sizeof(keys));
         if (L->qk_norm == 1)
             for (int i = 0; i < H + Hkv; i++) rms_norm(q + i * hd, hd, i < H ? L->q_norm : L->k_norm, L->eps, q + i * hd);
         else if (L->qk_norm == 2)
             rms_norm(q, Nq, L->q_norm, L->eps, q), rms_norm(k, Hkv * hd, L->k_norm, L->eps, k);
+        if (L->v_norm)
+            for (int i = 0; i < Hkv; i++) rms_norm(v + i * hd, hd, NULL, L->eps, v + i * hd);
         for (int i = 0; i < H + Hkv; i++) rope(q + i * hd, rd, cos + r * rd, sin + r * rd);
         const long slot = pos[r] % positions; /* pos[r] itself, but in a ring */
         for (int i = 0; i < Hkv; i++) {
@@ -1325,8 +1339,9 @@ int attention_step(const AttentionLayer* L, int R, const uint16_t* x, const uint
     if (!code) code = linear_rows(&L->o, att, R, a, threads);
     if (!code) {
         for (int r = 0; r < R; r++) {
+            if (L->out_norm) rms_norm(a + r * D, D, L->out_norm, L->eps, a + r * D);
             for (int i = 0; i < D; i++) x_out[r * D + i] = to_bf16(from_bf16(x[r * D + i]) + from_bf16(a[r * D + i]));
-            rms_norm(x_out + r * D, D, L->ffn_norm, L->eps, h_out + r * D);
+            if (L->ffn_norm) rms_norm(x_out + r * D, D, L->ffn_norm, L->eps, h_out + r * D);
         }
     }
     free(a), free(qkv), free(att);

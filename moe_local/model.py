@@ -878,14 +878,14 @@ class Block(nn.Module):
 
     def fuse(self, rot_dim: int) -> bool:
         """On the CPU: a decode step's way from the attention norm to the MoE's input (one token, or one of each
-        sequence of a batch) as one kernel call (`cpu_attention.Fused`), where it applies (not with Gemma 4's
-        norms around the attention and inside it, nor its values from keys); a linear-attention layer's from
-        its input projection to out_proj (`LinearAttention.fuse`); whether it does."""
+        sequence of a batch) as one kernel call (`cpu_attention.Fused`), where it applies, Gemma 4's norm after
+        the attention included; a linear-attention layer's from its input projection to out_proj
+        (`LinearAttention.fuse`); whether it does."""
         if isinstance(self.attention, LinearAttention):
             return self.attention.fuse()
-        plain = isinstance(self.attention_out_norm, nn.Identity) and isinstance(self.ffn_norm, RMSNorm)
-        if isinstance(self.attention, Attention) and plain and not self.attention.values_from_keys:
-            self.fused = cpu_attention.Fused.build(self.attention_norm, self.attention, self.ffn_norm, rot_dim)
+        if isinstance(self.attention, Attention):
+            out_norm, ffn_norm = (None if isinstance(n, nn.Identity) else n for n in (self.attention_out_norm, self.ffn_norm))
+            self.fused = cpu_attention.Fused.build(self.attention_norm, self.attention, out_norm, ffn_norm, rot_dim)
         return self.fused is not None
 
     def forward_batch(self, x, cos, sin, caches, positions, experts: Experts, pooled: Pooled | None = None) -> torch.Tensor:
