@@ -507,7 +507,7 @@ def _rope(raw: dict, head_dim: int, interleaved: bool = False) -> RopeConfig:
         return RopeConfig(theta, dim, interleaved=interleaved)
     if kind != "yarn":
         raise ConfigError(f"unsupported RoPE scaling {kind!r} in config.json (supported: default, yarn)")
-    original = int(params.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings") or raw["max_position_embeddings"])
+    original = _int(params.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings") or raw["max_position_embeddings"])
     scale = params.get("factor")
     scale = float(scale) if scale is not None else raw["max_position_embeddings"] / original
     attention_factor = params.get("attention_factor")
@@ -534,10 +534,17 @@ def _windows(raw: dict, n_layers: int) -> tuple[int | None, ...]:
     if types:
         if len(types) != n_layers:
             raise ConfigError(f"layer_types lists {len(types)} layers, num_hidden_layers says {n_layers}")
-        return tuple(int(window) if t == "sliding_attention" and window else None for t in types)
+        return tuple(_int(window) if t == "sliding_attention" and window else None for t in types)
     if raw.get("use_sliding_window"):
         raise ConfigError("use_sliding_window without layer_types is not supported")
-    return (int(window) if window else None,) * n_layers
+    return (_int(window) if window else None,) * n_layers
+
+
+def _int(value) -> int:
+    """A config field that counts something: int() of it, refusing a fraction int() would silently cut."""
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"not a whole number: {value!r}")
+    return int(value)
 
 
 class _Fields(dict):
@@ -568,27 +575,27 @@ class _Fields(dict):
                 return value == 0 and not isinstance(value, bool)
             if isinstance(error, TypeError):  # "int() argument must be ..., not 'NoneType'"
                 return f"not '{type(value).__name__}'" in str(error)
-            return isinstance(value, str) and str(error).endswith(f": {value!r}")  # "invalid literal for int() ...: 'x'"
+            return str(error).endswith(f": {value!r}")  # "invalid literal for int() ...: 'x'", _int's "...: 8.5"
 
         return next((key for key in reversed(self.read) if key in self and quoted(dict.__getitem__(self, key))), None)
 
 
 def _common(raw: dict, **fields) -> dict:
     """Fields read the same way by every family; a family's own fields come in `fields`."""
-    dim, n_heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
-    n_layers = int(raw["num_hidden_layers"])
-    head_dim = int(raw.get("head_dim") or dim // n_heads)
+    dim, n_heads = _int(raw["hidden_size"]), _int(raw["num_attention_heads"])
+    n_layers = _int(raw["num_hidden_layers"])
+    head_dim = _int(raw.get("head_dim") or dim // n_heads)
     out = dict(
         model_type=raw["model_type"],
-        vocab_size=int(raw["vocab_size"]),
+        vocab_size=_int(raw["vocab_size"]),
         dim=dim,
         n_layers=n_layers,
         n_heads=n_heads,
-        n_kv_heads=int(raw.get("num_key_value_heads") or n_heads),
+        n_kv_heads=_int(raw.get("num_key_value_heads") or n_heads),
         head_dim=head_dim,
-        top_k=int(raw["num_experts_per_tok"]),
+        top_k=_int(raw["num_experts_per_tok"]),
         norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
+        max_position_embeddings=_int(raw.get("max_position_embeddings", 32768)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=_eos_ids(raw),
@@ -605,24 +612,24 @@ def _common(raw: dict, **fields) -> dict:
 def _n_experts(raw: dict, *names: str) -> int:
     for name in names:
         if raw.get(name) is not None:
-            return int(raw[name])
+            return _int(raw[name])
     raise KeyError(names[0])
 
 
 def _qwen_moe_layers(raw: dict) -> tuple[int, ...]:
     """Qwen's rule: layer i is sparse unless listed in mlp_only_layers or off the decoder_sparse_step."""
-    step, dense = int(raw.get("decoder_sparse_step") or 1), set(raw.get("mlp_only_layers") or ())
-    return tuple(i for i in range(int(raw["num_hidden_layers"])) if i not in dense and (i + 1) % step == 0)
+    step, dense = _int(raw.get("decoder_sparse_step") or 1), set(raw.get("mlp_only_layers") or ())
+    return tuple(i for i in range(_int(raw["num_hidden_layers"])) if i not in dense and (i + 1) % step == 0)
 
 
 def _first_k_dense(raw: dict) -> tuple[int, ...]:
-    return tuple(range(int(raw.get("first_k_dense_replace") or 0), int(raw["num_hidden_layers"])))
+    return tuple(range(_int(raw.get("first_k_dense_replace") or 0), _int(raw["num_hidden_layers"])))
 
 
 def mixtral(raw: dict) -> ModelConfig:
     raw = raw.with_defaults(rope_theta=1e6) if isinstance(raw, _Fields) else {"rope_theta": 1e6, **raw}  # Mixtral's default
     return ModelConfig(**_common(
-        raw, n_experts=int(raw["num_local_experts"]), ffn_dim=int(raw["intermediate_size"]),
+        raw, n_experts=_int(raw["num_local_experts"]), ffn_dim=_int(raw["intermediate_size"]),
         norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
     ))
 
@@ -630,8 +637,8 @@ def mixtral(raw: dict) -> ModelConfig:
 def qwen3_moe(raw: dict) -> ModelConfig:
     bias = bool(raw.get("attention_bias", False))
     return ModelConfig(**_common(
-        raw, n_experts=_n_experts(raw, "num_experts", "num_local_experts"), ffn_dim=int(raw["moe_intermediate_size"]),
-        dense_ffn_dim=int(raw.get("intermediate_size") or 0), moe_layers=_qwen_moe_layers(raw),
+        raw, n_experts=_n_experts(raw, "num_experts", "num_local_experts"), ffn_dim=_int(raw["moe_intermediate_size"]),
+        dense_ffn_dim=_int(raw.get("intermediate_size") or 0), moe_layers=_qwen_moe_layers(raw),
         router=RouterConfig(renormalize=bool(raw.get("norm_topk_prob", False))),
         qkv_bias=bias, o_bias=bias, qk_norm="head",
     ))
@@ -639,10 +646,10 @@ def qwen3_moe(raw: dict) -> ModelConfig:
 
 def qwen2_moe(raw: dict) -> ModelConfig:
     return ModelConfig(**_common(
-        raw, n_experts=_n_experts(raw, "num_experts", "num_local_experts"), ffn_dim=int(raw["moe_intermediate_size"]),
-        dense_ffn_dim=int(raw.get("intermediate_size") or 0), moe_layers=_qwen_moe_layers(raw),
+        raw, n_experts=_n_experts(raw, "num_experts", "num_local_experts"), ffn_dim=_int(raw["moe_intermediate_size"]),
+        dense_ffn_dim=_int(raw.get("intermediate_size") or 0), moe_layers=_qwen_moe_layers(raw),
         router=RouterConfig(renormalize=bool(raw.get("norm_topk_prob", False))),
-        shared_ffn_dim=int(raw.get("shared_expert_intermediate_size") or 0), shared_gate=True,
+        shared_ffn_dim=_int(raw.get("shared_expert_intermediate_size") or 0), shared_gate=True,
         qkv_bias=bool(raw.get("qkv_bias", True)),
     ))
 
@@ -651,7 +658,7 @@ def olmoe(raw: dict) -> ModelConfig:
     bias = bool(raw.get("attention_bias", False))
     clip = raw.get("clip_qkv")
     return ModelConfig(**_common(
-        raw, n_experts=_n_experts(raw, "num_experts", "num_local_experts"), ffn_dim=int(raw["intermediate_size"]),
+        raw, n_experts=_n_experts(raw, "num_experts", "num_local_experts"), ffn_dim=_int(raw["intermediate_size"]),
         norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
         router=RouterConfig(renormalize=bool(raw.get("norm_topk_prob", False))),
         qkv_bias=bias, o_bias=bias, qk_norm="proj", clip_qkv=float(clip) if clip is not None else None,
@@ -671,16 +678,16 @@ def _hybrid(raw: dict, **fields) -> ModelConfig:
     raw = {**_QWEN_NEXT_DEFAULTS, **{k: v for k, v in raw.items() if v is not None}}
     if raw.get("hidden_act", "silu") != "silu":  # text_config's, for the multimodal file
         raise ConfigError(f"unsupported hidden_act {raw['hidden_act']!r} (only silu)")
-    n_layers, interval = int(raw["num_hidden_layers"]), int(raw["full_attention_interval"])
+    n_layers, interval = _int(raw["num_hidden_layers"]), _int(raw["full_attention_interval"])
     types = raw.get("layer_types") or ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(n_layers)]
     if len(types) != n_layers:
         raise ConfigError(f"layer_types lists {len(types)} layers, num_hidden_layers says {n_layers}")
     if unknown := set(types) - {"linear_attention", "full_attention"}:
         raise ConfigError(f"unsupported layer type {sorted(unknown)[0]!r} in layer_types (linear_attention, full_attention)")
     linear = LinearAttentionConfig(
-        k_heads=int(raw["linear_num_key_heads"]), v_heads=int(raw["linear_num_value_heads"]),
-        k_head_dim=int(raw["linear_key_head_dim"]), v_head_dim=int(raw["linear_value_head_dim"]),
-        conv_kernel=int(raw["linear_conv_kernel_dim"]),
+        k_heads=_int(raw["linear_num_key_heads"]), v_heads=_int(raw["linear_num_value_heads"]),
+        k_head_dim=_int(raw["linear_key_head_dim"]), v_head_dim=_int(raw["linear_value_head_dim"]),
+        conv_kernel=_int(raw["linear_conv_kernel_dim"]),
     )
     if linear.v_heads % linear.k_heads:
         raise ConfigError(f"linear_num_value_heads={linear.v_heads} is not a multiple of linear_num_key_heads={linear.k_heads}")
@@ -689,15 +696,15 @@ def _hybrid(raw: dict, **fields) -> ModelConfig:
     bias = bool(raw.get("attention_bias", False))
     return ModelConfig(**_common(
         {**raw, "layer_types": None}, n_experts=_n_experts(raw, "num_experts", "num_local_experts"),
-        ffn_dim=int(raw["moe_intermediate_size"]), router=RouterConfig(renormalize=bool(raw["norm_topk_prob"])),
-        shared_ffn_dim=int(raw.get("shared_expert_intermediate_size") or 0), shared_gate=True,
+        ffn_dim=_int(raw["moe_intermediate_size"]), router=RouterConfig(renormalize=bool(raw["norm_topk_prob"])),
+        shared_ffn_dim=_int(raw.get("shared_expert_intermediate_size") or 0), shared_gate=True,
         qkv_bias=bias, o_bias=bias, qk_norm="head", attn_gate=True, norm_offset=True, linear=linear,
         linear_layers=tuple(i for i, t in enumerate(types) if t == "linear_attention"), **fields,
     ))
 
 
 def qwen3_next(raw: dict) -> ModelConfig:
-    return _hybrid(raw, dense_ffn_dim=int(raw.get("intermediate_size") or 0), moe_layers=_qwen_moe_layers(raw))
+    return _hybrid(raw, dense_ffn_dim=_int(raw.get("intermediate_size") or 0), moe_layers=_qwen_moe_layers(raw))
 
 
 def qwen3_5_moe_text(raw: dict) -> ModelConfig:
@@ -721,17 +728,17 @@ def _sigmoid_router(raw: dict) -> RouterConfig:
     """GLM-4.5 and DeepSeek-V3 (`noaux_tc`): sigmoid scores, a selection bias, groups scored by their best two."""
     return RouterConfig(
         scoring="sigmoid", renormalize=bool(raw.get("norm_topk_prob", True)),
-        scaling=float(raw.get("routed_scaling_factor") or 1.0), n_group=int(raw.get("n_group") or 1),
-        topk_group=int(raw.get("topk_group") or 1), group_score="top2", correction_bias=True, fp32=True,
+        scaling=float(raw.get("routed_scaling_factor") or 1.0), n_group=_int(raw.get("n_group") or 1),
+        topk_group=_int(raw.get("topk_group") or 1), group_score="top2", correction_bias=True, fp32=True,
     )
 
 
 def glm4_moe(raw: dict) -> ModelConfig:
-    n_shared = int(raw.get("n_shared_experts") or 0)
-    ffn = int(raw["moe_intermediate_size"])
+    n_shared = _int(raw.get("n_shared_experts") or 0)
+    ffn = _int(raw["moe_intermediate_size"])
     return ModelConfig(**_common(
         raw, n_experts=_n_experts(raw, "n_routed_experts", "num_local_experts"), ffn_dim=ffn,
-        dense_ffn_dim=int(raw["intermediate_size"]), moe_layers=_first_k_dense(raw), router=_sigmoid_router(raw),
+        dense_ffn_dim=_int(raw["intermediate_size"]), moe_layers=_first_k_dense(raw), router=_sigmoid_router(raw),
         shared_ffn_dim=ffn * n_shared, qkv_bias=bool(raw.get("attention_bias", False)),
         qk_norm="head" if raw.get("use_qk_norm") else None,
     ))
@@ -739,21 +746,21 @@ def glm4_moe(raw: dict) -> ModelConfig:
 
 def _deepseek(raw: dict, router: RouterConfig, interleaved: bool) -> ModelConfig:
     mla = LatentAttentionConfig(
-        q_lora_rank=int(raw["q_lora_rank"]) if raw.get("q_lora_rank") else None,
-        kv_lora_rank=int(raw["kv_lora_rank"]), nope_dim=int(raw["qk_nope_head_dim"]),
-        rope_dim=int(raw["qk_rope_head_dim"]), v_dim=int(raw["v_head_dim"]),
+        q_lora_rank=_int(raw["q_lora_rank"]) if raw.get("q_lora_rank") else None,
+        kv_lora_rank=_int(raw["kv_lora_rank"]), nope_dim=_int(raw["qk_nope_head_dim"]),
+        rope_dim=_int(raw["qk_rope_head_dim"]), v_dim=_int(raw["v_head_dim"]),
     )
     rope = _rope(raw, mla.rope_dim, interleaved)
     scale = mla.qk_dim**-0.5
     params = _rope_params(raw)
     if rope.kind != "default" and params.get("mscale_all_dim"):
         scale *= yarn_mscale(rope.factor, params["mscale_all_dim"]) ** 2
-    ffn = int(raw["moe_intermediate_size"])
+    ffn = _int(raw["moe_intermediate_size"])
     bias = bool(raw.get("attention_bias", False))
     return ModelConfig(**_common(
         raw, n_experts=_n_experts(raw, "n_routed_experts", "num_local_experts"), ffn_dim=ffn,
-        dense_ffn_dim=int(raw["intermediate_size"]), moe_layers=_first_k_dense(raw), router=router,
-        shared_ffn_dim=ffn * int(raw.get("n_shared_experts") or 0), head_dim=mla.qk_dim, rope=rope, mla=mla,
+        dense_ffn_dim=_int(raw["intermediate_size"]), moe_layers=_first_k_dense(raw), router=router,
+        shared_ffn_dim=ffn * _int(raw.get("n_shared_experts") or 0), head_dim=mla.qk_dim, rope=rope, mla=mla,
         attn_scale=scale, qkv_bias=bias, o_bias=bias,
     ))
 
@@ -766,7 +773,7 @@ def deepseek_v2(raw: dict) -> ModelConfig:
     # transformers' DeepseekV2 router does not renormalise (whatever norm_topk_prob says); we follow it
     router = RouterConfig(
         renormalize=False, scaling=float(raw.get("routed_scaling_factor") or 1.0),
-        n_group=int(raw.get("n_group") or 1) if grouped else 1, topk_group=int(raw.get("topk_group") or 1) if grouped else 1,
+        n_group=_int(raw.get("n_group") or 1) if grouped else 1, topk_group=_int(raw.get("topk_group") or 1) if grouped else 1,
         fp32=True,
     )
     return _deepseek(raw, router, interleaved=True)
@@ -784,11 +791,11 @@ def minimax_m2(raw: dict) -> ModelConfig:
     and renormalised weights, no groups, its matmul in the model's dtype as transformers does."""
     if raw.get("scoring_func", "sigmoid") != "sigmoid":
         raise ConfigError(f"unsupported scoring_func {raw['scoring_func']!r} for minimax_m2 (sigmoid)")
-    head_dim = int(raw.get("head_dim") or int(raw["hidden_size"]) // int(raw["num_attention_heads"]))
+    head_dim = _int(raw.get("head_dim") or _int(raw["hidden_size"]) // _int(raw["num_attention_heads"]))
     if raw.get("rotary_dim") and "partial_rotary_factor" not in _rope_params(raw):
-        raw = {"partial_rotary_factor": int(raw["rotary_dim"]) / head_dim, **raw}
+        raw = {"partial_rotary_factor": _int(raw["rotary_dim"]) / head_dim, **raw}
     return ModelConfig(**_common(
-        raw, n_experts=_n_experts(raw, "num_local_experts", "num_experts"), ffn_dim=int(raw["intermediate_size"]),
+        raw, n_experts=_n_experts(raw, "num_local_experts", "num_experts"), ffn_dim=_int(raw["intermediate_size"]),
         router=RouterConfig(scoring="sigmoid", renormalize=True, correction_bias=True), qk_norm="proj",
     ))
 
@@ -827,20 +834,20 @@ def gemma4_text(raw: dict) -> ModelConfig:
     act = raw.get("hidden_activation", GELU_TANH[0])
     if act not in GELU_TANH:
         raise ConfigError(f"unsupported hidden_activation {act!r} for gemma4 ({GELU_TANH[0]})")
-    n_layers, dim = int(raw["num_hidden_layers"]), int(raw["hidden_size"])
+    n_layers, dim = _int(raw["num_hidden_layers"]), _int(raw["hidden_size"])
     types = raw.get("layer_types") or ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n_layers)]
     types = [*types[:-1], "full_attention"]  # transformers forces the last layer to full attention
-    head_dim, n_kv = int(raw.get("head_dim") or 256), int(raw.get("num_key_value_heads") or raw["num_attention_heads"])
+    head_dim, n_kv = _int(raw.get("head_dim") or 256), _int(raw.get("num_key_value_heads") or raw["num_attention_heads"])
     k_eq_v = bool(raw.get("attention_k_eq_v", False))
     # the full layers' geometry: transformers' per_layer_config where a saved file has it, else the published
     # fields (global_head_dim, and num_global_key_value_heads where keys are values)
     per_layer = raw.get("per_layer_config") or {}
     full = [per_layer.get(str(i), per_layer.get(i)) for i, t in enumerate(types) if t == "full_attention"]
     if per_layer and full and full[0]:
-        full_dim, full_kv = int(full[0].get("head_dim", head_dim)), int(full[0].get("num_key_value_heads", n_kv))
+        full_dim, full_kv = _int(full[0].get("head_dim", head_dim)), _int(full[0].get("num_key_value_heads", n_kv))
     else:
-        full_dim = int(raw.get("global_head_dim") or 512)
-        full_kv = int(raw.get("num_global_key_value_heads") or n_kv) if k_eq_v else n_kv
+        full_dim = _int(raw.get("global_head_dim") or 512)
+        full_kv = _int(raw.get("num_global_key_value_heads") or n_kv) if k_eq_v else n_kv
     ropes = raw.get("rope_parameters") or {}
     rope = _gemma4_rope(ropes.get("sliding_attention") or {"rope_theta": 10000.0}, head_dim, "default")
     full_rope = _gemma4_rope(ropes.get("full_attention") or {"rope_type": "proportional", "partial_rotary_factor": 0.25,
@@ -850,9 +857,9 @@ def gemma4_text(raw: dict) -> ModelConfig:
            "eos_token_id": 1, **raw, "layer_types": types, "head_dim": head_dim, "num_key_value_heads": n_kv,
            "num_experts_per_tok": raw["top_k_experts"]}
     return ModelConfig(**_common(
-        raw, n_experts=_n_experts(raw, "num_experts"), ffn_dim=int(raw["moe_intermediate_size"]),
+        raw, n_experts=_n_experts(raw, "num_experts"), ffn_dim=_int(raw["moe_intermediate_size"]),
         rope=rope,
-        router=RouterConfig(input_scale=True, expert_scale=True), shared_ffn_dim=int(raw["intermediate_size"]),
+        router=RouterConfig(input_scale=True, expert_scale=True), shared_ffn_dim=_int(raw["intermediate_size"]),
         qk_norm="head", attn_scale=1.0, o_bias=bool(raw.get("attention_bias", False)),
         qkv_bias=bool(raw.get("attention_bias", False)), expert_act="gelu_tanh", dense_act="gelu_tanh",
         full_attention=FullAttentionConfig(full_dim, full_kv, k_eq_v, full_rope), v_norm=True, sandwich_norms=True,
@@ -874,8 +881,8 @@ def _sparse(raw: dict, cfg: ModelConfig, n_heads: int, interleaved: bool = False
     """`cfg` (MLA with a query latent) with the lightning indexer (`n_heads`: the family's default)."""
     if cfg.mla.q_lora_rank is None:
         raise ConfigError(f"{cfg.model_type} needs q_lora_rank: its indexer reads MLA's query latent")
-    indexer = IndexerConfig(int(raw.get("index_n_heads") or n_heads), int(raw.get("index_head_dim") or 128),
-                            int(raw.get("index_topk") or 2048), cfg.mla.rope_dim, interleaved, shared)
+    indexer = IndexerConfig(_int(raw.get("index_n_heads") or n_heads), _int(raw.get("index_head_dim") or 128),
+                            _int(raw.get("index_topk") or 2048), cfg.mla.rope_dim, interleaved, shared)
     if not 0 < indexer.rope_dim <= indexer.head_dim or indexer.topk < 1:
         raise ConfigError(f"index_head_dim={indexer.head_dim} / index_topk={indexer.topk} do not fit qk_rope_head_dim={indexer.rope_dim}")
     return replace(cfg, indexer=indexer)
@@ -908,7 +915,7 @@ def _indexer_types(raw: dict, n_layers: int) -> list[str]:
         letters = {"F": "full", "S": "shared"}
         types = _layer_kinds({"index_topk_pattern": [letters.get(c, c) for c in pattern]}, "index_topk_pattern", ("full", "shared"), n_layers)
     if types is None:
-        freq, offset = max(int(raw.get("index_topk_freq") or 1), 1), int(raw.get("index_skip_topk_offset", 2))
+        freq, offset = max(_int(raw.get("index_topk_freq") or 1), 1), _int(raw.get("index_skip_topk_offset", 2))
         types = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(n_layers)]
     if types and types[0] != "full":
         raise ConfigError("glm_moe_dsa's first layer must run its indexer (indexer_types[0] = 'full'): a shared layer reuses an earlier one's choice")
@@ -920,7 +927,7 @@ def glm_moe_dsa(raw: dict) -> ModelConfig:
     GLM's geometry, the indexer's rotary in interleaved pairs as MLA's (`indexer_rope_interleave`, which the
     published files set and transformers always does), which layers are MoE from `mlp_layer_types` (else after
     `first_k_dense_replace`, 3 by default), and shared indexer layers (`_indexer_types`)."""
-    n_layers = int(raw["num_hidden_layers"])
+    n_layers = _int(raw["num_hidden_layers"])
     raw = {"topk_method": "noaux_tc", "first_k_dense_replace": 3, **raw}
     if raw["topk_method"] != "noaux_tc":
         raise ConfigError(f"unsupported topk_method {raw['topk_method']!r} for glm_moe_dsa (noaux_tc)")
@@ -938,7 +945,7 @@ def gpt_oss(raw: dict) -> ModelConfig:
         raise ConfigError(f"unsupported quantization_config.quant_method {quant!r} for gpt_oss (mxfp4, or none)")
     bias = bool(raw.get("attention_bias", True))
     return ModelConfig(**_common(
-        raw, n_experts=_n_experts(raw, "num_local_experts", "num_experts"), ffn_dim=int(raw["intermediate_size"]),
+        raw, n_experts=_n_experts(raw, "num_local_experts", "num_experts"), ffn_dim=_int(raw["intermediate_size"]),
         norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
         qkv_bias=bias, o_bias=bias, attn_sinks=True, router_bias=True, expert_act="swiglu_oai",
         swiglu_alpha=float(raw.get("swiglu_alpha", 1.702)), swiglu_limit=float(raw.get("swiglu_limit", 7.0)),

@@ -77,9 +77,14 @@ GENERATION_CONFIG = {"temperature": "temperature", "top_k": "top_k", "top_p": "t
 
 def max_new_tokens_default(gen: dict, fallback: int | None) -> int | None:
     """generation_config.json's max_new_tokens where it states one (the demo model, which never writes an
-    end of text, does), else `fallback`."""
+    end of text, does), else `fallback`. A value that is not a positive integer is an error that names the field."""
     value = gen.get("max_new_tokens")
-    return int(value) if isinstance(value, int) and value > 0 else fallback
+    if value is None:
+        return fallback
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        raise ConfigError(f"generation_config.json: max_new_tokens must be a positive integer, not {json.dumps(value)} "
+                          "(fix the file, or override it with --max-new-tokens)")
+    return int(value)
 
 
 @dataclass

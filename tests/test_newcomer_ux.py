@@ -15,7 +15,7 @@ import moe_local
 from moe_local.budget import check_beside_experts, plan_memory
 from moe_local.config import ModelConfig, preset_config
 from moe_local.errors import BudgetError, ConfigError
-from moe_local.params import SamplingParams
+from moe_local.params import SamplingParams, max_new_tokens_default
 from test_cli import assert_one_line_error, cli_in_process
 
 DEMO = Path(moe_local.__file__).parent / "demo"
@@ -103,6 +103,14 @@ def test_the_flag_replaces_a_bad_generation_config_value(monkeypatch, capsys, tm
         SamplingParams().from_generation_config(gen)
 
 
+@pytest.mark.parametrize("value", [0, -3, 2.5, "many", True])
+def test_a_bad_max_new_tokens_in_generation_config_is_named(value):
+    with pytest.raises(ConfigError, match=rf"^generation_config.json: max_new_tokens must be a positive integer, not {re_escape(json.dumps(value))} "
+                                          r"\(fix the file, or override it with --max-new-tokens\)$"):
+        max_new_tokens_default({"max_new_tokens": value}, 256)
+    assert max_new_tokens_default({"max_new_tokens": 64.0}, 256) == 64 and max_new_tokens_default({}, 256) == 256
+
+
 @pytest.mark.parametrize("field, value, says", [
     ("hidden_size", "big", "invalid literal for int()"),
     ("num_attention_heads", 0, "division or modulo by zero"),
@@ -110,6 +118,8 @@ def test_the_flag_replaces_a_bad_generation_config_value(monkeypatch, capsys, tm
     ("num_experts_per_tok", [2], "not 'list'"),
     ("rms_norm_eps", "tiny", "could not convert string to float"),
     ("sliding_window", "x", "invalid literal for int()"),
+    ("num_local_experts", 8.5, "not a whole number: 8.5"),  # int() would have cut it to 8
+    ("num_hidden_layers", 2.25, "not a whole number: 2.25"),
 ])
 def test_a_malformed_config_field_is_named(field, value, says):
     raw = json.loads((DEMO / "config.json").read_text())
