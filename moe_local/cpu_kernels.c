@@ -1530,7 +1530,8 @@ int deltanet_block(const DeltaNetBlock* L, int R, const uint16_t* x, void* const
    integer values are exact; the scales (fp16 in the weights, with 6- or 8-bit sub-block scales and minimums)
    multiply them in fp32, as ggml's vec_dot_*_q8_* do, in another order of fp32 sums.
    Expert e (of E) takes rows starts[e] .. starts[e + 1] - 1 of x [R, D] (fp32); types[e] is its two type codes
-   (gate_up's, down's: ggml's numbers, 8 Q8_0, 2 Q4_0, 6 Q5_0, 10 Q2_K, 11 Q3_K, 12 Q4_K, 13 Q5_K, 14 Q6_K, 23 IQ4_XS), gate_up[e] [2F rows of D]
+   (gate_up's, down's: ggml's numbers, 8 Q8_0, 2 Q4_0, 6 Q5_0, 10 Q2_K, 11 Q3_K, 12 Q4_K, 13 Q5_K, 14 Q6_K, 23 IQ4_XS,
+   16 IQ2_XXS, 18 IQ3_XXS: the last two once `ggml_lattices` has their tables), gate_up[e] [2F rows of D]
    (gate's rows, then up's), down[e] [D rows of F]; h = silu(gate) * up in fp32 (act ACT_GELU_TANH: GELU's tanh form,
    Gemma 4's), rounded again for down; y [R, D]
    fp32. Work items are (expert, one weight row), each row read once for all of its expert's rows (any number:
@@ -1546,6 +1547,28 @@ int deltanet_block(const DeltaNetBlock* L, int R, const uint16_t* x, void* const
 #define GGML_Q5_K 13
 #define GGML_Q6_K 14
 #define GGML_IQ4_XS 23
+#define GGML_IQ2_XXS 16
+#define GGML_IQ3_XXS 18
+
+/* IQ2_XXS's and IQ3_XXS's lattices, data of the format (gguf-py's quants.py holds them; `weights/ggml.py`
+   hands them over once the library is loaded): a grid point's 8 (IQ2_XXS) or 4 (IQ3_XXS) unsigned values as the
+   bytes of one integer, and each 7-bit sign index's 8 signs as bytes of 1 or -1 (the eighth sign is the one that
+   makes the count of minus signs even: ggml's ksigns_iq2xs) */
+static uint64_t IQ2XXS_GRID[256], IQ_SIGNS[128];
+static uint32_t IQ3XXS_GRID[256];
+static int lattices_set;
+
+/* iq2xxs [256 * 8] and iq3xxs [256 * 4]: the grids' values; ksigns [128]: the sign bytes (bit j set: value j negative) */
+int ggml_lattices(const uint8_t* iq2xxs, const uint8_t* iq3xxs, const uint8_t* ksigns) {
+    memcpy(IQ2XXS_GRID, iq2xxs, sizeof(IQ2XXS_GRID)), memcpy(IQ3XXS_GRID, iq3xxs, sizeof(IQ3XXS_GRID));
+    for (int i = 0; i < 128; i++) {
+        uint64_t signs = 0;
+        for (int j = 0; j < 8; j++) signs |= (uint64_t)((ksigns[i] >> j) & 1 ? 0xFF : 0x01) << (8 * j);
+        IQ_SIGNS[i] = signs;
+    }
+    lattices_set = 1;
+    return 0;
+}
 
 #if defined(__AVX2__) && defined(__F16C__)
 static inline float half_to_float(const uint8_t* p) {
@@ -1566,10 +1589,13 @@ static int ggml_block_bytes(int type) {
         case GGML_Q5_K: return 176;
         case GGML_Q6_K: return 210;
         case GGML_IQ4_XS: return 136;
+        case GGML_IQ2_XXS: return lattices_set ? 66 : 0;
+        case GGML_IQ3_XXS: return lattices_set ? 98 : 0;
         default: return 0;
     }
 }
-static inline int k_quant(int type) { return type >= GGML_Q2_K; } /* rounded to Q8_K: the K-quants and IQ4_XS */
+static inline int k_quant(int type) { return type >= GGML_Q2_K; } /* rounded to Q8_K: the K-quants and the IQ types */
+static inline int iq_xxs(int type) { return type == GGML_IQ2_XXS || type == GGML_IQ3_XXS; }
 
 typedef struct {
     int8_t* q;      /* [R, K] */
@@ -1682,6 +1708,33 @@ static inline void row_dot(const uint8_t* w, int type, int K, int n, const Q8Row
     for (int r = 0; r < n; r++) out[(size_t)r * stride] = hsum(acc[r]);
 }
 
+/* IQ2_XXS's and IQ3_XXS's sub-block i (32 values) of block b: the grid points' unsigned values (the result), their
+   signs as bytes of 1 or -1 (`signs`) and the integer scale 2 * s + 1 of the 4 bits s; w = d * scale * value * sign
+   / 8 (IQ2_XXS) or / 4 (IQ3_XXS), the fp16 d the block's first 2 bytes. IQ2_XXS: 8 bytes a sub-block after d, 4
+   grid indices (8 values each), then a uint32 of 4 seven-bit sign indices (one per 8 values) and s in its top 4
+   bits. IQ3_XXS: 64 bytes of grid indices after d (4 values each, 8 a sub-block), then the sub-blocks' uint32s as
+   IQ2_XXS's */
+static inline __m256i iq_values(const uint8_t* b, int type, int i, __m256i* signs, int* scale) {
+    uint32_t aux;
+    __m256i grid;
+    if (type == GGML_IQ2_XXS) {
+        const uint8_t* index = b + 2 + 8 * i;
+        grid = _mm256_set_epi64x((long long)IQ2XXS_GRID[index[3]], (long long)IQ2XXS_GRID[index[2]], (long long)IQ2XXS_GRID[index[1]],
+                                 (long long)IQ2XXS_GRID[index[0]]);
+        memcpy(&aux, index + 4, 4);
+    } else {
+        const uint8_t* index = b + 2 + 8 * i;
+        grid = _mm256_set_epi32((int)IQ3XXS_GRID[index[7]], (int)IQ3XXS_GRID[index[6]], (int)IQ3XXS_GRID[index[5]], (int)IQ3XXS_GRID[index[4]],
+                                (int)IQ3XXS_GRID[index[3]], (int)IQ3XXS_GRID[index[2]], (int)IQ3XXS_GRID[index[1]], (int)IQ3XXS_GRID[index[0]]);
+        memcpy(&aux, b + 66 + 4 * i, 4);
+    }
+    *signs = _mm256_set_epi64x((long long)IQ_SIGNS[(aux >> 21) & 127], (long long)IQ_SIGNS[(aux >> 14) & 127], (long long)IQ_SIGNS[(aux >> 7) & 127],
+                               (long long)IQ_SIGNS[aux & 127]);
+    *scale = 2 * (int)(aux >> 28) + 1;
+    return grid;
+}
+static inline float iq_d(const uint8_t* b, int type) { return half_to_float(b) * (type == GGML_IQ2_XXS ? 0.125f : 0.25f); }
+
 /* one K-quant block of 256 weights in the form every K-quant's dot product takes: w = d * scale[k / 16] * v[k]
    + dm * offset[k / 16] * (1 / ...): unsigned values v (0..63), a scale a 16 (int16; sc[i]'s halves: chunk i of
    32 values), and the offsets, such that the block's product with a Q8_K block (d_a, q, sums) is
@@ -1691,7 +1744,7 @@ typedef struct {
     __m256i sc[8];
     __m256i offset; /* int16 [16] */
     float d, dm;
-    int sign;       /* IQ4_XS: v are signed (int8 values of its table), met by the sign trick, no offsets */
+    int sign;       /* IQ4_XS, IQ2_XXS, IQ3_XXS: v are signed (int8 values), met by the sign trick, no offsets */
 } KBlock;
 
 /* Q4_K's and Q5_K's 8 six-bit scales and minimums, packed in 12 bytes */
@@ -1702,7 +1755,19 @@ static inline void k4_scales(const uint8_t* q, int* sc, int* m) {
 
 static inline void decode_k(const uint8_t* b, int type, KBlock* k) {
     const __m256i low4 = _mm256_set1_epi8(15);
-    k->sign = type == GGML_IQ4_XS;
+    k->sign = type == GGML_IQ4_XS || iq_xxs(type);
+    if (iq_xxs(type)) {
+        for (int i = 0; i < 8; i++) {
+            __m256i signs;
+            int scale;
+            const __m256i grid = iq_values(b, type, i, &signs, &scale);
+            _mm256_storeu_si256((__m256i*)(k->v + 32 * i), _mm256_sign_epi8(grid, signs));
+            k->sc[i] = _mm256_set1_epi16((int16_t)scale);
+        }
+        k->offset = _mm256_setzero_si256();
+        k->d = iq_d(b, type), k->dm = 0.f;
+        return;
+    }
     if (type == GGML_IQ4_XS) { /* d, scales_h (2 bits a sub-block of 32), scales_l [4] (4 bits one), qs [128]: sub-block i's 16
                                   bytes, low nibbles its first 16 values, high ones the rest, each an index into the
                                   non-linear table; w = d * (scale - 32) * table[index] */
@@ -1838,6 +1903,19 @@ static inline __m256 dot_k_block(const uint8_t* b, int type, const int8_t* q, co
     KSum sum = KSUM_ZERO;
     __m256i offset;
     float d, dm;
+    if (iq_xxs(type)) { /* the signs go onto the activations (the grid's values are positive): the products of the sign trick */
+        __m256i sum8 = _mm256_setzero_si256();
+        for (int i = 0; i < 8; i++) {
+            __m256i signs;
+            int scale;
+            const __m256i grid = iq_values(b, type, i, &signs, &scale);
+            const __m256i products = _mm256_maddubs_epi16(grid, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(q + 32 * i)), signs));
+            sum8 = _mm256_add_epi32(sum8, _mm256_madd_epi16(products, _mm256_set1_epi16((int16_t)scale)));
+        }
+        (void)sums;
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(iq_d(b, type) * da), _mm256_cvtepi32_ps(sum8), acc);
+        return _mm256_fmadd_ps(_mm256_set1_ps(0.f * da), _mm256_setzero_ps(), acc); /* as row_dot_k's for several rows: no offsets */
+    }
     if (type == GGML_Q6_K) {
         const uint8_t *ql = b, *qh = b + 128;
         const __m128i s = _mm_loadu_si128((const __m128i*)(b + 192));
@@ -1885,7 +1963,7 @@ static inline __m256 dot_k_block(const uint8_t* b, int type, const int8_t* q, co
 /* out[r * stride] = weight row w (K values in K-quant blocks of `type`) . row r0 + r of a (Q8_K), r < n */
 static inline void row_dot_k(const uint8_t* w, int type, int K, int n, const Q8Rows* a, int r0, float* out, int stride) {
     const int blocks = K / 256, bytes = ggml_block_bytes(type);
-    if (n == 1 && type >= GGML_Q4_K && type <= GGML_Q6_K) { /* (Q2_K, Q3_K, IQ4_XS: decoded as for several rows, below) */
+    if (n == 1 && ((type >= GGML_Q4_K && type <= GGML_Q6_K) || iq_xxs(type))) { /* (Q2_K, Q3_K, IQ4_XS: decoded as for several rows, below) */
         const size_t row = (size_t)r0;
         __m256 acc = _mm256_setzero_ps();
         for (int b = 0; b < blocks; b++)

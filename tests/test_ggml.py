@@ -1,7 +1,7 @@
-"""ggml's block numerics (`moe_local/weights/ggml.py`) and the CPU kernel for a GGUF's Q8_0/Q4_0/Q4_K/Q5_K/Q6_K
+"""ggml's block numerics (`moe_local/weights/ggml.py`) and the CPU kernel for a GGUF's Q8_0/Q4_0/Q4_K/Q5_K/Q6_K/...
 experts (`experts_ggml` in cpu_kernels.c, through `formats.Ggml`), against gguf-py's own quantization and
-dequantization (`gguf.quants`, llama.cpp's reference code in numpy). gguf-py cannot quantize to the K-quants,
-so their blocks are random bytes with scales of a sensible size: every bit pattern of the values is one a file
+dequantization (`gguf.quants`, llama.cpp's reference code in numpy). gguf-py cannot quantize to the K-quants
+or the IQ types, so their blocks are random bytes with scales of a sensible size: every bit pattern of the values is one a file
 may hold."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from moe_local.experts.formats import Ggml
 from moe_local.weights import ggml
 
 
-K_QUANTS = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS]  # (blocks of 256, activations rounded to Q8_K)
+K_QUANTS = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.IQ2_XXS, T.IQ3_XXS]  # (blocks of 256, activations rounded to Q8_K)
 
 
 def blocks(values: np.ndarray, qtype: T) -> torch.Tensor:
@@ -31,8 +31,8 @@ def blocks(values: np.ndarray, qtype: T) -> torch.Tensor:
         return torch.from_numpy(gguf.quants.quantize(values.astype(np.float32), qtype)).view(torch.uint8).view(rows, -1)
     rng, size = np.random.default_rng(int(values[0, 0] * 1e6) % 2**32), ggml.row_bytes(qtype, 256)
     raw = rng.integers(0, 256, (rows, n // 256, size), dtype=np.uint8)
-    scales = {T.Q2_K: slice(80, 84), T.Q3_K: slice(108, 110), T.Q6_K: slice(208, 210), T.IQ4_XS: slice(0, 2)}.get(qtype, slice(0, 4))  # Q4_K/Q5_K: d, dmin first
-    low, high = (-2e-3, 2e-3) if qtype in (T.Q3_K, T.Q6_K) else (1e-3, 4e-3)
+    scales = {T.Q2_K: slice(80, 84), T.Q3_K: slice(108, 110), T.Q6_K: slice(208, 210)}.get(qtype, slice(0, 4) if qtype in (T.Q4_K, T.Q5_K) else slice(0, 2))  # Q4_K/Q5_K: d, dmin first
+    low, high = (-2e-3, 2e-3) if qtype in (T.Q3_K, T.Q6_K, T.IQ2_XXS, T.IQ3_XXS) else (1e-3, 4e-3)
     raw[:, :, scales] = rng.uniform(low, high, raw[:, :, scales].shape[:2] + (raw[:, :, scales].shape[2] // 2,)).astype(np.float16).view(np.uint8)
     return torch.from_numpy(raw.reshape(rows, -1))
 
@@ -92,7 +92,7 @@ needs_kernel = pytest.mark.skipif(native.unavailable() is not None or not native
 
 @needs_kernel
 @pytest.mark.parametrize("gate_up,down", [(T.Q8_0, T.Q8_0), (T.Q4_0, T.Q4_0), (T.Q4_K, T.Q6_K), (T.Q5_K, T.Q5_K), (T.Q6_K, T.Q4_K),
-                                          (T.Q4_K, T.Q5_0), (T.Q2_K, T.Q3_K), (T.IQ4_XS, T.Q6_K)])  # fmt: skip
+                                          (T.Q4_K, T.Q5_0), (T.Q2_K, T.Q3_K), (T.IQ4_XS, T.Q6_K), (T.IQ3_XXS, T.IQ2_XXS), (T.IQ2_XXS, T.IQ3_XXS)])  # fmt: skip
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 def test_kernel_is_llama_cpps_arithmetic(gate_up, down, act):
     """llama.cpp's vec_dot_*_q8_0 / vec_dot_*_q8_K: the weights' values (gguf-py's dequantization) times the
@@ -119,7 +119,7 @@ def test_kernel_is_llama_cpps_arithmetic(gate_up, down, act):
 
 
 @needs_kernel
-@pytest.mark.parametrize("gate_up,down", [(T.Q4_K, T.Q6_K), (T.Q8_0, T.Q5_0), (T.Q3_K, T.Q2_K)])
+@pytest.mark.parametrize("gate_up,down", [(T.Q4_K, T.Q6_K), (T.Q8_0, T.Q5_0), (T.Q3_K, T.Q2_K), (T.IQ2_XXS, T.IQ3_XXS)])
 def test_kernel_gives_each_row_the_same_bits_alone_or_grouped(gate_up, down):
     cfg, fmt, views = experts(gate_up, 2, down=down)
     xs = torch.randn(19, cfg.dim, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(2))

@@ -555,7 +555,7 @@ class Fp8(ExpertFormat):
 
 
 class Ggml(ExpertFormat):
-    """A GGUF's experts in the file's own ggml blocks (Q8_0, Q4_0, Q5_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K or IQ4_XS;
+    """A GGUF's experts in the file's own ggml blocks (Q8_0, Q4_0, Q5_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS, IQ2_XXS or IQ3_XXS;
     `weights/ggml.py` owns the numerics), each MoE layer in its own types (`layer_types`: a Q4_K_M file keeps some
     layers' down in Q6_K, and where a width is not a whole number of K-quant blocks llama.cpp writes Q5_0 or Q8_0
     instead; Unsloth's dynamic quantizations mix more). An expert's buffer is self-describing: "types" holds its two ggml
@@ -571,7 +571,7 @@ class Ggml(ExpertFormat):
 
     quantized = True
     native = True
-    TYPES = tuple(GGMLQuantizationType[name] for name in ("Q8_0", "Q4_0", "Q5_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"))
+    TYPES = tuple(GGMLQuantizationType[name] for name in ("Q8_0", "Q4_0", "Q5_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ2_XXS", "IQ3_XXS"))
 
     def __init__(self, cfg: ModelConfig, layer_types: list[tuple[GGMLQuantizationType, GGMLQuantizationType]]):
         self.layer_types = list(layer_types)  # per MoE layer: (gate_up's type, down's type)

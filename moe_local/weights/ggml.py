@@ -1,6 +1,6 @@
 """ggml's block numerics: how many bytes a row of n values takes in each ggml type, and those bytes back to
 values (the reference dequantization). The types moe-local keeps as they are (`experts/formats.py`'s `Ggml`:
-Q8_0, Q4_0, Q5_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS) and the float types are decoded here in torch, on any device, with the same fp32
+Q8_0, Q4_0, Q5_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS, IQ2_XXS, IQ3_XXS) and the float types are decoded here in torch, on any device, with the same fp32
 operations as gguf-py (so the same values, bit for bit); every other type by the `gguf` package's numpy code
 (`gguf.quants.dequantize`, the format's own library).
 
@@ -21,9 +21,18 @@ Q6_K: blocks of 256 in 16 sub-blocks of 16: 128 bytes of low nibbles, 64 of high
 IQ4_XS: blocks of 256 in 8 sub-blocks of 32: fp16 d, 2 bytes of each sub-block's high 2 scale bits, 4 bytes of their
   low 4, 128 bytes of 4-bit indices (a sub-block's 16 bytes: low nibbles its first 16 values) into IQ4_TABLE:
   x = d * (scale - 32) * IQ4_TABLE[index] (136 bytes).
+IQ2_XXS: blocks of 256 in 8 sub-blocks of 32: fp16 d, then 8 bytes a sub-block: 4 indices into a grid of 256 points
+  of 8 positive values (`lattices`), and a uint32 of 4 seven-bit indices into the 128 sign patterns (one a grid
+  point; the eighth sign makes the count of minus signs even) with a 4-bit scale s in its top bits:
+  x = d * (0.5 + s) / 4 * grid value * sign (66 bytes).
+IQ3_XXS: blocks of 256 in 8 sub-blocks of 32: fp16 d, 64 bytes of indices into a grid of 256 points of 4 positive
+  values (8 a sub-block), 8 uint32s of sign indices and scale as IQ2_XXS's: x = d * (0.5 + s) / 2 * grid value * sign
+  (98 bytes).
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -36,6 +45,18 @@ FLOATS = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: tor
 Q8_0, Q4_0, Q5_0, IQ4_XS = GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q5_0, GGMLQuantizationType.IQ4_XS
 IQ4_TABLE = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # IQ4_NL's and IQ4_XS's values
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K
+IQ2_XXS, IQ3_XXS = GGMLQuantizationType.IQ2_XXS, GGMLQuantizationType.IQ3_XXS
+
+
+@functools.cache
+def lattices() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IQ2_XXS's grid uint8 [256, 8], IQ3_XXS's [256, 4] and the 128 sign patterns uint8 [128] (bit j set: value j
+    negative): data of the format, as gguf-py (llama.cpp's own tables) holds them."""
+    grids = []
+    for quant in (quants.IQ2_XXS, quants.IQ3_XXS):
+        quant.init_grid()
+        grids.append(np.ascontiguousarray(np.asarray(quant.grid).reshape(quant.grid_shape).astype(np.uint8)))
+    return grids[0], grids[1], np.frombuffer(quants.IQ2_XXS.ksigns, dtype=np.uint8).copy()
 
 
 def _half(blocks: torch.Tensor, start: int) -> torch.Tensor:
@@ -56,9 +77,29 @@ def _k4_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mins
 
 
+def _iq_xxs(blocks: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
+    """IQ2_XXS or IQ3_XXS blocks [B, bytes] -> values [B, 256] fp32."""
+    n, device = blocks.shape[0], blocks.device
+    iq2, iq3, ksigns = (torch.from_numpy(t).to(device) for t in lattices())
+    if qtype == IQ2_XXS:
+        sub = blocks[:, 2:].reshape(n, 8, 8)  # [B, 8 sub-blocks, 4 grid indices + their uint32]
+        grid = iq2.float()[sub[:, :, :4].long()].view(n, 8, 32)
+        aux = sub[:, :, 4:].contiguous().view(torch.int32).view(n, 8).long() & 0xFFFFFFFF
+    else:
+        grid = iq3.float()[blocks[:, 2:66].long()].view(n, 8, 32)  # [B, 8, 8 indices x 4 values]
+        aux = blocks[:, 66:].contiguous().view(torch.int32).view(n, 8).long() & 0xFFFFFFFF
+    db = _half(blocks, 0).view(n, 1) * (0.5 + (aux >> 28).float()) * (0.25 if qtype == IQ2_XXS else 0.5)  # [B, 8]
+    patterns = ksigns[(aux.unsqueeze(2) >> torch.tensor([0, 7, 14, 21], device=device)) & 127]  # [B, 8, 4]
+    negative = _bits(patterns, list(range(8)), 0x01).transpose(2, 3).reshape(n, 8, 32)  # [B, 8, 32]: bit j of pattern l is value 8l + j's
+    signs = 1.0 - 2.0 * negative.float()
+    return (db.unsqueeze(2) * grid * signs).view(n, 256)
+
+
 def _k_quant(blocks: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
     """K-quant blocks [B, bytes] -> values [B, 256] fp32."""
     n = blocks.shape[0]
+    if qtype in (IQ2_XXS, IQ3_XXS):
+        return _iq_xxs(blocks, qtype)
     if qtype == IQ4_XS:
         high = blocks[:, 2:4].contiguous().view(torch.int16).int()  # [B, 1]: 2 bits a sub-block of 32
         shifts = torch.arange(0, 16, 2, device=blocks.device, dtype=torch.int32)
@@ -117,7 +158,7 @@ def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType, n: int) -> torch.
         fifth = _bits(blocks[:, 2:6].unsqueeze(1), list(range(8)), 0x01).transpose(2, 3).reshape(-1, 32)  # [B, 32]: bit i of the 4 bytes
         values = (torch.cat([q & 15, q >> 4], dim=1) | (fifth << 4)).view(torch.int8) - 16  # [B, 32]
         return (_half(blocks, 0) * values.float()).view(*lead, n)
-    if qtype in (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS):
+    if qtype in (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS, IQ2_XXS, IQ3_XXS):
         return _k_quant(raw.contiguous().view(-1, row_bytes(qtype, 256)), qtype).view(*lead, n)
     values = quants.dequantize(np.ascontiguousarray(raw.numpy()), qtype)
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).view(*lead, n)
