@@ -337,7 +337,7 @@ class Server:
         thinking = bool(asked.pop("thinking", False))
         options = {"enable_thinking": thinking} if tokenizer.template_reads("enable_thinking") else {}
         prompt, reply, extra = self.chat(asked, chat_messages({"messages": messages}), options)
-        split = self.thinking(prompt)
+        split = self.thinking(prompt, extra["grammar"])
         extra["special"] |= split is not None  # GLM-4.5's <think> and Gemma 4's channel are special tokens
         message = anthropic_api.Message(self.model_id, len(prompt), reply.parser, split, thinking, tokenizer.hidden_tokens)
         return prompt, message, extra, asked
@@ -386,18 +386,19 @@ class Server:
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
         # the reasoning as reasoning_content where its markers are special tokens, which the answer's text would lose
         # (Gemma 4's thought channel, GLM-4.5's <think>); Qwen3's <think> tags stay in the text, as it writes them
-        split = self.thinking(prompt)
+        split = self.thinking(prompt, grammar)
         split = split if split is not None and any(token in split.open for token in tokenizer.hidden_tokens) else None
         reply = Reply(True, parser, (top or 0) if logprobs else None, self.pieces if logprobs else None, split, tokenizer.hidden_tokens)
         extra = {"channels": channels, "special": parser is not None or split is not None, "grammar": grammar, "logprobs": reply.top,
                  "marks": marks}
         return prompt, reply, extra
 
-    def thinking(self, prompt: list[int]) -> Thinking | None:
+    def thinking(self, prompt: list[int], grammar: str | None) -> Thinking | None:
         """The reader of the answer's reasoning where the chat template marks it (not a harmony model's: its channels
-        come apart in the engine); opened where the prompt ends in the opening marker."""
+        come apart in the engine; not where a grammar writes the answer from its first token, with no reasoning, though
+        the prompt opened it, as GLM-4.7's and Qwen3.5's do); opened where the prompt ends in the opening marker."""
         markers = thought_markers(self.tokenizer.template_source)
-        if markers is None or is_harmony(self.tokenizer):
+        if markers is None or is_harmony(self.tokenizer) or grammar is not None:
             return None
         return Thinking(self.tokenizer.decode(prompt[-4:], special=True).rstrip().endswith(markers[0].rstrip()), markers)
 

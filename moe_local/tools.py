@@ -372,6 +372,18 @@ class Glm(Delimited):
         return [call] if call else None
 
 
+class Glm47(Glm):
+    """GLM-4.7's (and GLM-5's, as SGLang's glm47 parser reads them): GLM-4.5's calls without the newlines,
+    <tool_call>NAME<arg_key>KEY</arg_key><arg_value>VALUE</arg_value>...</tool_call>, one after another."""
+
+    name = "glm-4.7"
+    separator = ""
+
+    def call(self, name, parameters, lit):
+        inner = _text_parameters(parameters, lit, ("<arg_key>",), ("</arg_key>", "<arg_value>"), ("</arg_value>",))
+        return f'{lit(self.open)} {lit(name)} {inner} {lit(self.close)}'
+
+
 class DeepSeek(Delimited):
     """DeepSeek-V3's: <｜tool▁calls▁begin｜> then per call <｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\n
     ARGS\\n```<｜tool▁call▁end｜> (V3.1 and later: <｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜>), then
@@ -681,7 +693,7 @@ def call_grammar(format: Format, tools: list[dict], choice: str, parallel: bool,
     return "\n".join([f"start: {calls}", f"call: {call}", *rules, *format.rules(lit)])
 
 
-FORMATS = {f.name: f for f in (Hermes(), QwenXml(), Glm(), DeepSeek(), Mistral(), Harmony(), Gemma4())}
+FORMATS = {f.name: f for f in (Hermes(), QwenXml(), Glm(), Glm47(), DeepSeek(), Mistral(), Harmony(), Gemma4())}
 
 
 def tool_format(tokenizer: Tokenizer) -> Format | None:
@@ -691,7 +703,7 @@ def tool_format(tokenizer: Tokenizer) -> Format | None:
         return None
     if is_harmony(tokenizer):
         return FORMATS["harmony"]
-    for marker, name in (("<function=", "qwen3-coder"), ("<arg_key>", "glm-4.5"), ("tool▁calls▁begin", "deepseek-v3"),
+    for marker, name in (("<function=", "qwen3-coder"), ("{function-name}<arg_key>", "glm-4.7"), ("<arg_key>", "glm-4.5"), ("tool▁calls▁begin", "deepseek-v3"),
                          ("[TOOL_CALLS]", "mistral"), ("<|tool_call>", "gemma4"), ("<tool_call>", "qwen3")):
         if marker in source:
             return FORMATS[name]

@@ -14,13 +14,13 @@ import chat_templates
 from builders import FAMILY_TOKENIZERS, GEMMA4_GENERATION_EOS, train_bytelevel_tokenizer, train_gemma_tokenizer
 from moe_local.errors import TokenizerError
 from moe_local.server import chat_messages, render_conversation
-from moe_local.tools import ToolRequestError
+from moe_local.tools import ToolRequestError, tool_format
 from moe_local.tokenizer import StreamDecoder, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
-FAMILIES = [*FAMILY_TOKENIZERS, "gemma4"]
-THINKING_FAMILIES = ["qwen3_moe", "qwen3_5_moe", "glm4_moe", "gemma4"]  # their templates read enable_thinking
+FAMILIES = [*FAMILY_TOKENIZERS, "gemma4", "glm47"]  # glm47: GLM-4.5's tokenizer with GLM-4.7's template
+THINKING_FAMILIES = ["qwen3_moe", "qwen3_5_moe", "glm4_moe", "gemma4", "glm47"]  # their templates read enable_thinking
 
 CONVERSATIONS = {
     "one message": [{"role": "user", "content": "Why is the sky blue?"}],
@@ -63,6 +63,8 @@ def folders(tmp_path_factory):
         train_bytelevel_tokenizer(made[family], **arguments)
     made["gemma4"] = tmp_path_factory.mktemp("gemma4")
     train_gemma_tokenizer(made["gemma4"])
+    made["glm47"] = tmp_path_factory.mktemp("glm47")
+    train_bytelevel_tokenizer(made["glm47"], **{**FAMILY_TOKENIZERS["glm4_moe"], "chat_template": chat_templates.GLM47})
     return made
 
 
@@ -161,7 +163,7 @@ AGENT_CONVERSATIONS = {
         {"role": "user", "content": "And 3 + 3?"},
     ],
 }
-TOOL_FAMILIES = ["qwen3_moe", "qwen3_5_moe", "glm4_moe", "gemma4"]  # templates with tool and thinking sections
+TOOL_FAMILIES = ["qwen3_moe", "qwen3_5_moe", "glm4_moe", "gemma4", "glm47"]  # templates with tool and thinking sections
 
 
 def as_transformers_takes_it(messages: list[dict]) -> list[dict]:
@@ -228,6 +230,18 @@ def test_qwen36_writes_calls_as_xml_and_keeps_the_reasoning_of_the_current_turn(
     earlier = tok.render_chat_text(chat_messages({"messages": AGENT_CONVERSATIONS["reasoning of an earlier answer"]}), enable_thinking=False)
     assert earlier.endswith("<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nAnd 3 + 3?<|im_end|>\n"
                             "<|im_start|>assistant\n<think>\n\n</think>\n\n")  # reasoning before the last question is left out
+
+
+def test_glm47_writes_calls_without_newlines_and_opens_the_reasoning(folders):
+    tok = load_tokenizer(folders["glm47"])
+    text = tok.decode(render_conversation(tok, chat_messages({"messages": AGENT_CONVERSATIONS["thinking, then a call and its result"]}), [WEATHER], {}),
+                      special=True)
+    assert text.endswith(  # the reasoning of the turn after the last question kept; the answer starts inside the reasoning
+        "<|user|>Weather in Paris?<|assistant|><think>The user wants the weather: ask the tool.</think><tool_call>get_weather<arg_key>city</arg_key>"
+        '<arg_value>Paris</arg_value><arg_key>days</arg_key><arg_value>3</arg_value></tool_call><|observation|><tool_response>{"sky": "clear", '
+        '"high": 21}</tool_response><|assistant|><think>')
+    assert tok.render_chat_text(CONVERSATIONS["one message"], enable_thinking=False).endswith("<|assistant|></think>")
+    assert tool_format(tok).name == "glm-4.7" and tool_format(load_tokenizer(folders["glm4_moe"])).name == "glm-4.5"
 
 
 def test_qwen36_template_refuses_a_system_message_after_the_first_in_one_line(folders):

@@ -50,6 +50,13 @@ CASES = {
         ("<tool_call>get_weather\n<arg_key>city</arg_key>\n</tool_call>",
          Parsed("<tool_call>get_weather\n<arg_key>city</arg_key>\n</tool_call>", "", [])),
     ],
+    "glm-4.7": [
+        ("<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value><arg_key>days</arg_key><arg_value>3</arg_value></tool_call>",
+         Parsed("", "", [PARIS])),
+        ("Both.<tool_call>get_time</tool_call><tool_call>get_weather<arg_key>city</arg_key><arg_value>Lyon</arg_value><arg_key>zip</arg_key>"
+         "<arg_value>69001</arg_value></tool_call>", Parsed("Both.", "", [NOW, LYON])),  # a call without arguments, as GLM-4.7 writes one
+        ("<tool_call>get_weather<arg_key>city</arg_key></tool_call>", Parsed("<tool_call>get_weather<arg_key>city</arg_key></tool_call>", "", [])),
+    ],
     "deepseek-v3": [
         ("Sure.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
          '{"city": "Paris", "days": 3}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_time\n```json\n'
@@ -121,7 +128,8 @@ MALFORMED = {
     ("qwen3", CASES["qwen3"][4][0]): [Call("get_weather", '{"city": "Par')],
     ("qwen3-coder", CASES["qwen3-coder"][2][0]): [Call("get_weather", "{")],
     ("glm-4.5", CASES["glm-4.5"][2][0]): [Call("get_weather", "{")],
-    ("deepseek-v3", CASES["deepseek-v3"][2][0]): [Call("get_weather", "{")],  # "{city}" stops being JSON after its "{"
+    ("deepseek-v3", CASES["deepseek-v3"][2][0]): [Call("get_weather", "{")],
+    ("glm-4.7", CASES["glm-4.7"][2][0]): [Call("get_weather", "{")],  # "{city}" stops being JSON after its "{"
     ("mistral", CASES["mistral"][2][0]): [Call("get_weather", '{"city": ')],
     ("harmony", CASES["harmony"][3][0]): [Call("get_weather", '{"city": ')],
     ("gemma4", CASES["gemma4"][2][0]): [Call("get_weather", '{"city": ')],
@@ -191,3 +199,25 @@ def test_gemma4_forced_calls_grammar_takes_what_its_template_writes_and_nothing_
                   '<|tool_call>call:get_weather{days:3,city:<|"|>Paris<|"|>}<tool_call|>',  # not in the template's order
                   '<|tool_call>call:launch{}<tool_call|>']:
         assert not takes(wrong), wrong
+
+
+def test_glm47_forced_calls_grammar_takes_what_its_template_writes(tmp_path):
+    import chat_templates
+    from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer
+    from moe_local.grammar import Grammars, vocabulary
+    from moe_local.tokenizer import load_tokenizer
+    from moe_local.tools import call_grammar, tool_format
+
+    train_bytelevel_tokenizer(tmp_path, **{**FAMILY_TOKENIZERS["glm4_moe"], "chat_template": chat_templates.GLM47})
+    tok = load_tokenizer(tmp_path)
+    assert tool_format(tok) is FORMATS["glm-4.7"]
+    grammars = Grammars(vocabulary(tok, tok.vocab_size, [tok.eos_id]))
+    grammar = call_grammar(FORMATS["glm-4.7"], TOOLS, "required", True, lambda text: tok.token_id(text) if text in tok.hidden_tokens else None)
+    calls = [{"function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}}, {"function": {"name": "get_time", "arguments": {}}}]
+    written = tok.render_chat_text([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": calls}], add_generation_prompt=False)
+    written = written[written.index("<tool_call>") : written.rindex("</tool_call>") + len("</tool_call>")]
+    assert written == "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value><arg_key>days</arg_key><arg_value>3</arg_value></tool_call>" \
+                      "<tool_call>get_time</tool_call>"
+    constraint = grammars.constraint(grammar)
+    assert all(constraint.matcher.consume_token(t) for t in tok.encode(written, bos=False)) and constraint.matcher.is_accepting()
+    assert ToolParser(FORMATS["glm-4.7"], TOOLS).parse(written).calls == [PARIS, NOW]
