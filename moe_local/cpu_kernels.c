@@ -423,7 +423,9 @@ int mxfp4_linear(const uint16_t* x, int M, int K, const uint8_t* blocks, const u
    that the int8 weights need one instruction to widen. Each product, silu's result and h round to bf16
    where torch's bf16 path rounds them, so the order of the sums (and for int8, the int16 activations) is
    all that differs from it. Work items are (expert, 8 outputs) in both passes; each reads its weight rows
-   once for all of its expert's rows. D and F multiples of 32, at most 16 rows an expert; `act` ACT_GELU_TANH
+   once for all of its expert's rows (bf16 weights of an expert of two rows or more: wide_products, above, where the
+   CPU has AVX512 without bf16 arithmetic). D and F multiples of 32, at most 16 rows an expert with int8 weights
+   (bf16: any number); `act` ACT_GELU_TANH
    for GeGLU experts (h = gelu_tanh(x Wg.T) * (x Wu.T), Gemma 4's); 0, or 1 for sizes or an `act` it cannot take
    (or int8 without AVX512-VNNI), 2 out of memory. */
 #define EXPERT_MAX_ROWS 16
@@ -536,6 +538,116 @@ static inline __m256 product8(const void* w, const uint16_t* scale, int n, int K
     return dot8((const uint16_t*)w + (size_t)n * K, a, K);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(BF16_PAIRS)
+/* experts_swiglu's bf16 products for an expert of several rows (a prefill's ~16 rows an expert, or more): the
+   same sums as product8 (dot8's), each weight widened once for all of the expert's rows. dot8 widens a
+   weight row for each activation row it meets (this CPU has no bf16 arithmetic), so that a prefill spent
+   most of its time widening; here a block of BF16_TILE_K k of the activation rows is widened once into the
+   core's cache, and each weight row's 32 k are widened once in registers and multiplied into the
+   accumulators of up to BF16_TILE_R rows, BF16_TILE_J weight rows at a time. Each (row, output) keeps the
+   512-bit accumulator that dot8's two 256-bit ones are the halves of (the same unpack of each 16 k into two
+   fp32 vectors, the same FMAs in the same order, the halves added and summed by hsum8 as there): the bits
+   are dot8's, whatever the number of rows. */
+#define BF16_WIDE 1
+#define BF16_TILE_K 256 /* k widened at a time: a tile's rows and its weight rows stay in L1 */
+#define BF16_TILE_R 8   /* activation rows a tile */
+#define BF16_TILE_J 2   /* weight rows a tile: BF16_TILE_R x BF16_TILE_J accumulators in registers */
+#define BF16_MAX_J 16   /* weight rows a work item (experts_swiglu's gate and up rows of 8 outputs) */
+#define BF16_WIDE_MIN_ROWS 2 /* an expert's rows from which its products take this path (one, a decode step's, stays on dot8) */
+
+/* rows a[r * K + k0 ..] (bf16), r < RN, kn k of each, as out[r * BF16_TILE_K ..] in fp32: each 32 k as dot_bf16's
+   unpacks take them (unpacklo's 16, then unpackhi's) */
+static inline void widen_rows(const uint16_t* a, int K, int RN, int k0, int kn, float* out) {
+    const __m512i zero = _mm512_setzero_si512();
+    for (int r = 0; r < RN; r++)
+        for (int k = 0; k < kn; k += 32) {
+            const __m512i v = _mm512_loadu_si512((const void*)(a + (size_t)r * K + k0 + k));
+            _mm512_storeu_ps(out + r * BF16_TILE_K + k, _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v)));
+            _mm512_storeu_ps(out + r * BF16_TILE_K + k + 16, _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v)));
+        }
+}
+
+/* acc[r * BF16_MAX_J + j] += the products of weight rows w[j] + k0 (j < JN) with the widened rows xt (r < RN),
+   kn k: JN and RN constants where inlined, so that the sums stay in registers */
+static inline __attribute__((always_inline)) void wide_tile(const uint16_t* const* w, int k0, const float* xt, int kn, __m512* acc,
+                                                            const int JN, const int RN) {
+    const __m512i zero = _mm512_setzero_si512();
+    __m512 s[BF16_TILE_J][BF16_TILE_R];
+    for (int j = 0; j < JN; j++)
+        for (int r = 0; r < RN; r++) s[j][r] = acc[r * BF16_MAX_J + j];
+    for (int k = 0; k < kn; k += 32) {
+        __m512 lo[BF16_TILE_J], hi[BF16_TILE_J];
+        for (int j = 0; j < JN; j++) {
+            const __m512i v = _mm512_loadu_si512((const void*)(w[j] + k0 + k));
+            lo[j] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v)), hi[j] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v));
+        }
+        for (int r = 0; r < RN; r++) { /* per accumulator as dot_bf16: the unpacklo products, then the unpackhi ones */
+            const __m512 xl = _mm512_loadu_ps(xt + r * BF16_TILE_K + k), xh = _mm512_loadu_ps(xt + r * BF16_TILE_K + k + 16);
+            for (int j = 0; j < JN; j++) s[j][r] = _mm512_fmadd_ps(hi[j], xh, _mm512_fmadd_ps(lo[j], xl, s[j][r]));
+        }
+    }
+    for (int j = 0; j < JN; j++)
+        for (int r = 0; r < RN; r++) acc[r * BF16_MAX_J + j] = s[j][r];
+}
+
+static void wide_tile_rows(const uint16_t* const* w, int k0, const float* xt, int kn, __m512* acc, int RN) {
+    switch (RN) {
+    case 1: wide_tile(w, k0, xt, kn, acc, BF16_TILE_J, 1); break;
+    case 2: wide_tile(w, k0, xt, kn, acc, BF16_TILE_J, 2); break;
+    case 3: wide_tile(w, k0, xt, kn, acc, BF16_TILE_J, 3); break;
+    case 4: wide_tile(w, k0, xt, kn, acc, BF16_TILE_J, 4); break;
+    case 5: wide_tile(w, k0, xt, kn, acc, BF16_TILE_J, 5); break;
+    case 6: wide_tile(w, k0, xt, kn, acc, BF16_TILE_J, 6); break;
+    case 7: wide_tile(w, k0, xt, kn, acc, BF16_TILE_J, 7); break;
+    default: wide_tile(w, k0, xt, kn, acc, BF16_TILE_J, BF16_TILE_R); break;
+    }
+}
+
+/* the sums of weight rows w[j] (j < J: a multiple of 8, at most BF16_MAX_J; each K bf16) with activation rows
+   a[r * K ..] (bf16, r < RN <= BF16_TILE_R): out[r * BF16_MAX_J / 8 + j / 8] holds outputs j / 8 * 8 .. + 7 of
+   row r, as product8 gives them */
+static void wide_products(const uint16_t* const* w, int J, const uint16_t* a, int K, int RN, __m256* out) {
+    float xt[BF16_TILE_R * BF16_TILE_K] __attribute__((aligned(64)));
+    __m512 acc[BF16_TILE_R * BF16_MAX_J];
+    for (int i = 0; i < RN * BF16_MAX_J; i++) acc[i] = _mm512_setzero_ps();
+    for (int k0 = 0; k0 < K; k0 += BF16_TILE_K) {
+        const int kn = K - k0 < BF16_TILE_K ? K - k0 : BF16_TILE_K;
+        widen_rows(a, K, RN, k0, kn, xt);
+        for (int j = 0; j < J; j += BF16_TILE_J) wide_tile_rows(w + j, k0, xt, kn, acc + j, RN);
+    }
+    for (int r = 0; r < RN; r++)
+        for (int g = 0; g < J / 8; g++) {
+            __m256 sums[8];
+            for (int j = 0; j < 8; j++) sums[j] = fold512(acc[r * BF16_MAX_J + 8 * g + j]);
+            out[r * (BF16_MAX_J / 8) + g] = hsum8(sums);
+        }
+}
+/* rows r0 .. r1 - 1 of x [., D] through 8 units n.. of the expert's h (gate_up [2F, D] bf16): the gate and up
+   products as product8 gives them, then glu8 into h [., F] */
+static void wide_gate_up(const void* gate_up, const uint16_t* x, int D, int F, int n, int r0, int r1, int act, uint16_t* h) {
+    const uint16_t* w[16];
+    for (int j = 0; j < 8; j++) w[j] = (const uint16_t*)gate_up + (size_t)(n + j) * D, w[8 + j] = (const uint16_t*)gate_up + (size_t)(F + n + j) * D;
+    for (int r = r0; r < r1; r += BF16_TILE_R) {
+        const int rn = r1 - r < BF16_TILE_R ? r1 - r : BF16_TILE_R;
+        __m256 out[BF16_TILE_R * 2];
+        wide_products(w, 16, x + (size_t)r * D, D, rn, out);
+        for (int i = 0; i < rn; i++) glu8(act, out[2 * i], out[2 * i + 1], h + (size_t)(r + i) * F + n);
+    }
+}
+
+/* rows r0 .. r1 - 1 of h [., F] through 8 outputs d.. of the expert's down [D, F] (bf16) into y [., D] */
+static void wide_down(const void* down, const uint16_t* h, int D, int F, int d, int r0, int r1, float* y) {
+    const uint16_t* w[8];
+    for (int j = 0; j < 8; j++) w[j] = (const uint16_t*)down + (size_t)(d + j) * F;
+    for (int r = r0; r < r1; r += BF16_TILE_R) {
+        const int rn = r1 - r < BF16_TILE_R ? r1 - r : BF16_TILE_R;
+        __m256 out[BF16_TILE_R * 2];
+        wide_products(w, 8, h + (size_t)r * F, F, rn, out);
+        for (int i = 0; i < rn; i++) _mm256_storeu_ps(y + (size_t)(r + i) * D + d, out[2 * i]);
+    }
+}
+#endif
+
 int experts_swiglu(const uint16_t* x, int D, int F, int E, const int* starts, const void* const* gate_up,
                    const void* const* down, const uint16_t* const* gate_up_scale, const uint16_t* const* down_scale,
                    float* y, int threads, int act) {
@@ -545,7 +657,7 @@ int experts_swiglu(const uint16_t* x, int D, int F, int E, const int* starts, co
 #endif
     if (D % 32 || F % 32 || E < 1 || (act != ACT_SILU && act != ACT_GELU_TANH)) return 1;
     for (int e = 0; e < E; e++)
-        if (starts[e + 1] < starts[e] || starts[e + 1] - starts[e] > EXPERT_MAX_ROWS) return 1;
+        if (starts[e + 1] < starts[e] || (int8 && starts[e + 1] - starts[e] > EXPERT_MAX_ROWS)) return 1;
     const int R = starts[E], rows = R ? R : 1;
     uint16_t* h = malloc(sizeof(uint16_t) * (size_t)rows * F); /* [R, F] bf16 */
     int16_t *xq = NULL, *hq = NULL; /* int8 weights: the activations as int16, times xs[r], hs[r] */
@@ -570,6 +682,12 @@ int experts_swiglu(const uint16_t* x, int D, int F, int E, const int* starts, co
 #pragma omp for schedule(static)
         for (long item = 0; item < (long)E * fb; item++) { /* 8 units of h: their gate and up rows */
             const int e = (int)(item / fb), n = (int)(item % fb) * 8;
+#ifdef BF16_WIDE
+            if (!int8 && starts[e + 1] - starts[e] >= BF16_WIDE_MIN_ROWS) {
+                wide_gate_up(gate_up[e], x, D, F, n, starts[e], starts[e + 1], act, h);
+                continue;
+            }
+#endif
             const uint16_t* scale = int8 ? gate_up_scale[e] : NULL;
             for (int r = starts[e]; r < starts[e + 1]; r++) {
                 const uint16_t* a = x + (size_t)r * D;
@@ -587,6 +705,12 @@ int experts_swiglu(const uint16_t* x, int D, int F, int E, const int* starts, co
 #pragma omp for schedule(static)
         for (long item = 0; item < (long)E * db; item++) { /* 8 outputs */
             const int e = (int)(item / db), d = (int)(item % db) * 8;
+#ifdef BF16_WIDE
+            if (!int8 && starts[e + 1] - starts[e] >= BF16_WIDE_MIN_ROWS) {
+                wide_down(down[e], h, D, F, d, starts[e], starts[e + 1], y);
+                continue;
+            }
+#endif
             const uint16_t* scale = int8 ? down_scale[e] : NULL;
             for (int r = starts[e]; r < starts[e + 1]; r++)
                 _mm256_storeu_ps(y + (size_t)r * D + d,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 import os
 import platform
 import shutil
@@ -201,7 +203,7 @@ def test_the_cpu_kernel_runs_a_layers_experts_as_torch_does_but_for_the_order_of
     # each row's result is its own: it does not depend on the rows beside it (so batching changes nothing)
     assert torch.equal(fmt.forward_grouped(xs[1:2], [1], experts[1:2]), got[1:2])
     assert torch.equal(fmt.forward_grouped(xs[4:20], [16], experts[3:]), got[4:20])
-    # an expert of more than 16 rows (a prefill's) runs them 16 at a time: the same bits
+    # an expert of more than 16 rows (a prefill's; int8 and int4 run them 16 at a time): the same bits
     more = fmt.forward_grouped(torch.cat([xs[4:20], xs[:5]]), [21], experts[3:])
     assert torch.equal(more, torch.cat([got[4:20], fmt.forward_grouped(xs[:5], [5], experts[3:])]))
     # what it does not take: fp32, fp32 weights or scales (int4: CUDA's layout), widths not multiples of 32
@@ -212,6 +214,39 @@ def test_the_cpu_kernel_runs_a_layers_experts_as_torch_does_but_for_the_order_of
     odd = small_config(hidden_size=96, intermediate_size=160) if weights == "int4" else small_config(hidden_size=48, intermediate_size=80)
     other = kernel_format(weights, odd)
     assert other.forward_grouped(xs[:1, : odd.dim], [1], [other.unpack(torch.zeros(other.expert_bytes, dtype=torch.uint8))]) is None
+
+
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"moe-local's CPU kernels: {native.unavailable()}")
+def test_a_bf16_expert_of_many_rows_gives_each_row_the_bits_it_gets_alone():
+    """A prefill's bf16 experts (two rows or more) widen each weight once for all of their rows, in tiles of 8
+    rows and 256 k (`wide_products` in cpu_kernels.c); every row count from 1 to 17 and 37 (whole tiles and
+    each rest), a width of a whole k tile and a rest (320) and one under a tile (96, the down products), give
+    each row the kernel's fp32 sums it gets alone (a decode step's path, `dot8`), bit for bit, and so the same
+    bf16 outputs; those are torch's but for the order of sums."""
+    cfg = small_config(hidden_size=320, intermediate_size=96)
+    fmt = kernel_format("bf16", cfg)
+    store = ExpertStore(cfg, fmt, pin=False)
+    gen = torch.Generator().manual_seed(0)
+    store.fill_from(lambda layer, expert, w: torch.randn(cfg.expert_shapes[w], generator=gen) / 8, torch.device("cpu"))
+    counts = [*range(1, 18), 37]
+    experts = [fmt.unpack(store.buffer((0, e % 4))) for e in range(len(counts))]
+    xs = torch.randn(sum(counts), cfg.dim, generator=gen).bfloat16()
+    owner = [w for w, c in zip(experts, counts) for _ in range(c)]  # each row's expert
+
+    def sums(xs: torch.Tensor, counts: list[int], experts: list) -> torch.Tensor:  # the kernel's fp32 output, before bf16
+        n, lib = len(counts), native.library()
+        starts = (ctypes.c_int * (n + 1))(0, *itertools.accumulate(counts))
+        gate_up, down = ((ctypes.c_void_p * n)(*(w[name].data_ptr() for w in experts)) for name in ("gate_up", "down"))
+        y = torch.empty(xs.shape, dtype=torch.float32)
+        native.check(lib.experts_swiglu(xs.data_ptr(), cfg.dim, cfg.ffn_dim, n, starts, gate_up, down, None, None, y.data_ptr(), 2, 0), "experts")
+        return y
+
+    alone = torch.cat([sums(xs[r : r + 1], [1], [owner[r]]) for r in range(len(owner))])
+    assert torch.equal(sums(xs, counts, experts), alone)
+    got = fmt.forward_grouped(xs, counts, experts)
+    assert torch.equal(got, alone.bfloat16())
+    want = torch.cat([fmt.forward(part, w) for part, w in zip(xs.split(counts), experts)])  # torch's path
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=2**-6 * want.abs().max().item())
 
 
 @pytest.mark.skipif(native.unavailable() is not None, reason=f"moe-local's CPU kernels: {native.unavailable()}")

@@ -30,7 +30,7 @@ from moe_local.weights.compressed import PackedInt4
 from moe_local.weights.fp8 import Fp8Blocks
 
 ALIGN = 256  # bytes: every part of an expert, and every expert, starts on this boundary
-GROUPED_MAX_ROWS = 16  # rows an expert may take in `Dense.forward_grouped`'s kernel (a decode step's few tokens)
+GROUPED_MAX_ROWS = 16  # rows an expert may take in one run of the int8 and int4 grouped kernels (bf16's take any number)
 EXPERTS_DTYPES = ("auto", "bf16", "fp16", "fp32", "int8", "int4", "mxfp4", "fp8")
 FP8_BLOCK = (128, 128)  # the blocks of fp8 experts quantized from other weights: the published checkpoints' size
 GROUP_SIZES = (32, 64, 128, 256)  # what both int4 kernels accept
@@ -218,13 +218,15 @@ class DecodeTable:
 def swiglu_grouped(cfg: ModelConfig, xs: torch.Tensor, counts: list[int], weights: list[Weights], kind: str, group: int = 0,
                    block_rows: int = 0) -> torch.Tensor | None:  # fmt: skip
     """`forward_grouped` for SwiGLU (or GeGLU, not fp8) experts without biases whose weights are bf16, int8 with bf16 scales
-    (`kind`; where the CPU has AVX512-VNNI) or int4 in groups of `group` (CPU layout; VNNI and VBMI), up to
-    `GROUPED_MAX_ROWS` rows a call's expert: moe-local's CPU kernels (`native.py`), one call for a layer's experts
-    instead of ~5 torch calls each (~50 us apiece for the demo model's small ones); an expert with more rows (a
-    prefill's) is several of the call's experts with the same weights, each of up to that many rows: each row's
-    sums are its own, so the bits do not depend on the split, and each weight read serves up to 16 rows, where
-    torch's bf16 matmuls (oneDNN, without AVX512-BF16) took 1.4x the time and its int4 kernel 1.5-2.3x for an
-    expert's 16 rows at Qwen3.6-35B-A3B's widths (a 512-token prompt routes ~16 rows to each of its 256 experts). Rounds where torch's
+    (`kind`; where the CPU has AVX512-VNNI) or int4 in groups of `group` (CPU layout; VNNI and VBMI): moe-local's CPU
+    kernels (`native.py`), one call for a layer's experts instead of ~5 torch calls each (~50 us apiece for the demo
+    model's small ones). bf16 experts take any number of rows: an expert's products of two rows or more widen each
+    weight once for all of them (2.4-2.7x the runs of 16 below for a 512-token prompt's rows at Qwen3.6-35B-A3B's
+    widths, docs/measurements.md), with the bits of one row at a time. int8 and int4 take up to `GROUPED_MAX_ROWS`
+    rows a call's expert: an expert with more rows (a prefill's) is several of the call's experts with the same
+    weights, each of up to that many rows: each row's sums are its own, so the bits do not depend on the split, and
+    each weight read serves up to 16 rows, where torch's int4 kernel took 1.5-2.3x the time for an expert's 16 rows
+    at Qwen3.6-35B-A3B's widths (a 512-token prompt routes ~16 rows to each of its 256 experts). Rounds where torch's
     bf16 path rounds; the order of the sums differs, int8 weights meet the activations as int16 (2^-15 of
     each row's largest value) and int4 weights as int8 (2^-8 of the largest of each 32). `int4-cuda`: int4
     in CUDA's layout, from host buffers (the CPU channel beside a GPU), any number of rows. `fp8`: e4m3 in blocks of
@@ -232,7 +234,7 @@ def swiglu_grouped(cfg: ModelConfig, xs: torch.Tensor, counts: list[int], weight
     lib = grouped_kernels(cfg, kind, group)
     if lib is None or xs.dtype != torch.bfloat16 or xs.is_cuda:
         return None
-    if kind != "int4-cuda" and max(counts) > GROUPED_MAX_ROWS:  # an expert's rows in runs of up to GROUPED_MAX_ROWS
+    if kind not in ("int4-cuda", "bf16") and max(counts) > GROUPED_MAX_ROWS:  # an expert's rows in runs of up to GROUPED_MAX_ROWS
         runs = [(w, min(GROUPED_MAX_ROWS, c - start)) for w, c in zip(weights, counts) for start in range(0, c, GROUPED_MAX_ROWS)]
         weights, counts = [w for w, _ in runs], [rows for _, rows in runs]
     xs, n, act = xs.contiguous(), len(counts), KERNEL_ACTIVATIONS[cfg.expert_act]
