@@ -39,7 +39,7 @@ from moe_local import anthropic_api
 from moe_local.replies import Reply, Thinking, thought_markers
 from moe_local.tokenizer import Tokenizer, load_tokenizer
 from moe_local.tools import (ToolParser, ToolRequestError, call_grammar, template_message, tool_format, tool_request, with_results_in_calls,
-                             with_text_arguments)
+                             with_system_tools, with_text_arguments)
 
 if TYPE_CHECKING:  # the engine's side only: the HTTP process imports neither these nor torch
     from moe_local.batch import Request
@@ -623,13 +623,16 @@ class Server:
 
 def render_conversation(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None, options: dict,
                         add_generation_prompt: bool = True) -> list[int]:
-    """The prompt's ids. Tool results go in the calling message where the template reads them there (Gemma 4's).
+    """The prompt's ids. Tool results go in the calling message where the template reads them there (Gemma 4's); the
+    tools go in the system message where the model's documentation puts them there (DeepSeek-V3.1's).
     Where the template refuses what OpenAI allows, it gets them as it takes them: calls' arguments as JSON text
     (DeepSeek-V3's joins them to strings), an empty description for a tool without one (gpt-oss's adds it to a
     string)."""
     format = tool_format(tokenizer)
     if format is not None and format.results_in_call:
         messages = with_results_in_calls(messages)
+    if tools and format is not None and format.tools_in_system and not tokenizer.template_reads("tools"):
+        messages, tools = with_system_tools(messages, format.system_tools(tools)), None
     try:
         return tokenizer.render_chat(messages, add_generation_prompt, tools, **options)
     except TokenizerError:

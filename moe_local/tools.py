@@ -72,6 +72,11 @@ class Format:
     separator = "\n"  # between calls, where there may be several
     parallel = True  # whether the format writes several calls in one answer
     results_in_call = False  # whether the template reads tool results as the calling message's tool_responses
+    tools_in_system = False  # whether the tools go in the system message (`system_tools`), where the template takes none
+
+    def system_tools(self, tools: list[dict]) -> str:
+        """The tools as the model's documentation has them written into the system message."""
+        raise NotImplementedError
 
     def rules(self, lit) -> list[str]:
         """Lark rules the calls' grammar refers to, beside its own."""
@@ -433,6 +438,29 @@ class DeepSeek(Delimited):
         return calls or None
 
 
+class DeepSeek31(DeepSeek):
+    """DeepSeek-V3.1's: DeepSeek-V3's blocks with <｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜> calls. Its chat
+    template writes calls and results but not the tools: its model card has them in the system message
+    (`system_tools`)."""
+
+    name = "deepseek-v3.1"
+    tools_in_system = True
+
+    def call(self, name, parameters, lit):
+        return f'{lit("<｜tool▁call▁begin｜>")} {lit(name)} {lit("<｜tool▁sep｜>")} {_json(parameters)} {lit("<｜tool▁call▁end｜>")}'
+
+    def system_tools(self, tools):
+        # the model card's tool description, word for word; the parameters as its json.dumps writes them
+        described = "".join(f"\n### {t['function']['name']}\nDescription: {t['function'].get('description') or ''}\n\n"
+                            f"Parameters: {json.dumps(t['function'].get('parameters') or {})}\n" for t in tools)
+        return ("## Tools\nYou have access to the following tools:\n" + described +
+                "\nIMPORTANT: ALWAYS adhere to this exact format for tool use:\n<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>tool_call_name"
+                "<｜tool▁sep｜>tool_call_arguments<｜tool▁call▁end｜>{additional_tool_calls}<｜tool▁calls▁end｜>\n\nWhere:\n"
+                "- `tool_call_name` must be an exact match to one of the available tools\n"
+                "- `tool_call_arguments` must be valid JSON that strictly follows the tool's Parameters Schema\n"
+                "- For multiple tool calls, chain them directly without separators or spaces")
+
+
 class Mistral(Delimited):
     """Mistral's: [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...] (Mixtral-8x22B, v3), or
     [TOOL_CALLS]NAME[ARGS]{...} per call (v11 and later); to the end of the answer."""
@@ -693,20 +721,21 @@ def call_grammar(format: Format, tools: list[dict], choice: str, parallel: bool,
     return "\n".join([f"start: {calls}", f"call: {call}", *rules, *format.rules(lit)])
 
 
-FORMATS = {f.name: f for f in (Hermes(), QwenXml(), Glm(), Glm47(), DeepSeek(), Mistral(), Harmony(), Gemma4())}
+FORMATS = {f.name: f for f in (Hermes(), QwenXml(), Glm(), Glm47(), DeepSeek(), DeepSeek31(), Mistral(), Harmony(), Gemma4())}
 
 
 def tool_format(tokenizer: Tokenizer) -> Format | None:
-    """The format the model's chat template tells it to write calls in; None where the template takes no tools."""
+    """The format the model's chat template tells it to write calls in; None where the template takes no tools (but
+    DeepSeek-V3.1's, which writes calls and results, and whose model card has the tools in the system message)."""
     source = tokenizer.template_source
-    if not tokenizer.template_reads("tools"):
-        return None
+    reads = tokenizer.template_reads("tools")
     if is_harmony(tokenizer):
-        return FORMATS["harmony"]
-    for marker, name in (("<function=", "qwen3-coder"), ("{function-name}<arg_key>", "glm-4.7"), ("<arg_key>", "glm-4.5"), ("tool▁calls▁begin", "deepseek-v3"),
-                         ("[TOOL_CALLS]", "mistral"), ("<|tool_call>", "gemma4"), ("<tool_call>", "qwen3")):
+        return FORMATS["harmony"] if reads else None
+    for marker, name in (("<function=", "qwen3-coder"), ("{function-name}<arg_key>", "glm-4.7"), ("<arg_key>", "glm-4.5"),
+                         ("```json", "deepseek-v3"), ("tool▁calls▁begin", "deepseek-v3.1"), ("[TOOL_CALLS]", "mistral"),
+                         ("<|tool_call>", "gemma4"), ("<tool_call>", "qwen3")):
         if marker in source:
-            return FORMATS[name]
+            return FORMATS[name] if reads or FORMATS[name].tools_in_system else None
     return None
 
 
@@ -866,3 +895,12 @@ def with_results_in_calls(messages: list[dict]) -> list[dict]:
             raise ToolRequestError(f"messages[{i}].tool_call_id {json.dumps(m['tool_call_id'])} is none of the calls before it", "messages")
         out[-1] = {**calling, "tool_responses": [*calling.get("tool_responses", ()), {"name": name, "response": m["content"]}]}
     return out
+
+
+def with_system_tools(messages: list[dict], text: str) -> list[dict]:
+    """`messages` with `text` (the tools, see `Format.system_tools`) after the system prompt, as DeepSeek-V3.1's model
+    card lays them out (`{system prompt}\\n\\n{tools}`, its template joining system messages with a blank line)."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "system"), default=None)
+    if last is None:
+        return [{"role": "system", "content": "\n\n" + text}, *messages]
+    return [*messages[: last + 1], {"role": "system", "content": text}, *messages[last + 1 :]]

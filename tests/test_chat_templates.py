@@ -19,8 +19,9 @@ from moe_local.tokenizer import StreamDecoder, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
-FAMILIES = [*FAMILY_TOKENIZERS, "gemma4", "glm47"]  # glm47: GLM-4.5's tokenizer with GLM-4.7's template
-THINKING_FAMILIES = ["qwen3_moe", "qwen3_5_moe", "glm4_moe", "gemma4", "glm47"]  # their templates read enable_thinking
+# glm47, deepseek_v31: GLM-4.5's and DeepSeek-V3's tokenizers with GLM-4.7's and DeepSeek-V3.1's templates
+FAMILIES = [*FAMILY_TOKENIZERS, "gemma4", "glm47", "deepseek_v31"]
+THINKING_FAMILIES = ["qwen3_moe", "qwen3_5_moe", "glm4_moe", "gemma4", "glm47", "deepseek_v31"]  # their templates read enable_thinking
 
 CONVERSATIONS = {
     "one message": [{"role": "user", "content": "Why is the sky blue?"}],
@@ -65,6 +66,8 @@ def folders(tmp_path_factory):
     train_gemma_tokenizer(made["gemma4"])
     made["glm47"] = tmp_path_factory.mktemp("glm47")
     train_bytelevel_tokenizer(made["glm47"], **{**FAMILY_TOKENIZERS["glm4_moe"], "chat_template": chat_templates.GLM47})
+    made["deepseek_v31"] = tmp_path_factory.mktemp("deepseek_v31")
+    train_bytelevel_tokenizer(made["deepseek_v31"], **{**FAMILY_TOKENIZERS["deepseek_v3"], "chat_template": chat_templates.DEEPSEEK_V31})
     return made
 
 
@@ -163,7 +166,7 @@ AGENT_CONVERSATIONS = {
         {"role": "user", "content": "And 3 + 3?"},
     ],
 }
-TOOL_FAMILIES = ["qwen3_moe", "qwen3_5_moe", "glm4_moe", "gemma4", "glm47"]  # templates with tool and thinking sections
+TOOL_FAMILIES = ["qwen3_moe", "qwen3_5_moe", "glm4_moe", "gemma4", "glm47", "deepseek_v31"]  # templates with tool and thinking sections
 
 
 def as_transformers_takes_it(messages: list[dict]) -> list[dict]:
@@ -171,6 +174,26 @@ def as_transformers_takes_it(messages: list[dict]) -> list[dict]:
     def parsed(call):
         return {**call, "function": {**call["function"], "arguments": json.loads(call["function"]["arguments"])}}
     return [{**m, "tool_calls": [parsed(c) for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
+
+
+# DeepSeek-V3.1's model card: "{system prompt}\n\n{tool_description}", the description of get_weather being this
+WEATHER_FOR_DEEPSEEK31 = (
+    "## Tools\nYou have access to the following tools:\n\n### get_weather\nDescription: The weather in a city.\n\nParameters: "
+    '{"type": "object", "properties": {"city": {"type": "string", "description": "Its name"}, "days": {"type": "integer"}, "units": {"type": '
+    '"string", "enum": ["C", "F"]}}, "required": ["city"]}\n\nIMPORTANT: ALWAYS adhere to this exact format for tool use:\n'
+    "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>tool_call_name<｜tool▁sep｜>tool_call_arguments<｜tool▁call▁end｜>{additional_tool_calls}"
+    "<｜tool▁calls▁end｜>\n\nWhere:\n- `tool_call_name` must be an exact match to one of the available tools\n- `tool_call_arguments` must be "
+    "valid JSON that strictly follows the tool's Parameters Schema\n- For multiple tool calls, chain them directly without separators or spaces")
+
+
+def as_deepseek31_takes_it(messages: list[dict]) -> list[dict]:
+    """As DeepSeek-V3.1's model card has a conversation with tools written: their description after the system prompt
+    (the template joins system messages with a blank line), the calls' arguments as JSON text, an answer that was only
+    calls with empty content (the template adds it to a string)."""
+    system = [m for m in messages if m["role"] == "system"]
+    tools = {"role": "system", "content": WEATHER_FOR_DEEPSEEK31 if system else "\n\n" + WEATHER_FOR_DEEPSEEK31}
+    rest = [{**m, "content": m["content"] or ""} for m in messages if m["role"] != "system"]
+    return [*system, tools, *rest]
 
 
 def as_gemma4_takes_it(messages: list[dict]) -> list[dict]:
@@ -193,7 +216,8 @@ def test_the_servers_prompt_for_tools_calls_and_results_is_transformers(folders,
     messages = AGENT_CONVERSATIONS[conversation]
     ours = load_tokenizer(folders[family])
     got = render_conversation(ours, chat_messages({"messages": messages}), [WEATHER], options)
-    taken = as_gemma4_takes_it(messages) if family == "gemma4" else as_transformers_takes_it(messages)
+    taken = as_gemma4_takes_it(messages) if family == "gemma4" else as_deepseek31_takes_it(messages) if family == "deepseek_v31" \
+        else as_transformers_takes_it(messages)
     want = references[family].apply_chat_template(taken, tools=[WEATHER], add_generation_prompt=True, tokenize=True, return_dict=False, **options)
     assert got == want
 
@@ -242,6 +266,18 @@ def test_glm47_writes_calls_without_newlines_and_opens_the_reasoning(folders):
         '"high": 21}</tool_response><|assistant|><think>')
     assert tok.render_chat_text(CONVERSATIONS["one message"], enable_thinking=False).endswith("<|assistant|></think>")
     assert tool_format(tok).name == "glm-4.7" and tool_format(load_tokenizer(folders["glm4_moe"])).name == "glm-4.5"
+
+
+def test_deepseek31_has_the_tools_in_its_system_prompt_and_calls_without_fences(folders):
+    tok = load_tokenizer(folders["deepseek_v31"])
+    messages = AGENT_CONVERSATIONS["thinking, then a call and its result"]
+    text = tok.decode(render_conversation(tok, chat_messages({"messages": messages}), [WEATHER], {}), special=True)
+    assert text == (
+        "<｜begin▁of▁sentence｜>You help.\n\n" + WEATHER_FOR_DEEPSEEK31 + "<｜User｜>Weather in Paris?<｜Assistant｜></think><｜tool▁calls▁begin｜>"
+        '<｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Paris", "days": 3}<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>'
+        '<｜tool▁output▁begin｜>{"sky": "clear", "high": 21}<｜tool▁output▁end｜>'  # the answer goes on after the result
+    )
+    assert tool_format(tok).name == "deepseek-v3.1" and tool_format(load_tokenizer(folders["deepseek_v3"])) is None  # V3's takes no tools
 
 
 def test_qwen36_template_refuses_a_system_message_after_the_first_in_one_line(folders):

@@ -1,5 +1,5 @@
 """`moe-local serve` for agents and apps, spoken to with the official `openai` and `anthropic` clients: tool calls in
-Qwen3's, GLM-4.5's, gpt-oss's, Mistral's and Gemma 4's own formats (forced by a grammar: request with tools -> tool_calls -> tool result -> answer, streamed
+Qwen3's, GLM-4.5's, gpt-oss's, Mistral's, Gemma 4's and DeepSeek-V3.1's own formats (forced by a grammar: request with tools -> tool_calls -> tool result -> answer, streamed
 and not), structured output that validates, logprobs equal to the log-softmax of the engine's logits, logit_bias.
 Tiny random checkpoints with each family's real tokenizer layout and chat template."""
 
@@ -19,6 +19,7 @@ import moe_local
 from moe_local import anthropic_api
 from moe_local.params import Output
 from moe_local.replies import Thinking
+from moe_local.tools import FORMATS
 import chat_templates
 from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer, train_gemma_tokenizer
 from conftest import build_mixtral, moe_local_cli
@@ -30,7 +31,7 @@ transformers = pytest.importorskip("transformers")
 KEY = "agents-key"
 VOCAB = 512
 CTX = 1024
-FAMILIES = ["qwen3_moe", "glm4_moe", "gpt_oss", "mixtral", "gemma4"]
+FAMILIES = ["qwen3_moe", "glm4_moe", "gpt_oss", "mixtral", "gemma4", "deepseek_v31"]  # deepseek_v31: DeepSeek-V3 with V3.1's template
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.", "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "minimum": 1, "maximum": 9}},
     "required": ["city", "days"], "additionalProperties": False}}}
@@ -52,9 +53,11 @@ def model_folder(tmp_path_factory, family: str):
     if family == "mixtral":
         build_mixtral(folder, None, vocab_size=VOCAB)
     else:
-        build_family(family, folder, vocab_size=VOCAB)
+        build_family("deepseek_v3" if family == "deepseek_v31" else family, folder, vocab_size=VOCAB)
     if family == "gemma4":
         train_gemma_tokenizer(folder, vocab_size=VOCAB)
+    elif family == "deepseek_v31":
+        train_bytelevel_tokenizer(folder, vocab_size=VOCAB, **{**FAMILY_TOKENIZERS["deepseek_v3"], "chat_template": chat_templates.DEEPSEEK_V31})
     else:
         train_bytelevel_tokenizer(folder, vocab_size=VOCAB, **(MISTRAL if family == "mixtral" else FAMILY_TOKENIZERS[family]))
     return folder
@@ -151,6 +154,9 @@ def test_a_forced_call_round_trips_and_streams_the_same(family):
         "name": "get_weather", "arguments": json.loads(call.function.arguments)}}]}, turn[3]]
     if name == "gemma4":  # the result in the calling turn, as Google's documentation passes it to the template
         as_template_reads = as_template_reads[:2] + [{**as_template_reads[2], "tool_responses": [{"name": "get_weather", "response": turn[3]["content"]}]}]
+    if name == "deepseek_v31":  # the tools after the system prompt, as its model card writes them; the arguments as text
+        tools = {"role": "system", "content": FORMATS["deepseek-v3.1"].system_tools([WEATHER, TIME])}
+        as_template_reads = [ASK[0], tools, ASK[1], {**as_template_reads[2], "tool_calls": [call.model_dump()]}, turn[3]]
     want = reference.apply_chat_template(as_template_reads, tools=[WEATHER, TIME], add_generation_prompt=True, tokenize=True, return_dict=False)
     assert then.usage.prompt_tokens == len(want)
     assert then.choices[0].finish_reason in ("stop", "length", "tool_calls")
@@ -165,6 +171,8 @@ def test_tool_choice_required_may_call_several(family):
         pytest.skip("harmony ends the answer at a call (<|call|>): one call per answer")
     if name == "mixtral":
         pytest.skip("Mistral's calls are one JSON list: cut by max_tokens, it is no call (several are read in test_tools)")
+    if name == "deepseek_v31":
+        pytest.skip("DeepSeek's calls are one block: cut by max_tokens, it is no call (several are read in test_tools)")
     tokens = reference_tokenizer(folder).convert_ids_to_tokens(list(range(VOCAB)))
     stops = {str(i): -100 for i, token in enumerate(tokens) if token in ("<|im_end|>", "<|endoftext|>", "<|user|>", "<|observation|>",
                                                                         "<eos>", "<turn|>", "<|tool_response>")}

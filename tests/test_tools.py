@@ -201,23 +201,34 @@ def test_gemma4_forced_calls_grammar_takes_what_its_template_writes_and_nothing_
         assert not takes(wrong), wrong
 
 
-def test_glm47_forced_calls_grammar_takes_what_its_template_writes(tmp_path):
+TEMPLATES_WRITE = {  # format -> (tokenizer layout, template, what the template writes for PARIS then NOW)
+    "glm-4.7": ("glm4_moe", "GLM47", "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value><arg_key>days</arg_key>"
+                                     "<arg_value>3</arg_value></tool_call><tool_call>get_time</tool_call>"),
+    "deepseek-v3.1": ("deepseek_v3", "DEEPSEEK_V31", '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Paris", "days": 3}'
+                                                    "<｜tool▁call▁end｜><｜tool▁call▁begin｜>get_time<｜tool▁sep｜>{}<｜tool▁call▁end｜><｜tool▁calls▁end｜>"),
+}
+
+
+@pytest.mark.parametrize("name", TEMPLATES_WRITE)
+def test_forced_calls_grammar_takes_what_the_template_writes(tmp_path, name):
     import chat_templates
     from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer
     from moe_local.grammar import Grammars, vocabulary
     from moe_local.tokenizer import load_tokenizer
-    from moe_local.tools import call_grammar, tool_format
+    from moe_local.tools import call_grammar, tool_format, with_text_arguments
 
-    train_bytelevel_tokenizer(tmp_path, **{**FAMILY_TOKENIZERS["glm4_moe"], "chat_template": chat_templates.GLM47})
+    layout, template, want = TEMPLATES_WRITE[name]
+    train_bytelevel_tokenizer(tmp_path, **{**FAMILY_TOKENIZERS[layout], "chat_template": getattr(chat_templates, template)})
     tok = load_tokenizer(tmp_path)
-    assert tool_format(tok) is FORMATS["glm-4.7"]
-    grammars = Grammars(vocabulary(tok, tok.vocab_size, [tok.eos_id]))
-    grammar = call_grammar(FORMATS["glm-4.7"], TOOLS, "required", True, lambda text: tok.token_id(text) if text in tok.hidden_tokens else None)
-    calls = [{"function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}}, {"function": {"name": "get_time", "arguments": {}}}]
-    written = tok.render_chat_text([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": calls}], add_generation_prompt=False)
-    written = written[written.index("<tool_call>") : written.rindex("</tool_call>") + len("</tool_call>")]
-    assert written == "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value><arg_key>days</arg_key><arg_value>3</arg_value></tool_call>" \
-                      "<tool_call>get_time</tool_call>"
-    constraint = grammars.constraint(grammar)
-    assert all(constraint.matcher.consume_token(t) for t in tok.encode(written, bos=False)) and constraint.matcher.is_accepting()
-    assert ToolParser(FORMATS["glm-4.7"], TOOLS).parse(written).calls == [PARIS, NOW]
+    assert tool_format(tok) is FORMATS[name]
+    calls = [{"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}},
+             {"id": "b", "type": "function", "function": {"name": "get_time", "arguments": {}}}]
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": calls}]
+    if name == "deepseek-v3.1":  # its template joins the arguments to strings
+        messages = with_text_arguments(messages)
+    written = tok.render_chat_text(messages, add_generation_prompt=False)
+    assert want in written
+    grammar = call_grammar(FORMATS[name], TOOLS, "required", True, lambda text: tok.token_id(text) if text in tok.hidden_tokens else None)
+    constraint = Grammars(vocabulary(tok, tok.vocab_size, [tok.eos_id])).constraint(grammar)
+    assert all(constraint.matcher.consume_token(t) for t in tok.encode(want, bos=False)) and constraint.matcher.is_accepting()
+    assert ToolParser(FORMATS[name], TOOLS).parse(want).calls == [PARIS, NOW]
