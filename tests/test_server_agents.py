@@ -359,6 +359,19 @@ def test_anthropic_stop_sequence_and_thinking_as_anthropics_api_has_them(family)
     assert off == on + len(reference_tokenizer(folder).encode("<think>\n\n</think>\n\n"))
 
 
+def test_gemma4_thinking_when_asked_is_its_templates_think_switch(family):
+    name, folder, server, _ = family
+    if name != "gemma4":
+        pytest.skip("Gemma 4's")
+    client = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0, timeout=120)
+    turn = [{"role": "user", "content": "Why?"}]
+    reference = reference_tokenizer(folder)
+    for enabled in (False, True):
+        asked = {"thinking": {"type": "enabled", "budget_tokens": 1024}} if enabled else {}
+        want = reference.apply_chat_template(turn, add_generation_prompt=True, tokenize=True, return_dict=False, enable_thinking=enabled)
+        assert client.messages.count_tokens(model="m", messages=turn, **asked).input_tokens == len(want)
+
+
 def anthropic_events(message: anthropic_api.Message, outputs: list[Output]) -> list[dict]:
     return [json.loads(event.split("data: ", 1)[1]) for output in outputs for event in message.step(output)]
 
