@@ -2,7 +2,9 @@
 attention), through a kernel of our own (`deltanet_step` in `cpu_kernels.c`): the conv1d step over the conv state,
 L2-normalised q and k, the decay and beta, the gated delta rule on the fp32 recurrent state and the gated RMSNorm,
 for one token of each of a few sequences in one call, where the same steps as torch operations are ~30 operations
-a layer (most of their time the interpreter's, the rest several passes over the state where the kernel makes one).
+a layer (most of their time the interpreter's, the rest several passes over the state where the kernel makes one);
+and a prompt's gated delta rule in chunks (`chunked`, `deltanet_chunked`), where `model.chunked_delta_rule`'s torch
+operations spend most of their time copying and padding.
 
 Where the kernels cannot be built, or the sizes are not the kernel's, the torch operations run (`build` and the
 call return None)."""
@@ -130,3 +132,27 @@ class Fused:
         )  # fmt: skip
         native.check(code, "Gated DeltaNet block")
         return y
+
+
+def chunked(q, k, v, g, beta, state) -> torch.Tensor | None:
+    """`model.chunked_delta_rule` (the same arguments: q, k [T, Hk, dk] and v [T, Hv, dv] in bf16 or fp32, any
+    strides; g, beta [T, Hv]; state [Hv, dk, dv] fp32, updated in place) by the kernel -> y [T, Hv, dv] fp32; None
+    where it does not apply (no kernels, not on the CPU, other dtypes, dk or dv not multiples of 16)."""
+    lib = native.library()
+    T, Hk, dk = q.shape
+    Hv, dv = v.shape[1], v.shape[2]
+    if (isinstance(lib, str) or q.dtype not in (torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype
+            or k.shape != q.shape or v.shape[0] != T or g.shape != (T, Hv) or beta.shape != (T, Hv) or Hv % Hk or dk % 16 or dv % 16
+            or state.dtype != torch.float32 or state.shape != (Hv, dk, dv) or not state.is_contiguous()
+            or any(t.device.type != "cpu" for t in (q, k, v, g, beta, state))):  # fmt: skip
+        return None
+    g, beta = g.float().contiguous(), beta.float().contiguous()
+    y = torch.empty(T, Hv, dv, dtype=torch.float32)
+
+    def strides(t: torch.Tensor):
+        return (ctypes.c_long * 3)(*t.stride())
+
+    code = lib.deltanet_chunked(q.data_ptr(), strides(q), k.data_ptr(), strides(k), v.data_ptr(), strides(v), q.dtype == torch.bfloat16,
+                                g.data_ptr(), beta.data_ptr(), T, Hk, Hv, dk, dv, state.data_ptr(), y.data_ptr(), torch.get_num_threads())  # fmt: skip
+    native.check(code, "Gated DeltaNet chunked rule")
+    return y

@@ -1645,6 +1645,168 @@ int deltanet_block(const DeltaNetBlock* L, int R, const uint16_t* x, void* const
     return code;
 }
 
+/* deltanet_chunked: a prompt's T positions of one sequence through a Gated DeltaNet layer's gated delta rule, in
+   chunks of DELTA_CHUNK positions, for `moe_local/cpu_deltanet.py` (`chunked`): what `model.chunked_delta_rule`
+   (transformers' torch_chunk_gated_delta_rule) computes in ~40 torch operations a layer whose copies, pads and
+   small batched products took 3-5x its arithmetic (docs/measurements.md). Inputs: q and k [T, Hk, dk], v
+   [T, Hv, dv] (bf16 or fp32: `bf16`; any strides, in elements: q_s[0] between positions, q_s[1] between heads,
+   q_s[2] between dimensions; likewise k_s, v_s), g [T, Hv] (the log decay) and beta [T, Hv], fp32 and
+   contiguous; state [Hv, dk, dv] fp32, the state before the first position, updated in place to the one after
+   the last; y [T, Hv, dv] fp32. Value head h (query and key head h / (Hv / Hk)), in fp32, per chunk of n
+   positions: q and k L2-normalised (eps 1e-6), q divided by sqrt(dk); G the cumulative sum of g within the chunk;
+   the system (I + A) X = [beta v | beta exp(G) k] with A[i][j] = beta_i k_i . k_j exp(G_i - G_j), j < i, solved
+   by forward substitution (X = [the new values | the decayed keys]); then v_new = X_v - X_k S, y = exp(G) q S +
+   sum over j <= i of q_i . k_j exp(G_i - G_j) v_new_j, and S = exp(G_n) S + sum of exp(G_n - G_i) k_i v_new_i^T.
+   The same arithmetic as the reference in another order of sums: equal to the step-by-step rule within fp32's
+   rounding (the tests). Work items are value heads. dk, dv multiples of 16; 0, 1 for sizes it cannot take, 2
+   out of memory. */
+#define DELTA_CHUNK 64
+
+#ifdef __AVX512F__
+#define DN_VL 16
+typedef __m512 dn_vec;
+#define dn_load _mm512_loadu_ps
+#define dn_store _mm512_storeu_ps
+#define dn_fma _mm512_fmadd_ps
+#define dn_mul _mm512_mul_ps
+#define dn_sub _mm512_sub_ps
+#define dn_fnmadd _mm512_fnmadd_ps
+#define dn_set1 _mm512_set1_ps
+#define dn_zero _mm512_setzero_ps
+#define dn_sum _mm512_reduce_add_ps
+#else
+#define DN_VL 8
+typedef __m256 dn_vec;
+#define dn_load _mm256_loadu_ps
+#define dn_store _mm256_storeu_ps
+#define dn_fma _mm256_fmadd_ps
+#define dn_mul _mm256_mul_ps
+#define dn_sub _mm256_sub_ps
+#define dn_fnmadd _mm256_fnmadd_ps
+#define dn_set1 _mm256_set1_ps
+#define dn_zero _mm256_setzero_ps
+#define dn_sum hsum
+#endif
+
+/* C[m * ldc + n] (+)= sum over k < K of A(m, k) B[k * ldb + n], m < MR, n < NV vectors from n0: A(m, k) at
+   a[m * am + k * ak]; `add` keeps C's values, else they are replaced. MR and NV constants where inlined. */
+static inline __attribute__((always_inline)) void dn_mm_tile(const float* a, long am, long ak, const float* b, int ldb, float* c, int ldc,
+                                                          int K, int add, const int MR, const int NV) {
+    dn_vec acc[4][4];
+    for (int m = 0; m < MR; m++)
+        for (int v = 0; v < NV; v++) acc[m][v] = add ? dn_load(c + (long)m * ldc + v * DN_VL) : dn_zero();
+    for (int k = 0; k < K; k++) {
+        dn_vec bv[4];
+        for (int v = 0; v < NV; v++) bv[v] = dn_load(b + (long)k * ldb + v * DN_VL);
+        for (int m = 0; m < MR; m++) {
+            const dn_vec am_k = dn_set1(a[m * am + k * ak]);
+            for (int v = 0; v < NV; v++) acc[m][v] = dn_fma(am_k, bv[v], acc[m][v]);
+        }
+    }
+    for (int m = 0; m < MR; m++)
+        for (int v = 0; v < NV; v++) dn_store(c + (long)m * ldc + v * DN_VL, acc[m][v]);
+}
+
+/* C [M, N] (+)= A [M, K] B [K, N] (B's and C's rows contiguous, N a multiple of DN_VL; A(m, k) at a[m * am + k * ak]) */
+static void dn_mm(const float* a, long am, long ak, const float* b, int ldb, float* c, int ldc, int M, int N, int K, int add) {
+    for (int n = 0; n < N;) {
+        const int wide = N - n >= 4 * DN_VL;
+        int m = 0;
+        for (; m + 4 <= M; m += 4)
+            wide ? dn_mm_tile(a + m * am, am, ak, b + n, ldb, c + (long)m * ldc + n, ldc, K, add, 4, 4)
+                 : dn_mm_tile(a + m * am, am, ak, b + n, ldb, c + (long)m * ldc + n, ldc, K, add, 4, 1);
+        for (; m < M; m++)
+            wide ? dn_mm_tile(a + m * am, am, ak, b + n, ldb, c + (long)m * ldc + n, ldc, K, add, 1, 4)
+                 : dn_mm_tile(a + m * am, am, ak, b + n, ldb, c + (long)m * ldc + n, ldc, K, add, 1, 1);
+        n += wide ? 4 * DN_VL : DN_VL;
+    }
+}
+
+static inline float dn_dot(const float* x, const float* y, int n) { /* n a multiple of DN_VL */
+    dn_vec s = dn_zero();
+    for (int i = 0; i < n; i += DN_VL) s = dn_fma(dn_load(x + i), dn_load(y + i), s);
+    return dn_sum(s);
+}
+
+int deltanet_chunked(const void* q, const long* q_s, const void* k, const long* k_s, const void* v, const long* v_s, int bf16,
+                     const float* g, const float* beta, int T, int Hk, int Hv, int dk, int dv, float* state, float* y, int threads) {
+    if (T < 1 || Hk < 1 || Hv % Hk || dk % 16 || dv % 16 || dk < 16 || dv < 16 || dk > 1024 || dv > 1024) return 1;
+    const int C = DELTA_CHUNK, W = dv + dk; /* X's rows: the new values, then the decayed keys */
+    const size_t per_thread = (size_t)C * (3 * dk + dv + 2 * W + 2 * C + 2) + (size_t)2 * C * dv;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float* buf = malloc(sizeof(float) * per_thread);
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        float *Q = buf, *K = Q + C * dk, *KE = K + C * dk, *V = KE + C * dk, *X = V + C * dv, *P = X + C * W, *A = P + C * W,
+              *I = A + C * C, *G = I + C * C, *B = G + C, *VN = B + C, *O = VN + C * dv; /* O [C, dv] */
+#pragma omp for schedule(static)
+        for (int h = 0; h < Hv; h++) {
+            if (!buf) continue;
+            const int hk = h / (Hv / Hk);
+            float* S = state + (size_t)h * dk * dv;
+            for (int t0 = 0; t0 < T; t0 += C) {
+                const int n = T - t0 < C ? T - t0 : C;
+                for (int i = 0; i < n; i++) { /* the chunk's normalised q and k, v, beta and cumulative log decay */
+                    const long t = t0 + i;
+                    for (int d = 0; d < dk; d++) {
+                        Q[i * dk + d] = get(q, t * q_s[0] + hk * q_s[1] + d * q_s[2], bf16);
+                        K[i * dk + d] = get(k, t * k_s[0] + hk * k_s[1] + d * k_s[2], bf16);
+                    }
+                    for (int d = 0; d < dv; d++) V[i * dv + d] = get(v, t * v_s[0] + h * v_s[1] + d * v_s[2], bf16);
+                    l2_normalise(Q + i * dk, dk, 1.f / sqrtf((float)dk));
+                    l2_normalise(K + i * dk, dk, 1.f);
+                    B[i] = beta[t * Hv + h];
+                    G[i] = (i ? G[i - 1] : 0.f) + g[t * Hv + h];
+                }
+                for (int i = 0; i < n; i++) /* A (j < i) and the queries' scores I (j <= i), each with its decay */
+                    for (int j = 0; j <= i; j++) {
+                        const float decay = expf(G[i] - G[j]);
+                        A[i * C + j] = j < i ? B[i] * dn_dot(K + i * dk, K + j * dk, dk) * decay : 0.f;
+                        I[i * C + j] = dn_dot(Q + i * dk, K + j * dk, dk) * decay;
+                    }
+                for (int i = 0; i < n; i++)
+                    for (int j = i + 1; j < n; j++) I[i * C + j] = 0.f;
+                for (int i = 0; i < n; i++) { /* (I + A) X = [beta v | beta exp(G) k], row by row */
+                    float* x = X + (size_t)i * W;
+                    const float e = expf(G[i]);
+                    for (int d = 0; d < dv; d++) x[d] = B[i] * V[i * dv + d];
+                    for (int d = 0; d < dk; d++) x[dv + d] = B[i] * K[i * dk + d] * e;
+                    for (int j = 0; j < i; j++) {
+                        const dn_vec aij = dn_set1(A[i * C + j]);
+                        const float* xj = X + (size_t)j * W;
+                        for (int d = 0; d < W; d += DN_VL) dn_store(x + d, dn_fnmadd(aij, dn_load(xj + d), dn_load(x + d)));
+                    }
+                }
+                /* v_new = new values - decayed keys S; the output starts as exp(G) q S */
+                dn_mm(X + dv, W, 1, S, dv, P, dv, n, dv, dk, 0);
+                for (int i = 0; i < n; i++)
+                    for (int d = 0; d < dv; d += DN_VL) dn_store(VN + i * dv + d, dn_sub(dn_load(X + (size_t)i * W + d), dn_load(P + i * dv + d)));
+                for (int i = 0; i < n; i++) {
+                    const float e = expf(G[i]);
+                    for (int d = 0; d < dk; d++) KE[i * dk + d] = Q[i * dk + d] * e;
+                }
+                dn_mm(KE, dk, 1, S, dv, O, dv, n, dv, dk, 0);
+                dn_mm(I, C, 1, VN, dv, O, dv, n, dv, n, 1); /* + the chunk's own scores times v_new (I is 0 above the diagonal) */
+                for (int i = 0; i < n; i++) memcpy(y + ((size_t)(t0 + i) * Hv + h) * dv, O + i * dv, sizeof(float) * dv);
+                /* S = exp(G_n) S + sum over i of exp(G_n - G_i) k_i v_new_i^T */
+                const float last = G[n - 1], e = expf(last);
+                for (int i = 0; i < n; i++) {
+                    const float f = expf(last - G[i]);
+                    for (int d = 0; d < dk; d++) KE[i * dk + d] = K[i * dk + d] * f;
+                }
+                for (long i = 0; i < (long)dk * dv; i += DN_VL) dn_store(S + i, dn_mul(dn_load(S + i), dn_set1(e)));
+                dn_mm(KE, 1, dk, VN, dv, S, dv, dk, dv, n, 1);
+            }
+        }
+        free(buf);
+    }
+    return failed ? 2 : 0;
+}
+
 /* experts_ggml: a layer's SwiGLU experts whose weights are a GGUF's own ggml blocks (`formats.Ggml`), with
    llama.cpp's arithmetic. Each activation row is rounded as llama.cpp rounds it for the weights' type (its
    `vec_dot_type`): for Q8_0, Q4_0 and Q5_0 to Q8_0 blocks (32 values, d = max |x| / 127 kept as fp16, q = x * 127 /

@@ -585,7 +585,7 @@ def chunked_delta_rule(q, k, v, g, beta, state) -> torch.Tensor:
     torch_chunk_gated_delta_rule): within a chunk the updates are solved as one triangular system, so the
     work is a few matmuls per chunk and linear in T. q, k [T, Hk, dk]; v [T, Hv, dv]; g, beta [T, Hv];
     state [Hv, dk, dv] fp32, the state before the first position, updated in place to the one after the
-    last -> y [T, Hv, dv] fp32."""
+    last -> y [T, Hv, dv] fp32. (`cpu_deltanet.chunked` is the same in a kernel: the CPU's prefill.)"""
     T, Hv = v.shape[0], v.shape[1]
     q, k, v, beta = (t.transpose(0, 1) for t in _delta_inputs(q, k, v, beta, Hv))  # [Hv, T, ...], beta [Hv, T]
     g = g.float().transpose(0, 1)  # [Hv, T]
@@ -621,7 +621,7 @@ class LinearAttention(nn.Module):
     and projected back. Per sequence the cache is (the last conv_kernel - 1 inputs of the convolution
     [conv_dim, conv_kernel - 1], the recurrent state): a fixed size, but a state of everything the sequence
     has seen, which cannot be cut back to a prefix (`recurrent`). Prefill runs the chunked form of the delta
-    rule, a decode step `recurrent_step`. A forward at position 0 starts from zero state."""
+    rule (on the CPU `cpu_deltanet.chunked`'s kernel, where it takes the sizes), a decode step `recurrent_step`. A forward at position 0 starts from zero state."""
 
     recurrent = True
 
@@ -670,7 +670,10 @@ class LinearAttention(nn.Module):
             y = self._step(mixed, b, a, conv_state[None], state[None])  # [1, Hv, dv]
         else:
             q, k, v = self._heads(self._conv(mixed, conv_state))
-            y = chunked_delta_rule(q, k, v, self._decay(a), b.sigmoid(), state)
+            g, beta = self._decay(a), b.sigmoid()
+            y = cpu_deltanet.chunked(q, k, v, g, beta, state)  # on the CPU the kernel, where it takes the sizes
+            if y is None:
+                y = chunked_delta_rule(q, k, v, g, beta, state)
         return self._out(y, z)
 
     def forward_static(self, x, cos, sin, cache: tuple[torch.Tensor, ...], pos: torch.Tensor) -> torch.Tensor:

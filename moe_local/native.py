@@ -1,6 +1,6 @@
 """moe-local's own CPU kernels (`cpu_kernels.c` beside this file: the decode attention and the fused
 attention block of `cpu_attention.py`, the MXFP4 products of `experts/mxfp4.py`, the grouped SwiGLU experts
-of `experts/formats.py` and the Gated DeltaNet decode step of `cpu_deltanet.py`), built on first use by the machine's C compiler (`CC`, default `cc`) for the
+of `experts/formats.py` and the Gated DeltaNet decode step and chunked prefill rule of `cpu_deltanet.py`), built on first use by the machine's C compiler (`CC`, default `cc`) for the
 machine's own CPU (`-march=native`; x86 with AVX2) and kept in the cache folder (`$MOE_LOCAL_CACHE/kernels`,
 default ~/.cache/moe-local/kernels; `MOE_LOCAL_KERNEL_FLAGS` adds compiler flags). They are called through
 ctypes, which releases the GIL; their OpenMP threads are torch's libgomp. Where they cannot be built, or
@@ -95,6 +95,9 @@ def library() -> ctypes.CDLL | str:
     lib.deltanet_step.restype = c_int
     lib.deltanet_block.argtypes = [c_void_p, c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_int]
     lib.deltanet_block.restype = c_int
+    lib.deltanet_chunked.argtypes = [c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_int, c_void_p, c_void_p, c_int, c_int, c_int,
+                                     c_int, c_int, c_void_p, c_void_p, c_int]  # fmt: skip
+    lib.deltanet_chunked.restype = c_int
     return lib
 
 

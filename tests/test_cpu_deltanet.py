@@ -223,6 +223,33 @@ def test_a_fused_block_gives_the_projections_around_the_core(resident):
             assert torch.equal(state, state_torch) and torch.equal(got, want)
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,k_heads,v_heads,k_dim,v_dim", [(130, 2, 4, 16, 32), (64, 1, 1, 32, 16), (5, 2, 2, 16, 48)])
+def test_the_chunked_kernel_is_the_step_by_step_rule(dtype, T, k_heads, v_heads, k_dim, v_dim):
+    """A prompt's delta rule in the kernel (`cpu_deltanet.chunked`, chunks of 64: whole chunks, a partial one, a
+    single short one) from a state that is not zero, q, k and v strided views of one matrix as the model's
+    convolution leaves them: the outputs and the final state of T `recurrent_step`s within fp32's rounding, as
+    the torch operations' chunked form."""
+    from moe_local.model import chunked_delta_rule, recurrent_step
+
+    gen = torch.Generator().manual_seed(0)
+    widths = [k_heads * k_dim, k_heads * k_dim, v_heads * v_dim]
+    mixed = torch.randn(sum(widths), T, generator=gen).to(dtype).t()  # [T, C], each position's channels T apart
+    q, k, v = (part.reshape(T, -1, d) for part, d in zip(mixed.split(widths, dim=-1), (k_dim, k_dim, v_dim)))
+    g, beta = -torch.rand(T, v_heads, generator=gen), torch.rand(T, v_heads, generator=gen).to(dtype)
+    start = torch.randn(v_heads, k_dim, v_dim, generator=gen)
+    state, stepped, chunked = start.clone(), start.clone()[None], start.clone()
+    y = cpu_deltanet.chunked(q, k, v, g, beta, state)
+    steps = torch.cat([recurrent_step(q[t : t + 1], k[t : t + 1], v[t : t + 1], g[t : t + 1], beta[t : t + 1], stepped) for t in range(T)])
+    assert y.shape == (T, v_heads, v_dim) and y.dtype == torch.float32
+    for got, want in ((y, steps), (state, stepped[0]), (y, chunked_delta_rule(q, k, v, g, beta, chunked)), (state, chunked)):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    # widths it does not take, and tensors not on the CPU's terms, are left to the torch operations
+    assert cpu_deltanet.chunked(q[..., :8], k[..., :8], v, g, beta, start[:, :8].clone()) is None
+    assert cpu_deltanet.chunked(q, k, v, g, beta, start.double()) is None
+
+
 # The hybrids' tiny checkpoints with sizes the kernel takes (value heads 16 wide; tests/families.py's are 12).
 KERNEL_SIZES = dict(linear_key_head_dim=16, linear_value_head_dim=16)
 
@@ -271,6 +298,22 @@ def test_int8_projections_take_the_kernel_and_decode_as_without_it(hybrid, monke
     fused = run()
     assert len(results) == 8 * len(layers) and all(r is not None for r in results)  # the prompt's 12 rows: torch's
     assert_decodes_as_without_the_kernel(engine, run, fused)
+
+
+@needs_kernel
+def test_a_prefill_in_chunks_through_the_kernel_is_decode_token_by_token(hybrid, monkeypatch):
+    """fp32, 150 positions: prefill chunks of 100 (the chunked kernel in every linear layer, the second chunk from
+    the first's state) against one token at a time (the decode step), logits within 1e-4 of their scale."""
+    import moe_local
+
+    ids = [1] + torch.randint(3, 320, (149,), generator=torch.Generator().manual_seed(1)).tolist()
+    results, chunked = [], cpu_deltanet.chunked
+    monkeypatch.setattr(cpu_deltanet, "chunked", lambda *args: results.append(chunked(*args)) or results[-1])
+    engine = moe_local.load(str(hybrid), device="cpu", prefill_chunk=100)
+    prefilled = engine.logits(ids)
+    assert len(results) == 2 * len(linear_layers(engine)) and all(r is not None for r in results)
+    stepped = moe_local.load(str(hybrid), device="cpu", prefill_chunk=1).logits(ids)
+    assert (prefilled - stepped).abs().max() <= 1e-4 * stepped.abs().max()
 
 
 def test_without_the_kernels_linear_attention_runs_the_torch_operations_and_the_load_says_why(rebuilt, monkeypatch, hybrid):
