@@ -17,6 +17,7 @@
 
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1895,16 +1896,33 @@ static int q8_rows(Q8Rows* a, int R, int K) {
 }
 static void free_q8_rows(Q8Rows* a) { free(a->q), free(a->d), free(a->sums); }
 
+/* x [32] * m rounded to nearest even (as lrintf: the default rounding mode), as 32 int8 at q; their 4 int32 vectors
+   in v (for sums); the products are within 127.x, so min(127) is the only clamp q8_K needs (q8_0's never meet it) */
+static inline void round32(const float* x, __m256 m, int8_t* q, __m256i v[4]) {
+    for (int i = 0; i < 4; i++) v[i] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * i), m)), _mm256_set1_epi32(127));
+    const __m256i words = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3])); /* in 128-bit lanes' order */
+    _mm256_storeu_si256((__m256i*)q, _mm256_permutevar8x32_epi32(words, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
+/* max |x| of x [n] (n a multiple of 8) */
+static inline float abs_max(const float* x, int n) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 top = _mm256_setzero_ps();
+    for (int k = 0; k < n; k += 8) top = _mm256_max_ps(top, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+    __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+    return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+}
+
 /* a row [K] (fp32) -> row r of a as K / 32 Q8_0 blocks: scales d (the fp16 value, as fp32) and q */
 static void quantize_q8_0(const float* x, int K, Q8Rows* a, int r) {
     float* d = a->d + (size_t)r * (K / 32);
     int8_t* q = a->q + (size_t)r * K;
     for (int b = 0; b < K / 32; b++) {
-        float top = 0.f;
-        for (int k = 0; k < 32; k++) top = fmaxf(top, fabsf(x[32 * b + k]));
-        const float inverse = top != 0.f ? 127.f / top : 0.f;
+        const float top = abs_max(x + 32 * b, 32), inverse = top != 0.f ? 127.f / top : 0.f;
         d[b] = _cvtsh_ss(_cvtss_sh(top / 127.f, 0)); /* ggml keeps the scale as fp16 (to nearest even) */
-        for (int k = 0; k < 32; k++) q[32 * b + k] = (int8_t)lrintf(x[32 * b + k] * inverse); /* to nearest even */
+        __m256i v[4];
+        round32(x + 32 * b, _mm256_set1_ps(inverse), q + 32 * b, v);
     }
 }
 
@@ -1915,22 +1933,23 @@ static void quantize_q8_K(const float* x, int K, Q8Rows* a, int r) {
     int16_t* sums = a->sums + (size_t)r * (K / 16);
     for (int b = 0; b < K / 256; b++) {
         const float* v = x + 256 * b;
-        float top = 0.f, signed_top = 0.f;
-        for (int k = 0; k < 256; k++)
-            if (fabsf(v[k]) > top) top = fabsf(v[k]), signed_top = v[k];
+        const float top = abs_max(v, 256);
         if (top == 0.f) {
             d[b] = 0.f, memset(q + 256 * b, 0, 256), memset(sums + 16 * b, 0, 32);
             continue;
         }
-        const float inverse = -127.f / signed_top;
-        for (int k = 0; k < 256; k++) {
-            const long n = lrintf(inverse * v[k]);
-            q[256 * b + k] = (int8_t)(n > 127 ? 127 : n);
-        }
-        for (int j = 0; j < 16; j++) {
-            int sum = 0;
-            for (int k = 0; k < 16; k++) sum += q[256 * b + 16 * j + k];
-            sums[16 * b + j] = (int16_t)sum;
+        int first = 0; /* the first value of largest magnitude (its sign sets d's; a NaN row finds none) */
+        while (first < 255 && fabsf(v[first]) != top) first++;
+        const float inverse = -127.f / v[first];
+        for (int c = 0; c < 8; c++) {
+            __m256i n[4];
+            round32(v + 32 * c, _mm256_set1_ps(inverse), q + 256 * b + 32 * c, n);
+            for (int h = 0; h < 2; h++) {
+                const __m256i s8 = _mm256_add_epi32(n[2 * h], n[2 * h + 1]);
+                __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+                s4 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+                sums[16 * b + 2 * c + h] = (int16_t)(_mm_cvtsi128_si32(s4) + _mm_extract_epi32(s4, 1));
+            }
         }
         d[b] = 1.f / inverse;
     }
@@ -1963,24 +1982,33 @@ static inline __m256i dot32_i8(__m256i w, __m256i a) {
 #endif
 }
 
-/* out[r * stride] = weight row w (K values in Q8_0, Q4_0 or Q5_0 blocks) . row r of a (Q8_0), r < n; each block's 8
-   lanes scaled by the two scales and summed in fp32 lanes, as llama.cpp's ggml_vec_dot does */
+/* acc + block (Q8_0, Q4_0 or Q5_0) times q's 32 values (Q8_0, scale d): the integer sums' 8 lanes scaled by the
+   two scales into fp32 lanes, as llama.cpp's ggml_vec_dot does */
+static inline __m256 block_dot(const uint8_t* block, int type, const int8_t* q, float d, __m256 acc) {
+    const __m256i sums = dot32_i8(block_values(block, type), _mm256_loadu_si256((const __m256i*)q));
+    return _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(block) * d), _mm256_cvtepi32_ps(sums), acc);
+}
+
+/* out[r * stride] = weight row w (K values in Q8_0, Q4_0 or Q5_0 blocks) . row r0 + r of a (Q8_0), r < n; the
+   even blocks' terms in one set of 8 fp32 lanes, the odd blocks' in another (as tile32 takes two blocks a 512-bit
+   vector), added before the one horizontal sum: the same bits as tile32's */
 static inline void row_dot(const uint8_t* w, int type, int K, int n, const Q8Rows* a, int r0, float* out, int stride) {
     const int blocks = K / 32, bytes = ggml_block_bytes(type);
-    if (n == 1) { /* a decode step's row: the sum in a register (in the same order as below: the same bits) */
+    if (n == 1) { /* a decode step's row: the sums in registers */
         const int8_t* q = a->q + (size_t)r0 * K;
         const float* d = a->d + (size_t)r0 * blocks;
-        __m256 acc = _mm256_setzero_ps();
-        for (int b = 0; b < blocks; b++) {
-            const uint8_t* block = w + (size_t)b * bytes;
-            const __m256i sums = dot32_i8(block_values(block, type), _mm256_loadu_si256((const __m256i*)(q + 32 * b)));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(block) * d[b]), _mm256_cvtepi32_ps(sums), acc);
+        __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+        int b = 0;
+        for (; b + 1 < blocks; b += 2) {
+            even = block_dot(w + (size_t)b * bytes, type, q + 32 * b, d[b], even);
+            odd = block_dot(w + (size_t)(b + 1) * bytes, type, q + 32 * (b + 1), d[b + 1], odd);
         }
-        out[0] = hsum(acc);
+        if (b < blocks) even = block_dot(w + (size_t)b * bytes, type, q + 32 * b, d[b], even);
+        out[0] = hsum(_mm256_add_ps(even, odd));
         return;
     }
-    __m256 acc[EXPERT_MAX_ROWS];
-    for (int r = 0; r < n; r++) acc[r] = _mm256_setzero_ps();
+    __m256 acc[EXPERT_MAX_ROWS][2];
+    for (int r = 0; r < n; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (int b = 0; b < blocks; b++) {
         const uint8_t* block = w + (size_t)b * bytes;
         const __m256i values = block_values(block, type);
@@ -1988,10 +2016,10 @@ static inline void row_dot(const uint8_t* w, int type, int K, int n, const Q8Row
         for (int r = 0; r < n; r++) {
             const size_t row = (size_t)(r0 + r);
             const __m256i sums = dot32_i8(values, _mm256_loadu_si256((const __m256i*)(a->q + row * K + 32 * b)));
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a->d[row * blocks + b]), _mm256_cvtepi32_ps(sums), acc[r]);
+            acc[r][b & 1] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a->d[row * blocks + b]), _mm256_cvtepi32_ps(sums), acc[r][b & 1]);
         }
     }
-    for (int r = 0; r < n; r++) out[(size_t)r * stride] = hsum(acc[r]);
+    for (int r = 0; r < n; r++) out[(size_t)r * stride] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
 }
 
 /* IQ2_XXS's and IQ3_XXS's sub-block i (32 values) of block b: the grid points' unsigned values (the result), their
@@ -2290,6 +2318,167 @@ static inline void weight_row_dot(const uint8_t* w, int type, int K, int n, cons
 }
 
 static int ggml_takes(int type, int K) { return ggml_block_bytes(type) && K % ggml_block_values(type) == 0; }
+
+/* The many-row path (AVX512-VNNI): an expert with TILE_MIN_ROWS rows or more takes its weight rows TILE_N at a time,
+   each group first laid out in a panel (its blocks decoded once for all the expert's rows), then met by the rows a
+   few at a time, each weight and activation vector in a register serving several products (llama.cpp's tiled
+   GEMMs, tinyBLAS's and ggml's repacked ones, do the same). Each (weight row, activation row) product is the
+   one-row path's arithmetic exactly: the same integer lanes, scales, fp32 operations and their order. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define GGML_TILES 1
+#define TILE_N 4        /* weight rows a work item */
+#define TILE_MIN_ROWS 2 /* an expert's rows from which it takes the tiles (fewer: row_dot / row_dot_k) */
+
+static inline __m512i join_i(__m256i lo, __m256i hi) { return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); }
+static inline __m512 join_f(__m256 lo, __m256 hi) {
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
+}
+static inline __m256 fold_f(__m512 v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))); }
+
+/* two blocks of 32 (an even one in the low half, the next in the high half) of TILE_N weight rows: their values
+   (int8), minus 128 times their sums of 4 (the activations meet them as unsigned bytes, q + 128, in vpdpbusd, so
+   this begins each sum where the sign trick's would end), and each block's scale over its 8 lanes */
+typedef struct {
+    __m512i w[TILE_N], neg[TILE_N];
+    __m512 dw[TILE_N];
+} Pair32;
+
+/* TILE_N weight rows (w, row_bytes apart) of `blocks` blocks of 32 -> (blocks + 1) / 2 pairs; an odd count's last
+   pair is zero in its high half */
+static void panel32(const uint8_t* w, size_t row_bytes, int type, int blocks, Pair32* p) {
+    const int bytes = ggml_block_bytes(type);
+    const __m512i top = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+    for (int j = 0; j < TILE_N; j++)
+        for (int b = 0; b < blocks; b += 2) {
+            const uint8_t* block = w + j * row_bytes + (size_t)b * bytes;
+            const int two = b + 1 < blocks;
+            const __m512i v = join_i(block_values(block, type), two ? block_values(block + bytes, type) : _mm256_setzero_si256());
+            p[b / 2].w[j] = v;
+            p[b / 2].neg[j] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, top, v));
+            p[b / 2].dw[j] = join_f(_mm256_set1_ps(half_to_float(block)), _mm256_set1_ps(two ? half_to_float(block + bytes) : 0.f));
+        }
+}
+
+/* acc[i][j] + pair c of the panel's weight row j . activation row `row` + i's blocks 2c and 2c + 1 (`two`: else
+   2c alone), i < M, j < TILE_N */
+static inline __attribute__((always_inline)) void pair32(const Pair32* p, const Q8Rows* a, int K, size_t row, const int M, int c, const int two,
+                                                         __m512 acc[4][TILE_N]) {
+    const __m512i top = _mm512_set1_epi8((char)0x80);
+    __m512i x[4];
+    __m512 da[4];
+    for (int i = 0; i < M; i++) {
+        const int8_t* q = a->q + (row + i) * K + 64 * c;
+        const float* d = a->d + (row + i) * (K / 32) + 2 * c;
+        x[i] = _mm512_xor_si512(two ? _mm512_loadu_si512(q) : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)q)), top);
+        da[i] = join_f(_mm256_set1_ps(d[0]), two ? _mm256_set1_ps(d[1]) : _mm256_setzero_ps());
+    }
+    for (int j = 0; j < TILE_N; j++) {
+        const __m512i w = _mm512_load_si512(&p[c].w[j]);
+        for (int i = 0; i < M; i++) {
+            const __m512i sums = _mm512_dpbusd_epi32(_mm512_load_si512(&p[c].neg[j]), x[i], w);
+            acc[i][j] = _mm512_fmadd_ps(_mm512_mul_ps(da[i], _mm512_load_ps(&p[c].dw[j])), _mm512_cvtepi32_ps(sums), acc[i][j]);
+        }
+    }
+}
+
+/* out[i * stride + j] = weight row j of the panel . activation row `row` + i (Q8_0), i < M, j < TILE_N */
+static inline __attribute__((always_inline)) void tile32(const Pair32* p, int blocks, const Q8Rows* a, int K, size_t row, const int M, float* out, size_t stride) {
+    __m512 acc[4][TILE_N];
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < TILE_N; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int c = 0; c < blocks / 2; c++) pair32(p, a, K, row, M, c, 1, acc);
+    if (blocks & 1) pair32(p, a, K, row, M, blocks / 2, 0, acc);
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < TILE_N; j++) out[i * stride + j] = hsum(fold_f(acc[i][j]));
+}
+
+/* the K-quants whose common form has unsigned values (IQ4_XS's are signed: row_dot_k's sign trick, which AVX512 lacks) */
+static inline int tile_k_takes(int type) { return type >= GGML_Q2_K && type <= GGML_Q6_K; }
+
+/* out[i * stride + j] = weight row j (p + j * blocks: its blocks decoded by decode_k) . activation row `row` + i
+   (Q8_K), i < M, j < TILE_N: row_dot_k's integer lanes (two chunks of 32 a vector, folded) and fp32 operations */
+static inline __attribute__((always_inline)) void tile_k(const KBlock* p, int blocks, const Q8Rows* a, int K, size_t row, const int M, float* out, size_t stride) {
+    __m256 acc[2][TILE_N];
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < TILE_N; j++) acc[i][j] = _mm256_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+        __m512i sum[2][TILE_N];
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < TILE_N; j++) sum[i][j] = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++) { /* chunks 2c and 2c + 1 of 32 values */
+            __m512i x[2];
+            for (int i = 0; i < M; i++) x[i] = _mm512_loadu_si512(a->q + (row + i) * K + 256 * b + 64 * c);
+            for (int j = 0; j < TILE_N; j++) {
+                const KBlock* k = p + (size_t)j * blocks + b;
+                const __m512i v = _mm512_loadu_si512(k->v + 64 * c), sc = _mm512_loadu_si512(&k->sc[2 * c]);
+                for (int i = 0; i < M; i++) sum[i][j] = _mm512_dpwssd_epi32(sum[i][j], _mm512_maddubs_epi16(v, x[i]), sc);
+            }
+        }
+        for (int i = 0; i < M; i++) {
+            const __m256i sums = _mm256_loadu_si256((const __m256i*)(a->sums + (row + i) * (K / 16) + 16 * b));
+            const float da = a->d[(row + i) * (K / 32) + b];
+            for (int j = 0; j < TILE_N; j++) {
+                const KBlock* k = p + (size_t)j * blocks + b;
+                const __m256i lanes = _mm256_add_epi32(_mm512_castsi512_si256(sum[i][j]), _mm512_extracti64x4_epi64(sum[i][j], 1));
+                const __m256i offsets = _mm256_madd_epi16(k->offset, sums);
+                acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(k->d * da), _mm256_cvtepi32_ps(lanes), acc[i][j]);
+                acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(k->dm * da), _mm256_cvtepi32_ps(offsets), acc[i][j]);
+            }
+        }
+    }
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < TILE_N; j++) out[i * stride + j] = hsum(acc[i][j]);
+}
+
+/* panel bytes a thread needs for rows of K values (either kind) */
+static size_t panel_bytes(int K) {
+    const size_t pairs = sizeof(Pair32) * (size_t)(K / 32 + 1) / 2, k = sizeof(KBlock) * TILE_N * (size_t)(K / 256);
+    return (pairs > k ? pairs : k) + 64;
+}
+
+/* TILE_N weight rows of `type` (w, row_bytes apart, K values each) . the n activation rows from r0, out[r * stride
+   + j]; `panel` is the thread's (panel_bytes(K), 64-byte aligned) */
+static void weight_rows_tiled(const uint8_t* w, size_t row_bytes, int type, int K, int n, const Q8Rows* q0, const Q8Rows* qk, int r0,
+                              float* out, size_t stride, void* panel) {
+    int r = 0;
+    if (tile_k_takes(type)) {
+        KBlock* p = panel;
+        const int blocks = K / 256;
+        for (int j = 0; j < TILE_N; j++)
+            for (int b = 0; b < blocks; b++) decode_k(w + j * row_bytes + (size_t)b * ggml_block_bytes(type), type, p + (size_t)j * blocks + b);
+        for (; r + 2 <= n; r += 2) tile_k(p, blocks, qk, K, (size_t)(r0 + r), 2, out + (size_t)r * stride, stride);
+        if (r < n) tile_k(p, blocks, qk, K, (size_t)(r0 + r), 1, out + (size_t)r * stride, stride);
+        return;
+    }
+    Pair32* p = panel;
+    const int blocks = K / 32;
+    panel32(w, row_bytes, type, blocks, p);
+    for (; r + 4 <= n; r += 4) tile32(p, blocks, q0, K, (size_t)(r0 + r), 4, out + (size_t)r * stride, stride);
+    switch (n - r) {
+        case 3: tile32(p, blocks, q0, K, (size_t)(r0 + r), 3, out + (size_t)r * stride, stride); break;
+        case 2: tile32(p, blocks, q0, K, (size_t)(r0 + r), 2, out + (size_t)r * stride, stride); break;
+        case 1: tile32(p, blocks, q0, K, (size_t)(r0 + r), 1, out + (size_t)r * stride, stride); break;
+    }
+}
+#endif
+
+#define ITEM_ROWS 4 /* weight rows a work item (TILE_N where the tiles are built) */
+
+/* weight rows n .. n + ITEM_ROWS - 1 of an expert's matrix w (rows of K values in `type`) . its `rows` activation
+   rows from r0: out[r * stride + n + j]; panel: the thread's, for the tiles */
+static void item_rows(const uint8_t* w, int type, int K, int n, int rows, const Q8Rows* q0, const Q8Rows* qk, int r0, float* out, size_t stride,
+                      void* panel) {
+    const size_t row_bytes = (size_t)K / ggml_block_values(type) * ggml_block_bytes(type);
+#ifdef GGML_TILES
+    if (rows >= TILE_MIN_ROWS && (!k_quant(type) || tile_k_takes(type))) {
+        weight_rows_tiled(w + n * row_bytes, row_bytes, type, K, rows, q0, qk, r0, out + n, stride, panel);
+        return;
+    }
+#else
+    (void)panel;
+#endif
+    for (int j = 0; j < ITEM_ROWS; j++) weight_row_dot(w + (size_t)(n + j) * row_bytes, type, K, rows, q0, qk, r0, out + n + j, (int)stride);
+}
 #endif
 
 int experts_ggml(const float* x, int D, int F, int E, const int* starts, const uint8_t* const* gate_up, const uint8_t* const* down,
@@ -2305,13 +2494,20 @@ int experts_ggml(const float* x, int D, int F, int E, const int* starts, const u
     const int R = starts[E], rows = R ? R : 1;
     Q8Rows a[2][2] = {{{0}}}; /* [matrix][K-quant] */
     float* gu = malloc(sizeof(float) * (size_t)rows * 2 * F); /* [R, 2F]: gate then up */
-    int ok = gu != NULL;
+#ifdef GGML_TILES
+    const size_t panel = panel_bytes(D > F ? D : F);
+    uint8_t* panels = aligned_alloc(64, panel * (size_t)threads); /* one a thread */
+#else
+    const size_t panel = 0;
+    uint8_t* panels = NULL;
+#endif
+    int ok = gu != NULL && (!panel || panels);
     for (int t = 0; t < 2; t++)
         for (int kq = 0; kq < 2; kq++) ok = ok && (!quant[t][kq] || q8_rows(&a[t][kq], rows, t ? F : D));
     if (!ok) {
         for (int t = 0; t < 2; t++)
             for (int kq = 0; kq < 2; kq++) free_q8_rows(&a[t][kq]);
-        free(gu);
+        free(gu), free(panels);
         return 2;
     }
 #pragma omp parallel num_threads(threads)
@@ -2321,12 +2517,14 @@ int experts_ggml(const float* x, int D, int F, int E, const int* starts, const u
             if (quant[0][0]) quantize_q8_0(x + (size_t)r * D, D, &a[0][0], r);
             if (quant[0][1]) quantize_q8_K(x + (size_t)r * D, D, &a[0][1], r);
         }
-#pragma omp for schedule(static)
-        for (long item = 0; item < (long)E * 2 * F; item++) {
-            const int e = (int)(item / (2 * F)), n = (int)(item % (2 * F)), r0 = starts[e], type = types[e][0];
-            const size_t row_bytes = (size_t)D / ggml_block_values(type) * ggml_block_bytes(type);
-            weight_row_dot(gate_up[e] + n * row_bytes, type, D, starts[e + 1] - r0, &a[0][0], &a[0][1], r0, gu + (size_t)r0 * 2 * F + n, 2 * F);
-        }
+        void* mine = panels ? panels + panel * (size_t)omp_get_thread_num() : NULL;
+        /* each thread takes its part of every expert's weight rows (whatever the experts' rows, the same work),
+           one expert after another (its activation rows stay in the core's cache) */
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+        for (int e = 0; e < E; e++)
+            for (int n = 2 * F / ITEM_ROWS * t / T * ITEM_ROWS; n < 2 * F / ITEM_ROWS * (t + 1) / T * ITEM_ROWS; n += ITEM_ROWS)
+                item_rows(gate_up[e], types[e][0], D, n, starts[e + 1] - starts[e], &a[0][0], &a[0][1], starts[e], gu + (size_t)starts[e] * 2 * F, 2 * F, mine);
+#pragma omp barrier
 #pragma omp for schedule(static)
         for (int r = 0; r < R; r++) {
             float* g = gu + (size_t)r * 2 * F;
@@ -2337,16 +2535,13 @@ int experts_ggml(const float* x, int D, int F, int E, const int* starts, const u
             if (quant[1][0]) quantize_q8_0(g, F, &a[1][0], r);
             if (quant[1][1]) quantize_q8_K(g, F, &a[1][1], r);
         }
-#pragma omp for schedule(static)
-        for (long item = 0; item < (long)E * D; item++) {
-            const int e = (int)(item / D), n = (int)(item % D), r0 = starts[e], type = types[e][1];
-            const size_t row_bytes = (size_t)F / ggml_block_values(type) * ggml_block_bytes(type);
-            weight_row_dot(down[e] + n * row_bytes, type, F, starts[e + 1] - r0, &a[1][0], &a[1][1], r0, y + (size_t)r0 * D + n, D);
-        }
+        for (int e = 0; e < E; e++)
+            for (int n = D / ITEM_ROWS * t / T * ITEM_ROWS; n < D / ITEM_ROWS * (t + 1) / T * ITEM_ROWS; n += ITEM_ROWS)
+                item_rows(down[e], types[e][1], F, n, starts[e + 1] - starts[e], &a[1][0], &a[1][1], starts[e], y + (size_t)starts[e] * D, D, mine);
     }
     for (int t = 0; t < 2; t++)
         for (int kq = 0; kq < 2; kq++) free_q8_rows(&a[t][kq]);
-    free(gu);
+    free(gu), free(panels);
     return 0;
 #else
     (void)x, (void)D, (void)F, (void)E, (void)starts, (void)gate_up, (void)down, (void)types, (void)y, (void)threads, (void)act;

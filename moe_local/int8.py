@@ -11,7 +11,8 @@ from torch import nn
 
 from moe_local import native
 
-KERNEL_MAX_ROWS = 16  # rows `linear_kernel` takes: a decode step's (a prefill chunk's stay on torch's kernel)
+KERNEL_MAX_ROWS = 16  # rows `linear_kernel` takes: a decode step's (more: `linear`'s widened fp32 panels)
+WIDEN_ROWS = 2048  # output channels `linear` widens to fp32 at a time for more rows than that (16 MB at a width of 2048)
 
 
 def quantize(w: torch.Tensor, scale_dtype: torch.dtype, rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,9 +33,23 @@ def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
         # torch's CUDA _weight_int8pack_mm took 1.6 ms per Mixtral expert for one token on an H100 (and
         # prefill ran at 39 tok/s); widening to the compute dtype and one matmul is several times faster.
         return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+    if x.numel() > KERNEL_MAX_ROWS * x.shape[-1]:
+        return _widened(x, q, scale)
     if x.dtype != scale.dtype:
         return torch._weight_int8pack_mm(x.to(scale.dtype), q, scale).to(x.dtype)
     return torch._weight_int8pack_mm(x, q, scale)
+
+
+def _widened(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`linear` for a prefill's many rows on the CPU: WIDEN_ROWS output channels at a time widened to fp32 once
+    and multiplied by all the rows in one fp32 matmul, the scale after. torch's `_weight_int8pack_mm` widens the
+    weights again for each few rows: at 512 rows it took 1.5-1.9x this one's time (docs/measurements.md)."""
+    xf = x.float()
+    y = torch.empty(*x.shape[:-1], q.shape[0], dtype=x.dtype)
+    for start in range(0, q.shape[0], WIDEN_ROWS):
+        end = start + WIDEN_ROWS
+        y[..., start:end] = F.linear(xf, q[start:end].float()) * scale[start:end].float()
+    return y
 
 
 def linear_kernel(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:

@@ -46,14 +46,14 @@ def test_dequantize_gives_gguf_pys_values(qtype):
     assert np.array_equal(ours.numpy(), gguf.quants.dequantize(raw.numpy(), qtype).reshape(6, 512))
 
 
-def experts(gate_up: T, n: int, seed: int = 0, down: T | None = None, act: str = "silu"):
-    """A Ggml format for a 256-wide model with FFN 512 (one MoE layer), and n random experts' views in it."""
+def experts(gate_up: T, n: int, seed: int = 0, down: T | None = None, act: str = "silu", dim: int = 256, ffn: int = 512):
+    """A Ggml format for a `dim`-wide model with FFN `ffn` (one MoE layer), and n random experts' views in it."""
     down = gate_up if down is None else down
-    cfg = dataclasses.replace(preset_config("tiny"), dim=256, ffn_dim=512, expert_act=act)
+    cfg = dataclasses.replace(preset_config("tiny"), dim=dim, ffn_dim=ffn, expert_act=act)
     fmt, rng, views = Ggml(cfg, [(gate_up, down)]), np.random.default_rng(seed), []
     for _ in range(n):
         buffer = torch.empty(fmt.expert_bytes, dtype=torch.uint8)
-        parts = {"gate_up": blocks(rng.standard_normal((1024, 256)), gate_up), "down": blocks(rng.standard_normal((256, 512)), down),
+        parts = {"gate_up": blocks(rng.standard_normal((2 * ffn, dim)), gate_up), "down": blocks(rng.standard_normal((dim, ffn)), down),
                  "types": torch.tensor([gate_up, down], dtype=torch.uint8)}  # fmt: skip
         fmt.pack_native(lambda name: parts, buffer)
         views.append(fmt.unpack(buffer))
@@ -95,6 +95,16 @@ needs_kernel = pytest.mark.skipif(native.unavailable() is not None or not native
                                           (T.Q4_K, T.Q5_0), (T.Q2_K, T.Q3_K), (T.IQ4_XS, T.Q6_K), (T.IQ3_XXS, T.IQ2_XXS), (T.IQ2_XXS, T.IQ3_XXS)])  # fmt: skip
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 def test_kernel_is_llama_cpps_arithmetic(gate_up, down, act):
+    _check_llama_cpps_arithmetic(gate_up, down, act)
+
+
+@needs_kernel
+def test_kernel_is_llama_cpps_arithmetic_at_widths_of_an_odd_number_of_blocks():
+    """Blocks of 32 are taken two at a time by the many-row path: widths of 9 and 11 blocks leave one over."""
+    _check_llama_cpps_arithmetic(T.Q8_0, T.Q5_0, "silu", dim=288, ffn=352)
+
+
+def _check_llama_cpps_arithmetic(gate_up, down, act, **widths):
     """llama.cpp's vec_dot_*_q8_0 / vec_dot_*_q8_K: the weights' values (gguf-py's dequantization) times the
     activations rounded as llama.cpp rounds them for the weights' type (Q8_0 blocks of 32 for Q8_0/Q4_0, Q8_K
     blocks of 256 for the K-quants), h = silu(gate) * up rounded again for down. The kernel's fp32 sums run in
@@ -102,7 +112,7 @@ def test_kernel_is_llama_cpps_arithmetic(gate_up, down, act):
     rounds the other way, and its row of outputs moves by one step of h times a column of down (about one row in
     ten at these widths): most rows are within 1e-5 of the scale, every row within 2%. Gemma 4's experts are GeGLU's
     (GELU's tanh form in place of SiLU)."""
-    cfg, fmt, views = experts(gate_up, 3, down=down, act=act)
+    cfg, fmt, views = experts(gate_up, 3, down=down, act=act, **widths)
     counts = [2, 0, 20]  # an expert with no rows, one with more than a kernel call takes at once
     xs = torch.randn(sum(counts), cfg.dim, generator=torch.Generator().manual_seed(1))
     y = fmt.forward_grouped(xs, counts, views)
@@ -119,14 +129,19 @@ def test_kernel_is_llama_cpps_arithmetic(gate_up, down, act):
 
 
 @needs_kernel
-@pytest.mark.parametrize("gate_up,down", [(T.Q4_K, T.Q6_K), (T.Q8_0, T.Q5_0), (T.Q3_K, T.Q2_K), (T.IQ2_XXS, T.IQ3_XXS)])
-def test_kernel_gives_each_row_the_same_bits_alone_or_grouped(gate_up, down):
-    cfg, fmt, views = experts(gate_up, 2, down=down)
-    xs = torch.randn(19, cfg.dim, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(2))
-    grouped = fmt.forward_grouped(xs, [1, 18], views)
+@pytest.mark.parametrize("gate_up,down,widths", [(T.Q4_K, T.Q6_K, {}), (T.Q8_0, T.Q5_0, {}), (T.Q3_K, T.Q2_K, {}), (T.Q4_0, T.Q8_0, dict(dim=288, ffn=352)),
+                                                 (T.IQ4_XS, T.Q5_K, {}), (T.IQ2_XXS, T.IQ3_XXS, {})])  # fmt: skip
+def test_kernel_gives_each_row_the_same_bits_alone_or_grouped(gate_up, down, widths):
+    """A decode step's row alone, and a prefill's rows taken several at a time with each weight block (4 rows for
+    blocks of 32, 2 for the K-quants; the counts leave 1, 2 and 3 over; widths of an odd number of blocks of 32)."""
+    cfg, fmt, views = experts(gate_up, 4, down=down, **widths)
+    counts = [1, 18, 3, 7]
+    xs = torch.randn(sum(counts), cfg.dim, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(2))
+    grouped = fmt.forward_grouped(xs, counts, views)
     assert grouped.dtype == torch.bfloat16
-    assert torch.equal(fmt.forward(xs[:1], views[0]), grouped[:1])
-    assert torch.equal(torch.cat([fmt.forward(xs[i : i + 1], views[1]) for i in range(1, 19)]), grouped[1:])
+    each = [view for view, count in zip(views, counts) for _ in range(count)]  # row i's expert
+    alone = [fmt.forward(xs[i : i + 1], view) for i, view in enumerate(each)]
+    assert torch.equal(torch.cat(alone), grouped)
 
 
 @needs_kernel
