@@ -378,7 +378,7 @@ def random_weights(config: BenchConfig, options: Options, device: torch.device, 
     say(why)
     plan = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, options.gpu_memory, config.expert_slots,
                        expert_bytes=fmt.expert_bytes, attention=attention)
-    check_host_ram(host_bytes_needed(plan), f"{plan.total_experts} experts of this geometry")  # before the peer's wait
+    check_host_ram(host_bytes_needed(plan), f"{plan.total_experts} experts of this geometry", plan)  # before the peer's wait
     peer = None
     if config.peer_layers:
         say(f"peer: transformers + accelerate offload, {config.peer_layers} layers, {config.peer_tokens} tokens")

@@ -16,6 +16,10 @@ from moe_local.errors import BudgetError, MoeLocalError
 
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 MAX_SIZE = 2**50  # 1 PiB: more than any machine's memory, so a larger size is a typo
+# Snapshots of its recurrent states a sequence keeps (a model with linear-attention layers, `engine.Snapshot`): the
+# ends of its last prefills and the marks they were given, the oldest dropped first. Two are what a chat's turn
+# needs (where its conversation ended before the answer, and the prompt's end); the server's rows keep a few more.
+SNAPSHOTS = 4
 
 
 def parse_size(size: str | int) -> int:
@@ -45,13 +49,26 @@ def format_bytes(n_bytes: int) -> str:
     return f"{n_bytes} B"
 
 
-def check_host_ram(needed_bytes: int, what: str) -> None:
-    """Refuse up front rather than let a huge allocation swap the machine to death."""
+def check_host_ram(needed_bytes: int, what: str, plan: MemoryPlan | None = None) -> None:
+    """Refuse up front rather than let a huge allocation swap the machine to death; where `plan`'s snapshots
+    tip it, say so."""
     available = psutil.virtual_memory().available
     if needed_bytes > available:
+        tip = snapshots_tip(plan.snapshot_bytes, plan.sequences, needed_bytes, available) if plan else ""
         raise BudgetError(
-            f"{what} need {format_bytes(needed_bytes)} of host RAM but only {format_bytes(available)} is available"
+            f"{what} need {format_bytes(needed_bytes)} of host RAM but only {format_bytes(available)} is available{tip}"
         )
+
+
+def snapshots_tip(snapshot_bytes: int, sequences: int, needed: int, room: int) -> str:
+    """The end of a host-RAM refusal's message where a hybrid's snapshots (`snapshot_bytes` of `sequences`
+    sequences) are what takes `needed` over `room`; else nothing."""
+    if not snapshot_bytes or needed <= room or needed - snapshot_bytes > room:
+        return ""
+    rows = f" x {sequences} sequences" if sequences > 1 else ""
+    fewer = ": fewer --parallel rows keep fewer" if sequences > 1 else ""
+    return (f"; the snapshots of the linear-attention layers' state tip it ({SNAPSHOTS} per sequence{rows}, "
+            f"{format_bytes(snapshot_bytes)}){fewer}")
 
 
 @dataclass(frozen=True)
@@ -66,6 +83,8 @@ class MemoryPlan:
     expert_slots: int  # 0: on the CPU with no budget, every expert runs in place from the store
     total_experts: int
     host_resident_bytes: int = 0  # beside a GPU, the token embeddings, in host RAM (`embeddings_on_host`)
+    snapshot_bytes: int = 0  # in host RAM on any device: the most the sequences' snapshots hold (`snapshot_bytes`)
+    sequences: int = 1  # KV caches (and snapshots) planned: the server's --parallel rows, else one
 
     @property
     def in_place(self) -> bool:
@@ -82,8 +101,9 @@ class MemoryPlan:
     @property
     def beside_store_bytes(self) -> int:
         """Host RAM needed beside the expert store: on the CPU the resident part, KV cache and slots live there;
-        beside a GPU the token embeddings."""
-        return self.fixed_bytes + self.slot_bytes if self.device == "cpu" else self.host_resident_bytes
+        beside a GPU the token embeddings; on both, a hybrid's snapshots."""
+        device = self.fixed_bytes + self.slot_bytes if self.device == "cpu" else self.host_resident_bytes
+        return device + self.snapshot_bytes
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -95,6 +115,12 @@ def workspace_bytes(cfg: ModelConfig, dtype: torch.dtype, ctx_size: int, chunk: 
     activations = chunk * (4 * cfg.dim + 3 * cfg.ffn_dim) * dtype.itemsize
     scores = cfg.n_heads * chunk * ctx_size * dtype.itemsize
     return activations + scores + chunk * cfg.vocab_size * 4
+
+
+def snapshot_bytes(cfg: ModelConfig, dtype: torch.dtype, sequences: int = 1) -> int:
+    """The most host RAM the snapshots of `sequences` sequences hold: SNAPSHOTS copies each of the linear-attention
+    layers' state (`sequence_state_bytes`, the conv inputs in `dtype`); none for a model without such layers."""
+    return sequences * SNAPSHOTS * cfg.sequence_state_bytes(dtype)
 
 
 def embeddings_on_host(cfg: ModelConfig, device: torch.device) -> bool:
@@ -151,7 +177,8 @@ def plan_memory(
 ) -> MemoryPlan:
     """Split the budget; `workspace` is a measured peak (see `Engine.from_folder`), else it is estimated;
     `expert_bytes` is one expert in its format (default: unquantized, in `dtype`); `attention` for
-    `--resident-dtype int8` or `int4`; `sequences` KV caches of `ctx_size` tokens (the server's `--parallel`)."""
+    `--resident-dtype int8` or `int4`; `sequences` KV caches of `ctx_size` tokens (the server's `--parallel`),
+    and their snapshots."""
     total = cfg.n_moe_layers * cfg.n_experts
     expert = expert_bytes or cfg.expert_numel * dtype.itemsize
     on_host = embeddings_on_host(cfg, device)
@@ -184,7 +211,8 @@ def plan_memory(
                 )
             slots = min(total, (budget - fixed) // expert)
     host = embeddings_bytes(cfg, dtype) if on_host else 0
-    return MemoryPlan(device.type, budget, resident, kv, work, workspace is not None, expert, slots, total, host)
+    return MemoryPlan(device.type, budget, resident, kv, work, workspace is not None, expert, slots, total, host,
+                      snapshot_bytes(cfg, dtype, sequences), sequences)
 
 
 def what_would_fit(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, budget: int, rest: int, resident: int,
@@ -215,12 +243,17 @@ def what_would_fit(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, b
 
 def check_beside_experts(plan: MemoryPlan, ctx_size: int, attention: str | None, available: int | None = None,
                          context_flag: str = "--ctx-size") -> None:
-    """On the CPU the resident part, the KV cache and the workspace live in host RAM beside the experts; when
-    they alone take more than is available, no format of the experts can help: say which of them is too large
-    and what shrinks it (`-c 100000000` is a 670 GiB KV cache, not experts that do not fit)."""
+    """On the CPU the resident part, the KV cache and the workspace live in host RAM beside the experts (with a
+    hybrid's snapshots); when they alone take more than is available, no format of the experts can help: say
+    which of them is too large and what shrinks it (`-c 100000000` is a 670 GiB KV cache, not experts that do
+    not fit)."""
     available = psutil.virtual_memory().available if available is None else available
-    if plan.device != "cpu" or plan.fixed_bytes <= available:
+    beside = plan.fixed_bytes + plan.snapshot_bytes
+    if plan.device != "cpu" or beside <= available:
         return
+    if plan.fixed_bytes <= available:
+        raise BudgetError(f"the rest of the model beside the experts on the CPU needs {format_bytes(beside)} of host RAM, more than "
+                          f"the {format_bytes(available)} available" + snapshots_tip(plan.snapshot_bytes, plan.sequences, beside, available))
     context = plan.kv_bytes + plan.workspace_bytes  # both grow with the context: a prefill chunk's attention scores span it
     if context >= plan.resident_bytes:
         what, size = (f"a context of {ctx_size} tokens needs {format_bytes(context)} of host RAM on the CPU (KV cache "
@@ -235,7 +268,7 @@ def check_beside_experts(plan: MemoryPlan, ctx_size: int, attention: str | None,
 
 
 def host_bytes_needed(plan: MemoryPlan) -> int:
-    """Host RAM for the expert store, and on the CPU for everything else too."""
+    """Host RAM for the expert store and a hybrid's snapshots, and on the CPU for everything else too."""
     return plan.total_experts * plan.expert_bytes + plan.beside_store_bytes
 
 
@@ -255,6 +288,9 @@ def plan_report(cfg: ModelConfig, plan: MemoryPlan, ctx_size: int) -> dict:
         "host_resident_bytes": plan.host_resident_bytes,
         "ctx_size": ctx_size,
         "kv_bytes": plan.kv_bytes,
+        "sequences": plan.sequences,
+        "snapshot_bytes": plan.snapshot_bytes,
+        "snapshots_per_sequence": SNAPSHOTS if plan.snapshot_bytes else 0,
         "workspace_bytes": plan.workspace_bytes,
         "workspace_measured": plan.workspace_measured,
         "expert_bytes": plan.expert_bytes,

@@ -705,6 +705,7 @@ def plan(
     group_size: GroupSize = None,
     resident_dtype: ResidentDtype = None,
     device: Optional[str] = typer.Option(None, "--device", help="cuda (the default: plan for a GPU, this one or one you name with --gpu-memory) or cpu."),
+    parallel: int = typer.Option(1, "--parallel", min=1, help="Plan for serve --parallel N: N sequences, each with a KV cache of --ctx-size tokens (and a hybrid's snapshots). Default 1, as run and chat."),
     json_output: JsonOutput = False,
     debug: Debug = False,
 ) -> None:
@@ -712,7 +713,8 @@ def plan(
     what to expect from it, without loading the weights (only config.json and the safetensors headers)."""
     import torch
 
-    from moe_local.budget import check_beside_experts, embeddings_bytes, embeddings_on_host, lm_head_quantized, plan_memory, plan_report
+    from moe_local.budget import (check_beside_experts, embeddings_bytes, embeddings_on_host, lm_head_quantized, plan_memory, plan_report,
+                                  snapshot_bytes)
     from moe_local.checkpoint import open_checkpoint, resolve_model_path
     from moe_local.config import preset_config
     from moe_local.errors import BudgetError
@@ -738,18 +740,22 @@ def plan(
 
         def plan_for(f: ExpertFormat | None):
             return plan_memory(cfg, compute, target, ctx, options.prefill_chunk, gpu_memory, expert_slots,
-                               expert_bytes=f.expert_bytes if f else None, attention=options.attention_dtype)
+                               expert_bytes=f.expert_bytes if f else None, attention=options.attention_dtype, sequences=parallel)
 
-        # what lives in host RAM beside the experts, counted as the load counts it: on the CPU the rest of the model, beside a GPU the token embeddings
+        # what lives in host RAM beside the experts, counted as the load counts it: on the CPU the rest of the model, beside a GPU the
+        # token embeddings; a hybrid's snapshots on both
         alone = plan_for(None) if target.type == "cpu" else None
-        beside = alone.beside_store_bytes if alone else embeddings_bytes(cfg, compute) if embeddings_on_host(cfg, target) else 0
+        if alone:
+            beside = alone.beside_store_bytes
+        else:
+            beside = (embeddings_bytes(cfg, compute) if embeddings_on_host(cfg, target) else 0) + snapshot_bytes(cfg, compute, parallel)
         try:
             if alone:
                 check_beside_experts(alone, ctx, options.attention_dtype)
             if not preset and isinstance(ckpt, GgufModel) and options.experts_dtype == "auto":
                 fmt, why = gguf_format(ckpt.layer_expert_types(), cfg, compute, target.type)
             else:
-                fmt, why = choose_format(options.experts_dtype, cfg, compute, target.type, group_size, beside)
+                fmt, why = choose_format(options.experts_dtype, cfg, compute, target.type, group_size, beside, sequences=parallel)
         except BudgetError as e:  # plan may be for another machine: say so, and show the smallest format
             fmt = make_format("int4", cfg, compute, target.type, group_size)
             why = f"{fmt.key}, the smallest; but on this machine {e}"
@@ -773,7 +779,7 @@ def print_plan(r: dict, cfg, slots_given: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from moe_local.budget import format_bytes
+    from moe_local.budget import format_bytes, snapshots_tip
 
     table = Table(title=f"{r['model']} on {r['device']}", show_header=False, box=None, padding=(0, 2))
     budget, on_gpu = r["budget_bytes"], r["device"] == "cuda"
@@ -784,6 +790,10 @@ def print_plan(r: dict, cfg, slots_given: bool) -> None:
     else:
         budget_text = "none: on the CPU every expert runs in place from host RAM by default"
     in_place = r["in_place"]
+    sequences = f" x {r['sequences']} sequences" if r["sequences"] > 1 else ""
+    snapshot = r["snapshot_bytes"] // (r["sequences"] * r["snapshots_per_sequence"] or 1)  # one snapshot
+    beside = [f"{format_bytes(r['host_resident_bytes'])} of token embeddings"] if r["host_resident_bytes"] else []
+    beside += [f"{format_bytes(r['snapshot_bytes'])} of state snapshots"] if r["snapshot_bytes"] and on_gpu else []
     rows = [
         ("budget", budget_text),
         ("experts", r["why"]),
@@ -791,7 +801,9 @@ def print_plan(r: dict, cfg, slots_given: bool) -> None:
                                                                   f"{', lm_head in int8' if r['lm_head_int8'] else ''})"
                                                                   if r["resident_dtype"] != "auto" else "")),
         *([("token embeddings", f"{format_bytes(r['host_resident_bytes'])}, in host RAM")] if r["host_resident_bytes"] else []),
-        (f"KV cache ({r['ctx_size']} tokens{STATE_NOTE if cfg.linear_layers else ''})", format_bytes(r["kv_bytes"])),
+        (f"KV cache ({r['ctx_size']} tokens{sequences}{STATE_NOTE if cfg.linear_layers else ''})", format_bytes(r["kv_bytes"])),
+        *([("state snapshots", f"up to {r['snapshots_per_sequence']} per sequence{sequences} x {format_bytes(snapshot)} = "
+                               f"{format_bytes(r['snapshot_bytes'])}, in host RAM")] if r["snapshot_bytes"] else []),
         ("workspace (estimated)", format_bytes(r["workspace_bytes"])),
         ("expert slots", "none: no slots, no copies" if in_place
          else f"{r['expert_slots']} x {format_bytes(r['expert_bytes'])} = {format_bytes(r['slot_bytes'])}"),
@@ -799,7 +811,7 @@ def print_plan(r: dict, cfg, slots_given: bool) -> None:
          else f"{r['experts_per_layer']:.2f} of {cfg.n_experts} ({r['expert_slots']} of {r['total_experts']} in all)"),
         ("host RAM for the experts" if on_gpu else "host RAM (experts + the rest)",
          f"{format_bytes(r['host_bytes_needed'])} needed"
-         + (f" (with the token embeddings, {format_bytes(r['host_resident_bytes'])})" if r["host_resident_bytes"] else "")
+         + (f" (with {' and '.join(beside)})" if beside else "")
          + f", {format_bytes(r['host_bytes_available'])} available now"),
         ("expected hit rate", "100 %: every expert runs where it lies" if in_place
          else f"{100 * r['expected_hit_rate_uniform']:.1f} % under uniform routing (the worst case)"),
@@ -829,7 +841,8 @@ def print_plan(r: dict, cfg, slots_given: bool) -> None:
                         f"{per_token / 1e9:.2f}", *bound, format_bytes(f["host_bytes_needed"]))
     console.print(formats)
     if r["host_bytes_needed"] > r["host_bytes_available"]:
-        console.print("[bold red]warning:[/] this machine has less free host RAM than the experts need; loading would be refused")
+        tip = snapshots_tip(r["snapshot_bytes"], r["sequences"], r["host_bytes_needed"], r["host_bytes_available"])
+        console.print(f"[bold red]warning:[/] this machine has less free host RAM than the experts need; loading would be refused{tip}")
 
 
 # `bench --preset tiny` is the CPU smoke test: a short prompt and decode keep it to seconds

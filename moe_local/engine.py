@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 
 from moe_local import native
-from moe_local.budget import MemoryPlan, check_beside_experts, embeddings_bytes, embeddings_on_host, lm_head_quantized, plan_memory
+from moe_local.budget import (SNAPSHOTS, MemoryPlan, check_beside_experts, check_host_ram, embeddings_bytes, embeddings_on_host,
+                              host_bytes_needed, lm_head_quantized, plan_memory, snapshot_bytes)
 from moe_local.checkpoint import open_checkpoint, resolve_model_path
 from moe_local.config import DTYPES, ModelConfig
 from moe_local.cpu_matmul import matmuls_for_rows
@@ -102,18 +103,14 @@ class Options:
         return self.ctx_size or min(4096, cfg.max_position_embeddings)
 
 
-# Snapshots of its recurrent states a sequence keeps (a model with linear-attention layers): the ends of its last
-# prefills and the marks they were given, the oldest dropped first. See `Snapshot`; their size, docs/architecture.md.
-SNAPSHOTS = 4
-
-
 @dataclass
 class Snapshot:
     """A sequence's recurrent states (each linear-attention layer's conv state and delta-rule state, copied to
     host RAM) after `ids`: a prompt that starts with ids resumes there, with the other layers' keys and values of
     ids, which the sequence's cache holds as long as its tokens start with ids. A recurrent state cannot be cut
     back to a prefix, so this is how a new turn whose prompt leaves what the cache holds (an earlier answer
-    rendered otherwise than it was generated, a thinking block dropped) is still evaluated from near its end."""
+    rendered otherwise than it was generated, a thinking block dropped) is still evaluated from near its end.
+    A sequence keeps up to `budget.SNAPSHOTS` of them, which the plan counts (`budget.snapshot_bytes`)."""
 
     ids: list[int]
     states: list[torch.Tensor]
@@ -232,7 +229,8 @@ class Engine:
         ctx_size = options.context_size(cfg)
         # on the CPU the resident part and the slots take host RAM too: `auto` counts them (slots as if bf16)
         attention = options.attention_dtype
-        beside = embeddings_bytes(cfg, dtype) if embeddings_on_host(cfg, device) else 0  # beside a GPU: the token embeddings
+        # beside a GPU: the token embeddings and a hybrid's snapshots
+        beside = (embeddings_bytes(cfg, dtype) if embeddings_on_host(cfg, device) else 0) + snapshot_bytes(cfg, dtype, options.sequences)
         if device.type == "cpu":
             alone = plan_memory(cfg, dtype, device, ctx_size, options.prefill_chunk, attention=attention, sequences=options.sequences)
             check_beside_experts(alone, ctx_size, attention)  # a context too long is its own error, not experts that do not fit
@@ -240,7 +238,8 @@ class Engine:
         if gguf and options.experts_dtype == "auto":
             fmt, why = gguf_format(ckpt.layer_expert_types(), cfg, dtype, device.type)
         else:
-            fmt, why = choose_format(options.experts_dtype, cfg, dtype, device.type, options.group_size, beside)
+            fmt, why = choose_format(options.experts_dtype, cfg, dtype, device.type, options.group_size, beside,
+                                     sequences=options.sequences)
         plan = plan_memory(
             cfg, dtype, device, ctx_size, options.prefill_chunk, options.gpu_memory, options.expert_slots,
             expert_bytes=fmt.expert_bytes, attention=attention, sequences=options.sequences,
@@ -250,6 +249,7 @@ class Engine:
         generation_config = {} if gguf else read_json(folder / "generation_config.json")
         has_tokenizer = gguf or (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
         tokenizer = load_tokenizer(folder) if has_tokenizer else None
+        check_host_ram(host_bytes_needed(plan), "the experts (and, on the CPU, the rest of the model)", plan)  # naming what tips it
         store = ExpertStore(cfg, fmt, pin=device.type == "cuda", extra_host_bytes=plan.beside_store_bytes)
         try:
             # quantized experts are cached on disk; experts already in the format are copied as they are

@@ -11,10 +11,11 @@ import torch
 import moe_local
 
 from conftest import moe_local_cli
-from moe_local.budget import host_bytes_needed, plan_memory, plan_report, resident_bytes
+from moe_local.budget import SNAPSHOTS, check_beside_experts, host_bytes_needed, plan_memory, plan_report, resident_bytes
 from moe_local.checkpoint import Checkpoint
 from moe_local.config import preset_config
 from moe_local.errors import BudgetError, ConfigError
+from moe_local.experts.formats import choose_format
 
 CUDA = torch.device("cuda")  # only a name here: nothing is allocated
 GiB = 2**30
@@ -114,6 +115,38 @@ def test_on_the_cpu_everything_is_counted_in_host_ram():
     plan = plan_memory(cfg, torch.float32, torch.device("cpu"), 256, 512)
     assert plan.expert_slots == 0 and plan.in_place  # the CPU default: every expert in place, no slots
     assert host_bytes_needed(plan) == plan.total_experts * plan.expert_bytes + plan.fixed_bytes + plan.slot_bytes
+
+
+def test_a_hybrids_snapshots_are_host_ram_of_every_sequence_and_other_families_keep_none():
+    hybrid, plain = preset_config("qwen3.5-397b-a17b"), preset_config("qwen3-30b-a3b")
+    state = hybrid.sequence_state_bytes(torch.bfloat16)
+    assert state == 45 * ((2 * 16 * 128 + 64 * 128) * 3 * 2 + 64 * 128 * 128 * 4)  # 183.2 MiB: docs/architecture.md
+    for device in (CUDA, torch.device("cpu")):
+        one, served = (plan_memory(hybrid, torch.bfloat16, device, 4096, 512, "64GiB", sequences=n) for n in (1, 8))
+        assert (one.snapshot_bytes, served.snapshot_bytes) == (SNAPSHOTS * state, 8 * SNAPSHOTS * state)  # 5.72 GiB served
+        assert served.beside_store_bytes - served.snapshot_bytes == (served.host_resident_bytes if device == CUDA
+                                                                     else served.fixed_bytes + served.slot_bytes)
+        assert host_bytes_needed(served) == served.total_experts * served.expert_bytes + served.beside_store_bytes
+        assert plan_report(hybrid, served, 4096)["snapshot_bytes"] == served.snapshot_bytes
+        none = plan_memory(plain, torch.bfloat16, device, 4096, 512, "64GiB", sequences=8)
+        assert none.snapshot_bytes == 0 and plan_report(plain, none, 4096)["snapshots_per_sequence"] == 0
+
+
+def test_a_refusal_names_the_snapshots_where_they_tip_it():
+    cfg = preset_config("qwen3.6-35b-a3b")
+    plan = plan_memory(cfg, torch.bfloat16, torch.device("cpu"), 4096, 512, sequences=8)
+    tipped = r"the snapshots of the linear-attention layers' state tip it \(4 per sequence x 8 sequences, 1\.92 GiB\): fewer --parallel rows"
+    with pytest.raises(BudgetError, match=r"the rest of the model beside the experts on the CPU needs .*" + tipped):
+        check_beside_experts(plan, 4096, None, available=plan.fixed_bytes + 1)
+    check_beside_experts(plan, 4096, None, available=plan.fixed_bytes + plan.snapshot_bytes)  # fits: no error
+    with pytest.raises(BudgetError, match=r"the resident weights need") as refused:  # too large with or without them
+        check_beside_experts(plan, 4096, None, available=plan.resident_bytes - 1)
+    assert "snapshots" not in str(refused.value)
+    int4 = cfg.n_moe_layers * cfg.n_experts * choose_format("int4", cfg, torch.bfloat16, "cpu", None)[0].expert_bytes
+    beside = plan.beside_store_bytes
+    room = int((int4 + beside - plan.snapshot_bytes / 2) / 0.85)  # int4 would fit without them, not with them
+    with pytest.raises(BudgetError, match=r"any format: .*workspace, the snapshots of the linear-attention layers' state; .*shows them\); " + tipped):
+        choose_format("auto", cfg, torch.bfloat16, "cpu", None, beside, available=room, sequences=8)
 
 
 def test_a_budget_below_the_resident_part_says_the_minimum():

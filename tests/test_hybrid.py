@@ -211,13 +211,16 @@ def test_the_hybrid_presets_are_their_published_sizes():
 
 
 def test_plan_counts_the_full_layers_keys_and_the_linear_layers_state():
-    result = moe_local_cli("plan", "--preset", "qwen3.6-35b-a3b", "--gpu-memory", "8GiB", "--json", "--ctx-size", "4096")
+    result = moe_local_cli("plan", "--preset", "qwen3.6-35b-a3b", "--gpu-memory", "8GiB", "--json", "--ctx-size", "4096", "--parallel", "2")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     chosen = report.get("chosen", report)
     keys_values = 10 * 2 * 2 * 256 * 4096 * 2  # 10 full layers, 2 KV heads of 256, bf16
     state = 30 * ((2 * 2048 + 4096) * 3 * 2 + 32 * 128 * 128 * 4)  # conv inputs in bf16, recurrent state in fp32
-    assert chosen["kv_bytes"] == keys_values + state
+    assert chosen["kv_bytes"] == 2 * (keys_values + state)  # two sequences (serve --parallel 2)
+    assert chosen["snapshot_bytes"] == 2 * 4 * state  # up to 4 copies of each one's state, in host RAM beside the GPU
+    experts = chosen["total_experts"] * chosen["expert_bytes"]
+    assert chosen["host_bytes_needed"] == experts + chosen["host_resident_bytes"] + chosen["snapshot_bytes"]
     assert "qwen3.6-35b-a3b" in PRESETS
 
 

@@ -5,7 +5,10 @@ end of each prefill, and the marks it was given, such as where a chat's conversa
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import openai
+import psutil
 import pytest
 import torch
 
@@ -13,8 +16,9 @@ import moe_local
 from builders import FAMILY_TOKENIZERS, train_bytelevel_tokenizer
 from families import build_family
 from test_server import THREADS, RunningServer
+from moe_local.budget import SNAPSHOTS, host_bytes_needed
 from moe_local.chat import ChatSession
-from moe_local.engine import SNAPSHOTS
+from moe_local.errors import BudgetError
 from moe_local.generate import SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
@@ -107,6 +111,22 @@ def test_a_sequence_keeps_its_newest_snapshots_only(hybrid):
     state_bytes = sum(t.nbytes for t in kept[0].states)
     linear = [layer for block, layer in zip(engine.model.layers, engine.kv.layers) if block.attention.recurrent]
     assert state_bytes == sum(t.nbytes for layer in linear for t in layer)  # a copy of the recurrent states, no more
+
+
+def test_the_plan_counts_the_snapshots_the_sequences_keep_and_a_load_they_tip_over_says_so(hybrid, monkeypatch):
+    engine = load(hybrid, sequences=2)
+    served = [engine.sequence, engine.new_sequence()]
+    for seed, seq in enumerate(served):
+        engine.prefill([1] + ids(29, 20 + seed), seq, marks=(8, 16, 24))
+    kept = [t.nbytes for seq in served for s in seq.snapshots for t in s.states]
+    assert [len(seq.snapshots) for seq in served] == [SNAPSHOTS] * 2
+    assert engine.plan.snapshot_bytes == sum(kept) > 0  # the most both rows keep, as planned
+    needed = host_bytes_needed(engine.plan)
+    assert needed == engine.store.total_bytes + engine.plan.fixed_bytes + engine.plan.snapshot_bytes
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=needed - 1))
+    with pytest.raises(BudgetError, match=r"need .* of host RAM but only .* is available; the snapshots of the linear-attention "
+                                          r"layers' state tip it \(4 per sequence x 2 sequences, .*\): fewer --parallel rows keep fewer"):
+        load(hybrid, sequences=2, experts_dtype="fp32")
 
 
 def test_a_chats_second_turn_evaluates_from_where_the_first_conversation_ended(hybrid):

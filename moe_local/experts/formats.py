@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from moe_local import int4, int8, native
-from moe_local.budget import format_bytes
+from moe_local.budget import format_bytes, snapshot_bytes, snapshots_tip
 from moe_local.experts.mxfp4 import linear as mxfp4_linear
 from moe_local.weights import ggml, mxfp4
 from moe_local.config import ModelConfig
@@ -719,11 +719,12 @@ def choose_format(
     group_size: int | None,
     beside_bytes: int = 0,
     available: int | None = None,
+    sequences: int = 1,
 ) -> tuple[ExpertFormat, str]:
     """The format `--experts-dtype name` asks for, with a line saying what was chosen and why. `auto`
-    keeps the compute dtype when the experts (plus `beside_bytes` of other host memory) fit in 85% of
-    the available RAM, else int8, else int4; a checkpoint's own formats first: MXFP4, compressed-tensors int4
-    (kept), FP8 (kept where it fits, else int4)."""
+    keeps the compute dtype when the experts (plus `beside_bytes` of other host memory, a hybrid's snapshots of
+    `sequences` sequences among them) fit in 85% of the available RAM, else int8, else int4; a checkpoint's own
+    formats first: MXFP4, compressed-tensors int4 (kept), FP8 (kept where it fits, else int4)."""
     if name != "auto":
         fmt = make_format(name, cfg, compute_dtype, device_type, group_size)
         return fmt, f"experts in {fmt.key} (--experts-dtype {name})"
@@ -749,7 +750,12 @@ def choose_format(
                 why = f"{'; '.join(too_big)}; {candidate} needs {why}"
             return fmt, f"experts in {fmt.key} (auto: {why})"
         too_big.append(f"{candidate} would need {format_bytes(need)}, over {AUTO_RAM_SHARE:.0%} of the {format_bytes(available)} available")
-    what = ("the rest of the model, beside the experts on the CPU: resident weights, KV cache, workspace; `moe-local plan "
-            "--device cpu` shows them" if device_type == "cpu" else "the token embeddings, which stay in host RAM beside a GPU")
+    snapshots = snapshot_bytes(cfg, compute_dtype, sequences)
+    state = ["the snapshots of the linear-attention layers' state"] if snapshots else []
+    if device_type == "cpu":
+        what = f"the rest of the model, beside the experts on the CPU: {', '.join(['resident weights, KV cache, workspace', *state])}; `moe-local plan --device cpu` shows them"
+    else:
+        what = f"{' and '.join((['the token embeddings'] if beside_bytes > snapshots else []) + state)}, in host RAM beside a GPU"
     beside = f" ({format_bytes(beside_bytes)} of each is {what})" if beside_bytes else ""
-    raise BudgetError(f"the experts do not fit in host RAM in any format: {'; '.join(too_big)}{beside}")
+    tip = snapshots_tip(snapshots, sequences, need, int(AUTO_RAM_SHARE * available))
+    raise BudgetError(f"the experts do not fit in host RAM in any format: {'; '.join(too_big)}{beside}{tip}")
