@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_local import cpu_attention, cpu_deltanet, cpu_matmul, int4
+from moe_local import cpu_attention, cpu_deltanet, cpu_matmul, cpu_mlp, int4
 from moe_local.budget import lm_head_quantized
 from moe_local.config import ModelConfig
 from moe_local.cpu_matmul import WideLinear, onednn
@@ -748,12 +748,21 @@ class DenseMLP(nn.Module):
         super().__init__()
         self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.gate = GATES[act]
+        self.act, self.gate = act, GATES[act]
+        self.fused: cpu_mlp.Fused | None = None  # a decode step's MLP in one call (`fuse`)
 
     def quantize(self, make: Callable[[nn.Linear], nn.Module]) -> None:
         self.w13, self.w2 = make(self.w13), make(self.w2)
 
+    def fuse(self) -> bool:
+        """On the CPU, after any quantization: a decode step's rows (bf16) through one kernel call
+        (`cpu_mlp.Fused`), where it applies; whether it does."""
+        self.fused = cpu_mlp.Fused.build(self)
+        return self.fused is not None
+
     def forward(self, x: torch.Tensor, experts: Experts | None = None) -> torch.Tensor:
+        if self.fused is not None and (y := self.fused(x)) is not None:
+            return y
         gate, up = self.w13(x).chunk(2, dim=-1)  # [T, F] each
         return self.w2(self.gate(gate) * up)
 
@@ -1061,7 +1070,10 @@ class Transformer(nn.Module):
 
     def fuse_decode(self) -> int:
         """On the CPU, after any quantization: each layer's attention block as one kernel call for a decode
-        token (`Block.fuse`); how many layers take it."""
+        token (`Block.fuse`), and each resident MLP (`DenseMLP.fuse`); how many layers' attention blocks take it."""
+        for module in list(self.modules()):
+            if isinstance(module, DenseMLP):  # a dense layer's, a shared expert, Gemma 4's inside its NormedMLP
+                module.fuse()
         return sum(layer.fuse(2 * self.inv_freqs[self.rope_of[i]].numel()) for i, layer in enumerate(self.layers))
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
