@@ -560,9 +560,11 @@ def describe(ckpt: Checkpoint) -> dict:
     cfg, itemsize = ckpt.config, ckpt.dtype.itemsize
     resident = cfg.resident_numel()
     if isinstance(ckpt, GgufModel):  # the experts as the file holds them; the rest is dequantized at load
-        types = ckpt.expert_types()
+        types, layers = ckpt.expert_types(), range(cfg.n_moe_layers)
+        # one expert's bytes as the file holds them, the mean over the MoE layers: a file may mix types by layer
+        file_bytes = sum(ckpt.expert_tensor(layer, w).nbytes for layer in layers for w in types)
         gguf = {"model": str(ckpt.files[0]), "architecture": ckpt.arch, "experts_format": "/".join(sorted({t.name for ts in types.values() for t in ts})),
-                "expert_bytes": sum(ckpt.expert_tensor(0, w).nbytes for w in types) // cfg.n_experts,
+                "expert_bytes": file_bytes // (cfg.n_experts * cfg.n_moe_layers),
                 "files": {f.name: f.stat().st_size for f in ckpt.files}, "tensor_bytes_by_type": ckpt.bytes_by_type()}
     else:
         gguf = {}

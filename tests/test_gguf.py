@@ -432,12 +432,22 @@ def test_a_broken_file_is_one_clear_line(ggufs, tmp_path, monkeypatch, capsys, p
 
 
 def test_info_and_plan_read_a_gguf(ggufs, monkeypatch, capsys):
+    """Q4_K_M mixes types by layer (here the last layer's down is Q6_K): `info` gives an expert's bytes over every
+    layer as the file holds them, `plan` the store's (each expert's part sized for the widest layer)."""
     import json
+
+    from moe_local.engine import load
+    from moe_local.weights.gguf_model import GgufModel
 
     path = ggufs["mixtral-Q4_K_M"]
     info = json.loads(cli(monkeypatch, capsys, "info", str(path), "--json")[1])
     assert info["architecture"] == "llama" and info["model_type"] == "mixtral"
     assert {"Q4_K", "F32"} <= set(info["tensor_bytes_by_type"]) and sum(info["tensor_bytes_by_type"].values()) < path.stat().st_size
+    model = GgufModel([path])
+    file_bytes = sum(model.expert_tensor(layer, w).nbytes for layer in range(3) for w in ("w1", "w2", "w3"))
+    assert info["expert_bytes"] * info["experts_per_layer"] * info["moe_layers"] == file_bytes and info["experts_format"] == "Q4_K/Q6_K"
+    plan = json.loads(cli(monkeypatch, capsys, "plan", str(path), "--device", "cpu", "--json")[1])
+    assert plan["expert_bytes"] == load(path, device="cpu").store.format.expert_bytes
     plan = json.loads(cli(monkeypatch, capsys, "plan", str(ggufs["qwen3-Q8_0"]), "--device", "cpu", "--json")[1])
     assert plan["experts_format"] == "gguf-q8_0" and plan["in_place"]
 
