@@ -565,7 +565,7 @@ class Ggml(ExpertFormat):
     each the file's bytes as they are (`pack_native`), at the start of a part sized for the widest type any
     layer uses (in a mixed file the narrower layers leave the rest unused: `padding_bytes`). Nothing is quantized
     or cached. On the CPU they run through `experts_ggml` of `cpu_kernels.c` with llama.cpp's arithmetic (each
-    activation row rounded to Q8_0 blocks for Q8_0/Q4_0/Q5_0 weights, to Q8_K for K-quants, integer block products,
+    activation row rounded to Q8_0 blocks for Q8_0/Q4_0/Q5_0 weights, to Q8_K for the K-quants and IQ types, integer block products,
     the file's scales), for any number of rows and whichever experts run together (rows are independent: the
     same bits either way); elsewhere (CUDA: no Triton kernel yet, unverified on a GPU), or without the kernels,
     `linear` widens a matrix to the compute dtype in torch and runs one matmul (exact arithmetic on the file's
