@@ -48,6 +48,7 @@ Available commands:
   /set NAME VALUE      set {', '.join(SETTINGS)} (e.g. /set temperature 0.3)
   /set system TEXT     set the system message (empty: none)
   /set think on|off    let the model think before it answers, or not (templates with enable_thinking: Qwen3, GLM-4.5)
+  /set preserve-thinking on|off  keep the reasoning of every earlier answer in the prompt, or only after the last question (Qwen3.6's preserve_thinking)
   /set reasoning LEVEL how long the model reasons before it answers: low, medium or high (templates with reasoning_effort: gpt-oss)
   /set verbose on|off  show each answer's speed
   /save NAME           save the conversation: NAME is a file path, or a name for {{chats}}/NAME.json
@@ -75,12 +76,14 @@ class ChatSession:
         verbose: bool = False,
         reasoning_effort: str | None = None,
         show_reasoning: bool = False,
+        preserve_thinking: bool | None = None,
     ):
         self.engine, self.params, self.system = engine, params, system and replace_surrogates(system)  # /save writes UTF-8
         self.max_new_tokens = max_new_tokens  # per answer; None: until the end of text or a full context
         self.think = think  # the template's enable_thinking; None: the template's default
         self.reasoning_effort = reasoning_effort  # the template's reasoning_effort (gpt-oss); None: its default
-        engine.tokenizer.template_options(think, reasoning_effort)  # refuses a template without the switch
+        self.preserve_thinking = preserve_thinking  # the template's preserve_thinking (Qwen3.6); None: its default
+        engine.tokenizer.template_options(think, reasoning_effort, preserve_thinking)  # refuses a template without the switch
         # harmony models (gpt-oss) answer in channels: the final one is the answer, the analysis its reasoning
         self.channels = is_harmony(engine.tokenizer)
         if show_reasoning and not self.channels:
@@ -97,7 +100,7 @@ class ChatSession:
     def render(self, messages: list[dict]) -> tuple[str, list[int]]:
         """The prompt for `messages`, as text and as ids."""
         chat = ([{"role": "system", "content": self.system}] if self.system else []) + messages
-        options = self.engine.tokenizer.template_options(self.think, self.reasoning_effort)
+        options = self.engine.tokenizer.template_options(self.think, self.reasoning_effort, self.preserve_thinking)
         text = self.engine.tokenizer.render_chat_text(chat, **options)
         return text, self.continue_said(text) or self.engine.tokenizer.render_chat(chat, **options)
 
@@ -110,7 +113,7 @@ class ChatSession:
         if self.engine.kv.can_truncate:
             return ()
         chat = ([{"role": "system", "content": self.system}] if self.system else []) + messages
-        options = self.engine.tokenizer.template_options(self.think, self.reasoning_effort)
+        options = self.engine.tokenizer.template_options(self.think, self.reasoning_effort, self.preserve_thinking)
         try:
             ids = self.engine.tokenizer.render_chat(chat, add_generation_prompt=False, **options)
         except MoeLocalError:  # a template that only renders a conversation with its generation prompt
@@ -230,18 +233,21 @@ class ChatSession:
                 self.system = previous
                 raise
             return f"Set the system message to {value!r}." if value else "Removed the system message."
-        if key in ("think", "verbose"):
+        if key in ("think", "preserve-thinking", "verbose"):
             if value not in SWITCHES:
                 raise MoeLocalError(f"/set {key} takes on or off, not {value!r}")
             if key == "think":
                 self.engine.tokenizer.thinking_option(SWITCHES[value])
                 self.think = SWITCHES[value]
+            elif key == "preserve-thinking":
+                self.engine.tokenizer.preserve_option(SWITCHES[value])
+                self.preserve_thinking = SWITCHES[value]
             else:
                 self.verbose = SWITCHES[value]
             return f"Set {key} {value}."
         name = ALIASES.get(key, key.replace("-", "_"))
         if name not in SETTINGS:
-            raise MoeLocalError(f"/set needs one of {', '.join(SETTINGS)}, system, think, reasoning or verbose, then a value (got {key!r})")
+            raise MoeLocalError(f"/set needs one of {', '.join(SETTINGS)}, system, think, preserve-thinking, reasoning or verbose, then a value (got {key!r})")
         kind = SETTINGS[name]
         try:
             number = kind(value)

@@ -268,6 +268,7 @@ Seed = Annotated[Optional[int], typer.Option("--seed", "-s", help="Random seed: 
 CtxSize = Annotated[Optional[int], typer.Option("--ctx-size", "-c", help="Context length in tokens (KV cache size). Default: min(4096, the model's).")]
 System = Annotated[Optional[str], typer.Option("--system", help="System message for the chat template.")]
 Think = Annotated[Optional[bool], typer.Option("--think/--no-think", metavar="", help="Let the model think before it answers, or not: the chat template's enable_thinking (Qwen3, GLM-4.5). Default: the template's.")]
+PreserveThinking = Annotated[bool, typer.Option("--preserve-thinking", metavar="", help="Keep the reasoning of every earlier answer in the prompt, not only of those after the last question: the chat template's preserve_thinking (Qwen3.6). Default: the template's (dropped).")]
 ReasoningEffort = Annotated[Optional[str], typer.Option("--reasoning-effort", help="How long the model reasons before it answers: low, medium or high (the chat template's reasoning_effort: gpt-oss). Default: the template's (medium).")]
 ShowReasoning = Annotated[bool, typer.Option("--show-reasoning", metavar="", help="Show the model's reasoning (gpt-oss's analysis channel), dimmed on stderr. Default: hidden.")]
 GpuMemory = Annotated[Optional[str], typer.Option("--gpu-memory", help="Device memory budget for weights, KV cache and expert slots, with a unit: 12GiB, 12GB, 500MiB. Default: 90% of free GPU memory.")]
@@ -422,12 +423,14 @@ def schema_grammar(path: Path, tokenizer: Tokenizer) -> str:
         raise MoeLocalError(f"--json-schema {path}: {e}") from None
 
 
-def check_chat_template(tokenizer: Tokenizer, system: Optional[str], think: Optional[bool], reasoning_effort: Optional[str] = None) -> None:
+def check_chat_template(tokenizer: Tokenizer, system: Optional[str], think: Optional[bool], reasoning_effort: Optional[str] = None,
+                        preserve_thinking: Optional[bool] = None) -> None:
     """The conversation ChatSession.check_template renders, rendered before the load: a template that
     rejects it (or has no thinking switch for --think) fails in seconds, not after every expert was read."""
     from moe_local.chat import TEMPLATE_PROBE
 
-    tokenizer.render_chat(chat_messages(system, *TEMPLATE_PROBE), **tokenizer.template_options(think, reasoning_effort))
+    options = tokenizer.template_options(think, reasoning_effort, preserve_thinking)
+    tokenizer.render_chat(chat_messages(system, *TEMPLATE_PROBE), **options)
 
 
 @app.command()
@@ -443,6 +446,7 @@ def chat(
     ctx_size: CtxSize = None,
     system: System = None,
     think: Think = None,
+    preserve_thinking: PreserveThinking = False,
     reasoning_effort: ReasoningEffort = None,
     show_reasoning: ShowReasoning = False,
     verbose: bool = typer.Option(False, "--verbose", metavar="", help="After each answer, show its speed: prompt tokens evaluated and generated, tokens per second (/set verbose on|off in the chat)."),
@@ -478,14 +482,15 @@ def chat(
             cpu_experts=cpu_experts, cuda_graphs=cuda_graphs, threads=threads,
         )
         folder, tokenizer, _ = open_model(model, options)
-        check_chat_template(tokenizer, system, think, reasoning_effort)
+        preserve = True if preserve_thinking else None  # off: the template's default, which any template has
+        check_chat_template(tokenizer, system, think, reasoning_effort, preserve)
         params = model_sampling(folder, sampling)
         if show_reasoning and not is_harmony(tokenizer):
             raise MoeLocalError(NO_CHANNELS)
         engine = load_with_progress(folder, options, quiet, demo=model is None)
         limit = max_new_tokens if max_new_tokens is not None else max_new_tokens_default(engine.generation_config, None)
         session = ChatSession(engine, params, limit, system, think, verbose,
-                              reasoning_effort, show_reasoning)
+                              reasoning_effort, show_reasoning, preserve)
         session.check_template()
         if not quiet:
             stderr("Send a message (/? for help; Ctrl-C stops an answer; Ctrl-D or /bye exits)")

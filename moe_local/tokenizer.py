@@ -330,9 +330,21 @@ class Tokenizer:
             raise TokenizerError("this model's chat template has no reasoning effort (reasoning_effort), so --reasoning-effort and /set reasoning do not apply")
         return {"reasoning_effort": effort}
 
-    def template_options(self, think: bool | None = None, reasoning_effort: str | None = None) -> dict:
-        """The template variables of --think/--no-think and --reasoning-effort; refuses a template without them."""
-        return {**self.thinking_option(think), **self.reasoning_option(reasoning_effort)}
+    def preserve_option(self, preserve: bool | None) -> dict:
+        """The template variable for --preserve-thinking: preserve_thinking (Qwen3.6: the reasoning of every earlier
+        answer stays in the prompt, not only of those after the last question), or none at all for the template's
+        default (preserve=None)."""
+        if preserve is None:
+            return {}
+        if not self.template_reads("preserve_thinking"):
+            raise TokenizerError("this model's chat template has no preserve_thinking switch (Qwen3.6's), so --preserve-thinking "
+                                 "and /set preserve-thinking do not apply")
+        return {"preserve_thinking": preserve}
+
+    def template_options(self, think: bool | None = None, reasoning_effort: str | None = None, preserve_thinking: bool | None = None) -> dict:
+        """The template variables of --think/--no-think, --reasoning-effort and --preserve-thinking; refuses a template
+        without them."""
+        return {**self.thinking_option(think), **self.reasoning_option(reasoning_effort), **self.preserve_option(preserve_thinking)}
 
     @property
     def hidden_tokens(self) -> frozenset[str]:

@@ -126,7 +126,7 @@ def test_set_changes_the_sampling_settings_and_refuses_bad_values(tiny):
         "/set top_k 1.5": "top_k takes a whole number",
         "/set max_new_tokens 0": "max_new_tokens must be >= 1",
         "/set temperature": "temperature takes a number, not ''",
-        "/set bogus 1": "/set needs one of temperature, .* system, think, reasoning or verbose",
+        "/set bogus 1": "/set needs one of temperature, .* system, think, preserve-thinking, reasoning or verbose",
         "/set reasoning low": r"this model's chat template has no reasoning effort \(reasoning_effort\)",
         "/set": "/set needs one of",
         "/nope": r"unknown command /nope \(/\? for help\)",
@@ -214,6 +214,37 @@ def test_run_passes_no_think_to_the_template(qwen3_chat, tiny):
     for args, (status, message) in refused.items():
         result = moe_local_cli("run", *args, "-p", "Why?", "--think", "-n", "2", "-q", "--device", "cpu")
         assert (result.returncode, result.stderr) == (status, message + "\n")
+
+
+@pytest.fixture(scope="session")
+def qwen36_chat(tmp_path_factory) -> Path:
+    """The tiny model with Qwen3.5/3.6's byte-level tokenizer and Qwen3.6's chat template (preserve_thinking)."""
+    folder = tmp_path_factory.mktemp("qwen36-chat")
+    build_mixtral(folder, None, vocab_size=512, seed=7)
+    train_bytelevel_tokenizer(folder, **FAMILY_TOKENIZERS["qwen3_5_moe"])
+    return folder
+
+
+def test_preserve_thinking_reaches_qwen36s_template_and_keeps_an_earlier_answers_reasoning(qwen36_chat, tiny):
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.AutoTokenizer.from_pretrained(qwen36_chat)
+    chat = ChatSession(moe_local.load(qwen36_chat, device="cpu"), GREEDY, 4, preserve_thinking=True)
+    messages = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "<think>\nEasy: four.\n</think>\n\n4"},
+                {"role": "user", "content": "And 3 + 3?"}]
+
+    def expected(**options) -> list[int]:
+        return reference.apply_chat_template(messages, add_generation_prompt=True, return_dict=False, **options)
+
+    assert chat.render(messages)[1] == expected(preserve_thinking=True)
+    assert "<|im_start|>assistant\n<think>\nEasy: four.\n</think>\n\n4<|im_end|>" in chat.render(messages)[0]
+    assert chat.command("/set preserve-thinking off") == "Set preserve-thinking off." and chat.preserve_thinking is False
+    assert chat.render(messages)[1] == expected(preserve_thinking=False) == expected()  # the template's default: dropped
+    assert "Easy: four." not in chat.render(messages)[0]
+    with pytest.raises(MoeLocalError, match=r"no preserve_thinking switch \(Qwen3\.6's\)"):
+        ChatSession(moe_local.load(tiny[0], device="cpu"), GREEDY, preserve_thinking=True)
+    result = moe_local_cli("chat", str(tiny[0]), "--preserve-thinking", "-q", "--device", "cpu", input="")
+    assert (result.returncode, result.stderr) == (1, "error: this model's chat template has no preserve_thinking switch (Qwen3.6's), "
+                                                     "so --preserve-thinking and /set preserve-thinking do not apply\n")
 
 
 def test_the_think_switch_is_refused_where_the_template_has_none(tiny):
