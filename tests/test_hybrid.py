@@ -7,6 +7,7 @@ errors for misshaped checkpoints, and the presets."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -221,6 +222,11 @@ def test_plan_counts_the_full_layers_keys_and_the_linear_layers_state():
     assert chosen["snapshot_bytes"] == 2 * 4 * state  # up to 4 copies of each one's state, in host RAM beside the GPU
     experts = chosen["total_experts"] * chosen["expert_bytes"]
     assert chosen["host_bytes_needed"] == experts + chosen["host_resident_bytes"] + chosen["snapshot_bytes"]
+    table = moe_local_cli("plan", "--preset", "qwen3.6-35b-a3b", "--gpu-memory", "8GiB", "--ctx-size", "4096", "--parallel", "2",
+                          env={**os.environ, "COLUMNS": "200"})
+    rows = {" ".join(line.split()[:2]): " ".join(line.split()[2:]) for line in table.stdout.splitlines() if line.startswith("  ")}
+    assert rows["state snapshots"] == "up to 4 per sequence x 2 sequences x 61.41 MiB = 491.25 MiB, in host RAM"
+    assert "with 970.00 MiB of token embeddings and 491.25 MiB of state snapshots" in rows["host RAM"]
     assert "qwen3.6-35b-a3b" in PRESETS
 
 
