@@ -7,6 +7,9 @@ may hold."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -183,3 +186,147 @@ def test_without_the_kernels_experts_compute_exactly_on_the_files_values(monkeyp
     expected = h @ matrix(views[0], "down", T.Q6_K, cfg).T
     assert fmt.forward_grouped(x, [3], views) is None
     assert (fmt.forward(x, views[0]).double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def pooled(fmt, views) -> torch.Tensor:
+    """The experts `views` as the slots of a pool, uint8 [len(views), expert_bytes]."""
+    pool = torch.zeros(len(views), fmt.expert_bytes, dtype=torch.uint8)
+    for slot, view in zip(pool, views):
+        fmt.write(view, slot)
+    return pool
+
+
+def exact_expert(x: torch.Tensor, view, fmt, cfg) -> torch.Tensor:
+    """An expert on gguf-py's values in float64, the activations as they are: x [M, D] -> [M, D]."""
+    gate_up, down = (T(int(t)) for t in view["types"])
+    h = fmt.activation(x.double() @ matrix(view, "gate_up", gate_up, cfg).T, cfg)
+    return h @ matrix(view, "down", down, cfg).T
+
+
+TRITON_CHECK = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"  # Triton's interpreter: the kernels' arithmetic on the CPU
+import gguf, numpy as np, torch
+sys.path.insert(0, "tests")
+import dataclasses
+from test_ggml import blocks, experts, exact_expert, matrix, pooled
+from moe_local.config import preset_config
+from moe_local.experts import ggml_triton
+from moe_local.experts.formats import Ggml
+from moe_local.weights import ggml
+
+def close(got, want, what):  # fp32 sums against float64: within 1e-5 of the largest output
+    error = (got.double() - want).abs().max().item()
+    assert error <= 1e-5 * want.abs().max().item(), f"{what}: off by {error}, largest {want.abs().max().item()}"
+
+assert set(ggml_triton.TYPES) == set(Ggml.CUDA_TYPES)
+n, k, gen = 20, 512, torch.Generator().manual_seed(0)  # 20 rows: the last program's rows ragged
+for qtype in ggml_triton.TYPES:  # each type's matrices in slots 0..2 of a pool, after a part of 256 bytes holding the type
+    rng, stride = np.random.default_rng(int(qtype)), -(-(256 + n * ggml.row_bytes(qtype, k)) // 256) * 256
+    pool, values = torch.zeros(3, stride, dtype=torch.uint8), []
+    for slot in range(3):
+        raw = blocks(rng.standard_normal((n, k)), qtype)
+        pool[slot, 0], pool[slot, 256 : 256 + raw.numel()] = int(qtype), raw.reshape(-1)
+        values.append(torch.from_numpy(gguf.quants.dequantize(raw.numpy(), qtype)).double().view(n, k))
+    flat, slots = pool.view(-1), [2, 0]
+    for x in (torch.randn(2, k, generator=gen), torch.randn(1, k, generator=gen)):  # a row per expert, or one for all
+        got = ggml_triton.linear_grouped(x, flat[256:], flat, torch.tensor(slots), stride, n)
+        for i, slot in enumerate(slots):
+            close(got[i], x[min(i, len(x) - 1)].double() @ values[slot].T, f"{qtype.name} slot {slot}")
+    widened = ggml_triton.widen(pool[1, 256:], pool[1], n, k, torch.float32)
+    assert torch.equal(widened.double(), values[1]), f"{qtype.name}: widened values differ from gguf-py's"
+# through the format: a decode token's experts from their slots, and one expert's rows (decode kernel, then widened)
+for gate_up, down in ((ggml.Q4_K, ggml.Q6_K), (ggml.Q8_0, ggml.Q5_0), (ggml.Q5_K, ggml.Q4_0)):
+    cfg, fmt, views = experts(gate_up, 3, down=down, ffn=256)
+    pool, x = pooled(fmt, views), torch.randn(1, cfg.dim, generator=gen)
+    got = fmt.forward_slots_triton(x, pool, torch.tensor([2, 0]))
+    for i, slot in enumerate([2, 0]):
+        close(got[i], exact_expert(x, views[slot], fmt, cfg)[0], f"{gate_up.name}/{down.name} slot {slot}")
+    for rows in (2, fmt.CUDA_DECODE_MAX_ROWS + 1):
+        xs = torch.randn(rows, cfg.dim, generator=gen)
+        h = fmt.activation(fmt.linear_triton(xs, views[1], "gate_up"), cfg)
+        close(fmt.linear_triton(h, views[1], "down"), exact_expert(xs, views[1], fmt, cfg), f"{gate_up.name}/{down.name} {rows} rows")
+# gpt-oss's experts have biases and the clamped SwiGLU: the biases gathered from the slots
+cfg = dataclasses.replace(preset_config("tiny"), dim=256, ffn_dim=256, expert_bias=True, expert_act="swiglu_oai")
+fmt, rng, want = Ggml(cfg, [(ggml.Q8_0, ggml.Q4_K)]), np.random.default_rng(7), []
+pool = torch.zeros(2, fmt.expert_bytes, dtype=torch.uint8)
+x = torch.randn(1, 256, generator=gen)
+for slot in pool:
+    parts = {"gate_up": blocks(rng.standard_normal((512, 256)), ggml.Q8_0), "down": blocks(rng.standard_normal((256, 256)), ggml.Q4_K),
+             "types": torch.tensor([ggml.Q8_0, ggml.Q4_K], dtype=torch.uint8)}
+    biases = {name: torch.randn(256, generator=gen) for name in ("b1", "b2", "b3")}
+    fmt.pack_native(lambda name: parts if name == "ggml" else biases[name], slot)
+    view = fmt.unpack(slot)
+    gate_up = x.double() @ matrix(view, "gate_up", ggml.Q8_0, cfg).T + torch.cat([biases["b1"], biases["b3"]]).bfloat16().double()
+    want.append(fmt.activation(gate_up, cfg)[0] @ matrix(view, "down", ggml.Q4_K, cfg).T + biases["b2"].bfloat16().double())
+got = fmt.forward_slots_triton(x, pool, torch.tensor([1, 0]))
+close(got[0], want[1], "biases, slot 1")
+close(got[1], want[0], "biases, slot 0")
+print("ok")
+"""
+
+
+def test_the_triton_kernels_read_each_type_from_the_slots_as_gguf_pys_values():
+    """CUDA's kernels for a GGUF's experts, in Triton's interpreter (no GPU here): each type's matrices read from
+    their slots (the type from each slot's buffer) against gguf-py's dequantization times the activations in
+    float64, within 1e-5 of the largest output (fp32 sums; llama.cpp's CUDA kernels would also round the
+    activations to Q8_1, ~2^-8 of each block of 32's largest: this is exact arithmetic up to the sums); the
+    widened matrix is gguf-py's values bit for bit; through `Ggml`, a token's experts from a pool and one expert's
+    rows (decode kernel for 2 rows, widened for 9) against the whole expert in float64."""
+    pytest.importorskip("triton")
+    result = subprocess.run([sys.executable, "-c", TRITON_CHECK], capture_output=True, text=True, timeout=600,
+                            cwd=Path(__file__).parent.parent)  # fmt: skip
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_on_cuda_a_file_with_a_type_no_triton_kernel_reads_says_it_is_widened_as_it_runs():
+    from moe_local.experts.formats import gguf_format
+
+    cfg = dataclasses.replace(preset_config("tiny"), dim=256, ffn_dim=512)
+    mixed = [{"w1": T.Q2_K, "w2": T.Q3_K, "w3": T.Q2_K}, {"w1": T.Q4_K, "w2": T.Q6_K, "w3": T.Q4_K}]
+    fmt, why = gguf_format(mixed, cfg, torch.bfloat16, "cuda")
+    assert fmt.cuda_widened == [T.Q2_K, T.Q3_K] and not fmt.groups_slots(torch.device("cuda"))
+    assert why.endswith("; on CUDA no kernel reads Q2_K/Q3_K yet, so each matrix is widened to the compute dtype in torch as it runs)")
+    assert "widened" not in gguf_format(mixed, cfg, torch.bfloat16, "cpu")[1]  # the CPU's kernels read them
+    fmt, why = gguf_format(mixed[1:], cfg, torch.bfloat16, "cuda")
+    assert fmt.cuda_widened == [] and fmt.groups_slots(torch.device("cuda")) and "widened" not in why
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate_up,down", [(T.Q4_K, T.Q6_K), (T.Q8_0, T.Q5_0), (T.Q5_K, T.Q4_0), (T.Q2_K, T.Q3_K)])
+def test_on_cuda_experts_in_slots_compute_exactly_on_the_files_values(gate_up, down):
+    """The CUDA path (Triton kernels where every type has one; Q2_K/Q3_K: widened in torch): a decode token's
+    experts from their slots, one expert's few rows (decode kernel) and many (widened), against gguf-py's values
+    times the activations in float64: fp32 within 1e-5 of the largest output, bf16 within its rounding."""
+    cfg, fmt, views = experts(gate_up, 3, down=down)
+    pool = pooled(fmt, views).cuda()
+    on_cuda = [fmt.unpack(slot) for slot in pool]
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(1, cfg.dim, generator=gen)
+    got = fmt.forward_slots(x.cuda(), pool, [2, 0], on_cuda).cpu()
+    for row, slot in zip(got, [2, 0]):
+        want = exact_expert(x, views[slot], fmt, cfg)[0]
+        assert (row.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    for rows in (2, 20):
+        xs = torch.randn(rows, cfg.dim, generator=gen)
+        want = exact_expert(xs, views[1], fmt, cfg)
+        assert (fmt.forward(xs.cuda(), on_cuda[1]).cpu().double() - want).abs().max() <= 1e-5 * want.abs().max()
+        y = fmt.forward(xs.cuda().bfloat16(), on_cuda[1])
+        assert y.dtype == torch.bfloat16 and (y.cpu().double() - want).abs().max() <= 3e-2 * want.abs().max()
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+def test_the_triton_kernels_compile_to_machine_code_for_a100_and_h100(capability):
+    """What the interpreter does not check (types across the type branches, layouts, the backend's passes): the
+    decode and widening kernels built for sm_80 / sm_90 by Triton's compiler and its own ptxas, with no GPU."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from moe_local.experts import ggml_triton
+
+    pointers = dict(w_ptr="*u8", types_ptr="*u8", N="i32", K="i32", stride_xm="i32", stride_om="i32", slots_ptr="*i64", stride_slot="i32")
+    for widen in (False, True):
+        signature = {"x_ptr": "*bf16", **pointers, "out_ptr": "*bf16", "BLOCK_N": "constexpr", "BLOCK_G": "constexpr", "WIDEN": "constexpr"}
+        source = ASTSource(fn=ggml_triton._kernel, signature=signature, constexprs={"BLOCK_N": ggml_triton.BLOCK_N, "BLOCK_G": ggml_triton.BLOCK_G, "WIDEN": widen})
+        assert triton.compile(source, target=GPUTarget("cuda", capability, 32)).asm["cubin"]

@@ -567,13 +567,20 @@ class Ggml(ExpertFormat):
     or cached. On the CPU they run through `experts_ggml` of `cpu_kernels.c` with llama.cpp's arithmetic (each
     activation row rounded to Q8_0 blocks for Q8_0/Q4_0/Q5_0 weights, to Q8_K for the K-quants and IQ types, integer block products,
     the file's scales), for any number of rows and whichever experts run together (rows are independent: the
-    same bits either way); elsewhere (CUDA: no Triton kernel yet, unverified on a GPU), or without the kernels,
+    same bits either way). On CUDA, where every layer's types are in `CUDA_TYPES`, Triton kernels read the blocks
+    straight from the slots (`ggml_triton`; never run on a GPU yet, tested in Triton's interpreter): a decode
+    token's experts in one launch per matrix (`forward_slots`), up to `CUDA_DECODE_MAX_ROWS` rows of one expert
+    the same way, more rows a matrix widened in one launch then one matmul; exact arithmetic on the file's
+    values up to fp32 sums (the activations are not rounded, where llama.cpp's CUDA kernels round them to Q8_1).
+    A file with another type on CUDA (`cuda_widened`, said in the load line), or the CPU without the kernels:
     `linear` widens a matrix to the compute dtype in torch and runs one matmul (exact arithmetic on the file's
-    values)."""
+    values; on CUDA a wait for the device per matrix, to read its type)."""
 
     quantized = True
     native = True
     TYPES = tuple(GGMLQuantizationType[name] for name in ("Q8_0", "Q4_0", "Q5_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ2_XXS", "IQ3_XXS"))
+    CUDA_TYPES = tuple(GGMLQuantizationType[name] for name in ("Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K"))  # `ggml_triton`'s
+    CUDA_DECODE_MAX_ROWS = 8  # an expert's rows on CUDA that run in the decode kernel (it reads W once a row), as MXFP4's
 
     def __init__(self, cfg: ModelConfig, layer_types: list[tuple[GGMLQuantizationType, GGMLQuantizationType]]):
         self.layer_types = list(layer_types)  # per MoE layer: (gate_up's type, down's type)
@@ -583,6 +590,7 @@ class Ggml(ExpertFormat):
         self.sizes = [(2 * f * ggml.row_bytes(a, d), d * ggml.row_bytes(b, f)) for a, b in self.layer_types]  # per layer
         super().__init__(cfg, [("types", torch.uint8, (2,)), ("gate_up", torch.uint8, (max(s[0] for s in self.sizes),)),
                                ("down", torch.uint8, (max(s[1] for s in self.sizes),))])  # fmt: skip
+        self.cuda_widened = sorted({t for pair in self.layer_types for t in pair} - set(self.CUDA_TYPES))  # no Triton kernel yet
 
     @property
     def padding_bytes(self) -> int:
@@ -610,10 +618,58 @@ class Ggml(ExpertFormat):
         raise ConfigError(f"{self.name} experts come only from a GGUF file in that type")
 
     def linear(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
+        if x.is_cuda and not self.cuda_widened:
+            return self.linear_triton(x, w, name)
         qtype = GGMLQuantizationType(int(w["types"][0 if name == "gate_up" else 1]))
         rows, n = (2 * self.cfg.ffn_dim, self.cfg.dim) if name == "gate_up" else (self.cfg.dim, self.cfg.ffn_dim)
         blocks = w[name][: rows * ggml.row_bytes(qtype, n)].view(rows, -1)
         return F.linear(x, ggml.dequantize(blocks, qtype, n).to(x.dtype))
+
+    def linear_triton(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
+        """`linear` by `ggml_triton` (on CUDA; on the CPU in Triton's interpreter): x [M, K] @ W.T -> [M, N] in x's
+        dtype, the type read by the kernel from the expert's buffer: up to `CUDA_DECODE_MAX_ROWS` rows by the decode
+        kernel, more by one matmul on the matrix widened to x's dtype."""
+        from moe_local.experts import ggml_triton  # Triton is imported only where there is a GPU
+
+        n, k = (2 * self.cfg.ffn_dim, self.cfg.dim) if name == "gate_up" else (self.cfg.dim, self.cfg.ffn_dim)
+        types = w["types"][0 if name == "gate_up" else 1 :]
+        if x.shape[0] > self.CUDA_DECODE_MAX_ROWS:
+            return F.linear(x, ggml_triton.widen(w[name], types, n, k, x.dtype))
+        same = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)  # every row reads the one matrix
+        return ggml_triton.linear_grouped(x, w[name], types, same, 0, n)
+
+    def groups_slots(self, device: torch.device) -> bool:
+        return device.type == "cuda" and not self.cuda_widened
+
+    def forward_slots(self, x: torch.Tensor, pool: torch.Tensor, slots: list[int], views: list[Weights]) -> torch.Tensor:
+        """On CUDA, every expert of a decode token in one Triton launch per matrix (`ggml_triton.linear_grouped`), the
+        biases gathered in one call each; not yet run on a GPU."""
+        if not (x.is_cuda and not self.cuda_widened):
+            return super().forward_slots(x, pool, slots, views)
+        index = torch.tensor(slots, dtype=torch.int64, pin_memory=True).to(x.device, non_blocking=True)  # [G]
+        return self.forward_slots_triton(x, pool, index)
+
+    def forward_slots_triton(self, x: torch.Tensor, pool: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """`forward_slots` by `ggml_triton` (on CUDA; on the CPU in Triton's interpreter): x [1, D], the slots'
+        indices int64 [G] on x's device -> [G, D]."""
+        from moe_local.experts import ggml_triton  # Triton is imported only where there is a GPU
+
+        flat, part = pool.view(-1), {p.name: p for p in self.parts}
+        f, d = self.cfg.ffn_dim, self.cfg.dim
+
+        def linear(xs: torch.Tensor, name: str, n: int) -> torch.Tensor:
+            types = flat[part["types"].offset + (0 if name == "gate_up" else 1) :]
+            return ggml_triton.linear_grouped(xs, flat[part[name].offset :], types, index, pool.stride(0), n)
+
+        def bias(name: str) -> torch.Tensor:  # each slot's bias, [G, n]
+            p = part[name]
+            return pool[:, p.offset : p.offset + p.nbytes].view(p.dtype).index_select(0, index).to(x.dtype)
+
+        gate_up = linear(x, "gate_up", 2 * f)  # [G, 2F]
+        if self.cfg.expert_bias:
+            gate_up = gate_up + bias("gate_up.bias")
+        y = linear(self.activation(gate_up, self.cfg), "down", d)  # [G, D]
+        return y + bias("down.bias") if self.cfg.expert_bias else y
 
     def forward(self, x: torch.Tensor, w: Weights) -> torch.Tensor:
         y = self.forward_grouped(x, [x.shape[0]], [w])
@@ -655,7 +711,10 @@ def gguf_format(layer_types: list[dict[str, GGMLQuantizationType]], cfg: ModelCo
                                         for t in layer_types):  # fmt: skip
         fmt = Ggml(cfg, pairs)
         mixed = f", {len(set(pairs))} combinations over the layers" if len(set(pairs)) > 1 else ""
-        return fmt, f"experts in {fmt.name} (auto: the file's own blocks{mixed})"
+        widened = "/".join(t.name for t in fmt.cuda_widened)
+        slow = (f"; on CUDA no kernel reads {widened} yet, so each matrix is widened to the compute dtype in torch as it runs"
+                if device_type == "cuda" and widened else "")  # fmt: skip
+        return fmt, f"experts in {fmt.name} (auto: the file's own blocks{mixed}{slow})"
     if every == {GGMLQuantizationType.MXFP4} and cfg.mxfp4_experts:  # gpt-oss as published: our MXFP4 holds the same codes
         fmt = Mxfp4(cfg)
         return fmt, f"experts in {fmt.name} (auto: the file's MXFP4 blocks, regrouped into moe-local's layout without loss)"
