@@ -17,7 +17,7 @@ import torch
 from moe_local.engine import Engine, Sequence
 from moe_local.errors import MoeLocalError
 from moe_local.generate import StopStrings, sample
-from moe_local.grammar import Constraint, Grammars, vocabulary
+from moe_local.grammar import Constraint, Grammars, allowed_rows, vocabulary
 from moe_local.harmony import ChannelStream
 from moe_local.params import Output, SamplingParams
 from moe_local.tokenizer import StreamDecoder
@@ -62,7 +62,15 @@ class Running:
     def prefilled(self) -> bool:
         return self.token is not None
 
-    def sample(self, logits: torch.Tensor) -> int:
+    @property
+    def greedy(self) -> bool:
+        """Whether its next token is only the likeliest one its grammar allows: greedy, no penalty, bias or logprobs."""
+        r, p = self.request, self.request.params
+        return (p.temperature == 0 and (p.repeat_penalty == 1.0 or p.repeat_last_n == 0) and not r.presence_penalty
+                and not r.frequency_penalty and not r.logit_bias and r.logprobs is None)
+
+    def sample(self, logits: torch.Tensor, allowed: torch.Tensor | None) -> int:
+        """The next token from this step's logits [V]; `allowed` [V] bool: what the grammar allows (None: no grammar)."""
         r = self.request
         if r.logprobs is not None:  # the model's own distribution: before penalties, bias, grammar and temperature
             self._logprobs = torch.log_softmax(logits.float().cpu(), -1)
@@ -74,7 +82,6 @@ class Running:
         if r.logit_bias:
             logits = logits.clone()
             logits[torch.tensor(list(r.logit_bias))] += torch.tensor(list(r.logit_bias.values()), dtype=logits.dtype)
-        allowed = self.constraint.allowed() if self.constraint is not None else None
         return sample(logits, self.history, r.params, self.generator, allowed)
 
     def note(self, token: int) -> None:
@@ -219,12 +226,30 @@ class Batcher:
         logits, evaluated = self.engine.prefill(prompt[:end], r.seq, r.request.marks)  # only what the cache lacks
         r.evaluated += evaluated
         if end == len(prompt):
-            self._accept(r, r.sample(logits))
+            self._accept(r, r.sample(logits, r.constraint.allowed() if r.constraint is not None else None))
 
     def _decode(self, ready: list[Running]) -> None:
         logits = self.engine.decode_batch([r.seq for r in ready], [r.token for r in ready])  # [B, V]
-        for r, row in zip(ready, logits):
-            self._guard([r], lambda: self._accept(r, r.sample(row)))  # noqa: B023: called at once
+        constraints = [r.constraint for r in ready]
+        allowed = allowed_rows(constraints, logits.shape[1]) if any(c is not None for c in constraints) else None  # [B, V] bool
+        chosen = self._greedy([i for i, r in enumerate(ready) if r.greedy], logits, allowed)
+        for i, (r, row) in enumerate(zip(ready, logits)):
+            row_allowed = allowed[i] if r.constraint is not None else None
+            token = chosen.get(i)
+            self._guard([r], lambda: self._accept(r, token if token is not None else r.sample(row, row_allowed)))  # noqa: B023: called at once
+
+    @staticmethod
+    def _greedy(rows: list[int], logits: torch.Tensor, allowed: torch.Tensor | None) -> dict[int, int]:
+        """The tokens of `rows` (plain greedy ones: `Running.greedy`) as `sample` would choose them, found for all of them
+        at once: the likeliest token each grammar allows. Rows whose logits are not all finite are left out (`sample`
+        says what is wrong with them)."""
+        if not rows:
+            return {}
+        taken = logits if len(rows) == logits.shape[0] else logits[rows]  # [n, V]
+        finite = torch.isfinite(taken).all(dim=1).tolist()
+        if allowed is not None:
+            taken = taken.masked_fill(~allowed[rows], float("-inf"))
+        return {i: token for i, token, ok in zip(rows, taken.argmax(dim=1).tolist(), finite) if ok}
 
     def _accept(self, r: Running, token: int) -> None:
         """Hand on a sampled token, as `generate` would: the end of text is not shown; a stop string, max_tokens

@@ -1198,43 +1198,64 @@ int experts_ggml(const float* x, int D, int F, int E, const int* starts, const u
 
 #define DECODE_MAX_K 64
 
-/* 0, 1 for sizes, ids or a kind it cannot take (as its kernel), 2 out of memory */
-int experts_decode(const ExpertTable* t, const uint16_t* x, const int64_t* ids, const float* w, int k, uint16_t* y, int threads) {
-    const int D = t->D;
-    if (k < 1 || k > DECODE_MAX_K || t->kind < 0 || t->kind > 4 || (t->kind == 3 && t->act != ACT_SILU)) return 1;
-    const void *gate_up[DECODE_MAX_K], *down[DECODE_MAX_K];
-    const uint16_t *gate_up_scale[DECODE_MAX_K], *down_scale[DECODE_MAX_K];
-    const uint8_t* types[DECODE_MAX_K];
-    int starts[DECODE_MAX_K + 1];
-    for (int j = 0; j < k; j++) {
-        if (ids[j] < 0 || ids[j] >= t->E) return 1;
-        gate_up[j] = t->gate_up[ids[j]], down[j] = t->down[ids[j]], starts[j] = j;
-        gate_up_scale[j] = t->gate_up_scale ? t->gate_up_scale[ids[j]] : NULL;
-        down_scale[j] = t->down_scale ? t->down_scale[ids[j]] : NULL;
-        types[j] = t->types ? t->types[ids[j]] : NULL;
-    }
-    starts[k] = k;
-    uint16_t* xs = malloc(sizeof(uint16_t) * (size_t)k * D); /* the token's row once for each expert */
-    float* out = malloc(sizeof(float) * (size_t)k * D);
-    if (!xs || !out) return free(xs), free(out), 2;
-    for (int j = 0; j < k; j++) memcpy(xs + (size_t)j * D, x, sizeof(uint16_t) * D);
-    float* xf = t->kind == 4 ? malloc(sizeof(float) * (size_t)k * D) : NULL; /* ggml: the rows in fp32 */
-    if (t->kind == 4 && !xf) return free(xs), free(out), 2;
-    if (xf)
-        for (size_t i = 0; i < (size_t)k * D; i++) xf[i] = from_bf16(xs[i]);
-    int code = t->kind == 4 ? experts_ggml(xf, D, t->F, k, starts, (const uint8_t* const*)gate_up, (const uint8_t* const*)down, types, out, threads, t->act)
-             : t->kind == 3 ? experts_swiglu_fp8(xs, D, t->F, k, starts, (const uint8_t* const*)gate_up, (const uint8_t* const*)down,
-                                                 (const float* const*)gate_up_scale, (const float* const*)down_scale, t->BN, t->G, out, threads)
-             : t->kind == 2 ? experts_swiglu_int4(xs, D, t->F, k, starts, (const uint8_t* const*)gate_up, (const uint8_t* const*)down,
-                                                  gate_up_scale, down_scale, t->G, out, threads, t->act)
-                            : experts_swiglu(xs, D, t->F, k, starts, gate_up, down, t->kind ? gate_up_scale : NULL,
-                                             t->kind ? down_scale : NULL, out, threads, t->act);
-    if (!code)
-        for (int d = 0; d < D; d++) {
-            float sum = 0.f;
-            for (int j = 0; j < k; j++) sum += from_bf16(to_bf16(from_bf16(to_bf16(out[(size_t)j * D + d])) * w[j]));
-            y[d] = to_bf16(sum);
+/* experts_decode: R tokens' k experts each (ids [R, k], weights w [R, k] fp32) through the layer's table, each expert
+   once for all the tokens that chose it (its rows together, in runs of at most EXPERT_MAX_ROWS; the experts in the
+   order the tokens first chose them, as `runtime.mix` runs them), then each token's outputs mixed as `runtime.weigh`
+   does: y [R, D] bf16. A token's sums do not depend on the others, so a batch's rows are its single rows bit for
+   bit. 0, 1 for sizes, ids or a kind it cannot take (as its kernel), 2 out of memory */
+int experts_decode(const ExpertTable* t, const uint16_t* x, int R, const int64_t* ids, const float* w, int k, uint16_t* y, int threads) {
+    const int D = t->D, P = R * k; /* P (token, choice) pairs, pair p = r * k + j */
+    if (R < 1 || k < 1 || k > DECODE_MAX_K || t->kind < 0 || t->kind > 4 || (t->kind == 3 && t->act != ACT_SILU)) return 1;
+    for (int p = 0; p < P; p++)
+        if (ids[p] < 0 || ids[p] >= t->E) return 1;
+    int *first = malloc(sizeof(int) * t->E), *count = calloc(t->E, sizeof(int)), *slot = malloc(sizeof(int) * P), *starts = malloc(sizeof(int) * (P + 1));
+    const void **gate_up = malloc(sizeof(void*) * P), **down = malloc(sizeof(void*) * P);
+    const uint16_t **gate_up_scale = malloc(sizeof(void*) * P), **down_scale = malloc(sizeof(void*) * P);
+    const uint8_t** types = malloc(sizeof(void*) * P);
+    uint16_t* xs = malloc(sizeof(uint16_t) * (size_t)P * D); /* each pair's token row, grouped by expert */
+    float* out = malloc(sizeof(float) * (size_t)P * D);
+    float* xf = t->kind == 4 ? malloc(sizeof(float) * (size_t)P * D) : NULL; /* ggml: the rows in fp32 */
+    int code = !first || !count || !slot || !starts || !gate_up || !down || !gate_up_scale || !down_scale || !types || !xs || !out || (t->kind == 4 && !xf) ? 2 : 0;
+    if (!code) {
+        int n = 0, experts = 0; /* rows placed; entries */
+        for (int e = 0; e < t->E; e++) first[e] = -1;
+        for (int p = 0; p < P; p++) count[ids[p]]++;
+        for (int p = 0; p < P; p++) { /* an expert's rows at its first choice, in the pairs' order, split into runs */
+            const int e = (int)ids[p];
+            if (first[e] >= 0) continue;
+            first[e] = n;
+            for (int at = 0; at < count[e]; at += EXPERT_MAX_ROWS) {
+                gate_up[experts] = t->gate_up[e], down[experts] = t->down[e], starts[experts] = n + at;
+                gate_up_scale[experts] = t->gate_up_scale ? t->gate_up_scale[e] : NULL;
+                down_scale[experts] = t->down_scale ? t->down_scale[e] : NULL;
+                types[experts++] = t->types ? t->types[e] : NULL;
+            }
+            n += count[e];
         }
+        starts[experts] = n;
+        for (int e = 0; e < t->E; e++) count[e] = 0;
+        for (int p = 0; p < P; p++) {
+            slot[p] = first[ids[p]] + count[ids[p]]++;
+            memcpy(xs + (size_t)slot[p] * D, x + (size_t)(p / k) * D, sizeof(uint16_t) * D);
+        }
+        if (xf)
+            for (size_t i = 0; i < (size_t)P * D; i++) xf[i] = from_bf16(xs[i]);
+        code = t->kind == 4 ? experts_ggml(xf, D, t->F, experts, starts, (const uint8_t* const*)gate_up, (const uint8_t* const*)down, types, out, threads, t->act)
+             : t->kind == 3 ? experts_swiglu_fp8(xs, D, t->F, experts, starts, (const uint8_t* const*)gate_up, (const uint8_t* const*)down,
+                                                 (const float* const*)gate_up_scale, (const float* const*)down_scale, t->BN, t->G, out, threads)
+             : t->kind == 2 ? experts_swiglu_int4(xs, D, t->F, experts, starts, (const uint8_t* const*)gate_up, (const uint8_t* const*)down,
+                                                  gate_up_scale, down_scale, t->G, out, threads, t->act)
+                            : experts_swiglu(xs, D, t->F, experts, starts, gate_up, down, t->kind ? gate_up_scale : NULL,
+                                             t->kind ? down_scale : NULL, out, threads, t->act);
+    }
+    if (!code)
+        for (int r = 0; r < R; r++)
+            for (int d = 0; d < D; d++) {
+                float sum = 0.f;
+                for (int j = 0; j < k; j++) sum += from_bf16(to_bf16(from_bf16(to_bf16(out[(size_t)slot[r * k + j] * D + d])) * w[r * k + j]));
+                y[(size_t)r * D + d] = to_bf16(sum);
+            }
+    free(first), free(count), free(slot), free(starts), free(gate_up), free(down), free(gate_up_scale), free(down_scale), free(types);
     free(xs), free(out), free(xf);
     return code;
 }
@@ -1355,6 +1376,26 @@ static void project(const Proj* p, const Act* act, int R, uint16_t* y) {
         return;
     }
 #endif
+#ifdef BF16_WIDE
+    if (!p->scale && R >= BF16_WIDE_MIN_ROWS) { /* bf16 weights and a batch step's rows: each weight widened once for them all */
+#pragma omp for schedule(static)
+        for (int n = 0; n < p->N; n += 8) {
+            const uint16_t* w[8];
+            for (int j = 0; j < 8; j++) w[j] = (const uint16_t*)p->w + (n + j) * K;
+            for (int r0 = 0; r0 < R; r0 += BF16_TILE_R) {
+                const int rn = R - r0 < BF16_TILE_R ? R - r0 : BF16_TILE_R;
+                __m256 sums[BF16_TILE_R * 2];
+                float out[8];
+                wide_products(w, 8, act->a + r0 * K, p->K, rn, sums);
+                for (int r = 0; r < rn; r++) {
+                    _mm256_storeu_ps(out, sums[2 * r]);
+                    finish(p, out, n, 8, y + (r0 + r) * N);
+                }
+            }
+        }
+        return;
+    }
+#endif
 #pragma omp for schedule(static)
     for (int n = 0; n < p->N; n += 8)
         for (int r = 0; r < R; r++) {
@@ -1411,6 +1452,16 @@ int int8_linear(const uint16_t* x, int R, int K, const int8_t* w, const uint16_t
 int int4_linear(const uint16_t* x, int R, int K, const uint8_t* w, const uint16_t* sz, int N, int G, uint16_t* y, int threads) {
     const Proj p = {w, sz, NULL, N, K, G};
     return G >= 32 ? linear_rows(&p, x, R, y, threads) : 1;
+}
+
+/* bf16_linear: y [R, N] (bf16, rounded once, after the bias [N] where there is one) = x [R, K] times the bf16 matrix
+   w [N, K], for a step's few rows (lm_head, routers: `cpu_matmul.rows_linear`): each weight row read once for all
+   R rows (and widened once for them, `wide_products`, where the CPU has AVX512 without bf16 arithmetic), 8 outputs
+   a work item, and row r's sums the same whatever R is (dot8's), so that a batch's rows equal single rows bit for
+   bit. N a multiple of 8, K of 32; 0, 1 for sizes it cannot take, 2 out of memory. */
+int bf16_linear(const uint16_t* x, int R, int K, const uint16_t* w, const uint16_t* bias, int N, uint16_t* y, int threads) {
+    const Proj p = {w, NULL, bias, N, K, 0};
+    return linear_rows(&p, x, R, y, threads);
 }
 
 /* the first rd of v's dimensions rotated as `apply_rope` does: v * cos + roll(v, rd / 2) * sin, each term and

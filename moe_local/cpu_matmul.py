@@ -12,7 +12,10 @@ setting; nothing on CUDA reads it.
 
 Without AVX512-BF16 (oneDNN then widens bf16 itself) a bf16 product of many rows, a prefill's, runs at a third
 to half the speed of fp32's sgemm on the same numbers: `WideLinear` widens the weight to fp32 a tile at a time
-and multiplies in fp32 (2-3x for Qwen3.6-35B-A3B's 512 x 2048 x 12352 input projection, 2 threads)."""
+and multiplies in fp32 (2-3x for Qwen3.6-35B-A3B's 512 x 2048 x 12352 input projection, 2 threads).
+
+lm_head and the routers take moe-local's own kernel for a step's few rows (`rows_linear`): one weight read for all
+of a batch step's rows, each row's sums its own."""
 
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from typing import Iterator
 
 import torch
 from torch import nn
+
+from moe_local import native
 
 WIDEN_MIN_ROWS = 32  # rows from which `WideLinear` widens (a prefill chunk's; a decode or batch step's stay on bf16)
 WIDEN_TILE_BYTES = 2 << 20  # fp32 weight rows widened at once: in cache between widening and the sgemm that reads them
@@ -74,6 +79,27 @@ def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if bias is not None:
         out += bias.float()
     return out.to(x.dtype).reshape(*lead, N)
+
+
+def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [T, K] @ weight [N, K].T (+ bias), all bf16 on the CPU, for fewer than WIDEN_MIN_ROWS rows (a decode or batch
+    step's): moe-local's `bf16_linear` kernel, which reads each weight once for the T rows and sums each row as it
+    would alone, so that a batch's rows are its single rows bit for bit, where torch takes its own matrix-vector
+    kernel for one row and oneDNN for more (~50 us a call for a router's [8, 192] weight and 8 rows, where the
+    kernel takes ~6). None where it does not apply (dtypes, sizes: N a multiple of 8, K of 32; no kernels)."""
+    T, (N, K) = x.shape[0], weight.shape
+    if (x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.is_cuda or weight.is_cuda or x.dim() != 2 or not 0 < T < WIDEN_MIN_ROWS
+            or N % 8 or K % 32 or not weight.is_contiguous() or (bias is not None and bias.dtype != torch.bfloat16)):  # fmt: skip
+        return None
+    lib = native.library()
+    if isinstance(lib, str):
+        return None
+    x = x.contiguous()
+    y = torch.empty(T, N, dtype=torch.bfloat16)
+    code = lib.bf16_linear(x.data_ptr(), T, K, weight.data_ptr(), None if bias is None else bias.contiguous().data_ptr(), N, y.data_ptr(),
+                           torch.get_num_threads())  # fmt: skip
+    native.check(code, "bf16_linear")
+    return y
 
 
 class WideLinear(nn.Linear):

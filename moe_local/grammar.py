@@ -164,26 +164,15 @@ class Grammars:
 
 
 class Constraint:
-    """One request's grammar as it decodes (a matcher of its own, from `Grammars.constraint`): `mask` the logits of
-    a step (in place), then `accept` the token sampled. Engine side (torch)."""
+    """One request's grammar as it decodes (a matcher of its own, from `Grammars.constraint`): what it `allowed`
+    next (or its row of a batch step's `allowed_rows`), then `accept` the token sampled. Engine side (torch)."""
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int):
-        import torch
-
         self.matcher, self.vocab_size = matcher, vocab_size
-        self.bits = torch.full(((vocab_size + 31) // 32,), -1, dtype=torch.int32)
-        self.shifts = torch.arange(32, dtype=torch.int32)
 
     def allowed(self):
         """[V] bool: the tokens the grammar allows next."""
-        self.matcher.unsafe_compute_mask_ptr(self.bits.data_ptr(), self.bits.numel() * 4)
-        return ((self.bits.unsqueeze(1) >> self.shifts) & 1).view(-1)[: self.vocab_size].bool()  # [W, 32] -> [V]
-
-    def mask(self, logits) -> None:
-        """-inf on `logits` [V] where the grammar does not allow the token (ids past the vocabulary's too)."""
-        allowed = self.allowed()
-        logits[: self.vocab_size].masked_fill_(~allowed.to(logits.device), float("-inf"))
-        logits[self.vocab_size :] = float("-inf")
+        return allowed_rows([self], self.vocab_size)[0]
 
     def accept(self, token: int) -> None:
         if not self.matcher.consume_token(token):
@@ -193,3 +182,28 @@ class Constraint:
     def done(self) -> bool:
         """Whether the grammar takes no more tokens (but an end of text)."""
         return self.matcher.is_stopped()
+
+
+def allowed_rows(constraints: list[Constraint | None], vocab_size: int):
+    """[B, V] bool: row i what constraints[i] allows next (None: everything), the rows unpacked together (a batch
+    step's)."""
+    bits = _bitmask(len(constraints), vocab_size)
+    for i, c in enumerate(constraints):
+        if c is not None:
+            c.matcher.unsafe_compute_mask_ptr(bits[i].data_ptr(), bits.shape[1] * 4)
+    return _unpack(bits, vocab_size)
+
+
+def _bitmask(rows: int, vocab_size: int):
+    """[rows, W] int32, llguidance's bits of a mask (token i: bit i % 32 of word i // 32), all set."""
+    import torch
+
+    return torch.full((rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
+
+
+def _unpack(bits, vocab_size: int):
+    """[B, W] int32 bits -> [B, V] bool."""
+    import torch
+
+    shifts = torch.arange(32, dtype=torch.int32)
+    return ((bits.unsqueeze(-1) >> shifts) & 1).view(bits.shape[0], -1)[:, :vocab_size].bool()  # [B, W, 32] -> [B, V]

@@ -797,7 +797,9 @@ class Router(nn.Module):
         if self.input_scale is not None:  # Gemma 4: RMS-normalised, times its scale and 1/sqrt(D), as transformers
             x = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype) * self.input_scale * self.root
         # an fp32 router keeps its weight in fp32 (see Transformer.from_state_dict)
-        return F.linear(x.float() if self.spec.fp32 else x, self.weight, self.bias)  # [T, E]
+        x = x.float() if self.spec.fp32 else x
+        y = cpu_matmul.rows_linear(x, self.weight, self.bias)  # a step's few bf16 rows on the CPU
+        return y if y is not None else F.linear(x, self.weight, self.bias)  # [T, E]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.route(self.logits(x))
@@ -1090,7 +1092,8 @@ class Transformer(nn.Module):
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states [T, D] -> logits [T, V], soft-capped where the family caps them (Gemma 4)."""
-        logits = self.output(hidden)
+        logits = cpu_matmul.rows_linear(hidden, self.output.weight) if type(self.output) in (nn.Linear, WideLinear) else None
+        logits = logits if logits is not None else self.output(hidden)  # [T, V]
         cap = self.cfg.logit_softcap
         return logits if not cap else torch.tanh(logits / cap) * cap
 

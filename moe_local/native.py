@@ -80,6 +80,8 @@ def library() -> ctypes.CDLL | str:
     lib.int8_linear.restype = c_int
     lib.int4_linear.argtypes = [c_void_p, c_int, c_int, c_void_p, c_void_p, c_int, c_int, c_void_p, c_int]
     lib.int4_linear.restype = c_int
+    lib.bf16_linear.argtypes = [c_void_p, c_int, c_int, c_void_p, c_void_p, c_int, c_void_p, c_int]
+    lib.bf16_linear.restype = c_int
     lib.experts_ggml.argtypes = [c_void_p, c_int, c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_int, c_int]
     lib.experts_ggml.restype = c_int
     lib.experts_ggml_blocks = bool(lib.experts_ggml_blocks())  # a GGUF's Q8_0/Q4_0/Q4_K/Q5_K/Q6_K/... experts (AVX2, F16C)
@@ -87,7 +89,7 @@ def library() -> ctypes.CDLL | str:
 
     lib.ggml_lattices.argtypes, lib.ggml_lattices.restype = [c_void_p, c_void_p, c_void_p], c_int
     lib.ggml_lattices(*(t.ctypes.data_as(c_void_p) for t in lattices()))  # IQ2_XXS's and IQ3_XXS's tables, the format's data
-    lib.experts_decode.argtypes = [c_void_p, c_void_p, c_void_p, c_void_p, c_int, c_void_p, c_int]
+    lib.experts_decode.argtypes = [c_void_p, c_void_p, c_int, c_void_p, c_void_p, c_int, c_void_p, c_int]
     lib.experts_decode.restype = c_int
     lib.attention_step.argtypes = [c_void_p, c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_long, c_int, c_void_p, c_void_p, c_void_p, c_int]
     lib.attention_step.restype = c_int

@@ -2,7 +2,7 @@
 greedy streams, free and each constrained by a JSON schema's grammar (bench_server.PEOPLE: no answer finishes
 before the token limit), interleaved round after round, one torch thread.
 
-    python scripts/grammar_streams.py [TOKENS]      # the demo model; TOKENS per request (default 64)
+    python scripts/grammar_streams.py [TOKENS] [MODEL]   # TOKENS per request (default 64); MODEL a folder (default the demo)
 
 Each run is short (a second or two on the demo model), so that it needs no benchmark lock on a shared machine;
 the server end to end: `python scripts/bench_server.py --json-schema --streams 1 8`."""
@@ -23,9 +23,9 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from bench_server import DEMO, PEOPLE, PROMPTS  # noqa: E402
 
 
-def main(tokens: int, rounds: int = 3) -> None:
+def main(tokens: int, model: str | None, rounds: int = 3) -> None:
     torch.set_num_threads(1)
-    engine = moe_local.load(DEMO, device="cpu", sequences=8)
+    engine = moe_local.load(model or DEMO, device="cpu", sequences=8)
     batcher, grammar, greedy = Batcher(engine, 8), json_grammar(PEOPLE), SamplingParams(temperature=0)
 
     def run(streams: int, constrained: bool) -> float:
@@ -52,4 +52,4 @@ def main(tokens: int, rounds: int = 3) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 64)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 64, sys.argv[2] if len(sys.argv) > 2 else None)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import moe_local
-from moe_local import int4, int8, native
+from moe_local import cpu_matmul, int4, int8, native
 from moe_local.config import ModelConfig, RouterConfig
 from moe_local.experts.cache import POLICIES, ExpertCache, LayerLRUPolicy, LRUPolicy
 from moe_local.experts.runtime import InPlaceExperts, mix
@@ -269,6 +269,24 @@ def test_a_decode_tokens_experts_in_one_call_are_the_grouped_kernel_and_weigh_bi
     assert experts.stats.layers[1].in_place == 8
 
 
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"moe-local's CPU kernels: {native.unavailable()}")
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
+def test_a_batch_steps_experts_in_one_call_are_each_tokens_alone_and_the_grouped_kernel_bit_for_bit(weights):
+    """20 tokens choosing 4 of 8 experts, all of them expert 0: more rows than the kernel takes at once."""
+    cfg = small_config(hidden_size=64, intermediate_size=128 if weights == "int4" else 96, num_local_experts=8, num_experts_per_tok=4)
+    store = ExpertStore(cfg, kernel_format(weights, cfg), pin=False)
+    gen = torch.Generator().manual_seed(0)
+    store.fill_from(lambda layer, expert, w: torch.randn(cfg.expert_shapes[w], generator=gen) / 4, torch.device("cpu"))
+    experts = InPlaceExperts(store)
+    x = torch.randn(20, cfg.dim, generator=gen).bfloat16()
+    weights, indices = route(torch.randn(20, 8, generator=gen) + torch.tensor([4.0] + [0.0] * 7), 4)  # expert 0 for every token
+    assert torch.bincount(indices.view(-1)).max() > 16
+    got = experts(1, x, weights, indices)
+    assert all(torch.equal(got[t : t + 1], experts(1, x[t : t + 1], weights[t : t + 1], indices[t : t + 1])) for t in range(20))
+    experts.tables = [None] * cfg.n_moe_layers  # the grouped kernel, then `mix`
+    assert torch.equal(got, experts(1, x, weights, indices))
+
+
 def tinygemm_layout(q: torch.Tensor) -> torch.Tensor:
     """q [N, K] (0..15) -> int32 [N/8, K/128, 32, 4], as torch's CUDA `_convert_weight_to_int4pack(nibbles, 8)`
     writes it (int4mm.cu, `matrix_to_m16n8k16_Bint4_layout`): lane t of an 8-row tile holds row t // 4, and its
@@ -347,6 +365,25 @@ def test_the_layout_read_on_the_cpu_is_the_one_cudas_kernel_writes():
     want = fmt.forward(x.cuda(), fmt.unpack(buffer.cuda())).float().cpu()  # tinygemm
     got = fmt.forward_grouped(x, [3], [fmt.unpack(buffer)]).float()  # moe-local's kernel, from host memory
     torch.testing.assert_close(got, want, rtol=2**-5, atol=2**-5 * want.abs().max().item())
+
+
+@pytest.mark.skipif(native.unavailable() is not None, reason=f"moe-local's CPU kernels: {native.unavailable()}")
+@pytest.mark.parametrize("flags", ["", "-mno-avx512f"])  # the weights unpacked 32 at a time, or 16 (AVX2)
+def test_the_bf16_linear_kernel_gives_torchs_product_and_each_row_as_it_would_alone(rebuilt, monkeypatch, flags):
+    monkeypatch.setenv("MOE_LOCAL_KERNEL_FLAGS", flags)
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(40, 96, generator=gen).bfloat16(), torch.randn(40, generator=gen).bfloat16()
+    x = torch.randn(16, 96, generator=gen).bfloat16()
+    for b in (None, bias):
+        got, want = cpu_matmul.rows_linear(x, weight, b), F.linear(x, weight, b)
+        assert got.dtype == torch.bfloat16 and got.shape == (16, 40)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=2**-7 * want.abs().max().item())  # the order of the sums
+        assert all(torch.equal(cpu_matmul.rows_linear(x[i : i + 1], weight, b), got[i : i + 1]) for i in range(16))  # each row its own
+    # what it does not take: a prefill's rows (WideLinear's), fp32, widths not multiples of 32 (input) and 8 (output)
+    assert cpu_matmul.rows_linear(torch.zeros(32, 96).bfloat16(), weight) is None
+    assert cpu_matmul.rows_linear(x.float(), weight.float()) is None
+    assert cpu_matmul.rows_linear(x[:, :80], weight[:, :80]) is None
+    assert cpu_matmul.rows_linear(x, weight[:36]) is None
 
 
 @pytest.mark.skipif(native.unavailable() is not None, reason=f"moe-local's CPU kernels: {native.unavailable()}")

@@ -176,8 +176,12 @@ def grouped_kernels(cfg: ModelConfig, kind: str, group: int = 0) -> ctypes.CDLL 
 
 class DecodeTable:
     """A layer's experts (`views`, by expert id) as `experts_decode` in `cpu_kernels.c` takes them: one call runs
-    a decode token's k experts by the grouped kernel and mixes their outputs as `runtime.weigh` does, with no
-    Python per expert (`InPlaceExperts`, `--device cpu`). The same bits as `forward_grouped` then `weigh`."""
+    a decode step's tokens' k experts each by the grouped kernel (each expert once for all its tokens) and mixes
+    their outputs as `runtime.weigh` does, with no Python per expert or token (`InPlaceExperts`, `--device cpu`):
+    the same bits as `forward_grouped` then `weigh`, a token's the same in a batch as alone. Up to MAX_ROWS
+    tokens (a decode or batch step's; a prefill's go through `runtime.mix`, whose sums run on torch's threads)."""
+
+    MAX_ROWS = 32
 
     class _Struct(ctypes.Structure):  # `ExpertTable` in cpu_kernels.c
         _fields_ = [*((name, ctypes.c_int) for name in ("kind", "dim", "ffn_dim", "group", "experts")),
@@ -204,12 +208,13 @@ class DecodeTable:
         return None if lib is None else cls(lib, cfg, kind, group, views, block_rows)
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
-        """x [1, D] bf16, weights [1, k] fp32, indices [1, k] -> the weighted sum [1, D] bf16; None for other dtypes."""
-        if x.dtype != torch.bfloat16 or weights.dtype != torch.float32 or indices.dtype != torch.int64:
+        """x [T, D] bf16, weights [T, k] fp32, indices [T, k] -> the weighted sums [T, D] bf16; None for other dtypes
+        or more than MAX_ROWS tokens."""
+        if x.dtype != torch.bfloat16 or weights.dtype != torch.float32 or indices.dtype != torch.int64 or x.shape[0] > self.MAX_ROWS:
             return None
         x, weights, indices = x.contiguous(), weights.contiguous(), indices.contiguous()
         y = torch.empty_like(x)
-        code = self.lib.experts_decode(ctypes.byref(self.struct), x.data_ptr(), indices.data_ptr(), weights.data_ptr(),
+        code = self.lib.experts_decode(ctypes.byref(self.struct), x.data_ptr(), x.shape[0], indices.data_ptr(), weights.data_ptr(),
                                        indices.shape[1], y.data_ptr(), torch.get_num_threads())  # fmt: skip
         native.check(code, "experts")
         return y

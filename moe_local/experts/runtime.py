@@ -294,8 +294,8 @@ class InPlaceExperts:
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         table = self.tables[layer]
-        if x.shape[0] == 1 and table is not None and (y := table(x, weights, indices)) is not None:
-            self.stats.layers[layer].in_place += indices.shape[1]
+        if table is not None and (y := table(x, weights, indices)) is not None:  # a decode step's tokens
+            self.stats.layers[layer].in_place += len(set(indices.view(-1).tolist()))
             return y
         chosen = indices.tolist()
         order = list(dict.fromkeys(e for row in chosen for e in row))
