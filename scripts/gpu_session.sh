@@ -27,8 +27,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, output to $OUT/
 BENCH="python -m moe_local bench --peer-layers 0 --no-compare-prefetch --policy layer-lru"
 step machine 30 bash -c 'nvidia-smi; python -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"'
 # pytest-xdist, where the machine has it, runs the GPU tests four at a time
-# the tests step holds test_ggml's test_on_cuda_experts_in_slots_compute_exactly_on_the_files_values: a GGUF's Q8_0/Q4_0/Q5_0/
-# Q4_K/Q5_K/Q6_K experts by ggml_triton's kernels, until then run only in Triton's interpreter (TESTS=tests/test_ggml.py: it alone)
+# the tests step holds test_ggml's test_on_cuda_experts_in_slots_compute_exactly_on_the_files_values: a GGUF's experts (every
+# ggml type Ggml keeps) by ggml_triton's kernels, until then run only in Triton's interpreter (TESTS=tests/test_ggml.py: it alone)
 XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 4")
 step tests 240 python -m pytest -q -m gpu -p no:cacheprovider --maxfail=10 --continue-on-collection-errors --ignore=tests/test_server.py $XDIST ${TESTS:-tests/}  # (the server tests need openai, not there; none is a GPU test)
 step mxfp4 60 python -c "

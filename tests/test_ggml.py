@@ -219,7 +219,7 @@ def close(got, want, what):  # fp32 sums against float64: within 1e-5 of the lar
     error = (got.double() - want).abs().max().item()
     assert error <= 1e-5 * want.abs().max().item(), f"{what}: off by {error}, largest {want.abs().max().item()}"
 
-assert set(ggml_triton.TYPES) == set(Ggml.CUDA_TYPES)
+assert set(ggml_triton.TYPES) == set(Ggml.TYPES)
 n, k, gen = 20, 512, torch.Generator().manual_seed(0)  # 20 rows: the last program's rows ragged
 for qtype in ggml_triton.TYPES:  # each type's matrices in slots 0..2 of a pool, after a part of 256 bytes holding the type
     rng, stride = np.random.default_rng(int(qtype)), -(-(256 + n * ggml.row_bytes(qtype, k)) // 256) * 256
@@ -235,8 +235,10 @@ for qtype in ggml_triton.TYPES:  # each type's matrices in slots 0..2 of a pool,
             close(got[i], x[min(i, len(x) - 1)].double() @ values[slot].T, f"{qtype.name} slot {slot}")
     widened = ggml_triton.widen(pool[1, 256:], pool[1], n, k, torch.float32)
     assert torch.equal(widened.double(), values[1]), f"{qtype.name}: widened values differ from gguf-py's"
+pool[0, 0] = int(gguf.GGMLQuantizationType.F16)  # a type the kernel has no branch for: NaN, not a quiet zero
+assert ggml_triton.linear_grouped(x, flat[256:], flat, torch.tensor([0]), stride, n).isnan().all()
 # through the format: a decode token's experts from their slots, and one expert's rows (decode kernel, then widened)
-for gate_up, down in ((ggml.Q4_K, ggml.Q6_K), (ggml.Q8_0, ggml.Q5_0), (ggml.Q5_K, ggml.Q4_0)):
+for gate_up, down in ((ggml.Q4_K, ggml.Q6_K), (ggml.Q8_0, ggml.Q5_0), (ggml.IQ3_XXS, ggml.Q3_K)):
     cfg, fmt, views = experts(gate_up, 3, down=down, ffn=256)
     pool, x = pooled(fmt, views), torch.randn(1, cfg.dim, generator=gen)
     got = fmt.forward_slots_triton(x, pool, torch.tensor([2, 0]))
@@ -279,24 +281,18 @@ def test_the_triton_kernels_read_each_type_from_the_slots_as_gguf_pys_values():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
-def test_on_cuda_a_file_with_a_type_no_triton_kernel_reads_says_it_is_widened_as_it_runs():
-    from moe_local.experts.formats import gguf_format
-
-    cfg = dataclasses.replace(preset_config("tiny"), dim=256, ffn_dim=512)
-    mixed = [{"w1": T.Q2_K, "w2": T.Q3_K, "w3": T.Q2_K}, {"w1": T.Q4_K, "w2": T.Q6_K, "w3": T.Q4_K}]
-    fmt, why = gguf_format(mixed, cfg, torch.bfloat16, "cuda")
-    assert fmt.cuda_widened == [T.Q2_K, T.Q3_K] and not fmt.groups_slots(torch.device("cuda"))
-    assert why.endswith("; on CUDA no kernel reads Q2_K/Q3_K yet, so each matrix is widened to the compute dtype in torch as it runs)")
-    assert "widened" not in gguf_format(mixed, cfg, torch.bfloat16, "cpu")[1]  # the CPU's kernels read them
-    fmt, why = gguf_format(mixed[1:], cfg, torch.bfloat16, "cuda")
-    assert fmt.cuda_widened == [] and fmt.groups_slots(torch.device("cuda")) and "widened" not in why
+def test_the_cuda_kernel_has_a_branch_for_every_type_ggml_keeps():
+    """ggml_triton's kernel branches on each slot's type code, and writes NaN for a type it has no branch for: every
+    type `Ggml` keeps must have one (read from the source, so this holds where triton is not installed)."""
+    source = (Path(__file__).parent.parent / "moe_local/experts/ggml_triton.py").read_text()
+    assert not [t.name for t in Ggml.TYPES if f"qtype == {int(t)}:" not in source]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gate_up,down", [(T.Q4_K, T.Q6_K), (T.Q8_0, T.Q5_0), (T.Q5_K, T.Q4_0), (T.Q2_K, T.Q3_K)])
+@pytest.mark.parametrize("gate_up,down", [(T.Q4_K, T.Q6_K), (T.Q8_0, T.Q5_0), (T.Q5_K, T.Q4_0), (T.Q2_K, T.Q3_K), (T.IQ4_XS, T.IQ2_XXS),
+                                          (T.IQ3_XXS, T.Q6_K)])  # fmt: skip
 def test_on_cuda_experts_in_slots_compute_exactly_on_the_files_values(gate_up, down):
-    """The CUDA path (Triton kernels where every type has one; Q2_K/Q3_K: widened in torch): a decode token's
-    experts from their slots, one expert's few rows (decode kernel) and many (widened), against gguf-py's values
+    """The CUDA path (`ggml_triton`'s kernels, never run on a GPU before this test): a decode token's experts from their slots, one expert's few rows (decode kernel) and many (widened), against gguf-py's values
     times the activations in float64: fp32 within 1e-5 of the largest output, bf16 within its rounding."""
     cfg, fmt, views = experts(gate_up, 3, down=down)
     pool = pooled(fmt, views).cuda()
@@ -325,8 +321,9 @@ def test_the_triton_kernels_compile_to_machine_code_for_a100_and_h100(capability
 
     from moe_local.experts import ggml_triton
 
-    pointers = dict(w_ptr="*u8", types_ptr="*u8", N="i32", K="i32", stride_xm="i32", stride_om="i32", slots_ptr="*i64", stride_slot="i32")
+    signature = {"x_ptr": "*bf16", "w_ptr": "*u8", "types_ptr": "*u8", "out_ptr": "*bf16", "tables_ptr": "*u8", "N": "i32", "K": "i32",
+                 "stride_xm": "i32", "stride_om": "i32", "slots_ptr": "*i64", "stride_slot": "i32", "BLOCK_N": "constexpr", "BLOCK_G": "constexpr",
+                 "WIDEN": "constexpr"}  # fmt: skip
     for widen in (False, True):
-        signature = {"x_ptr": "*bf16", **pointers, "out_ptr": "*bf16", "BLOCK_N": "constexpr", "BLOCK_G": "constexpr", "WIDEN": "constexpr"}
         source = ASTSource(fn=ggml_triton._kernel, signature=signature, constexprs={"BLOCK_N": ggml_triton.BLOCK_N, "BLOCK_G": ggml_triton.BLOCK_G, "WIDEN": widen})
         assert triton.compile(source, target=GPUTarget("cuda", capability, 32)).asm["cubin"]

@@ -572,19 +572,16 @@ class Ggml(ExpertFormat):
     or cached. On the CPU they run through `experts_ggml` of `cpu_kernels.c` with llama.cpp's arithmetic (each
     activation row rounded to Q8_0 blocks for Q8_0/Q4_0/Q5_0 weights, to Q8_K for the K-quants and IQ types, integer block products,
     the file's scales), for any number of rows and whichever experts run together (rows are independent: the
-    same bits either way). On CUDA, where every layer's types are in `CUDA_TYPES`, Triton kernels read the blocks
-    straight from the slots (`ggml_triton`; never run on a GPU yet, tested in Triton's interpreter): a decode
-    token's experts in one launch per matrix (`forward_slots`), up to `CUDA_DECODE_MAX_ROWS` rows of one expert
-    the same way, more rows a matrix widened in one launch then one matmul; exact arithmetic on the file's
-    values up to fp32 sums (the activations are not rounded, where llama.cpp's CUDA kernels round them to Q8_1).
-    A file with another type on CUDA (`cuda_widened`, said in the load line), or the CPU without the kernels:
-    `linear` widens a matrix to the compute dtype in torch and runs one matmul (exact arithmetic on the file's
-    values; on CUDA a wait for the device per matrix, to read its type)."""
+    same bits either way). On CUDA, Triton kernels read the blocks straight from the slots (`ggml_triton`, every
+    type above; never run on a GPU yet, tested in Triton's interpreter): a decode token's experts in one launch
+    per matrix (`forward_slots`), up to `CUDA_DECODE_MAX_ROWS` rows of one expert the same way, more rows a matrix
+    widened in one launch then one matmul; exact arithmetic on the file's values up to fp32 sums (the activations
+    are not rounded, where llama.cpp's CUDA kernels round them to Q8_1). On the CPU without the kernels, `linear`
+    widens a matrix to the compute dtype in torch and runs one matmul (exact arithmetic on the file's values)."""
 
     quantized = True
     native = True
     TYPES = tuple(GGMLQuantizationType[name] for name in ("Q8_0", "Q4_0", "Q5_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ2_XXS", "IQ3_XXS"))
-    CUDA_TYPES = tuple(GGMLQuantizationType[name] for name in ("Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K"))  # `ggml_triton`'s
     CUDA_DECODE_MAX_ROWS = 8  # an expert's rows on CUDA that run in the decode kernel (it reads W once a row), as MXFP4's
 
     def __init__(self, cfg: ModelConfig, layer_types: list[tuple[GGMLQuantizationType, GGMLQuantizationType]]):
@@ -595,7 +592,6 @@ class Ggml(ExpertFormat):
         self.sizes = [(2 * f * ggml.row_bytes(a, d), d * ggml.row_bytes(b, f)) for a, b in self.layer_types]  # per layer
         super().__init__(cfg, [("types", torch.uint8, (2,)), ("gate_up", torch.uint8, (max(s[0] for s in self.sizes),)),
                                ("down", torch.uint8, (max(s[1] for s in self.sizes),))])  # fmt: skip
-        self.cuda_widened = sorted({t for pair in self.layer_types for t in pair} - set(self.CUDA_TYPES))  # no Triton kernel yet
 
     @property
     def padding_bytes(self) -> int:
@@ -623,7 +619,7 @@ class Ggml(ExpertFormat):
         raise ConfigError(f"{self.name} experts come only from a GGUF file in that type")
 
     def linear(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
-        if x.is_cuda and not self.cuda_widened:
+        if x.is_cuda:
             return self.linear_triton(x, w, name)
         qtype = GGMLQuantizationType(int(w["types"][0 if name == "gate_up" else 1]))
         rows, n = (2 * self.cfg.ffn_dim, self.cfg.dim) if name == "gate_up" else (self.cfg.dim, self.cfg.ffn_dim)
@@ -644,12 +640,12 @@ class Ggml(ExpertFormat):
         return ggml_triton.linear_grouped(x, w[name], types, same, 0, n)
 
     def groups_slots(self, device: torch.device) -> bool:
-        return device.type == "cuda" and not self.cuda_widened
+        return device.type == "cuda"
 
     def forward_slots(self, x: torch.Tensor, pool: torch.Tensor, slots: list[int], views: list[Weights]) -> torch.Tensor:
         """On CUDA, every expert of a decode token in one Triton launch per matrix (`ggml_triton.linear_grouped`), the
         biases gathered in one call each; not yet run on a GPU."""
-        if not (x.is_cuda and not self.cuda_widened):
+        if not x.is_cuda:
             return super().forward_slots(x, pool, slots, views)
         index = torch.tensor(slots, dtype=torch.int64, pin_memory=True).to(x.device, non_blocking=True)  # [G]
         return self.forward_slots_triton(x, pool, index)
@@ -716,10 +712,7 @@ def gguf_format(layer_types: list[dict[str, GGMLQuantizationType]], cfg: ModelCo
                                         for t in layer_types):  # fmt: skip
         fmt = Ggml(cfg, pairs)
         mixed = f", {len(set(pairs))} combinations over the layers" if len(set(pairs)) > 1 else ""
-        widened = "/".join(t.name for t in fmt.cuda_widened)
-        slow = (f"; on CUDA no kernel reads {widened} yet, so each matrix is widened to the compute dtype in torch as it runs"
-                if device_type == "cuda" and widened else "")  # fmt: skip
-        return fmt, f"experts in {fmt.name} (auto: the file's own blocks{mixed}{slow})"
+        return fmt, f"experts in {fmt.name} (auto: the file's own blocks{mixed})"
     if every == {GGMLQuantizationType.MXFP4} and cfg.mxfp4_experts:  # gpt-oss as published: our MXFP4 holds the same codes
         fmt = Mxfp4(cfg)
         return fmt, f"experts in {fmt.name} (auto: the file's MXFP4 blocks, regrouped into moe-local's layout without loss)"
