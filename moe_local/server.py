@@ -37,7 +37,7 @@ from moe_local.harmony import is_harmony
 from moe_local.params import Output, SamplingParams, SamplingRangeError, max_new_tokens_default
 from moe_local import anthropic_api
 from moe_local.replies import Reply, Thinking, thought_markers
-from moe_local.tokenizer import Tokenizer, load_tokenizer
+from moe_local.tokenizer import Tokenizer, check_reasoning_effort, load_tokenizer
 from moe_local.tools import (ToolParser, ToolRequestError, call_grammar, template_message, tool_format, tool_request, with_results_in_calls,
                              with_system_tools, with_text_arguments)
 
@@ -51,6 +51,10 @@ ROLES = ("system", "user", "assistant", "tool")
 SAMPLING = {"temperature": (int, float), "top_p": (int, float), "seed": (int,), "top_k": (int,), "min_p": (int, float),
             "repeat_penalty": (int, float)}
 UNSUPPORTED = ("echo", "suffix")
+# chat_template_kwargs a request may not set: what the server renders with (a request's would replace the conversation,
+# its tools or its special tokens) and apply_chat_template's own arguments, which vLLM refuses there too
+RENDERED_BY_SERVER = ("messages", "tools", "documents", "add_generation_prompt", "chat_template", "tokenize")
+SWITCHES = ("enable_thinking", "preserve_thinking")  # templates test them with `is true` / `is false`: a string "false" is on
 RETRY_AFTER_S = 1
 
 
@@ -86,6 +90,26 @@ def text_content(content, where: str) -> str:
             raise ApiError(400, f"{where}.content: only text parts are supported", param="messages")
         return "\n".join(p["text"] for p in content)
     raise ApiError(400, f"{where}.content must be a string or a list of text parts", param="messages")
+
+
+def template_kwargs(body: dict, tokenizer: Tokenizer) -> dict:
+    """The chat template's variables a chat request sets in chat_template_kwargs, as vLLM, SGLang and llama-server take
+    them (e.g. {"enable_thinking": false}): any JSON value, null for the template's default. A variable the template
+    does not read changes nothing, as there (vLLM drops it, llama-server passes it on): clients send enable_thinking to
+    every model. Refused: a variable the server renders with, a thinking switch that is not true or false (llama-server
+    refuses a string too), a reasoning_effort that is no level."""
+    kwargs = field(body, "chat_template_kwargs", (dict,), "an object of the chat template's variables")
+    for name, value in (kwargs or {}).items():
+        if name in RENDERED_BY_SERVER or name in tokenizer.special_tokens:
+            raise ApiError(400, f"chat_template_kwargs.{name} is set by the server, not by a request", param="chat_template_kwargs")
+        if name in SWITCHES and not isinstance(value, (bool, type(None))):
+            raise ApiError(400, f"chat_template_kwargs.{name} must be true or false, not {json.dumps(value)[:50]}", param="chat_template_kwargs")
+        if name == "reasoning_effort" and value is not None:
+            try:
+                check_reasoning_effort(value)
+            except TokenizerError as e:
+                raise ApiError(400, f"chat_template_kwargs.reasoning_effort: {e}", param="chat_template_kwargs") from None
+    return {name: value for name, value in (kwargs or {}).items() if value is not None}
 
 
 def chat_messages(body: dict) -> list[dict]:
@@ -356,11 +380,13 @@ class Server:
 
     def chat(self, body: dict, messages: list[dict], options: dict | None = None) -> tuple[list[int], Reply, dict]:
         """A chat request (OpenAI's fields; Anthropic's translated to them) as its prompt, its Reply and the Request
-        fields beside the sampling ones; `options`: the template's variables."""
+        fields beside the sampling ones; `options`: the template's variables, then chat_template_kwargs', then
+        reasoning_effort's (a request's own field wins, as in vLLM)."""
         tokenizer = self.tokenizer
         effort = field(body, "reasoning_effort", (str,), "low, medium or high")
+        options = (options or {}) | template_kwargs(body, tokenizer)
         try:
-            options = (options or {}) | (tokenizer.template_options(None, effort) if effort is not None else {})
+            options |= tokenizer.template_options(None, effort) if effort is not None else {}
         except MoeLocalError as e:  # not a level, or a template without the switch
             raise ApiError(400, str(e), param="reasoning_effort") from None
         parser, grammar = self.tools(body)
@@ -463,6 +489,9 @@ class Server:
     async def completions(self, request: HttpRequest) -> Response:
         self.check_key(request)
         body = await read_body(request)
+        if body.get("chat_template_kwargs"):  # refused, not ignored: thinking turned off here would stay on unseen
+            raise ApiError(400, "'chat_template_kwargs' is for /v1/chat/completions: a completion's prompt goes to the model "
+                           "as it is, through no chat template", param="chat_template_kwargs")
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]

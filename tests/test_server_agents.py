@@ -359,6 +359,45 @@ def test_anthropic_stop_sequence_and_thinking_as_anthropics_api_has_them(family)
     assert off == on + len(reference_tokenizer(folder).encode("<think>\n\n</think>\n\n"))
 
 
+def test_chat_template_kwargs_switch_thinking_as_vllm_and_llama_server_take_them(family):
+    name, folder, server, client = family
+    if name not in ("qwen3_moe", "glm4_moe"):  # GLM-4.5's <think> is a special token: its reasoning is read apart
+        pytest.skip("Qwen3's and GLM-4.5's switch")
+    turn = [{"role": "user", "content": "Why?"}]
+    reference = reference_tokenizer(folder)
+    off = {"chat_template_kwargs": {"enable_thinking": False, "not_in_the_template": [1, {"a": None}]}}  # the latter changes nothing
+    answer = client.chat.completions.create(model="m", messages=turn, max_tokens=3, temperature=0, extra_body=off)
+    want = reference.apply_chat_template(turn, add_generation_prompt=True, tokenize=True, return_dict=False, enable_thinking=False)
+    assert answer.usage.prompt_tokens == len(want)
+    # the same ids sent as a completion's prompt: all but the last are found in the cache the chat left, the answer is the same
+    same = client.completions.create(model="m", prompt=want, max_tokens=3, temperature=0)
+    assert same.usage.prompt_tokens_details.cached_tokens == len(want) - 1 and same.choices[0].text == answer.choices[0].message.content
+    assert getattr(answer.choices[0].message, "reasoning_content", None) is None
+    streamed = list(client.chat.completions.create(model="m", messages=turn, max_tokens=3, temperature=0, extra_body=off, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == answer.choices[0].message.content
+    assert not any(getattr(c.choices[0].delta, "reasoning_content", None) for c in streamed if c.choices)
+    on = client.chat.completions.create(model="m", messages=turn, max_tokens=1, extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    assert on.usage.prompt_tokens == len(reference.apply_chat_template(turn, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def test_chat_template_kwargs_that_cannot_be_meant_are_one_line(family):
+    name, folder, server, client = family
+    if name != "qwen3_moe":
+        pytest.skip("once is enough")
+    turn = [{"role": "user", "content": "Why?"}]
+    # a switch that is not a boolean (Qwen3's template would take the string "false" for on), what the server renders
+    # with, a reasoning effort that is no level; a completion's prompt has no template to take them
+    for kwargs, message in (({"enable_thinking": "false"}, 'chat_template_kwargs.enable_thinking must be true or false, not "false"'),
+                            ({"messages": []}, "chat_template_kwargs.messages is set by the server"),
+                            ({"eos_token": "x"}, "chat_template_kwargs.eos_token is set by the server"),
+                            ({"reasoning_effort": "max"}, "reasoning effort is low, medium or high, not 'max'")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="m", messages=turn, max_tokens=1, extra_body={"chat_template_kwargs": kwargs})
+        assert refused.value.body["param"] == "chat_template_kwargs" and message in refused.value.body["message"]
+    with pytest.raises(openai.BadRequestError, match="'chat_template_kwargs' is for /v1/chat/completions"):
+        client.completions.create(model="m", prompt="Why?", max_tokens=1, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+
+
 def test_gemma4_thinking_when_asked_is_its_templates_think_switch(family):
     name, folder, server, _ = family
     if name != "gemma4":
