@@ -292,8 +292,9 @@ def test_the_cuda_kernel_has_a_branch_for_every_type_ggml_keeps():
 @pytest.mark.parametrize("gate_up,down", [(T.Q4_K, T.Q6_K), (T.Q8_0, T.Q5_0), (T.Q5_K, T.Q4_0), (T.Q2_K, T.Q3_K), (T.IQ4_XS, T.IQ2_XXS),
                                           (T.IQ3_XXS, T.Q6_K)])  # fmt: skip
 def test_on_cuda_experts_in_slots_compute_exactly_on_the_files_values(gate_up, down):
-    """The CUDA path (`ggml_triton`'s kernels, never run on a GPU before this test): a decode token's experts from their slots, one expert's few rows (decode kernel) and many (widened), against gguf-py's values
-    times the activations in float64: fp32 within 1e-5 of the largest output, bf16 within its rounding."""
+    """The CUDA path (`ggml_triton`'s kernels, never run on a GPU before this test): a decode token's experts from
+    their slots, one expert's few rows (decode kernel) and many (widened), against gguf-py's values times the
+    activations in float64: fp32 within 1e-5 of the largest output, bf16 within its rounding."""
     cfg, fmt, views = experts(gate_up, 3, down=down)
     pool = pooled(fmt, views).cuda()
     on_cuda = [fmt.unpack(slot) for slot in pool]

@@ -41,7 +41,8 @@ def _half(ptr, mask):
 
 # Each type's step: the values [BN, S, L] of S x L consecutive columns (from column k[0, 0]) of BN rows, each row's
 # blocks starting at row_ptr [BN], and their columns k [S, L] with k_ok [S, L]. Blocks of 32 walk BLOCK_G blocks a
-# step (S = BLOCK_G, L = 32); K-quants one block of 256 a step (S sub-blocks of L values: the scales' grain).
+# step (S = BLOCK_G, L = 32); the others (K-quants, IQ types) one block of 256 a step (S sub-blocks of L values: the
+# scales' grain).
 
 
 @triton.jit
@@ -322,6 +323,7 @@ BLOCK_N, BLOCK_G = 8, 8
 def _tables(device: torch.device) -> torch.Tensor:
     """The IQ types' tables as the kernel reads them, made once a device."""
     iq2, iq3, signs = ggml.lattices()
+    assert (iq2.size, iq2.size + iq3.size, iq2.size + iq3.size + signs.size) == (IQ3_GRID, SIGNS, IQ4_VALUES)
     iq4 = np.array(ggml.IQ4_TABLE, dtype=np.int16) + 128
     return torch.from_numpy(np.concatenate([iq2.reshape(-1), iq3.reshape(-1), signs, iq4.astype(np.uint8)])).to(device)
 
