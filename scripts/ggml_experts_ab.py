@@ -4,6 +4,7 @@ rows each (a batch), interleaved rounds, the best of each. Random weights quanti
 random K-quant blocks with scales of a sensible size (gguf-py cannot quantize to those).
 
     python scripts/ggml_experts_ab.py --dim 2048 --ffn 768 --experts 8 --rounds 5   # Qwen3-30B-A3B's widths
+    python scripts/ggml_experts_ab.py --dim 1024 --ffn 2816 --experts 8 --rows 128 --rounds 3   # a 512-token prefill's rows, top 2 of 8
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", default="1,4", help="rows per expert to time, comma-separated (a decode step's 1; a prefill's many)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = dataclasses.replace(preset_config("tiny"), dim=args.dim, ffn_dim=args.ffn)
@@ -65,7 +67,7 @@ def main() -> None:
                "gguf-q4_k": (Ggml(cfg, [(T.Q4_K, T.Q4_K)]), T.Q4_K), "gguf-q6_k": (Ggml(cfg, [(T.Q6_K, T.Q6_K)]), T.Q6_K)}  # fmt: skip
     views = {name: experts(fmt, qtype, cfg, args.experts, rng) for name, (fmt, qtype) in formats.items()}
     print(f"| rows per expert | {' | '.join(formats)} | (ms for one layer's {args.experts} experts, best of {args.rounds}) |")
-    for rows in (1, 4):
+    for rows in (int(n) for n in args.rows.split(",")):
         x = torch.randn(rows * args.experts, cfg.dim).bfloat16()
         best = dict.fromkeys(formats, float("inf"))
         for _ in range(args.rounds):

@@ -2,7 +2,7 @@
 # One call on a lent GPU machine: the GPU tests, then the benchmarks recorded in docs/measurements.md.
 # Usage (device tool): bash scripts/gpu_session.sh [STEP ...]   (default: every step). Output under $OUT (or
 # ./gpu-out), a file per step and steps.txt; DEADLINE=SECONDS ends it in time, cutting the step that runs
-# over; TESTS: which test files (default: tests/). Steps, in the order they run: machine tests mxfp4 qwen3
+# over; TESTS: which test files (default: tests/). Steps, in the order they run: machine tests mxfp4 ggml_kernel qwen3
 # mixtral qwen36 qwen3_fp8 batch pageable mixtral_never mixtral_int4_attention gpt_oss_20b gpt_oss_120b
 # gpt_oss_never mixtral_bf16 deepseek_v3_fp8 minimax_m2_fp8 (more than 15 minutes in all: with a 15-minute
 # lease, name the steps that matter most, or let DEADLINE cut the last ones)
@@ -13,7 +13,7 @@ set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH=".:.gpu_deps${PYTHONPATH:+:$PYTHONPATH}"
-STEPS=${*:-machine tests mxfp4 qwen3 mixtral qwen36 qwen3_fp8 batch pageable mixtral_never mixtral_int4_attention gpt_oss_20b gpt_oss_120b gpt_oss_never mixtral_bf16 deepseek_v3_fp8 minimax_m2_fp8}
+STEPS=${*:-machine tests mxfp4 ggml_kernel qwen3 mixtral qwen36 qwen3_fp8 batch pageable mixtral_never mixtral_int4_attention gpt_oss_20b gpt_oss_120b gpt_oss_never mixtral_bf16 deepseek_v3_fp8 minimax_m2_fp8}
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, output to $OUT/NAME.txt
     local name=$1 limit=$2; shift 2
     case " $STEPS " in *" $name "*) ;; *) return ;; esac
@@ -35,6 +35,9 @@ step mxfp4 60 python -c "
 from moe_local.experts.mxfp4_triton import benchmark_decode
 for n, k in ((2880, 2880), (5760, 2880)):
     print(n, k, {key: round(v, 2) for key, v in benchmark_decode(n, k).items()})"
+# a GGUF's experts on CUDA (ggml_triton, never timed): a token's 8 experts per matrix at Qwen3-30B-A3B's widths, each type,
+# against the time to read their bytes, and widening a gate_up for prefill
+step ggml_kernel 120 python scripts/ggml_kernel_gpu.py
 # --cuda-graphs: one more run with each layer's resident work replayed as a CUDA graph (graphs.py)
 step qwen3 240 $BENCH --preset qwen3-30b-a3b --experts-dtype int4 --gpu-memory 8GiB --new-tokens 64 --cuda-graphs
 step mixtral 150 $BENCH --experts-dtype int4 --gpu-memory 12GiB --new-tokens 64 --cuda-graphs
