@@ -2485,10 +2485,10 @@ static inline __attribute__((always_inline)) void tile_k(const KBlock* p, int bl
         for (int j = 0; j < TILE_N; j++) out[i * stride + j] = hsum(acc[i][j]);
 }
 
-/* panel bytes a thread needs for rows of K values (either kind) */
+/* panel bytes a thread needs for rows of K values (either kind), a multiple of 64 (each thread's panel 64-byte aligned) */
 static size_t panel_bytes(int K) {
-    const size_t pairs = sizeof(Pair32) * (size_t)(K / 32 + 1) / 2, k = sizeof(KBlock) * TILE_N * (size_t)(K / 256);
-    return (pairs > k ? pairs : k) + 64;
+    const size_t pairs = sizeof(Pair32) * (size_t)((K / 32 + 1) / 2), k = sizeof(KBlock) * TILE_N * (size_t)(K / 256);
+    return ((pairs > k ? pairs : k) + 63) / 64 * 64;
 }
 
 /* TILE_N weight rows of `type` (w, row_bytes apart, K values each) . the n activation rows from r0, out[r * stride
