@@ -2101,7 +2101,7 @@ static inline __m256i iq_values(const uint8_t* b, int type, int i, __m256i* sign
 static inline float iq_d(const uint8_t* b, int type) { return half_to_float(b) * (type == GGML_IQ2_XXS ? 0.125f : 0.25f); }
 
 /* one K-quant block of 256 weights in the form every K-quant's dot product takes: w = d * scale[k / 16] * v[k]
-   + dm * offset[k / 16] * (1 / ...): unsigned values v (0..63), a scale a 16 (int16; sc[i]'s halves: chunk i of
+   + dm * offset[k / 16] * (1 / ...): unsigned values v (0..63; IQ2_XXS's and IQ3_XXS's 2..126, pairs of products still within int16), a scale a 16 (int16; sc[i]'s halves: chunk i of
    32 values), and the offsets, such that the block's product with a Q8_K block (d_a, q, sums) is
    d_a * (d * sum_k scale * v * q + dm * sum_j offset[j] * sums[j]) */
 typedef struct {
@@ -2109,7 +2109,7 @@ typedef struct {
     __m256i sc[8];
     __m256i offset; /* int16 [16] */
     float d, dm;
-    int sign;       /* IQ4_XS, IQ2_XXS, IQ3_XXS: v are signed (int8 values), met by the sign trick, no offsets */
+    int sign;       /* IQ4_XS: v are signed (int8 values of its table), met by the sign trick, no offsets */
 } KBlock;
 
 /* Q4_K's and Q5_K's 8 six-bit scales and minimums, packed in 12 bytes */
@@ -2120,17 +2120,19 @@ static inline void k4_scales(const uint8_t* q, int* sc, int* m) {
 
 static inline void decode_k(const uint8_t* b, int type, KBlock* k) {
     const __m256i low4 = _mm256_set1_epi8(15);
-    k->sign = type == GGML_IQ4_XS || iq_xxs(type);
-    if (iq_xxs(type)) {
+    k->sign = type == GGML_IQ4_XS;
+    if (iq_xxs(type)) { /* the signed grid values + 64 (2..126: unsigned, as the K-quants'), the 64 taken off by the offsets */
+        int16_t offset[16];
         for (int i = 0; i < 8; i++) {
             __m256i signs;
             int scale;
             const __m256i grid = iq_values(b, type, i, &signs, &scale);
-            _mm256_storeu_si256((__m256i*)(k->v + 32 * i), _mm256_sign_epi8(grid, signs));
+            _mm256_storeu_si256((__m256i*)(k->v + 32 * i), _mm256_add_epi8(_mm256_sign_epi8(grid, signs), _mm256_set1_epi8(64)));
             k->sc[i] = _mm256_set1_epi16((int16_t)scale);
+            offset[2 * i] = offset[2 * i + 1] = (int16_t)(-64 * scale);
         }
-        k->offset = _mm256_setzero_si256();
-        k->d = iq_d(b, type), k->dm = 0.f;
+        k->offset = _mm256_loadu_si256((const __m256i*)offset);
+        k->d = k->dm = iq_d(b, type);
         return;
     }
     if (type == GGML_IQ4_XS) { /* d, scales_h (2 bits a sub-block of 32), scales_l [4] (4 bits one), qs [128]: sub-block i's 16
@@ -2263,19 +2265,33 @@ static inline KSum dot_pair(KSum sum, __m256i v0, __m256i v1, const int8_t* q, _
 static inline __m256i ksum_256(KSum sum) { return sum; }
 #endif
 
-/* dot_k_block's for IQ2_XXS and IQ3_XXS: the signs go onto the activations (the grid's values are positive), the
-   products of the sign trick (two sums for alternate sub-blocks took 1.07x the time for IQ3_XXS, not kept) */
-static inline __attribute__((always_inline)) __m256 dot_iq_block(const uint8_t* b, int type, const int8_t* q, float da, __m256 acc) {
+/* dot_k_block's for IQ2_XXS and IQ3_XXS, in decode_k's form (the signed grid values + 64, the offsets -64 times each
+   sub-block's scale met by the activations' sums): the same integer lanes and fp32 operations as row_dot_k's for
+   several rows and the tiles. (Two sums for alternate sub-blocks took 1.07x the time for IQ3_XXS, not kept.) */
+static inline __attribute__((always_inline)) __m256 dot_iq_block(const uint8_t* b, int type, const int8_t* q, const int16_t* sums, float da, __m256 acc) {
     __m256i sum = _mm256_setzero_si256();
     for (int i = 0; i < 8; i++) {
         __m256i signs;
         int scale;
         const __m256i grid = iq_values(b, type, i, &signs, &scale);
-        const __m256i products = _mm256_maddubs_epi16(grid, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(q + 32 * i)), signs));
+        const __m256i v = _mm256_add_epi8(_mm256_sign_epi8(grid, signs), _mm256_set1_epi8(64));
+        const __m256i products = _mm256_maddubs_epi16(v, _mm256_loadu_si256((const __m256i*)(q + 32 * i)));
         sum = _mm256_add_epi32(sum, _mm256_madd_epi16(products, _mm256_set1_epi16((int16_t)scale)));
     }
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(iq_d(b, type) * da), _mm256_cvtepi32_ps(sum), acc);
-    return _mm256_fmadd_ps(_mm256_set1_ps(0.f * da), _mm256_setzero_ps(), acc); /* as row_dot_k's for several rows: no offsets */
+    /* lane i of decode_k's madd(offset, sums): -64 * scale_i * (sums[2i] + sums[2i + 1]), the 8 sub-blocks' uint32s
+       (IQ2_XXS: every other one of the 16 after d) in one vector */
+    __m256i aux = _mm256_loadu_si256((const __m256i*)(b + 66));
+    if (type == GGML_IQ2_XXS) {
+        const __m256 odd = _mm256_shuffle_ps(_mm256_castsi256_ps(_mm256_loadu_si256((const __m256i*)(b + 2))),
+                                             _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i*)(b + 34))), _MM_SHUFFLE(3, 1, 3, 1));
+        aux = _mm256_permute4x64_epi64(_mm256_castps_si256(odd), _MM_SHUFFLE(3, 1, 2, 0)); /* sub-blocks 0 1 4 5 | 2 3 6 7 -> 0 .. 7 */
+    }
+    const __m256i scales = _mm256_add_epi32(_mm256_slli_epi32(_mm256_srli_epi32(aux, 28), 1), _mm256_set1_epi32(1));
+    const __m256i pairs = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)sums), _mm256_set1_epi16(1));
+    const __m256i offsets = _mm256_mullo_epi32(pairs, _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(scales, 6)));
+    const float d = iq_d(b, type);
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * da), _mm256_cvtepi32_ps(sum), acc);
+    return _mm256_fmadd_ps(_mm256_set1_ps(d * da), _mm256_cvtepi32_ps(offsets), acc);
 }
 
 static inline __m256 dot_k_block(const uint8_t* b, int type, const int8_t* q, const int16_t* sums, float da, __m256 acc) {
@@ -2283,8 +2299,8 @@ static inline __m256 dot_k_block(const uint8_t* b, int type, const int8_t* q, co
     KSum sum = KSUM_ZERO;
     __m256i offset;
     float d, dm;
-    if (type == GGML_IQ2_XXS) return dot_iq_block(b, GGML_IQ2_XXS, q, da, acc); /* (the type a constant in each: 0.91-0.96x the time) */
-    if (type == GGML_IQ3_XXS) return dot_iq_block(b, GGML_IQ3_XXS, q, da, acc);
+    if (type == GGML_IQ2_XXS) return dot_iq_block(b, GGML_IQ2_XXS, q, sums, da, acc); /* (the type a constant in each: 0.91-0.96x the time) */
+    if (type == GGML_IQ3_XXS) return dot_iq_block(b, GGML_IQ3_XXS, q, sums, da, acc);
     if (type == GGML_Q6_K) {
         const uint8_t *ql = b, *qh = b + 128;
         const __m128i s = _mm_loadu_si128((const __m128i*)(b + 192));
@@ -2447,8 +2463,9 @@ static inline __attribute__((always_inline)) void tile32(const Pair32* p, int bl
         for (int j = 0; j < TILE_N; j++) out[i * stride + j] = hsum(fold_f(acc[i][j]));
 }
 
-/* the K-quants whose common form has unsigned values (IQ4_XS's are signed: row_dot_k's sign trick, which AVX512 lacks) */
-static inline int tile_k_takes(int type) { return type >= GGML_Q2_K && type <= GGML_Q6_K; }
+/* the K-quants whose common form has unsigned values, IQ2_XXS's and IQ3_XXS's too (IQ4_XS's are signed: row_dot_k's sign
+   trick, which AVX512 lacks) */
+static inline int tile_k_takes(int type) { return (type >= GGML_Q2_K && type <= GGML_Q6_K) || iq_xxs(type); }
 
 /* out[i * stride + j] = weight row j (p + j * blocks: its blocks decoded by decode_k) . activation row `row` + i
    (Q8_K), i < M, j < TILE_N: row_dot_k's integer lanes (two chunks of 32 a vector, folded) and fp32 operations */
