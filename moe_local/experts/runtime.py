@@ -8,6 +8,7 @@ for the next layer; `InPlaceExperts` runs every expert from the store where the 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
@@ -104,7 +105,8 @@ def mix(
     # pinned, so that the copy to the GPU is queued, not waited for
     positions = torch.tensor(by_expert, pin_memory=x.is_cuda).to(x.device, non_blocking=True)  # [T*k]
     xs = x[positions // k]  # [T*k, D]: each expert's tokens together, gathered once for all experts
-    counts = [flat.count(e) for e in order]
+    tally = Counter(flat)  # one pass: a count per expert over all T*k was 25 ms a layer at 512 tokens x 8 of 256
+    counts = [tally[e] for e in order]
     ys = run_grouped(order, counts, xs) if run_grouped else None  # [T*k, D]
     if ys is None:
         ys = torch.cat([run(e, part) for e, part in zip(order, xs.split(counts))])
