@@ -623,6 +623,7 @@ static void wide_products(const uint16_t* const* w, int J, const uint16_t* a, in
             out[r * (BF16_MAX_J / 8) + g] = hsum8(sums);
         }
 }
+
 /* rows r0 .. r1 - 1 of x [., D] through 8 units n.. of the expert's h (gate_up [2F, D] bf16): the gate and up
    products as product8 gives them, then glu8 into h [., F] */
 static void wide_gate_up(const void* gate_up, const uint16_t* x, int D, int F, int n, int r0, int r1, int act, uint16_t* h) {
