@@ -296,7 +296,8 @@ def test_experts_in_ram_are_the_files_bytes_each_layer_in_its_own_types(ggufs):
     engine = load(path, device="cpu")
     fmt = engine.store.format
     assert fmt.name == "gguf-q4_k-q4_k+q6_k"
-    assert any("the file's own blocks, 2 combinations over the layers" in note for note in engine.notes)
+    unused = f"({100 * fmt.padding_bytes / engine.store.total_bytes:.1f}%) of the store unused"
+    assert fmt.padding_bytes > 0 and any("the file's own blocks, 2 combinations over the layers" in note and unused in note for note in engine.notes)
     model = GgufModel([path])
     assert [t["w2"].name for t in model.layer_expert_types()] == ["Q4_K", "Q4_K", "Q6_K"]
     for layer, expert in ((0, 0), (2, 7)):

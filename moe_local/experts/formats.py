@@ -711,7 +711,9 @@ def gguf_format(layer_types: list[dict[str, GGMLQuantizationType]], cfg: ModelCo
     if every <= set(Ggml.TYPES) and all(t["w1"] == t["w3"] and whole_blocks(t["w1"], cfg.dim) and whole_blocks(t["w2"], cfg.ffn_dim)
                                         for t in layer_types):  # fmt: skip
         fmt = Ggml(cfg, pairs)
-        mixed = f", {len(set(pairs))} combinations over the layers" if len(set(pairs)) > 1 else ""
+        store = cfg.n_moe_layers * cfg.n_experts * fmt.expert_bytes
+        mixed = (f", {len(set(pairs))} combinations over the layers; each expert's part is sized for the widest, "
+                 f"{format_bytes(fmt.padding_bytes)} ({100 * fmt.padding_bytes / store:.1f}%) of the store unused") if len(set(pairs)) > 1 else ""
         return fmt, f"experts in {fmt.name} (auto: the file's own blocks{mixed})"
     if every == {GGMLQuantizationType.MXFP4} and cfg.mxfp4_experts:  # gpt-oss as published: our MXFP4 holds the same codes
         fmt = Mxfp4(cfg)
