@@ -109,7 +109,7 @@ class Reply:
 
     def __init__(self, chat: bool, parser: ToolParser | None = None, top: int | None = None, pieces: list[bytes] | None = None,
                  thinking: Thinking | None = None, hidden: frozenset[str] = frozenset()):
-        self.chat, self.parser, self.top, self.pieces = chat, parser, top, pieces
+        self.chat, self.parser, self.top, self.pieces, self.thinking = chat, parser, top, pieces, thinking
         self.reader = Reader(parser, thinking, hidden) if parser is not None or thinking is not None else None
         self.calls = 0  # calls begun in the stream so far
         self.offset = 0  # characters of text so far (a completion's logprobs give each token's offset)

@@ -361,9 +361,7 @@ class Server:
         thinking = bool(asked.pop("thinking", False))
         options = {"enable_thinking": thinking} if tokenizer.template_reads("enable_thinking") else {}
         prompt, reply, extra = self.chat(asked, chat_messages({"messages": messages}), options)
-        split = self.thinking(prompt, extra["grammar"])
-        extra["special"] |= split is not None  # GLM-4.5's <think> and Gemma 4's channel are special tokens
-        message = anthropic_api.Message(self.model_id, len(prompt), reply.parser, split, thinking, tokenizer.hidden_tokens)
+        message = anthropic_api.Message(self.model_id, len(prompt), reply.parser, reply.thinking, thinking, tokenizer.hidden_tokens)
         return prompt, message, extra, asked
 
     async def anthropic_stream(self, job: Job, message: anthropic_api.Message) -> AsyncIterator[str]:
@@ -410,23 +408,14 @@ class Server:
             raise ApiError(400, f"'top_logprobs' must be from 0 to 20, not {top}", param="top_logprobs")
         if top is not None and not logprobs:
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-        # the reasoning as reasoning_content where its markers are special tokens, which the answer's text would lose
-        # (Gemma 4's thought channel, GLM-4.5's <think>); Qwen3's <think> tags stay in the text, as it writes them
-        split = self.thinking(prompt, grammar)
-        split = split if split is not None and any(token in split.open for token in tokenizer.hidden_tokens) else None
+        # the reasoning as reasoning_content (thinking blocks on Anthropic's route), as llama-server and vLLM's reasoning
+        # parsers give it: Qwen3's <think> tags (plain text), GLM-4.5's (special tokens: read with them written), Gemma 4's
+        # thought channel
+        split = reasoning_reader(tokenizer, prompt, grammar)
         reply = Reply(True, parser, (top or 0) if logprobs else None, self.pieces if logprobs else None, split, tokenizer.hidden_tokens)
         extra = {"channels": channels, "special": parser is not None or split is not None, "grammar": grammar, "logprobs": reply.top,
                  "marks": marks}
         return prompt, reply, extra
-
-    def thinking(self, prompt: list[int], grammar: str | None) -> Thinking | None:
-        """The reader of the answer's reasoning where the chat template marks it (not a harmony model's: its channels
-        come apart in the engine; not where a grammar writes the answer from its first token, with no reasoning, though
-        the prompt opened it, as GLM-4.7's and Qwen3.5's do); opened where the prompt ends in the opening marker."""
-        markers = thought_markers(self.tokenizer.template_source)
-        if markers is None or is_harmony(self.tokenizer) or grammar is not None:
-            return None
-        return Thinking(self.tokenizer.decode(prompt[-4:], special=True).rstrip().endswith(markers[0].rstrip()), markers)
 
     def tools(self, body: dict) -> tuple[ToolParser | None, str | None]:
         """The reader of the answer's calls, where the request offers tools, and the grammar that forces a call where
@@ -648,6 +637,19 @@ class Server:
         while (await request.receive())["type"] != "http.disconnect":
             pass
         self.link.cancel(job)
+
+
+def reasoning_reader(tokenizer: Tokenizer, prompt: list[int], grammar: str | None) -> Thinking | None:
+    """The reader of the answer's reasoning where the chat template marks it (not a harmony model's: its channels come
+    apart in the engine; not where a grammar writes the answer from its first token, with no reasoning, though the
+    prompt opened it, as GLM-4.7's and Qwen3.5's do); opened where the prompt ends in the opening marker (Qwen3.5/3.6's
+    and DeepSeek-V3.1's with thinking on: the answer starts inside the reasoning), else read where the answer begins with
+    it (Qwen3's: the model writes <think> itself; with thinking off, the templates' empty block is in the prompt and
+    the answer is all answer)."""
+    markers = thought_markers(tokenizer.template_source)
+    if markers is None or is_harmony(tokenizer) or grammar is not None:
+        return None
+    return Thinking(tokenizer.decode(prompt[-4:], special=True).rstrip().endswith(markers[0].rstrip()), markers)
 
 
 def render_conversation(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None, options: dict,

@@ -460,3 +460,66 @@ def test_gemma4s_thought_channel_is_reasoning_content_and_thinking_blocks():
     content = message.whole(outputs)["content"]
     assert [b["type"] for b in content] == ["thinking", "tool_use"] and content[0]["thinking"] == "Paris, so ask."
     assert content[1]["input"] == {"city": "Paris", "days": 3}
+
+
+@pytest.fixture(scope="module")
+def qwen36_tokenizer(tmp_path_factory):
+    """Qwen3.6's tokenizer layout and real chat template (<think>, </think>, <tool_call> added but not special)."""
+    from moe_local.tokenizer import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("qwen36")
+    train_bytelevel_tokenizer(folder, **FAMILY_TOKENIZERS["qwen3_5_moe"])
+    return load_tokenizer(folder)
+
+
+def test_qwen36s_reasoning_is_reasoning_content_as_llama_server_and_vllm_give_it(qwen36_tokenizer):
+    from moe_local.replies import Reply
+    from moe_local.server import reasoning_reader, render_conversation
+    from moe_local.tools import ToolParser, tool_format
+
+    tok = qwen36_tokenizer
+    turn = [{"role": "user", "content": "Weather in Paris?"}]
+    # thinking on (its default): the generation prompt opens <think>, the answer starts inside the reasoning
+    on = render_conversation(tok, turn, None, {})
+    assert tok.decode(on, special=True).endswith("<|im_start|>assistant\n<think>\n")
+    written = "The user asks.\n</think>\n\nSunny."
+    outputs = [Output(written[i : i + 3]) for i in range(0, len(written), 3)] + [Output("", finish_reason="stop", completion_tokens=9)]
+    whole = Reply(True, thinking=reasoning_reader(tok, on, None), hidden=tok.hidden_tokens).whole(outputs)["message"]
+    assert whole == {"role": "assistant", "content": "Sunny.", "reasoning_content": "The user asks.\n"}
+    reply = Reply(True, thinking=reasoning_reader(tok, on, None), hidden=tok.hidden_tokens)
+    streamed = [c["delta"] for c in map(reply.step, outputs) if c]
+    assert "".join(d.get("reasoning_content", "") for d in streamed) == "The user asks.\n"
+    assert "".join(d.get("content", "") for d in streamed) == "Sunny."
+    # it reasons, then calls (Qwen3.5's <function=...> format): the call parses after the reasoning
+    parser = lambda: ToolParser(tool_format(tok), [WEATHER], tok.hidden_tokens)  # noqa: E731
+    called = "Ask the tool.\n</think>\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n" \
+             "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>"
+    pieces = [Output(called[i : i + 4]) for i in range(0, len(called), 4)] + [Output("", finish_reason="stop", completion_tokens=30)]
+    whole = Reply(True, parser(), thinking=reasoning_reader(tok, on, None), hidden=tok.hidden_tokens).whole(pieces)
+    assert whole["message"]["reasoning_content"] == "Ask the tool.\n" and whole["message"]["content"] is None
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole["message"]["tool_calls"]] == [("get_weather", {"city": "Paris", "days": 3})]
+    reply = Reply(True, parser(), thinking=reasoning_reader(tok, on, None), hidden=tok.hidden_tokens)
+    streamed = [c["delta"] for c in map(reply.step, pieces) if c]
+    assert "".join(d.get("reasoning_content", "") for d in streamed) == "Ask the tool.\n" and not any(d.get("content") for d in streamed)
+    assert "".join(call["function"]["arguments"] for d in streamed for call in d.get("tool_calls", [])) == '{"city": "Paris", "days": 3}'
+    # thinking off: the template writes the empty block in the prompt, the answer is all answer
+    off = render_conversation(tok, turn, None, {"enable_thinking": False})
+    assert tok.decode(off, special=True).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    plain = [Output("Sunny, "), Output("surely.", finish_reason="stop")]
+    assert Reply(True, thinking=reasoning_reader(tok, off, None)).whole(plain)["message"] == {"role": "assistant", "content": "Sunny, surely."}
+    # a grammar writes the answer from its first token (tool_choice required, response_format): not read for reasoning
+    assert reasoning_reader(tok, on, 'root ::= "{}"') is None
+
+
+def test_qwen3s_think_tags_are_reasoning_content_on_the_openai_route(family):
+    name, folder, server, client = family
+    if name != "qwen3_moe":
+        pytest.skip("Qwen3's template: the model writes <think> itself")
+    think = reference_tokenizer(folder).convert_tokens_to_ids("<think>")
+    ask = dict(model="m", messages=[{"role": "user", "content": "Why?"}], max_tokens=3, temperature=0, logit_bias={str(think): 100})
+    # the model, made to, writes <think> three times: the first opens the reasoning, the others are in it
+    answer = client.chat.completions.create(**ask).choices[0].message
+    assert (answer.reasoning_content, answer.content) == ("<think><think>", "")
+    streamed = [c.choices[0].delta for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in streamed) == "<think><think>"
+    assert not any(d.content for d in streamed)
