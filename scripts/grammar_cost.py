@@ -104,7 +104,7 @@ def measure(folder: Path, tokens: int = 64, rounds: int = 3) -> None:
         constraint.allowed, constraint.accept = timed(allowed), timed(accept)
         held = GenerationStats()
         engine.tokens = []
-        out = list(generate(engine, prompt, tokens, params, engine.stop_ids, held, constraint))
+        out = list(generate(engine, prompt, tokens, params, engine.stop_ids, held, constraint=constraint))
         per_token_ms = 1e3 * sum(spent) / max(1, len(out))
         free_ms = 1e3 / free.decode_tok_per_s
         held_ms = 1e3 / held.decode_tok_per_s if held.decode_tok_per_s else float("nan")
