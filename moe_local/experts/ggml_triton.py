@@ -46,16 +46,23 @@ def _half(ptr, mask):
 
 
 @triton.jit
-def _q8_0(row_ptr, row_ok, c, K, BLOCK_G: tl.constexpr):
-    """34 bytes a block: fp16 d, 32 int8 q; x = d * q."""
+def _blocks32(row_ptr, row_ok, c, K, BYTES: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Step c of a type in blocks of 32 values of BYTES bytes, each opening with its fp16 d: the lanes [L], the
+    columns k [S, L] and k_ok, the values' mask ok [BN, S, L], each block's start at [BN, S] and its d [BN, S]."""
     blk = c * BLOCK_G + tl.arange(0, BLOCK_G)  # [S]
     lane = tl.arange(0, 32)  # [L]
     k = blk[:, None] * 32 + lane[None, :]  # [S, L]
     k_ok = k < K
     ok = row_ok[:, None, None] & k_ok[None, :, :]
     blk_ok = row_ok[:, None] & (blk < K // 32)[None, :]  # [BN, S]
-    at = row_ptr[:, None] + blk[None, :] * 34  # [BN, S]
-    d = _half(at, blk_ok)  # [BN, S]
+    at = row_ptr[:, None] + blk[None, :] * BYTES  # [BN, S]
+    return lane, k, k_ok, ok, at, _half(at, blk_ok)
+
+
+@triton.jit
+def _q8_0(row_ptr, row_ok, c, K, BLOCK_G: tl.constexpr):
+    """34 bytes a block: fp16 d, 32 int8 q; x = d * q."""
+    lane, k, k_ok, ok, at, d = _blocks32(row_ptr, row_ok, c, K, 34, BLOCK_G)
     q = _byte(at[:, :, None] + 2 + lane[None, None, :], ok)
     q = (q ^ 128) - 128  # int8
     return d[:, :, None] * q.to(tl.float32), k, k_ok
@@ -64,14 +71,7 @@ def _q8_0(row_ptr, row_ok, c, K, BLOCK_G: tl.constexpr):
 @triton.jit
 def _q4_0(row_ptr, row_ok, c, K, BLOCK_G: tl.constexpr):
     """18 bytes a block: fp16 d, 16 bytes whose low nibbles are values 0..15, high ones 16..31; x = d * (q - 8)."""
-    blk = c * BLOCK_G + tl.arange(0, BLOCK_G)
-    lane = tl.arange(0, 32)
-    k = blk[:, None] * 32 + lane[None, :]
-    k_ok = k < K
-    ok = row_ok[:, None, None] & k_ok[None, :, :]
-    blk_ok = row_ok[:, None] & (blk < K // 32)[None, :]  # [BN, S]
-    at = row_ptr[:, None] + blk[None, :] * 18
-    d = _half(at, blk_ok)
+    lane, k, k_ok, ok, at, d = _blocks32(row_ptr, row_ok, c, K, 18, BLOCK_G)
     byte = _byte(at[:, :, None] + 2 + (lane % 16)[None, None, :], ok)
     q = ((byte >> (4 * (lane // 16))[None, None, :]) & 15) - 8
     return d[:, :, None] * q.to(tl.float32), k, k_ok
@@ -81,14 +81,7 @@ def _q4_0(row_ptr, row_ok, c, K, BLOCK_G: tl.constexpr):
 def _q5_0(row_ptr, row_ok, c, K, BLOCK_G: tl.constexpr):
     """22 bytes a block: fp16 d, 4 bytes whose bit i is value i's fifth bit, 16 bytes of nibbles as Q4_0's;
     x = d * (q - 16)."""
-    blk = c * BLOCK_G + tl.arange(0, BLOCK_G)
-    lane = tl.arange(0, 32)
-    k = blk[:, None] * 32 + lane[None, :]
-    k_ok = k < K
-    ok = row_ok[:, None, None] & k_ok[None, :, :]
-    blk_ok = row_ok[:, None] & (blk < K // 32)[None, :]  # [BN, S]
-    at = row_ptr[:, None] + blk[None, :] * 22
-    d = _half(at, blk_ok)
+    lane, k, k_ok, ok, at, d = _blocks32(row_ptr, row_ok, c, K, 22, BLOCK_G)
     fifth = (_byte(at[:, :, None] + 2 + (lane // 8)[None, None, :], ok) >> (lane % 8)[None, None, :]) & 1
     nibble = (_byte(at[:, :, None] + 6 + (lane % 16)[None, None, :], ok) >> (4 * (lane // 16))[None, None, :]) & 15
     q = (nibble | (fifth << 4)) - 16
