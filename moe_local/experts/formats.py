@@ -149,6 +149,22 @@ class ExpertFormat:
         one `forward` per expert; a format with a grouped kernel runs them all in one launch per matrix."""
         return torch.cat([self.forward(x, views[slot]) for slot in slots])
 
+    def through_slots(self, x: torch.Tensor, pool: torch.Tensor, index: torch.Tensor, linear) -> torch.Tensor:
+        """x [1, D] through the experts in slots `index` (int64 [G] on x's device) of `pool`, given `linear(xs, name,
+        n)`: a grouped kernel's products of each slot's matrix `name` ([G or 1, K] -> [G, n]). gate_up, the
+        activation, down, with each slot's biases gathered in one call each where the experts have them -> [G, D]."""
+        part = {p.name: p for p in self.parts}
+
+        def bias(name: str) -> torch.Tensor:  # each slot's bias, [G, n]
+            p = part[name]
+            return pool[:, p.offset : p.offset + p.nbytes].view(p.dtype).index_select(0, index).to(x.dtype)
+
+        gate_up = linear(x, "gate_up", 2 * self.cfg.ffn_dim)  # [G, 2F]
+        if self.cfg.expert_bias:
+            gate_up = gate_up + bias("gate_up.bias")
+        y = linear(self.activation(gate_up, self.cfg), "down", self.cfg.dim)  # [G, D]
+        return y + bias("down.bias") if self.cfg.expert_bias else y
+
 
 def swiglu(gate_up: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)  # [N, F] each
@@ -464,21 +480,12 @@ class Mxfp4(ExpertFormat):
 
         index = torch.tensor(slots, dtype=torch.int64, pin_memory=True).to(x.device, non_blocking=True)  # [G]
         flat, part = pool.view(-1), {p.name: p for p in self.parts}
-        f, d = self.cfg.ffn_dim, self.cfg.dim
 
         def linear(xs: torch.Tensor, name: str, n: int) -> torch.Tensor:
             blocks, scales = flat[part[f"{name}.blocks"].offset :], flat[part[f"{name}.scales"].offset :]
             return mxfp4_triton.linear_grouped(xs, blocks, scales, index, pool.stride(0), n)
 
-        def bias(name: str) -> torch.Tensor:  # each slot's bias, [G, n]
-            p = part[name]
-            return pool[:, p.offset : p.offset + p.nbytes].view(p.dtype).index_select(0, index).to(x.dtype)
-
-        gate_up = linear(x, "gate_up", 2 * f)  # [G, 2F]
-        if self.cfg.expert_bias:
-            gate_up = gate_up + bias("gate_up.bias")
-        y = linear(self.activation(gate_up, self.cfg), "down", d)  # [G, D]
-        return y + bias("down.bias") if self.cfg.expert_bias else y
+        return self.through_slots(x, pool, index, linear)
 
 
 class Fp8(ExpertFormat):
@@ -656,21 +663,12 @@ class Ggml(ExpertFormat):
         from moe_local.experts import ggml_triton  # Triton is imported only where there is a GPU
 
         flat, part = pool.view(-1), {p.name: p for p in self.parts}
-        f, d = self.cfg.ffn_dim, self.cfg.dim
 
         def linear(xs: torch.Tensor, name: str, n: int) -> torch.Tensor:
             types = flat[part["types"].offset + (0 if name == "gate_up" else 1) :]
             return ggml_triton.linear_grouped(xs, flat[part[name].offset :], types, index, pool.stride(0), n)
 
-        def bias(name: str) -> torch.Tensor:  # each slot's bias, [G, n]
-            p = part[name]
-            return pool[:, p.offset : p.offset + p.nbytes].view(p.dtype).index_select(0, index).to(x.dtype)
-
-        gate_up = linear(x, "gate_up", 2 * f)  # [G, 2F]
-        if self.cfg.expert_bias:
-            gate_up = gate_up + bias("gate_up.bias")
-        y = linear(self.activation(gate_up, self.cfg), "down", d)  # [G, D]
-        return y + bias("down.bias") if self.cfg.expert_bias else y
+        return self.through_slots(x, pool, index, linear)
 
     def forward(self, x: torch.Tensor, w: Weights) -> torch.Tensor:
         y = self.forward_grouped(x, [x.shape[0]], [w])
