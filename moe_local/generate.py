@@ -6,7 +6,7 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 import torch
 
@@ -14,8 +14,19 @@ from moe_local.errors import MoeLocalError
 from moe_local.params import SamplingParams
 
 if TYPE_CHECKING:
-    from moe_local.engine import Engine
     from moe_local.grammar import Constraint
+
+
+class Stepper(Protocol):
+    """What the decode loop needs of a model (`engine.Engine` is one), named here so that this module, which the
+    engine imports, does not import it back."""
+
+    ctx_size: int
+    experts: Any  # its `stats`: reset() before a request, as_dict() after
+
+    def prefill(self, ids: list[int], *, marks: tuple[int, ...] = ()) -> tuple[torch.Tensor, int]: ...
+
+    def decode_one(self, token: int) -> torch.Tensor: ...
 
 
 class StopStrings:
@@ -125,7 +136,7 @@ class GenerationStats:
 
 
 def generate(
-    engine: Engine,
+    engine: Stepper,
     prompt: list[int],
     max_new_tokens: int,
     params: SamplingParams,
